@@ -1,0 +1,10 @@
+//! Polaris: a beanstalkd-compatible job queue made durable with SQLite, plus a
+//! REST dispatcher and a host agent that run commands across a fleet.
+//!
+//! # Layout
+//! - [`proto`]: the beanstalk wire protocol: framing, command parsing, reply bytes. Pure.
+//! - [`engine`]: the queue state machine (tubes, heaps, timers). No I/O; the clock is injected.
+//! - [`server`]: the `mio` event loop that owns sockets and feeds the engine.
+//! - [`client`]: a small blocking beanstalk client used by the agent, the dispatcher and tests.
+//! - [`dispatch`]: the REST/JSON dispatcher (`polaris-dispatch`).
+//! - [`agent`]: the per-host agent (`polaris-agent`).
