@@ -5,6 +5,11 @@
 //! - [`proto`]: the beanstalk wire protocol: framing, command parsing, reply bytes. Pure.
 //! - [`engine`]: the queue state machine (tubes, heaps, timers). No I/O; the clock is injected.
 //! - [`server`]: the `mio` event loop that owns sockets and feeds the engine.
-//! - [`client`]: a small blocking beanstalk client used by the agent, the dispatcher and tests.
-//! - [`dispatch`]: the REST/JSON dispatcher (`polaris-dispatch`).
-//! - [`agent`]: the per-host agent (`polaris-agent`).
+//! - [`store`]: durability in SQLite: one transaction per loop turn (group commit).
+//! - [`config`]: `polarisd`'s command line (beanstalkd's flags plus our own).
+
+pub mod engine;
+pub mod proto;
+pub mod config;
+pub mod server;
+pub mod store;

@@ -1,0 +1,110 @@
+//! `polarisd`'s command line: beanstalkd's flags, so it drops into existing
+//! deployments, plus long options for the limits beanstalkd leaves implicit.
+
+use crate::engine::{self, SECOND};
+use crate::proto::{self, TubeName};
+use crate::server::{Durability, FsyncPolicy, Listen, ServerConfig};
+use clap::Parser;
+use std::path::PathBuf;
+
+/// polarisd: a beanstalkd-compatible job queue with a SQLite binlog.
+#[derive(Parser, Debug)]
+#[command(name = "polarisd", disable_version_flag = true, about, long_about = None)]
+pub struct Args {
+    /// Listen on address (`unix:/path` for a Unix socket). Ignored under systemd
+    /// socket activation (LISTEN_FDS).
+    #[arg(short = 'l', value_name = "ADDR", default_value = "127.0.0.1")]
+    pub listen: String,
+    /// Listen on port; 0 picks a free one (the actual address is printed first).
+    #[arg(short = 'p', value_name = "PORT", default_value_t = 11300)]
+    pub port: u16,
+    /// Persist jobs in a SQLite database in DIR (created if missing).
+    #[arg(short = 'b', value_name = "DIR")]
+    pub binlog_dir: Option<PathBuf>,
+    /// fsync at most once every MS milliseconds; -f0 fsyncs before every acknowledgement.
+    #[arg(short = 'f', value_name = "MS", default_value_t = 50)]
+    pub fsync_ms: u64,
+    /// Never fsync (the OS writes data back when it likes).
+    #[arg(short = 'F')]
+    pub never_fsync: bool,
+    /// Maximum job size in bytes (at most 1073741824).
+    #[arg(short = 'z', value_name = "BYTES", default_value_t = proto::DEFAULT_MAX_JOB_SIZE,
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(proto::MAX_JOB_SIZE_LIMIT)))]
+    pub max_job_size: u32,
+    /// Size hint for the write-ahead log: the WAL is checkpointed when it grows past it.
+    #[arg(short = 's', value_name = "BYTES", default_value_t = 10_485_760)]
+    pub binlog_size: u64,
+    /// Become this user (and its group) after binding.
+    #[arg(short = 'u', value_name = "USER")]
+    pub user: Option<String>,
+    /// Increase verbosity (repeatable).
+    #[arg(short = 'V', action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Show version information and exit.
+    #[arg(short = 'v')]
+    pub version: bool,
+    /// Most simultaneous client connections; more are accepted and closed at once.
+    #[arg(long, default_value_t = 100_000)]
+    pub max_connections: usize,
+    /// Longest command line in bytes, `\r\n` included (beanstalkd: 224).
+    #[arg(long, default_value_t = proto::DEFAULT_MAX_LINE,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(16..=65536))]
+    pub max_line: usize,
+    /// Most bytes of job bodies held by all jobs together; `put` beyond it answers OUT_OF_MEMORY.
+    #[arg(long, default_value_t = 8 << 30)]
+    pub max_job_bytes: u64,
+    /// Most bytes of replies queued for one connection before the server stops
+    /// reading its commands until the client catches up.
+    #[arg(long, default_value_t = 4 << 20)]
+    pub max_output_buffer: usize,
+    /// Seconds a final job state (success, failed, revoked, expired) is kept.
+    #[arg(long, default_value_t = 3600)]
+    pub retention: u64,
+    /// Most final job states kept.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub max_tombstones: usize,
+    /// Default TTL for jobs put in a tube, as TUBE=SECONDS (repeatable).
+    #[arg(long = "tube-ttl", value_name = "TUBE=SECONDS", value_parser = parse_tube_ttl)]
+    pub tube_ttls: Vec<(TubeName, u32)>,
+}
+
+fn parse_tube_ttl(s: &str) -> Result<(TubeName, u32), String> {
+    let (name, secs) = s.split_once('=').ok_or("expected TUBE=SECONDS")?;
+    let name = TubeName::parse(name.as_bytes()).ok_or_else(|| format!("invalid tube name {name:?}"))?;
+    let secs = secs.parse::<u32>().map_err(|e| format!("invalid seconds {secs:?}: {e}"))?;
+    Ok((name, secs))
+}
+
+impl Args {
+    /// The server configuration these flags describe.
+    pub fn server_config(&self) -> ServerConfig {
+        let listen = match self.listen.strip_prefix("unix:") {
+            Some(path) => Listen::Unix(PathBuf::from(path)),
+            None => Listen::Tcp { host: self.listen.clone(), port: self.port },
+        };
+        let fsync = if self.never_fsync {
+            FsyncPolicy::Never
+        } else if self.fsync_ms == 0 {
+            FsyncPolicy::Always
+        } else {
+            FsyncPolicy::Interval(std::time::Duration::from_millis(self.fsync_ms))
+        };
+        ServerConfig {
+            listen,
+            max_connections: self.max_connections,
+            limits: proto::Limits { max_line: self.max_line, max_job_size: self.max_job_size },
+            max_output_buffer: self.max_output_buffer,
+            durability: self.binlog_dir.clone().map(|dir| Durability { dir, fsync, wal_size: self.binlog_size }),
+            user: self.user.clone(),
+            engine: engine::Config {
+                max_job_size: self.max_job_size,
+                max_job_bytes: self.max_job_bytes,
+                retention: self.retention.saturating_mul(SECOND),
+                max_tombstones: self.max_tombstones,
+                tube_ttls: self.tube_ttls.clone(),
+                binlog_max_size: self.binlog_size,
+                ..engine::Config::default()
+            },
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Engine tests driven by a fake clock, without sockets.

@@ -1,0 +1,547 @@
+//! Durability: jobs, final states and tube settings in a SQLite database.
+//!
+//! The store holds the *current* state of every live job, not a log of
+//! commands: each loop turn, the rows of the jobs that changed are rewritten
+//! (or removed) in one transaction. So the file stays proportional to the live
+//! jobs, a job put and deleted in the same turn never reaches the disk, and a
+//! restart is one table scan.
+//!
+//! A reserved job is stored as ready (it comes back ready, as in beanstalkd),
+//! so reserves and TTR timeouts write nothing. Delays and TTLs are stored as
+//! wall-clock deadlines, so time spent down counts.
+//!
+//! fsync policy (beanstalkd's `-f`/`-F`):
+//! - `Always` (`-f 0`): SQLite fsyncs the WAL in every commit, before any reply
+//!   of that turn is sent. Survives process crash and power loss.
+//! - `Interval(ms)`: commits reach the OS before replies are sent (so they
+//!   survive a process crash); the WAL is fsynced at most every `ms`, so a power
+//!   loss can lose the last `ms` of acknowledged work.
+//! - `Never` (`-F`): as `Interval` for process crashes; after a power loss,
+//!   whatever the OS had not written back is lost.
+
+use crate::engine::{Changes, Engine, FinalState, JobCounters, JobId, JobRecord, JobState, Nanos, Tombstone};
+use crate::proto::TubeName;
+use crate::server::FsyncPolicy;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// File name of the database inside the `-b` directory.
+pub const DB_FILE: &str = "polaris.db";
+/// File name of the lock that keeps a second server off the same directory.
+pub const LOCK_FILE: &str = "polaris.lock";
+
+/// Schema migrations, applied in order; `PRAGMA user_version` counts how many
+/// have run. Append only: never edit a released step.
+const MIGRATIONS: &[&str] = &[
+    // 1: jobs, final states, tube TTL defaults, and the id high-water mark.
+    "CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY,
+        tube TEXT NOT NULL,
+        pri INTEGER NOT NULL,
+        delay_ns INTEGER NOT NULL,
+        ttr_ns INTEGER NOT NULL,
+        ttl_ns INTEGER,
+        ttl_at INTEGER,
+        state INTEGER NOT NULL,
+        ready_at INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        reserves INTEGER NOT NULL,
+        timeouts INTEGER NOT NULL,
+        releases INTEGER NOT NULL,
+        buries INTEGER NOT NULL,
+        kicks INTEGER NOT NULL,
+        body BLOB NOT NULL
+    );
+    CREATE TABLE tombstones (id INTEGER PRIMARY KEY, state TEXT NOT NULL, at INTEGER NOT NULL);
+    CREATE TABLE tube_ttls (tube TEXT PRIMARY KEY, ttl INTEGER NOT NULL);
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+    INSERT INTO meta (key, value) VALUES ('last_id', 0);",
+];
+
+/// A store failure, with the file it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be opened or is not usable.
+    #[error("{path}: {message}")]
+    Open {
+        /// The database file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// SQLite failed.
+    #[error("{path}: {source}")]
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+        /// The SQLite error.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// A file operation failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Counters for `stats`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StoreStats {
+    /// Rows written or deleted since start.
+    pub records_written: u64,
+}
+
+impl From<StoreStats> for crate::engine::BinlogStats {
+    fn from(s: StoreStats) -> Self {
+        crate::engine::BinlogStats { records_written: s.records_written, records_migrated: 0 }
+    }
+}
+
+/// The open database.
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+    fsync: FsyncPolicy,
+    /// Kept open for the life of the store: holds the directory lock.
+    _lock: File,
+    /// Changes of failed commits, retried with the next one.
+    pending: Changes,
+    last_id_written: u64,
+    last_sync: Instant,
+    unsynced: bool,
+    stats: StoreStats,
+    commits_since_vacuum: u32,
+}
+
+fn wall_now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
+}
+
+fn state_code(state: JobState) -> i64 {
+    match state {
+        JobState::Ready | JobState::Reserved => 0,
+        JobState::Delayed => 1,
+        JobState::Buried => 2,
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the database in `dir`. A file that is not a SQLite
+    /// database, or has a newer schema, is refused and left untouched.
+    pub fn open(dir: &Path, fsync: FsyncPolicy, wal_size: u64) -> Result<Store, StoreError> {
+        let path = dir.join(DB_FILE);
+        let io_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StoreError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let lock = lock_dir(dir)?;
+        let sql = |source| StoreError::Sqlite { path: path.clone(), source };
+        let existed = path.exists();
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(&path, flags).map_err(sql)?;
+        // Validate before changing anything: a damaged or foreign file must be
+        // left exactly as it was found.
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(|e| StoreError::Open { path: path.clone(), message: format!("not a usable SQLite database: {e}") })?;
+        if version > MIGRATIONS.len() as i64 {
+            return Err(StoreError::Open {
+                path,
+                message: format!("schema version {version} is newer than this polarisd understands ({})", MIGRATIONS.len()),
+            });
+        }
+        if existed && version > 0 {
+            let check: String = conn
+                .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
+                .map_err(|e| StoreError::Open { path: path.clone(), message: format!("database is damaged: {e}") })?;
+            if check != "ok" {
+                return Err(StoreError::Open { path, message: format!("database is damaged: {check}") });
+            }
+        } else if existed && std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0) > 0 && version == 0 {
+            let tables: i64 = conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0)).map_err(sql)?;
+            if tables > 0 {
+                return Err(StoreError::Open { path, message: "database holds tables but no polaris schema version".into() });
+            }
+        }
+        // Pragmas go outside transactions.
+        if version == 0 {
+            // Only possible before the first table exists.
+            conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL").map_err(sql)?;
+        }
+        let synchronous = match fsync {
+            FsyncPolicy::Always => "FULL",
+            FsyncPolicy::Interval(_) | FsyncPolicy::Never => "OFF",
+        };
+        let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0)).map_err(sql)?;
+        let checkpoint_pages = (wal_size as i64 / page_size.max(512)).max(16);
+        conn.execute_batch(&format!(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = {synchronous};
+             PRAGMA wal_autocheckpoint = {checkpoint_pages};
+             PRAGMA journal_size_limit = {wal_size};
+             PRAGMA temp_store = MEMORY;
+             PRAGMA cache_size = -65536;"
+        ))
+        .map_err(sql)?;
+        let mut store = Store {
+            conn,
+            path,
+            fsync,
+            _lock: lock,
+            pending: Changes::default(),
+            last_id_written: 0,
+            last_sync: Instant::now(),
+            unsynced: false,
+            stats: StoreStats::default(),
+            commits_since_vacuum: 0,
+        };
+        store.migrate(version)?;
+        store.last_id_written = store.read_last_id()?;
+        Ok(store)
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Counters for `stats`.
+    pub fn stats(&self) -> crate::engine::BinlogStats {
+        self.stats.into()
+    }
+
+    fn sql_err(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+        move |source| StoreError::Sqlite { path: self.path.clone(), source }
+    }
+
+    fn migrate(&mut self, from: i64) -> Result<(), StoreError> {
+        for (i, step) in MIGRATIONS.iter().enumerate().skip(from as usize) {
+            let tx = self.conn.transaction().map_err(|source| StoreError::Sqlite { path: self.path.clone(), source })?;
+            tx.execute_batch(step).map_err(|source| StoreError::Sqlite { path: self.path.clone(), source })?;
+            tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))
+                .map_err(|source| StoreError::Sqlite { path: self.path.clone(), source })?;
+            tx.commit().map_err(|source| StoreError::Sqlite { path: self.path.clone(), source })?;
+            log::info!("{}: migrated schema to version {}", self.path.display(), i + 1);
+        }
+        Ok(())
+    }
+
+    fn read_last_id(&self) -> Result<u64, StoreError> {
+        let v: Option<i64> = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'last_id'", [], |r| r.get(0))
+            .optional()
+            .map_err(self.sql_err())?;
+        Ok(v.unwrap_or(0) as u64)
+    }
+
+    /// Loads every job, final state and tube setting into `engine` (whose clock
+    /// reads `now`). Returns the number of jobs restored.
+    pub fn load_into(&mut self, engine: &mut Engine, now: Nanos) -> Result<usize, StoreError> {
+        let wall = wall_now();
+        let mut restored = 0;
+        {
+            let mut stmt = self
+                .conn
+                .prepare(
+                    "SELECT id, tube, pri, delay_ns, ttr_ns, ttl_ns, ttl_at, state, ready_at, created_at,
+                            reserves, timeouts, releases, buries, kicks, body FROM jobs ORDER BY id",
+                )
+                .map_err(self.sql_err())?;
+            let mut rows = stmt.query([]).map_err(self.sql_err())?;
+            while let Some(row) = rows.next().map_err(self.sql_err())? {
+                let rec = match job_from_row(row, wall) {
+                    Ok(Some(rec)) => rec,
+                    Ok(None) => continue,
+                    Err(e) => return Err(StoreError::Sqlite { path: self.path.clone(), source: e }),
+                };
+                engine.restore_job(rec, now);
+                restored += 1;
+            }
+        }
+        {
+            let mut stmt = self.conn.prepare("SELECT id, state, at FROM tombstones ORDER BY at, id").map_err(self.sql_err())?;
+            let mut rows = stmt.query([]).map_err(self.sql_err())?;
+            while let Some(row) = rows.next().map_err(self.sql_err())? {
+                let id: i64 = row.get(0).map_err(self.sql_err())?;
+                let state: String = row.get(1).map_err(self.sql_err())?;
+                let at: i64 = row.get(2).map_err(self.sql_err())?;
+                let Some(state) = FinalState::from_name(&state) else { continue };
+                // Map the wall-clock time onto the engine clock.
+                let ago = (wall - at).max(0) as u64;
+                engine.restore_tombstone(Tombstone { id: JobId(id as u64), state, at: now.saturating_sub(ago) });
+            }
+        }
+        {
+            let mut stmt = self.conn.prepare("SELECT tube, ttl FROM tube_ttls").map_err(self.sql_err())?;
+            let mut rows = stmt.query([]).map_err(self.sql_err())?;
+            while let Some(row) = rows.next().map_err(self.sql_err())? {
+                let tube: String = row.get(0).map_err(self.sql_err())?;
+                let ttl: i64 = row.get(1).map_err(self.sql_err())?;
+                if let Some(name) = TubeName::parse(tube.as_bytes()) {
+                    engine.restore_tube_ttl(name, ttl.clamp(0, i64::from(u32::MAX)) as u32);
+                }
+            }
+        }
+        engine.reserve_ids_through(self.last_id_written);
+        // Restoring changed nothing that needs writing back.
+        let _ = engine.take_changes();
+        Ok(restored)
+    }
+
+    /// Writes `changes` (and any left over from a failed commit) in one
+    /// transaction. On failure nothing is written and the changes are kept
+    /// for the next call.
+    pub fn commit(&mut self, changes: &Changes, engine: &Engine, now: Nanos) -> Result<(), StoreError> {
+        merge(&mut self.pending, changes);
+        let last_id = engine.last_id();
+        if self.pending.is_empty() && last_id == self.last_id_written {
+            return self.maybe_sync();
+        }
+        let written = match self.write(engine, now, last_id) {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                return Err(e);
+            }
+        };
+        self.pending = Changes::default();
+        self.last_id_written = last_id;
+        self.stats.records_written += written;
+        self.unsynced = true;
+        self.commits_since_vacuum += 1;
+        if self.commits_since_vacuum >= 1000 {
+            self.commits_since_vacuum = 0;
+            self.reclaim_free_pages();
+        }
+        self.maybe_sync()
+    }
+
+    fn write(&mut self, engine: &Engine, now: Nanos, last_id: u64) -> Result<u64, StoreError> {
+        let wall = wall_now();
+        let path = self.path.clone();
+        let sql = |source| StoreError::Sqlite { path: path.clone(), source };
+        let tx = self.conn.unchecked_transaction().map_err(sql)?;
+        let mut written = 0u64;
+        {
+            let mut update = tx
+                .prepare_cached(
+                    "UPDATE jobs SET tube = ?2, pri = ?3, delay_ns = ?4, ttr_ns = ?5, ttl_ns = ?6, ttl_at = ?7, state = ?8,
+                            ready_at = ?9, reserves = ?10, timeouts = ?11, releases = ?12, buries = ?13, kicks = ?14
+                     WHERE id = ?1",
+                )
+                .map_err(sql)?;
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT INTO jobs (id, tube, pri, delay_ns, ttr_ns, ttl_ns, ttl_at, state, ready_at, created_at,
+                                       reserves, timeouts, releases, buries, kicks, body)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                )
+                .map_err(sql)?;
+            let mut delete = tx.prepare_cached("DELETE FROM jobs WHERE id = ?1").map_err(sql)?;
+            for &id in &self.pending.jobs {
+                written += 1;
+                let Some(rec) = engine.job_record(id, now) else {
+                    delete.execute([id.0 as i64]).map_err(sql)?;
+                    continue;
+                };
+                let ready_at = wall + rec.delay_left as i64;
+                let ttl_at = rec.ttl_left.map(|left| wall + left as i64).or(match (rec.state, rec.ttl) {
+                    (JobState::Delayed, Some(ttl)) => Some(ready_at + ttl as i64),
+                    _ => None,
+                });
+                let c = rec.counters;
+                let changed = update
+                    .execute(params![
+                        id.0 as i64,
+                        rec.tube.as_str(),
+                        rec.pri,
+                        rec.delay as i64,
+                        rec.ttr as i64,
+                        rec.ttl.map(|t| t as i64),
+                        ttl_at,
+                        state_code(rec.state),
+                        ready_at,
+                        c.reserves,
+                        c.timeouts,
+                        c.releases,
+                        c.buries,
+                        c.kicks
+                    ])
+                    .map_err(sql)?;
+                if changed == 0 {
+                    insert
+                        .execute(params![
+                            id.0 as i64,
+                            rec.tube.as_str(),
+                            rec.pri,
+                            rec.delay as i64,
+                            rec.ttr as i64,
+                            rec.ttl.map(|t| t as i64),
+                            ttl_at,
+                            state_code(rec.state),
+                            ready_at,
+                            wall - rec.age as i64,
+                            c.reserves,
+                            c.timeouts,
+                            c.releases,
+                            c.buries,
+                            c.kicks,
+                            &rec.body[..]
+                        ])
+                        .map_err(sql)?;
+                }
+            }
+            let mut put_tomb = tx.prepare_cached("INSERT OR REPLACE INTO tombstones (id, state, at) VALUES (?1, ?2, ?3)").map_err(sql)?;
+            for t in &self.pending.tombstones {
+                let ago = now.saturating_sub(t.at) as i64;
+                put_tomb.execute(params![t.id.0 as i64, t.state.name(), wall - ago]).map_err(sql)?;
+                written += 1;
+            }
+            let mut forget = tx.prepare_cached("DELETE FROM tombstones WHERE id = ?1").map_err(sql)?;
+            for id in &self.pending.forgotten {
+                forget.execute([id.0 as i64]).map_err(sql)?;
+                written += 1;
+            }
+            for (tube, ttl) in &self.pending.tube_ttls {
+                if *ttl == 0 {
+                    tx.prepare_cached("DELETE FROM tube_ttls WHERE tube = ?1").map_err(sql)?.execute([tube.as_str()]).map_err(sql)?;
+                } else {
+                    tx.prepare_cached("INSERT OR REPLACE INTO tube_ttls (tube, ttl) VALUES (?1, ?2)")
+                        .map_err(sql)?
+                        .execute(params![tube.as_str(), ttl])
+                        .map_err(sql)?;
+                }
+                written += 1;
+            }
+            if last_id != self.last_id_written {
+                tx.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'last_id'").map_err(sql)?.execute([last_id as i64]).map_err(sql)?;
+            }
+        }
+        tx.commit().map_err(sql)?;
+        Ok(written)
+    }
+
+    /// Gives free pages back to the file system, a little at a time, so the
+    /// file shrinks after a burst instead of staying at its peak size.
+    fn reclaim_free_pages(&mut self) {
+        let free: i64 = self.conn.query_row("PRAGMA freelist_count", [], |r| r.get(0)).unwrap_or(0);
+        if free > 256 {
+            if let Err(e) = self.conn.execute_batch("PRAGMA incremental_vacuum(4096)") {
+                log::warn!("{}: incremental vacuum failed: {e}", self.path.display());
+            }
+        }
+    }
+
+    /// With an fsync interval: how long until the next sync is due, if one is.
+    pub fn sync_due_in(&self) -> Option<Duration> {
+        match self.fsync {
+            FsyncPolicy::Interval(every) if self.unsynced => Some(every.saturating_sub(self.last_sync.elapsed())),
+            _ => None,
+        }
+    }
+
+    fn maybe_sync(&mut self) -> Result<(), StoreError> {
+        if let FsyncPolicy::Interval(every) = self.fsync {
+            if self.unsynced && self.last_sync.elapsed() >= every {
+                return self.sync();
+            }
+        }
+        Ok(())
+    }
+
+    /// fsyncs the WAL (and the database file) now.
+    pub fn sync(&mut self) -> Result<(), StoreError> {
+        if self.fsync == FsyncPolicy::Never || !self.unsynced {
+            return Ok(());
+        }
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        for file in [PathBuf::from(wal), self.path.clone()] {
+            match File::open(&file) {
+                Ok(f) => f.sync_data().map_err(|source| StoreError::Io { path: file.clone(), source })?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(StoreError::Io { path: file, source }),
+            }
+        }
+        self.unsynced = false;
+        self.last_sync = Instant::now();
+        Ok(())
+    }
+}
+
+fn merge(into: &mut Changes, from: &Changes) {
+    into.jobs.extend(from.jobs.iter().copied());
+    into.tombstones.extend(from.tombstones.iter().copied());
+    into.forgotten.extend(from.forgotten.iter().copied());
+    into.tube_ttls.extend(from.tube_ttls.iter().cloned());
+}
+
+fn job_from_row(row: &rusqlite::Row<'_>, wall: i64) -> rusqlite::Result<Option<JobRecord>> {
+    let id: i64 = row.get(0)?;
+    let tube: String = row.get(1)?;
+    let Some(tube) = TubeName::parse(tube.as_bytes()) else {
+        log::warn!("skipping job {id}: invalid tube name {tube:?}");
+        return Ok(None);
+    };
+    let state = match row.get::<_, i64>(7)? {
+        1 => JobState::Delayed,
+        2 => JobState::Buried,
+        _ => JobState::Ready,
+    };
+    let ready_at: i64 = row.get(8)?;
+    let created_at: i64 = row.get(9)?;
+    let ttl_at: Option<i64> = row.get(6)?;
+    let delay_left = if state == JobState::Delayed { (ready_at - wall).max(0) as u64 } else { 0 };
+    let ttl_left = match state {
+        JobState::Ready => ttl_at.map(|at| (at - wall).max(0) as u64),
+        _ => None,
+    };
+    let body: Vec<u8> = row.get(15)?;
+    Ok(Some(JobRecord {
+        id: JobId(id as u64),
+        tube,
+        pri: row.get(2)?,
+        delay: row.get::<_, i64>(3)? as u64,
+        ttr: row.get::<_, i64>(4)? as u64,
+        ttl: row.get::<_, Option<i64>>(5)?.map(|t| t as u64),
+        ttl_left,
+        state,
+        delay_left,
+        counters: JobCounters {
+            reserves: row.get(10)?,
+            timeouts: row.get(11)?,
+            releases: row.get(12)?,
+            buries: row.get(13)?,
+            kicks: row.get(14)?,
+        },
+        age: (wall - created_at).max(0) as u64,
+        body: body.into(),
+    }))
+}
+
+/// Takes an exclusive lock on `dir`, so two servers never share a database.
+fn lock_dir(dir: &Path) -> Result<File, StoreError> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| StoreError::Io { path: path.clone(), source })?;
+    // SAFETY: flock on an open descriptor we own.
+    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r != 0 {
+        return Err(StoreError::Open { path, message: "another polarisd is using this directory".into() });
+    }
+    Ok(file)
+}
