@@ -34,6 +34,10 @@ pub struct Args {
     /// Size hint for the write-ahead log: the WAL is checkpointed when it grows past it.
     #[arg(short = 's', value_name = "BYTES", default_value_t = 10_485_760)]
     pub binlog_size: u64,
+    /// Largest size of the database file in bytes (0: unbounded); beyond it
+    /// commits fail as on a full disk and the affected commands answer INTERNAL_ERROR.
+    #[arg(long, default_value_t = 0)]
+    pub max_db_bytes: u64,
     /// Become this user (and its group) after binding.
     #[arg(short = 'u', value_name = "USER")]
     pub user: Option<String>,
@@ -94,7 +98,7 @@ impl Args {
             max_connections: self.max_connections,
             limits: proto::Limits { max_line: self.max_line, max_job_size: self.max_job_size },
             max_output_buffer: self.max_output_buffer,
-            durability: self.binlog_dir.clone().map(|dir| Durability { dir, fsync, wal_size: self.binlog_size }),
+            durability: self.binlog_dir.clone().map(|dir| Durability { dir, fsync, wal_size: self.binlog_size, max_bytes: self.max_db_bytes }),
             user: self.user.clone(),
             engine: engine::Config {
                 max_job_size: self.max_job_size,

@@ -62,6 +62,8 @@ pub struct Durability {
     pub fsync: FsyncPolicy,
     /// WAL size that triggers a checkpoint.
     pub wal_size: u64,
+    /// Largest database file; 0 for no bound.
+    pub max_bytes: u64,
 }
 
 /// Everything the server needs to run.
@@ -156,6 +158,8 @@ struct Connection {
     read_pending: bool,
     /// Already listed for this turn's flush.
     queued_for_flush: bool,
+    /// Length of `output` before this turn's replies: what a failed commit takes back.
+    turn_start: usize,
 }
 
 /// Replies from the engine go straight into connection output buffers.
@@ -170,11 +174,12 @@ impl ReplySink for Outbox<'_> {
     fn send(&mut self, conn: ConnId, bytes: &[u8]) {
         let token = self.tokens[conn.0];
         let Some(c) = self.conns.get_mut(token) else { return };
-        c.output.extend_from_slice(bytes);
         if !c.queued_for_flush {
             c.queued_for_flush = true;
+            c.turn_start = c.output.len();
             self.flush.push(token);
         }
+        c.output.extend_from_slice(bytes);
         if c.blocked {
             c.blocked = false;
             self.resumed.push(token);
@@ -232,7 +237,7 @@ impl Server {
         let mut engine = Engine::new(engine_cfg, 0, cfg.durability.is_some());
         let store = match &cfg.durability {
             Some(d) => {
-                let mut store = Store::open(&d.dir, d.fsync, d.wal_size)?;
+                let mut store = Store::open(&d.dir, d.fsync, d.wal_size, d.max_bytes)?;
                 let t0 = Instant::now();
                 let restored = store.load_into(&mut engine, 0)?;
                 log::info!("restored {restored} jobs from {} in {:?}", store.path().display(), t0.elapsed());
@@ -382,6 +387,7 @@ impl Server {
                 closing: false,
                 read_pending: false,
                 queued_for_flush: false,
+                turn_start: 0,
             });
         }
     }
@@ -510,6 +516,7 @@ impl Server {
         if let Some(c) = self.conns.get_mut(token) {
             if !c.queued_for_flush && !c.output.is_empty() {
                 c.queued_for_flush = true;
+                c.turn_start = c.output.len();
                 self.flush.push(token);
             }
             if c.read_pending && !c.blocked {
@@ -523,20 +530,24 @@ impl Server {
         let Some(store) = &mut self.store else { return };
         let changes = self.engine.take_changes();
         if let Err(e) = store.commit(&changes, &self.engine, now) {
-            self.commit_failed(e);
+            self.commit_failed(e, &changes.inserted);
         }
         self.engine.set_binlog_stats(self.store.as_ref().map(|s| s.stats()).unwrap_or_default());
     }
 
     /// A failed commit must not acknowledge anything: every reply produced this
-    /// turn is replaced by `INTERNAL_ERROR`, and the unsaved changes stay queued
-    /// in the store for the next commit, so nothing acknowledged earlier is lost.
-    fn commit_failed(&mut self, e: StoreError) {
-        log::error!("commit failed: {e:#}");
+    /// turn is replaced by `INTERNAL_ERROR`, jobs created this turn are dropped
+    /// (nobody was told they exist), and the other changes stay queued in the
+    /// store for the next commit, so nothing acknowledged earlier is lost.
+    fn commit_failed(&mut self, e: StoreError, inserted: &[engine::JobId]) {
+        log::error!("commit failed: {e}");
+        self.engine.discard_jobs(inserted);
         for &token in &self.flush {
             if let Some(c) = self.conns.get_mut(token) {
-                c.output.clear();
-                c.output.extend_from_slice(crate::proto::reply::INTERNAL_ERROR);
+                if c.output.len() > c.turn_start {
+                    c.output.truncate(c.turn_start);
+                    c.output.extend_from_slice(crate::proto::reply::INTERNAL_ERROR);
+                }
             }
         }
     }

@@ -135,7 +135,9 @@ fn state_code(state: JobState) -> i64 {
 impl Store {
     /// Opens (or creates) the database in `dir`. A file that is not a SQLite
     /// database, or has a newer schema, is refused and left untouched.
-    pub fn open(dir: &Path, fsync: FsyncPolicy, wal_size: u64) -> Result<Store, StoreError> {
+    /// `max_bytes` bounds the database file (0: no bound); a commit that would
+    /// grow it further fails like a full disk.
+    pub fn open(dir: &Path, fsync: FsyncPolicy, wal_size: u64, max_bytes: u64) -> Result<Store, StoreError> {
         let path = dir.join(DB_FILE);
         let io_err = |path: &Path| {
             let path = path.to_path_buf();
@@ -191,6 +193,10 @@ impl Store {
              PRAGMA cache_size = -65536;"
         ))
         .map_err(sql)?;
+        if max_bytes > 0 {
+            let pages = (max_bytes as i64 / page_size.max(512)).max(1);
+            conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(())).map_err(sql)?;
+        }
         let mut store = Store {
             conn,
             path,
@@ -310,6 +316,12 @@ impl Store {
             Ok(n) => n,
             Err(e) => {
                 let _ = self.conn.execute_batch("ROLLBACK");
+                // The server drops jobs created in the failed turn; only the
+                // changes to jobs acknowledged earlier are retried.
+                for id in &changes.inserted {
+                    self.pending.jobs.remove(id);
+                }
+                self.pending.inserted.clear();
                 return Err(e);
             }
         };
@@ -480,6 +492,7 @@ impl Store {
 
 fn merge(into: &mut Changes, from: &Changes) {
     into.jobs.extend(from.jobs.iter().copied());
+    into.inserted.extend(from.inserted.iter().copied());
     into.tombstones.extend(from.tombstones.iter().copied());
     into.forgotten.extend(from.forgotten.iter().copied());
     into.tube_ttls.extend(from.tube_ttls.iter().cloned());

@@ -204,6 +204,8 @@ struct Counters {
 pub struct Changes {
     /// Jobs whose record must be rewritten (or removed, if no longer live).
     pub jobs: HashSet<JobId>,
+    /// Jobs created since the last call (a subset of `jobs` while they live).
+    pub inserted: Vec<JobId>,
     /// New tombstones.
     pub tombstones: Vec<Tombstone>,
     /// Tombstones to forget.
@@ -696,7 +698,29 @@ impl Engine {
         self.incref(tube);
         self.job_bytes += len;
         self.mark_dirty(id);
+        if let Some(changes) = &mut self.changes {
+            changes.inserted.push(id);
+        }
         key
+    }
+
+    /// Forgets jobs whose creation could not be committed: they were never
+    /// acknowledged, so they vanish without a final state.
+    pub fn discard_jobs(&mut self, ids: &[JobId]) {
+        for &id in ids {
+            let Some(&key) = self.ids.get(&id) else { continue };
+            match (self.jobs[key.0].state, self.jobs[key.0].reserver) {
+                (JobState::Reserved, Some(conn)) => self.remove_reserved(conn, key),
+                (JobState::Reserved, None) => {}
+                _ => self.unlink_unreserved(key),
+            }
+            let job = self.jobs.remove(key.0);
+            self.ids.remove(&job.id);
+            self.job_bytes -= job.body.len() as u64;
+            self.counters.total_jobs -= 1;
+            self.tubes[job.tube.0].counters.total_jobs -= 1;
+            self.decref(job.tube);
+        }
     }
 
     fn reserve(&mut self, conn: ConnId, timeout_at: Option<Nanos>, op: Op, now: Nanos, out: &mut dyn ReplySink) -> Outcome {

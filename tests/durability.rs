@@ -1,0 +1,409 @@
+//! Durability of `polarisd -b DIR`: restarts, SIGKILL under load, damaged
+//! files, full disks, and the size of the database.
+
+mod common;
+
+use anyhow::{bail, ensure, Context, Result};
+use common::{spawn_polarisd, RawConn, ServerProcess};
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+fn start(dir: &Path, extra: &[&str]) -> Result<ServerProcess> {
+    let dir = dir.to_str().context("temp dir path is not UTF-8")?;
+    let mut args = vec!["-b", dir];
+    args.extend_from_slice(extra);
+    spawn_polarisd(&args)
+}
+
+fn line(conn: &mut RawConn, command: &str) -> Result<String> {
+    Ok(conn.roundtrip(command.as_bytes())?.line_str())
+}
+
+fn stats_job(conn: &mut RawConn, id: u64) -> Result<HashMap<String, String>> {
+    let reply = conn.roundtrip(format!("stats-job {id}\r\n").as_bytes())?;
+    let text = reply.line_str();
+    let body = reply.body.with_context(|| format!("stats-job {id}: {text}"))?;
+    Ok(String::from_utf8_lossy(&body)
+        .lines()
+        .filter_map(|l| l.split_once(": "))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect())
+}
+
+/// Runs polarisd once to completion with `args` and returns (success, output).
+fn run_to_exit(args: &[&str]) -> Result<(bool, String)> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_polarisd"))
+        .args(["-l", "127.0.0.1", "-p", "0"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let out = child.wait_with_output()?;
+            let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            return Ok((status.success(), text));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("polarisd {args:?} did not exit");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn every_job_state_survives_a_kill() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    {
+        let server = start(dir.path(), &["-f", "0"])?;
+        let mut c = server.connect()?;
+        assert_eq!(line(&mut c, "use work\r\n")?, "USING work");
+        assert_eq!(line(&mut c, "put 7 0 30 5\r\nready\r\n")?, "INSERTED 1");
+        assert_eq!(line(&mut c, "put 8 100 30 7\r\ndelayed\r\n")?, "INSERTED 2");
+        assert_eq!(line(&mut c, "put 9 0 30 6\r\nburied\r\n")?, "INSERTED 3");
+        assert_eq!(line(&mut c, "put 10 0 30 8\r\nreserved\r\n")?, "INSERTED 4");
+        assert_eq!(line(&mut c, "put 0 0 30 4\r\ngone\r\n")?, "INSERTED 5");
+        assert_eq!(line(&mut c, "reserve-job 3\r\n")?, "RESERVED 3 6");
+        assert_eq!(line(&mut c, "bury 3 11\r\n")?, "BURIED");
+        assert_eq!(line(&mut c, "reserve-job 4\r\n")?, "RESERVED 4 8");
+        assert_eq!(line(&mut c, "delete 5\r\n")?, "DELETED");
+        // Dropping the server SIGKILLs it.
+    }
+    let server = start(dir.path(), &["-f", "0"])?;
+    let mut c = server.connect()?;
+    let expect = [(1, "ready", "7", "ready"), (2, "delayed", "8", "delayed"), (3, "buried", "11", "buried"), (4, "ready", "10", "reserved")];
+    for (id, state, pri, body) in expect {
+        let s = stats_job(&mut c, id)?;
+        assert_eq!(s["state"], state, "job {id}");
+        assert_eq!(s["pri"], pri, "job {id}");
+        assert_eq!(s["tube"], "work", "job {id}");
+        let peek = c.roundtrip(format!("peek {id}\r\n").as_bytes())?;
+        assert_eq!(peek.body.as_deref(), Some(body.as_bytes()));
+    }
+    let delayed = stats_job(&mut c, 2)?;
+    let left: u64 = delayed["time-left"].parse()?;
+    assert!((95..=100).contains(&left), "remaining delay kept: {left}");
+    assert_eq!(stats_job(&mut c, 3)?["buries"], "1");
+    assert_eq!(line(&mut c, "peek 5\r\n")?, "NOT_FOUND");
+    assert_eq!(line(&mut c, "job-state 5\r\n")?, "STATE revoked");
+    // New ids continue above the highest ever issued, even a deleted one.
+    assert_eq!(line(&mut c, "put 0 0 1 1\r\nx\r\n")?, "INSERTED 6");
+    Ok(())
+}
+
+#[test]
+fn ids_continue_after_everything_was_deleted() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    {
+        let server = start(dir.path(), &[])?;
+        let mut c = server.connect()?;
+        for i in 1..=3 {
+            assert_eq!(line(&mut c, "put 0 0 1 1\r\nx\r\n")?, format!("INSERTED {i}"));
+            assert_eq!(line(&mut c, &format!("delete {i}\r\n"))?, "DELETED");
+        }
+        server.signal("TERM")?;
+        thread::sleep(Duration::from_millis(300));
+    }
+    let server = start(dir.path(), &[])?;
+    let mut c = server.connect()?;
+    assert_eq!(line(&mut c, "put 0 0 1 1\r\nx\r\n")?, "INSERTED 4");
+    Ok(())
+}
+
+#[test]
+fn ttl_and_tombstones_survive_a_restart() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    {
+        let server = start(dir.path(), &["-f", "0"])?;
+        let mut c = server.connect()?;
+        assert_eq!(line(&mut c, "put 0 0 30 1 ttl=2\r\na\r\n")?, "INSERTED 1");
+        assert_eq!(line(&mut c, "put 0 0 30 1 ttl=3600\r\nb\r\n")?, "INSERTED 2");
+        assert_eq!(line(&mut c, "tube-ttl default 1\r\n")?, "TTL_SET");
+        assert_eq!(line(&mut c, "put 0 0 30 1\r\nc\r\n")?, "INSERTED 3");
+        assert_eq!(line(&mut c, "reserve-job 2\r\n")?, "RESERVED 2 1");
+        assert_eq!(line(&mut c, "put 0 0 30 1\r\nd\r\n")?, "INSERTED 4");
+        assert_eq!(line(&mut c, "revoke 4\r\n")?, "REVOKED");
+    }
+    // Down for longer than job 1's and job 3's TTL: time spent down counts.
+    thread::sleep(Duration::from_millis(2200));
+    let server = start(dir.path(), &["-f", "0"])?;
+    let mut c = server.connect()?;
+    thread::sleep(Duration::from_millis(100));
+    assert_eq!(line(&mut c, "job-state 1\r\n")?, "STATE expired");
+    assert_eq!(line(&mut c, "job-state 3\r\n")?, "STATE expired");
+    // Job 2 was reserved before the crash: its TTL no longer applies.
+    assert_eq!(line(&mut c, "job-state 2\r\n")?, "STATE ready");
+    assert_eq!(line(&mut c, "job-state 4\r\n")?, "STATE revoked");
+    // The tube default was persisted.
+    assert_eq!(line(&mut c, "put 0 0 30 1\r\ne\r\n")?, "INSERTED 5");
+    thread::sleep(Duration::from_millis(1300));
+    assert_eq!(line(&mut c, "job-state 5\r\n")?, "STATE expired");
+    Ok(())
+}
+
+/// What one load thread saw acknowledged.
+#[derive(Default)]
+struct Acks {
+    inserted: HashMap<u64, Vec<u8>>,
+    deleted: HashSet<u64>,
+    /// Deletes sent whose reply never came: the job may or may not be gone.
+    delete_in_flight: HashSet<u64>,
+}
+
+fn producer(addr: std::net::SocketAddr, tag: String, stop: Arc<AtomicBool>) -> Acks {
+    let mut acks = Acks::default();
+    let Ok(mut c) = RawConn::connect(addr) else { return acks };
+    let mut seq = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        seq += 1;
+        let body = format!("{tag}-{seq}").into_bytes();
+        let mut cmd = format!("put 0 0 60 {}\r\n", body.len()).into_bytes();
+        cmd.extend_from_slice(&body);
+        cmd.extend_from_slice(b"\r\n");
+        let Ok(reply) = c.roundtrip(&cmd) else { break };
+        match reply.line_str().strip_prefix("INSERTED ").map(str::parse::<u64>) {
+            Some(Ok(id)) => {
+                acks.inserted.insert(id, body);
+            }
+            _ => break,
+        }
+    }
+    acks
+}
+
+fn consumer(addr: std::net::SocketAddr, stop: Arc<AtomicBool>) -> Acks {
+    let mut acks = Acks::default();
+    let Ok(mut c) = RawConn::connect(addr) else { return acks };
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(reply) = c.roundtrip(b"reserve-with-timeout 1\r\n") else { break };
+        let text = reply.line_str();
+        let Some(id) = text.strip_prefix("RESERVED ").and_then(|r| r.split(' ').next()).and_then(|s| s.parse::<u64>().ok()) else {
+            continue;
+        };
+        match c.roundtrip(format!("delete {id}\r\n").as_bytes()) {
+            Ok(r) if r.line_str() == "DELETED" => {
+                acks.deleted.insert(id);
+            }
+            _ => {
+                acks.delete_in_flight.insert(id);
+                break;
+            }
+        }
+    }
+    acks
+}
+
+/// Producers and consumers run against `-f 0`; the server is SIGKILLed mid-load
+/// 20 times. Every job acknowledged INSERTED and not acknowledged DELETED must
+/// be there exactly once with its body; every acknowledged delete must stick.
+#[test]
+fn sigkill_under_load_loses_nothing() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut inserted: HashMap<u64, Vec<u8>> = HashMap::new();
+    let mut deleted: HashSet<u64> = HashSet::new();
+    let mut in_flight: HashSet<u64> = HashSet::new();
+    for round in 0..20 {
+        let server = start(dir.path(), &["-f", "0"])?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for p in 0..3 {
+            let (addr, stop, tag) = (server.addr(), Arc::clone(&stop), format!("r{round}p{p}"));
+            threads.push(thread::spawn(move || producer(addr, tag, stop)));
+        }
+        for _ in 0..2 {
+            let (addr, stop) = (server.addr(), Arc::clone(&stop));
+            threads.push(thread::spawn(move || consumer(addr, stop)));
+        }
+        thread::sleep(Duration::from_millis(120 + 17 * round));
+        drop(server); // SIGKILL mid-load
+        stop.store(true, Ordering::Relaxed);
+        for t in threads {
+            let acks = t.join().expect("load thread panicked");
+            inserted.extend(acks.inserted);
+            deleted.extend(acks.deleted);
+            in_flight.extend(acks.delete_in_flight);
+        }
+    }
+    ensure!(inserted.len() > 100, "the load generated too little work to mean anything: {}", inserted.len());
+
+    let server = start(dir.path(), &["-f", "0"])?;
+    let mut c = server.connect()?;
+    let max_id = inserted.keys().chain(deleted.iter()).copied().max().unwrap_or(0);
+    let mut seen_bodies = HashSet::new();
+    let mut lost = Vec::new();
+    let mut resurrected = Vec::new();
+    for id in 1..=max_id + 10 {
+        let reply = c.roundtrip(format!("peek {id}\r\n").as_bytes())?;
+        match reply.body {
+            Some(body) => {
+                ensure!(seen_bodies.insert(body.clone()), "body of job {id} appears twice");
+                if let Some(expected) = inserted.get(&id) {
+                    ensure!(&body == expected, "job {id} has the wrong body");
+                }
+                if deleted.contains(&id) {
+                    resurrected.push(id);
+                }
+            }
+            None => {
+                if inserted.contains_key(&id) && !deleted.contains(&id) && !in_flight.contains(&id) {
+                    lost.push(id);
+                }
+            }
+        }
+    }
+    ensure!(lost.is_empty(), "{} acknowledged jobs lost: {:?}", lost.len(), &lost[..lost.len().min(20)]);
+    ensure!(resurrected.is_empty(), "acknowledged deletes undone: {resurrected:?}");
+    eprintln!(
+        "crash test: {} acknowledged puts, {} acknowledged deletes, {} deletes in flight at a kill, 20 kills, 0 lost",
+        inserted.len(),
+        deleted.len(),
+        in_flight.len()
+    );
+    Ok(())
+}
+
+#[test]
+fn a_file_that_is_not_a_database_is_refused_and_left_alone() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("polaris.db");
+    let garbage = b"this is certainly not an SQLite database, just some bytes\n".repeat(100);
+    std::fs::write(&db, &garbage)?;
+    let (ok, output) = run_to_exit(&["-b", dir.path().to_str().context("path")?])?;
+    assert!(!ok, "polarisd must exit non-zero");
+    assert!(output.contains(&db.display().to_string()), "message names the file: {output}");
+    assert_eq!(std::fs::read(&db)?, garbage, "the file is left untouched");
+    Ok(())
+}
+
+#[test]
+fn a_newer_schema_is_refused_and_left_alone() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("polaris.db");
+    {
+        let conn = rusqlite::Connection::open(&db)?;
+        conn.execute_batch("CREATE TABLE future (x); PRAGMA user_version = 99;")?;
+    }
+    let before = std::fs::read(&db)?;
+    let (ok, output) = run_to_exit(&["-b", dir.path().to_str().context("path")?])?;
+    assert!(!ok);
+    assert!(output.contains("newer") && output.contains(&db.display().to_string()), "{output}");
+    assert_eq!(std::fs::read(&db)?, before);
+    Ok(())
+}
+
+#[test]
+fn a_truncated_database_is_refused() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    {
+        let server = start(dir.path(), &["-f", "0"])?;
+        let mut c = server.connect()?;
+        for _ in 0..200 {
+            line(&mut c, &format!("put 0 0 1 1000\r\n{}\r\n", "x".repeat(1000)))?;
+        }
+        server.signal("TERM")?;
+        thread::sleep(Duration::from_millis(300));
+    }
+    // Fold the WAL in, then cut the file in half.
+    let db = dir.path().join("polaris.db");
+    {
+        let conn = rusqlite::Connection::open(&db)?;
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        conn.execute_batch("PRAGMA journal_mode = DELETE")?;
+    }
+    let bytes = std::fs::read(&db)?;
+    std::fs::write(&db, &bytes[..bytes.len() / 2])?;
+    let damaged = std::fs::read(&db)?;
+    let (ok, output) = run_to_exit(&["-b", dir.path().to_str().context("path")?])?;
+    assert!(!ok, "a damaged database must be refused: {output}");
+    assert!(output.contains(&db.display().to_string()), "{output}");
+    assert_eq!(std::fs::read(&db)?, damaged);
+    Ok(())
+}
+
+#[test]
+fn a_second_server_on_the_same_directory_refuses_to_start() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let _first = start(dir.path(), &[])?;
+    let (ok, output) = run_to_exit(&["-b", dir.path().to_str().context("path")?])?;
+    assert!(!ok);
+    assert!(output.contains("another polarisd"), "{output}");
+    Ok(())
+}
+
+/// A full disk (simulated with `--max-db-bytes`) makes commits fail: the
+/// affected commands answer INTERNAL_ERROR, the server keeps serving, and every
+/// job acknowledged before is still there after a restart.
+#[test]
+fn a_full_disk_answers_errors_and_loses_nothing_acknowledged() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let body = "y".repeat(20_000);
+    let mut acked = Vec::new();
+    {
+        let server = start(dir.path(), &["-f", "0", "--max-db-bytes", "400000"])?;
+        let mut c = server.connect()?;
+        let mut errors = 0;
+        for _ in 0..60 {
+            let reply = line(&mut c, &format!("put 0 0 60 {}\r\n{body}\r\n", body.len()))?;
+            match reply.strip_prefix("INSERTED ") {
+                Some(id) => acked.push(id.parse::<u64>()?),
+                None => {
+                    assert_eq!(reply, "INTERNAL_ERROR");
+                    errors += 1;
+                }
+            }
+        }
+        assert!(errors > 0, "the size bound was never reached");
+        assert!(!acked.is_empty());
+        // Still serving: statistics answer, and the failed puts left no job behind.
+        let stats = c.roundtrip(b"stats\r\n")?;
+        let text = String::from_utf8_lossy(stats.body.as_deref().unwrap_or_default()).into_owned();
+        assert!(text.contains(&format!("current-jobs-ready: {}\n", acked.len())), "{text}");
+        // Deleting makes room again.
+        assert_eq!(line(&mut c, &format!("delete {}\r\n", acked[0]))?, "DELETED");
+        let deleted = acked.remove(0);
+        let reply = line(&mut c, &format!("put 0 0 60 {}\r\n{body}\r\n", body.len()))?;
+        assert!(reply.starts_with("INSERTED "), "{reply}");
+        acked.push(reply["INSERTED ".len()..].parse()?);
+        assert_eq!(line(&mut c, &format!("peek {deleted}\r\n"))?, "NOT_FOUND");
+    }
+    let server = start(dir.path(), &[])?;
+    let mut c = server.connect()?;
+    for id in &acked {
+        let reply = c.roundtrip(format!("peek {id}\r\n").as_bytes())?;
+        assert_eq!(reply.body.as_deref(), Some(body.as_bytes()), "job {id}");
+    }
+    Ok(())
+}
+
+fn dir_size(dir: &Path) -> Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir)? {
+        total += entry?.metadata()?.len();
+    }
+    Ok(total)
+}
+
+/// Deleted jobs leave the file: many put/delete cycles (each in its own loop
+/// turn, so every one really reaches the database) keep it small.
+#[test]
+fn put_delete_cycles_keep_the_files_small() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = start(dir.path(), &["-f", "1000", "-s", "1048576"])?;
+    let mut c = server.connect()?;
+    let body = "z".repeat(200);
+    for i in 1..=20_000u64 {
+        assert_eq!(line(&mut c, &format!("put 0 0 60 200\r\n{body}\r\n"))?, format!("INSERTED {i}"));
+        assert_eq!(line(&mut c, &format!("delete {i}\r\n"))?, "DELETED");
+    }
+    let size = dir_size(dir.path())?;
+    eprintln!("after 20,000 put/delete cycles: {size} bytes on disk");
+    assert!(size < 10 * 1024 * 1024, "database files grew to {size} bytes");
+    Ok(())
+}
