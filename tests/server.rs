@@ -1,0 +1,218 @@
+//! The server process: signals, listening on Unix sockets and inherited
+//! sockets, limits, and robustness against hostile input.
+
+mod common;
+
+use anyhow::{bail, Context, Result};
+use common::{spawn_polarisd, RawConn};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+fn line(conn: &mut RawConn, command: &str) -> Result<String> {
+    Ok(conn.roundtrip(command.as_bytes())?.line_str())
+}
+
+fn wait_exit(server: &mut common::ServerProcess) -> Result<std::process::ExitStatus> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = server.try_exit_status() {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            bail!("server did not exit");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigterm_and_sigint_exit_cleanly() -> Result<()> {
+    for sig in ["TERM", "INT"] {
+        let mut server = spawn_polarisd(&[])?;
+        let mut c = server.connect()?;
+        assert_eq!(line(&mut c, "put 0 0 1 1\r\nx\r\n")?, "INSERTED 1");
+        server.signal(sig)?;
+        let status = wait_exit(&mut server)?;
+        assert!(status.success(), "SIG{sig}: {status}");
+    }
+    Ok(())
+}
+
+#[test]
+fn sigusr1_enters_drain_mode() -> Result<()> {
+    let server = spawn_polarisd(&[])?;
+    let mut c = server.connect()?;
+    assert_eq!(line(&mut c, "put 0 0 1 1\r\nx\r\n")?, "INSERTED 1");
+    server.signal("USR1")?;
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(line(&mut c, "put 0 0 1 1\r\nx\r\n")?, "DRAINING");
+    let stats = c.roundtrip(b"stats\r\n")?;
+    assert!(String::from_utf8_lossy(stats.body.as_deref().unwrap_or_default()).contains("draining: true\n"));
+    // Work already queued can still be done.
+    assert_eq!(line(&mut c, "reserve\r\n")?, "RESERVED 1 1");
+    Ok(())
+}
+
+#[test]
+fn listens_on_a_unix_socket() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("polaris.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_polarisd"))
+        .arg("-l")
+        .arg(format!("unix:{}", path.display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut first)?;
+    assert_eq!(first.trim_end(), format!("listening on unix:{}", path.display()));
+    let mut s = UnixStream::connect(&path)?;
+    s.write_all(b"put 0 0 10 2\r\nhi\r\nreserve\r\n")?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while !got.ends_with(b"hi\r\n") {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(got, b"INSERTED 1\r\nRESERVED 1 2\r\nhi\r\n");
+    Ok(())
+}
+
+#[test]
+fn systemd_socket_activation() -> Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let fd = listener.as_raw_fd();
+    // LISTEN_PID must be the server's own pid: exec through sh so `$$` is it.
+    let program = env!("CARGO_BIN_EXE_polarisd");
+    let mut sh = Command::new("sh");
+    sh.arg("-c").arg("LISTEN_PID=$$ exec \"$0\" -p 1").arg(program).env("LISTEN_FDS", "1").stdout(Stdio::piped()).stderr(Stdio::null());
+    // SAFETY: dup2 is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        sh.pre_exec(move || {
+            if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = sh.spawn()?;
+    drop(listener);
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut first)?;
+    let result = (|| -> Result<()> {
+        assert_eq!(first.trim_end(), format!("listening on {addr}"));
+        let mut c = RawConn::connect(addr)?;
+        assert_eq!(line(&mut c, "list-tube-used\r\n")?, "USING default");
+        Ok(())
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}
+
+#[test]
+fn connection_limit_closes_extra_connections() -> Result<()> {
+    let server = spawn_polarisd(&["--max-connections", "2"])?;
+    let mut a = server.connect()?;
+    let mut b = server.connect()?;
+    assert_eq!(line(&mut a, "list-tube-used\r\n")?, "USING default");
+    assert_eq!(line(&mut b, "list-tube-used\r\n")?, "USING default");
+    let mut c = server.connect()?;
+    let _ = c.send(b"list-tube-used\r\n");
+    let got = c.read_until_quiet(Duration::from_millis(300))?;
+    assert!(got.is_empty() && c.is_closed(), "third connection must be closed");
+    drop(a);
+    thread::sleep(Duration::from_millis(100));
+    let mut d = server.connect()?;
+    assert_eq!(line(&mut d, "list-tube-used\r\n")?, "USING default");
+    Ok(())
+}
+
+#[test]
+fn line_and_job_limits_are_configurable() -> Result<()> {
+    let server = spawn_polarisd(&["-z", "10", "--max-line", "32"])?;
+    let mut c = server.connect()?;
+    assert_eq!(line(&mut c, "put 0 0 1 11\r\n01234567890\r\n")?, "JOB_TOO_BIG");
+    assert_eq!(line(&mut c, "put 0 0 1 10\r\n0123456789\r\n")?, "INSERTED 1");
+    assert_eq!(line(&mut c, &format!("use {}\r\n", "a".repeat(40)))?, "BAD_FORMAT");
+    assert_eq!(line(&mut c, "use short\r\n")?, "USING short");
+    Ok(())
+}
+
+#[test]
+fn job_memory_limit_answers_out_of_memory() -> Result<()> {
+    let server = spawn_polarisd(&["--max-job-bytes", "10"])?;
+    let mut c = server.connect()?;
+    assert_eq!(line(&mut c, "put 0 0 1 8\r\n01234567\r\n")?, "INSERTED 1");
+    assert_eq!(line(&mut c, "put 0 0 1 8\r\n01234567\r\n")?, "OUT_OF_MEMORY");
+    Ok(())
+}
+
+/// A client that sends a flood of commands and never reads its replies must not
+/// make the server buffer without bound or stop serving others.
+#[test]
+fn a_client_that_never_reads_does_not_stall_others() -> Result<()> {
+    let server = spawn_polarisd(&["--max-output-buffer", "65536"])?;
+    let mut hog = std::net::TcpStream::connect(server.addr())?;
+    hog.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let flood = b"stats\r\n".repeat(10_000);
+    // The write may block once both socket buffers fill: that is the point.
+    let _ = hog.write_all(&flood);
+    let mut c = server.connect()?;
+    assert_eq!(line(&mut c, "put 0 0 1 1\r\nx\r\n")?, "INSERTED 1");
+    let stats = c.roundtrip(b"stats\r\n")?;
+    assert!(stats.body.is_some());
+    Ok(())
+}
+
+/// Random and adversarial bytes from many connections: the server never dies
+/// and keeps answering a well-behaved client.
+#[test]
+fn hostile_input_never_crashes_the_server() -> Result<()> {
+    let mut server = spawn_polarisd(&["-z", "1000"])?;
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let words: &[&[u8]] = &[
+        b"put ", b"reserve", b"delete ", b"release ", b"bury ", b"kick ", b"peek ", b"stats-job ", b"use ", b"watch ",
+        b"ignore ", b"pause-tube ", b"reserve-with-timeout ", b"touch ", b"kick-job ", b"revoke ", b"job-state ",
+        b"tube-ttl ", b"\r\n", b"\r", b"\n", b"\0", b" ", b"18446744073709551616", b"4294967295", b"-1", b"0", b"1",
+        b"default", b"9999999999", b"stats", b"list-tubes", b"ttl=", b"quit",
+    ];
+    for _ in 0..200 {
+        let mut conn = server.connect()?;
+        let mut input = Vec::new();
+        for _ in 0..(next() % 40) {
+            if next() % 4 == 0 {
+                let n = (next() % 300) as usize;
+                input.extend((0..n).map(|_| next() as u8));
+            } else {
+                input.extend_from_slice(words[(next() % words.len() as u64) as usize]);
+            }
+        }
+        let _ = conn.send(&input);
+        let _ = conn.read_until_quiet(Duration::from_millis(2));
+        drop(conn);
+    }
+    assert!(server.try_exit_status().is_none(), "server died: {}", server.output());
+    let mut c = server.connect()?;
+    let reply = c.roundtrip(b"stats\r\n")?;
+    assert!(reply.line_str().starts_with("OK "), "{}", reply.line_str());
+    Ok(())
+}
