@@ -144,8 +144,8 @@ pub enum Command {
     Use(TubeName),
     /// `reserve`
     Reserve,
-    /// `reserve-with-timeout <seconds>`
-    ReserveWithTimeout(u32),
+    /// `reserve-with-timeout <seconds>`; `None` (a negative timeout) waits forever.
+    ReserveWithTimeout(Option<u32>),
     /// `reserve-job <id>`
     ReserveJob(u64),
     /// `delete <id>`
@@ -196,11 +196,10 @@ pub enum Command {
     ListTubeUsed,
     /// `list-tubes-watched`
     ListTubesWatched,
-    /// `pause-tube <tube> <delay>`. The name is not validated, as in beanstalkd:
-    /// a name no tube can have simply answers `NOT_FOUND`.
+    /// `pause-tube <tube> <delay>`
     PauseTube {
-        /// Raw tube name.
-        name: String,
+        /// The tube.
+        name: TubeName,
         /// Seconds to pause; 0 ends a pause.
         delay: u32,
     },
@@ -232,6 +231,17 @@ enum Line {
     TooBig { len: u32 },
     /// Answer with this error.
     Error(&'static [u8]),
+    /// Answer with this error, but count the command in `stats` (beanstalkd does).
+    CountedError(Counted, &'static [u8]),
+}
+
+/// Commands that beanstalkd counts in `stats` even when it refuses them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counted {
+    /// A `put` whose four numbers parsed (then too big, or trailing garbage).
+    Put,
+    /// Any line starting with `pause-tube`.
+    PauseTube,
 }
 
 /// Skips leading spaces, then reads a decimal number as beanstalkd's `read_u64`
@@ -301,8 +311,15 @@ fn parse_line(line: &[u8], max_job_size: u32) -> Line {
         return exact(rest, C::PeekBuried);
     }
     if let Some(rest) = line.strip_prefix(b"reserve-with-timeout ") {
-        return match whole_u32(rest) {
-            Some(t) => Line::Command(C::ReserveWithTimeout(t)),
+        // beanstalkd reads this one with a bare `strtol` into an int: junk after
+        // the number is ignored, no digits read as 0, the value is truncated to
+        // 32 bits, and a negative timeout waits forever. Only overflow of the
+        // long is an error.
+        return match strtol(rest) {
+            Some(v) => {
+                let t = v as i32;
+                Line::Command(C::ReserveWithTimeout((t >= 0).then_some(t as u32)))
+            }
             None => bad,
         };
     }
@@ -333,8 +350,11 @@ fn parse_line(line: &[u8], max_job_size: u32) -> Line {
         };
     }
     if let Some(rest) = line.strip_prefix(b"kick ") {
-        return match whole_u32(rest) {
-            Some(n) => Line::Command(C::Kick(n)),
+        // beanstalkd reads the bound with a bare `strtoul`: junk after the
+        // number is ignored, `-1` wraps around, and the value is truncated to
+        // 32 bits. No digits, or overflow of 64 bits, is an error.
+        return match strtoul(rest) {
+            Some(n) => Line::Command(C::Kick(n as u32)),
             None => bad,
         };
     }
@@ -376,7 +396,10 @@ fn parse_line(line: &[u8], max_job_size: u32) -> Line {
         return Line::Command(C::Quit);
     }
     if let Some(rest) = line.strip_prefix(b"pause-tube") {
-        return parse_pause_tube(rest);
+        return match parse_pause_tube(rest) {
+            Some(cmd) => Line::Command(cmd),
+            None => Line::CountedError(Counted::PauseTube, reply::BAD_FORMAT),
+        };
     }
     // Extensions come last so they can never shadow a beanstalk command.
     if let Some(rest) = line.strip_prefix(b"revoke ") {
@@ -417,7 +440,7 @@ fn parse_put(rest: &[u8], max_job_size: u32) -> Line {
     }
     let opts = match parse_put_options(rest) {
         Some(opts) => opts,
-        None => return Line::Error(reply::BAD_FORMAT),
+        None => return Line::CountedError(Counted::Put, reply::BAD_FORMAT),
     };
     Line::Put { pri, delay, ttr, len, opts }
 }
@@ -433,21 +456,53 @@ fn parse_put_options(rest: &[u8]) -> Option<PutOptions> {
 }
 
 /// `pause-tube` reads the name loosely, as beanstalkd's `read_tube_name` does:
-/// spaces are skipped and the longest run of name characters is the name.
-fn parse_pause_tube(rest: &[u8]) -> Line {
+/// spaces are skipped and the longest run of name characters is the name (so
+/// `pause-tubefoo 1` pauses `foo`); then the name must be a valid tube name.
+fn parse_pause_tube(rest: &[u8]) -> Option<Command> {
     let skip = rest.iter().position(|&b| b != b' ').unwrap_or(rest.len());
     let rest = &rest[skip..];
     let name_len = rest.iter().take_while(|&&b| is_name_char(b)).count();
-    if name_len == 0 {
-        return Line::Error(reply::BAD_FORMAT);
+    let delay = whole_u32(&rest[name_len..])?;
+    let name = TubeName::parse(&rest[..name_len])?;
+    Some(Command::PauseTube { name, delay })
+}
+
+/// C's `strtoul`: leading white space, an optional sign, digits. Junk after
+/// the digits is ignored; a minus sign negates modulo 2^64. `None` when no
+/// digit was read or the value overflows 64 bits.
+fn strtoul(input: &[u8]) -> Option<u64> {
+    let (negative, digits) = sign_and_digits(input)?;
+    let mut value: u64 = 0;
+    for &d in digits {
+        value = value.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
     }
-    match whole_u32(&rest[name_len..]) {
-        Some(delay) => Line::Command(Command::PauseTube {
-            name: String::from_utf8_lossy(&rest[..name_len]).into_owned(),
-            delay,
-        }),
-        None => Line::Error(reply::BAD_FORMAT),
+    Some(if negative { value.wrapping_neg() } else { value })
+}
+
+/// C's `strtol` as beanstalkd checks it: no digits reads as 0; overflow of
+/// the signed 64-bit range is `None`; junk after the digits is ignored.
+fn strtol(input: &[u8]) -> Option<i64> {
+    let Some((negative, digits)) = sign_and_digits(input) else { return Some(0) };
+    let mut value: i64 = 0;
+    for &d in digits {
+        let d = i64::from(d - b'0');
+        value = value.checked_mul(10)?;
+        value = if negative { value.checked_sub(d)? } else { value.checked_add(d)? };
     }
+    Some(value)
+}
+
+/// Splits C-style number syntax into its sign and its digits; `None` when
+/// there are no digits.
+fn sign_and_digits(input: &[u8]) -> Option<(bool, &[u8])> {
+    let start = input.iter().position(|b| !b" \t\n\x0b\x0c\r".contains(b)).unwrap_or(input.len());
+    let mut rest = &input[start..];
+    let negative = rest.first() == Some(&b'-');
+    if matches!(rest.first(), Some(b'-' | b'+')) {
+        rest = &rest[1..];
+    }
+    let len = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    (len > 0).then_some((negative, &rest[..len]))
 }
 
 /// Finds the end of a command line as beanstalkd's `scan_line_end` does: the line
@@ -467,8 +522,14 @@ pub fn scan_line_end(buf: &[u8]) -> Option<usize> {
 pub enum Decoded {
     /// A complete command (for `put`, with its body).
     Command(Command),
+    /// A valid `put` header; its body follows. beanstalkd counts the put, marks
+    /// the connection a producer and assigns the job id at this point, before
+    /// the body arrives (and whether or not it arrives intact).
+    PutHeader,
     /// The input was invalid: send this reply and go on reading.
     Error(&'static [u8]),
+    /// As `Error`, but beanstalkd counts the command in `stats` all the same.
+    CountedError(Counted, &'static [u8]),
 }
 
 /// Limits the decoder enforces.
@@ -494,7 +555,7 @@ enum State {
     Body { pri: u32, delay: u32, ttr: u32, len: u32, opts: PutOptions },
     /// Discarding the rest of an over-long line, one line-buffer-sized window at a time.
     DiscardLine,
-    /// Discarding an oversized body, then answering `JOB_TOO_BIG`.
+    /// Discarding an oversized body, then answering `JOB_TOO_BIG` (a counted put).
     SkipBody { remaining: u64 },
 }
 
@@ -536,8 +597,10 @@ impl Decoder {
                             match parse_line(&line[..n - 2], self.limits.max_job_size) {
                                 Line::Command(cmd) => return Some(Decoded::Command(cmd)),
                                 Line::Error(e) => return Some(Decoded::Error(e)),
+                                Line::CountedError(what, e) => return Some(Decoded::CountedError(what, e)),
                                 Line::Put { pri, delay, ttr, len, opts } => {
                                     self.state = State::Body { pri, delay, ttr, len, opts };
+                                    return Some(Decoded::PutHeader);
                                 }
                                 Line::TooBig { len } => {
                                     self.state = State::SkipBody { remaining: u64::from(len) + 2 };
@@ -588,7 +651,7 @@ impl Decoder {
                         return None;
                     }
                     self.state = State::Line;
-                    return Some(Decoded::Error(reply::JOB_TOO_BIG));
+                    return Some(Decoded::CountedError(Counted::Put, reply::JOB_TOO_BIG));
                 }
             }
         }
@@ -652,6 +715,7 @@ mod tests {
 
     fn one(line: &str) -> Decoded {
         let mut v = decode_all(line.as_bytes(), &[line.len()]);
+        v.retain(|d| *d != Decoded::PutHeader);
         assert_eq!(v.len(), 1, "{line:?} gave {v:?}");
         v.remove(0)
     }
@@ -665,7 +729,7 @@ mod tests {
 
     fn err(line: &str) -> &'static [u8] {
         match one(line) {
-            Decoded::Error(e) => e,
+            Decoded::Error(e) | Decoded::CountedError(_, e) => e,
             other => panic!("{line:?} gave {other:?}"),
         }
     }
@@ -675,7 +739,7 @@ mod tests {
         let t = |s: &str| TubeName::parse(s.as_bytes()).unwrap();
         assert_eq!(cmd("use foo\r\n"), Command::Use(t("foo")));
         assert_eq!(cmd("reserve\r\n"), Command::Reserve);
-        assert_eq!(cmd("reserve-with-timeout 5\r\n"), Command::ReserveWithTimeout(5));
+        assert_eq!(cmd("reserve-with-timeout 5\r\n"), Command::ReserveWithTimeout(Some(5)));
         assert_eq!(cmd("reserve-job 7\r\n"), Command::ReserveJob(7));
         assert_eq!(cmd("delete 9\r\n"), Command::Delete(9));
         assert_eq!(cmd("release 1 2 3\r\n"), Command::Release { id: 1, pri: 2, delay: 3 });
@@ -695,7 +759,7 @@ mod tests {
         assert_eq!(cmd("list-tubes\r\n"), Command::ListTubes);
         assert_eq!(cmd("list-tube-used\r\n"), Command::ListTubeUsed);
         assert_eq!(cmd("list-tubes-watched\r\n"), Command::ListTubesWatched);
-        assert_eq!(cmd("pause-tube x 5\r\n"), Command::PauseTube { name: "x".into(), delay: 5 });
+        assert_eq!(cmd("pause-tube x 5\r\n"), Command::PauseTube { name: t("x"), delay: 5 });
         assert_eq!(cmd("quit\r\n"), Command::Quit);
         assert_eq!(cmd("revoke 5\r\n"), Command::Revoke(5));
         assert_eq!(cmd("job-state 5\r\n"), Command::JobState(5));
@@ -720,8 +784,17 @@ mod tests {
         assert_eq!(err("delete 5x\r\n"), reply::BAD_FORMAT);
         assert_eq!(cmd("peek 18446744073709551615\r\n"), Command::Peek(u64::MAX));
         assert_eq!(err("peek 18446744073709551616\r\n"), reply::BAD_FORMAT);
-        assert_eq!(err("kick 4294967296\r\n"), reply::BAD_FORMAT);
         assert_eq!(cmd("kick 4294967295\r\n"), Command::Kick(u32::MAX));
+        // kick and reserve-with-timeout use C's strtoul/strtol, quirks and all.
+        assert_eq!(cmd("kick 4294967296\r\n"), Command::Kick(0));
+        assert_eq!(cmd("kick -1\r\n"), Command::Kick(u32::MAX));
+        assert_eq!(cmd("kick +2junk\r\n"), Command::Kick(2));
+        assert_eq!(err("kick x\r\n"), reply::BAD_FORMAT);
+        assert_eq!(err("kick 99999999999999999999\r\n"), reply::BAD_FORMAT);
+        assert_eq!(cmd("reserve-with-timeout abc\r\n"), Command::ReserveWithTimeout(Some(0)));
+        assert_eq!(cmd("reserve-with-timeout -1\r\n"), Command::ReserveWithTimeout(None));
+        assert_eq!(cmd("reserve-with-timeout 4294967297\r\n"), Command::ReserveWithTimeout(Some(1)));
+        assert_eq!(err("reserve-with-timeout 99999999999999999999\r\n"), reply::BAD_FORMAT);
         assert_eq!(err("delete\r\n"), reply::UNKNOWN_COMMAND);
         assert_eq!(err("delete \r\n"), reply::BAD_FORMAT);
     }
@@ -737,7 +810,9 @@ mod tests {
         assert_eq!(err("use \r\n"), reply::BAD_FORMAT);
         assert_eq!(err("use -x\r\n"), reply::BAD_FORMAT);
         assert_eq!(err("use a\0b\r\n"), reply::BAD_FORMAT);
-        assert_eq!(cmd("pause-tubefoo 1\r\n"), Command::PauseTube { name: "foo".into(), delay: 1 });
+        let foo = TubeName::parse(b"foo").unwrap();
+        assert_eq!(cmd("pause-tubefoo 1\r\n"), Command::PauseTube { name: foo, delay: 1 });
+        assert_eq!(one("pause-tube -x 1\r\n"), Decoded::CountedError(Counted::PauseTube, reply::BAD_FORMAT));
     }
 
     #[test]
@@ -762,14 +837,14 @@ mod tests {
         assert_eq!(err(&max), reply::BAD_FORMAT); // 218 > 200: a name error, not a length error
         // Body longer than announced.
         let got = decode_all(b"put 0 0 1 1\r\nabc\r\n", &[100]);
-        assert_eq!(got, vec![Decoded::Error(reply::EXPECTED_CRLF), Decoded::Error(reply::UNKNOWN_COMMAND)]);
+        assert_eq!(got, vec![Decoded::PutHeader, Decoded::Error(reply::EXPECTED_CRLF), Decoded::Error(reply::UNKNOWN_COMMAND)]);
         // Oversized body is skipped, then JOB_TOO_BIG.
         let input = format!("put 0 0 1 70000\r\n{}\r\nstats\r\n", "z".repeat(70000));
         let got = decode_all(input.as_bytes(), &[1000]);
-        assert_eq!(got, vec![Decoded::Error(reply::JOB_TOO_BIG), Decoded::Command(Command::Stats)]);
+        assert_eq!(got, vec![Decoded::CountedError(Counted::Put, reply::JOB_TOO_BIG), Decoded::Command(Command::Stats)]);
         // A bad put line: its body is read as a command.
         let got = decode_all(b"put 0 0 1 1 x\r\nstats\r\n", &[100]);
-        assert_eq!(got, vec![Decoded::Error(reply::BAD_FORMAT), Decoded::Command(Command::Stats)]);
+        assert_eq!(got, vec![Decoded::CountedError(Counted::Put, reply::BAD_FORMAT), Decoded::Command(Command::Stats)]);
     }
 
     proptest! {

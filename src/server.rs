@@ -455,8 +455,13 @@ impl Server {
             let conn = c.engine_id;
             let outcome = match decoded {
                 Decoded::Command(cmd) => self.with_outbox(|engine, out| engine.apply(conn, cmd, now, out)),
-                Decoded::Error(crate::proto::reply::EXPECTED_CRLF) => {
-                    self.with_outbox(|engine, out| engine.reject_put_body(conn, out));
+                Decoded::PutHeader => {
+                    self.engine.begin_put(conn);
+                    Outcome::Done
+                }
+                Decoded::CountedError(what, reply) => {
+                    self.engine.count_refused(what);
+                    self.with_outbox(|_, out| out.send(conn, reply));
                     Outcome::Done
                 }
                 Decoded::Error(reply) => {

@@ -20,7 +20,7 @@ mod tube;
 pub use job::{JobCounters, JobId, JobState};
 pub use tombstone::{FinalState, Tombstone};
 
-use crate::proto::{self, reply, Command, PutOptions, TubeName};
+use crate::proto::{self, reply, Command, Counted, PutOptions, TubeName};
 use bytes::Bytes;
 use heap::{JobHeap, Order};
 use job::{Job, JobKey, JobList};
@@ -150,6 +150,8 @@ struct Conn {
     wait: Option<Wait>,
     producer: bool,
     worker: bool,
+    /// The id assigned when the header of a `put` was read, for its body.
+    pending_put: Option<JobId>,
 }
 
 /// Commands counted in `stats` as `cmd-*`.
@@ -337,6 +339,7 @@ impl Engine {
             wait: None,
             producer: false,
             worker: false,
+            pending_put: None,
         }))
     }
 
@@ -394,11 +397,27 @@ impl Engine {
 
     // ----- commands ----------------------------------------------------------
 
-    /// Answers a `put` whose body did not end in `\r\n`. The connection still
-    /// counts as a producer, as in beanstalkd, since its header was valid.
-    pub fn reject_put_body(&mut self, conn: ConnId, out: &mut dyn ReplySink) {
+    /// A valid `put` header arrived: as beanstalkd does at this point, count
+    /// the put, mark the connection a producer and assign the job's id (which
+    /// is used up even if the body then turns out malformed).
+    pub fn begin_put(&mut self, conn: ConnId) {
+        self.count(Op::Put);
         self.set_producer(conn);
-        out.send(conn, reply::EXPECTED_CRLF);
+        self.conns[conn.0].pending_put = Some(self.allocate_id());
+    }
+
+    /// A refused command that beanstalkd counts all the same.
+    pub fn count_refused(&mut self, what: Counted) {
+        self.count(match what {
+            Counted::Put => Op::Put,
+            Counted::PauseTube => Op::PauseTube,
+        });
+    }
+
+    fn allocate_id(&mut self) -> JobId {
+        let id = JobId(self.next_id);
+        self.next_id += 1;
+        id
     }
 
     /// Executes `cmd` for `conn` at time `now`, writing replies into `out`.
@@ -412,8 +431,8 @@ impl Engine {
             }
             C::Reserve => return self.reserve(conn, None, Op::Reserve, now, out),
             C::ReserveWithTimeout(secs) => {
-                let deadline = now.saturating_add(u64::from(secs) * SECOND);
-                return self.reserve(conn, Some(deadline), Op::ReserveWithTimeout, now, out);
+                let deadline = secs.map(|s| now.saturating_add(u64::from(s) * SECOND));
+                return self.reserve(conn, deadline, Op::ReserveWithTimeout, now, out);
             }
             C::ReserveJob(id) => {
                 self.reserve_job_by_id(conn, JobId(id), now, out);
@@ -588,8 +607,7 @@ impl Engine {
             }
             C::PauseTube { name, delay } => {
                 self.count(Op::PauseTube);
-                let found = TubeName::parse(name.as_bytes()).and_then(|n| self.tube_index.get(&n).copied());
-                match found {
+                match self.tube_index.get(&name).copied() {
                     Some(t) => {
                         self.pause_tube(t, u64::from(delay) * SECOND, now, out);
                         reply::PAUSED
@@ -647,7 +665,11 @@ impl Engine {
 
     #[allow(clippy::too_many_arguments)]
     fn put(&mut self, conn: ConnId, pri: u32, delay: u32, ttr: u32, body: Bytes, opts: PutOptions, now: Nanos, out: &mut dyn ReplySink) {
-        self.set_producer(conn);
+        // Normally the header already assigned the id (see `begin_put`).
+        if self.conns[conn.0].pending_put.is_none() {
+            self.begin_put(conn);
+        }
+        let Some(id) = self.conns[conn.0].pending_put.take() else { return };
         if self.draining {
             return out.send(conn, reply::DRAINING);
         }
@@ -661,8 +683,6 @@ impl Engine {
             Some(secs) => Some(u64::from(secs) * SECOND),
             None => self.tube_ttls.get(&self.tubes[tube.0].name).copied(),
         };
-        let id = JobId(self.next_id);
-        self.next_id += 1;
         let delay = u64::from(delay) * SECOND;
         let key = self.insert_job(Job {
             id,
@@ -682,7 +702,6 @@ impl Engine {
             heap_pos: 0,
             links: Default::default(),
         });
-        self.counters.ops[Op::Put as usize] += 1;
         self.counters.total_jobs += 1;
         self.tubes[tube.0].counters.total_jobs += 1;
         self.enqueue(key, delay, now, out);

@@ -45,6 +45,15 @@ impl Harness {
         while let Some(d) = dec.decode(&mut buf) {
             outcome = match d {
                 Decoded::Command(cmd) => self.engine.apply(conn, cmd, self.now, &mut self.cap),
+                Decoded::PutHeader => {
+                    self.engine.begin_put(conn);
+                    Outcome::Done
+                }
+                Decoded::CountedError(what, e) => {
+                    self.engine.count_refused(what);
+                    self.cap.send(conn, e);
+                    Outcome::Done
+                }
                 Decoded::Error(e) => {
                     self.cap.send(conn, e);
                     Outcome::Done
@@ -377,7 +386,8 @@ fn memory_limit_answers_out_of_memory() {
     assert_eq!(h.put(c, 0, 0, 10, "abc"), "INSERTED 1\r\n");
     assert_eq!(h.put(c, 0, 0, 10, "abc"), "OUT_OF_MEMORY\r\n");
     h.cmd(c, "delete 1\r\n");
-    assert_eq!(h.put(c, 0, 0, 10, "abc"), "INSERTED 2\r\n");
+    // The refused put used up id 2, as every put whose header was read does.
+    assert_eq!(h.put(c, 0, 0, 10, "abc"), "INSERTED 3\r\n");
 }
 
 /// A tiny reference model of one tube used by one connection.
