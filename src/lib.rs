@@ -8,3 +8,7 @@
 //! - [`client`]: a small blocking beanstalk client used by the agent, the dispatcher and tests.
 //! - [`dispatch`]: the REST/JSON dispatcher (`polaris-dispatch`).
 //! - [`agent`]: the per-host agent (`polaris-agent`).
+
+pub mod agent;
+pub mod client;
+pub mod dispatch;
