@@ -69,6 +69,16 @@ impl Default for AgentConfig {
     }
 }
 
+/// The fields of an envelope needed to report on it, read when the whole envelope
+/// cannot be.
+#[derive(serde::Deserialize)]
+struct EnvelopeHeader {
+    job_id: String,
+    reply_tube: String,
+    #[serde(default)]
+    method: Option<String>,
+}
+
 struct Agent {
     host_id: String,
     secret: Secret,
@@ -199,11 +209,10 @@ impl Agent {
                 // The envelope cannot be trusted, but if it names a reply tube, saying
                 // "refused" there lets its job show `failed` instead of waiting.
                 let claimed = wire::unverified_payload(&job.body)
-                    .and_then(|p| serde_json::from_slice::<JobEnvelope>(p).ok());
+                    .and_then(|p| serde_json::from_slice::<EnvelopeHeader>(p).ok());
                 if let Some(claimed) = claimed {
-                    let code = Code::BadSignature;
                     let message = format!("Refused: envelope signature invalid ({e}); job buried, not run");
-                    self.report_refusal(conn, &claimed, code, message, max_job_size)?;
+                    self.report_refusal(conn, &claimed.job_id, &claimed.reply_tube, Code::BadSignature, message, max_job_size)?;
                 }
                 return Ok(());
             }
@@ -212,21 +221,31 @@ impl Agent {
             Ok(envelope) => envelope,
             Err(e) => {
                 log::warn!("burying job {}: malformed envelope: {e}", job.id);
-                return conn.bury(job.id, RESULT_PRIORITY);
+                conn.bury(job.id, RESULT_PRIORITY)?;
+                // Signed but unreadable (e.g. a newer dispatcher's method): report it if
+                // the envelope still says where to.
+                let Ok(header) = serde_json::from_slice::<EnvelopeHeader>(payload) else { return Ok(()) };
+                let code = match header.method.as_deref().map(Method::parse) {
+                    Some(None) => Code::UnsupportedMethod,
+                    _ => Code::MalformedEnvelope,
+                };
+                let message = format!("Refused: cannot read the envelope ({e}); job buried, not run");
+                return self.report_refusal(conn, &header.job_id, &header.reply_tube, code, message, max_job_size);
             }
         };
         if envelope.host != self.host_id {
             log::warn!("burying job {}: it is for host {:?}, not {:?}", job.id, envelope.host, self.host_id);
             conn.bury(job.id, RESULT_PRIORITY)?;
             let message = format!("Refused: envelope is for host {:?}, delivered to {:?}", envelope.host, self.host_id);
-            return self.report_refusal(conn, &envelope, Code::WrongHost, message, max_job_size);
+            return self.report_refusal(conn, &envelope.job_id, &envelope.reply_tube, Code::WrongHost, message, max_job_size);
         }
         let now = wire::unix_now();
         if now > envelope.expires_at {
-            log::warn!("burying job {} (dispatch job {}): expired {}s ago", job.id, envelope.job_id, now - envelope.expires_at);
+            let late = now - envelope.expires_at;
+            log::warn!("burying job {} (dispatch job {}): expired {late}s ago", job.id, envelope.job_id);
             conn.bury(job.id, RESULT_PRIORITY)?;
-            let message = format!("Refused: envelope expired {}s before the agent took it; job buried, not run", now - envelope.expires_at);
-            return self.report_refusal(conn, &envelope, Code::EnvelopeExpired, message, max_job_size);
+            let message = format!("Refused: envelope expired {late}s before the agent took it; job buried, not run");
+            return self.report_refusal(conn, &envelope.job_id, &envelope.reply_tube, Code::EnvelopeExpired, message, max_job_size);
         }
 
         log::info!("job {} ({}): {} {:?}", envelope.job_id, job.id, envelope.method.as_str(), envelope.cmd);
@@ -245,20 +264,22 @@ impl Agent {
         conn.delete(job.id)
     }
 
+    /// Puts a `failed` result for a job the agent refused to run.
     fn report_refusal(
         &self,
         conn: &mut Client,
-        envelope: &JobEnvelope,
+        job_id: &str,
+        reply_tube: &str,
         code: Code,
         message: String,
         max_job_size: usize,
     ) -> client::Result<()> {
-        if !client::is_valid_tube_name(&envelope.reply_tube) {
+        if !client::is_valid_tube_name(reply_tube) {
             return Ok(());
         }
         let result = HostResult {
             v: 1,
-            job_id: envelope.job_id.clone(),
+            job_id: job_id.to_string(),
             host: self.host_id.clone(),
             resp: Resp::Failed,
             retcode: u32::from(code.value()),
@@ -267,7 +288,7 @@ impl Agent {
             truncated: false,
             output_bytes: 0,
         };
-        put_result(conn, &self.secret, &envelope.reply_tube, result, max_job_size)
+        put_result(conn, &self.secret, reply_tube, result, max_job_size)
     }
 
     /// Runs the envelope's command, touching the queue job as it runs. `None` if it was
@@ -430,7 +451,15 @@ pub fn put_result(
                 Ok(_) => return Ok(()),
                 Err(client::Error::JobTooBig) => {
                     log::warn!("queue refused a {}-byte result as too big; cutting its output", body.len());
-                    limit = body.len().saturating_sub(1);
+                    // Ask the queue for its real limit; if it does not say (or says
+                    // something that just failed), halve, so this ends in a few rounds.
+                    let reported = conn
+                        .stats()
+                        .ok()
+                        .and_then(|s| s.get_u64("max-job-size"))
+                        .and_then(|n| usize::try_from(n).ok())
+                        .filter(|&n| n < body.len());
+                    limit = reported.unwrap_or(body.len() / 2);
                 }
                 Err(e) => return Err(e),
             }
