@@ -40,11 +40,16 @@ fn test_secret() -> Secret {
 fn seed_example_answers_in_documented_shape() {
     let cluster = Cluster::start(&["alpha", "beta", "gamma"]);
     let id = "6f1c1d6e-6a8e-4c8e-9d5e-2b7a1c3d4e5f";
-    let (status, body) = post(
-        &cluster.url("/v1/jobs"),
-        &json!({"id": id, "hosts": ["alpha", "no-such-host"], "method": "sync.bash", "cmd": "ls", "timeout": 30}),
-    );
-    assert_eq!(status, 200, "{body}");
+    let request_body = json!({"id": id, "hosts": ["alpha", "no-such-host"], "method": "sync.bash", "cmd": "ls", "timeout": 30});
+    let (status, text) = request_text("POST", &cluster.url("/v1/jobs"), Some(&request_body.to_string()), None);
+    assert_eq!(status, 200, "{text}");
+    // Fields come in the documented order, as a person reading the reply expects.
+    let positions: Vec<usize> = ["\"host\"", "\"resp\"", "\"retcode\"", "\"message\"", "\"data\""]
+        .iter()
+        .map(|key| text.find(key).unwrap_or_else(|| panic!("{key} missing from {text}")))
+        .collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "{text}");
+    let body: Value = serde_json::from_str(&text).expect("JSON reply");
     assert_eq!(
         body,
         json!({

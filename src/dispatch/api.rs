@@ -6,7 +6,8 @@ use crate::dispatch::codes::Code;
 use crate::dispatch::error::ApiError;
 use crate::dispatch::request::{parse_host_registration, parse_job_request};
 use crate::dispatch::store::{HostJobRecord, HostState, NewJob, Outcome};
-use crate::dispatch::wire::unix_now_ms;
+use crate::dispatch::wire::{unix_now_ms, Resp};
+use serde::Serialize;
 use crate::dispatch::Dispatcher;
 use anyhow::Context as _;
 use axum::body::Bytes;
@@ -177,39 +178,79 @@ async fn post_job(
         blocking(move || Ok(dispatcher.store.job(&id)?)).await?
     }
     .ok_or_else(|| ApiError::general(Code::StorageError, format!("job {job_id} vanished from the database")))?;
-    let response: Vec<Value> = hosts
-        .iter()
+    let response = hosts
+        .into_iter()
         .map(|h| {
-            let outcome = h.outcome.clone().unwrap_or_else(|| {
+            let outcome = h.outcome.unwrap_or_else(|| {
                 Outcome::failed(
                     Code::HostNoAnswer,
                     format!("No answer within {}s (state: {})", job.timeout_secs, h.state.as_str()),
                 )
             });
-            json!({
-                "host": h.host,
-                "resp": outcome.resp.as_str(),
-                "retcode": outcome.retcode,
-                "message": outcome.message,
-                "data": outcome.data,
-            })
+            SyncHostReply {
+                host: h.host,
+                resp: outcome.resp,
+                retcode: outcome.retcode,
+                message: outcome.message,
+                data: outcome.data,
+            }
         })
         .collect();
-    Ok(Json(json!({ "id": job_id, "response": response })).into_response())
+    Ok(Json(SyncReply { id: job_id.clone(), response }).into_response())
 }
 
-fn host_entry(h: &HostJobRecord, state: HostState) -> Value {
+/// The sync reply; structs rather than `json!` so fields keep the documented order.
+#[derive(Serialize)]
+struct SyncReply {
+    id: String,
+    response: Vec<SyncHostReply>,
+}
+
+#[derive(Serialize)]
+struct SyncHostReply {
+    host: String,
+    resp: Resp,
+    retcode: u32,
+    message: String,
+    data: String,
+}
+
+/// One host in `GET /v1/jobs/{id}`.
+#[derive(Serialize)]
+struct HostStatus<'a> {
+    host: &'a str,
+    state: &'static str,
+    resp: Option<Resp>,
+    retcode: Option<u32>,
+    message: Option<&'a str>,
+    data: Option<&'a str>,
+    truncated: Option<bool>,
+    updated_at_ms: i64,
+}
+
+#[derive(Serialize)]
+struct JobStatus<'a> {
+    id: &'a str,
+    method: &'static str,
+    cmd: &'a str,
+    timeout: u32,
+    created_at_ms: i64,
+    done: bool,
+    hosts: Vec<HostStatus<'a>>,
+}
+
+fn host_status(h: &HostJobRecord, state: HostState) -> HostStatus<'_> {
     let outcome = h.outcome.as_ref();
-    json!({
-        "host": h.host,
-        "state": state.as_str(),
-        "resp": outcome.map(|o| o.resp.as_str()),
-        "retcode": outcome.map(|o| o.retcode),
-        "message": outcome.map(|o| o.message.as_str()),
-        "data": outcome.map(|o| o.data.as_str()),
-        "truncated": outcome.map(|o| o.truncated),
-        "updated_at_ms": h.updated_at_ms,
-    })
+    HostStatus {
+        host: &h.host,
+        state: state.as_str(),
+        resp: outcome.map(|o| o.resp),
+        retcode: outcome.map(|o| o.retcode),
+        message: outcome.map(|o| o.message.as_str()),
+        data: outcome.map(|o| o.data.as_str()),
+        truncated: outcome.map(|o| o.truncated),
+        updated_at_ms: h.updated_at_ms,
+    }
 }
 
 async fn get_job(
@@ -238,17 +279,16 @@ async fn get_job(
     .await?;
     let (job, hosts, states) =
         found.ok_or_else(|| ApiError::general(Code::NoSuchJob, "no job with this id"))?;
-    let entries: Vec<Value> = hosts.iter().zip(states).map(|(h, s)| host_entry(h, s)).collect();
-    let done = hosts.iter().all(|h| h.state.is_final());
-    Ok(Json(json!({
-        "id": job.id,
-        "method": job.method.as_str(),
-        "cmd": job.cmd,
-        "timeout": job.timeout_secs,
-        "created_at_ms": job.created_at_ms,
-        "done": done,
-        "hosts": entries,
-    })))
+    let status = JobStatus {
+        id: &job.id,
+        method: job.method.as_str(),
+        cmd: &job.cmd,
+        timeout: job.timeout_secs,
+        created_at_ms: job.created_at_ms,
+        done: hosts.iter().all(|h| h.state.is_final()),
+        hosts: hosts.iter().zip(states).map(|(h, s)| host_status(h, s)).collect(),
+    };
+    Ok(Json(json!(status)))
 }
 
 fn page_param(params: &HashMap<String, String>, name: &str, default: u64, max: u64) -> Result<u64, ApiError> {

@@ -1,11 +1,11 @@
 //! The REST API's error reply: an HTTP status and a JSON body naming the code and field.
 
-use crate::dispatch::codes::Code;
+use crate::dispatch::codes::{Code, CodeType};
 use crate::dispatch::store::StoreError;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
+use serde::Serialize;
 
 /// An error answered to a REST client as
 /// `{"error": {"code": N, "hex": "0x....", "type": "...", "name": "...", "field": F, "message": "..."}}`.
@@ -38,19 +38,36 @@ impl From<StoreError> for ApiError {
     }
 }
 
+/// The JSON error body; a struct so its fields keep the documented order.
+#[derive(Serialize)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Serialize)]
+struct ErrorDetail {
+    code: u16,
+    hex: String,
+    #[serde(rename = "type")]
+    code_type: CodeType,
+    name: &'static str,
+    field: Option<String>,
+    message: String,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.code.http_status()).unwrap_or(StatusCode::BAD_REQUEST);
-        let body = json!({
-            "error": {
-                "code": self.code.value(),
-                "hex": self.code.hex(),
-                "type": self.code.code_type(),
-                "name": self.code.label(),
-                "field": self.field,
-                "message": self.message,
-            }
-        });
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.value(),
+                hex: self.code.hex(),
+                code_type: self.code.code_type(),
+                name: self.code.label(),
+                field: self.field,
+                message: self.message,
+            },
+        };
         (status, Json(body)).into_response()
     }
 }

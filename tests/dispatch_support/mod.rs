@@ -288,6 +288,12 @@ pub fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> bool
 
 /// One HTTP request; returns the status and the JSON body (`Null` when empty or not JSON).
 pub fn request(method: &str, url: &str, body: Option<&str>, token: Option<&str>) -> (u16, Value) {
+    let (status, text) = request_text(method, url, body, token);
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// One HTTP request; returns the status and the body text.
+pub fn request_text(method: &str, url: &str, body: Option<&str>, token: Option<&str>) -> (u16, String) {
     let mut req = ureq::request(method, url).timeout(Duration::from_secs(120));
     if let Some(token) = token {
         req = req.set("Authorization", &format!("Bearer {token}"));
@@ -302,8 +308,7 @@ pub fn request(method: &str, url: &str, body: Option<&str>, token: Option<&str>)
         Err(e) => panic!("{method} {url}: {e}"),
     };
     let status = response.status();
-    let text = response.into_string().unwrap_or_default();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    (status, response.into_string().unwrap_or_default())
 }
 
 /// `POST url` with a JSON body.
