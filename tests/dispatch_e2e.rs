@@ -529,3 +529,38 @@ fn result_put_recovers_from_job_too_big() {
     assert!(stored.data.len() > 10_000 && stored.data.len() < 20_000, "{}", stored.data.len());
     assert!(stored.message.starts_with("Normal termination; output cut to "), "{}", stored.message);
 }
+
+/// A command that runs longer than its queue job's TTR keeps the job reserved because the
+/// agent touches it; the job never times out back to ready and runs once.
+#[test]
+fn long_command_is_touched_past_its_ttr() {
+    let cluster = Cluster::start(&["alpha", "beta", "gamma"]);
+    let mut queue = queue_client(&cluster.queue);
+    let envelope = JobEnvelope {
+        v: 1,
+        job_id: "long".into(),
+        host: "alpha".into(),
+        method: Method::SyncBash,
+        cmd: "sleep 4; echo ok".into(),
+        timeout: 20,
+        reply_tube: "touch.replies".into(),
+        issued_at: wire::unix_now(),
+        expires_at: wire::unix_now() + 60,
+    };
+    let body = wire::sign(&test_secret(), &serde_json::to_vec(&envelope).expect("json"));
+    queue.use_tube("host.alpha").expect("use");
+    let queue_id = queue.put(0, 0, 2, &body).expect("put with a 2 s TTR");
+    std::thread::sleep(Duration::from_millis(3500));
+    let stats = queue.stats_job(queue_id).expect("job still exists");
+    assert_eq!(stats.get("state"), Some("reserved"));
+    assert_eq!(stats.get_u64("timeouts"), Some(0), "the TTR ran out: {stats:?}");
+    queue.watch("touch.replies").expect("watch");
+    queue.ignore("default").expect("ignore");
+    let job = queue.reserve_with_timeout(10).expect("reserve").expect("a result");
+    let result: HostResult = serde_json::from_slice(wire::open(&test_secret(), &job.body).expect("signed")).expect("json");
+    assert_eq!((result.resp, result.data.as_str()), (Resp::Success, "ok\n"));
+    // The agent deletes its job right after putting the result.
+    wait_until(Duration::from_secs(2), "the agent deleted the job", || {
+        matches!(queue.stats_job(queue_id), Err(client::Error::NotFound))
+    });
+}

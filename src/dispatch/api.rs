@@ -27,10 +27,12 @@ type AppState = Arc<Dispatcher>;
 
 /// Largest request body accepted, in bytes.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
-/// `GET /v1/jobs` page size when none is given, and the largest allowed.
+/// `GET /v1/jobs` page size when none is given.
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
 /// Largest `limit` for `GET /v1/jobs`.
 pub const MAX_PAGE_SIZE: u32 = 500;
+/// Most `stats-job` lookups one `GET /v1/jobs/{id}` makes to tell `reserved` from `ready`.
+pub const MAX_LIVE_LOOKUPS: usize = 200;
 
 /// The API's routes.
 pub fn router(dispatcher: AppState) -> Router {
@@ -263,14 +265,19 @@ async fn get_job(
     let found = blocking(move || {
         let Some((job, hosts)) = d.store.job(&id)? else { return Ok(None) };
         // A `ready` host may already be in an agent's hands; ask the queue so the reply
-        // says `reserved` as soon as it is. Without the queue the stored state stands.
+        // says `reserved` as soon as it is. Without the queue the stored state stands, and
+        // so it does past the first MAX_LIVE_LOOKUPS ready hosts, to bound the work.
+        let mut lookups = 0;
         let states: Vec<HostState> = hosts
             .iter()
             .map(|h| match (h.state, h.queue_job_id) {
-                (HostState::Ready, Some(queue_id)) => match d.queue.with(|c| c.stats_job(queue_id)) {
-                    Ok(stats) if stats.get("state") == Some("reserved") => HostState::Reserved,
-                    _ => HostState::Ready,
-                },
+                (HostState::Ready, Some(queue_id)) if lookups < MAX_LIVE_LOOKUPS => {
+                    lookups += 1;
+                    match d.queue.with(|c| c.stats_job(queue_id)) {
+                        Ok(stats) if stats.get("state") == Some("reserved") => HostState::Reserved,
+                        _ => HostState::Ready,
+                    }
+                }
                 (state, _) => state,
             })
             .collect();
