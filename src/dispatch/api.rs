@@ -259,7 +259,7 @@ async fn get_job(
     State(dispatcher): State<AppState>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     authenticate(&dispatcher, &headers)?;
     let d = dispatcher.clone();
     let found = blocking(move || {
@@ -295,7 +295,7 @@ async fn get_job(
         done: hosts.iter().all(|h| h.state.is_final()),
         hosts: hosts.iter().zip(states).map(|(h, s)| host_status(h, s)).collect(),
     };
-    Ok(Json(json!(status)))
+    Ok(Json(status).into_response())
 }
 
 fn page_param(params: &HashMap<String, String>, name: &str, default: u64, max: u64) -> Result<u64, ApiError> {

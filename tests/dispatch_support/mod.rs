@@ -83,19 +83,19 @@ pub fn free_port() -> u16 {
 fn first_stdout_line(child: &mut Child, name: &str, timeout: Duration) -> String {
     let stdout = child.stdout.take().expect("stdout is piped");
     let (tx, rx) = mpsc::channel();
-    let name = name.to_string();
+    let reader_name = name.to_string();
     std::thread::spawn(move || {
         let mut lines = BufReader::new(stdout).lines();
         let first = lines.next();
         let _ = tx.send(first.and_then(Result::ok));
         for line in lines.map_while(Result::ok) {
-            eprintln!("[{name} stdout] {line}");
+            eprintln!("[{reader_name} stdout] {line}");
         }
     });
     match rx.recv_timeout(timeout) {
         Ok(Some(line)) => line,
-        Ok(None) => panic!("process exited before printing its listening line"),
-        Err(_) => panic!("no listening line within {timeout:?}"),
+        Ok(None) => panic!("{name} exited before printing its `listening on ADDR` line"),
+        Err(_) => panic!("{name} printed no `listening on ADDR` line within {timeout:?}"),
     }
 }
 
