@@ -564,3 +564,29 @@ fn long_command_is_touched_past_its_ttr() {
         matches!(queue.stats_job(queue_id), Err(client::Error::NotFound))
     });
 }
+
+/// While the queue is down, a new job waits as `pending` in the dispatcher's database; when
+/// the queue is back the job is queued, run and recorded.
+#[test]
+fn queue_outage_delays_jobs_but_loses_none() {
+    let mut cluster = Cluster::start(&["alpha", "beta", "gamma"]);
+    cluster.stop_queue();
+    let (status, body) = post(
+        &cluster.url("/v1/jobs"),
+        &json!({"hosts": ["alpha", "beta"], "method": "async.bash", "cmd": "echo back", "timeout": 30}),
+    );
+    assert_eq!(status, 202, "{body}");
+    let url = cluster.url(&format!("/v1/jobs/{}", body["id"].as_str().expect("id")));
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(
+        host_states(&get(&url).1),
+        [("alpha", "pending"), ("beta", "pending")].map(|(h, s)| (h.to_string(), s.to_string()))
+    );
+    cluster.restart_queue();
+    wait_until(Duration::from_secs(15), "job done after the queue came back", || get(&url).1["done"] == true);
+    let job = get(&url).1;
+    for index in 0..2 {
+        assert_eq!(job["hosts"][index]["state"], "success", "{job}");
+        assert_eq!(job["hosts"][index]["data"], "back\n");
+    }
+}

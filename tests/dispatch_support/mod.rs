@@ -127,9 +127,15 @@ pub struct Queue {
 /// Starts the queue the tests run against: `polarisd` by default, `/usr/bin/beanstalkd`
 /// when env `POLARIS_TEST_QUEUE=beanstalkd`.
 pub fn start_queue(max_job_size: u32) -> Queue {
+    start_queue_on_port(max_job_size, None)
+}
+
+/// Starts the queue on `port` (a free one when `None`), e.g. to restart it where clients
+/// expect it.
+pub fn start_queue_on_port(max_job_size: u32, port: Option<u16>) -> Queue {
     let size = max_job_size.to_string();
     if std::env::var("POLARIS_TEST_QUEUE").as_deref() == Ok("beanstalkd") {
-        let port = free_port();
+        let port = port.unwrap_or_else(free_port);
         let child = Command::new("/usr/bin/beanstalkd")
             .args(["-l", "127.0.0.1", "-p", &port.to_string(), "-z", &size])
             .stdin(Stdio::null())
@@ -141,7 +147,7 @@ pub fn start_queue(max_job_size: u32) -> Queue {
         Queue { addr, proc }
     } else {
         let mut child = Command::new(env!("CARGO_BIN_EXE_polarisd"))
-            .args(["-l", "127.0.0.1", "-p", "0", "-z", &size])
+            .args(["-l", "127.0.0.1", "-p", &port.unwrap_or(0).to_string(), "-z", &size])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()
@@ -260,6 +266,18 @@ impl Cluster {
             .find(|(h, _)| h == host)
             .unwrap_or_else(|| panic!("no agent {host}"))
             .1
+    }
+
+    /// Kills the queue and starts a new, empty one on the same address.
+    pub fn restart_queue(&mut self) {
+        let port: u16 = self.queue.addr.rsplit(':').next().and_then(|p| p.parse().ok()).expect("queue port");
+        self.queue.proc.kill();
+        self.queue = start_queue_on_port(BIG_JOB_SIZE, Some(port));
+    }
+
+    /// Kills the queue (SIGKILL).
+    pub fn stop_queue(&mut self) {
+        self.queue.proc.kill();
     }
 
     /// Kills the dispatcher (SIGKILL, like a crash).
