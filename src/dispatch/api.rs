@@ -1,6 +1,5 @@
 //! The REST API (axum): `/v1/jobs` and `/v1/hosts`.
 
-use crate::client;
 use crate::dispatch::auth::TokenPolicy;
 use crate::dispatch::codes::Code;
 use crate::dispatch::error::ApiError;
@@ -8,6 +7,7 @@ use crate::dispatch::request::{parse_host_registration, parse_job_request};
 use crate::dispatch::store::{HostJobRecord, HostState, NewJob, Outcome};
 use crate::dispatch::wire::{unix_now_ms, Resp};
 use serde::Serialize;
+use crate::dispatch::worker::{self, StepError};
 use crate::dispatch::Dispatcher;
 use anyhow::Context as _;
 use axum::body::Bytes;
@@ -371,20 +371,16 @@ async fn revoke_job(
                         current_state(&d, &id, &h.host)?
                     }
                 }
-                (HostState::Ready, Some(queue_id)) => match d.queue.with(|c| c.delete(queue_id)) {
-                    Ok(()) => {
-                        d.store.finish(&id, &h.host, HostState::Ready, HostState::Revoked, &revoked)?;
-                        HostState::Revoked
+                (HostState::Ready, queue_id) => {
+                    match worker::take_back(&d, &id, &h.host, queue_id, HostState::Revoked, &revoked) {
+                        Ok(state) => state,
+                        Err(StepError::Store(e)) => return Err(e.into()),
+                        Err(StepError::Queue(e)) => {
+                            log::warn!("revoke job {id} host {}: queue unavailable: {e}", h.host);
+                            HostState::Ready
+                        }
                     }
-                    Err(client::Error::NotFound) => {
-                        d.store.transition(&id, &h.host, HostState::Ready, HostState::Reserved, None)?;
-                        HostState::Reserved
-                    }
-                    Err(e) => {
-                        log::warn!("revoke job {id} host {}: {e}", h.host);
-                        HostState::Ready
-                    }
-                },
+                }
                 (state, _) => state,
             };
             entries.push(json!({ "host": h.host, "state": state.as_str() }));

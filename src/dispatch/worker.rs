@@ -79,8 +79,9 @@ fn run_enqueuer(dispatcher: &Dispatcher, wake: &mpsc::Receiver<()>, stop: &Atomi
     }
 }
 
+/// A worker step failed on the queue (retried later) or on the database.
 #[derive(Debug, thiserror::Error)]
-enum StepError {
+pub(crate) enum StepError {
     #[error(transparent)]
     Queue(#[from] client::Error),
     #[error(transparent)]
@@ -155,25 +156,11 @@ fn expire_overdue(dispatcher: &Dispatcher) -> Result<(), StepError> {
                 finish(dispatcher, job_id, host, HostState::Pending, HostState::Expired, &outcome)?;
             }
             HostState::Ready => {
-                let deleted = match overdue.queue_job_id {
-                    Some(queue_id) => dispatcher.queue.with(|c| c.delete(queue_id)),
-                    None => Ok(()),
-                };
-                match deleted {
-                    Ok(()) => {
-                        let outcome = Outcome::failed(
-                            Code::HostNoAnswer,
-                            format!("The host's agent did not take the job within its timeout of {timeout}s"),
-                        );
-                        finish(dispatcher, job_id, host, HostState::Ready, HostState::Expired, &outcome)?;
-                    }
-                    // Not deletable: an agent has it (or already answered and the result
-                    // is on its way). Wait for the result.
-                    Err(client::Error::NotFound) => {
-                        dispatcher.store.transition(job_id, host, HostState::Ready, HostState::Reserved, None)?;
-                    }
-                    Err(e) => return Err(e.into()),
-                }
+                let outcome = Outcome::failed(
+                    Code::HostNoAnswer,
+                    format!("The host's agent did not take the job within its timeout of {timeout}s"),
+                );
+                take_back(dispatcher, job_id, host, overdue.queue_job_id, HostState::Expired, &outcome)?;
             }
             HostState::Reserved => {
                 let outcome = Outcome::failed(
@@ -186,6 +173,34 @@ fn expire_overdue(dispatcher: &Dispatcher) -> Result<(), StepError> {
         }
     }
     Ok(())
+}
+
+/// Takes a `ready` host job back off the queue and gives it the final state `to`. If the
+/// queue answers `NOT_FOUND`, an agent has it (or has answered and the result is on its
+/// way), so it becomes `reserved` and waits for its result. Returns the state afterwards.
+pub(crate) fn take_back(
+    dispatcher: &Dispatcher,
+    job_id: &str,
+    host: &str,
+    queue_job_id: Option<u64>,
+    to: HostState,
+    outcome: &Outcome,
+) -> Result<HostState, StepError> {
+    let deleted = match queue_job_id {
+        Some(queue_id) => dispatcher.queue.with(|c| c.delete(queue_id)),
+        None => Ok(()),
+    };
+    match deleted {
+        Ok(()) => {
+            finish(dispatcher, job_id, host, HostState::Ready, to, outcome)?;
+            Ok(to)
+        }
+        Err(client::Error::NotFound) => {
+            dispatcher.store.transition(job_id, host, HostState::Ready, HostState::Reserved, None)?;
+            Ok(HostState::Reserved)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn finish(
