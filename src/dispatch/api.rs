@@ -362,27 +362,25 @@ async fn revoke_job(
         let revoked = Outcome::failed(Code::Revoked, "Revoked before the agent took it");
         let mut entries = Vec::with_capacity(hosts.len());
         for h in &hosts {
-            let state = match (h.state, h.queue_job_id) {
-                (HostState::Pending, _) => {
-                    if d.store.finish(&id, &h.host, HostState::Pending, HostState::Revoked, &revoked)? {
-                        HostState::Revoked
-                    } else {
-                        // The enqueuer moved it meanwhile; report what it is now.
-                        current_state(&d, &id, &h.host)?
-                    }
+            let (mut state, mut queue_id) = (h.state, h.queue_job_id);
+            if state == HostState::Pending {
+                if d.store.finish(&id, &h.host, HostState::Pending, HostState::Revoked, &revoked)? {
+                    state = HostState::Revoked;
+                } else {
+                    // The enqueuer queued it meanwhile: revoke it from the queue instead.
+                    (state, queue_id) = current_state(&d, &id, &h.host)?;
                 }
-                (HostState::Ready, queue_id) => {
-                    match worker::take_back(&d, &id, &h.host, queue_id, HostState::Revoked, &revoked) {
-                        Ok(state) => state,
-                        Err(StepError::Store(e)) => return Err(e.into()),
-                        Err(StepError::Queue(e)) => {
-                            log::warn!("revoke job {id} host {}: queue unavailable: {e}", h.host);
-                            HostState::Ready
-                        }
+            }
+            if state == HostState::Ready {
+                state = match worker::take_back(&d, &id, &h.host, queue_id, HostState::Revoked, &revoked) {
+                    Ok(state) => state,
+                    Err(StepError::Store(e)) => return Err(e.into()),
+                    Err(StepError::Queue(e)) => {
+                        log::warn!("revoke job {id} host {}: queue unavailable: {e}", h.host);
+                        HostState::Ready
                     }
-                }
-                (state, _) => state,
-            };
+                };
+            }
             entries.push(json!({ "host": h.host, "state": state.as_str() }));
         }
         d.waiters.notify(&id);
@@ -394,12 +392,13 @@ async fn revoke_job(
         .ok_or_else(|| ApiError::general(Code::NoSuchJob, "no job with this id"))
 }
 
-fn current_state(d: &Dispatcher, job_id: &str, host: &str) -> Result<HostState, ApiError> {
+/// A host job's stored state and queue job id, read again.
+fn current_state(d: &Dispatcher, job_id: &str, host: &str) -> Result<(HostState, Option<u64>), ApiError> {
     let found = d.store.job(job_id)?;
-    Ok(found
+    found
         .and_then(|(_, hosts)| hosts.into_iter().find(|h| h.host == host))
-        .map(|h| h.state)
-        .unwrap_or(HostState::Pending))
+        .map(|h| (h.state, h.queue_job_id))
+        .ok_or_else(|| ApiError::general(Code::StorageError, format!("host job {job_id}/{host} vanished")))
 }
 
 async fn register_host(
