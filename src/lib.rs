@@ -7,9 +7,15 @@
 //! - [`server`]: the `mio` event loop that owns sockets and feeds the engine.
 //! - [`store`]: durability in SQLite: one transaction per loop turn (group commit).
 //! - [`config`]: `polarisd`'s command line (beanstalkd's flags plus our own).
+//! - [`client`]: a small blocking beanstalk client used by the agent, the dispatcher and tests.
+//! - [`dispatch`]: the REST/JSON dispatcher (`polaris-dispatch`).
+//! - [`agent`]: the per-host agent (`polaris-agent`).
 
+pub mod agent;
+pub mod client;
+pub mod config;
+pub mod dispatch;
 pub mod engine;
 pub mod proto;
-pub mod config;
 pub mod server;
 pub mod store;
