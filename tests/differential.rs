@@ -44,6 +44,7 @@ mod common;
 use anyhow::{anyhow, bail, Context, Result};
 use common::{escape_bytes, ReadOutcome, RawConn, Reply, ServerProcess};
 use std::collections::HashSet;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -598,6 +599,11 @@ fn render(shown: &[Shown]) -> Vec<String> {
     out
 }
 
+/// True when POLARIS_DIFF_DUMP asks for full transcripts.
+fn dump_requested() -> bool {
+    std::env::var_os("POLARIS_DIFF_DUMP").is_some()
+}
+
 /// Lays out two line lists side by side, matching equal lines (longest common
 /// subsequence) and marking differing rows with `!`, `<` or `>`.
 fn side_by_side(left: &[String], right: &[String]) -> String {
@@ -643,25 +649,46 @@ fn side_by_side(left: &[String], right: &[String]) -> String {
             s.chars().take(WIDTH - 1).chain(['…']).collect()
         }
     };
-    let mut out = format!("  {:<WIDTH$} | {}\n", "REFERENCE (beanstalkd)", "CANDIDATE");
-    let mut details = String::new();
-    for (l, r) in rows {
-        let mark = match (l, r) {
+    let marks: Vec<char> = rows
+        .iter()
+        .map(|row| match row {
             (Some(a), Some(b)) if a == b => ' ',
             (Some(_), Some(_)) => '!',
             (Some(_), None) => '<',
             _ => '>',
-        };
-        out.push_str(&format!("{mark} {:<WIDTH$} | {}\n", clip(l.unwrap_or("")), clip(r.unwrap_or(""))));
-        if mark != ' ' && details.is_empty() {
-            details = format!(
-                "first difference in full:\n  reference: {}\n  candidate: {}\n",
-                l.unwrap_or("(nothing)"),
-                r.unwrap_or("(nothing)")
-            );
+        })
+        .collect();
+    // Show differing rows with `context` equal rows around them and fold the
+    // rest, unless POLARIS_DIFF_DUMP asks for everything.
+    let context = if dump_requested() { usize::MAX } else { 4 };
+    let near_difference = |i: usize| {
+        let window = i.saturating_sub(context)..i.saturating_add(context + 1).min(marks.len());
+        marks[window].iter().any(|&m| m != ' ')
+    };
+    let mut out = format!("  {:<WIDTH$} | {}\n", "REFERENCE (beanstalkd)", "CANDIDATE");
+    let mut folded = 0;
+    for (i, (l, r)) in rows.iter().enumerate() {
+        if !near_difference(i) {
+            folded += 1;
+            continue;
         }
+        if folded > 0 {
+            out.push_str(&format!("  ({folded} equal lines)\n"));
+            folded = 0;
+        }
+        out.push_str(&format!("{} {:<WIDTH$} | {}\n", marks[i], clip(l.unwrap_or("")), clip(r.unwrap_or(""))));
     }
-    out + &details
+    if folded > 0 {
+        out.push_str(&format!("  ({folded} equal lines)\n"));
+    }
+    if let Some(i) = marks.iter().position(|&m| m != ' ') {
+        out.push_str(&format!(
+            "first difference in full:\n  reference: {}\n  candidate: {}\n",
+            rows[i].0.unwrap_or("(nothing)"),
+            rows[i].1.unwrap_or("(nothing)")
+        ));
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------
@@ -711,7 +738,7 @@ fn run_scenario(reference: &Path, candidate: &Candidate, scenario: &Scenario) ->
     });
     let (reference_lines, candidate_lines) = render_pair(shown(&reference_log), shown(&candidate_log));
     let header = format!("=== scenario {} ({})", scenario.name, scenario.origin);
-    if std::env::var_os("POLARIS_DIFF_DUMP").is_some() {
+    if dump_requested() {
         eprintln!("{header}: reference transcript\n{}\n", reference_lines.join("\n"));
     }
 
@@ -729,7 +756,11 @@ fn run_scenario(reference: &Path, candidate: &Candidate, scenario: &Scenario) ->
     if reference_lines == candidate_lines {
         return Ok(None);
     }
-    let mut report = format!("{header} differs\n{}", side_by_side(&reference_lines, &candidate_lines));
+    let mut report = format!(
+        "{header} differs (unfolded: POLARIS_DIFF_ONLY={} POLARIS_DIFF_DUMP=1)\n{}",
+        scenario.name,
+        side_by_side(&reference_lines, &candidate_lines)
+    );
     if let Some(status) = candidate_server.try_exit_status() {
         report += &format!("the candidate exited during the scenario ({status}); its output:\n{}\n", candidate_server.output());
     }
@@ -743,9 +774,8 @@ fn scenarios_match_beanstalkd() {
     let scenarios = load_scenarios().expect("loading tests/scenarios");
     let only = std::env::var("POLARIS_DIFF_ONLY").ok();
     let known: Vec<&Scenario> = scenarios.iter().filter(|s| s.known_difference).collect();
-    for s in &known {
-        eprintln!("known difference, not compared: {} ({})", s.name, s.origin);
-    }
+    let known_names: Vec<&str> = known.iter().map(|s| s.name.as_str()).collect();
+    let _ = writeln!(std::io::stderr(), "known differences, not compared: {}", known_names.join(", "));
     let selected: Vec<&Scenario> = scenarios
         .iter()
         .filter(|s| !s.known_difference)
@@ -781,7 +811,10 @@ fn scenarios_match_beanstalkd() {
     for (_, report) in &failures {
         eprintln!("{report}");
     }
-    eprintln!(
+    // Straight to stderr (not eprintln!) so the summary shows even when the
+    // harness captures the output of a passing test.
+    let _ = writeln!(
+        std::io::stderr(),
         "differential vs {}: {} passed, {} failed; {} known differences not compared; {:.1} s",
         candidate.describe(),
         selected.len() - failures.len(),
