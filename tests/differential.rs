@@ -26,6 +26,7 @@
 //! c1 < 1 within 5                read 1 reply, waiting up to 5 s
 //! c1 <                           read whatever comes until 250 ms of quiet
 //! c2 close                       close the connection
+//! c2 shutdown                    half-close it (the server sees end of input)
 //! sleep 1.5                      pause the script
 //! signal USR1                    send a signal to the server process
 //! ```
@@ -90,6 +91,7 @@ enum Action {
     SendSplit { conn: String, bytes: Vec<u8>, piece: usize },
     Recv { conn: String, count: Option<usize>, within: Duration },
     Close { conn: String },
+    ShutdownWrite { conn: String },
     Sleep(Duration),
     Signal(String),
 }
@@ -181,6 +183,7 @@ fn parse_conn_action(conn: String, rest: &str) -> Result<Action> {
             Ok(Action::Recv { conn, count, within })
         }
         "close" if arg.is_empty() => Ok(Action::Close { conn }),
+        "shutdown" if arg.is_empty() => Ok(Action::ShutdownWrite { conn }),
         _ => bail!("unknown connection step {op:?}"),
     }
 }
@@ -378,6 +381,10 @@ impl<'a> Session<'a> {
                 }
                 self.transcript.push(Event::Note(step.source.clone()));
             }
+            Action::ShutdownWrite { conn } => {
+                self.conn(conn)?.shutdown_write()?;
+                self.transcript.push(Event::Note(step.source.clone()));
+            }
             Action::Sleep(duration) => {
                 thread::sleep(*duration);
                 self.transcript.push(Event::Note(step.source.clone()));
@@ -413,7 +420,8 @@ fn step_conn(action: &Action) -> Option<&str> {
         Action::Send { conn, .. }
         | Action::SendSplit { conn, .. }
         | Action::Recv { conn, .. }
-        | Action::Close { conn } => Some(conn),
+        | Action::Close { conn }
+        | Action::ShutdownWrite { conn } => Some(conn),
         Action::Sleep(_) | Action::Signal(_) => None,
     }
 }
@@ -662,7 +670,7 @@ fn side_by_side(left: &[String], right: &[String]) -> String {
     // rest, unless POLARIS_DIFF_DUMP asks for everything.
     let context = if dump_requested() { usize::MAX } else { 4 };
     let near_difference = |i: usize| {
-        let window = i.saturating_sub(context)..i.saturating_add(context + 1).min(marks.len());
+        let window = i.saturating_sub(context)..i.saturating_add(context).saturating_add(1).min(marks.len());
         marks[window].iter().any(|&m| m != ' ')
     };
     let mut out = format!("  {:<WIDTH$} | {}\n", "REFERENCE (beanstalkd)", "CANDIDATE");

@@ -385,6 +385,12 @@ impl RawConn {
         Some(reply)
     }
 
+    /// Half-closes the connection: the server sees end of input, but can
+    /// still send.
+    pub fn shutdown_write(&self) -> Result<()> {
+        self.stream.shutdown(Shutdown::Write).context("shutting down the write half")
+    }
+
     /// Closes both directions of the client socket.
     pub fn close(self) {
         let _ = self.stream.shutdown(Shutdown::Both);
