@@ -10,7 +10,7 @@
 //!   self-check, the candidate is a second beanstalkd; this must pass 100% and
 //!   proves the scenarios are deterministic and the normalisation is right.
 //! - `POLARIS_DIFF_ONLY=word`: run only scenarios whose name contains `word`.
-//! - `POLARIS_DIFF_JOBS=n`: scenarios run in parallel (default 8).
+//! - `POLARIS_DIFF_JOBS=n`: scenarios run in parallel (default 12).
 //! - `POLARIS_DIFF_DUMP=1`: print every scenario's reference transcript (handy
 //!   when writing scenarios; add `-- --nocapture`).
 //!
@@ -58,8 +58,9 @@ const QUIET: Duration = Duration::from_millis(250);
 const DEFAULT_WITHIN: Duration = Duration::from_secs(3);
 /// Pause between the pieces of a `split` send.
 const SPLIT_PAUSE: Duration = Duration::from_millis(20);
-/// Default number of scenarios run at once.
-const DEFAULT_JOBS: usize = 8;
+/// Default number of scenarios run at once. Scenarios mostly sleep or wait
+/// for replies, so this can exceed the core count.
+const DEFAULT_JOBS: usize = 12;
 /// The file whose scenarios are documented differences, never compared.
 const KNOWN_DIFFERENCES_FILE: &str = "known-differences.scn";
 
@@ -76,6 +77,21 @@ struct Scenario {
     steps: Vec<Step>,
     /// True for scenarios from the known-differences file.
     known_difference: bool,
+}
+
+impl Scenario {
+    /// A rough lower bound of the run time (sleeps and quiet reads), used to
+    /// start the slow scenarios first so they do not trail at the end.
+    fn estimated_duration(&self) -> Duration {
+        self.steps
+            .iter()
+            .map(|step| match step.action {
+                Action::Sleep(d) => d,
+                Action::Recv { count: None, within, .. } => within,
+                _ => Duration::ZERO,
+            })
+            .sum()
+    }
 }
 
 #[derive(Debug)]
@@ -398,12 +414,18 @@ impl<'a> Session<'a> {
     }
 
     /// Reads what is left on every open connection, so the transcript holds
-    /// every byte the server sent.
+    /// every byte the server sent. One QUIET wait covers all connections;
+    /// after it, each is read until it has been silent for a short moment.
     fn drain_all(&mut self) {
+        const AFTER_QUIET: Duration = Duration::from_millis(30);
+        if self.conns.iter().any(|(_, conn)| conn.is_some()) {
+            thread::sleep(QUIET);
+        }
         let mut drained = Vec::new();
         for (name, conn) in &mut self.conns {
             if let Some(conn) = conn.as_mut().filter(|c| !c.is_closed() || !c.buffered().is_empty()) {
-                let items = read_items(conn, None, QUIET).unwrap_or_else(|e| vec![Item::Error(format!("{e:#}"))]);
+                let items =
+                    read_items(conn, None, AFTER_QUIET).unwrap_or_else(|e| vec![Item::Error(format!("{e:#}"))]);
                 if !items.is_empty() {
                     drained.push((name.clone(), items));
                 }
@@ -784,11 +806,12 @@ fn scenarios_match_beanstalkd() {
     let known: Vec<&Scenario> = scenarios.iter().filter(|s| s.known_difference).collect();
     let known_names: Vec<&str> = known.iter().map(|s| s.name.as_str()).collect();
     let _ = writeln!(std::io::stderr(), "known differences, not compared: {}", known_names.join(", "));
-    let selected: Vec<&Scenario> = scenarios
+    let mut selected: Vec<&Scenario> = scenarios
         .iter()
         .filter(|s| !s.known_difference)
         .filter(|s| only.as_deref().map_or(true, |word| s.name.contains(word)))
         .collect();
+    selected.sort_by_key(|s| std::cmp::Reverse(s.estimated_duration()));
     assert!(!selected.is_empty(), "no scenario matches POLARIS_DIFF_ONLY={only:?}");
 
     // Fail once, clearly, if the candidate cannot even start.
