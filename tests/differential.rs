@@ -791,8 +791,11 @@ fn run_scenario(reference: &Path, candidate: &Candidate, scenario: &Scenario) ->
         scenario.name,
         side_by_side(&reference_lines, &candidate_lines)
     );
-    if let Some(status) = candidate_server.try_exit_status() {
-        report += &format!("the candidate exited during the scenario ({status}); its output:\n{}\n", candidate_server.output());
+    let output_tail = candidate_server.output_tail(2000);
+    match candidate_server.try_exit_status() {
+        Some(status) => report += &format!("the candidate exited during the scenario ({status}); output:\n{output_tail}\n"),
+        None if !output_tail.is_empty() => report += &format!("the candidate's output (its end):\n{output_tail}\n"),
+        None => {}
     }
     Ok(Some(report))
 }
@@ -884,6 +887,18 @@ fn text_escapes_decode() {
     assert_eq!(parse_text(r"\{2*\r\n}").unwrap(), b"\r\n\r\n");
     assert!(parse_text(r"bad\q").is_err());
     assert!(parse_text(r"\{3*x").is_err());
+}
+
+#[test]
+fn reply_frames_parse() {
+    let (reply, used) = common::parse_reply(b"RESERVED 7 3\r\na\r\n\r\nNEXT").unwrap();
+    assert_eq!((reply.line_str().as_str(), reply.body.as_deref(), used), ("RESERVED 7 3", Some(&b"a\r\n"[..]), 19));
+    let (reply, _) = common::parse_reply(b"OK 4\r\n---\n\r\n").unwrap();
+    assert_eq!(reply.body.as_deref(), Some(&b"---\n"[..]));
+    let (reply, used) = common::parse_reply(b"INSERTED 1\r\nX").unwrap();
+    assert_eq!((reply.body, used), (None, 12));
+    assert!(common::parse_reply(b"FOUND 1 5\r\nabc").is_none(), "body not complete yet");
+    assert!(common::parse_reply(b"USING default\n").is_none(), "a bare LF ends no reply");
 }
 
 #[test]

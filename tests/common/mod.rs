@@ -90,6 +90,12 @@ impl ServerProcess {
         String::from_utf8_lossy(&self.output.lock().unwrap()).into_owned()
     }
 
+    /// The last `max` bytes the process printed, lossily decoded.
+    pub fn output_tail(&self, max: usize) -> String {
+        let output = self.output.lock().unwrap();
+        String::from_utf8_lossy(&output[output.len().saturating_sub(max)..]).into_owned()
+    }
+
     /// Returns the exit status if the process has already exited.
     pub fn try_exit_status(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().ok().flatten()
