@@ -29,11 +29,15 @@ fn greenstalk_available() -> bool {
     match probe {
         Ok(status) if status.success() => true,
         Ok(_) => {
-            common::skip_unless_ci("python3 cannot import greenstalk; install it with `pip install greenstalk`");
+            common::skip_unless_ci(
+                "python3 cannot import greenstalk; install it with `pip install greenstalk`",
+            );
             false
         }
         Err(e) => {
-            common::skip_unless_ci(&format!("python3 not runnable ({e}); install python3 and `pip install greenstalk`"));
+            common::skip_unless_ci(&format!(
+                "python3 not runnable ({e}); install python3 and `pip install greenstalk`"
+            ));
             false
         }
     }
@@ -46,11 +50,15 @@ fn greenstalk_client_drives_the_server() {
     }
     let server = match std::env::var("POLARIS_CLIENT_TARGET").as_deref() {
         Ok("beanstalkd") => {
-            let Some(beanstalkd) = common::require_beanstalkd() else { return };
+            let Some(beanstalkd) = common::require_beanstalkd() else {
+                return;
+            };
             common::spawn_beanstalkd(&beanstalkd, &[])
         }
         Ok("polarisd") | Err(_) => common::spawn_polarisd(&[]),
-        Ok(other) => panic!("POLARIS_CLIENT_TARGET must be `polarisd` or `beanstalkd`, not {other:?}"),
+        Ok(other) => {
+            panic!("POLARIS_CLIENT_TARGET must be `polarisd` or `beanstalkd`, not {other:?}")
+        }
     }
     .unwrap_or_else(|e| panic!("cannot start the server under test: {e:#}"));
 
@@ -75,7 +83,9 @@ fn greenstalk_client_drives_the_server() {
         }
         thread::sleep(Duration::from_millis(50));
     }
-    let output = child.wait_with_output().expect("collecting the script's output");
+    let output = child
+        .wait_with_output()
+        .expect("collecting the script's output");
     let report = format!(
         "{}{}",
         String::from_utf8_lossy(&output.stdout),

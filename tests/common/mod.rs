@@ -40,7 +40,9 @@ pub fn require_beanstalkd() -> Option<PathBuf> {
     if path.is_file() {
         return Some(path.to_path_buf());
     }
-    skip_unless_ci(&format!("{BEANSTALKD_PATH} not found; install it with `apt-get install beanstalkd`"));
+    skip_unless_ci(&format!(
+        "{BEANSTALKD_PATH} not found; install it with `apt-get install beanstalkd`"
+    ));
     None
 }
 
@@ -69,7 +71,8 @@ impl ServerProcess {
 
     /// Opens a raw connection to the server.
     pub fn connect(&self) -> Result<RawConn> {
-        RawConn::connect(self.addr).with_context(|| format!("connecting to {} at {}", self.label, self.addr))
+        RawConn::connect(self.addr)
+            .with_context(|| format!("connecting to {} at {}", self.label, self.addr))
     }
 
     /// Sends a signal by name (e.g. "USR1") to the server process.
@@ -143,8 +146,15 @@ pub fn spawn_announcing(binary: &Path, extra_args: &[&str]) -> Result<ServerProc
     let output = Arc::new(Mutex::new(Vec::new()));
     drain_into(child.stderr.take().unwrap(), output.clone());
     let banner = read_banner(child.stdout.take().unwrap(), output.clone());
-    let label = binary.file_name().map_or("server".into(), |n| n.to_string_lossy().into_owned());
-    let mut server = ServerProcess { child, addr: SocketAddr::from(([127, 0, 0, 1], 0)), label, output };
+    let label = binary
+        .file_name()
+        .map_or("server".into(), |n| n.to_string_lossy().into_owned());
+    let mut server = ServerProcess {
+        child,
+        addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        label,
+        output,
+    };
 
     let line = match banner.recv_timeout(IO_TIMEOUT) {
         Ok(line) => line,
@@ -158,7 +168,9 @@ pub fn spawn_announcing(binary: &Path, extra_args: &[&str]) -> Result<ServerProc
     let Some(addr_text) = line.trim_end().strip_prefix("listening on ") else {
         // Give a crashing process a moment to exit, so the message says how it ended.
         thread::sleep(Duration::from_millis(100));
-        let status = server.try_exit_status().map_or("still running".to_string(), |s| s.to_string());
+        let status = server
+            .try_exit_status()
+            .map_or("still running".to_string(), |s| s.to_string());
         bail!(
             "{} did not start: first stdout line was {:?} (expected `listening on HOST:PORT`); \
              process status: {status}; output:\n{}",
@@ -212,20 +224,34 @@ pub fn spawn_beanstalkd(binary: &Path, extra_args: &[&str]) -> Result<ServerProc
         let output = Arc::new(Mutex::new(Vec::new()));
         drain_into(child.stdout.take().unwrap(), output.clone());
         drain_into(child.stderr.take().unwrap(), output.clone());
-        let label = binary.file_name().map_or("server".into(), |n| n.to_string_lossy().into_owned());
-        let mut server = ServerProcess { child, addr: SocketAddr::from(([127, 0, 0, 1], port)), label, output };
+        let label = binary
+            .file_name()
+            .map_or("server".into(), |n| n.to_string_lossy().into_owned());
+        let mut server = ServerProcess {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            label,
+            output,
+        };
 
         let deadline = Instant::now() + IO_TIMEOUT;
         loop {
             if let Some(status) = server.try_exit_status() {
-                last_error = anyhow!("{} exited with {status} on port {port}; output:\n{}", binary.display(), server.output());
+                last_error = anyhow!(
+                    "{} exited with {status} on port {port}; output:\n{}",
+                    binary.display(),
+                    server.output()
+                );
                 break;
             }
             if process_listens_on(server.pid(), port) {
                 return Ok(server);
             }
             if Instant::now() > deadline {
-                last_error = anyhow!("{} did not listen on port {port} within {IO_TIMEOUT:?}", binary.display());
+                last_error = anyhow!(
+                    "{} did not listen on port {port} within {IO_TIMEOUT:?}",
+                    binary.display()
+                );
                 break;
             }
             thread::sleep(Duration::from_millis(5));
@@ -252,14 +278,21 @@ pub fn free_port() -> Result<u16> {
 fn process_listens_on(pid: u32, port: u16) -> bool {
     let mut listening_inodes = Vec::new();
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else { continue };
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
         for line in text.lines().skip(1) {
             let fields: Vec<&str> = line.split_whitespace().collect();
             // fields: sl, local_address (HEXIP:HEXPORT), rem_address, st, ..., inode at 9
-            let (Some(local), Some(state), Some(inode)) = (fields.get(1), fields.get(3), fields.get(9)) else {
+            let (Some(local), Some(state), Some(inode)) =
+                (fields.get(1), fields.get(3), fields.get(9))
+            else {
                 continue;
             };
-            let local_port = local.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+            let local_port = local
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
             if local_port == Some(port) && *state == "0A" {
                 listening_inodes.push(format!("socket:[{inode}]"));
             }
@@ -268,10 +301,16 @@ fn process_listens_on(pid: u32, port: u16) -> bool {
     if listening_inodes.is_empty() {
         return false;
     }
-    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
     fds.flatten().any(|fd| {
         std::fs::read_link(fd.path())
-            .map(|target| listening_inodes.iter().any(|s| target.as_os_str() == s.as_str()))
+            .map(|target| {
+                listening_inodes
+                    .iter()
+                    .any(|s| target.as_os_str() == s.as_str())
+            })
             .unwrap_or(false)
     })
 }
@@ -332,7 +371,14 @@ pub fn parse_reply(buf: &[u8]) -> Option<(Reply, usize)> {
         }
         None => None,
     };
-    Some((Reply { line, body, raw: buf[..used].to_vec() }, used))
+    Some((
+        Reply {
+            line,
+            body,
+            raw: buf[..used].to_vec(),
+        },
+        used,
+    ))
 }
 
 /// What a timed read produced.
@@ -360,7 +406,11 @@ impl RawConn {
         // Each send() must leave as its own segment, so that "split" writes
         // really arrive in pieces.
         stream.set_nodelay(true)?;
-        Ok(RawConn { stream, buf: Vec::new(), closed: false })
+        Ok(RawConn {
+            stream,
+            buf: Vec::new(),
+            closed: false,
+        })
     }
 
     /// Writes all of `bytes` in one write call sequence.
@@ -394,7 +444,9 @@ impl RawConn {
     /// Half-closes the connection: the server sees end of input, but can
     /// still send.
     pub fn shutdown_write(&self) -> Result<()> {
-        self.stream.shutdown(Shutdown::Write).context("shutting down the write half")
+        self.stream
+            .shutdown(Shutdown::Write)
+            .context("shutting down the write half")
     }
 
     /// Closes both directions of the client socket.
@@ -407,7 +459,8 @@ impl RawConn {
         if self.closed {
             return Ok(ReadOutcome::Closed);
         }
-        self.stream.set_read_timeout(Some(timeout.max(Duration::from_millis(1))))?;
+        self.stream
+            .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))?;
         let mut chunk = [0u8; 65536];
         match self.stream.read(&mut chunk) {
             Ok(0) => {
@@ -418,8 +471,15 @@ impl RawConn {
                 self.buf.extend_from_slice(&chunk[..n]);
                 Ok(ReadOutcome::Data)
             }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => Ok(ReadOutcome::Quiet),
-            Err(e) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted) => {
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                Ok(ReadOutcome::Quiet)
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted
+                ) =>
+            {
                 // A close with unread input becomes a reset; for the client
                 // it means the same thing as EOF.
                 self.closed = true;
@@ -453,9 +513,17 @@ impl RawConn {
         if got == want {
             return Ok(());
         }
-        let first_diff = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(got.len().min(want.len()));
+        let first_diff = got
+            .iter()
+            .zip(want)
+            .position(|(a, b)| a != b)
+            .unwrap_or(got.len().min(want.len()));
         let why = if got.len() < want.len() {
-            if self.closed { "connection closed early" } else { "timed out" }
+            if self.closed {
+                "connection closed early"
+            } else {
+                "timed out"
+            }
         } else {
             "bytes differ"
         };
@@ -468,8 +536,12 @@ impl RawConn {
 
     /// Reads one reply frame, waiting up to [`IO_TIMEOUT`].
     pub fn read_reply(&mut self) -> Result<Reply> {
-        self.read_reply_within(IO_TIMEOUT)?
-            .ok_or_else(|| anyhow!("no complete reply within {IO_TIMEOUT:?}; got so far: {}", escape_bytes(&self.buf)))
+        self.read_reply_within(IO_TIMEOUT)?.ok_or_else(|| {
+            anyhow!(
+                "no complete reply within {IO_TIMEOUT:?}; got so far: {}",
+                escape_bytes(&self.buf)
+            )
+        })
     }
 
     /// Reads one reply frame if one completes within `timeout`; `Ok(None)` if
