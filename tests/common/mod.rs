@@ -171,11 +171,15 @@ pub fn spawn_announcing(binary: &Path, extra_args: &[&str]) -> Result<ServerProc
         let status = server
             .try_exit_status()
             .map_or("still running".to_string(), |s| s.to_string());
+        let first_line = if line.is_empty() {
+            "it closed stdout without printing anything".to_string()
+        } else {
+            format!("its first stdout line was {line:?}")
+        };
         bail!(
-            "{} did not start: first stdout line was {:?} (expected `listening on HOST:PORT`); \
-             process status: {status}; output:\n{}",
+            "{} did not start: {first_line}, expected `listening on HOST:PORT`; \
+             process status: {status}; output: {:?}",
             binary.display(),
-            line,
             server.output()
         );
     };
