@@ -11,6 +11,8 @@
 //!   proves the scenarios are deterministic and the normalisation is right.
 //! - `POLARIS_DIFF_ONLY=word`: run only scenarios whose name contains `word`.
 //! - `POLARIS_DIFF_JOBS=n`: scenarios run in parallel (default 12).
+//! - `POLARIS_DIFF_MAX_FAILURES=n`: stop starting scenarios after n failures
+//!   (default 25; 0 means never stop).
 //! - `POLARIS_DIFF_DUMP=1`: print every scenario's reference transcript (handy
 //!   when writing scenarios; add `-- --nocapture`), and do not fold equal
 //!   lines in mismatch reports.
@@ -63,6 +65,9 @@ const SPLIT_PAUSE: Duration = Duration::from_millis(20);
 /// Default number of scenarios run at once. Scenarios mostly sleep or wait
 /// for replies, so this can exceed the core count.
 const DEFAULT_JOBS: usize = 12;
+/// After this many failing scenarios no new ones start, so a badly broken
+/// candidate fails in seconds rather than minutes.
+const DEFAULT_MAX_FAILURES: usize = 25;
 /// The file whose scenarios are documented differences, never compared.
 const KNOWN_DIFFERENCES_FILE: &str = "known-differences.scn";
 
@@ -799,6 +804,11 @@ fn render(shown: &[Shown]) -> Vec<String> {
     out
 }
 
+/// A numeric environment variable, if set and valid.
+fn env_number(name: &str) -> Option<usize> {
+    std::env::var(name).ok()?.trim().parse().ok()
+}
+
 /// True when POLARIS_DIFF_DUMP asks for full transcripts.
 fn dump_requested() -> bool {
     std::env::var_os("POLARIS_DIFF_DUMP").is_some()
@@ -1035,20 +1045,29 @@ fn scenarios_match_beanstalkd() {
         panic!("cannot start the candidate {}: {e:#}", candidate.describe());
     }
 
-    let jobs = std::env::var("POLARIS_DIFF_JOBS")
-        .ok()
-        .and_then(|j| j.parse().ok())
-        .unwrap_or(DEFAULT_JOBS);
+    let jobs = env_number("POLARIS_DIFF_JOBS")
+        .unwrap_or(DEFAULT_JOBS)
+        .max(1);
+    let max_failures = match env_number("POLARIS_DIFF_MAX_FAILURES").unwrap_or(DEFAULT_MAX_FAILURES)
+    {
+        0 => usize::MAX,
+        n => n,
+    };
     let started = Instant::now();
     let next = AtomicUsize::new(0);
+    let ran = AtomicUsize::new(0);
     let failures: Mutex<Vec<(usize, String)>> = Mutex::new(Vec::new());
     thread::scope(|s| {
-        for _ in 0..jobs.max(1) {
+        for _ in 0..jobs {
             s.spawn(|| loop {
+                if failures.lock().unwrap().len() >= max_failures {
+                    break;
+                }
                 let index = next.fetch_add(1, Ordering::SeqCst);
                 let Some(scenario) = selected.get(index) else {
                     break;
                 };
+                ran.fetch_add(1, Ordering::SeqCst);
                 let failure = match run_scenario(&reference, &candidate, scenario) {
                     Ok(None) => continue,
                     Ok(Some(report)) => report,
@@ -1068,11 +1087,20 @@ fn scenarios_match_beanstalkd() {
     }
     // Straight to stderr (not eprintln!) so the summary shows even when the
     // harness captures the output of a passing test.
+    let ran = ran.into_inner();
+    let not_run = if ran < selected.len() {
+        format!(
+            "; {} not run after {max_failures} failures (POLARIS_DIFF_MAX_FAILURES=0 runs all)",
+            selected.len() - ran
+        )
+    } else {
+        String::new()
+    };
     let _ = writeln!(
         std::io::stderr(),
-        "differential vs {}: {} passed, {} failed; {} known differences not compared; {:.1} s",
+        "differential vs {}: {} passed, {} failed{not_run}; {} known differences not compared; {:.1} s",
         candidate.describe(),
-        selected.len() - failures.len(),
+        ran - failures.len(),
         failures.len(),
         known.len(),
         started.elapsed().as_secs_f64()
@@ -1083,9 +1111,8 @@ fn scenarios_match_beanstalkd() {
             .map(|(i, _)| selected[*i].name.as_str())
             .collect();
         panic!(
-            "{} of {} scenarios differ from beanstalkd 1.12 (candidate: {}): {}",
+            "{} of {ran} scenarios run differ from beanstalkd 1.12 (candidate: {}): {}",
             failures.len(),
-            selected.len(),
             candidate.describe(),
             names.join(", ")
         );
