@@ -417,7 +417,7 @@ impl RawConn {
         })
     }
 
-    /// Writes all of `bytes` in one write call sequence.
+    /// Writes all of `bytes` (one `write_all`).
     pub fn send(&mut self, bytes: &[u8]) -> Result<()> {
         self.stream.write_all(bytes).context("sending to server")?;
         Ok(())
