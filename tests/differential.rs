@@ -10,9 +10,13 @@
 //!   self-check, the candidate is a second beanstalkd; this must pass 100% and
 //!   proves the scenarios are deterministic and the normalisation is right.
 //! - `POLARIS_DIFF_ONLY=word`: run only scenarios whose name contains `word`.
-//! - `POLARIS_DIFF_JOBS=n`: scenarios run in parallel (default 8).
+//! - `POLARIS_DIFF_JOBS=n`: scenarios run in parallel (default 12).
+//! - `POLARIS_DIFF_MAX_FAILURES=n`: stop starting scenarios after n failures
+//!   (default 25; 0 means never stop).
 //! - `POLARIS_DIFF_DUMP=1`: print every scenario's reference transcript (handy
-//!   when writing scenarios; add `-- --nocapture`).
+//!   when writing scenarios; add `-- --nocapture`), and do not fold equal
+//!   lines in mismatch reports.
+//! - `POLARIS_DIFF_KNOWN=1`: also run the known differences (expected to fail).
 //!
 //! # Scenario language
 //! A file holds many scenarios. `# ...` lines and blank lines are ignored.
@@ -26,6 +30,7 @@
 //! c1 < 1 within 5                read 1 reply, waiting up to 5 s
 //! c1 <                           read whatever comes until 250 ms of quiet
 //! c2 close                       close the connection
+//! c2 shutdown                    half-close it (the server sees end of input)
 //! sleep 1.5                      pause the script
 //! signal USR1                    send a signal to the server process
 //! ```
@@ -42,8 +47,9 @@
 mod common;
 
 use anyhow::{anyhow, bail, Context, Result};
-use common::{escape_bytes, ReadOutcome, RawConn, Reply, ServerProcess};
+use common::{escape_bytes, RawConn, ReadOutcome, Reply, ServerProcess};
 use std::collections::HashSet;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -56,8 +62,12 @@ const QUIET: Duration = Duration::from_millis(250);
 const DEFAULT_WITHIN: Duration = Duration::from_secs(3);
 /// Pause between the pieces of a `split` send.
 const SPLIT_PAUSE: Duration = Duration::from_millis(20);
-/// Default number of scenarios run at once.
-const DEFAULT_JOBS: usize = 8;
+/// Default number of scenarios run at once. Scenarios mostly sleep or wait
+/// for replies, so this can exceed the core count.
+const DEFAULT_JOBS: usize = 12;
+/// After this many failing scenarios no new ones start, so a badly broken
+/// candidate fails in seconds rather than minutes.
+const DEFAULT_MAX_FAILURES: usize = 25;
 /// The file whose scenarios are documented differences, never compared.
 const KNOWN_DIFFERENCES_FILE: &str = "known-differences.scn";
 
@@ -76,6 +86,25 @@ struct Scenario {
     known_difference: bool,
 }
 
+impl Scenario {
+    /// A rough lower bound of the run time (sleeps and quiet reads), used to
+    /// start the slow scenarios first so they do not trail at the end.
+    fn estimated_duration(&self) -> Duration {
+        self.steps
+            .iter()
+            .map(|step| match step.action {
+                Action::Sleep(d) => d,
+                Action::Recv {
+                    count: None,
+                    within,
+                    ..
+                } => within,
+                _ => Duration::ZERO,
+            })
+            .sum()
+    }
+}
+
 #[derive(Debug)]
 struct Step {
     /// The source line, shown in transcripts.
@@ -85,10 +114,26 @@ struct Step {
 
 #[derive(Debug)]
 enum Action {
-    Send { conn: String, bytes: Vec<u8> },
-    SendSplit { conn: String, bytes: Vec<u8>, piece: usize },
-    Recv { conn: String, count: Option<usize>, within: Duration },
-    Close { conn: String },
+    Send {
+        conn: String,
+        bytes: Vec<u8>,
+    },
+    SendSplit {
+        conn: String,
+        bytes: Vec<u8>,
+        piece: usize,
+    },
+    Recv {
+        conn: String,
+        count: Option<usize>,
+        within: Duration,
+    },
+    Close {
+        conn: String,
+    },
+    ShutdownWrite {
+        conn: String,
+    },
     Sleep(Duration),
     Signal(String),
 }
@@ -105,7 +150,10 @@ fn parse_scenarios(file: &str, text: &str) -> Result<Vec<Scenario>> {
             continue;
         }
         if line.ends_with([' ', '\t']) {
-            bail!("{}: trailing whitespace is invisible; write it as \\s", at());
+            bail!(
+                "{}: trailing whitespace is invisible; write it as \\s",
+                at()
+            );
         }
         if let Some(name) = line.strip_prefix("=== ") {
             scenarios.push(Scenario {
@@ -124,15 +172,24 @@ fn parse_scenarios(file: &str, text: &str) -> Result<Vec<Scenario>> {
             if !scenario.steps.is_empty() {
                 bail!("{}: `server` must come before the first step", at());
             }
-            scenario.server_args.extend(args.split_whitespace().map(String::from));
+            scenario
+                .server_args
+                .extend(args.split_whitespace().map(String::from));
             continue;
         }
         let action = parse_action(line).with_context(at)?;
-        scenario.steps.push(Step { source: line.to_string(), action });
+        scenario.steps.push(Step {
+            source: line.to_string(),
+            action,
+        });
     }
     for scenario in &scenarios {
         if scenario.steps.is_empty() {
-            bail!("{}: scenario {} has no steps", scenario.origin, scenario.name);
+            bail!(
+                "{}: scenario {} has no steps",
+                scenario.origin,
+                scenario.name
+            );
         }
     }
     Ok(scenarios)
@@ -160,32 +217,52 @@ fn parse_conn_action(conn: String, rest: &str) -> Result<Action> {
             bytes.extend_from_slice(b"\r\n");
             Ok(Action::Send { conn, bytes })
         }
-        ">>" => Ok(Action::Send { conn, bytes: parse_text(arg)? }),
+        ">>" => Ok(Action::Send {
+            conn,
+            bytes: parse_text(arg)?,
+        }),
         "split" => {
-            let (piece, text) = arg.split_once(' ').ok_or_else(|| anyhow!("split needs a size and a text"))?;
+            let (piece, text) = arg
+                .split_once(' ')
+                .ok_or_else(|| anyhow!("split needs a size and a text"))?;
             let piece: usize = piece.parse().context("split size")?;
             if piece == 0 {
                 bail!("split size must be positive");
             }
-            Ok(Action::SendSplit { conn, bytes: parse_text(text)?, piece })
+            Ok(Action::SendSplit {
+                conn,
+                bytes: parse_text(text)?,
+                piece,
+            })
         }
         "<" => {
             let words: Vec<&str> = arg.split_whitespace().collect();
             let (count, within) = match words.as_slice() {
                 [] => (None, QUIET),
                 [n] => (Some(n.parse().context("reply count")?), DEFAULT_WITHIN),
-                [n, "within", secs] => (Some(n.parse().context("reply count")?), parse_seconds(secs)?),
+                [n, "within", secs] => (
+                    Some(n.parse().context("reply count")?),
+                    parse_seconds(secs)?,
+                ),
                 _ => bail!("expected `< [N [within SECONDS]]`"),
             };
-            Ok(Action::Recv { conn, count, within })
+            Ok(Action::Recv {
+                conn,
+                count,
+                within,
+            })
         }
         "close" if arg.is_empty() => Ok(Action::Close { conn }),
+        "shutdown" if arg.is_empty() => Ok(Action::ShutdownWrite { conn }),
         _ => bail!("unknown connection step {op:?}"),
     }
 }
 
 fn parse_seconds(text: &str) -> Result<Duration> {
-    let secs: f64 = text.trim().parse().with_context(|| format!("bad seconds {text:?}"))?;
+    let secs: f64 = text
+        .trim()
+        .parse()
+        .with_context(|| format!("bad seconds {text:?}"))?;
     if !(0.0..=30.0).contains(&secs) {
         bail!("seconds out of range: {secs}");
     }
@@ -202,7 +279,9 @@ fn parse_text(text: &str) -> Result<Vec<u8>> {
             out.push(b);
             continue;
         }
-        let (&e, tail) = rest.split_first().ok_or_else(|| anyhow!("dangling backslash in {text:?}"))?;
+        let (&e, tail) = rest
+            .split_first()
+            .ok_or_else(|| anyhow!("dangling backslash in {text:?}"))?;
         rest = tail;
         match e {
             b'r' => out.push(b'\r'),
@@ -212,16 +291,23 @@ fn parse_text(text: &str) -> Result<Vec<u8>> {
             b's' => out.push(b' '),
             b'\\' => out.push(b'\\'),
             b'x' => {
-                let hex = rest.get(..2).ok_or_else(|| anyhow!("short \\x escape in {text:?}"))?;
+                let hex = rest
+                    .get(..2)
+                    .ok_or_else(|| anyhow!("short \\x escape in {text:?}"))?;
                 let hex = std::str::from_utf8(hex)?;
                 out.push(u8::from_str_radix(hex, 16).with_context(|| format!("bad \\x{hex}"))?);
                 rest = &rest[2..];
             }
             b'{' => {
-                let close = rest.iter().position(|&c| c == b'}').ok_or_else(|| anyhow!("unclosed \\{{ in {text:?}"))?;
+                let close = rest
+                    .iter()
+                    .position(|&c| c == b'}')
+                    .ok_or_else(|| anyhow!("unclosed \\{{ in {text:?}"))?;
                 let inner = std::str::from_utf8(&rest[..close])?;
                 rest = &rest[close + 1..];
-                let (count, unit) = inner.split_once('*').ok_or_else(|| anyhow!("expected \\{{N*unit}}"))?;
+                let (count, unit) = inner
+                    .split_once('*')
+                    .ok_or_else(|| anyhow!("expected \\{{N*unit}}"))?;
                 let count: usize = count.parse().context("repeat count")?;
                 out.extend(parse_text(unit)?.repeat(count));
             }
@@ -233,7 +319,9 @@ fn parse_text(text: &str) -> Result<Vec<u8>> {
 
 /// Directory holding the scenario files.
 fn scenario_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("scenarios")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("scenarios")
 }
 
 /// Loads every `*.scn` file, in file-name order, and checks names are unique.
@@ -252,7 +340,11 @@ fn load_scenarios() -> Result<Vec<Scenario>> {
     let mut seen = HashSet::new();
     for scenario in &all {
         if !seen.insert(scenario.name.as_str()) {
-            bail!("{}: duplicate scenario name {}", scenario.origin, scenario.name);
+            bail!(
+                "{}: duplicate scenario name {}",
+                scenario.origin,
+                scenario.name
+            );
         }
     }
     Ok(all)
@@ -268,9 +360,17 @@ type Transcript = Vec<Event>;
 #[derive(Debug)]
 enum Event {
     /// Bytes the script sent (identical on both sides; kept for context).
-    Sent { conn: String, bytes: Vec<u8>, how: String },
+    Sent {
+        conn: String,
+        bytes: Vec<u8>,
+        how: String,
+    },
     /// What a read step (or the final drain) received.
-    Got { conn: String, step: String, items: Vec<Item> },
+    Got {
+        conn: String,
+        step: String,
+        items: Vec<Item>,
+    },
     /// A step that touches no connection's bytes (sleep, close, signal).
     Note(String),
 }
@@ -283,7 +383,10 @@ enum Item {
     /// The server closed the connection.
     Closed,
     /// A counted read ran out of time.
-    Missing { wanted: usize, got: usize },
+    Missing {
+        wanted: usize,
+        got: usize,
+    },
     /// An I/O failure on our side (connect or send).
     Error(String),
 }
@@ -301,7 +404,12 @@ struct Session<'a> {
 
 impl<'a> Session<'a> {
     fn run(server: &'a ServerProcess, scenario: &Scenario) -> Transcript {
-        let mut session = Session { server, conns: Vec::new(), transcript: Vec::new(), degraded: false };
+        let mut session = Session {
+            server,
+            conns: Vec::new(),
+            transcript: Vec::new(),
+            degraded: false,
+        };
         for step in &scenario.steps {
             if let Err(e) = session.step(step) {
                 let conn = step_conn(&step.action).unwrap_or("server").to_string();
@@ -314,7 +422,11 @@ impl<'a> Session<'a> {
     }
 
     fn got(&mut self, conn: String, step: &str, items: Vec<Item>) {
-        self.transcript.push(Event::Got { conn, step: step.to_string(), items });
+        self.transcript.push(Event::Got {
+            conn,
+            step: step.to_string(),
+            items,
+        });
     }
 
     /// The named connection, opened on first use. Fails if the script closed it.
@@ -327,16 +439,27 @@ impl<'a> Session<'a> {
                 self.conns.len() - 1
             }
         };
-        self.conns[index].1.as_mut().ok_or_else(|| anyhow!("{name} was closed by the script"))
+        self.conns[index]
+            .1
+            .as_mut()
+            .ok_or_else(|| anyhow!("{name} was closed by the script"))
     }
 
     fn step(&mut self, step: &Step) -> Result<()> {
         match &step.action {
             Action::Send { conn, bytes } => {
                 let result = self.conn(conn)?.send(bytes);
-                self.transcript.push(Event::Sent { conn: conn.clone(), bytes: bytes.clone(), how: String::new() });
+                self.transcript.push(Event::Sent {
+                    conn: conn.clone(),
+                    bytes: bytes.clone(),
+                    how: String::new(),
+                });
                 if let Err(e) = result {
-                    self.got(conn.clone(), &step.source, vec![Item::Error(format!("{e:#}"))]);
+                    self.got(
+                        conn.clone(),
+                        &step.source,
+                        vec![Item::Error(format!("{e:#}"))],
+                    );
                 }
             }
             Action::SendSplit { conn, bytes, piece } => {
@@ -351,13 +474,29 @@ impl<'a> Session<'a> {
                     }
                 }
                 let how = format!("in {piece}-byte pieces");
-                self.transcript.push(Event::Sent { conn: conn.clone(), bytes: bytes.clone(), how });
+                self.transcript.push(Event::Sent {
+                    conn: conn.clone(),
+                    bytes: bytes.clone(),
+                    how,
+                });
                 if let Some(e) = failure {
-                    self.got(conn.clone(), &step.source, vec![Item::Error(format!("{e:#}"))]);
+                    self.got(
+                        conn.clone(),
+                        &step.source,
+                        vec![Item::Error(format!("{e:#}"))],
+                    );
                 }
             }
-            Action::Recv { conn, count, within } => {
-                let within = if self.degraded { QUIET.min(*within) } else { *within };
+            Action::Recv {
+                conn,
+                count,
+                within,
+            } => {
+                let within = if self.degraded {
+                    QUIET.min(*within)
+                } else {
+                    *within
+                };
                 let items = read_items(self.conn(conn)?, *count, within)?;
                 if items.iter().any(|i| matches!(i, Item::Missing { .. })) {
                     self.degraded = true;
@@ -377,6 +516,10 @@ impl<'a> Session<'a> {
                 }
                 self.transcript.push(Event::Note(step.source.clone()));
             }
+            Action::ShutdownWrite { conn } => {
+                self.conn(conn)?.shutdown_write()?;
+                self.transcript.push(Event::Note(step.source.clone()));
+            }
             Action::Sleep(duration) => {
                 thread::sleep(*duration);
                 self.transcript.push(Event::Note(step.source.clone()));
@@ -390,12 +533,21 @@ impl<'a> Session<'a> {
     }
 
     /// Reads what is left on every open connection, so the transcript holds
-    /// every byte the server sent.
+    /// every byte the server sent. One QUIET wait covers all connections;
+    /// after it, each is read until it has been silent for a short moment.
     fn drain_all(&mut self) {
+        const AFTER_QUIET: Duration = Duration::from_millis(30);
+        if self.conns.iter().any(|(_, conn)| conn.is_some()) {
+            thread::sleep(QUIET);
+        }
         let mut drained = Vec::new();
         for (name, conn) in &mut self.conns {
-            if let Some(conn) = conn.as_mut().filter(|c| !c.is_closed() || !c.buffered().is_empty()) {
-                let items = read_items(conn, None, QUIET).unwrap_or_else(|e| vec![Item::Error(format!("{e:#}"))]);
+            if let Some(conn) = conn
+                .as_mut()
+                .filter(|c| !c.is_closed() || !c.buffered().is_empty())
+            {
+                let items = read_items(conn, None, AFTER_QUIET)
+                    .unwrap_or_else(|e| vec![Item::Error(format!("{e:#}"))]);
                 if !items.is_empty() {
                     drained.push((name.clone(), items));
                 }
@@ -412,7 +564,8 @@ fn step_conn(action: &Action) -> Option<&str> {
         Action::Send { conn, .. }
         | Action::SendSplit { conn, .. }
         | Action::Recv { conn, .. }
-        | Action::Close { conn } => Some(conn),
+        | Action::Close { conn }
+        | Action::ShutdownWrite { conn } => Some(conn),
         Action::Sleep(_) | Action::Signal(_) => None,
     }
 }
@@ -425,7 +578,9 @@ fn read_items(conn: &mut RawConn, count: Option<usize>, within: Duration) -> Res
     let mut replies = 0;
     loop {
         while count != Some(replies) {
-            let Some(reply) = conn.take_reply() else { break };
+            let Some(reply) = conn.take_reply() else {
+                break;
+            };
             items.push(Item::Reply(reply));
             replies += 1;
         }
@@ -436,7 +591,11 @@ fn read_items(conn: &mut RawConn, count: Option<usize>, within: Duration) -> Res
             Some(_) => deadline.saturating_duration_since(Instant::now()),
             None => within,
         };
-        let outcome = if wait.is_zero() { ReadOutcome::Quiet } else { conn.read_some(wait)? };
+        let outcome = if wait.is_zero() {
+            ReadOutcome::Quiet
+        } else {
+            conn.read_some(wait)?
+        };
         match outcome {
             ReadOutcome::Data => continue,
             ReadOutcome::Quiet | ReadOutcome::Closed => {
@@ -449,7 +608,10 @@ fn read_items(conn: &mut RawConn, count: Option<usize>, within: Duration) -> Res
                     items.push(Item::Closed);
                 }
                 if let Some(wanted) = count {
-                    items.push(Item::Missing { wanted, got: replies });
+                    items.push(Item::Missing {
+                        wanted,
+                        got: replies,
+                    });
                 }
                 return Ok(items);
             }
@@ -463,7 +625,16 @@ fn read_items(conn: &mut RawConn, count: Option<usize>, within: Duration) -> Res
 
 /// `stats` fields whose values identify the process or the build, so they
 /// never match between two servers. `binlog-*` fields are matched by prefix.
-const IDENTITY_FIELDS: &[&str] = &["pid", "version", "rusage-utime", "rusage-stime", "id", "hostname", "os", "platform"];
+const IDENTITY_FIELDS: &[&str] = &[
+    "pid",
+    "version",
+    "rusage-utime",
+    "rusage-stime",
+    "id",
+    "hostname",
+    "os",
+    "platform",
+];
 
 /// Fields counting whole seconds: the two servers measure them at slightly
 /// different instants, so values within ±1 are considered equal.
@@ -473,12 +644,18 @@ const TIME_FIELDS: &[&str] = &["uptime", "age", "time-left", "pause-time-left"];
 /// which stay structured until time fields have been aligned.
 enum Shown {
     Line(String),
-    Yaml { prefix: String, lines: Vec<Vec<u8>>, trailer: Vec<u8> },
+    Yaml {
+        prefix: String,
+        lines: Vec<Vec<u8>>,
+        trailer: Vec<u8>,
+    },
 }
 
 /// Splits a YAML body into lines, each keeping its `\n`.
 fn yaml_lines(body: &[u8]) -> Vec<Vec<u8>> {
-    body.split_inclusive(|&b| b == b'\n').map(<[u8]>::to_vec).collect()
+    body.split_inclusive(|&b| b == b'\n')
+        .map(<[u8]>::to_vec)
+        .collect()
 }
 
 /// Splits `key: value\n` into its key and value.
@@ -494,7 +671,9 @@ fn normalise_yaml(lines: &mut [Vec<u8>]) {
         return;
     }
     for line in lines {
-        let Some((key, _)) = yaml_field(line) else { continue };
+        let Some((key, _)) = yaml_field(line) else {
+            continue;
+        };
         if IDENTITY_FIELDS.contains(&key) || key.starts_with("binlog-") {
             *line = format!("{key}: *\n").into_bytes();
         }
@@ -525,8 +704,15 @@ fn shown(transcript: &Transcript) -> Vec<Shown> {
     for event in transcript {
         match event {
             Event::Sent { conn, bytes, how } => {
-                let how = if how.is_empty() { String::new() } else { format!("  ({how})") };
-                out.push(Shown::Line(format!("{conn} >> {}{how}", escape_bytes(bytes))));
+                let how = if how.is_empty() {
+                    String::new()
+                } else {
+                    format!("  ({how})")
+                };
+                out.push(Shown::Line(format!(
+                    "{conn} >> {}{how}",
+                    escape_bytes(bytes)
+                )));
             }
             Event::Note(text) => out.push(Shown::Line(format!("   ({text})"))),
             Event::Got { conn, step, items } => {
@@ -549,17 +735,29 @@ fn shown_item(conn: &str, item: &Item, out: &mut Vec<Shown>) {
                 let mut lines = yaml_lines(body);
                 normalise_yaml(&mut lines);
                 let trailer = reply.body_trailer().unwrap_or_default().to_vec();
-                out.push(Shown::Yaml { prefix: format!("{conn} << "), lines, trailer });
+                out.push(Shown::Yaml {
+                    prefix: format!("{conn} << "),
+                    lines,
+                    trailer,
+                });
             }
             Some(body) => {
                 out.push(line(format!("{}\\r\\n", escape_bytes(&reply.line))));
                 let trailer = reply.body_trailer().unwrap_or_default();
-                out.push(line(format!("  {}{}", escape_bytes(body), escape_bytes(trailer))));
+                out.push(line(format!(
+                    "  {}{}",
+                    escape_bytes(body),
+                    escape_bytes(trailer)
+                )));
             }
         },
-        Item::Partial(bytes) => out.push(line(format!("(incomplete reply) {}", escape_bytes(bytes)))),
+        Item::Partial(bytes) => {
+            out.push(line(format!("(incomplete reply) {}", escape_bytes(bytes))))
+        }
         Item::Closed => out.push(line("(connection closed by server)".into())),
-        Item::Missing { wanted, got } => out.push(line(format!("(timed out: {got} of {wanted} replies)"))),
+        Item::Missing { wanted, got } => {
+            out.push(line(format!("(timed out: {got} of {wanted} replies)")))
+        }
         Item::Error(message) => out.push(Shown::Line(format!("{conn} !! {message}"))),
     }
 }
@@ -587,15 +785,33 @@ fn render(shown: &[Shown]) -> Vec<String> {
     for s in shown {
         match s {
             Shown::Line(text) => out.push(text.clone()),
-            Shown::Yaml { prefix, lines, trailer } => {
+            Shown::Yaml {
+                prefix,
+                lines,
+                trailer,
+            } => {
                 let len: usize = lines.iter().map(Vec::len).sum();
                 out.push(format!("{prefix}OK {len}\\r\\n"));
-                out.extend(lines.iter().map(|l| format!("{prefix}  {}", escape_bytes(l))));
+                out.extend(
+                    lines
+                        .iter()
+                        .map(|l| format!("{prefix}  {}", escape_bytes(l))),
+                );
                 out.push(format!("{prefix}  {}", escape_bytes(trailer)));
             }
         }
     }
     out
+}
+
+/// A numeric environment variable, if set and valid.
+fn env_number(name: &str) -> Option<usize> {
+    std::env::var(name).ok()?.trim().parse().ok()
+}
+
+/// True when POLARIS_DIFF_DUMP asks for full transcripts.
+fn dump_requested() -> bool {
+    std::env::var_os("POLARIS_DIFF_DUMP").is_some()
 }
 
 /// Lays out two line lists side by side, matching equal lines (longest common
@@ -606,14 +822,22 @@ fn side_by_side(left: &[String], right: &[String]) -> String {
     let mut lcs = vec![vec![0u32; m + 1]; n + 1];
     for i in (0..n).rev() {
         for j in (0..m).rev() {
-            lcs[i][j] = if left[i] == right[j] { lcs[i + 1][j + 1] + 1 } else { lcs[i + 1][j].max(lcs[i][j + 1]) };
+            lcs[i][j] = if left[i] == right[j] {
+                lcs[i + 1][j + 1] + 1
+            } else {
+                lcs[i + 1][j].max(lcs[i][j + 1])
+            };
         }
     }
     // Rows of (left, right); a hunk of unequal lines is paired up positionally.
     let mut rows: Vec<(Option<&str>, Option<&str>)> = Vec::new();
     let (mut i, mut j) = (0, 0);
     let (mut only_left, mut only_right): (Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new());
-    fn flush<'s>(rows: &mut Vec<(Option<&'s str>, Option<&'s str>)>, l: &mut Vec<&'s str>, r: &mut Vec<&'s str>) {
+    fn flush<'s>(
+        rows: &mut Vec<(Option<&'s str>, Option<&'s str>)>,
+        l: &mut Vec<&'s str>,
+        r: &mut Vec<&'s str>,
+    ) {
         for k in 0..l.len().max(r.len()) {
             rows.push((l.get(k).copied(), r.get(k).copied()));
         }
@@ -643,25 +867,52 @@ fn side_by_side(left: &[String], right: &[String]) -> String {
             s.chars().take(WIDTH - 1).chain(['…']).collect()
         }
     };
-    let mut out = format!("  {:<WIDTH$} | {}\n", "REFERENCE (beanstalkd)", "CANDIDATE");
-    let mut details = String::new();
-    for (l, r) in rows {
-        let mark = match (l, r) {
+    let marks: Vec<char> = rows
+        .iter()
+        .map(|row| match row {
             (Some(a), Some(b)) if a == b => ' ',
             (Some(_), Some(_)) => '!',
             (Some(_), None) => '<',
             _ => '>',
-        };
-        out.push_str(&format!("{mark} {:<WIDTH$} | {}\n", clip(l.unwrap_or("")), clip(r.unwrap_or(""))));
-        if mark != ' ' && details.is_empty() {
-            details = format!(
-                "first difference in full:\n  reference: {}\n  candidate: {}\n",
-                l.unwrap_or("(nothing)"),
-                r.unwrap_or("(nothing)")
-            );
+        })
+        .collect();
+    // Show differing rows with `context` equal rows around them and fold the
+    // rest, unless POLARIS_DIFF_DUMP asks for everything.
+    let context = if dump_requested() { usize::MAX } else { 4 };
+    let near_difference = |i: usize| {
+        let window =
+            i.saturating_sub(context)..i.saturating_add(context).saturating_add(1).min(marks.len());
+        marks[window].iter().any(|&m| m != ' ')
+    };
+    let mut out = format!("  {:<WIDTH$} | {}\n", "REFERENCE (beanstalkd)", "CANDIDATE");
+    let mut folded = 0;
+    for (i, (l, r)) in rows.iter().enumerate() {
+        if !near_difference(i) {
+            folded += 1;
+            continue;
         }
+        if folded > 0 {
+            out.push_str(&format!("  ({folded} equal lines)\n"));
+            folded = 0;
+        }
+        out.push_str(&format!(
+            "{} {:<WIDTH$} | {}\n",
+            marks[i],
+            clip(l.unwrap_or("")),
+            clip(r.unwrap_or(""))
+        ));
     }
-    out + &details
+    if folded > 0 {
+        out.push_str(&format!("  ({folded} equal lines)\n"));
+    }
+    if let Some(i) = marks.iter().position(|&m| m != ' ') {
+        out.push_str(&format!(
+            "first difference in full:\n  reference: {}\n  candidate: {}\n",
+            rows[i].0.unwrap_or("(nothing)"),
+            rows[i].1.unwrap_or("(nothing)")
+        ));
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------
@@ -700,19 +951,33 @@ impl Candidate {
 
 /// Runs one scenario on fresh servers. `Ok(None)` if the transcripts match,
 /// `Ok(Some(report))` if they differ, `Err` if the scenario could not run.
-fn run_scenario(reference: &Path, candidate: &Candidate, scenario: &Scenario) -> Result<Option<String>> {
+fn run_scenario(
+    reference: &Path,
+    candidate: &Candidate,
+    scenario: &Scenario,
+) -> Result<Option<String>> {
     let args: Vec<&str> = scenario.server_args.iter().map(String::as_str).collect();
-    let reference_server = common::spawn_beanstalkd(reference, &args).context("starting the reference beanstalkd")?;
-    let mut candidate_server = candidate.spawn(&args).with_context(|| format!("starting {}", candidate.describe()))?;
+    let reference_server =
+        common::spawn_beanstalkd(reference, &args).context("starting the reference beanstalkd")?;
+    let mut candidate_server = candidate
+        .spawn(&args)
+        .with_context(|| format!("starting {}", candidate.describe()))?;
     let (reference_log, candidate_log) = thread::scope(|s| {
         let reference_run = s.spawn(|| Session::run(&reference_server, scenario));
         let candidate_log = Session::run(&candidate_server, scenario);
-        (reference_run.join().expect("reference session panicked"), candidate_log)
+        (
+            reference_run.join().expect("reference session panicked"),
+            candidate_log,
+        )
     });
-    let (reference_lines, candidate_lines) = render_pair(shown(&reference_log), shown(&candidate_log));
+    let (reference_lines, candidate_lines) =
+        render_pair(shown(&reference_log), shown(&candidate_log));
     let header = format!("=== scenario {} ({})", scenario.name, scenario.origin);
-    if std::env::var_os("POLARIS_DIFF_DUMP").is_some() {
-        eprintln!("{header}: reference transcript\n{}\n", reference_lines.join("\n"));
+    if dump_requested() {
+        eprintln!(
+            "{header}: reference transcript\n{}\n",
+            reference_lines.join("\n")
+        );
     }
 
     let reference_trouble = reference_log.iter().any(|e| {
@@ -729,48 +994,87 @@ fn run_scenario(reference: &Path, candidate: &Candidate, scenario: &Scenario) ->
     if reference_lines == candidate_lines {
         return Ok(None);
     }
-    let mut report = format!("{header} differs\n{}", side_by_side(&reference_lines, &candidate_lines));
-    if let Some(status) = candidate_server.try_exit_status() {
-        report += &format!("the candidate exited during the scenario ({status}); its output:\n{}\n", candidate_server.output());
+    let mut report = format!(
+        "{header} differs (unfolded: POLARIS_DIFF_ONLY={} POLARIS_DIFF_DUMP=1)\n{}",
+        scenario.name,
+        side_by_side(&reference_lines, &candidate_lines)
+    );
+    let output_tail = candidate_server.output_tail(2000);
+    match candidate_server.try_exit_status() {
+        Some(status) => {
+            report += &format!(
+                "the candidate exited during the scenario ({status}); output:\n{output_tail}\n"
+            )
+        }
+        None if !output_tail.is_empty() => {
+            report += &format!("the candidate's output (its end):\n{output_tail}\n")
+        }
+        None => {}
     }
     Ok(Some(report))
 }
 
 #[test]
 fn scenarios_match_beanstalkd() {
-    let Some(reference) = common::require_beanstalkd() else { return };
+    let Some(reference) = common::require_beanstalkd() else {
+        return;
+    };
     let candidate = Candidate::from_env();
     let scenarios = load_scenarios().expect("loading tests/scenarios");
     let only = std::env::var("POLARIS_DIFF_ONLY").ok();
     let known: Vec<&Scenario> = scenarios.iter().filter(|s| s.known_difference).collect();
-    for s in &known {
-        eprintln!("known difference, not compared: {} ({})", s.name, s.origin);
-    }
-    let selected: Vec<&Scenario> = scenarios
+    let known_names: Vec<&str> = known.iter().map(|s| s.name.as_str()).collect();
+    let _ = writeln!(
+        std::io::stderr(),
+        "known differences, not compared: {}",
+        known_names.join(", ")
+    );
+    let mut selected: Vec<&Scenario> = scenarios
         .iter()
-        .filter(|s| !s.known_difference)
+        .filter(|s| !s.known_difference || std::env::var_os("POLARIS_DIFF_KNOWN").is_some())
         .filter(|s| only.as_deref().map_or(true, |word| s.name.contains(word)))
         .collect();
-    assert!(!selected.is_empty(), "no scenario matches POLARIS_DIFF_ONLY={only:?}");
+    selected.sort_by_key(|s| std::cmp::Reverse(s.estimated_duration()));
+    assert!(
+        !selected.is_empty(),
+        "no scenario matches POLARIS_DIFF_ONLY={only:?}"
+    );
 
     // Fail once, clearly, if the candidate cannot even start.
     if let Err(e) = candidate.spawn(&[]) {
         panic!("cannot start the candidate {}: {e:#}", candidate.describe());
     }
 
-    let jobs = std::env::var("POLARIS_DIFF_JOBS").ok().and_then(|j| j.parse().ok()).unwrap_or(DEFAULT_JOBS);
+    let jobs = env_number("POLARIS_DIFF_JOBS")
+        .unwrap_or(DEFAULT_JOBS)
+        .max(1);
+    let max_failures = match env_number("POLARIS_DIFF_MAX_FAILURES").unwrap_or(DEFAULT_MAX_FAILURES)
+    {
+        0 => usize::MAX,
+        n => n,
+    };
     let started = Instant::now();
     let next = AtomicUsize::new(0);
+    let ran = AtomicUsize::new(0);
     let failures: Mutex<Vec<(usize, String)>> = Mutex::new(Vec::new());
     thread::scope(|s| {
-        for _ in 0..jobs.max(1) {
+        for _ in 0..jobs {
             s.spawn(|| loop {
+                if failures.lock().unwrap().len() >= max_failures {
+                    break;
+                }
                 let index = next.fetch_add(1, Ordering::SeqCst);
-                let Some(scenario) = selected.get(index) else { break };
+                let Some(scenario) = selected.get(index) else {
+                    break;
+                };
+                ran.fetch_add(1, Ordering::SeqCst);
                 let failure = match run_scenario(&reference, &candidate, scenario) {
                     Ok(None) => continue,
                     Ok(Some(report)) => report,
-                    Err(e) => format!("=== scenario {} ({}) could not run: {e:#}\n", scenario.name, scenario.origin),
+                    Err(e) => format!(
+                        "=== scenario {} ({}) could not run: {e:#}\n",
+                        scenario.name, scenario.origin
+                    ),
                 };
                 failures.lock().unwrap().push((index, failure));
             });
@@ -781,20 +1085,34 @@ fn scenarios_match_beanstalkd() {
     for (_, report) in &failures {
         eprintln!("{report}");
     }
-    eprintln!(
-        "differential vs {}: {} passed, {} failed; {} known differences not compared; {:.1} s",
+    // Straight to stderr (not eprintln!) so the summary shows even when the
+    // harness captures the output of a passing test.
+    let ran = ran.into_inner();
+    let not_run = if ran < selected.len() {
+        format!(
+            "; {} not run after {max_failures} failures (POLARIS_DIFF_MAX_FAILURES=0 runs all)",
+            selected.len() - ran
+        )
+    } else {
+        String::new()
+    };
+    let _ = writeln!(
+        std::io::stderr(),
+        "differential vs {}: {} passed, {} failed{not_run}; {} known differences not compared; {:.1} s",
         candidate.describe(),
-        selected.len() - failures.len(),
+        ran - failures.len(),
         failures.len(),
         known.len(),
         started.elapsed().as_secs_f64()
     );
     if !failures.is_empty() {
-        let names: Vec<&str> = failures.iter().map(|(i, _)| selected[*i].name.as_str()).collect();
+        let names: Vec<&str> = failures
+            .iter()
+            .map(|(i, _)| selected[*i].name.as_str())
+            .collect();
         panic!(
-            "{} of {} scenarios differ from beanstalkd 1.12 (candidate: {}): {}",
+            "{} of {ran} scenarios run differ from beanstalkd 1.12 (candidate: {}): {}",
             failures.len(),
-            selected.len(),
             candidate.describe(),
             names.join(", ")
         );
@@ -805,7 +1123,10 @@ fn scenarios_match_beanstalkd() {
 fn scenario_files_are_well_formed() {
     let scenarios = load_scenarios().expect("loading tests/scenarios");
     let compared = scenarios.iter().filter(|s| !s.known_difference).count();
-    assert!(compared >= 170, "only {compared} compared scenarios; the suite promises at least 170");
+    assert!(
+        compared >= 170,
+        "only {compared} compared scenarios; the suite promises at least 170"
+    );
     assert!(
         scenarios.iter().any(|s| s.known_difference),
         "{KNOWN_DIFFERENCES_FILE} should document the deliberate differences"
@@ -823,6 +1144,27 @@ fn text_escapes_decode() {
 }
 
 #[test]
+fn reply_frames_parse() {
+    let (reply, used) = common::parse_reply(b"RESERVED 7 3\r\na\r\n\r\nNEXT").unwrap();
+    assert_eq!(
+        (reply.line_str().as_str(), reply.body.as_deref(), used),
+        ("RESERVED 7 3", Some(&b"a\r\n"[..]), 19)
+    );
+    let (reply, _) = common::parse_reply(b"OK 4\r\n---\n\r\n").unwrap();
+    assert_eq!(reply.body.as_deref(), Some(&b"---\n"[..]));
+    let (reply, used) = common::parse_reply(b"INSERTED 1\r\nX").unwrap();
+    assert_eq!((reply.body, used), (None, 12));
+    assert!(
+        common::parse_reply(b"FOUND 1 5\r\nabc").is_none(),
+        "body not complete yet"
+    );
+    assert!(
+        common::parse_reply(b"USING default\n").is_none(),
+        "a bare LF ends no reply"
+    );
+}
+
+#[test]
 fn normalisation_hides_identity_and_one_second_drift() {
     let body = |pid: &str, uptime: &str, jobs: &str| {
         format!("---\ncurrent-jobs-ready: {jobs}\npid: {pid}\nuptime: {uptime}\nbinlog-max-size: 10\nid: abc{pid}\n")
@@ -830,10 +1172,17 @@ fn normalisation_hides_identity_and_one_second_drift() {
     let yaml = |text: String| {
         let mut lines = yaml_lines(text.as_bytes());
         normalise_yaml(&mut lines);
-        vec![Shown::Yaml { prefix: "c1 << ".into(), lines, trailer: b"\r\n".to_vec() }]
+        vec![Shown::Yaml {
+            prefix: "c1 << ".into(),
+            lines,
+            trailer: b"\r\n".to_vec(),
+        }]
     };
     let (a, b) = render_pair(yaml(body("1", "9", "0")), yaml(body("22", "10", "0")));
-    assert_eq!(a, b, "pid, id, binlog and a 1 s uptime drift must not matter");
+    assert_eq!(
+        a, b,
+        "pid, id, binlog and a 1 s uptime drift must not matter"
+    );
     let (a, b) = render_pair(yaml(body("1", "9", "0")), yaml(body("1", "11", "0")));
     assert_ne!(a, b, "a 2 s drift must show");
     let (a, b) = render_pair(yaml(body("1", "9", "0")), yaml(body("1", "9", "1")));
