@@ -406,18 +406,17 @@ impl Server {
                 c.read_pending = true;
                 // A blocked connection still has to notice a hang-up.
                 if c.blocked && peer_closed(&mut c.stream) {
-                    c.closing = true;
-                    self.to_close.push(token);
+                    self.hang_up(token);
+                    return;
                 }
                 self.run_input(token, now);
                 return;
             }
             match c.stream.read(&mut self.scratch) {
                 Ok(0) => {
-                    c.closing = true;
                     c.read_pending = false;
                     self.run_input(token, now);
-                    self.to_close.push(token);
+                    self.hang_up(token);
                     return;
                 }
                 Ok(n) => {
@@ -438,6 +437,17 @@ impl Server {
                 }
             }
         }
+    }
+
+    /// The peer closed its sending side. Commands it sent before are already
+    /// done; a `reserve` still waiting ends with `TIMED_OUT` (as in beanstalkd),
+    /// and the connection closes once its output is written.
+    fn hang_up(&mut self, token: usize) {
+        let Some(c) = self.conns.get_mut(token) else { return };
+        c.closing = true;
+        let conn = c.engine_id;
+        self.with_outbox(|engine, out| engine.abort_wait(conn, out));
+        self.to_close.push(token);
     }
 
     /// Runs every complete command buffered on `token`, until it blocks or its

@@ -375,6 +375,15 @@ impl Engine {
         self.conns.remove(conn.0);
     }
 
+    /// The client of a waiting connection hung up: as beanstalkd does, end the
+    /// wait with `TIMED_OUT` (the server closes the connection after sending it).
+    pub fn abort_wait(&mut self, conn: ConnId, out: &mut dyn ReplySink) {
+        if self.conns.get(conn.0).is_some_and(|c| c.wait.is_some()) {
+            self.remove_waiting_conn(conn);
+            out.send(conn, reply::TIMED_OUT);
+        }
+    }
+
     /// Enters drain mode: `put` answers `DRAINING` from now on.
     pub fn set_draining(&mut self) {
         self.draining = true;
