@@ -85,6 +85,8 @@ pub const DEFAULT_MAX_JOB_SIZE: u32 = 65_535;
 pub const MAX_JOB_SIZE_LIMIT: u32 = 1_073_741_824;
 /// Longest tube name.
 pub const MAX_TUBE_NAME: usize = 200;
+/// Bodies at least this large are handed to the job without copying.
+const ZERO_COPY_BODY: usize = 64 * 1024;
 
 /// A validated tube name: 1–200 bytes of `A-Za-z0-9-+/;.$_()`, not starting with `-`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -593,8 +595,9 @@ impl Decoder {
                     let window = &buf[..buf.len().min(self.limits.max_line)];
                     match scan_line_end(window) {
                         Some(n) => {
-                            let line = buf.split_to(n);
-                            match parse_line(&line[..n - 2], self.limits.max_job_size) {
+                            let parsed = parse_line(&buf[..n - 2], self.limits.max_job_size);
+                            buf.advance(n);
+                            match parsed {
                                 Line::Command(cmd) => return Some(Decoded::Command(cmd)),
                                 Line::Error(e) => return Some(Decoded::Error(e)),
                                 Line::CountedError(what, e) => return Some(Decoded::CountedError(what, e)),
@@ -633,13 +636,23 @@ impl Decoder {
                     if buf.len() < total {
                         return None;
                     }
-                    let mut body = buf.split_to(total);
                     self.state = State::Line;
-                    if &body[len as usize..] != b"\r\n" {
+                    if &buf[len as usize..total] != b"\r\n" {
+                        buf.advance(total);
                         return Some(Decoded::Error(reply::EXPECTED_CRLF));
                     }
-                    body.truncate(len as usize);
-                    let body = body.freeze();
+                    let body = if total >= ZERO_COPY_BODY {
+                        // Large bodies take over their part of the read buffer.
+                        let mut body = buf.split_to(total);
+                        body.truncate(len as usize);
+                        body.freeze()
+                    } else {
+                        // Small bodies get an allocation of their own: sharing the
+                        // read buffer would let one long-lived job pin a whole chunk.
+                        let body = Bytes::copy_from_slice(&buf[..len as usize]);
+                        buf.advance(total);
+                        body
+                    };
                     return Some(Decoded::Command(Command::Put { pri, delay, ttr, body, opts }));
                 }
                 State::SkipBody { remaining } => {
@@ -658,35 +671,75 @@ impl Decoder {
     }
 }
 
-/// Appends `prefix`, the decimal `n` and `\r\n` to `out`.
-pub fn write_number_line(out: &mut Vec<u8>, prefix: &[u8], n: u64) {
-    out.extend_from_slice(prefix);
-    write_decimal(out, n);
-    out.extend_from_slice(reply::CRLF);
+/// A reply line assembled on the stack, so answering a command allocates nothing.
+///
+/// The longest line the server sends is `USING <200-byte name>\r\n`; the buffer
+/// is larger than that, and pushing past its end truncates rather than panics.
+pub struct ReplyLine {
+    buf: [u8; 256],
+    len: usize,
 }
 
-/// Appends the decimal representation of `n`.
-pub fn write_decimal(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
+impl Default for ReplyLine {
+    fn default() -> Self {
+        ReplyLine { buf: [0; 256], len: 0 }
     }
-    out.extend_from_slice(&digits[i..]);
 }
 
-/// Appends a job header such as `RESERVED <id> <bytes>\r\n`.
-pub fn write_job_header(out: &mut Vec<u8>, prefix: &[u8], id: u64, len: usize) {
-    out.extend_from_slice(prefix);
-    write_decimal(out, id);
-    out.push(b' ');
-    write_decimal(out, len as u64);
-    out.extend_from_slice(reply::CRLF);
+impl ReplyLine {
+    /// An empty line.
+    pub fn new() -> ReplyLine {
+        ReplyLine::default()
+    }
+
+    /// `<prefix><n>\r\n`, e.g. `INSERTED 5\r\n`.
+    pub fn number(prefix: &[u8], n: u64) -> ReplyLine {
+        let mut line = ReplyLine::new();
+        line.push(prefix).push_decimal(n).push(reply::CRLF);
+        line
+    }
+
+    /// `<prefix><id> <len>\r\n`, e.g. `RESERVED 5 12\r\n`.
+    pub fn job_header(prefix: &[u8], id: u64, len: usize) -> ReplyLine {
+        let mut line = ReplyLine::new();
+        line.push(prefix).push_decimal(id).push(b" ").push_decimal(len as u64).push(reply::CRLF);
+        line
+    }
+
+    /// `<prefix><text>\r\n`, e.g. `USING default\r\n`.
+    pub fn text(prefix: &[u8], text: &str) -> ReplyLine {
+        let mut line = ReplyLine::new();
+        line.push(prefix).push(text.as_bytes()).push(reply::CRLF);
+        line
+    }
+
+    /// Appends bytes.
+    pub fn push(&mut self, bytes: &[u8]) -> &mut ReplyLine {
+        let n = bytes.len().min(self.buf.len() - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&bytes[..n]);
+        self.len += n;
+        self
+    }
+
+    /// Appends the decimal representation of `n`.
+    pub fn push_decimal(&mut self, mut n: u64) -> &mut ReplyLine {
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        self.push(&digits[i..])
+    }
+
+    /// The line so far.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
 }
 
 #[cfg(test)]

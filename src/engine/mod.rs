@@ -20,7 +20,7 @@ mod tube;
 pub use job::{JobCounters, JobId, JobState};
 pub use tombstone::{FinalState, Tombstone};
 
-use crate::proto::{self, reply, Command, Counted, PutOptions, TubeName};
+use crate::proto::{reply, Command, Counted, PutOptions, ReplyLine, TubeName};
 use bytes::Bytes;
 use heap::{JobHeap, Order};
 use job::{Job, JobKey, JobList};
@@ -105,7 +105,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            max_job_size: proto::DEFAULT_MAX_JOB_SIZE,
+            max_job_size: crate::proto::DEFAULT_MAX_JOB_SIZE,
             max_job_bytes: u64::MAX,
             retention: 3600 * SECOND,
             max_tombstones: 1_000_000,
@@ -432,7 +432,7 @@ impl Engine {
     /// Executes `cmd` for `conn` at time `now`, writing replies into `out`.
     pub fn apply(&mut self, conn: ConnId, cmd: Command, now: Nanos, out: &mut dyn ReplySink) -> Outcome {
         use Command as C;
-        let mut line = Vec::new();
+        let line: ReplyLine;
         let msg: &[u8] = match cmd {
             C::Put { pri, delay, ttr, body, opts } => {
                 self.put(conn, pri, delay, ttr, body, opts, now, out);
@@ -505,10 +505,8 @@ impl Engine {
                 self.decref(old);
                 self.tubes[new.0].using += 1;
                 self.decref(new);
-                line.extend_from_slice(reply::USING_PREFIX);
-                line.extend_from_slice(name.as_str().as_bytes());
-                line.extend_from_slice(reply::CRLF);
-                &line
+                line = ReplyLine::text(reply::USING_PREFIX, name.as_str());
+                line.as_bytes()
             }
             C::Watch(name) => {
                 self.count(Op::Watch);
@@ -519,8 +517,8 @@ impl Engine {
                     self.incref(t);
                 }
                 self.decref(t);
-                proto::write_number_line(&mut line, reply::WATCHING_PREFIX, self.conns[conn.0].watch.len() as u64);
-                &line
+                line = ReplyLine::number(reply::WATCHING_PREFIX, self.conns[conn.0].watch.len() as u64);
+                line.as_bytes()
             }
             C::Ignore(name) => {
                 self.count(Op::Ignore);
@@ -533,8 +531,8 @@ impl Engine {
                             self.tubes[t.0].watching -= 1;
                             self.decref(t);
                         }
-                        proto::write_number_line(&mut line, reply::WATCHING_PREFIX, self.conns[conn.0].watch.len() as u64);
-                        &line
+                        line = ReplyLine::number(reply::WATCHING_PREFIX, self.conns[conn.0].watch.len() as u64);
+                        line.as_bytes()
                     }
                 }
             }
@@ -562,8 +560,8 @@ impl Engine {
                 self.count(Op::Kick);
                 let tube = self.conns[conn.0].use_tube;
                 let kicked = self.kick(tube, bound, now, out);
-                proto::write_number_line(&mut line, reply::KICKED_PREFIX, u64::from(kicked));
-                &line
+                line = ReplyLine::number(reply::KICKED_PREFIX, u64::from(kicked));
+                line.as_bytes()
             }
             C::KickJob(id) => match self.ids.get(&JobId(id)).copied() {
                 Some(key) if matches!(self.jobs[key.0].state, JobState::Buried | JobState::Delayed) => {
@@ -604,10 +602,8 @@ impl Engine {
             }
             C::ListTubeUsed => {
                 self.count(Op::ListTubeUsed);
-                line.extend_from_slice(reply::USING_PREFIX);
-                line.extend_from_slice(self.tubes[self.conns[conn.0].use_tube.0].name.as_str().as_bytes());
-                line.extend_from_slice(reply::CRLF);
-                &line
+                line = ReplyLine::text(reply::USING_PREFIX, self.tubes[self.conns[conn.0].use_tube.0].name.as_str());
+                line.as_bytes()
             }
             C::ListTubesWatched => {
                 self.count(Op::ListTubesWatched);
@@ -648,10 +644,8 @@ impl Engine {
                 };
                 match name {
                     Some(name) => {
-                        line.extend_from_slice(reply::STATE_PREFIX);
-                        line.extend_from_slice(name.as_bytes());
-                        line.extend_from_slice(reply::CRLF);
-                        &line
+                        line = ReplyLine::text(reply::STATE_PREFIX, name);
+                        line.as_bytes()
                     }
                     None => reply::NOT_FOUND,
                 }
@@ -714,9 +708,7 @@ impl Engine {
         self.counters.total_jobs += 1;
         self.tubes[tube.0].counters.total_jobs += 1;
         self.enqueue(key, delay, now, out);
-        let mut line = Vec::with_capacity(32);
-        proto::write_number_line(&mut line, reply::INSERTED_PREFIX, id.0);
-        out.send(conn, &line);
+        out.send(conn, ReplyLine::number(reply::INSERTED_PREFIX, id.0).as_bytes());
     }
 
     fn insert_job(&mut self, job: Job) -> JobKey {
@@ -812,17 +804,13 @@ impl Engine {
 
     fn send_job(&self, conn: ConnId, prefix: &[u8], key: JobKey, out: &mut dyn ReplySink) {
         let job = &self.jobs[key.0];
-        let mut header = Vec::with_capacity(48);
-        proto::write_job_header(&mut header, prefix, job.id.0, job.body.len());
-        out.send(conn, &header);
+        out.send(conn, ReplyLine::job_header(prefix, job.id.0, job.body.len()).as_bytes());
         out.send(conn, &job.body);
         out.send(conn, reply::CRLF);
     }
 
     fn reply_yaml(&self, conn: ConnId, yaml: &[u8], out: &mut dyn ReplySink) -> Outcome {
-        let mut header = Vec::with_capacity(16);
-        proto::write_number_line(&mut header, reply::OK_PREFIX, yaml.len() as u64);
-        out.send(conn, &header);
+        out.send(conn, ReplyLine::number(reply::OK_PREFIX, yaml.len() as u64).as_bytes());
         out.send(conn, yaml);
         out.send(conn, reply::CRLF);
         Outcome::Done
