@@ -344,18 +344,18 @@ impl Store {
         let tx = self.conn.unchecked_transaction().map_err(sql)?;
         let mut written = 0u64;
         {
-            let mut update = tx
-                .prepare_cached(
-                    "UPDATE jobs SET tube = ?2, pri = ?3, delay_ns = ?4, ttr_ns = ?5, ttl_ns = ?6, ttl_at = ?7, state = ?8,
-                            ready_at = ?9, reserves = ?10, timeouts = ?11, releases = ?12, buries = ?13, kicks = ?14
-                     WHERE id = ?1",
-                )
-                .map_err(sql)?;
-            let mut insert = tx
+            // One upsert per changed job: new jobs are inserted with their body;
+            // known ones get their queue fields rewritten (never the body).
+            let mut upsert = tx
                 .prepare_cached(
                     "INSERT INTO jobs (id, tube, pri, delay_ns, ttr_ns, ttl_ns, ttl_at, state, ready_at, created_at,
                                        reserves, timeouts, releases, buries, kicks, body)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
+                     ON CONFLICT (id) DO UPDATE SET tube = excluded.tube, pri = excluded.pri,
+                         delay_ns = excluded.delay_ns, ttr_ns = excluded.ttr_ns, ttl_ns = excluded.ttl_ns,
+                         ttl_at = excluded.ttl_at, state = excluded.state, ready_at = excluded.ready_at,
+                         reserves = excluded.reserves, timeouts = excluded.timeouts,
+                         releases = excluded.releases, buries = excluded.buries, kicks = excluded.kicks",
                 )
                 .map_err(sql)?;
             let mut delete = tx.prepare_cached("DELETE FROM jobs WHERE id = ?1").map_err(sql)?;
@@ -371,7 +371,7 @@ impl Store {
                     _ => None,
                 });
                 let c = rec.counters;
-                let changed = update
+                upsert
                     .execute(params![
                         id.0 as i64,
                         rec.tube.as_str(),
@@ -382,35 +382,15 @@ impl Store {
                         ttl_at,
                         state_code(rec.state),
                         ready_at,
+                        wall - rec.age as i64,
                         c.reserves,
                         c.timeouts,
                         c.releases,
                         c.buries,
-                        c.kicks
+                        c.kicks,
+                        &rec.body[..]
                     ])
                     .map_err(sql)?;
-                if changed == 0 {
-                    insert
-                        .execute(params![
-                            id.0 as i64,
-                            rec.tube.as_str(),
-                            rec.pri,
-                            rec.delay as i64,
-                            rec.ttr as i64,
-                            rec.ttl.map(|t| t as i64),
-                            ttl_at,
-                            state_code(rec.state),
-                            ready_at,
-                            wall - rec.age as i64,
-                            c.reserves,
-                            c.timeouts,
-                            c.releases,
-                            c.buries,
-                            c.kicks,
-                            &rec.body[..]
-                        ])
-                        .map_err(sql)?;
-                }
             }
             let mut put_tomb = tx.prepare_cached("INSERT OR REPLACE INTO tombstones (id, state, at) VALUES (?1, ?2, ?3)").map_err(sql)?;
             for t in &self.pending.tombstones {
