@@ -223,9 +223,9 @@ impl Engine {
         for t in self.tube_order.iter() {
             let tube = &self.tubes[t.0];
             let ttl = self.tube_ttls.get(&tube.name).map_or(0, |n| n / SECOND);
-            let _ = write!(
+            let _ = writeln!(
                 y,
-                "tube-{}: {{expired: {}, revoked: {}, default-ttl: {}}}\n",
+                "tube-{}: {{expired: {}, revoked: {}, default-ttl: {}}}",
                 tube.name, tube.counters.expired, tube.counters.revoked, ttl
             );
         }
