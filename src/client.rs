@@ -333,9 +333,7 @@ impl Client {
         let line = self.command(&format!("revoke {id}\r\n"))?;
         match line.as_str() {
             "REVOKED" => Ok(RevokeOutcome::Revoked),
-            // The reply polarisd will give for a reserved job is not fixed yet; this is
-            // the one place to name it once it is.
-            "RESERVED" => Ok(RevokeOutcome::Reserved),
+            "NOT_REVOKED" => Ok(RevokeOutcome::Reserved),
             _ => Err(self.error_reply("revoke", line)),
         }
     }

@@ -499,6 +499,12 @@ fn client_speaks_the_protocol() {
     assert_eq!(c.stats().expect("stats").get_u64("max-job-size"), Some(1024));
     if std::env::var("POLARIS_TEST_QUEUE").as_deref() == Ok("beanstalkd") {
         assert!(matches!(c.revoke(delayed), Err(client::Error::UnknownCommand)));
+    } else {
+        let held = c.reserve_with_timeout(0).expect("reserve").expect("a job");
+        assert!(matches!(c.revoke(held.id), Ok(client::RevokeOutcome::Reserved)));
+        c.release(held.id, 0, 100).expect("release");
+        assert!(matches!(c.revoke(held.id), Ok(client::RevokeOutcome::Revoked)));
+        assert!(matches!(c.revoke(held.id), Err(client::Error::NotFound)));
     }
 }
 
