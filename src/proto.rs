@@ -89,8 +89,9 @@ pub const MAX_TUBE_NAME: usize = 200;
 const ZERO_COPY_BODY: usize = 64 * 1024;
 
 /// A validated tube name: 1–200 bytes of `A-Za-z0-9-+/;.$_()`, not starting with `-`.
+/// Shared, so that cloning one (every job record names its tube) costs no allocation.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TubeName(String);
+pub struct TubeName(std::sync::Arc<str>);
 
 impl TubeName {
     /// Validates `raw` as beanstalkd's `name_is_ok` does.
@@ -100,7 +101,7 @@ impl TubeName {
             && raw[0] != b'-'
             && raw.iter().all(|&b| is_name_char(b));
         // All name characters are ASCII, so this cannot fail once `ok` holds.
-        ok.then(|| TubeName(String::from_utf8_lossy(raw).into_owned()))
+        ok.then(|| TubeName(String::from_utf8_lossy(raw).into()))
     }
 
     /// The name as text.

@@ -23,6 +23,7 @@ use crate::engine::{Changes, Engine, FinalState, JobCounters, JobId, JobRecord, 
 use crate::proto::TubeName;
 use crate::server::FsyncPolicy;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -263,8 +264,9 @@ impl Store {
                 )
                 .map_err(self.sql_err())?;
             let mut rows = stmt.query([]).map_err(self.sql_err())?;
+            let mut tubes = HashMap::new();
             while let Some(row) = rows.next().map_err(self.sql_err())? {
-                let rec = match job_from_row(row, wall) {
+                let rec = match job_from_row(row, wall, &mut tubes) {
                     Ok(Some(rec)) => rec,
                     Ok(None) => continue,
                     Err(e) => return Err(StoreError::Sqlite { path: self.path.clone(), source: e }),
@@ -478,12 +480,21 @@ fn merge(into: &mut Changes, from: &Changes) {
     into.tube_ttls.extend(from.tube_ttls.iter().cloned());
 }
 
-fn job_from_row(row: &rusqlite::Row<'_>, wall: i64) -> rusqlite::Result<Option<JobRecord>> {
+/// Reads one job row. `tubes` caches validated tube names: a million jobs
+/// usually share a handful of tubes.
+fn job_from_row(row: &rusqlite::Row<'_>, wall: i64, tubes: &mut HashMap<String, TubeName>) -> rusqlite::Result<Option<JobRecord>> {
     let id: i64 = row.get(0)?;
-    let tube: String = row.get(1)?;
-    let Some(tube) = TubeName::parse(tube.as_bytes()) else {
-        log::warn!("skipping job {id}: invalid tube name {tube:?}");
-        return Ok(None);
+    let raw = row.get_ref(1)?.as_str()?;
+    let tube = match tubes.get(raw) {
+        Some(name) => name.clone(),
+        None => {
+            let Some(name) = TubeName::parse(raw.as_bytes()) else {
+                log::warn!("skipping job {id}: invalid tube name {raw:?}");
+                return Ok(None);
+            };
+            tubes.insert(raw.to_string(), name.clone());
+            name
+        }
     };
     let state = match row.get::<_, i64>(7)? {
         1 => JobState::Delayed,

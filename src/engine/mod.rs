@@ -1265,6 +1265,8 @@ impl Engine {
     /// delayed (with the delay it had left) or buried. Reserved jobs come back
     /// ready. New ids continue above every restored one.
     pub fn restore_job(&mut self, rec: JobRecord, now: Nanos) {
+        // Restoring is not a change to write back.
+        let changes = self.changes.take();
         let tube = self.tube_ref(&rec.tube);
         self.decref_keep(tube);
         let key = self.insert_job(Job {
@@ -1302,10 +1304,7 @@ impl Engine {
                 }
             }
         }
-        // Restoring is not a change to persist again.
-        if let Some(changes) = &mut self.changes {
-            changes.jobs.remove(&rec.id);
-        }
+        self.changes = changes;
     }
 
     /// Drops the temporary reference `tube_ref` took, without freeing: the
