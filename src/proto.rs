@@ -10,7 +10,7 @@
 //! ends at the first `\r` only if `\n` follows it, and so on. Where a quirk is
 //! surprising, the comment says which client-visible behaviour it preserves.
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
 
 /// Every reply the server sends that has no variable part, in one place.
 pub mod reply {
@@ -85,8 +85,6 @@ pub const DEFAULT_MAX_JOB_SIZE: u32 = 65_535;
 pub const MAX_JOB_SIZE_LIMIT: u32 = 1_073_741_824;
 /// Longest tube name.
 pub const MAX_TUBE_NAME: usize = 200;
-/// Bodies at least this large are handed to the job without copying.
-const ZERO_COPY_BODY: usize = 64 * 1024;
 
 /// A validated tube name: 1–200 bytes of `A-Za-z0-9-+/;.$_()`, not starting with `-`.
 /// Shared, so that cloning one (every job record names its tube) costs no allocation.
@@ -139,7 +137,7 @@ pub enum Command {
         /// Seconds a worker may hold the job.
         ttr: u32,
         /// The body, without its trailing `\r\n`.
-        body: Bytes,
+        body: Box<[u8]>,
         /// Extension options (none for plain beanstalk `put`).
         opts: PutOptions,
     },
@@ -642,18 +640,9 @@ impl Decoder {
                         buf.advance(total);
                         return Some(Decoded::Error(reply::EXPECTED_CRLF));
                     }
-                    let body = if total >= ZERO_COPY_BODY {
-                        // Large bodies take over their part of the read buffer.
-                        let mut body = buf.split_to(total);
-                        body.truncate(len as usize);
-                        body.freeze()
-                    } else {
-                        // Small bodies get an allocation of their own: sharing the
-                        // read buffer would let one long-lived job pin a whole chunk.
-                        let body = Bytes::copy_from_slice(&buf[..len as usize]);
-                        buf.advance(total);
-                        body
-                    };
+                    // The body gets an allocation of its own, sized exactly.
+                    let body: Box<[u8]> = buf[..len as usize].into();
+                    buf.advance(total);
                     return Some(Decoded::Command(Command::Put { pri, delay, ttr, body, opts }));
                 }
                 State::SkipBody { remaining } => {

@@ -19,7 +19,7 @@
 //! - `Never` (`-F`): as `Interval` for process crashes; after a power loss,
 //!   whatever the OS had not written back is lost.
 
-use crate::engine::{Changes, Engine, FinalState, JobCounters, JobId, JobRecord, JobState, Nanos, Tombstone};
+use crate::engine::{Changes, Engine, FinalState, JobCounters, JobId, JobRecord, JobState, Nanos, Tombstone, SECOND};
 use crate::proto::TubeName;
 use crate::server::FsyncPolicy;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
@@ -378,8 +378,8 @@ impl Store {
                         id.0 as i64,
                         rec.tube.as_str(),
                         rec.pri,
-                        rec.delay as i64,
-                        rec.ttr as i64,
+                        i64::from(rec.delay_secs) * SECOND as i64,
+                        i64::from(rec.ttr_secs) * SECOND as i64,
                         rec.ttl.map(|t| t as i64),
                         ttl_at,
                         state_code(rec.state),
@@ -390,7 +390,7 @@ impl Store {
                         c.releases,
                         c.buries,
                         c.kicks,
-                        &rec.body[..]
+                        rec.body
                     ])
                     .map_err(sql)?;
             }
@@ -482,7 +482,7 @@ fn merge(into: &mut Changes, from: &Changes) {
 
 /// Reads one job row. `tubes` caches validated tube names: a million jobs
 /// usually share a handful of tubes.
-fn job_from_row(row: &rusqlite::Row<'_>, wall: i64, tubes: &mut HashMap<String, TubeName>) -> rusqlite::Result<Option<JobRecord>> {
+fn job_from_row(row: &rusqlite::Row<'_>, wall: i64, tubes: &mut HashMap<String, TubeName>) -> rusqlite::Result<Option<JobRecord<Box<[u8]>>>> {
     let id: i64 = row.get(0)?;
     let raw = row.get_ref(1)?.as_str()?;
     let tube = match tubes.get(raw) {
@@ -514,8 +514,8 @@ fn job_from_row(row: &rusqlite::Row<'_>, wall: i64, tubes: &mut HashMap<String, 
         id: JobId(id as u64),
         tube,
         pri: row.get(2)?,
-        delay: row.get::<_, i64>(3)? as u64,
-        ttr: row.get::<_, i64>(4)? as u64,
+        delay_secs: secs_of(row.get(3)?),
+        ttr_secs: secs_of(row.get(4)?),
         ttl: row.get::<_, Option<i64>>(5)?.map(|t| t as u64),
         ttl_left,
         state,
@@ -528,8 +528,13 @@ fn job_from_row(row: &rusqlite::Row<'_>, wall: i64, tubes: &mut HashMap<String, 
             kicks: row.get(14)?,
         },
         age: (wall - created_at).max(0) as u64,
-        body: body.into(),
+        body: body.into_boxed_slice(),
     }))
+}
+
+/// A nanosecond column as whole seconds (the schema keeps nanoseconds).
+fn secs_of(nanos: i64) -> u32 {
+    u32::try_from(nanos.max(0) as u64 / crate::engine::SECOND).unwrap_or(u32::MAX)
 }
 
 /// Takes an exclusive lock on `dir`, so two servers never share a database.

@@ -40,7 +40,7 @@ impl JobHeap {
     }
 
     fn less(&self, jobs: &Slab<Job>, a: JobKey, b: JobKey) -> bool {
-        let (ja, jb) = (&jobs[a.0], &jobs[b.0]);
+        let (ja, jb) = (&jobs[a.idx()], &jobs[b.idx()]);
         match self.order {
             Order::Priority => (ja.pri, ja.id) < (jb.pri, jb.id),
             Order::Deadline => (ja.deadline, ja.id) < (jb.deadline, jb.id),
@@ -49,14 +49,14 @@ impl JobHeap {
 
     fn set(&mut self, jobs: &mut Slab<Job>, pos: usize, key: JobKey) {
         self.items[pos] = key;
-        jobs[key.0].heap_pos = pos;
+        jobs[key.idx()].heap_pos = pos as u32;
     }
 
     /// Adds a job.
     pub(crate) fn push(&mut self, jobs: &mut Slab<Job>, key: JobKey) {
         self.items.push(key);
         let pos = self.items.len() - 1;
-        jobs[key.0].heap_pos = pos;
+        jobs[key.idx()].heap_pos = pos as u32;
         self.sift_up(jobs, pos);
     }
 
@@ -70,17 +70,17 @@ impl JobHeap {
 
     /// Removes `key`, which must be in this heap.
     pub(crate) fn remove(&mut self, jobs: &mut Slab<Job>, key: JobKey) {
-        let pos = jobs[key.0].heap_pos;
+        let pos = jobs[key.idx()].heap_pos as usize;
         debug_assert_eq!(self.items.get(pos), Some(&key), "job not in this heap");
         let last = self.items.len() - 1;
         self.items.swap(pos, last);
         self.items.pop();
         if pos < self.items.len() {
             let moved = self.items[pos];
-            jobs[moved.0].heap_pos = pos;
+            jobs[moved.idx()].heap_pos = pos as u32;
             // The moved job may belong above or below its new place.
             self.sift_up(jobs, pos);
-            self.sift_down(jobs, jobs[moved.0].heap_pos);
+            self.sift_down(jobs, jobs[moved.idx()].heap_pos as usize);
         }
     }
 
@@ -137,7 +137,7 @@ mod tests {
             let mut heap = JobHeap::new(Order::Priority);
             let mut model = Vec::new();
             for (i, pri) in pris.iter().enumerate() {
-                let key = JobKey(jobs.insert(job_with(i as u64 + 1, *pri)));
+                let key = JobKey::from_idx(jobs.insert(job_with(i as u64 + 1, *pri)));
                 heap.push(&mut jobs, key);
                 model.push((*pri, i as u64 + 1, key));
             }
@@ -146,7 +146,7 @@ mod tests {
                 let (_, _, key) = model.remove(r.index(model.len()));
                 heap.remove(&mut jobs, key);
                 for (pos, k) in heap.items.iter().enumerate() {
-                    prop_assert_eq!(jobs[k.0].heap_pos, pos);
+                    prop_assert_eq!(jobs[k.idx()].heap_pos as usize, pos);
                 }
             }
             model.sort();

@@ -3,8 +3,7 @@
 
 use super::tube::TubeKey;
 use super::ConnId;
-use super::Nanos;
-use bytes::Bytes;
+use super::{Nanos, SECOND};
 use slab::Slab;
 
 /// A job id as clients see it. Ids start at 1 and are never reused.
@@ -12,8 +11,23 @@ use slab::Slab;
 pub struct JobId(pub u64);
 
 /// Index of a job in the engine's job slab (internal, reused after a job is freed).
+/// 32 bits: the engine holds at most 4 billion jobs, and every job stores a few
+/// of these, so their size is a large part of the memory per job.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub(crate) struct JobKey(pub(crate) usize);
+pub(crate) struct JobKey(pub(crate) u32);
+
+impl JobKey {
+    pub(crate) fn idx(self) -> usize {
+        self.0 as usize
+    }
+
+    pub(crate) fn from_idx(idx: usize) -> JobKey {
+        JobKey(u32::try_from(idx).expect("fewer than 2^32 live jobs"))
+    }
+}
+
+/// "No job" in a link field.
+const NIL: u32 = u32::MAX;
 
 /// Where a live job is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,38 +69,118 @@ pub struct JobCounters {
     pub kicks: u32,
 }
 
-/// Links of an intrusive doubly linked list.
-#[derive(Clone, Copy, Debug, Default)]
+/// Links of an intrusive doubly linked list (`NIL` for none).
+#[derive(Clone, Copy, Debug)]
 pub(crate) struct Links {
-    prev: Option<JobKey>,
-    next: Option<JobKey>,
+    prev: u32,
+    next: u32,
 }
 
-/// A live job.
+impl Default for Links {
+    fn default() -> Self {
+        Links { prev: NIL, next: NIL }
+    }
+}
+
+fn key_of(link: u32) -> Option<JobKey> {
+    (link != NIL).then_some(JobKey(link))
+}
+
+fn link_of(key: Option<JobKey>) -> u32 {
+    key.map_or(NIL, |k| k.0)
+}
+
+/// A live job, laid out compactly: a million queued jobs cost about a
+/// hundred bytes each here, plus their bodies.
 #[derive(Debug)]
 pub(crate) struct Job {
     pub(crate) id: JobId,
-    pub(crate) tube: TubeKey,
-    pub(crate) pri: u32,
-    /// The delay of the last `put` or `release`, in nanoseconds.
-    pub(crate) delay: Nanos,
-    /// Time to run, in nanoseconds (at least one second).
-    pub(crate) ttr: Nanos,
-    pub(crate) body: Bytes,
-    pub(crate) state: JobState,
     pub(crate) created_at: Nanos,
     /// Delayed: when it becomes ready. Reserved: when its TTR runs out.
+    /// Ready with an armed TTL: when it expires.
     pub(crate) deadline: Nanos,
-    /// Time to live in nanoseconds: how long it may stay ready before its first reserve.
-    pub(crate) ttl: Option<Nanos>,
-    /// When the TTL runs out, while it is armed.
-    pub(crate) ttl_deadline: Option<Nanos>,
-    pub(crate) reserver: Option<ConnId>,
-    pub(crate) counters: JobCounters,
+    pub(crate) body: Box<[u8]>,
+    pub(crate) tube: TubeKey,
+    pub(crate) pri: u32,
+    /// The delay of the last `put` or `release`, in seconds.
+    pub(crate) delay_secs: u32,
+    /// Time to run in seconds (at least 1).
+    pub(crate) ttr_secs: u32,
+    /// The connection holding the job while it is reserved.
+    reserver: u32,
     /// Position in whichever heap holds the job (ready, delay or TTR).
-    pub(crate) heap_pos: usize,
+    pub(crate) heap_pos: u32,
     /// Links in whichever list holds the job (buried or reserved).
     pub(crate) links: Links,
+    pub(crate) counters: JobCounters,
+    pub(crate) state: JobState,
+}
+
+impl Job {
+    /// A new ready job in `tube`.
+    pub(crate) fn new(id: JobId, tube: TubeKey, pri: u32, delay_secs: u32, ttr_secs: u32, body: Box<[u8]>, created_at: Nanos) -> Job {
+        Job {
+            id,
+            created_at,
+            deadline: 0,
+            body,
+            tube,
+            pri,
+            delay_secs,
+            ttr_secs,
+            reserver: NIL,
+            heap_pos: 0,
+            links: Links::default(),
+            counters: JobCounters::default(),
+            state: JobState::Ready,
+        }
+    }
+
+    pub(crate) fn delay(&self) -> Nanos {
+        Nanos::from(self.delay_secs) * SECOND
+    }
+
+    pub(crate) fn ttr(&self) -> Nanos {
+        Nanos::from(self.ttr_secs) * SECOND
+    }
+
+    pub(crate) fn reserver(&self) -> Option<ConnId> {
+        (self.reserver != NIL).then_some(ConnId(self.reserver as usize))
+    }
+
+    pub(crate) fn set_reserver(&mut self, conn: Option<ConnId>) {
+        self.reserver = conn.map_or(NIL, |c| u32::try_from(c.0).unwrap_or(NIL));
+    }
+}
+
+/// Job id -> slab key. The table stores only the 4-byte keys and finds a job by
+/// comparing ids in the slab, so the index costs about 5 bytes per job.
+#[derive(Debug, Default)]
+pub(crate) struct JobIndex {
+    table: hashbrown::HashTable<JobKey>,
+}
+
+/// Ids are sequential, so a multiplicative hash spreads them perfectly.
+fn hash_id(id: JobId) -> u64 {
+    id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+impl JobIndex {
+    pub(crate) fn get(&self, id: JobId, jobs: &Slab<Job>) -> Option<JobKey> {
+        self.table.find(hash_id(id), |k| jobs[k.idx()].id == id).copied()
+    }
+
+    /// Adds `key`, whose job (already in `jobs`) has id `id`.
+    pub(crate) fn insert(&mut self, id: JobId, key: JobKey, jobs: &Slab<Job>) {
+        self.table.insert_unique(hash_id(id), key, |k| hash_id(jobs[k.idx()].id));
+    }
+
+    /// Removes `id`; its job must still be in `jobs`.
+    pub(crate) fn remove(&mut self, id: JobId, jobs: &Slab<Job>) {
+        if let Ok(entry) = self.table.find_entry(hash_id(id), |k| jobs[k.idx()].id == id) {
+            entry.remove();
+        }
+    }
 }
 
 /// An intrusive FIFO list of jobs: O(1) push, pop and removal from the middle.
@@ -112,9 +206,9 @@ impl JobList {
 
     /// Appends `key` at the tail.
     pub(crate) fn push_back(&mut self, jobs: &mut Slab<Job>, key: JobKey) {
-        jobs[key.0].links = Links { prev: self.tail, next: None };
+        jobs[key.idx()].links = Links { prev: link_of(self.tail), next: NIL };
         match self.tail {
-            Some(tail) => jobs[tail.0].links.next = Some(key),
+            Some(tail) => jobs[tail.idx()].links.next = key.0,
             None => self.head = Some(key),
         }
         self.tail = Some(key);
@@ -123,14 +217,14 @@ impl JobList {
 
     /// Unlinks `key`, which must be in this list.
     pub(crate) fn remove(&mut self, jobs: &mut Slab<Job>, key: JobKey) {
-        let Links { prev, next } = std::mem::take(&mut jobs[key.0].links);
-        match prev {
-            Some(p) => jobs[p.0].links.next = next,
-            None => self.head = next,
+        let Links { prev, next } = std::mem::take(&mut jobs[key.idx()].links);
+        match key_of(prev) {
+            Some(p) => jobs[p.idx()].links.next = next,
+            None => self.head = key_of(next),
         }
-        match next {
-            Some(n) => jobs[n.0].links.prev = prev,
-            None => self.tail = prev,
+        match key_of(next) {
+            Some(n) => jobs[n.idx()].links.prev = prev,
+            None => self.tail = key_of(prev),
         }
         self.len -= 1;
     }
@@ -140,7 +234,7 @@ impl JobList {
         let mut cur = self.head;
         std::iter::from_fn(move || {
             let key = cur?;
-            cur = jobs[key.0].links.next;
+            cur = key_of(jobs[key.idx()].links.next);
             Some(key)
         })
     }
@@ -152,29 +246,18 @@ pub(crate) mod tests {
 
     /// A ready job with the given id and priority, for data-structure tests.
     pub(crate) fn job_with(id: u64, pri: u32) -> Job {
-        Job {
-            id: JobId(id),
-            tube: TubeKey(0),
-            pri,
-            delay: 0,
-            ttr: 1,
-            body: Bytes::new(),
-            state: JobState::Ready,
-            created_at: 0,
-            deadline: 0,
-            ttl: None,
-            ttl_deadline: None,
-            reserver: None,
-            counters: JobCounters::default(),
-            heap_pos: 0,
-            links: Links::default(),
-        }
+        Job::new(JobId(id), TubeKey(0), pri, 0, 1, Box::default(), 0)
+    }
+
+    #[test]
+    fn a_job_stays_small() {
+        assert!(std::mem::size_of::<Job>() <= 96, "Job grew to {} bytes", std::mem::size_of::<Job>());
     }
 
     #[test]
     fn list_keeps_fifo_order_across_removals() {
         let mut jobs = Slab::new();
-        let keys: Vec<JobKey> = (1..=5).map(|i| JobKey(jobs.insert(job_with(i, 0)))).collect();
+        let keys: Vec<JobKey> = (1..=5).map(|i| JobKey::from_idx(jobs.insert(job_with(i, 0)))).collect();
         let mut list = JobList::default();
         for &k in &keys {
             list.push_back(&mut jobs, k);

@@ -18,10 +18,10 @@ mod tombstone;
 mod tube;
 
 pub use job::{JobCounters, JobId, JobState};
+use job::JobIndex;
 pub use tombstone::{FinalState, Tombstone};
 
 use crate::proto::{reply, Command, Counted, PutOptions, ReplyLine, TubeName};
-use bytes::Bytes;
 use heap::{JobHeap, Order};
 use job::{Job, JobKey, JobList};
 use slab::Slab;
@@ -223,19 +223,20 @@ impl Changes {
     }
 }
 
-/// A live job as the store writes it and reads it back.
+/// A live job as the store writes it (`B = &[u8]`, borrowed from the engine)
+/// and reads it back (`B = Box<[u8]>`).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct JobRecord {
+pub struct JobRecord<B> {
     /// Id.
     pub id: JobId,
     /// Tube name.
     pub tube: TubeName,
     /// Priority.
     pub pri: u32,
-    /// Delay of the last put/release, nanoseconds.
-    pub delay: Nanos,
-    /// TTR, nanoseconds.
-    pub ttr: Nanos,
+    /// Delay of the last put/release, seconds.
+    pub delay_secs: u32,
+    /// TTR, seconds.
+    pub ttr_secs: u32,
     /// TTL, nanoseconds, while it still applies (until the first reserve).
     pub ttl: Option<Nanos>,
     /// Ready jobs with an armed TTL: nanoseconds until it runs out.
@@ -249,7 +250,7 @@ pub struct JobRecord {
     /// Age in nanoseconds.
     pub age: Nanos,
     /// Body.
-    pub body: Bytes,
+    pub body: B,
 }
 
 /// The queue.
@@ -257,7 +258,9 @@ pub struct JobRecord {
 pub struct Engine {
     cfg: Config,
     jobs: Slab<Job>,
-    ids: HashMap<JobId, JobKey>,
+    ids: JobIndex,
+    /// TTLs of jobs that have not been reserved yet (most jobs have none).
+    ttls: HashMap<JobId, Nanos>,
     next_id: u64,
     tubes: Slab<Tube>,
     /// All tubes in beanstalkd's order (creation order, disturbed by frees).
@@ -292,7 +295,8 @@ impl Engine {
         let mut engine = Engine {
             cfg,
             jobs: Slab::new(),
-            ids: HashMap::new(),
+            ids: JobIndex::default(),
+            ttls: HashMap::new(),
             next_id: 1,
             tubes: Slab::new(),
             tube_order: Multiset::default(),
@@ -327,8 +331,8 @@ impl Engine {
         let default = self.default_tube;
         self.incref(default);
         self.incref(default);
-        self.tubes[default.0].using += 1;
-        self.tubes[default.0].watching += 1;
+        self.tubes[default.idx()].using += 1;
+        self.tubes[default.idx()].watching += 1;
         let mut watch = Multiset::default();
         watch.push(default);
         self.counters.total_connections += 1;
@@ -366,11 +370,11 @@ impl Engine {
         // Drop watches in beanstalkd's `ms_clear` order: it decides which tubes
         // are freed first, and so the order of `list-tubes` afterwards.
         while let Some(t) = self.conns[conn.0].watch.remove_first() {
-            self.tubes[t.0].watching -= 1;
+            self.tubes[t.idx()].watching -= 1;
             self.decref(t);
         }
         let use_tube = self.conns[conn.0].use_tube;
-        self.tubes[use_tube.0].using -= 1;
+        self.tubes[use_tube.idx()].using -= 1;
         self.decref(use_tube);
         self.conns.remove(conn.0);
     }
@@ -456,11 +460,11 @@ impl Engine {
                 match self.reserved_by(conn, JobId(id)) {
                     Some(key) => {
                         self.remove_reserved(conn, key);
-                        let job = &mut self.jobs[key.0];
+                        let job = &mut self.jobs[key.idx()];
                         job.pri = pri;
-                        job.delay = u64::from(delay) * SECOND;
+                        job.delay_secs = delay;
                         job.counters.releases += 1;
-                        let (delay, id) = (job.delay, job.id);
+                        let (delay, id) = (job.delay(), job.id);
                         self.mark_dirty(id);
                         self.enqueue(key, delay, now, out);
                         reply::RELEASED
@@ -473,7 +477,7 @@ impl Engine {
                 match self.reserved_by(conn, JobId(id)) {
                     Some(key) => {
                         self.remove_reserved(conn, key);
-                        self.jobs[key.0].pri = pri;
+                        self.jobs[key.idx()].pri = pri;
                         self.bury(key);
                         reply::BURIED
                     }
@@ -485,8 +489,8 @@ impl Engine {
                 match self.reserved_by(conn, JobId(id)) {
                     Some(key) => {
                         self.ttr_heap.remove(&mut self.jobs, key);
-                        let job = &mut self.jobs[key.0];
-                        job.deadline = now + job.ttr;
+                        let job = &mut self.jobs[key.idx()];
+                        job.deadline = now + job.ttr();
                         self.ttr_heap.push(&mut self.jobs, key);
                         reply::TOUCHED
                     }
@@ -499,11 +503,11 @@ impl Engine {
                 // beanstalkd does: the order of `list-tubes` depends on it.
                 let new = self.tube_ref(&name);
                 let old = self.conns[conn.0].use_tube;
-                self.tubes[old.0].using -= 1;
+                self.tubes[old.idx()].using -= 1;
                 self.conns[conn.0].use_tube = new;
                 self.incref(new);
                 self.decref(old);
-                self.tubes[new.0].using += 1;
+                self.tubes[new.idx()].using += 1;
                 self.decref(new);
                 line = ReplyLine::text(reply::USING_PREFIX, name.as_str());
                 line.as_bytes()
@@ -513,7 +517,7 @@ impl Engine {
                 let t = self.tube_ref(&name);
                 if !self.conns[conn.0].watch.contains(t) {
                     self.conns[conn.0].watch.push(t);
-                    self.tubes[t.0].watching += 1;
+                    self.tubes[t.idx()].watching += 1;
                     self.incref(t);
                 }
                 self.decref(t);
@@ -528,7 +532,7 @@ impl Engine {
                     found => {
                         if let Some(t) = found {
                             self.conns[conn.0].watch.remove(t);
-                            self.tubes[t.0].watching -= 1;
+                            self.tubes[t.idx()].watching -= 1;
                             self.decref(t);
                         }
                         line = ReplyLine::number(reply::WATCHING_PREFIX, self.conns[conn.0].watch.len() as u64);
@@ -538,22 +542,22 @@ impl Engine {
             }
             C::Peek(id) => {
                 self.count(Op::Peek);
-                let key = self.ids.get(&JobId(id)).copied();
+                let key = self.ids.get(JobId(id), &self.jobs);
                 return self.reply_found(conn, key, out);
             }
             C::PeekReady => {
                 self.count(Op::PeekReady);
-                let key = self.tubes[self.conns[conn.0].use_tube.0].ready.peek();
+                let key = self.tubes[self.conns[conn.0].use_tube.idx()].ready.peek();
                 return self.reply_found(conn, key, out);
             }
             C::PeekDelayed => {
                 self.count(Op::PeekDelayed);
-                let key = self.tubes[self.conns[conn.0].use_tube.0].delayed.peek();
+                let key = self.tubes[self.conns[conn.0].use_tube.idx()].delayed.peek();
                 return self.reply_found(conn, key, out);
             }
             C::PeekBuried => {
                 self.count(Op::PeekBuried);
-                let key = self.tubes[self.conns[conn.0].use_tube.0].buried.first();
+                let key = self.tubes[self.conns[conn.0].use_tube.idx()].buried.first();
                 return self.reply_found(conn, key, out);
             }
             C::Kick(bound) => {
@@ -563,8 +567,8 @@ impl Engine {
                 line = ReplyLine::number(reply::KICKED_PREFIX, u64::from(kicked));
                 line.as_bytes()
             }
-            C::KickJob(id) => match self.ids.get(&JobId(id)).copied() {
-                Some(key) if matches!(self.jobs[key.0].state, JobState::Buried | JobState::Delayed) => {
+            C::KickJob(id) => match self.ids.get(JobId(id), &self.jobs) {
+                Some(key) if matches!(self.jobs[key.idx()].state, JobState::Buried | JobState::Delayed) => {
                     self.kick_one(key, now, out);
                     reply::KICKED
                 }
@@ -572,7 +576,7 @@ impl Engine {
             },
             C::StatsJob(id) => {
                 self.count(Op::StatsJob);
-                match self.ids.get(&JobId(id)).copied() {
+                match self.ids.get(JobId(id), &self.jobs) {
                     Some(key) => {
                         let yaml = self.stats_job_yaml(key, now);
                         return self.reply_yaml(conn, &yaml, out);
@@ -602,7 +606,7 @@ impl Engine {
             }
             C::ListTubeUsed => {
                 self.count(Op::ListTubeUsed);
-                line = ReplyLine::text(reply::USING_PREFIX, self.tubes[self.conns[conn.0].use_tube.0].name.as_str());
+                line = ReplyLine::text(reply::USING_PREFIX, self.tubes[self.conns[conn.0].use_tube.idx()].name.as_str());
                 line.as_bytes()
             }
             C::ListTubesWatched => {
@@ -625,12 +629,12 @@ impl Engine {
                 let yaml = self.stats_ext_yaml();
                 return self.reply_yaml(conn, &yaml, out);
             }
-            C::Revoke(id) => match self.ids.get(&JobId(id)).copied() {
-                Some(key) if self.jobs[key.0].state == JobState::Reserved => reply::NOT_REVOKED,
+            C::Revoke(id) => match self.ids.get(JobId(id), &self.jobs) {
+                Some(key) if self.jobs[key.idx()].state == JobState::Reserved => reply::NOT_REVOKED,
                 Some(key) => {
                     self.unlink_unreserved(key);
-                    let tube = self.jobs[key.0].tube;
-                    self.tubes[tube.0].counters.revoked += 1;
+                    let tube = self.jobs[key.idx()].tube;
+                    self.tubes[tube.idx()].counters.revoked += 1;
                     self.counters.revoked += 1;
                     self.finish(key, FinalState::Revoked, now);
                     reply::REVOKED
@@ -638,8 +642,8 @@ impl Engine {
                 None => reply::NOT_FOUND,
             },
             C::JobState(id) => {
-                let name = match self.ids.get(&JobId(id)) {
-                    Some(key) => Some(self.jobs[key.0].state.name()),
+                let name = match self.ids.get(JobId(id), &self.jobs) {
+                    Some(key) => Some(self.jobs[key.idx()].state.name()),
                     None => self.tombstones.get(JobId(id)).map(|t| t.state.name()),
                 };
                 match name {
@@ -667,7 +671,7 @@ impl Engine {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn put(&mut self, conn: ConnId, pri: u32, delay: u32, ttr: u32, body: Bytes, opts: PutOptions, now: Nanos, out: &mut dyn ReplySink) {
+    fn put(&mut self, conn: ConnId, pri: u32, delay: u32, ttr: u32, body: Box<[u8]>, opts: PutOptions, now: Nanos, out: &mut dyn ReplySink) {
         // Normally the header already assigned the id (see `begin_put`).
         if self.conns[conn.0].pending_put.is_none() {
             self.begin_put(conn);
@@ -684,37 +688,24 @@ impl Engine {
         let ttl = match opts.ttl {
             Some(0) => None,
             Some(secs) => Some(u64::from(secs) * SECOND),
-            None => self.tube_ttls.get(&self.tubes[tube.0].name).copied(),
+            None => self.tube_ttls.get(&self.tubes[tube.idx()].name).copied(),
         };
+        if let Some(ttl) = ttl {
+            self.ttls.insert(id, ttl);
+        }
+        // beanstalkd raises a TTR below one second to one second.
+        let key = self.insert_job(Job::new(id, tube, pri, delay, ttr.max(1), body, now));
         let delay = u64::from(delay) * SECOND;
-        let key = self.insert_job(Job {
-            id,
-            tube,
-            pri,
-            delay,
-            // beanstalkd raises a TTR below one second to one second.
-            ttr: (u64::from(ttr) * SECOND).max(SECOND),
-            body,
-            state: JobState::Ready,
-            created_at: now,
-            deadline: 0,
-            ttl,
-            ttl_deadline: None,
-            reserver: None,
-            counters: JobCounters::default(),
-            heap_pos: 0,
-            links: Default::default(),
-        });
         self.counters.total_jobs += 1;
-        self.tubes[tube.0].counters.total_jobs += 1;
+        self.tubes[tube.idx()].counters.total_jobs += 1;
         self.enqueue(key, delay, now, out);
         out.send(conn, ReplyLine::number(reply::INSERTED_PREFIX, id.0).as_bytes());
     }
 
     fn insert_job(&mut self, job: Job) -> JobKey {
         let (id, tube, len) = (job.id, job.tube, job.body.len() as u64);
-        let key = JobKey(self.jobs.insert(job));
-        self.ids.insert(id, key);
+        let key = JobKey::from_idx(self.jobs.insert(job));
+        self.ids.insert(id, key, &self.jobs);
         self.incref(tube);
         self.job_bytes += len;
         self.mark_dirty(id);
@@ -728,19 +719,28 @@ impl Engine {
     /// acknowledged, so they vanish without a final state.
     pub fn discard_jobs(&mut self, ids: &[JobId]) {
         for &id in ids {
-            let Some(&key) = self.ids.get(&id) else { continue };
-            match (self.jobs[key.0].state, self.jobs[key.0].reserver) {
+            let Some(key) = self.ids.get(id, &self.jobs) else { continue };
+            match (self.jobs[key.idx()].state, self.jobs[key.idx()].reserver()) {
                 (JobState::Reserved, Some(conn)) => self.remove_reserved(conn, key),
                 (JobState::Reserved, None) => {}
                 _ => self.unlink_unreserved(key),
             }
-            let job = self.jobs.remove(key.0);
-            self.ids.remove(&job.id);
-            self.job_bytes -= job.body.len() as u64;
+            let tube = self.jobs[key.idx()].tube;
             self.counters.total_jobs -= 1;
-            self.tubes[job.tube.0].counters.total_jobs -= 1;
-            self.decref(job.tube);
+            self.tubes[tube.idx()].counters.total_jobs -= 1;
+            self.free_job(key);
         }
+    }
+
+    /// Removes a job that is in no queue from the engine and returns it.
+    fn free_job(&mut self, key: JobKey) -> Job {
+        let id = self.jobs[key.idx()].id;
+        self.ids.remove(id, &self.jobs);
+        self.ttls.remove(&id);
+        let job = self.jobs.remove(key.idx());
+        self.job_bytes -= job.body.len() as u64;
+        self.decref(job.tube);
+        job
     }
 
     fn reserve(&mut self, conn: ConnId, timeout_at: Option<Nanos>, op: Op, now: Nanos, out: &mut dyn ReplySink) -> Outcome {
@@ -761,8 +761,8 @@ impl Engine {
 
     /// `reserve-job`: takes a ready, delayed or buried job from any tube.
     fn reserve_job_by_id(&mut self, conn: ConnId, id: JobId, now: Nanos, out: &mut dyn ReplySink) {
-        match self.ids.get(&id).copied() {
-            Some(key) if self.jobs[key.0].state != JobState::Reserved => {
+        match self.ids.get(id, &self.jobs) {
+            Some(key) if self.jobs[key.idx()].state != JobState::Reserved => {
                 self.unlink_unreserved(key);
                 self.set_worker(conn);
                 self.reserve_to(conn, key, now, out);
@@ -772,9 +772,9 @@ impl Engine {
     }
 
     fn delete(&mut self, conn: ConnId, id: JobId, now: Nanos) -> &'static [u8] {
-        let Some(key) = self.ids.get(&id).copied() else { return reply::NOT_FOUND };
-        let final_state = match self.jobs[key.0].state {
-            JobState::Reserved if self.jobs[key.0].reserver == Some(conn) => {
+        let Some(key) = self.ids.get(id, &self.jobs) else { return reply::NOT_FOUND };
+        let final_state = match self.jobs[key.idx()].state {
+            JobState::Reserved if self.jobs[key.idx()].reserver() == Some(conn) => {
                 self.remove_reserved(conn, key);
                 FinalState::Success
             }
@@ -788,8 +788,8 @@ impl Engine {
                 FinalState::Revoked
             }
         };
-        let tube = self.jobs[key.0].tube;
-        self.tubes[tube.0].counters.deletes += 1;
+        let tube = self.jobs[key.idx()].tube;
+        self.tubes[tube.idx()].counters.deletes += 1;
         self.finish(key, final_state, now);
         reply::DELETED
     }
@@ -803,7 +803,7 @@ impl Engine {
     }
 
     fn send_job(&self, conn: ConnId, prefix: &[u8], key: JobKey, out: &mut dyn ReplySink) {
-        let job = &self.jobs[key.0];
+        let job = &self.jobs[key.idx()];
         out.send(conn, ReplyLine::job_header(prefix, job.id.0, job.body.len()).as_bytes());
         out.send(conn, &job.body);
         out.send(conn, reply::CRLF);
@@ -845,32 +845,30 @@ impl Engine {
     /// Puts a job into its tube: ready at once, or delayed by `delay`.
     /// Then hands ready jobs to waiting connections.
     fn enqueue(&mut self, key: JobKey, delay: Nanos, now: Nanos, out: &mut dyn ReplySink) {
-        let job = &mut self.jobs[key.0];
-        job.reserver = None;
+        let job = &mut self.jobs[key.idx()];
+        job.set_reserver(None);
         let (id, tube, pri) = (job.id, job.tube, job.pri);
         if delay > 0 {
             job.deadline = now.saturating_add(delay);
             job.state = JobState::Delayed;
             let deadline = job.deadline;
-            self.tubes[tube.0].delayed.push(&mut self.jobs, key);
+            self.tubes[tube.idx()].delayed.push(&mut self.jobs, key);
             self.delay_timers.insert((deadline, id));
             self.counters.delayed += 1;
         } else {
             job.state = JobState::Ready;
-            // The TTL clock starts the first time the job is ready and stops for
-            // good once it is reserved.
-            if job.counters.reserves == 0 && job.ttl_deadline.is_none() {
-                if let Some(ttl) = job.ttl {
-                    let at = now.saturating_add(ttl);
-                    job.ttl_deadline = Some(at);
-                    self.ttl_timers.insert((at, id));
-                }
+            // The TTL clock starts when the job becomes ready (a job with a TTL
+            // becomes ready only once: its first reserve removes the TTL).
+            if let Some(&ttl) = self.ttls.get(&id) {
+                let at = now.saturating_add(ttl);
+                job.deadline = at;
+                self.ttl_timers.insert((at, id));
             }
-            self.tubes[tube.0].ready.push(&mut self.jobs, key);
+            self.tubes[tube.idx()].ready.push(&mut self.jobs, key);
             self.counters.ready += 1;
             if pri < URGENT_THRESHOLD {
                 self.counters.urgent += 1;
-                self.tubes[tube.0].counters.urgent += 1;
+                self.tubes[tube.idx()].counters.urgent += 1;
             }
         }
         self.process_queue(now, out);
@@ -882,15 +880,15 @@ impl Engine {
         loop {
             let mut best: Option<JobKey> = None;
             for &t in &self.tubes_with_waiters {
-                let tube = &self.tubes[t.0];
+                let tube = &self.tubes[t.idx()];
                 if tube.pause > 0 && tube.unpause_at > now {
                     continue;
                 }
                 if let Some(candidate) = tube.ready.peek() {
-                    let c = &self.jobs[candidate.0];
+                    let c = &self.jobs[candidate.idx()];
                     let better = match best {
                         None => true,
-                        Some(b) => (c.pri, c.id) < (self.jobs[b.0].pri, self.jobs[b.0].id),
+                        Some(b) => (c.pri, c.id) < (self.jobs[b.idx()].pri, self.jobs[b.idx()].id),
                     };
                     if better {
                         best = Some(candidate);
@@ -898,9 +896,9 @@ impl Engine {
                 }
             }
             let Some(key) = best else { return };
-            let tube = self.jobs[key.0].tube;
+            let tube = self.jobs[key.idx()].tube;
             self.remove_ready(key);
-            let conn = self.tubes[tube.0].waiting.take().expect("tube with waiters has a waiter");
+            let conn = self.tubes[tube.idx()].waiting.take().expect("tube with waiters has a waiter");
             self.remove_waiting_conn(conn);
             self.reserve_to(conn, key, now, out);
         }
@@ -908,73 +906,73 @@ impl Engine {
 
     /// Hands a job that is in no queue to `conn` and sends it.
     fn reserve_to(&mut self, conn: ConnId, key: JobKey, now: Nanos, out: &mut dyn ReplySink) {
-        let job = &mut self.jobs[key.0];
-        job.deadline = now.saturating_add(job.ttr);
+        let job = &mut self.jobs[key.idx()];
+        job.deadline = now.saturating_add(job.ttr());
         job.state = JobState::Reserved;
-        job.reserver = Some(conn);
+        job.set_reserver(Some(conn));
         job.counters.reserves += 1;
         let (tube, id) = (job.tube, job.id);
         self.ttr_heap.push(&mut self.jobs, key);
         self.conns[conn.0].reserved.push_back(&mut self.jobs, key);
         self.counters.reserved += 1;
-        self.tubes[tube.0].counters.reserved += 1;
+        self.tubes[tube.idx()].counters.reserved += 1;
         // The store keeps reserved jobs as ready, so a reserve writes nothing,
         // except the first one of a job with a TTL, which no longer applies.
-        if self.jobs[key.0].ttl.is_some() && self.jobs[key.0].counters.reserves == 1 {
+        if self.ttls.remove(&id).is_some() {
             self.mark_dirty(id);
         }
         self.send_job(conn, reply::RESERVED_PREFIX, key, out);
     }
 
     fn bury(&mut self, key: JobKey) {
-        self.jobs[key.0].counters.buries += 1;
+        self.jobs[key.idx()].counters.buries += 1;
         self.place_buried(key);
-        self.mark_dirty(self.jobs[key.0].id);
+        self.mark_dirty(self.jobs[key.idx()].id);
     }
 
     /// Appends a job that is in no queue to its tube's buried list.
     fn place_buried(&mut self, key: JobKey) {
-        let job = &mut self.jobs[key.0];
+        let job = &mut self.jobs[key.idx()];
         job.state = JobState::Buried;
-        job.reserver = None;
+        job.set_reserver(None);
         let tube = job.tube;
-        self.tubes[tube.0].buried.push_back(&mut self.jobs, key);
+        self.tubes[tube.idx()].buried.push_back(&mut self.jobs, key);
         self.counters.buried += 1;
     }
 
     fn remove_ready(&mut self, key: JobKey) {
-        let job = &mut self.jobs[key.0];
+        let job = &mut self.jobs[key.idx()];
         let (tube, pri, id) = (job.tube, job.pri, job.id);
         // A ready job leaves only to be reserved or to end: either way its TTL
-        // no longer applies.
-        if let Some(at) = job.ttl_deadline.take() {
-            self.ttl_timers.remove(&(at, id));
+        // timer stops.
+        if self.ttls.contains_key(&id) {
+            self.ttl_timers.remove(&(job.deadline, id));
         }
-        self.tubes[tube.0].ready.remove(&mut self.jobs, key);
+        self.tubes[tube.idx()].ready.remove(&mut self.jobs, key);
         self.counters.ready -= 1;
         if pri < URGENT_THRESHOLD {
             self.counters.urgent -= 1;
-            self.tubes[tube.0].counters.urgent -= 1;
+            self.tubes[tube.idx()].counters.urgent -= 1;
         }
     }
 
     fn remove_delayed(&mut self, key: JobKey) {
-        let job = &self.jobs[key.0];
+        let job = &self.jobs[key.idx()];
         let (tube, deadline, id) = (job.tube, job.deadline, job.id);
-        self.tubes[tube.0].delayed.remove(&mut self.jobs, key);
+        self.tubes[tube.idx()].delayed.remove(&mut self.jobs, key);
         self.delay_timers.remove(&(deadline, id));
         self.counters.delayed -= 1;
     }
 
     fn remove_buried(&mut self, key: JobKey) {
-        let tube = self.jobs[key.0].tube;
-        self.tubes[tube.0].buried.remove(&mut self.jobs, key);
+        let tube = self.jobs[key.idx()].tube;
+        self.tubes[tube.idx()].buried.remove(&mut self.jobs, key);
         self.counters.buried -= 1;
     }
 
     /// Takes a ready, delayed or buried job out of its tube.
     fn unlink_unreserved(&mut self, key: JobKey) {
-        match self.jobs[key.0].state {
+        match self.jobs[key.idx()].state {
             JobState::Ready => self.remove_ready(key),
             JobState::Delayed => self.remove_delayed(key),
             JobState::Buried => self.remove_buried(key),
@@ -984,26 +982,23 @@ impl Engine {
 
     /// The job `id` if `conn` has it reserved.
     fn reserved_by(&self, conn: ConnId, id: JobId) -> Option<JobKey> {
-        let key = *self.ids.get(&id)?;
-        let job = &self.jobs[key.0];
-        (job.state == JobState::Reserved && job.reserver == Some(conn)).then_some(key)
+        let key = self.ids.get(id, &self.jobs)?;
+        let job = &self.jobs[key.idx()];
+        (job.state == JobState::Reserved && job.reserver() == Some(conn)).then_some(key)
     }
 
     fn remove_reserved(&mut self, conn: ConnId, key: JobKey) {
         self.ttr_heap.remove(&mut self.jobs, key);
         self.conns[conn.0].reserved.remove(&mut self.jobs, key);
-        let tube = self.jobs[key.0].tube;
-        self.jobs[key.0].reserver = None;
+        let tube = self.jobs[key.idx()].tube;
+        self.jobs[key.idx()].set_reserver(None);
         self.counters.reserved -= 1;
-        self.tubes[tube.0].counters.reserved -= 1;
+        self.tubes[tube.idx()].counters.reserved -= 1;
     }
 
     /// Frees a job that is in no queue and records how it ended.
     fn finish(&mut self, key: JobKey, state: FinalState, now: Nanos) {
-        let job = self.jobs.remove(key.0);
-        self.ids.remove(&job.id);
-        self.job_bytes -= job.body.len() as u64;
-        self.decref(job.tube);
+        let job = self.free_job(key);
         self.mark_dirty(job.id);
         let tombstone = Tombstone { id: job.id, state, at: now };
         let evicted = self.tombstones.insert(tombstone);
@@ -1015,9 +1010,9 @@ impl Engine {
 
     fn kick(&mut self, tube: TubeKey, bound: u32, now: Nanos, out: &mut dyn ReplySink) -> u32 {
         let mut kicked = 0;
-        let from_buried = !self.tubes[tube.0].buried.is_empty();
+        let from_buried = !self.tubes[tube.idx()].buried.is_empty();
         while kicked < bound {
-            let next = if from_buried { self.tubes[tube.0].buried.first() } else { self.tubes[tube.0].delayed.peek() };
+            let next = if from_buried { self.tubes[tube.idx()].buried.first() } else { self.tubes[tube.idx()].delayed.peek() };
             let Some(key) = next else { break };
             self.kick_one(key, now, out);
             kicked += 1;
@@ -1027,13 +1022,13 @@ impl Engine {
 
     fn kick_one(&mut self, key: JobKey, now: Nanos, out: &mut dyn ReplySink) {
         self.unlink_unreserved(key);
-        self.jobs[key.0].counters.kicks += 1;
-        self.mark_dirty(self.jobs[key.0].id);
+        self.jobs[key.idx()].counters.kicks += 1;
+        self.mark_dirty(self.jobs[key.idx()].id);
         self.enqueue(key, 0, now, out);
     }
 
     fn pause_tube(&mut self, t: TubeKey, pause: Nanos, now: Nanos, out: &mut dyn ReplySink) {
-        let tube = &mut self.tubes[t.0];
+        let tube = &mut self.tubes[t.idx()];
         if tube.pause > 0 {
             self.pause_timers.remove(&(tube.unpause_at, t));
         }
@@ -1053,7 +1048,7 @@ impl Engine {
         self.counters.waiting += 1;
         let watched: Vec<TubeKey> = self.conns[conn.0].watch.iter().collect();
         for t in watched {
-            self.tubes[t.0].waiting.push(conn);
+            self.tubes[t.idx()].waiting.push(conn);
             self.tubes_with_waiters.insert(t);
         }
         self.conns[conn.0].wait = Some(Wait { timeout_at, timer: None });
@@ -1086,7 +1081,7 @@ impl Engine {
         self.counters.waiting -= 1;
         let watched: Vec<TubeKey> = self.conns[conn.0].watch.iter().collect();
         for t in watched {
-            let tube = &mut self.tubes[t.0];
+            let tube = &mut self.tubes[t.idx()];
             tube.waiting.remove(conn);
             if tube.waiting.is_empty() {
                 self.tubes_with_waiters.remove(&t);
@@ -1095,7 +1090,7 @@ impl Engine {
     }
 
     fn soonest_deadline(&self, conn: ConnId) -> Option<Nanos> {
-        self.conns[conn.0].reserved.iter(&self.jobs).map(|k| self.jobs[k.0].deadline).min()
+        self.conns[conn.0].reserved.iter(&self.jobs).map(|k| self.jobs[k.idx()].deadline).min()
     }
 
     fn deadline_soon(&self, conn: ConnId, now: Nanos) -> bool {
@@ -1103,7 +1098,7 @@ impl Engine {
     }
 
     fn conn_has_ready(&self, conn: ConnId) -> bool {
-        self.conns[conn.0].watch.iter().any(|t| !self.tubes[t.0].ready.is_empty())
+        self.conns[conn.0].watch.iter().any(|t| !self.tubes[t.idx()].ready.is_empty())
     }
 
     // ----- tubes ---------------------------------------------------------------
@@ -1113,7 +1108,7 @@ impl Engine {
         let key = match self.tube_index.get(name) {
             Some(&key) => key,
             None => {
-                let key = TubeKey(self.tubes.insert(Tube::new(name.clone())));
+                let key = TubeKey::from_idx(self.tubes.insert(Tube::new(name.clone())));
                 self.tube_index.insert(name.clone(), key);
                 self.tube_order.push(key);
                 key
@@ -1124,17 +1119,17 @@ impl Engine {
     }
 
     fn incref(&mut self, t: TubeKey) {
-        self.tubes[t.0].refs += 1;
+        self.tubes[t.idx()].refs += 1;
     }
 
     /// Drops a reference; a tube nobody refers to is freed.
     fn decref(&mut self, t: TubeKey) {
-        let tube = &mut self.tubes[t.0];
+        let tube = &mut self.tubes[t.idx()];
         tube.refs -= 1;
         if tube.refs > 0 {
             return;
         }
-        let tube = self.tubes.remove(t.0);
+        let tube = self.tubes.remove(t.idx());
         if tube.pause > 0 {
             self.pause_timers.remove(&(tube.unpause_at, t));
         }
@@ -1151,7 +1146,7 @@ impl Engine {
             self.delay_timers.first().map(|t| t.0),
             self.ttl_timers.first().map(|t| t.0),
             self.pause_timers.first().map(|t| t.0),
-            self.ttr_heap.peek().map(|k| self.jobs[k.0].deadline),
+            self.ttr_heap.peek().map(|k| self.jobs[k.idx()].deadline),
             self.wait_timers.first().map(|t| t.0),
             self.tombstones.next_expiry(),
         ]
@@ -1168,7 +1163,7 @@ impl Engine {
             if at > now {
                 break;
             }
-            let key = self.ids[&id];
+            let key = self.ids.get(id, &self.jobs).expect("timers name live jobs");
             self.remove_delayed(key);
             self.enqueue(key, 0, now, out);
         }
@@ -1176,10 +1171,10 @@ impl Engine {
             if at > now {
                 break;
             }
-            let key = self.ids[&id];
+            let key = self.ids.get(id, &self.jobs).expect("timers name live jobs");
             self.remove_ready(key);
-            let tube = self.jobs[key.0].tube;
-            self.tubes[tube.0].counters.expired += 1;
+            let tube = self.jobs[key.idx()].tube;
+            self.tubes[tube.idx()].counters.expired += 1;
             self.counters.expired += 1;
             self.finish(key, FinalState::Expired, now);
         }
@@ -1188,16 +1183,16 @@ impl Engine {
                 break;
             }
             self.pause_timers.remove(&(at, t));
-            self.tubes[t.0].pause = 0;
+            self.tubes[t.idx()].pause = 0;
             self.process_queue(now, out);
         }
         while let Some(key) = self.ttr_heap.peek() {
-            if self.jobs[key.0].deadline > now {
+            if self.jobs[key.idx()].deadline > now {
                 break;
             }
-            let Some(conn) = self.jobs[key.0].reserver else { break };
+            let Some(conn) = self.jobs[key.idx()].reserver() else { break };
             self.remove_reserved(conn, key);
-            self.jobs[key.0].counters.timeouts += 1;
+            self.jobs[key.idx()].counters.timeouts += 1;
             self.counters.job_timeouts += 1;
             self.enqueue(key, 0, now, out);
             self.schedule_wait(conn, now);
@@ -1243,52 +1238,42 @@ impl Engine {
     }
 
     /// The record of a live job, for the store.
-    pub fn job_record(&self, id: JobId, now: Nanos) -> Option<JobRecord> {
-        let job = &self.jobs[self.ids.get(&id)?.0];
+    pub fn job_record(&self, id: JobId, now: Nanos) -> Option<JobRecord<&[u8]>> {
+        let job = &self.jobs[self.ids.get(id, &self.jobs)?.idx()];
+        let ttl = self.ttls.get(&id).copied();
         Some(JobRecord {
             id,
-            tube: self.tubes[job.tube.0].name.clone(),
+            tube: self.tubes[job.tube.idx()].name.clone(),
             pri: job.pri,
-            delay: job.delay,
-            ttr: job.ttr,
-            ttl: if job.counters.reserves == 0 { job.ttl } else { None },
-            ttl_left: job.ttl_deadline.map(|at| at.saturating_sub(now)),
+            delay_secs: job.delay_secs,
+            ttr_secs: job.ttr_secs,
+            ttl,
+            ttl_left: ttl.filter(|_| job.state == JobState::Ready).map(|_| job.deadline.saturating_sub(now)),
             state: job.state,
             delay_left: if job.state == JobState::Delayed { job.deadline.saturating_sub(now) } else { 0 },
             counters: job.counters,
             age: now.saturating_sub(job.created_at),
-            body: job.body.clone(),
+            body: &job.body,
         })
     }
 
     /// Puts a job read back from the store into the queue, as it was: ready,
     /// delayed (with the delay it had left) or buried. Reserved jobs come back
     /// ready. New ids continue above every restored one.
-    pub fn restore_job(&mut self, rec: JobRecord, now: Nanos) {
+    pub fn restore_job(&mut self, rec: JobRecord<Box<[u8]>>, now: Nanos) {
         // Restoring is not a change to write back.
         let changes = self.changes.take();
         let tube = self.tube_ref(&rec.tube);
         self.decref_keep(tube);
-        let key = self.insert_job(Job {
-            id: rec.id,
-            tube,
-            pri: rec.pri,
-            delay: rec.delay,
-            ttr: rec.ttr.max(SECOND),
-            body: rec.body,
-            state: JobState::Ready,
-            created_at: now.saturating_sub(rec.age),
-            deadline: 0,
-            ttl: rec.ttl,
-            ttl_deadline: None,
-            reserver: None,
-            counters: rec.counters,
-            heap_pos: 0,
-            links: Default::default(),
-        });
+        let mut job = Job::new(rec.id, tube, rec.pri, rec.delay_secs, rec.ttr_secs.max(1), rec.body, now.saturating_sub(rec.age));
+        job.counters = rec.counters;
+        let key = self.insert_job(job);
+        if let Some(ttl) = rec.ttl {
+            self.ttls.insert(rec.id, ttl);
+        }
         self.next_id = self.next_id.max(rec.id.0 + 1);
         self.counters.total_jobs += 1;
-        self.tubes[tube.0].counters.total_jobs += 1;
+        self.tubes[tube.idx()].counters.total_jobs += 1;
         let mut sink = NoReplies;
         match rec.state {
             JobState::Buried => self.place_buried(key),
@@ -1296,10 +1281,11 @@ impl Engine {
             JobState::Ready | JobState::Reserved => {
                 self.enqueue(key, 0, now, &mut sink);
                 // Re-arm an armed TTL with the time it had left, not afresh.
-                if let (Some(left), Some(armed)) = (rec.ttl_left, self.jobs[key.0].ttl_deadline) {
+                if let (Some(left), true) = (rec.ttl_left, self.ttls.contains_key(&rec.id)) {
+                    let armed = self.jobs[key.idx()].deadline;
                     self.ttl_timers.remove(&(armed, rec.id));
                     let at = now.saturating_add(left);
-                    self.jobs[key.0].ttl_deadline = Some(at);
+                    self.jobs[key.idx()].deadline = at;
                     self.ttl_timers.insert((at, rec.id));
                 }
             }
@@ -1310,7 +1296,7 @@ impl Engine {
     /// Drops the temporary reference `tube_ref` took, without freeing: the
     /// caller is about to attach a job, which holds its own reference.
     fn decref_keep(&mut self, t: TubeKey) {
-        self.tubes[t.0].refs -= 1;
+        self.tubes[t.idx()].refs -= 1;
     }
 
     /// Makes sure new ids start above `id` (ids are never reused, even across restarts).

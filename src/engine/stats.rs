@@ -124,7 +124,7 @@ impl Engine {
     }
 
     pub(super) fn stats_tube_yaml(&self, t: TubeKey, now: Nanos) -> Vec<u8> {
-        let tube = &self.tubes[t.0];
+        let tube = &self.tubes[t.idx()];
         let time_left = if tube.pause > 0 { tube.unpause_at.saturating_sub(now) / SECOND } else { 0 };
         let mut y = Vec::with_capacity(512);
         let _ = write!(
@@ -163,7 +163,7 @@ impl Engine {
     }
 
     pub(super) fn stats_job_yaml(&self, key: JobKey, now: Nanos) -> Vec<u8> {
-        let job = &self.jobs[key.0];
+        let job = &self.jobs[key.idx()];
         let time_left = match job.state {
             JobState::Reserved | JobState::Delayed => job.deadline.saturating_sub(now) / SECOND,
             _ => 0,
@@ -187,12 +187,12 @@ impl Engine {
              buries: {}\n\
              kicks: {}\n",
             job.id.0,
-            self.tubes[job.tube.0].name,
+            self.tubes[job.tube.idx()].name,
             job.state.name(),
             job.pri,
             now.saturating_sub(job.created_at) / SECOND,
-            job.delay / SECOND,
-            job.ttr / SECOND,
+            job.delay_secs,
+            job.ttr_secs,
             time_left,
             job.counters.reserves,
             job.counters.timeouts,
@@ -221,7 +221,7 @@ impl Engine {
             self.cfg.max_job_bytes,
         );
         for t in self.tube_order.iter() {
-            let tube = &self.tubes[t.0];
+            let tube = &self.tubes[t.idx()];
             let ttl = self.tube_ttls.get(&tube.name).map_or(0, |n| n / SECOND);
             let _ = writeln!(
                 y,
@@ -237,7 +237,7 @@ impl Engine {
         let mut y = b"---\n".to_vec();
         for t in tubes {
             y.extend_from_slice(b"- ");
-            y.extend_from_slice(self.tubes[t.0].name.as_str().as_bytes());
+            y.extend_from_slice(self.tubes[t.idx()].name.as_str().as_bytes());
             y.push(b'\n');
         }
         y

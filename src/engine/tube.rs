@@ -7,7 +7,17 @@ use crate::proto::TubeName;
 
 /// Index of a tube in the engine's tube slab.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub(crate) struct TubeKey(pub(crate) usize);
+pub(crate) struct TubeKey(pub(crate) u32);
+
+impl TubeKey {
+    pub(crate) fn idx(self) -> usize {
+        self.0 as usize
+    }
+
+    pub(crate) fn from_idx(idx: usize) -> TubeKey {
+        TubeKey(u32::try_from(idx).expect("fewer than 2^32 tubes"))
+    }
+}
 
 /// beanstalkd's `ms`: an unordered set kept in a vector, where removal moves the
 /// last item into the hole and `take` hands out items from a rotating cursor.
