@@ -156,6 +156,8 @@ struct Connection {
     closing: bool,
     /// The socket may hold more input that was left unread (backpressure).
     read_pending: bool,
+    /// epoll reported the peer's end closed: read on until end of file.
+    peer_hup: bool,
     /// Already listed for this turn's flush.
     queued_for_flush: bool,
     /// Length of `output` before this turn's replies: what a failed commit takes back.
@@ -292,6 +294,11 @@ impl Server {
                     LISTENER => self.accept_all(),
                     SIGNALS => self.drain_signal_pipe(),
                     Token(token) => {
+                        if event.is_read_closed() || event.is_error() {
+                            if let Some(c) = self.conns.get_mut(token) {
+                                c.peer_hup = true;
+                            }
+                        }
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
                             self.read_and_run(token, now);
                         }
@@ -386,6 +393,7 @@ impl Server {
                 blocked: false,
                 closing: false,
                 read_pending: false,
+                peer_hup: false,
                 queued_for_flush: false,
                 turn_start: 0,
             });
@@ -400,17 +408,22 @@ impl Server {
             if c.closing {
                 return;
             }
-            // Backpressure: do not read more than we can act on.
-            let wanted = c.decoder.body_bytes_wanted().unwrap_or(0).max(READ_CHUNK);
-            if c.input.len() >= wanted || c.output.len() >= self.cfg.max_output_buffer || c.blocked {
+            if c.blocked || c.output.len() >= self.cfg.max_output_buffer {
+                // Stalled: leave the rest in the socket until the engine answers
+                // the wait or the client reads its replies (see `resume`).
                 c.read_pending = true;
                 // A blocked connection still has to notice a hang-up.
                 if c.blocked && peer_closed(&mut c.stream) {
                     self.hang_up(token);
-                    return;
                 }
-                self.run_input(token, now);
                 return;
+            }
+            // Backpressure: hold at most one chunk (or the body being read) in memory.
+            let wanted = c.decoder.body_bytes_wanted().unwrap_or(0).max(READ_CHUNK);
+            if c.input.len() >= wanted {
+                c.read_pending = true;
+                self.run_input(token, now);
+                continue;
             }
             match c.stream.read(&mut self.scratch) {
                 Ok(0) => {
@@ -421,7 +434,17 @@ impl Server {
                 }
                 Ok(n) => {
                     c.input.extend_from_slice(&self.scratch[..n]);
+                    // A short read emptied the socket: data arriving later raises
+                    // a new edge, so this saves the read that would say WouldBlock.
+                    // (Not after a hang-up: its edge is spent, so read to the end.)
+                    let drained = n < self.scratch.len() && !c.peer_hup;
+                    if drained {
+                        c.read_pending = false;
+                    }
                     self.run_input(token, now);
+                    if drained {
+                        return;
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     c.read_pending = false;
@@ -435,6 +458,17 @@ impl Server {
                     self.to_close.push(token);
                     return;
                 }
+            }
+        }
+    }
+
+    /// Lists a connection that was stalled (blocked, or with too much output)
+    /// for another look, if it has input left to act on.
+    fn resume(&mut self, token: usize) {
+        if let Some(c) = self.conns.get(token) {
+            let stalled = c.blocked || c.output.len() >= self.cfg.max_output_buffer;
+            if !stalled && !c.closing && (c.read_pending || !c.input.is_empty()) {
+                self.backlog.push(token);
             }
         }
     }
@@ -456,9 +490,7 @@ impl Server {
         loop {
             let Some(c) = self.conns.get_mut(token) else { return };
             if c.blocked || c.output.len() >= self.cfg.max_output_buffer {
-                if !c.input.is_empty() || c.read_pending {
-                    self.backlog.push(token);
-                }
+                // Picked up again by `resume` once it can make progress.
                 return;
             }
             let Some(decoded) = c.decoder.decode(&mut c.input) else { return };
@@ -499,30 +531,22 @@ impl Server {
         }
     }
 
-    /// Revisits connections that were woken or held back, until none can progress.
+    /// Revisits connections that were woken (their `reserve` was answered) or
+    /// held back, until none can progress. A command on one connection can wake
+    /// another, hence the loop; stalled connections are never listed, so it ends.
     fn run_backlog(&mut self, now: Nanos) {
-        let mut rounds = 0;
         while !self.resumed.is_empty() || !self.backlog.is_empty() {
-            let mut work = std::mem::take(&mut self.resumed);
-            work.append(&mut self.backlog);
+            let mut work = std::mem::take(&mut self.backlog);
+            work.append(&mut self.resumed);
             work.sort_unstable();
             work.dedup();
             for token in work {
-                let pending = self.conns.get(token).is_some_and(|c| c.read_pending && !c.blocked);
-                if pending {
+                let read_pending = self.conns.get(token).is_some_and(|c| c.read_pending);
+                if read_pending {
                     self.read_and_run(token, now);
                 } else {
                     self.run_input(token, now);
                 }
-            }
-            rounds += 1;
-            if rounds > 64 {
-                // Connections held back by full output stay in the backlog until
-                // their output drains; stop spinning and let the loop flush.
-                break;
-            }
-            if self.backlog.iter().all(|&t| self.conns.get(t).is_some_and(|c| c.output.len() >= self.cfg.max_output_buffer || c.blocked)) {
-                break;
             }
         }
     }
@@ -533,9 +557,6 @@ impl Server {
                 c.queued_for_flush = true;
                 c.turn_start = c.output.len();
                 self.flush.push(token);
-            }
-            if c.read_pending && !c.blocked {
-                self.backlog.push(token);
             }
         }
     }
@@ -591,9 +612,7 @@ impl Server {
                     }
                 }
             }
-            if c.output.is_empty() && (c.read_pending || !c.input.is_empty()) && !c.blocked {
-                self.backlog.push(token);
-            }
+            self.resume(token);
         }
     }
 

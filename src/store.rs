@@ -191,7 +191,7 @@ impl Store {
              PRAGMA wal_autocheckpoint = {checkpoint_pages};
              PRAGMA journal_size_limit = {wal_size};
              PRAGMA temp_store = MEMORY;
-             PRAGMA cache_size = -65536;"
+             PRAGMA cache_size = -8192;"
         ))
         .map_err(sql)?;
         if max_bytes > 0 {
