@@ -7,9 +7,11 @@
 //! - [`server`]: the `mio` event loop that owns sockets and feeds the engine.
 //! - [`store`]: durability in SQLite: one transaction per loop turn (group commit).
 //! - [`config`]: `polarisd`'s command line (beanstalkd's flags plus our own).
+//! - [`loadgen`]: `polaris-bench`, a load generator and benchmark reporter for any beanstalk server.
 
 pub mod engine;
 pub mod proto;
 pub mod config;
 pub mod server;
 pub mod store;
+pub mod loadgen;
