@@ -1118,6 +1118,8 @@ fn run_restart(args: RestartArgs) -> Result<()> {
 enum Better {
     Higher,
     Lower,
+    /// Context, not a score (e.g. how busy a process was).
+    Info,
 }
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
@@ -1147,14 +1149,14 @@ type Metric = (&'static str, &'static str, Better, fn(&Record) -> Option<f64>);
 const METRICS: &[Metric] = &[
     ("throughput", "jobs/s", Better::Higher, |r| (r.mode != "restart" && r.mode != "fill" && r.jobs > 0).then_some(r.jobs_per_s)),
     ("server CPU per job", "µs", Better::Lower, |r| if r.mode == "restart" || r.mode == "fill" { None } else { r.server_cpu_us_per_job }),
-    ("server CPU use", "cores", Better::Lower, |r| {
+    ("server CPU use", "cores", Better::Info, |r| {
         if r.mode == "restart" || r.mode == "fill" {
             None
         } else {
             r.server_cpu_s.map(|c| c / r.secs)
         }
     }),
-    ("load generator CPU use", "cores", Better::Lower, |r| {
+    ("load generator CPU use", "cores", Better::Info, |r| {
         if r.mode == "restart" || r.mode == "fill" {
             None
         } else {
@@ -1220,7 +1222,7 @@ fn report(args: &ReportArgs) -> Result<()> {
                 continue;
             }
             let ratio = match (b, c) {
-                (Some(b), Some(c)) if b > 0.0 => Some(c / b),
+                (Some(b), Some(c)) if b > 0.0 && better != Better::Info => Some(c / b),
                 _ => None,
             };
             if let (Some(b), Some(c), Some(r)) = (b, c, ratio) {
@@ -1234,7 +1236,11 @@ fn report(args: &ReportArgs) -> Result<()> {
                 show(b),
                 show(c),
                 ratio.map_or("–".into(), |r| format!("{r:.2}×")),
-                if better == Better::Higher { "higher" } else { "lower" }
+                match better {
+                    Better::Higher => "higher",
+                    Better::Lower => "lower",
+                    Better::Info => "(context)",
+                }
             ));
         }
     }
