@@ -46,12 +46,13 @@ fi
 : "${FILL_CONFIGS:=mem durable}" "${IDLE_CONFIGS:=mem}"
 : "${BEANSTALKD:=/usr/bin/beanstalkd}" "${SKIP_BUILD:=0}" "${KEEP_DATA:=0}"
 
-OUTDIR="$ROOT/target/bench"
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+OUTDIR="$TARGET/bench"
 : "${DATA_DIR:=$OUTDIR/data}"
 RESULTS="$OUTDIR/results.jsonl"
-TABLE="$ROOT/target/bench-results.md"
-POLARISD="$ROOT/target/release/polarisd"
-BENCH="$ROOT/target/release/polaris-bench"
+TABLE="$TARGET/bench-results.md"
+POLARISD="$TARGET/release/polarisd"
+BENCH="$TARGET/release/polaris-bench"
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "FATAL: $*"; exit 1; }

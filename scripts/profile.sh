@@ -21,8 +21,9 @@ CONFIG=${2:-mem}
 MODE=${3:-pipeline}
 shift $(( $# < 3 ? $# : 3 ))
 : "${DURATION:=4}" "${TOOL:=perf}" "${SKIP_BUILD:=0}" "${CALLGRAPH:=dwarf}"
-BENCH="$ROOT/target/release/polaris-bench"
-OUT="$ROOT/target/profile"
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+BENCH="$TARGET/release/polaris-bench"
+OUT="$TARGET/profile"
 ARGTAG=$(printf '%s' "$*" | tr -c 'A-Za-z0-9' '_' | tr -s '_' | sed 's/^_//; s/_$//')
 NAME="$SERVER-$CONFIG-$MODE${ARGTAG:+-$ARGTAG}"
 mkdir -p "$OUT"
@@ -42,7 +43,7 @@ trap cleanup EXIT
 
 PORT=$("$BENCH" free-port)
 case $SERVER in
-    polarisd) CMD=("$ROOT/target/release/polarisd" -l 127.0.0.1 -p "$PORT") ;;
+    polarisd) CMD=("$TARGET/release/polarisd" -l 127.0.0.1 -p "$PORT") ;;
     beanstalkd) CMD=(/usr/bin/beanstalkd -l 127.0.0.1 -p "$PORT") ;;
     *) echo "unknown server $SERVER" >&2; exit 2 ;;
 esac
