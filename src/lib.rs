@@ -10,12 +10,14 @@
 //! - [`client`]: a small blocking beanstalk client used by the agent, the dispatcher and tests.
 //! - [`dispatch`]: the REST/JSON dispatcher (`polaris-dispatch`).
 //! - [`agent`]: the per-host agent (`polaris-agent`).
+//! - [`loadgen`]: `polaris-bench`, a load generator and benchmark reporter for any beanstalk server.
 
 pub mod agent;
 pub mod client;
 pub mod config;
 pub mod dispatch;
 pub mod engine;
+pub mod loadgen;
 pub mod proto;
 pub mod server;
 pub mod store;
