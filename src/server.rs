@@ -566,7 +566,8 @@ impl Server {
         let Some(store) = &mut self.store else { return };
         let changes = self.engine.take_changes();
         if let Err(e) = store.commit(&changes, &self.engine, now) {
-            self.commit_failed(e, &changes.inserted);
+            let inserted: Vec<engine::JobId> = changes.inserted.iter().copied().collect();
+            self.commit_failed(e, &inserted);
         }
         self.engine.set_binlog_stats(self.store.as_ref().map(|s| s.stats()).unwrap_or_default());
     }

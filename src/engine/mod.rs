@@ -17,7 +17,7 @@ mod stats;
 mod tombstone;
 mod tube;
 
-pub use job::{JobCounters, JobId, JobState};
+pub use job::{IdHashBuilder, JobCounters, JobId, JobState};
 use job::JobIndex;
 pub use tombstone::{FinalState, Tombstone};
 
@@ -205,9 +205,9 @@ struct Counters {
 #[derive(Debug, Default)]
 pub struct Changes {
     /// Jobs whose record must be rewritten (or removed, if no longer live).
-    pub jobs: HashSet<JobId>,
-    /// Jobs created since the last call (a subset of `jobs` while they live).
-    pub inserted: Vec<JobId>,
+    pub jobs: HashSet<JobId, IdHashBuilder>,
+    /// Jobs created since the last call, still live (a subset of `jobs`).
+    pub inserted: HashSet<JobId, IdHashBuilder>,
     /// New tombstones.
     pub tombstones: Vec<Tombstone>,
     /// Tombstones to forget.
@@ -260,7 +260,7 @@ pub struct Engine {
     jobs: Slab<Job>,
     ids: JobIndex,
     /// TTLs of jobs that have not been reserved yet (most jobs have none).
-    ttls: HashMap<JobId, Nanos>,
+    ttls: HashMap<JobId, Nanos, IdHashBuilder>,
     next_id: u64,
     tubes: Slab<Tube>,
     /// All tubes in beanstalkd's order (creation order, disturbed by frees).
@@ -296,7 +296,7 @@ impl Engine {
             cfg,
             jobs: Slab::new(),
             ids: JobIndex::default(),
-            ttls: HashMap::new(),
+            ttls: HashMap::default(),
             next_id: 1,
             tubes: Slab::new(),
             tube_order: Multiset::default(),
@@ -710,7 +710,7 @@ impl Engine {
         self.job_bytes += len;
         self.mark_dirty(id);
         if let Some(changes) = &mut self.changes {
-            changes.inserted.push(id);
+            changes.inserted.insert(id);
         }
         key
     }
@@ -999,7 +999,15 @@ impl Engine {
     /// Frees a job that is in no queue and records how it ended.
     fn finish(&mut self, key: JobKey, state: FinalState, now: Nanos) {
         let job = self.free_job(key);
-        self.mark_dirty(job.id);
+        if let Some(changes) = &mut self.changes {
+            // Born and gone within one loop turn: its row was never written, so
+            // there is nothing to remove either.
+            if changes.inserted.remove(&job.id) {
+                changes.jobs.remove(&job.id);
+            } else {
+                changes.jobs.insert(job.id);
+            }
+        }
         let tombstone = Tombstone { id: job.id, state, at: now };
         let evicted = self.tombstones.insert(tombstone);
         if let Some(changes) = &mut self.changes {
