@@ -89,6 +89,8 @@ const LISTENER: Token = Token(usize::MAX - 1);
 const SIGNALS: Token = Token(usize::MAX - 2);
 /// How much to read from a socket at a time.
 const READ_CHUNK: usize = 64 * 1024;
+/// Connection buffers that grew past this (for a big job) are given back once empty.
+const SHRINK_ABOVE: usize = 1 << 20;
 
 enum Listener {
     Tcp(TcpListener),
@@ -612,6 +614,14 @@ impl Server {
                         break;
                     }
                 }
+            }
+            // A connection that once received a huge job should not keep a
+            // huge buffer for the rest of its life.
+            if c.output.is_empty() && c.output.capacity() > SHRINK_ABOVE {
+                c.output = BytesMut::new();
+            }
+            if c.input.is_empty() && c.input.capacity() > SHRINK_ABOVE {
+                c.input = BytesMut::with_capacity(1024);
             }
             self.resume(token);
         }
