@@ -93,6 +93,13 @@ pub struct TubeName(std::sync::Arc<str>);
 
 impl TubeName {
     /// Validates `raw` as beanstalkd's `name_is_ok` does.
+    ///
+    /// ```
+    /// use polaris::proto::TubeName;
+    /// assert!(TubeName::parse(b"host.web-01").is_some());
+    /// assert!(TubeName::parse(b"-leading-dash").is_none());
+    /// assert!(TubeName::parse(&[b'a'; 201]).is_none());
+    /// ```
     pub fn parse(raw: &[u8]) -> Option<TubeName> {
         let ok = !raw.is_empty()
             && raw.len() <= MAX_TUBE_NAME
@@ -564,6 +571,18 @@ enum State {
 ///
 /// Feed it the connection's read buffer; it consumes complete frames and leaves
 /// partial ones in place. Any split of the same byte stream decodes the same.
+///
+/// ```
+/// use bytes::BytesMut;
+/// use polaris::proto::{Command, Decoded, Decoder, Limits};
+/// let mut decoder = Decoder::new(Limits::default());
+/// let mut input = BytesMut::from(&b"put 0 0 60 5\r\nhel"[..]);
+/// assert_eq!(decoder.decode(&mut input), Some(Decoded::PutHeader));
+/// assert_eq!(decoder.decode(&mut input), None); // the body is not complete yet
+/// input.extend_from_slice(b"lo\r\nreserve\r\n");
+/// assert!(matches!(decoder.decode(&mut input), Some(Decoded::Command(Command::Put { .. }))));
+/// assert_eq!(decoder.decode(&mut input), Some(Decoded::Command(Command::Reserve)));
+/// ```
 #[derive(Debug)]
 pub struct Decoder {
     limits: Limits,
