@@ -331,12 +331,7 @@ impl Server {
             return Some(Duration::ZERO);
         }
         let now = self.now();
-        let mut timeout = self.engine.next_deadline().map(|d| Duration::from_nanos(d.saturating_sub(now)));
-        if let Some(store) = &self.store {
-            if let Some(sync_in) = store.sync_due_in() {
-                timeout = Some(timeout.map_or(sync_in, |t| t.min(sync_in)));
-            }
-        }
+        let timeout = self.engine.next_deadline().map(|d| Duration::from_nanos(d.saturating_sub(now)));
         // Round up so a timer is never woken for a fraction too early.
         timeout.map(|t| t + Duration::from_micros(100))
     }

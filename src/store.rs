@@ -14,10 +14,14 @@
 //! - `Always` (`-f 0`): SQLite fsyncs the WAL in every commit, before any reply
 //!   of that turn is sent. Survives process crash and power loss.
 //! - `Interval(ms)`: commits reach the OS before replies are sent (so they
-//!   survive a process crash); the WAL is fsynced at most every `ms`, so a power
-//!   loss can lose the last `ms` of acknowledged work.
+//!   survive a process crash); a background thread fsyncs the WAL at most every
+//!   `ms`, so a power loss can lose the last `ms` of acknowledged work, and the
+//!   event loop never waits for the disk.
 //! - `Never` (`-F`): as `Interval` for process crashes; after a power loss,
 //!   whatever the OS had not written back is lost.
+//!
+//! In both of the latter modes SQLite runs with `synchronous=NORMAL`: commits do
+//! not fsync, but checkpoints do, in the order that keeps the file consistent.
 
 use crate::engine::{Changes, Engine, FinalState, JobCounters, JobId, JobRecord, JobState, Nanos, Tombstone, SECOND};
 use crate::proto::TubeName;
@@ -26,7 +30,9 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// File name of the database inside the `-b` directory.
 pub const DB_FILE: &str = "polaris.db";
@@ -109,14 +115,13 @@ impl From<StoreStats> for crate::engine::BinlogStats {
 pub struct Store {
     conn: Connection,
     path: PathBuf,
-    fsync: FsyncPolicy,
     /// Kept open for the life of the store: holds the directory lock.
     _lock: File,
     /// Changes of failed commits, retried with the next one.
     pending: Changes,
     last_id_written: u64,
-    last_sync: Instant,
-    unsynced: bool,
+    /// The background fsync thread of the `Interval` policy.
+    syncer: Option<Syncer>,
     stats: StoreStats,
     commits_since_vacuum: u32,
 }
@@ -181,7 +186,7 @@ impl Store {
         }
         let synchronous = match fsync {
             FsyncPolicy::Always => "FULL",
-            FsyncPolicy::Interval(_) | FsyncPolicy::Never => "OFF",
+            FsyncPolicy::Interval(_) | FsyncPolicy::Never => "NORMAL",
         };
         let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0)).map_err(sql)?;
         let checkpoint_pages = (wal_size as i64 / page_size.max(512)).max(16);
@@ -201,17 +206,18 @@ impl Store {
         let mut store = Store {
             conn,
             path,
-            fsync,
             _lock: lock,
             pending: Changes::default(),
             last_id_written: 0,
-            last_sync: Instant::now(),
-            unsynced: false,
+            syncer: None,
             stats: StoreStats::default(),
             commits_since_vacuum: 0,
         };
         store.migrate(version)?;
         store.last_id_written = store.read_last_id()?;
+        if let FsyncPolicy::Interval(every) = fsync {
+            store.syncer = Some(Syncer::start(wal_path(&store.path), every));
+        }
         Ok(store)
     }
 
@@ -312,7 +318,7 @@ impl Store {
         merge(&mut self.pending, changes);
         let last_id = engine.last_id();
         if self.pending.is_empty() && last_id == self.last_id_written {
-            return self.maybe_sync();
+            return Ok(());
         }
         let written = match self.write(engine, now, last_id) {
             Ok(n) => n,
@@ -330,13 +336,15 @@ impl Store {
         self.pending = Changes::default();
         self.last_id_written = last_id;
         self.stats.records_written += written;
-        self.unsynced = true;
+        if let Some(syncer) = &self.syncer {
+            syncer.mark_dirty();
+        }
         self.commits_since_vacuum += 1;
         if self.commits_since_vacuum >= 1000 {
             self.commits_since_vacuum = 0;
             self.reclaim_free_pages();
         }
-        self.maybe_sync()
+        Ok(())
     }
 
     fn write(&mut self, engine: &Engine, now: Nanos, last_id: u64) -> Result<u64, StoreError> {
@@ -435,40 +443,98 @@ impl Store {
         }
     }
 
-    /// With an fsync interval: how long until the next sync is due, if one is.
-    pub fn sync_due_in(&self) -> Option<Duration> {
-        match self.fsync {
-            FsyncPolicy::Interval(every) if self.unsynced => Some(every.saturating_sub(self.last_sync.elapsed())),
-            _ => None,
-        }
-    }
-
-    fn maybe_sync(&mut self) -> Result<(), StoreError> {
-        if let FsyncPolicy::Interval(every) = self.fsync {
-            if self.unsynced && self.last_sync.elapsed() >= every {
-                return self.sync();
-            }
-        }
-        Ok(())
-    }
-
-    /// fsyncs the WAL (and the database file) now.
+    /// Stops the background fsync thread after a last fsync (shutdown).
     pub fn sync(&mut self) -> Result<(), StoreError> {
-        if self.fsync == FsyncPolicy::Never || !self.unsynced {
-            return Ok(());
+        match self.syncer.take() {
+            Some(syncer) => syncer.stop(),
+            None => Ok(()),
         }
-        let mut wal = self.path.clone().into_os_string();
-        wal.push("-wal");
-        for file in [PathBuf::from(wal), self.path.clone()] {
-            match File::open(&file) {
-                Ok(f) => f.sync_data().map_err(|source| StoreError::Io { path: file.clone(), source })?,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => return Err(StoreError::Io { path: file, source }),
+    }
+}
+
+fn wal_path(db: &Path) -> PathBuf {
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    PathBuf::from(wal)
+}
+
+/// fsyncs the WAL off the event loop, at most once per interval and only after
+/// commits, so replies never wait for the disk under `-f MS`.
+struct Syncer {
+    shared: Arc<SyncShared>,
+    thread: Option<std::thread::JoinHandle<Result<(), StoreError>>>,
+}
+
+struct SyncShared {
+    dirty: AtomicBool,
+    stop: AtomicBool,
+}
+
+impl Syncer {
+    fn start(wal: PathBuf, every: Duration) -> Syncer {
+        let shared = Arc::new(SyncShared { dirty: AtomicBool::new(false), stop: AtomicBool::new(false) });
+        let worker = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("polaris-fsync".into())
+            .spawn(move || loop {
+                let stopping = worker.stop.load(Ordering::Acquire);
+                if worker.dirty.swap(false, Ordering::AcqRel) {
+                    if let Err(e) = fsync_file(&wal) {
+                        log::error!("periodic fsync failed: {e}");
+                        if stopping {
+                            return Err(e);
+                        }
+                    }
+                    if !stopping {
+                        std::thread::sleep(every);
+                    }
+                    continue;
+                }
+                if stopping {
+                    return Ok(());
+                }
+                std::thread::park();
+            })
+            .expect("spawning the fsync thread");
+        Syncer { shared, thread: Some(thread) }
+    }
+
+    fn mark_dirty(&self) {
+        if !self.shared.dirty.swap(true, Ordering::AcqRel) {
+            if let Some(t) = &self.thread {
+                t.thread().unpark();
             }
         }
-        self.unsynced = false;
-        self.last_sync = Instant::now();
-        Ok(())
+    }
+
+    /// Flushes what is pending and ends the thread.
+    fn stop(mut self) -> Result<(), StoreError> {
+        self.shared.stop.store(true, Ordering::Release);
+        match self.thread.take() {
+            Some(t) => {
+                t.thread().unpark();
+                t.join().unwrap_or(Ok(()))
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Syncer {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}
+
+fn fsync_file(path: &Path) -> Result<(), StoreError> {
+    match File::open(path) {
+        Ok(f) => f.sync_data().map_err(|source| StoreError::Io { path: path.to_path_buf(), source }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(StoreError::Io { path: path.to_path_buf(), source }),
     }
 }
 
