@@ -120,8 +120,8 @@ pub struct Store {
     /// Changes of failed commits, retried with the next one.
     pending: Changes,
     last_id_written: u64,
-    /// The background fsync thread of the `Interval` policy.
-    syncer: Option<Syncer>,
+    /// The background thread that checkpoints the WAL (and fsyncs it under `-f MS`).
+    maintainer: Option<Maintainer>,
     stats: StoreStats,
     commits_since_vacuum: u32,
 }
@@ -189,6 +189,11 @@ impl Store {
             FsyncPolicy::Interval(_) | FsyncPolicy::Never => "NORMAL",
         };
         let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0)).map_err(sql)?;
+        // The maintenance thread checkpoints the WAL in the background once it
+        // is half the size of -s. Under a steady stream of commits such a
+        // checkpoint never catches up with the end of the WAL, so the commit
+        // that grows it past -s finishes the job itself (SQLite's
+        // autocheckpoint), with little left to copy, and the WAL restarts.
         let checkpoint_pages = (wal_size as i64 / page_size.max(512)).max(16);
         conn.execute_batch(&format!(
             "PRAGMA journal_mode = WAL;
@@ -209,15 +214,17 @@ impl Store {
             _lock: lock,
             pending: Changes::default(),
             last_id_written: 0,
-            syncer: None,
+            maintainer: None,
             stats: StoreStats::default(),
             commits_since_vacuum: 0,
         };
         store.migrate(version)?;
         store.last_id_written = store.read_last_id()?;
-        if let FsyncPolicy::Interval(every) = fsync {
-            store.syncer = Some(Syncer::start(wal_path(&store.path), every));
-        }
+        let fsync_every = match fsync {
+            FsyncPolicy::Interval(every) => Some(every),
+            FsyncPolicy::Always | FsyncPolicy::Never => None,
+        };
+        store.maintainer = Some(Maintainer::start(&store.path, fsync_every, wal_size)?);
         Ok(store)
     }
 
@@ -336,8 +343,8 @@ impl Store {
         self.pending = Changes::default();
         self.last_id_written = last_id;
         self.stats.records_written += written;
-        if let Some(syncer) = &self.syncer {
-            syncer.mark_dirty();
+        if let Some(maintainer) = &self.maintainer {
+            maintainer.mark_dirty();
         }
         self.commits_since_vacuum += 1;
         if self.commits_since_vacuum >= 1000 {
@@ -443,10 +450,10 @@ impl Store {
         }
     }
 
-    /// Stops the background fsync thread after a last fsync (shutdown).
+    /// Stops the maintenance thread after a last fsync (shutdown).
     pub fn sync(&mut self) -> Result<(), StoreError> {
-        match self.syncer.take() {
-            Some(syncer) => syncer.stop(),
+        match self.maintainer.take() {
+            Some(m) => m.stop(),
             None => Ok(()),
         }
     }
@@ -458,45 +465,68 @@ fn wal_path(db: &Path) -> PathBuf {
     PathBuf::from(wal)
 }
 
-/// fsyncs the WAL off the event loop, at most once per interval and only after
-/// commits, so replies never wait for the disk under `-f MS`.
-struct Syncer {
-    shared: Arc<SyncShared>,
+/// The store's background thread. Whatever touches the disk for long is done
+/// here, off the event loop, so replies never wait for it:
+/// - under `-f MS`, it fsyncs the WAL at most once per MS, after commits;
+/// - when the WAL has grown past half of `-s`, it checkpoints it (PASSIVE:
+///   writers go on appending meanwhile) through its own connection, so that the
+///   checkpoint a commit runs at `-s` has little left to do.
+struct Maintainer {
+    shared: Arc<MaintainerShared>,
     thread: Option<std::thread::JoinHandle<Result<(), StoreError>>>,
 }
 
-struct SyncShared {
+struct MaintainerShared {
     dirty: AtomicBool,
     stop: AtomicBool,
 }
 
-impl Syncer {
-    fn start(wal: PathBuf, every: Duration) -> Syncer {
-        let shared = Arc::new(SyncShared { dirty: AtomicBool::new(false), stop: AtomicBool::new(false) });
+/// How often the thread looks at the WAL's size when nothing wakes it.
+const CHECKPOINT_POLL: Duration = Duration::from_millis(100);
+
+impl Maintainer {
+    fn start(db: &Path, fsync_every: Option<Duration>, wal_size: u64) -> Result<Maintainer, StoreError> {
+        let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+            .map_err(|source| StoreError::Sqlite { path: db.to_path_buf(), source })?;
+        let shared = Arc::new(MaintainerShared { dirty: AtomicBool::new(false), stop: AtomicBool::new(false) });
         let worker = Arc::clone(&shared);
+        let (db, wal) = (db.to_path_buf(), wal_path(db));
+        let wal_for_errors = wal.clone();
         let thread = std::thread::Builder::new()
-            .name("polaris-fsync".into())
-            .spawn(move || loop {
-                let stopping = worker.stop.load(Ordering::Acquire);
-                if worker.dirty.swap(false, Ordering::AcqRel) {
-                    if let Err(e) = fsync_file(&wal) {
-                        log::error!("periodic fsync failed: {e}");
-                        if stopping {
-                            return Err(e);
+            .name("polaris-store".into())
+            .spawn(move || {
+                let mut last_sync = std::time::Instant::now();
+                loop {
+                    let stopping = worker.stop.load(Ordering::Acquire);
+                    if let Some(every) = fsync_every {
+                        if worker.dirty.load(Ordering::Acquire) && (stopping || last_sync.elapsed() >= every) {
+                            worker.dirty.store(false, Ordering::Release);
+                            last_sync = std::time::Instant::now();
+                            if let Err(e) = fsync_file(&wal) {
+                                log::error!("periodic fsync failed: {e}");
+                                if stopping {
+                                    return Err(e);
+                                }
+                            }
                         }
                     }
-                    if !stopping {
-                        std::thread::sleep(every);
+                    if std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0) > wal_size / 2 {
+                        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                            log::warn!("{}: checkpoint failed: {e}", db.display());
+                        }
                     }
-                    continue;
+                    if stopping {
+                        return Ok(());
+                    }
+                    let nap = match fsync_every {
+                        Some(every) if worker.dirty.load(Ordering::Acquire) => every.saturating_sub(last_sync.elapsed()).min(CHECKPOINT_POLL),
+                        _ => CHECKPOINT_POLL,
+                    };
+                    std::thread::park_timeout(nap);
                 }
-                if stopping {
-                    return Ok(());
-                }
-                std::thread::park();
             })
-            .expect("spawning the fsync thread");
-        Syncer { shared, thread: Some(thread) }
+            .map_err(|source| StoreError::Io { path: wal_for_errors, source })?;
+        Ok(Maintainer { shared, thread: Some(thread) })
     }
 
     fn mark_dirty(&self) {
@@ -507,7 +537,7 @@ impl Syncer {
         }
     }
 
-    /// Flushes what is pending and ends the thread.
+    /// Does a last fsync of what is pending and ends the thread.
     fn stop(mut self) -> Result<(), StoreError> {
         self.shared.stop.store(true, Ordering::Release);
         match self.thread.take() {
@@ -520,7 +550,7 @@ impl Syncer {
     }
 }
 
-impl Drop for Syncer {
+impl Drop for Maintainer {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
