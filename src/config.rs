@@ -64,8 +64,8 @@ pub struct Args {
     /// Seconds a final job state (success, failed, revoked, expired) is kept.
     #[arg(long, default_value_t = 3600)]
     pub retention: u64,
-    /// Most final job states kept.
-    #[arg(long, default_value_t = 1_000_000)]
+    /// Most final job states kept (in memory and, with -b, on disk).
+    #[arg(long, default_value_t = 100_000)]
     pub max_tombstones: usize,
     /// Default TTL for jobs put in a tube, as TUBE=SECONDS (repeatable).
     #[arg(long = "tube-ttl", value_name = "TUBE=SECONDS", value_parser = parse_tube_ttl)]

@@ -123,7 +123,6 @@ pub struct Store {
     /// The background thread that checkpoints the WAL (and fsyncs it under `-f MS`).
     maintainer: Option<Maintainer>,
     stats: StoreStats,
-    commits_since_vacuum: u32,
 }
 
 fn wall_now() -> i64 {
@@ -201,6 +200,7 @@ impl Store {
              PRAGMA wal_autocheckpoint = {checkpoint_pages};
              PRAGMA journal_size_limit = {wal_size};
              PRAGMA temp_store = MEMORY;
+             PRAGMA busy_timeout = 10000;
              PRAGMA cache_size = -8192;"
         ))
         .map_err(sql)?;
@@ -216,7 +216,6 @@ impl Store {
             last_id_written: 0,
             maintainer: None,
             stats: StoreStats::default(),
-            commits_since_vacuum: 0,
         };
         store.migrate(version)?;
         store.last_id_written = store.read_last_id()?;
@@ -346,11 +345,6 @@ impl Store {
         if let Some(maintainer) = &self.maintainer {
             maintainer.mark_dirty();
         }
-        self.commits_since_vacuum += 1;
-        if self.commits_since_vacuum >= 1000 {
-            self.commits_since_vacuum = 0;
-            self.reclaim_free_pages();
-        }
         Ok(())
     }
 
@@ -439,17 +433,6 @@ impl Store {
         Ok(written)
     }
 
-    /// Gives free pages back to the file system, a little at a time, so the
-    /// file shrinks after a burst instead of staying at its peak size.
-    fn reclaim_free_pages(&mut self) {
-        let free: i64 = self.conn.query_row("PRAGMA freelist_count", [], |r| r.get(0)).unwrap_or(0);
-        if free > 256 {
-            if let Err(e) = self.conn.execute_batch("PRAGMA incremental_vacuum(4096)") {
-                log::warn!("{}: incremental vacuum failed: {e}", self.path.display());
-            }
-        }
-    }
-
     /// Stops the maintenance thread after a last fsync (shutdown).
     pub fn sync(&mut self) -> Result<(), StoreError> {
         match self.maintainer.take() {
@@ -479,6 +462,23 @@ struct Maintainer {
 struct MaintainerShared {
     dirty: AtomicBool,
     stop: AtomicBool,
+    /// Counts commits, so the thread can tell when the store has gone idle.
+    commits: std::sync::atomic::AtomicU64,
+}
+
+/// After this long without a commit the store counts as idle: the WAL is
+/// folded into the database and truncated, and free pages are given back.
+const IDLE_AFTER: Duration = Duration::from_secs(1);
+
+/// Gives free pages back to the file system, a little at a time, so the file
+/// shrinks after a burst instead of staying at its peak size.
+fn reclaim_free_pages(conn: &Connection, db: &Path) {
+    let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0)).unwrap_or(0);
+    if free > 0 {
+        if let Err(e) = conn.execute_batch("PRAGMA incremental_vacuum") {
+            log::warn!("{}: incremental vacuum failed: {e}", db.display());
+        }
+    }
 }
 
 /// How often the thread looks at the WAL's size when nothing wakes it.
@@ -488,7 +488,12 @@ impl Maintainer {
     fn start(db: &Path, fsync_every: Option<Duration>, wal_size: u64) -> Result<Maintainer, StoreError> {
         let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
             .map_err(|source| StoreError::Sqlite { path: db.to_path_buf(), source })?;
-        let shared = Arc::new(MaintainerShared { dirty: AtomicBool::new(false), stop: AtomicBool::new(false) });
+        conn.execute_batch("PRAGMA busy_timeout = 10000").map_err(|source| StoreError::Sqlite { path: db.to_path_buf(), source })?;
+        let shared = Arc::new(MaintainerShared {
+            dirty: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            commits: std::sync::atomic::AtomicU64::new(0),
+        });
         let worker = Arc::clone(&shared);
         let (db, wal) = (db.to_path_buf(), wal_path(db));
         let wal_for_errors = wal.clone();
@@ -496,6 +501,8 @@ impl Maintainer {
             .name("polaris-store".into())
             .spawn(move || {
                 let mut last_sync = std::time::Instant::now();
+                // (commit count, when it last changed, whether that state was tidied)
+                let mut idle = (0u64, std::time::Instant::now(), true);
                 loop {
                     let stopping = worker.stop.load(Ordering::Acquire);
                     if let Some(every) = fsync_every {
@@ -510,8 +517,22 @@ impl Maintainer {
                             }
                         }
                     }
-                    if std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0) > wal_size / 2 {
+                    let wal_len = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+                    if wal_len > wal_size / 2 {
                         if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                            log::warn!("{}: checkpoint failed: {e}", db.display());
+                        }
+                    }
+                    let commits = worker.commits.load(Ordering::Acquire);
+                    if commits != idle.0 {
+                        idle = (commits, std::time::Instant::now(), false);
+                    } else if !idle.2 && idle.1.elapsed() >= IDLE_AFTER {
+                        // Idle: give back free pages, then fold the WAL into the
+                        // database and cut it to zero, so a quiet server's files
+                        // are just its live data.
+                        idle.2 = true;
+                        reclaim_free_pages(&conn, &db);
+                        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
                             log::warn!("{}: checkpoint failed: {e}", db.display());
                         }
                     }
@@ -530,6 +551,7 @@ impl Maintainer {
     }
 
     fn mark_dirty(&self) {
+        self.shared.commits.fetch_add(1, Ordering::AcqRel);
         if !self.shared.dirty.swap(true, Ordering::AcqRel) {
             if let Some(t) = &self.thread {
                 t.thread().unpark();

@@ -108,7 +108,7 @@ impl Default for Config {
             max_job_size: crate::proto::DEFAULT_MAX_JOB_SIZE,
             max_job_bytes: u64::MAX,
             retention: 3600 * SECOND,
-            max_tombstones: 1_000_000,
+            max_tombstones: 100_000,
             tube_ttls: Vec::new(),
             binlog_max_size: 10_485_760,
             instance: Instance {
