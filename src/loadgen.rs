@@ -759,10 +759,7 @@ impl Load {
                         let stamp = if self.mode == Mode::Latency && len >= 20 { parse_u64(&buf[consumed..consumed + 20]) } else { None };
                         consumed = frame;
                         c.reserves_out -= 1;
-                        c.out.extend_from_slice(b"delete ");
-                        let mut digits = itoa(id);
-                        c.out.append(&mut digits);
-                        c.out.extend_from_slice(b"\r\n");
+                        c.out.extend_from_slice(crate::proto::ReplyLine::number(b"delete ", id).as_bytes());
                         c.expect.push_back(Expect::Delete);
                         self.counts.reserved += 1;
                         if let (Some(ts), true) = (stamp, self.measuring) {
@@ -788,20 +785,6 @@ impl Load {
         self.refill(i);
         self.flush(i)
     }
-}
-
-fn itoa(mut n: u64) -> Vec<u8> {
-    let mut d = [0u8; 20];
-    let mut i = d.len();
-    loop {
-        i -= 1;
-        d[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    d[i..].to_vec()
 }
 
 fn tube_name(i: usize) -> String {
@@ -1133,9 +1116,7 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
 
 fn fmt_num(v: f64) -> String {
     let a = v.abs();
-    if a >= 100_000.0 {
-        format!("{:.0}", v)
-    } else if a >= 100.0 {
+    if a >= 100.0 {
         format!("{:.0}", v)
     } else if a >= 10.0 {
         format!("{:.1}", v)
@@ -1284,8 +1265,6 @@ mod tests {
         assert_eq!(parse_u64(b"00000000000000001234"), Some(1234));
         assert_eq!(parse_u64(b"99999999999999999999"), None);
         assert_eq!(parse_u64(b"1234"), Some(1234));
-        assert_eq!(itoa(0), b"0");
-        assert_eq!(itoa(907), b"907");
         assert_eq!(stats_field(b"---\ncurrent-jobs-urgent: 1\ncurrent-jobs-ready: 42\n", "current-jobs-ready"), Some(42));
     }
 

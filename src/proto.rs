@@ -680,7 +680,8 @@ impl Decoder {
     }
 }
 
-/// A reply line assembled on the stack, so answering a command allocates nothing.
+/// A protocol line (a reply, or a client's command) assembled on the stack, so
+/// answering a command allocates nothing.
 ///
 /// The longest line the server sends is `USING <200-byte name>\r\n`; the buffer
 /// is larger than that, and pushing past its end truncates rather than panics.

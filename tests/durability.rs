@@ -20,10 +20,6 @@ fn start(dir: &Path, extra: &[&str]) -> Result<ServerProcess> {
     spawn_polarisd(&args)
 }
 
-fn line(conn: &mut RawConn, command: &str) -> Result<String> {
-    Ok(conn.roundtrip(command.as_bytes())?.line_str())
-}
-
 fn stats_job(conn: &mut RawConn, id: u64) -> Result<HashMap<String, String>> {
     let reply = conn.roundtrip(format!("stats-job {id}\r\n").as_bytes())?;
     let text = reply.line_str();
@@ -64,16 +60,16 @@ fn every_job_state_survives_a_kill() -> Result<()> {
     {
         let server = start(dir.path(), &["-f", "0"])?;
         let mut c = server.connect()?;
-        assert_eq!(line(&mut c, "use work\r\n")?, "USING work");
-        assert_eq!(line(&mut c, "put 7 0 30 5\r\nready\r\n")?, "INSERTED 1");
-        assert_eq!(line(&mut c, "put 8 100 30 7\r\ndelayed\r\n")?, "INSERTED 2");
-        assert_eq!(line(&mut c, "put 9 0 30 6\r\nburied\r\n")?, "INSERTED 3");
-        assert_eq!(line(&mut c, "put 10 0 30 8\r\nreserved\r\n")?, "INSERTED 4");
-        assert_eq!(line(&mut c, "put 0 0 30 4\r\ngone\r\n")?, "INSERTED 5");
-        assert_eq!(line(&mut c, "reserve-job 3\r\n")?, "RESERVED 3 6");
-        assert_eq!(line(&mut c, "bury 3 11\r\n")?, "BURIED");
-        assert_eq!(line(&mut c, "reserve-job 4\r\n")?, "RESERVED 4 8");
-        assert_eq!(line(&mut c, "delete 5\r\n")?, "DELETED");
+        assert_eq!(c.line("use work\r\n")?, "USING work");
+        assert_eq!(c.line("put 7 0 30 5\r\nready\r\n")?, "INSERTED 1");
+        assert_eq!(c.line("put 8 100 30 7\r\ndelayed\r\n")?, "INSERTED 2");
+        assert_eq!(c.line("put 9 0 30 6\r\nburied\r\n")?, "INSERTED 3");
+        assert_eq!(c.line("put 10 0 30 8\r\nreserved\r\n")?, "INSERTED 4");
+        assert_eq!(c.line("put 0 0 30 4\r\ngone\r\n")?, "INSERTED 5");
+        assert_eq!(c.line("reserve-job 3\r\n")?, "RESERVED 3 6");
+        assert_eq!(c.line("bury 3 11\r\n")?, "BURIED");
+        assert_eq!(c.line("reserve-job 4\r\n")?, "RESERVED 4 8");
+        assert_eq!(c.line("delete 5\r\n")?, "DELETED");
         // Dropping the server SIGKILLs it.
     }
     let server = start(dir.path(), &["-f", "0"])?;
@@ -91,10 +87,10 @@ fn every_job_state_survives_a_kill() -> Result<()> {
     let left: u64 = delayed["time-left"].parse()?;
     assert!((95..=100).contains(&left), "remaining delay kept: {left}");
     assert_eq!(stats_job(&mut c, 3)?["buries"], "1");
-    assert_eq!(line(&mut c, "peek 5\r\n")?, "NOT_FOUND");
-    assert_eq!(line(&mut c, "job-state 5\r\n")?, "STATE revoked");
+    assert_eq!(c.line("peek 5\r\n")?, "NOT_FOUND");
+    assert_eq!(c.line("job-state 5\r\n")?, "STATE revoked");
     // New ids continue above the highest ever issued, even a deleted one.
-    assert_eq!(line(&mut c, "put 0 0 1 1\r\nx\r\n")?, "INSERTED 6");
+    assert_eq!(c.line("put 0 0 1 1\r\nx\r\n")?, "INSERTED 6");
     Ok(())
 }
 
@@ -105,15 +101,15 @@ fn ids_continue_after_everything_was_deleted() -> Result<()> {
         let server = start(dir.path(), &[])?;
         let mut c = server.connect()?;
         for i in 1..=3 {
-            assert_eq!(line(&mut c, "put 0 0 1 1\r\nx\r\n")?, format!("INSERTED {i}"));
-            assert_eq!(line(&mut c, &format!("delete {i}\r\n"))?, "DELETED");
+            assert_eq!(c.line("put 0 0 1 1\r\nx\r\n")?, format!("INSERTED {i}"));
+            assert_eq!(c.line(&format!("delete {i}\r\n"))?, "DELETED");
         }
         server.signal("TERM")?;
         thread::sleep(Duration::from_millis(300));
     }
     let server = start(dir.path(), &[])?;
     let mut c = server.connect()?;
-    assert_eq!(line(&mut c, "put 0 0 1 1\r\nx\r\n")?, "INSERTED 4");
+    assert_eq!(c.line("put 0 0 1 1\r\nx\r\n")?, "INSERTED 4");
     Ok(())
 }
 
@@ -123,28 +119,28 @@ fn ttl_and_tombstones_survive_a_restart() -> Result<()> {
     {
         let server = start(dir.path(), &["-f", "0"])?;
         let mut c = server.connect()?;
-        assert_eq!(line(&mut c, "put 0 0 30 1 ttl=2\r\na\r\n")?, "INSERTED 1");
-        assert_eq!(line(&mut c, "put 0 0 30 1 ttl=3600\r\nb\r\n")?, "INSERTED 2");
-        assert_eq!(line(&mut c, "tube-ttl default 1\r\n")?, "TTL_SET");
-        assert_eq!(line(&mut c, "put 0 0 30 1\r\nc\r\n")?, "INSERTED 3");
-        assert_eq!(line(&mut c, "reserve-job 2\r\n")?, "RESERVED 2 1");
-        assert_eq!(line(&mut c, "put 0 0 30 1\r\nd\r\n")?, "INSERTED 4");
-        assert_eq!(line(&mut c, "revoke 4\r\n")?, "REVOKED");
+        assert_eq!(c.line("put 0 0 30 1 ttl=2\r\na\r\n")?, "INSERTED 1");
+        assert_eq!(c.line("put 0 0 30 1 ttl=3600\r\nb\r\n")?, "INSERTED 2");
+        assert_eq!(c.line("tube-ttl default 1\r\n")?, "TTL_SET");
+        assert_eq!(c.line("put 0 0 30 1\r\nc\r\n")?, "INSERTED 3");
+        assert_eq!(c.line("reserve-job 2\r\n")?, "RESERVED 2 1");
+        assert_eq!(c.line("put 0 0 30 1\r\nd\r\n")?, "INSERTED 4");
+        assert_eq!(c.line("revoke 4\r\n")?, "REVOKED");
     }
     // Down for longer than job 1's and job 3's TTL: time spent down counts.
     thread::sleep(Duration::from_millis(2200));
     let server = start(dir.path(), &["-f", "0"])?;
     let mut c = server.connect()?;
     thread::sleep(Duration::from_millis(100));
-    assert_eq!(line(&mut c, "job-state 1\r\n")?, "STATE expired");
-    assert_eq!(line(&mut c, "job-state 3\r\n")?, "STATE expired");
+    assert_eq!(c.line("job-state 1\r\n")?, "STATE expired");
+    assert_eq!(c.line("job-state 3\r\n")?, "STATE expired");
     // Job 2 was reserved before the crash: its TTL no longer applies.
-    assert_eq!(line(&mut c, "job-state 2\r\n")?, "STATE ready");
-    assert_eq!(line(&mut c, "job-state 4\r\n")?, "STATE revoked");
+    assert_eq!(c.line("job-state 2\r\n")?, "STATE ready");
+    assert_eq!(c.line("job-state 4\r\n")?, "STATE revoked");
     // The tube default was persisted.
-    assert_eq!(line(&mut c, "put 0 0 30 1\r\ne\r\n")?, "INSERTED 5");
+    assert_eq!(c.line("put 0 0 30 1\r\ne\r\n")?, "INSERTED 5");
     thread::sleep(Duration::from_millis(1300));
-    assert_eq!(line(&mut c, "job-state 5\r\n")?, "STATE expired");
+    assert_eq!(c.line("job-state 5\r\n")?, "STATE expired");
     Ok(())
 }
 
@@ -305,7 +301,7 @@ fn a_truncated_database_is_refused() -> Result<()> {
         let server = start(dir.path(), &["-f", "0"])?;
         let mut c = server.connect()?;
         for _ in 0..200 {
-            line(&mut c, &format!("put 0 0 1 1000\r\n{}\r\n", "x".repeat(1000)))?;
+            c.line(&format!("put 0 0 1 1000\r\n{}\r\n", "x".repeat(1000)))?;
         }
         server.signal("TERM")?;
         thread::sleep(Duration::from_millis(300));
@@ -350,7 +346,7 @@ fn a_full_disk_answers_errors_and_loses_nothing_acknowledged() -> Result<()> {
         let mut c = server.connect()?;
         let mut errors = 0;
         for _ in 0..60 {
-            let reply = line(&mut c, &format!("put 0 0 60 {}\r\n{body}\r\n", body.len()))?;
+            let reply = c.line(&format!("put 0 0 60 {}\r\n{body}\r\n", body.len()))?;
             match reply.strip_prefix("INSERTED ") {
                 Some(id) => acked.push(id.parse::<u64>()?),
                 None => {
@@ -366,12 +362,12 @@ fn a_full_disk_answers_errors_and_loses_nothing_acknowledged() -> Result<()> {
         let text = String::from_utf8_lossy(stats.body.as_deref().unwrap_or_default()).into_owned();
         assert!(text.contains(&format!("current-jobs-ready: {}\n", acked.len())), "{text}");
         // Deleting makes room again.
-        assert_eq!(line(&mut c, &format!("delete {}\r\n", acked[0]))?, "DELETED");
+        assert_eq!(c.line(&format!("delete {}\r\n", acked[0]))?, "DELETED");
         let deleted = acked.remove(0);
-        let reply = line(&mut c, &format!("put 0 0 60 {}\r\n{body}\r\n", body.len()))?;
+        let reply = c.line(&format!("put 0 0 60 {}\r\n{body}\r\n", body.len()))?;
         assert!(reply.starts_with("INSERTED "), "{reply}");
         acked.push(reply["INSERTED ".len()..].parse()?);
-        assert_eq!(line(&mut c, &format!("peek {deleted}\r\n"))?, "NOT_FOUND");
+        assert_eq!(c.line(&format!("peek {deleted}\r\n"))?, "NOT_FOUND");
     }
     let server = start(dir.path(), &[])?;
     let mut c = server.connect()?;

@@ -11,10 +11,6 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-fn line(conn: &mut RawConn, command: &str) -> Result<String> {
-    Ok(conn.roundtrip(command.as_bytes())?.line_str())
-}
-
 fn wait_exit(server: &mut common::ServerProcess) -> Result<std::process::ExitStatus> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -33,7 +29,7 @@ fn sigterm_and_sigint_exit_cleanly() -> Result<()> {
     for sig in ["TERM", "INT"] {
         let mut server = spawn_polarisd(&[])?;
         let mut c = server.connect()?;
-        assert_eq!(line(&mut c, "put 0 0 1 1\r\nx\r\n")?, "INSERTED 1");
+        assert_eq!(c.line("put 0 0 1 1\r\nx\r\n")?, "INSERTED 1");
         server.signal(sig)?;
         let status = wait_exit(&mut server)?;
         assert!(status.success(), "SIG{sig}: {status}");
@@ -45,14 +41,14 @@ fn sigterm_and_sigint_exit_cleanly() -> Result<()> {
 fn sigusr1_enters_drain_mode() -> Result<()> {
     let server = spawn_polarisd(&[])?;
     let mut c = server.connect()?;
-    assert_eq!(line(&mut c, "put 0 0 1 1\r\nx\r\n")?, "INSERTED 1");
+    assert_eq!(c.line("put 0 0 1 1\r\nx\r\n")?, "INSERTED 1");
     server.signal("USR1")?;
     thread::sleep(Duration::from_millis(200));
-    assert_eq!(line(&mut c, "put 0 0 1 1\r\nx\r\n")?, "DRAINING");
+    assert_eq!(c.line("put 0 0 1 1\r\nx\r\n")?, "DRAINING");
     let stats = c.roundtrip(b"stats\r\n")?;
     assert!(String::from_utf8_lossy(stats.body.as_deref().unwrap_or_default()).contains("draining: true\n"));
     // Work already queued can still be done.
-    assert_eq!(line(&mut c, "reserve\r\n")?, "RESERVED 1 1");
+    assert_eq!(c.line("reserve\r\n")?, "RESERVED 1 1");
     Ok(())
 }
 
@@ -114,7 +110,7 @@ fn systemd_socket_activation() -> Result<()> {
     let result = (|| -> Result<()> {
         assert_eq!(first.trim_end(), format!("listening on {addr}"));
         let mut c = RawConn::connect(addr)?;
-        assert_eq!(line(&mut c, "list-tube-used\r\n")?, "USING default");
+        assert_eq!(c.line("list-tube-used\r\n")?, "USING default");
         Ok(())
     })();
     let _ = child.kill();
@@ -127,8 +123,8 @@ fn connection_limit_closes_extra_connections() -> Result<()> {
     let server = spawn_polarisd(&["--max-connections", "2"])?;
     let mut a = server.connect()?;
     let mut b = server.connect()?;
-    assert_eq!(line(&mut a, "list-tube-used\r\n")?, "USING default");
-    assert_eq!(line(&mut b, "list-tube-used\r\n")?, "USING default");
+    assert_eq!(a.line("list-tube-used\r\n")?, "USING default");
+    assert_eq!(b.line("list-tube-used\r\n")?, "USING default");
     let mut c = server.connect()?;
     let _ = c.send(b"list-tube-used\r\n");
     let got = c.read_until_quiet(Duration::from_millis(300))?;
@@ -136,7 +132,7 @@ fn connection_limit_closes_extra_connections() -> Result<()> {
     drop(a);
     thread::sleep(Duration::from_millis(100));
     let mut d = server.connect()?;
-    assert_eq!(line(&mut d, "list-tube-used\r\n")?, "USING default");
+    assert_eq!(d.line("list-tube-used\r\n")?, "USING default");
     Ok(())
 }
 
@@ -144,10 +140,10 @@ fn connection_limit_closes_extra_connections() -> Result<()> {
 fn line_and_job_limits_are_configurable() -> Result<()> {
     let server = spawn_polarisd(&["-z", "10", "--max-line", "32"])?;
     let mut c = server.connect()?;
-    assert_eq!(line(&mut c, "put 0 0 1 11\r\n01234567890\r\n")?, "JOB_TOO_BIG");
-    assert_eq!(line(&mut c, "put 0 0 1 10\r\n0123456789\r\n")?, "INSERTED 1");
-    assert_eq!(line(&mut c, &format!("use {}\r\n", "a".repeat(40)))?, "BAD_FORMAT");
-    assert_eq!(line(&mut c, "use short\r\n")?, "USING short");
+    assert_eq!(c.line("put 0 0 1 11\r\n01234567890\r\n")?, "JOB_TOO_BIG");
+    assert_eq!(c.line("put 0 0 1 10\r\n0123456789\r\n")?, "INSERTED 1");
+    assert_eq!(c.line(&format!("use {}\r\n", "a".repeat(40)))?, "BAD_FORMAT");
+    assert_eq!(c.line("use short\r\n")?, "USING short");
     Ok(())
 }
 
@@ -155,8 +151,8 @@ fn line_and_job_limits_are_configurable() -> Result<()> {
 fn job_memory_limit_answers_out_of_memory() -> Result<()> {
     let server = spawn_polarisd(&["--max-job-bytes", "10"])?;
     let mut c = server.connect()?;
-    assert_eq!(line(&mut c, "put 0 0 1 8\r\n01234567\r\n")?, "INSERTED 1");
-    assert_eq!(line(&mut c, "put 0 0 1 8\r\n01234567\r\n")?, "OUT_OF_MEMORY");
+    assert_eq!(c.line("put 0 0 1 8\r\n01234567\r\n")?, "INSERTED 1");
+    assert_eq!(c.line("put 0 0 1 8\r\n01234567\r\n")?, "OUT_OF_MEMORY");
     Ok(())
 }
 
@@ -171,7 +167,7 @@ fn a_client_that_never_reads_does_not_stall_others() -> Result<()> {
     // The write may block once both socket buffers fill: that is the point.
     let _ = hog.write_all(&flood);
     let mut c = server.connect()?;
-    assert_eq!(line(&mut c, "put 0 0 1 1\r\nx\r\n")?, "INSERTED 1");
+    assert_eq!(c.line("put 0 0 1 1\r\nx\r\n")?, "INSERTED 1");
     let stats = c.roundtrip(b"stats\r\n")?;
     assert!(stats.body.is_some());
     Ok(())

@@ -571,6 +571,11 @@ impl RawConn {
         self.send(command)?;
         self.read_reply()
     }
+
+    /// Sends a command given as text and returns its reply line as text.
+    pub fn line(&mut self, command: &str) -> Result<String> {
+        Ok(self.roundtrip(command.as_bytes())?.line_str())
+    }
 }
 
 /// Renders bytes readably: printable ASCII as is, `\r \n \t \0 \\` and `\xNN`
