@@ -132,17 +132,23 @@ pub fn spawn_polarisd(extra_args: &[&str]) -> Result<ServerProcess> {
     spawn_announcing(Path::new(env!("CARGO_BIN_EXE_polarisd")), extra_args)
 }
 
-/// Starts a server that supports `-p 0` and announces its address as the first
-/// line of stdout (`listening on HOST:PORT`), as polarisd does.
-pub fn spawn_announcing(binary: &Path, extra_args: &[&str]) -> Result<ServerProcess> {
-    let mut child = Command::new(binary)
-        .args(["-l", "127.0.0.1", "-p", "0"])
+/// Spawns `binary` with `listen_args` then `extra_args`, stdin closed and both
+/// outputs piped (the caller drains them).
+fn spawn_piped(binary: &Path, listen_args: &[&str], extra_args: &[&str]) -> Result<Child> {
+    Command::new(binary)
+        .args(listen_args)
         .args(extra_args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .with_context(|| format!("spawning {}", binary.display()))?;
+        .with_context(|| format!("spawning {}", binary.display()))
+}
+
+/// Starts a server that supports `-p 0` and announces its address as the first
+/// line of stdout (`listening on HOST:PORT`), as polarisd does.
+pub fn spawn_announcing(binary: &Path, extra_args: &[&str]) -> Result<ServerProcess> {
+    let mut child = spawn_piped(binary, &["-l", "127.0.0.1", "-p", "0"], extra_args)?;
     let output = Arc::new(Mutex::new(Vec::new()));
     drain_into(child.stderr.take().unwrap(), output.clone());
     let banner = read_banner(child.stdout.take().unwrap(), output.clone());
@@ -217,14 +223,7 @@ pub fn spawn_beanstalkd(binary: &Path, extra_args: &[&str]) -> Result<ServerProc
     let mut last_error = anyhow!("no attempt made");
     for _attempt in 0..5 {
         let port = free_port()?;
-        let mut child = Command::new(binary)
-            .args(["-l", "127.0.0.1", "-p", &port.to_string()])
-            .args(extra_args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("spawning {}", binary.display()))?;
+        let mut child = spawn_piped(binary, &["-l", "127.0.0.1", "-p", &port.to_string()], extra_args)?;
         let output = Arc::new(Mutex::new(Vec::new()));
         drain_into(child.stdout.take().unwrap(), output.clone());
         drain_into(child.stderr.take().unwrap(), output.clone());
