@@ -208,6 +208,56 @@ impl Client {
         }
     }
 
+    /// `put` with the `polarisd` TTL extension: the job expires in the queue if
+    /// nobody reserves it within `ttl` seconds. beanstalkd answers `BAD_FORMAT`
+    /// ([`Error::BadFormat`]); check [`Client::supports_extensions`] first.
+    pub fn put_with_ttl(&mut self, priority: u32, delay: u32, ttr: u32, ttl: u32, body: &[u8]) -> Result<u64> {
+        let mut msg = format!("put {priority} {delay} {ttr} {} ttl={ttl}\r\n", body.len()).into_bytes();
+        msg.extend_from_slice(body);
+        msg.extend_from_slice(b"\r\n");
+        self.writer.write_all(&msg)?;
+        let line = self.read_line()?;
+        match line.strip_prefix("INSERTED ") {
+            Some(id) => parse_id("put", id, &line),
+            None => {
+                // beanstalkd reads the body of a refused put as a command line and
+                // answers it too: consume that reply so the connection stays in step.
+                let err = self.error_reply("put", line);
+                if matches!(err, Error::BadFormat) {
+                    let _ = self.read_line();
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// `polaris-stats` (a `polarisd` extension): counters beanstalk has no
+    /// field for, such as `jobs-expired`. beanstalkd answers [`Error::UnknownCommand`].
+    pub fn polaris_stats(&mut self) -> Result<Stats> {
+        self.yaml_command("polaris-stats", "polaris-stats\r\n")
+    }
+
+    /// Whether the server speaks the `polarisd` extensions (TTL, `revoke`,
+    /// `job-state`): asks `polaris-stats`, which beanstalkd does not know.
+    pub fn supports_extensions(&mut self) -> Result<bool> {
+        match self.polaris_stats() {
+            Ok(_) => Ok(true),
+            Err(Error::UnknownCommand) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `job-state <id>` (a `polarisd` extension): the live state (`ready`,
+    /// `delayed`, `reserved`, `buried`) or final state (`success`, `failed`,
+    /// `revoked`, `expired`) of a job; [`Error::NotFound`] once forgotten.
+    pub fn job_state(&mut self, id: u64) -> Result<String> {
+        let line = self.command(&format!("job-state {id}\r\n"))?;
+        match line.strip_prefix("STATE ") {
+            Some(state) => Ok(state.to_string()),
+            None => Err(self.error_reply("job-state", line)),
+        }
+    }
+
     /// `use <tube>`: later `put`s go to `tube`.
     pub fn use_tube(&mut self, tube: &str) -> Result<()> {
         let line = self.command(&format!("use {}\r\n", check_tube(tube)?))?;

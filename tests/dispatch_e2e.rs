@@ -596,3 +596,34 @@ fn queue_outage_delays_jobs_but_loses_none() {
         assert_eq!(job["hosts"][index]["data"], "back\n");
     }
 }
+
+/// A host job nobody takes expires in time, even while the dispatcher is down:
+/// on polarisd the queue drops it at its start deadline (the put carries a TTL),
+/// and the dispatcher, back up, reads `job-state` and reports `expired` at once
+/// instead of assuming an agent took it. On beanstalkd the dispatcher deletes
+/// the job itself; the outcome is the same.
+#[test]
+fn unanswered_job_expires_even_across_a_dispatcher_restart() {
+    let mut cluster = Cluster::start(&["alpha"]);
+    cluster.agent("alpha").kill();
+    let (status, body) = post(&cluster.url("/v1/jobs"), &json!({"hosts": ["alpha"], "method": "async.bash", "cmd": "echo never", "timeout": 2}));
+    assert_eq!(status, 202, "{body}");
+    let path = format!("/v1/jobs/{}", body["id"].as_str().expect("id"));
+    let url = cluster.url(&path);
+    wait_until(Duration::from_secs(5), "the host job is queued", || host_states(&get(&url).1)[0].1 == "ready");
+    cluster.crash_dispatcher();
+    std::thread::sleep(Duration::from_millis(3500));
+    cluster.restart_dispatcher();
+    let restarted = Instant::now();
+    // The new dispatcher listens on a new port.
+    let url = cluster.url(&path);
+    wait_until(Duration::from_secs(10), "the host job expired", || host_states(&get(&url).1)[0].1 == "expired");
+    assert!(restarted.elapsed() < Duration::from_secs(8), "reported expired well before the result grace period");
+    let job = get(&url).1;
+    assert_eq!(job["hosts"][0]["retcode"], code(Code::HostNoAnswer), "{job}");
+    if std::env::var("POLARIS_TEST_QUEUE").as_deref() != Ok("beanstalkd") {
+        let mut c = Client::connect(&cluster.queue.addr, Duration::from_secs(2)).expect("queue");
+        let stats = c.polaris_stats().expect("polaris-stats");
+        assert_eq!(stats.get_u64("jobs-expired"), Some(1), "the queue's TTL dropped the job");
+    }
+}

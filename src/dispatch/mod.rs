@@ -74,6 +74,9 @@ impl Default for DispatchConfig {
 pub struct QueuePool {
     addr: String,
     idle: Mutex<Vec<Client>>,
+    /// Whether the queue speaks the polarisd extensions, as the last new
+    /// connection found out (0 unknown, 1 no, 2 yes).
+    extensions: std::sync::atomic::AtomicU8,
 }
 
 /// Idle connections kept for reuse.
@@ -82,7 +85,18 @@ const MAX_IDLE_QUEUE_CONNECTIONS: usize = 4;
 impl QueuePool {
     /// A pool for the queue at `addr`; connects lazily.
     pub fn new(addr: &str) -> QueuePool {
-        QueuePool { addr: addr.to_string(), idle: Mutex::new(Vec::new()) }
+        QueuePool { addr: addr.to_string(), idle: Mutex::new(Vec::new()), extensions: std::sync::atomic::AtomicU8::new(0) }
+    }
+
+    /// Whether the queue is a polarisd (job TTLs, `job-state`), rather than a
+    /// plain beanstalkd. Asked again on every new connection, so a queue
+    /// replaced by the other kind is noticed.
+    pub fn has_extensions(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.extensions.load(Ordering::Relaxed) == 0 {
+            let _ = self.with(|_| Ok(()));
+        }
+        self.extensions.load(Ordering::Relaxed) == 2
     }
 
     /// Runs `f` on a pooled connection (blocking).
@@ -90,7 +104,12 @@ impl QueuePool {
         let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let mut conn = match idle {
             Some(conn) => conn,
-            None => Client::connect(&self.addr, Duration::from_secs(2))?,
+            None => {
+                let mut conn = Client::connect(&self.addr, Duration::from_secs(2))?;
+                let extensions = if conn.supports_extensions()? { 2 } else { 1 };
+                self.extensions.store(extensions, std::sync::atomic::Ordering::Relaxed);
+                conn
+            }
         };
         let result = f(&mut conn);
         let broken = matches!(

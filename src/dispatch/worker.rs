@@ -108,9 +108,18 @@ fn enqueue_pending(dispatcher: &Dispatcher) -> Result<(), StepError> {
         let priority = if job.method.is_sync() { SYNC_PRIORITY } else { ASYNC_PRIORITY };
         let ttr = job.timeout_secs.saturating_add(TTR_MARGIN_SECS);
         let tube = host_tube(&pending.host);
+        // On polarisd the job also carries a TTL up to its start deadline, so
+        // the queue itself drops it if no agent takes it in time.
+        let left_ms = (job.start_by_ms - wire::unix_now_ms()).max(1000);
+        let ttl = u32::try_from((left_ms + 999) / 1000).unwrap_or(u32::MAX);
+        let with_ttl = dispatcher.queue.has_extensions();
         let put = dispatcher.queue.with(|c| {
             c.use_tube(&tube)?;
-            c.put(priority, 0, ttr, &body)
+            if with_ttl {
+                c.put_with_ttl(priority, 0, ttr, ttl, &body)
+            } else {
+                c.put(priority, 0, ttr, &body)
+            }
         });
         match put {
             Ok(queue_id) => {
@@ -196,6 +205,19 @@ pub(crate) fn take_back(
             Ok(to)
         }
         Err(client::Error::NotFound) => {
+            // Gone from the queue: an agent took it, unless polarisd says its TTL
+            // ran out first, in which case no agent will ever run it.
+            let expired = match queue_job_id {
+                Some(queue_id) if dispatcher.queue.has_extensions() => {
+                    matches!(dispatcher.queue.with(|c| c.job_state(queue_id)).as_deref(), Ok("expired"))
+                }
+                _ => false,
+            };
+            if expired {
+                let timeout = Outcome::failed(Code::HostNoAnswer, "The host's agent did not take the job before it expired in the queue");
+                finish(dispatcher, job_id, host, HostState::Ready, HostState::Expired, &timeout)?;
+                return Ok(HostState::Expired);
+            }
             dispatcher.store.transition(job_id, host, HostState::Ready, HostState::Reserved, None)?;
             Ok(HostState::Reserved)
         }
