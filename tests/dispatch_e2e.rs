@@ -627,3 +627,17 @@ fn unanswered_job_expires_even_across_a_dispatcher_restart() {
         assert_eq!(stats.get_u64("jobs-expired"), Some(1), "the queue's TTL dropped the job");
     }
 }
+
+/// `--allow-client` keeps every other address out, before anything else.
+#[test]
+fn clients_outside_the_allow_list_are_refused() {
+    let queue = start_queue(BIG_JOB_SIZE);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let refused = start_dispatcher(&queue.addr, &dir.path().join("a"), &["--allow-client", "10.0.0.0/8", "--allow-client", "::1"]);
+    let (status, body) = get(&format!("{}/v1/hosts", refused.url));
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"]["code"], code(Code::ClientNotAllowed), "{body}");
+    let allowed = start_dispatcher(&queue.addr, &dir.path().join("b"), &["--allow-client", "127.0.0.0/8"]);
+    let (status, body) = get(&format!("{}/v1/hosts", allowed.url));
+    assert_eq!(status, 200, "{body}");
+}

@@ -32,6 +32,16 @@ struct Args {
     /// Seconds past deadline plus timeout that a taken job may still answer before it expires.
     #[arg(long, default_value_t = 30)]
     result_grace: u64,
+    /// Client address or network (CIDR) allowed to call the API; repeatable. Without any,
+    /// every client may call it (tokens, if configured, still apply).
+    #[arg(long = "allow-client", value_name = "IP|CIDR", value_parser = parse_client_net)]
+    allow_client: Vec<ipnet::IpNet>,
+}
+
+fn parse_client_net(s: &str) -> Result<ipnet::IpNet, String> {
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("not an IP address or CIDR network: {s:?}"))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,5 +56,6 @@ fn main() -> anyhow::Result<()> {
         reply_tube: args.reply_tube,
         sync_grace: Duration::from_secs(args.sync_grace),
         result_grace: Duration::from_secs(args.result_grace),
+        allowed_clients: args.allow_client,
     })
 }

@@ -43,7 +43,24 @@ pub fn router(dispatcher: AppState) -> Router {
         .route("/v1/hosts/:id", get(get_host).delete(delete_host))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(dispatcher.clone(), allow_client))
         .with_state(dispatcher)
+}
+
+/// Refuses clients outside `--allow-client` before anything else looks at the
+/// request (an empty list allows everyone).
+async fn allow_client(
+    State(dispatcher): State<AppState>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let allowed = &dispatcher.allowed_clients;
+    if allowed.is_empty() || allowed.iter().any(|net| net.contains(&peer.ip())) {
+        return next.run(request).await;
+    }
+    log::warn!("refused a request from {peer}: not in --allow-client");
+    axum::response::IntoResponse::into_response(ApiError::general(Code::ClientNotAllowed, format!("client {} is not allowed", peer.ip())))
 }
 
 /// Binds `listen`, prints `listening on ADDR`, and serves until SIGTERM or SIGINT.
@@ -56,7 +73,7 @@ pub async fn serve(dispatcher: AppState, listen: &str) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout();
     writeln!(stdout, "listening on {addr}").and_then(|()| stdout.flush()).context("writing to stdout")?;
     log::info!("polaris-dispatch listening on http://{addr}");
-    axum::serve(listener, router(dispatcher))
+    axum::serve(listener, router(dispatcher).into_make_service_with_connect_info::<std::net::SocketAddr>())
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("serving HTTP")

@@ -95,6 +95,8 @@ codes! {
     BadSignature = 0x0405, Auth, "bad_signature", 200;
     /// The agent found the envelope expired; the job was buried, never run.
     EnvelopeExpired = 0x0406, Auth, "envelope_expired", 200;
+    /// The client's address is not in the dispatcher's `--allow-client` list.
+    ClientNotAllowed = 0x0407, Auth, "client_not_allowed", 403;
 
     /// The body is not well-formed JSON.
     MalformedJson = 0x0501, Validation, "malformed_json", 400;

@@ -51,6 +51,8 @@ pub struct DispatchConfig {
     /// How long past its start deadline plus timeout a taken job may still answer before
     /// it is marked expired.
     pub result_grace: Duration,
+    /// Client networks allowed to call the API; empty allows every client.
+    pub allowed_clients: Vec<ipnet::IpNet>,
 }
 
 impl Default for DispatchConfig {
@@ -64,6 +66,7 @@ impl Default for DispatchConfig {
             reply_tube: wire::DEFAULT_REPLY_TUBE.into(),
             sync_grace: Duration::from_secs(5),
             result_grace: Duration::from_secs(30),
+            allowed_clients: Vec::new(),
         }
     }
 }
@@ -172,6 +175,8 @@ pub struct Dispatcher {
     pub sync_grace: Duration,
     /// See [`DispatchConfig::result_grace`].
     pub result_grace: Duration,
+    /// See [`DispatchConfig::allowed_clients`].
+    pub allowed_clients: Vec<ipnet::IpNet>,
     wake_enqueuer: mpsc::SyncSender<()>,
 }
 
@@ -206,6 +211,7 @@ pub fn run(config: DispatchConfig) -> anyhow::Result<()> {
         waiters: Waiters::default(),
         sync_grace: config.sync_grace,
         result_grace: config.result_grace,
+        allowed_clients: config.allowed_clients.clone(),
         wake_enqueuer: wake_tx,
     });
     let stop = Arc::new(AtomicBool::new(false));
