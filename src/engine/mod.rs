@@ -750,7 +750,7 @@ impl Engine {
             out.send(conn, reply::DEADLINE_SOON);
             return Outcome::Done;
         }
-        self.wait_for_job(conn, timeout_at, now);
+        self.wait_for_job(conn, timeout_at);
         self.process_queue(now, out);
         if self.conns[conn.0].wait.is_some() {
             Outcome::Blocked
@@ -1052,7 +1052,7 @@ impl Engine {
         }
     }
 
-    fn wait_for_job(&mut self, conn: ConnId, timeout_at: Option<Nanos>, now: Nanos) {
+    fn wait_for_job(&mut self, conn: ConnId, timeout_at: Option<Nanos>) {
         self.counters.waiting += 1;
         let watched: Vec<TubeKey> = self.conns[conn.0].watch.iter().collect();
         for t in watched {
@@ -1060,12 +1060,12 @@ impl Engine {
             self.tubes_with_waiters.insert(t);
         }
         self.conns[conn.0].wait = Some(Wait { timeout_at, timer: None });
-        self.schedule_wait(conn, now);
+        self.schedule_wait(conn);
     }
 
     /// (Re)arms the timer of a waiting connection: its `reserve-with-timeout`
     /// deadline or the start of its soonest reserved job's safety margin.
-    fn schedule_wait(&mut self, conn: ConnId, _now: Nanos) {
+    fn schedule_wait(&mut self, conn: ConnId) {
         let soon = self.soonest_deadline(conn).map(|d| d.saturating_sub(SAFETY_MARGIN));
         let Some(wait) = self.conns[conn.0].wait.as_mut() else { return };
         if let Some(old) = wait.timer.take() {
@@ -1203,7 +1203,7 @@ impl Engine {
             self.jobs[key.idx()].counters.timeouts += 1;
             self.counters.job_timeouts += 1;
             self.enqueue(key, 0, now, out);
-            self.schedule_wait(conn, now);
+            self.schedule_wait(conn);
         }
         while let Some(&(at, conn)) = self.wait_timers.first() {
             if at > now {
@@ -1231,7 +1231,7 @@ impl Engine {
             self.remove_waiting_conn(conn);
             out.send(conn, reply::TIMED_OUT);
         } else {
-            self.schedule_wait(conn, now);
+            self.schedule_wait(conn);
         }
     }
 
