@@ -1113,7 +1113,15 @@ impl Engine {
 
     /// Finds or makes the tube `name` and takes a reference to it.
     fn tube_ref(&mut self, name: &TubeName) -> TubeKey {
-        let key = match self.tube_index.get(name) {
+        let key = self.tube_find_or_make(name);
+        self.incref(key);
+        key
+    }
+
+    /// Finds or makes the tube `name` without taking a reference: the caller
+    /// must attach something that holds one (a job) before anything can free it.
+    fn tube_find_or_make(&mut self, name: &TubeName) -> TubeKey {
+        match self.tube_index.get(name) {
             Some(&key) => key,
             None => {
                 let key = TubeKey::from_idx(self.tubes.insert(Tube::new(name.clone())));
@@ -1121,9 +1129,7 @@ impl Engine {
                 self.tube_order.push(key);
                 key
             }
-        };
-        self.incref(key);
-        key
+        }
     }
 
     fn incref(&mut self, t: TubeKey) {
@@ -1271,8 +1277,7 @@ impl Engine {
     pub fn restore_job(&mut self, rec: JobRecord<Box<[u8]>>, now: Nanos) {
         // Restoring is not a change to write back.
         let changes = self.changes.take();
-        let tube = self.tube_ref(&rec.tube);
-        self.decref_keep(tube);
+        let tube = self.tube_find_or_make(&rec.tube);
         let mut job = Job::new(rec.id, tube, rec.pri, rec.delay_secs, rec.ttr_secs.max(1), rec.body, now.saturating_sub(rec.age));
         job.counters = rec.counters;
         let key = self.insert_job(job);
@@ -1299,12 +1304,6 @@ impl Engine {
             }
         }
         self.changes = changes;
-    }
-
-    /// Drops the temporary reference `tube_ref` took, without freeing: the
-    /// caller is about to attach a job, which holds its own reference.
-    fn decref_keep(&mut self, t: TubeKey) {
-        self.tubes[t.idx()].refs -= 1;
     }
 
     /// Makes sure new ids start above `id` (ids are never reused, even across restarts).
