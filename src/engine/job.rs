@@ -160,6 +160,9 @@ impl Job {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct IdHasher(u64);
 
+/// 2^64 divided by the golden ratio: multiplying by it spreads consecutive integers.
+const FIBONACCI_MULTIPLIER: u64 = 0x9E37_79B9_7F4A_7C15;
+
 impl std::hash::Hasher for IdHasher {
     fn finish(&self) -> u64 {
         self.0
@@ -167,12 +170,12 @@ impl std::hash::Hasher for IdHasher {
 
     fn write(&mut self, bytes: &[u8]) {
         for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(FIBONACCI_MULTIPLIER);
         }
     }
 
     fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.0 = (self.0 ^ n).wrapping_mul(FIBONACCI_MULTIPLIER);
     }
 }
 
@@ -188,7 +191,7 @@ pub(crate) struct JobIndex {
 
 /// Ids are sequential, so a multiplicative hash spreads them perfectly.
 pub(crate) fn hash_id(id: JobId) -> u64 {
-    id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    id.0.wrapping_mul(FIBONACCI_MULTIPLIER)
 }
 
 impl JobIndex {

@@ -403,11 +403,6 @@ impl Engine {
         self.binlog = stats;
     }
 
-    /// Number of live jobs.
-    pub fn job_count(&self) -> usize {
-        self.jobs.len()
-    }
-
     // ----- commands ----------------------------------------------------------
 
     /// A valid `put` header arrived: as beanstalkd does at this point, count
@@ -1327,11 +1322,6 @@ impl Engine {
         if secs > 0 {
             self.tube_ttls.insert(name, u64::from(secs) * SECOND);
         }
-    }
-
-    /// All tombstones, oldest first.
-    pub fn tombstones(&self) -> impl Iterator<Item = &Tombstone> + '_ {
-        self.tombstones.iter()
     }
 }
 

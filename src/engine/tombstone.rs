@@ -128,11 +128,6 @@ impl Tombstones {
     pub(crate) fn next_expiry(&self) -> Option<Nanos> {
         self.entries.front().map(|t| t.at.saturating_add(self.retention))
     }
-
-    /// All tombstones, oldest first.
-    pub(crate) fn iter(&self) -> impl Iterator<Item = &Tombstone> + '_ {
-        self.entries.iter()
-    }
 }
 
 #[cfg(test)]
