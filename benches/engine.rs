@@ -1,4 +1,4 @@
-//! Micro-benchmarks of the queue engine (`polaris::engine::Engine`), without
+//! Micro-benchmarks of the queue engine (`polaris_engine::Engine`), without
 //! sockets: commands go straight to `Engine::apply`, replies into a sink that
 //! only counts bytes. Throughput is in jobs (or commands) per second.
 //!
@@ -7,8 +7,8 @@
 //! Run: `cargo bench --bench engine` (add `-- --quick` for a fast pass).
 
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use polaris::engine::{Config, ConnId, Engine, Outcome, ReplySink};
-use polaris::proto::{Command, PutOptions, TubeName};
+use polaris_engine::{Config, ConnId, Engine, Outcome, ReplySink};
+use polaris_proto::{Command, PutOptions, TubeName};
 use std::time::Duration;
 
 /// Counts reply bytes, like a socket that never blocks.

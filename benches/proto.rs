@@ -1,4 +1,4 @@
-//! Micro-benchmarks of the wire-protocol decoder (`polaris::proto::Decoder`).
+//! Micro-benchmarks of the wire-protocol decoder (`polaris_proto::Decoder`).
 //!
 //! Each benchmark decodes a buffer of 1,000 pipelined commands, as the server
 //! does with one large read; throughput is in commands per second.
@@ -6,7 +6,7 @@
 
 use bytes::BytesMut;
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use polaris::proto::{self, Decoded, Decoder, Limits};
+use polaris_proto::{self as proto, Decoded, Decoder, Limits};
 use std::time::Duration;
 
 const N: usize = 1000;

@@ -105,5 +105,5 @@ perf report -i "$OUT/$NAME.perf.data" --no-children --sort symbol --stdio -g non
 perf report -i "$OUT/$NAME.perf.data" --children --sort symbol --stdio -g none 2>/dev/null \
     | grep -E '^ +[0-9]' | sed 's/ *$//' | cut -c1-130 | head -150 > "$OUT/$NAME.perf-children.txt"
 echo "== main-loop functions (inclusive time):"
-grep -E 'polaris::(server|engine|store|proto)::[A-Za-z_:<>]+$|Store::|Server::' "$OUT/$NAME.perf-children.txt" | head -20 || true
+grep -E '(polarisd::(server|store|config)|polaris_engine|polaris_proto)::[A-Za-z_:<>]+$|Store::|Server::' "$OUT/$NAME.perf-children.txt" | head -20 || true
 echo "(inclusive view: $OUT/$NAME.perf-children.txt)"

@@ -1,8 +1,8 @@
 //! `polarisd`'s command line: beanstalkd's flags, so it drops into existing
 //! deployments, plus long options for the limits beanstalkd leaves implicit.
 
-use crate::engine::{self, SECOND};
-use crate::proto::{self, TubeName};
+use polaris_engine::{self as engine, SECOND};
+use polaris_proto::{self as proto, TubeName};
 use crate::server::{Durability, FsyncPolicy, Listen, ServerConfig};
 use clap::Parser;
 use std::path::PathBuf;

@@ -11,8 +11,8 @@
 //! 3. commit the turn's changes in one transaction (group commit);
 //! 4. write out every connection's pending replies.
 
-use crate::engine::{self, ConnId, Engine, Nanos, Outcome, ReplySink};
-use crate::proto::{Decoded, Decoder, Limits};
+use polaris_engine::{self as engine, ConnId, Engine, Nanos, Outcome, ReplySink};
+use polaris_proto::{Decoded, Decoder, Limits};
 use crate::store::{Store, StoreError};
 use anyhow::{bail, Context};
 use bytes::{Buf, BytesMut};
@@ -580,7 +580,7 @@ impl Server {
             if let Some(c) = self.conns.get_mut(token) {
                 if c.output.len() > c.turn_start {
                     c.output.truncate(c.turn_start);
-                    c.output.extend_from_slice(crate::proto::reply::INTERNAL_ERROR);
+                    c.output.extend_from_slice(polaris_proto::reply::INTERNAL_ERROR);
                 }
             }
         }

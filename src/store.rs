@@ -23,8 +23,8 @@
 //! In both of the latter modes SQLite runs with `synchronous=NORMAL`: commits do
 //! not fsync, but checkpoints do, in the order that keeps the file consistent.
 
-use crate::engine::{Changes, Engine, FinalState, JobCounters, JobId, JobRecord, JobState, Nanos, Tombstone, SECOND};
-use crate::proto::TubeName;
+use polaris_engine::{Changes, Engine, FinalState, JobCounters, JobId, JobRecord, JobState, Nanos, Tombstone, SECOND};
+use polaris_proto::TubeName;
 use crate::server::FsyncPolicy;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use std::collections::HashMap;
@@ -105,9 +105,9 @@ pub struct StoreStats {
     pub records_written: u64,
 }
 
-impl From<StoreStats> for crate::engine::BinlogStats {
+impl From<StoreStats> for polaris_engine::BinlogStats {
     fn from(s: StoreStats) -> Self {
-        crate::engine::BinlogStats { records_written: s.records_written, records_migrated: 0 }
+        polaris_engine::BinlogStats { records_written: s.records_written, records_migrated: 0 }
     }
 }
 
@@ -233,7 +233,7 @@ impl Store {
     }
 
     /// Counters for `stats`.
-    pub fn stats(&self) -> crate::engine::BinlogStats {
+    pub fn stats(&self) -> polaris_engine::BinlogStats {
         self.stats.into()
     }
 
@@ -652,7 +652,7 @@ fn job_from_row(row: &rusqlite::Row<'_>, wall: i64, tubes: &mut HashMap<String, 
 
 /// A nanosecond column as whole seconds (the schema keeps nanoseconds).
 fn secs_of(nanos: i64) -> u32 {
-    u32::try_from(nanos.max(0) as u64 / crate::engine::SECOND).unwrap_or(u32::MAX)
+    u32::try_from(nanos.max(0) as u64 / polaris_engine::SECOND).unwrap_or(u32::MAX)
 }
 
 /// Takes an exclusive lock on `dir`, so two servers never share a database.

@@ -44,10 +44,10 @@
 //! Scenarios in `known-differences.scn` document places where polarisd
 //! deliberately differs from beanstalkd; they are parsed but not compared.
 
-mod common;
+
 
 use anyhow::{anyhow, bail, Context, Result};
-use common::{escape_bytes, RawConn, ReadOutcome, Reply, ServerProcess};
+use polaris_testkit::{escape_bytes, RawConn, ReadOutcome, Reply, ServerProcess};
 use std::collections::HashSet;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -946,8 +946,8 @@ impl Candidate {
 
     fn spawn(&self, args: &[&str]) -> Result<ServerProcess> {
         match self {
-            Candidate::Polarisd => common::spawn_polarisd(args),
-            Candidate::Beanstalkd(path) => common::spawn_beanstalkd(path, args),
+            Candidate::Polarisd => polaris_testkit::spawn_polarisd(args),
+            Candidate::Beanstalkd(path) => polaris_testkit::spawn_beanstalkd(path, args),
         }
     }
 }
@@ -961,7 +961,7 @@ fn run_scenario(
 ) -> Result<Option<String>> {
     let args: Vec<&str> = scenario.server_args.iter().map(String::as_str).collect();
     let reference_server =
-        common::spawn_beanstalkd(reference, &args).context("starting the reference beanstalkd")?;
+        polaris_testkit::spawn_beanstalkd(reference, &args).context("starting the reference beanstalkd")?;
     let mut candidate_server = candidate
         .spawn(&args)
         .with_context(|| format!("starting {}", candidate.describe()))?;
@@ -1019,7 +1019,7 @@ fn run_scenario(
 
 #[test]
 fn scenarios_match_beanstalkd() {
-    let Some(reference) = common::require_beanstalkd() else {
+    let Some(reference) = polaris_testkit::require_beanstalkd() else {
         return;
     };
     let candidate = Candidate::from_env();
@@ -1148,21 +1148,21 @@ fn text_escapes_decode() {
 
 #[test]
 fn reply_frames_parse() {
-    let (reply, used) = common::parse_reply(b"RESERVED 7 3\r\na\r\n\r\nNEXT").unwrap();
+    let (reply, used) = polaris_testkit::parse_reply(b"RESERVED 7 3\r\na\r\n\r\nNEXT").unwrap();
     assert_eq!(
         (reply.line_str().as_str(), reply.body.as_deref(), used),
         ("RESERVED 7 3", Some(&b"a\r\n"[..]), 19)
     );
-    let (reply, _) = common::parse_reply(b"OK 4\r\n---\n\r\n").unwrap();
+    let (reply, _) = polaris_testkit::parse_reply(b"OK 4\r\n---\n\r\n").unwrap();
     assert_eq!(reply.body.as_deref(), Some(&b"---\n"[..]));
-    let (reply, used) = common::parse_reply(b"INSERTED 1\r\nX").unwrap();
+    let (reply, used) = polaris_testkit::parse_reply(b"INSERTED 1\r\nX").unwrap();
     assert_eq!((reply.body, used), (None, 12));
     assert!(
-        common::parse_reply(b"FOUND 1 5\r\nabc").is_none(),
+        polaris_testkit::parse_reply(b"FOUND 1 5\r\nabc").is_none(),
         "body not complete yet"
     );
     assert!(
-        common::parse_reply(b"USING default\n").is_none(),
+        polaris_testkit::parse_reply(b"USING default\n").is_none(),
         "a bare LF ends no reply"
     );
 }

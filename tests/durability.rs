@@ -1,10 +1,10 @@
 //! Durability of `polarisd -b DIR`: restarts, SIGKILL under load, damaged
 //! files, full disks, and the size of the database.
 
-mod common;
+
 
 use anyhow::{bail, ensure, Context, Result};
-use common::{spawn_polarisd, RawConn, ServerProcess};
+use polaris_testkit::{spawn_polarisd, RawConn, ServerProcess};
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::process::{Command, Stdio};

@@ -1,9 +1,9 @@
 //! The protocol extensions over TCP: TTL, revoke, final states, counters.
 
-mod common;
+
 
 use anyhow::Result;
-use common::spawn_polarisd;
+use polaris_testkit::spawn_polarisd;
 use std::thread;
 use std::time::Duration;
 

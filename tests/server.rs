@@ -1,17 +1,17 @@
 //! The server process: signals, listening on Unix sockets and inherited
 //! sockets, limits, and robustness against hostile input.
 
-mod common;
+
 
 use anyhow::{bail, Context, Result};
-use common::{spawn_polarisd, RawConn};
+use polaris_testkit::{spawn_polarisd, RawConn};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-fn wait_exit(server: &mut common::ServerProcess) -> Result<std::process::ExitStatus> {
+fn wait_exit(server: &mut polaris_testkit::ServerProcess) -> Result<std::process::ExitStatus> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if let Some(status) = server.try_exit_status() {

@@ -8,7 +8,7 @@
 //! `POLARIS_CLIENT_TARGET=beanstalkd` runs the same script against the real
 //! beanstalkd instead, to check the script itself.
 
-mod common;
+
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -29,13 +29,13 @@ fn greenstalk_available() -> bool {
     match probe {
         Ok(status) if status.success() => true,
         Ok(_) => {
-            common::skip_unless_ci(
+            polaris_testkit::skip_unless_ci(
                 "python3 cannot import greenstalk; install it with `pip install greenstalk`",
             );
             false
         }
         Err(e) => {
-            common::skip_unless_ci(&format!(
+            polaris_testkit::skip_unless_ci(&format!(
                 "python3 not runnable ({e}); install python3 and `pip install greenstalk`"
             ));
             false
@@ -50,12 +50,12 @@ fn greenstalk_client_drives_the_server() {
     }
     let server = match std::env::var("POLARIS_CLIENT_TARGET").as_deref() {
         Ok("beanstalkd") => {
-            let Some(beanstalkd) = common::require_beanstalkd() else {
+            let Some(beanstalkd) = polaris_testkit::require_beanstalkd() else {
                 return;
             };
-            common::spawn_beanstalkd(&beanstalkd, &[])
+            polaris_testkit::spawn_beanstalkd(&beanstalkd, &[])
         }
-        Ok("polarisd") | Err(_) => common::spawn_polarisd(&[]),
+        Ok("polarisd") | Err(_) => polaris_testkit::spawn_polarisd(&[]),
         Ok(other) => {
             panic!("POLARIS_CLIENT_TARGET must be `polarisd` or `beanstalkd`, not {other:?}")
         }

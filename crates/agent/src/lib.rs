@@ -1,0 +1,503 @@
+//! `polaris-agent`: runs the jobs of one host.
+//!
+//! It watches `host.<id>`, verifies each envelope's signature and expiry (bad ones are
+//! buried, never run, and reported when their reply tube is known), runs `bash -c` through
+//! [`exec`] or answers `sync.query` through [`query`], puts the signed result on the reply
+//! tube (cutting output further if the queue refuses it as too big), then deletes the job.
+//! On SIGTERM or SIGINT it stops reserving; a running command may finish within the drain
+//! timeout, else it is stopped and its job released for the agent's next start.
+
+pub mod exec;
+pub mod identity;
+pub mod query;
+
+use polaris_proto::client::{self, Client};
+use polaris_ops_wire::codes::Code;
+use polaris_ops_wire::wire::{self, host_tube, HostResult, JobEnvelope, Method, Resp, Secret};
+use anyhow::Context as _;
+use exec::{ExecLimits, Termination, Tick};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The env variable holding the bearer token used to register with the dispatcher.
+pub const TOKEN_ENV: &str = "POLARIS_TOKEN";
+
+/// beanstalkd's default max job size, assumed until `stats` says otherwise.
+const DEFAULT_MAX_JOB_SIZE: usize = 65_535;
+/// Priority of results (low: someone may be waiting) and of buried envelopes.
+const RESULT_PRIORITY: u32 = 100;
+/// TTR of result jobs; the dispatcher handles one in milliseconds.
+const RESULT_TTR: u32 = 60;
+/// Shortest interval between touches of a running job.
+const MIN_TOUCH_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Everything `polaris-agent` is configured with.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Queue address, e.g. `127.0.0.1:11300`.
+    pub queue: String,
+    /// The host id; `None` uses (or creates) the one in `state_file`.
+    pub host_id: Option<String>,
+    /// Where the generated host id is kept.
+    pub state_file: PathBuf,
+    /// Dispatcher base URL to register with, e.g. `http://127.0.0.1:8080`.
+    pub dispatch_url: Option<String>,
+    /// File holding the shared envelope secret; `None` reads env `POLARIS_SECRET`.
+    pub secret_file: Option<PathBuf>,
+    /// File holding the bearer token for registration; `None` reads env `POLARIS_TOKEN`.
+    pub token_file: Option<PathBuf>,
+    /// Time between SIGTERM and SIGKILL for a command past its timeout.
+    pub kill_grace: Duration,
+    /// How long a running command may go on after the agent is asked to stop.
+    pub drain_timeout: Duration,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            queue: "127.0.0.1:11300".into(),
+            host_id: None,
+            state_file: PathBuf::from("polaris-agent.json"),
+            dispatch_url: None,
+            secret_file: None,
+            token_file: None,
+            kill_grace: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The fields of an envelope needed to report on it, read when the whole envelope
+/// cannot be.
+#[derive(serde::Deserialize)]
+struct EnvelopeHeader {
+    job_id: String,
+    reply_tube: String,
+    #[serde(default)]
+    method: Option<String>,
+}
+
+struct Agent {
+    host_id: String,
+    secret: Secret,
+    config: AgentConfig,
+    shutdown: Arc<AtomicBool>,
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub fn run(config: AgentConfig) -> anyhow::Result<()> {
+    let secret = Secret::load(config.secret_file.as_deref())?;
+    let host_id = identity::resolve_host_id(config.host_id.as_deref(), &config.state_file)?;
+    let token = match &config.token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading token file {}", path.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => std::env::var(TOKEN_ENV).ok(),
+    };
+    let shutdown = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, shutdown.clone()).context("installing signal handlers")?;
+    }
+    if let Some(url) = &config.dispatch_url {
+        let (url, host_id, shutdown) = (url.clone(), host_id.clone(), shutdown.clone());
+        std::thread::Builder::new()
+            .name("register".into())
+            .spawn(move || register(&url, &host_id, token.as_deref(), &shutdown))
+            .context("starting the registration thread")?;
+    }
+    log::info!("polaris-agent {host_id} serving tube {} on {}", host_tube(&host_id), config.queue);
+    let agent = Agent { host_id, secret, config, shutdown };
+    agent.serve();
+    log::info!("polaris-agent {} stopped", agent.host_id);
+    Ok(())
+}
+
+/// Registers the host with the dispatcher, retrying while it is unreachable.
+fn register(url: &str, host_id: &str, token: Option<&str>, shutdown: &AtomicBool) {
+    let endpoint = format!("{}/v1/hosts", url.trim_end_matches('/'));
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let body = serde_json::json!({ "id": host_id, "hostname": hostname.trim() });
+    let mut backoff = Duration::from_millis(200);
+    while !shutdown.load(Ordering::SeqCst) {
+        let mut request = ureq::post(&endpoint).timeout(Duration::from_secs(10));
+        if let Some(token) = token {
+            request = request.set("Authorization", &format!("Bearer {token}"));
+        }
+        match request.send_json(&body) {
+            Ok(_) => {
+                log::info!("registered host {host_id} with {url}");
+                return;
+            }
+            Err(ureq::Error::Status(status, response)) if (400..500).contains(&status) && status != 429 => {
+                let detail = response.into_string().unwrap_or_default();
+                log::error!("dispatcher refused registration of {host_id} ({status}): {detail}");
+                return;
+            }
+            Err(e) => {
+                log::warn!("cannot register with {url} yet ({e}); retrying in {backoff:?}");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+impl Agent {
+    fn stopping(&self) -> bool {
+        self.shutdown.load(Ordering::SeqCst)
+    }
+
+    fn connect(&self) -> client::Result<(Client, usize)> {
+        let mut conn = Client::connect(&self.config.queue, Duration::from_secs(2))?;
+        conn.watch(&host_tube(&self.host_id))?;
+        conn.ignore("default")?;
+        let max_job_size = conn
+            .stats()?
+            .get_u64("max-job-size")
+            .and_then(|n| usize::try_from(n).ok())
+            .unwrap_or(DEFAULT_MAX_JOB_SIZE);
+        Ok((conn, max_job_size))
+    }
+
+    fn serve(&self) {
+        let mut conn: Option<(Client, usize)> = None;
+        let mut queue_was_down = false;
+        while !self.stopping() {
+            let (client, max_job_size) = match conn.as_mut() {
+                Some((client, max)) => (client, *max),
+                None => match self.connect() {
+                    Ok(c) => {
+                        log::info!("connected to the queue at {} (max job size {})", self.config.queue, c.1);
+                        queue_was_down = false;
+                        let (client, max) = conn.insert(c);
+                        (client, *max)
+                    }
+                    Err(e) => {
+                        if !queue_was_down {
+                            log::warn!("cannot reach the queue at {}, will retry: {e}", self.config.queue);
+                            queue_was_down = true;
+                        }
+                        std::thread::sleep(Duration::from_secs(1));
+                        continue;
+                    }
+                },
+            };
+            let outcome = match client.reserve_with_timeout(1) {
+                Ok(None) | Err(client::Error::DeadlineSoon) => Ok(()),
+                Ok(Some(job)) => self.handle(client, job, max_job_size),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = outcome {
+                log::warn!("queue connection lost: {e}");
+                conn = None;
+            }
+        }
+    }
+
+    /// Handles one reserved job, start to finish.
+    fn handle(&self, conn: &mut Client, job: client::Job, max_job_size: usize) -> client::Result<()> {
+        let payload = match wire::open(&self.secret, &job.body) {
+            Ok(payload) => payload,
+            Err(e) => {
+                log::warn!("burying job {}: {e}; it will not run", job.id);
+                conn.bury(job.id, RESULT_PRIORITY)?;
+                // The envelope cannot be trusted, but if it names a reply tube, saying
+                // "refused" there lets its job show `failed` instead of waiting.
+                let claimed = wire::unverified_payload(&job.body)
+                    .and_then(|p| serde_json::from_slice::<EnvelopeHeader>(p).ok());
+                if let Some(claimed) = claimed {
+                    let message = format!("Refused: envelope signature invalid ({e}); job buried, not run");
+                    self.report_refusal(conn, &claimed.job_id, &claimed.reply_tube, Code::BadSignature, message, max_job_size)?;
+                }
+                return Ok(());
+            }
+        };
+        let envelope: JobEnvelope = match serde_json::from_slice(payload) {
+            Ok(envelope) => envelope,
+            Err(e) => {
+                log::warn!("burying job {}: malformed envelope: {e}", job.id);
+                conn.bury(job.id, RESULT_PRIORITY)?;
+                // Signed but unreadable (e.g. a newer dispatcher's method): report it if
+                // the envelope still says where to.
+                let Ok(header) = serde_json::from_slice::<EnvelopeHeader>(payload) else { return Ok(()) };
+                let code = match header.method.as_deref().map(Method::parse) {
+                    Some(None) => Code::UnsupportedMethod,
+                    _ => Code::MalformedEnvelope,
+                };
+                let message = format!("Refused: cannot read the envelope ({e}); job buried, not run");
+                return self.report_refusal(conn, &header.job_id, &header.reply_tube, code, message, max_job_size);
+            }
+        };
+        if envelope.host != self.host_id {
+            log::warn!("burying job {}: it is for host {:?}, not {:?}", job.id, envelope.host, self.host_id);
+            conn.bury(job.id, RESULT_PRIORITY)?;
+            let message = format!("Refused: envelope is for host {:?}, delivered to {:?}", envelope.host, self.host_id);
+            return self.report_refusal(conn, &envelope.job_id, &envelope.reply_tube, Code::WrongHost, message, max_job_size);
+        }
+        let now = wire::unix_now();
+        if now > envelope.expires_at {
+            let late = now - envelope.expires_at;
+            log::warn!("burying job {} (dispatch job {}): expired {late}s ago", job.id, envelope.job_id);
+            conn.bury(job.id, RESULT_PRIORITY)?;
+            let message = format!("Refused: envelope expired {late}s before the agent took it; job buried, not run");
+            return self.report_refusal(conn, &envelope.job_id, &envelope.reply_tube, Code::EnvelopeExpired, message, max_job_size);
+        }
+
+        log::info!("job {} ({}): {} {:?}", envelope.job_id, job.id, envelope.method.as_str(), envelope.cmd);
+        let result = match envelope.method {
+            Method::SyncQuery => query_result(&envelope),
+            Method::SyncBash | Method::AsyncBash => match self.run_command(conn, job.id, &envelope) {
+                Some(result) => result,
+                None => {
+                    // Stopped by shutdown: hand the job back for the next start.
+                    log::info!("releasing job {} ({}) because the agent is stopping", envelope.job_id, job.id);
+                    return conn.release(job.id, RESULT_PRIORITY, 0);
+                }
+            },
+        };
+        put_result(conn, &self.secret, &envelope.reply_tube, result, max_job_size)?;
+        conn.delete(job.id)
+    }
+
+    /// Puts a `failed` result for a job the agent refused to run.
+    fn report_refusal(
+        &self,
+        conn: &mut Client,
+        job_id: &str,
+        reply_tube: &str,
+        code: Code,
+        message: String,
+        max_job_size: usize,
+    ) -> client::Result<()> {
+        if !client::is_valid_tube_name(reply_tube) {
+            return Ok(());
+        }
+        let result = HostResult {
+            v: 1,
+            job_id: job_id.to_string(),
+            host: self.host_id.clone(),
+            resp: Resp::Failed,
+            retcode: u32::from(code.value()),
+            message,
+            data: String::new(),
+            truncated: false,
+            output_bytes: 0,
+        };
+        put_result(conn, &self.secret, reply_tube, result, max_job_size)
+    }
+
+    /// Runs the envelope's command, touching the queue job as it runs. `None` if it was
+    /// stopped because the agent is shutting down.
+    fn run_command(&self, conn: &mut Client, queue_job_id: u64, envelope: &JobEnvelope) -> Option<HostResult> {
+        let ttr = conn
+            .stats_job(queue_job_id)
+            .ok()
+            .and_then(|s| s.get_u64("ttr"))
+            .unwrap_or(u64::from(envelope.timeout) + 60);
+        // Touch at half the TTR, so a slow tick never lets the job fall back to ready.
+        let touch_every = Duration::from_millis(ttr * 500).max(MIN_TOUCH_INTERVAL);
+        let mut next_touch = Instant::now() + touch_every;
+        let mut drain_deadline: Option<Instant> = None;
+        let limits = ExecLimits {
+            timeout: Duration::from_secs(u64::from(envelope.timeout)),
+            kill_grace: self.config.kill_grace,
+            max_output: exec::MAX_OUTPUT_BYTES,
+        };
+        let outcome = exec::run_bash(&envelope.cmd, &limits, || {
+            let now = Instant::now();
+            if now >= next_touch {
+                if let Err(e) = conn.touch(queue_job_id) {
+                    log::warn!("cannot touch job {queue_job_id}: {e}");
+                }
+                next_touch = now + touch_every;
+            }
+            if self.stopping() {
+                let deadline = *drain_deadline.get_or_insert_with(|| {
+                    log::info!("stopping: giving the running command {:?} to finish", self.config.drain_timeout);
+                    now + self.config.drain_timeout
+                });
+                if now >= deadline {
+                    return Tick::Abort;
+                }
+            }
+            Tick::Continue
+        });
+        let base = HostResult {
+            v: 1,
+            job_id: envelope.job_id.clone(),
+            host: self.host_id.clone(),
+            resp: Resp::Success,
+            retcode: 0,
+            message: String::new(),
+            data: String::new(),
+            truncated: false,
+            output_bytes: 0,
+        };
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                return Some(HostResult {
+                    resp: Resp::Failed,
+                    retcode: u32::from(Code::ExecError.value()),
+                    message: format!("Could not run the command: {e}"),
+                    ..base
+                });
+            }
+        };
+        let (resp, retcode, mut message) = match outcome.termination {
+            Termination::Aborted => return None,
+            Termination::Exited(code) => (Resp::Success, code as u32, "Normal termination".to_string()),
+            Termination::Signaled(sig) => (
+                Resp::Success,
+                128 + sig as u32,
+                format!("Terminated by signal {sig} ({})", exec::signal_name(sig)),
+            ),
+            Termination::TimedOut { killed_by } => (
+                Resp::Failed,
+                u32::from(Code::ExecTimeout.value()),
+                format!(
+                    "Timed out after {}s: process group killed with {}",
+                    envelope.timeout,
+                    exec::signal_name(killed_by)
+                ),
+            ),
+        };
+        if outcome.truncated {
+            message.push_str(&format!(
+                "; output truncated to {} of {} bytes",
+                outcome.output.len(),
+                outcome.output_bytes
+            ));
+        }
+        Some(HostResult {
+            resp,
+            retcode,
+            message,
+            data: String::from_utf8_lossy(&outcome.output).into_owned(),
+            truncated: outcome.truncated,
+            output_bytes: outcome.output_bytes,
+            ..base
+        })
+    }
+}
+
+fn query_result(envelope: &JobEnvelope) -> HostResult {
+    let facts = query::collect()
+        .map_err(|e| e.to_string())
+        .and_then(|facts| serde_json::to_string(&facts).map_err(|e| e.to_string()));
+    let (resp, retcode, message, data) = match facts {
+        Ok(json) => (Resp::Success, 0, "Query answered".to_string(), json),
+        Err(e) => (Resp::Failed, u32::from(Code::QueryFailed.value()), format!("Query failed: {e}"), String::new()),
+    };
+    let output_bytes = data.len() as u64;
+    HostResult {
+        v: 1,
+        job_id: envelope.job_id.clone(),
+        host: envelope.host.clone(),
+        resp,
+        retcode,
+        message,
+        data,
+        truncated: false,
+        output_bytes,
+    }
+}
+
+/// Bytes `c` takes inside a JSON string as serde_json writes it.
+fn json_escaped_len(c: char) -> usize {
+    match c {
+        '"' | '\\' | '\n' | '\r' | '\t' | '\u{08}' | '\u{0C}' => 2,
+        c if (c as u32) < 0x20 => 6,
+        c => c.len_utf8(),
+    }
+}
+
+/// The longest prefix of `data` whose JSON-escaped form fits in `budget` bytes.
+fn prefix_within(data: &str, budget: usize) -> &str {
+    let mut used = 0;
+    for (index, c) in data.char_indices() {
+        used += json_escaped_len(c);
+        if used > budget {
+            return &data[..index];
+        }
+    }
+    data
+}
+
+/// Signs and puts `result` on `tube`. If it is larger than the queue's max job size (as
+/// read from `stats`, or learnt from a `JOB_TOO_BIG`), its data is cut to fit and the
+/// message says so, so a result is never lost for its size.
+pub fn put_result(
+    conn: &mut Client,
+    secret: &Secret,
+    tube: &str,
+    mut result: HostResult,
+    max_job_size: usize,
+) -> client::Result<()> {
+    conn.use_tube(tube)?;
+    let mut limit = max_job_size;
+    let original_message = result.message.clone();
+    loop {
+        let payload = serde_json::to_vec(&result)
+            .map_err(|e| client::Error::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
+        let body = wire::sign(secret, &payload);
+        if body.len() <= limit {
+            match conn.put(RESULT_PRIORITY, 0, RESULT_TTR, &body) {
+                Ok(_) => return Ok(()),
+                Err(client::Error::JobTooBig) => {
+                    log::warn!("queue refused a {}-byte result as too big; cutting its output", body.len());
+                    // Ask the queue for its real limit; if it does not say (or says
+                    // something that just failed), halve, so this ends in a few rounds.
+                    let reported = conn
+                        .stats()
+                        .ok()
+                        .and_then(|s| s.get_u64("max-job-size"))
+                        .and_then(|n| usize::try_from(n).ok())
+                        .filter(|&n| n < body.len());
+                    limit = reported.unwrap_or(body.len() / 2);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if result.data.is_empty() {
+            // Nothing left to cut: the queue cannot take even an empty result.
+            return Err(client::Error::JobTooBig);
+        }
+        // Room for the data: the limit minus everything else, with slack for the longer
+        // message set below.
+        let escaped_data: usize = result.data.chars().map(json_escaped_len).sum();
+        let others = body.len() - escaped_data;
+        let budget = limit.saturating_sub(others + 120);
+        let mut kept = prefix_within(&result.data, budget).len();
+        if kept == result.data.len() {
+            // Only the message grew; make sure every round still shrinks the data.
+            kept = prefix_within(&result.data, escaped_data / 2).len();
+        }
+        result.data.truncate(kept);
+        result.truncated = true;
+        result.message = format!(
+            "{original_message}; output cut to {kept} of {} bytes to fit the queue's max job size",
+            result.output_bytes
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaped_lengths_match_serde_json() {
+        let sample = "plain \"quoted\" back\\slash\nnew\ttab \u{1} ünï 😀";
+        let escaped: usize = sample.chars().map(json_escaped_len).sum();
+        assert_eq!(escaped + 2, serde_json::to_string(sample).expect("json").len());
+        assert_eq!(prefix_within("ab\"cd", 3), "ab");
+        assert_eq!(prefix_within("ab\"cd", 4), "ab\"");
+        assert_eq!(prefix_within("😀x", 3), "");
+    }
+}

@@ -1,0 +1,50 @@
+//! `polaris-agent`: runs the jobs of one host. See `docs/DISPATCH.md`.
+
+use clap::Parser;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Host agent: runs the commands the dispatcher queues for this host.
+#[derive(Parser, Debug)]
+#[command(name = "polaris-agent", version)]
+struct Args {
+    /// Queue (polarisd or beanstalkd) address.
+    #[arg(long, default_value = "127.0.0.1:11300")]
+    queue: String,
+    /// This host's id (its tube is host.<id>); generated and kept in --state-file if absent.
+    #[arg(long)]
+    host_id: Option<String>,
+    /// Where the generated host id is kept.
+    #[arg(long, default_value = "polaris-agent.json")]
+    state_file: PathBuf,
+    /// Dispatcher URL to register this host with, e.g. http://127.0.0.1:8080.
+    #[arg(long)]
+    dispatch: Option<String>,
+    /// File holding the shared envelope secret (default: env POLARIS_SECRET).
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
+    /// File holding the bearer token for registration (default: env POLARIS_TOKEN).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Milliseconds between SIGTERM and SIGKILL for a command past its timeout.
+    #[arg(long, default_value_t = 5000)]
+    kill_grace_ms: u64,
+    /// Seconds a running command may go on after SIGTERM before it is stopped and released.
+    #[arg(long, default_value_t = 30)]
+    drain_timeout: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let args = Args::parse();
+    polaris_agent::run(polaris_agent::AgentConfig {
+        queue: args.queue,
+        host_id: args.host_id,
+        state_file: args.state_file,
+        dispatch_url: args.dispatch,
+        secret_file: args.secret_file,
+        token_file: args.token_file,
+        kill_grace: Duration::from_millis(args.kill_grace_ms),
+        drain_timeout: Duration::from_secs(args.drain_timeout),
+    })
+}

@@ -1,0 +1,478 @@
+//! The REST API (axum): `/v1/jobs` and `/v1/hosts`.
+
+use crate::auth::TokenPolicy;
+use polaris_ops_wire::codes::Code;
+use crate::error::ApiError;
+use crate::request::{parse_host_registration, parse_job_request};
+use crate::store::{HostJobRecord, HostState, NewJob, Outcome};
+use polaris_ops_wire::wire::{unix_now_ms, Resp};
+use serde::Serialize;
+use crate::worker::{self, StepError};
+use crate::Dispatcher;
+use anyhow::Context as _;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+type AppState = Arc<Dispatcher>;
+
+/// Largest request body accepted, in bytes.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// `GET /v1/jobs` page size when none is given.
+pub const DEFAULT_PAGE_SIZE: u32 = 50;
+/// Largest `limit` for `GET /v1/jobs`.
+pub const MAX_PAGE_SIZE: u32 = 500;
+/// Most `stats-job` lookups one `GET /v1/jobs/{id}` makes to tell `reserved` from `ready`.
+pub const MAX_LIVE_LOOKUPS: usize = 200;
+
+/// The API's routes.
+pub fn router(dispatcher: AppState) -> Router {
+    Router::new()
+        .route("/v1/jobs", post(post_job).get(list_jobs))
+        .route("/v1/jobs/:id", get(get_job).delete(revoke_job))
+        .route("/v1/hosts", post(register_host).get(list_hosts))
+        .route("/v1/hosts/:id", get(get_host).delete(delete_host))
+        .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(dispatcher.clone(), allow_client))
+        .with_state(dispatcher)
+}
+
+/// Refuses clients outside `--allow-client` before anything else looks at the
+/// request (an empty list allows everyone).
+async fn allow_client(
+    State(dispatcher): State<AppState>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let allowed = &dispatcher.allowed_clients;
+    if allowed.is_empty() || allowed.iter().any(|net| net.contains(&peer.ip())) {
+        return next.run(request).await;
+    }
+    log::warn!("refused a request from {peer}: not in --allow-client");
+    axum::response::IntoResponse::into_response(ApiError::general(Code::ClientNotAllowed, format!("client {} is not allowed", peer.ip())))
+}
+
+/// Binds `listen`, prints `listening on ADDR`, and serves until SIGTERM or SIGINT.
+pub async fn serve(dispatcher: AppState, listen: &str) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    let addr = listener.local_addr().context("reading the bound address")?;
+    // The first stdout line tells scripts and tests where we are (port 0 picks one).
+    let mut stdout = std::io::stdout();
+    writeln!(stdout, "listening on {addr}").and_then(|()| stdout.flush()).context("writing to stdout")?;
+    log::info!("polaris-dispatch listening on http://{addr}");
+    axum::serve(listener, router(dispatcher).into_make_service_with_connect_info::<std::net::SocketAddr>())
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving HTTP")
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => {
+            log::error!("cannot listen for SIGTERM ({e}); only Ctrl-C stops the dispatcher");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    log::info!("shutting down: finishing open requests");
+}
+
+/// Runs blocking work (SQLite, the beanstalk client) off the async workers.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::general(Code::StorageError, format!("worker task failed: {e}")))?
+}
+
+/// The caller's token policy; `Ok(None)` when authentication is off.
+fn authenticate<'a>(dispatcher: &'a Dispatcher, headers: &HeaderMap) -> Result<Option<&'a TokenPolicy>, ApiError> {
+    match &dispatcher.tokens {
+        None => Ok(None),
+        Some(tokens) => tokens.authenticate(headers).map(Some),
+    }
+}
+
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::general(Code::BodyTooLarge, format!("request body exceeds {MAX_BODY_BYTES} bytes"))
+        } else {
+            ApiError::general(Code::MalformedJson, format!("cannot read request body: {e}"))
+        }
+    })
+}
+
+/// Removes a job's notifier when its sync handler ends, however it ends (a client that
+/// hangs up drops the handler's future).
+struct WaiterGuard<'a> {
+    dispatcher: &'a Dispatcher,
+    job_id: &'a str,
+}
+
+impl Drop for WaiterGuard<'_> {
+    fn drop(&mut self) {
+        self.dispatcher.waiters.unregister(self.job_id);
+    }
+}
+
+async fn post_job(
+    State(dispatcher): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let policy = authenticate(&dispatcher, &headers)?;
+    let request = parse_job_request(&body_bytes(body)?)?;
+    if let Some(policy) = policy {
+        policy.check_job(request.method, &request.cmd)?;
+    }
+    let job_id = request.id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().hyphenated().to_string());
+    let method = request.method;
+    let timeout = Duration::from_secs(u64::from(request.timeout_secs));
+    let new_job = NewJob {
+        id: job_id.clone(),
+        method,
+        cmd: request.cmd,
+        timeout_secs: request.timeout_secs,
+        hosts: request.hosts,
+        token_name: policy.map(|p| p.name.clone()),
+    };
+    // Register interest before the job exists so that no wake-up can be missed.
+    let notify = dispatcher.waiters.register(&job_id);
+    let _guard = WaiterGuard { dispatcher: &dispatcher, job_id: &job_id };
+    let start_by_ms = unix_now_ms().saturating_add(i64::from(new_job.timeout_secs) * 1000);
+    let created = {
+        let dispatcher = dispatcher.clone();
+        blocking(move || Ok(dispatcher.store.create_job(&new_job, start_by_ms)?)).await?
+    };
+    if !created {
+        return Err(ApiError::field(Code::DuplicateJobId, "id", format!("job id {job_id} was used before")));
+    }
+    dispatcher.wake_enqueuer();
+    log::info!("job {job_id}: {} stored", method.as_str());
+    if !method.is_sync() {
+        return Ok((StatusCode::ACCEPTED, Json(json!({ "id": job_id }))).into_response());
+    }
+
+    let deadline = tokio::time::Instant::now() + timeout + dispatcher.sync_grace;
+    loop {
+        let notified = notify.notified();
+        tokio::pin!(notified);
+        // Enabled before checking, so a result recorded between the check and the await
+        // still wakes us.
+        notified.as_mut().enable();
+        let done = {
+            let dispatcher = dispatcher.clone();
+            let id = job_id.clone();
+            blocking(move || Ok(dispatcher.store.job_is_final(&id)?)).await?
+        };
+        if done || tokio::time::timeout_at(deadline, notified).await.is_err() {
+            break;
+        }
+    }
+
+    let (job, hosts) = {
+        let dispatcher = dispatcher.clone();
+        let id = job_id.clone();
+        blocking(move || Ok(dispatcher.store.job(&id)?)).await?
+    }
+    .ok_or_else(|| ApiError::general(Code::StorageError, format!("job {job_id} vanished from the database")))?;
+    let response = hosts
+        .into_iter()
+        .map(|h| {
+            let outcome = h.outcome.unwrap_or_else(|| {
+                Outcome::failed(
+                    Code::HostNoAnswer,
+                    format!("No answer within {}s (state: {})", job.timeout_secs, h.state.as_str()),
+                )
+            });
+            SyncHostReply {
+                host: h.host,
+                resp: outcome.resp,
+                retcode: outcome.retcode,
+                message: outcome.message,
+                data: outcome.data,
+            }
+        })
+        .collect();
+    Ok(Json(SyncReply { id: job_id.clone(), response }).into_response())
+}
+
+/// The sync reply; structs rather than `json!` so fields keep the documented order.
+#[derive(Serialize)]
+struct SyncReply {
+    id: String,
+    response: Vec<SyncHostReply>,
+}
+
+#[derive(Serialize)]
+struct SyncHostReply {
+    host: String,
+    resp: Resp,
+    retcode: u32,
+    message: String,
+    data: String,
+}
+
+/// One host in `GET /v1/jobs/{id}`.
+#[derive(Serialize)]
+struct HostStatus<'a> {
+    host: &'a str,
+    state: &'static str,
+    resp: Option<Resp>,
+    retcode: Option<u32>,
+    message: Option<&'a str>,
+    data: Option<&'a str>,
+    truncated: Option<bool>,
+    updated_at_ms: i64,
+}
+
+#[derive(Serialize)]
+struct JobStatus<'a> {
+    id: &'a str,
+    method: &'static str,
+    cmd: &'a str,
+    timeout: u32,
+    created_at_ms: i64,
+    done: bool,
+    hosts: Vec<HostStatus<'a>>,
+}
+
+fn host_status(h: &HostJobRecord, state: HostState) -> HostStatus<'_> {
+    let outcome = h.outcome.as_ref();
+    HostStatus {
+        host: &h.host,
+        state: state.as_str(),
+        resp: outcome.map(|o| o.resp),
+        retcode: outcome.map(|o| o.retcode),
+        message: outcome.map(|o| o.message.as_str()),
+        data: outcome.map(|o| o.data.as_str()),
+        truncated: outcome.map(|o| o.truncated),
+        updated_at_ms: h.updated_at_ms,
+    }
+}
+
+async fn get_job(
+    State(dispatcher): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    authenticate(&dispatcher, &headers)?;
+    let d = dispatcher.clone();
+    let found = blocking(move || {
+        let Some((job, hosts)) = d.store.job(&id)? else { return Ok(None) };
+        // A `ready` host may already be in an agent's hands; ask the queue so the reply
+        // says `reserved` as soon as it is. Without the queue the stored state stands, and
+        // so it does past the first MAX_LIVE_LOOKUPS ready hosts, to bound the work.
+        let mut lookups = 0;
+        let states: Vec<HostState> = hosts
+            .iter()
+            .map(|h| match (h.state, h.queue_job_id) {
+                (HostState::Ready, Some(queue_id)) if lookups < MAX_LIVE_LOOKUPS => {
+                    lookups += 1;
+                    match d.queue.with(|c| c.stats_job(queue_id)) {
+                        Ok(stats) if stats.get("state") == Some("reserved") => HostState::Reserved,
+                        _ => HostState::Ready,
+                    }
+                }
+                (state, _) => state,
+            })
+            .collect();
+        Ok(Some((job, hosts, states)))
+    })
+    .await?;
+    let (job, hosts, states) =
+        found.ok_or_else(|| ApiError::general(Code::NoSuchJob, "no job with this id"))?;
+    let status = JobStatus {
+        id: &job.id,
+        method: job.method.as_str(),
+        cmd: &job.cmd,
+        timeout: job.timeout_secs,
+        created_at_ms: job.created_at_ms,
+        done: hosts.iter().all(|h| h.state.is_final()),
+        hosts: hosts.iter().zip(states).map(|(h, s)| host_status(h, s)).collect(),
+    };
+    Ok(Json(status).into_response())
+}
+
+fn page_param(params: &HashMap<String, String>, name: &str, default: u64, max: u64) -> Result<u64, ApiError> {
+    match params.get(name) {
+        None => Ok(default),
+        Some(raw) => match raw.parse::<u64>() {
+            Ok(n) if n <= max => Ok(n),
+            _ => Err(ApiError::field(Code::InvalidValue, name, format!("{name} must be a whole number up to {max}"))),
+        },
+    }
+}
+
+async fn list_jobs(
+    State(dispatcher): State<AppState>,
+    headers: HeaderMap,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    authenticate(&dispatcher, &headers)?;
+    let limit = page_param(&params, "limit", u64::from(DEFAULT_PAGE_SIZE), u64::from(MAX_PAGE_SIZE))? as u32;
+    if limit == 0 {
+        return Err(ApiError::field(Code::InvalidValue, "limit", "limit must be at least 1"));
+    }
+    let offset = page_param(&params, "offset", 0, i64::MAX as u64)?;
+    let d = dispatcher.clone();
+    let (jobs, total) = blocking(move || Ok(d.store.list_jobs(limit, offset)?)).await?;
+    let count = jobs.len() as u64;
+    let jobs: Vec<Value> = jobs
+        .into_iter()
+        .map(|s| {
+            let hosts: u64 = s.state_counts.iter().map(|(_, n)| n).sum();
+            let states: serde_json::Map<String, Value> =
+                s.state_counts.into_iter().map(|(state, n)| (state, json!(n))).collect();
+            json!({
+                "id": s.job.id,
+                "method": s.job.method.as_str(),
+                "cmd": s.job.cmd,
+                "timeout": s.job.timeout_secs,
+                "created_at_ms": s.job.created_at_ms,
+                "hosts": hosts,
+                "states": states,
+            })
+        })
+        .collect();
+    let next_offset = if offset + count < total { Some(offset + count) } else { None };
+    Ok(Json(json!({
+        "jobs": jobs,
+        "total": total,
+        "limit": limit,
+        "offset": offset,
+        "next_offset": next_offset,
+    })))
+}
+
+/// `DELETE /v1/jobs/{id}`: revokes every host job the agents have not taken yet.
+async fn revoke_job(
+    State(dispatcher): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    authenticate(&dispatcher, &headers)?;
+    let d = dispatcher.clone();
+    let result = blocking(move || {
+        let Some((_, hosts)) = d.store.job(&id)? else { return Ok(None) };
+        let revoked = Outcome::failed(Code::Revoked, "Revoked before the agent took it");
+        let mut entries = Vec::with_capacity(hosts.len());
+        for h in &hosts {
+            let (mut state, mut queue_id) = (h.state, h.queue_job_id);
+            if state == HostState::Pending {
+                if d.store.finish(&id, &h.host, HostState::Pending, HostState::Revoked, &revoked)? {
+                    state = HostState::Revoked;
+                } else {
+                    // The enqueuer queued it meanwhile: revoke it from the queue instead.
+                    (state, queue_id) = current_state(&d, &id, &h.host)?;
+                }
+            }
+            if state == HostState::Ready {
+                state = match worker::take_back(&d, &id, &h.host, queue_id, HostState::Revoked, &revoked) {
+                    Ok(state) => state,
+                    Err(StepError::Store(e)) => return Err(e.into()),
+                    Err(StepError::Queue(e)) => {
+                        log::warn!("revoke job {id} host {}: queue unavailable: {e}", h.host);
+                        HostState::Ready
+                    }
+                };
+            }
+            entries.push(json!({ "host": h.host, "state": state.as_str() }));
+        }
+        d.waiters.notify(&id);
+        Ok(Some(json!({ "id": id, "hosts": entries })))
+    })
+    .await?;
+    result
+        .map(Json)
+        .ok_or_else(|| ApiError::general(Code::NoSuchJob, "no job with this id"))
+}
+
+/// A host job's stored state and queue job id, read again.
+fn current_state(d: &Dispatcher, job_id: &str, host: &str) -> Result<(HostState, Option<u64>), ApiError> {
+    let found = d.store.job(job_id)?;
+    found
+        .and_then(|(_, hosts)| hosts.into_iter().find(|h| h.host == host))
+        .map(|h| (h.state, h.queue_job_id))
+        .ok_or_else(|| ApiError::general(Code::StorageError, format!("host job {job_id}/{host} vanished")))
+}
+
+async fn register_host(
+    State(dispatcher): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    if let Some(policy) = authenticate(&dispatcher, &headers)? {
+        policy.check_manage_hosts()?;
+    }
+    let registration = parse_host_registration(&body_bytes(body)?)?;
+    let d = dispatcher.clone();
+    let (host, created) =
+        blocking(move || Ok(d.store.upsert_host(&registration.id, &registration.hostname)?)).await?;
+    if created {
+        log::info!("host {} registered ({})", host.id, host.hostname);
+    }
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(json!(host))).into_response())
+}
+
+async fn list_hosts(State(dispatcher): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    authenticate(&dispatcher, &headers)?;
+    let d = dispatcher.clone();
+    let hosts = blocking(move || Ok(d.store.hosts()?)).await?;
+    Ok(Json(json!({ "hosts": hosts })))
+}
+
+async fn get_host(
+    State(dispatcher): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    authenticate(&dispatcher, &headers)?;
+    let d = dispatcher.clone();
+    blocking(move || Ok(d.store.host(&id)?))
+        .await?
+        .map(|h| Json(json!(h)))
+        .ok_or_else(|| ApiError::general(Code::NoSuchHost, "No such host"))
+}
+
+async fn delete_host(
+    State(dispatcher): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    if let Some(policy) = authenticate(&dispatcher, &headers)? {
+        policy.check_manage_hosts()?;
+    }
+    let d = dispatcher.clone();
+    if blocking(move || Ok(d.store.delete_host(&id)?)).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::general(Code::NoSuchHost, "No such host"))
+    }
+}
+
+async fn not_found() -> Response {
+    (StatusCode::NOT_FOUND, Json(json!({ "error": { "message": "no such endpoint" } }))).into_response()
+}

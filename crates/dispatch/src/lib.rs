@@ -1,0 +1,233 @@
+//! `polaris-dispatch`: the REST/JSON dispatcher.
+//!
+//! A `POST /v1/jobs` call is stored in SQLite (job and full host list) first; then an
+//! enqueuer thread puts one signed envelope per known host on `host.<id>`, a consumer thread
+//! records the agents' results from the reply tube and wakes the HTTP handlers waiting for a
+//! sync job, and the same enqueuer thread expires host jobs whose deadline passed. All
+//! blocking work (SQLite, the beanstalk client) runs on those threads or in
+//! `spawn_blocking`, never on the async runtime's workers.
+//!
+//! See `docs/DISPATCH.md` for the API, the error codes and the security model.
+
+pub mod api;
+pub mod auth;
+pub mod error;
+pub mod request;
+pub mod store;
+mod worker;
+
+use polaris_proto::client::{self, Client};
+use crate::auth::Tokens;
+use crate::store::Store;
+use polaris_ops_wire::wire::{self, Secret};
+use anyhow::Context as _;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// Everything `polaris-dispatch` is configured with.
+#[derive(Debug, Clone)]
+pub struct DispatchConfig {
+    /// HTTP listen address, e.g. `127.0.0.1:8080` (port 0 picks a free one).
+    pub listen: String,
+    /// Queue address, e.g. `127.0.0.1:11300`.
+    pub queue: String,
+    /// Directory of the SQLite database.
+    pub data_dir: PathBuf,
+    /// File holding the shared envelope secret; `None` reads env `POLARIS_SECRET`.
+    pub secret_file: Option<PathBuf>,
+    /// JSON tokens file; `None` turns authentication off.
+    pub tokens_file: Option<PathBuf>,
+    /// Tube the agents put their results on.
+    pub reply_tube: String,
+    /// How long a sync call waits past the job's timeout for answers.
+    pub sync_grace: Duration,
+    /// How long past its start deadline plus timeout a taken job may still answer before
+    /// it is marked expired.
+    pub result_grace: Duration,
+    /// Client networks allowed to call the API; empty allows every client.
+    pub allowed_clients: Vec<ipnet::IpNet>,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        DispatchConfig {
+            listen: "127.0.0.1:8080".into(),
+            queue: "127.0.0.1:11300".into(),
+            data_dir: PathBuf::from("polaris-dispatch-data"),
+            secret_file: None,
+            tokens_file: None,
+            reply_tube: wire::DEFAULT_REPLY_TUBE.into(),
+            sync_grace: Duration::from_secs(5),
+            result_grace: Duration::from_secs(30),
+            allowed_clients: Vec::new(),
+        }
+    }
+}
+
+/// A few idle queue connections shared by HTTP handlers and the enqueuer. A connection
+/// that saw an I/O or protocol error is dropped rather than returned.
+#[derive(Debug)]
+pub struct QueuePool {
+    addr: String,
+    idle: Mutex<Vec<Client>>,
+    /// Whether the queue speaks the polarisd extensions, as the last new
+    /// connection found out (0 unknown, 1 no, 2 yes).
+    extensions: std::sync::atomic::AtomicU8,
+}
+
+/// Idle connections kept for reuse.
+const MAX_IDLE_QUEUE_CONNECTIONS: usize = 4;
+
+impl QueuePool {
+    /// A pool for the queue at `addr`; connects lazily.
+    pub fn new(addr: &str) -> QueuePool {
+        QueuePool { addr: addr.to_string(), idle: Mutex::new(Vec::new()), extensions: std::sync::atomic::AtomicU8::new(0) }
+    }
+
+    /// Whether the queue is a polarisd (job TTLs, `job-state`), rather than a
+    /// plain beanstalkd. Asked again on every new connection, so a queue
+    /// replaced by the other kind is noticed.
+    pub fn has_extensions(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.extensions.load(Ordering::Relaxed) == 0 {
+            let _ = self.with(|_| Ok(()));
+        }
+        self.extensions.load(Ordering::Relaxed) == 2
+    }
+
+    /// Runs `f` on a pooled connection (blocking).
+    pub fn with<T>(&self, f: impl FnOnce(&mut Client) -> client::Result<T>) -> client::Result<T> {
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut conn = match idle {
+            Some(conn) => conn,
+            None => {
+                let mut conn = Client::connect(&self.addr, Duration::from_secs(2))?;
+                let extensions = if conn.supports_extensions()? { 2 } else { 1 };
+                self.extensions.store(extensions, std::sync::atomic::Ordering::Relaxed);
+                conn
+            }
+        };
+        let result = f(&mut conn);
+        let broken = matches!(
+            result,
+            Err(client::Error::Io(_) | client::Error::Closed | client::Error::UnexpectedReply { .. })
+        );
+        if !broken {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            if idle.len() < MAX_IDLE_QUEUE_CONNECTIONS {
+                idle.push(conn);
+            }
+        }
+        result
+    }
+}
+
+/// Sync HTTP calls waiting for their job's results, woken whenever a host of the job gets
+/// its final answer.
+#[derive(Debug, Default)]
+pub struct Waiters {
+    by_job: Mutex<HashMap<String, Arc<Notify>>>,
+}
+
+impl Waiters {
+    /// The notifier for `job_id`, created if needed.
+    pub fn register(&self, job_id: &str) -> Arc<Notify> {
+        let mut map = self.by_job.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(job_id.to_string()).or_default().clone()
+    }
+
+    /// Forgets `job_id`'s notifier.
+    pub fn unregister(&self, job_id: &str) {
+        self.by_job.lock().unwrap_or_else(|p| p.into_inner()).remove(job_id);
+    }
+
+    /// Wakes everyone waiting on `job_id`.
+    pub fn notify(&self, job_id: &str) {
+        if let Some(notify) = self.by_job.lock().unwrap_or_else(|p| p.into_inner()).get(job_id) {
+            notify.notify_waiters();
+        }
+    }
+}
+
+/// The state shared by the HTTP handlers and the worker threads.
+#[derive(Debug)]
+pub struct Dispatcher {
+    /// The database.
+    pub store: Store,
+    /// Queue connections for puts, deletes and job lookups.
+    pub queue: QueuePool,
+    /// The envelope secret.
+    pub secret: Secret,
+    /// Bearer tokens, when authentication is on.
+    pub tokens: Option<Tokens>,
+    /// The reply tube named in envelopes.
+    pub reply_tube: String,
+    /// Sync calls waiting for answers.
+    pub waiters: Waiters,
+    /// See [`DispatchConfig::sync_grace`].
+    pub sync_grace: Duration,
+    /// See [`DispatchConfig::result_grace`].
+    pub result_grace: Duration,
+    /// See [`DispatchConfig::allowed_clients`].
+    pub allowed_clients: Vec<ipnet::IpNet>,
+    wake_enqueuer: mpsc::SyncSender<()>,
+}
+
+impl Dispatcher {
+    /// Asks the enqueuer thread to look for pending host jobs now rather than at its next tick.
+    pub fn wake_enqueuer(&self) {
+        // A full channel means a wake-up is already queued; that one will do.
+        let _ = self.wake_enqueuer.try_send(());
+    }
+}
+
+/// Runs the dispatcher until SIGTERM or SIGINT. Prints `listening on ADDR` as the first
+/// line on stdout once the HTTP socket is bound.
+pub fn run(config: DispatchConfig) -> anyhow::Result<()> {
+    let secret = Secret::load(config.secret_file.as_deref())?;
+    let tokens = match &config.tokens_file {
+        Some(path) => Some(Tokens::load(path)?),
+        None => None,
+    };
+    let store = Store::open(&config.data_dir)
+        .with_context(|| format!("opening the database in {}", config.data_dir.display()))?;
+    if !client::is_valid_tube_name(&config.reply_tube) {
+        anyhow::bail!("--reply-tube {:?} is not a valid tube name", config.reply_tube);
+    }
+    let (wake_tx, wake_rx) = mpsc::sync_channel(1);
+    let dispatcher = Arc::new(Dispatcher {
+        store,
+        queue: QueuePool::new(&config.queue),
+        secret,
+        tokens,
+        reply_tube: config.reply_tube.clone(),
+        waiters: Waiters::default(),
+        sync_grace: config.sync_grace,
+        result_grace: config.result_grace,
+        allowed_clients: config.allowed_clients.clone(),
+        wake_enqueuer: wake_tx,
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = worker::spawn(&dispatcher, &config.queue, wake_rx, &stop)?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let served = runtime.block_on(api::serve(dispatcher.clone(), &config.listen));
+
+    stop.store(true, Ordering::SeqCst);
+    dispatcher.wake_enqueuer();
+    for thread in threads {
+        if thread.join().is_err() {
+            log::error!("a worker thread panicked");
+        }
+    }
+    served
+}

@@ -1,0 +1,61 @@
+//! `polaris-dispatch`: the REST dispatcher. See `docs/DISPATCH.md`.
+
+use clap::Parser;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// REST/JSON dispatcher: runs commands on many hosts through the polaris queue.
+#[derive(Parser, Debug)]
+#[command(name = "polaris-dispatch", version)]
+struct Args {
+    /// HTTP listen address (port 0 picks a free port; the first stdout line names it).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// Queue (polarisd or beanstalkd) address.
+    #[arg(long, default_value = "127.0.0.1:11300")]
+    queue: String,
+    /// Directory of the SQLite database (created if missing).
+    #[arg(long, default_value = "polaris-dispatch-data")]
+    data: PathBuf,
+    /// File holding the shared envelope secret (default: env POLARIS_SECRET).
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
+    /// JSON file of bearer tokens and their allow-lists; authentication is off without it.
+    #[arg(long)]
+    tokens: Option<PathBuf>,
+    /// Tube the agents put their results on.
+    #[arg(long, default_value = polaris_ops_wire::wire::DEFAULT_REPLY_TUBE)]
+    reply_tube: String,
+    /// Seconds a sync call waits past the job's timeout for answers.
+    #[arg(long, default_value_t = 5)]
+    sync_grace: u64,
+    /// Seconds past deadline plus timeout that a taken job may still answer before it expires.
+    #[arg(long, default_value_t = 30)]
+    result_grace: u64,
+    /// Client address or network (CIDR) allowed to call the API; repeatable. Without any,
+    /// every client may call it (tokens, if configured, still apply).
+    #[arg(long = "allow-client", value_name = "IP|CIDR", value_parser = parse_client_net)]
+    allow_client: Vec<ipnet::IpNet>,
+}
+
+fn parse_client_net(s: &str) -> Result<ipnet::IpNet, String> {
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("not an IP address or CIDR network: {s:?}"))
+}
+
+fn main() -> anyhow::Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let args = Args::parse();
+    polaris_dispatch::run(polaris_dispatch::DispatchConfig {
+        listen: args.listen,
+        queue: args.queue,
+        data_dir: args.data,
+        secret_file: args.secret_file,
+        tokens_file: args.tokens,
+        reply_tube: args.reply_tube,
+        sync_grace: Duration::from_secs(args.sync_grace),
+        result_grace: Duration::from_secs(args.result_grace),
+        allowed_clients: args.allow_client,
+    })
+}

@@ -1,0 +1,290 @@
+//! Validation of REST request bodies. Bodies are parsed as `serde_json::Value` first and
+//! checked field by field, so every error can name the field at fault (serde's derive
+//! would stop at the first error with a message meant for programmers).
+
+use polaris_ops_wire::codes::Code;
+use crate::error::ApiError;
+use polaris_ops_wire::wire::Method;
+use serde_json::{Map, Value};
+
+/// Largest `cmd` accepted, in bytes. It keeps the signed envelope well under beanstalkd's
+/// default max job size (65535) even when JSON escaping doubles it.
+pub const MAX_CMD_BYTES: usize = 16 * 1024;
+/// Most hosts one job may name.
+pub const MAX_HOSTS: usize = 10_000;
+use polaris_ops_wire::host_id::{is_valid_host_id, MAX_HOST_ID_LEN};
+/// Longest hostname accepted at registration, in bytes.
+pub const MAX_HOSTNAME_LEN: usize = 255;
+/// `timeout` when the request gives none, in seconds.
+pub const DEFAULT_TIMEOUT_SECS: u32 = 30;
+/// Largest `timeout`, in seconds (one day).
+pub const MAX_TIMEOUT_SECS: u32 = 86_400;
+
+/// A validated `POST /v1/jobs` body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRequest {
+    /// The client's job id, if it chose one (a UUID, lowercase hyphenated).
+    pub id: Option<String>,
+    /// Host ids in request order, without duplicates.
+    pub hosts: Vec<String>,
+    /// What to do.
+    pub method: Method,
+    /// The command (empty for `sync.query`).
+    pub cmd: String,
+    /// Seconds each host may run the command.
+    pub timeout_secs: u32,
+}
+
+/// A validated `POST /v1/hosts` body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostRegistration {
+    /// The host id.
+    pub id: String,
+    /// The host's name, for people.
+    pub hostname: String,
+}
+
+
+fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::general(Code::MalformedJson, format!("body is not valid JSON: {e}")))?;
+    match value {
+        Value::Object(map) => Ok(map),
+        other => Err(ApiError::general(
+            Code::WrongType,
+            format!("body must be a JSON object, got {}", type_name(&other)),
+        )),
+    }
+}
+
+fn type_name(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn reject_unknown_fields(map: &Map<String, Value>, known: &[&str]) -> Result<(), ApiError> {
+    match map.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(key) => Err(ApiError::field(
+            Code::UnknownField,
+            key.clone(),
+            format!("unknown field {key:?}; known fields are {}", known.join(", ")),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn optional_string<'a>(map: &'a Map<String, Value>, field: &str) -> Result<Option<&'a str>, ApiError> {
+    match map.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(ApiError::field(
+            Code::WrongType,
+            field,
+            format!("{field} must be a string, got {}", type_name(other)),
+        )),
+    }
+}
+
+fn required_string<'a>(map: &'a Map<String, Value>, field: &str) -> Result<&'a str, ApiError> {
+    optional_string(map, field)?
+        .ok_or_else(|| ApiError::field(Code::MissingField, field, format!("{field} is required")))
+}
+
+/// Validates a `POST /v1/jobs` body.
+pub fn parse_job_request(body: &[u8]) -> Result<JobRequest, ApiError> {
+    let map = parse_object(body)?;
+    reject_unknown_fields(&map, &["id", "hosts", "method", "cmd", "timeout"])?;
+
+    let id = match optional_string(&map, "id")? {
+        None => None,
+        Some(raw) => {
+            let uuid = uuid::Uuid::parse_str(raw)
+                .map_err(|e| ApiError::field(Code::InvalidValue, "id", format!("id must be a UUID: {e}")))?;
+            Some(uuid.hyphenated().to_string())
+        }
+    };
+
+    let hosts = match map.get("hosts") {
+        None | Some(Value::Null) => {
+            return Err(ApiError::field(Code::MissingField, "hosts", "hosts is required"));
+        }
+        Some(Value::Array(items)) => items,
+        Some(other) => {
+            return Err(ApiError::field(
+                Code::WrongType,
+                "hosts",
+                format!("hosts must be an array of host ids, got {}", type_name(other)),
+            ));
+        }
+    };
+    if hosts.is_empty() {
+        return Err(ApiError::field(Code::EmptyHosts, "hosts", "hosts must name at least one host"));
+    }
+    if hosts.len() > MAX_HOSTS {
+        return Err(ApiError::field(
+            Code::InvalidValue,
+            "hosts",
+            format!("hosts names {} hosts; at most {MAX_HOSTS} are allowed", hosts.len()),
+        ));
+    }
+    let mut host_ids: Vec<String> = Vec::with_capacity(hosts.len());
+    for (index, item) in hosts.iter().enumerate() {
+        let field = format!("hosts[{index}]");
+        let Value::String(host) = item else {
+            return Err(ApiError::field(
+                Code::WrongType,
+                field.clone(),
+                format!("{field} must be a string, got {}", type_name(item)),
+            ));
+        };
+        if host.is_empty() || host.len() > MAX_HOSTNAME_LEN {
+            return Err(ApiError::field(
+                Code::InvalidValue,
+                field.clone(),
+                format!("{field} must be 1 to {MAX_HOSTNAME_LEN} bytes"),
+            ));
+        }
+        // One reply entry per host: a duplicate would make "one entry per requested host"
+        // ambiguous, so it is refused rather than silently merged.
+        if host_ids.contains(host) {
+            return Err(ApiError::field(Code::InvalidValue, field, format!("host {host:?} is listed twice")));
+        }
+        host_ids.push(host.clone());
+    }
+
+    let method_name = required_string(&map, "method")?;
+    let method = Method::parse(method_name).ok_or_else(|| {
+        ApiError::field(
+            Code::UnknownMethod,
+            "method",
+            format!("unknown method {method_name:?}; use sync.bash, async.bash or sync.query"),
+        )
+    })?;
+
+    let cmd = if method.runs_command() {
+        let cmd = required_string(&map, "cmd")?;
+        if cmd.trim().is_empty() {
+            return Err(ApiError::field(Code::InvalidValue, "cmd", "cmd must not be empty"));
+        }
+        cmd
+    } else {
+        optional_string(&map, "cmd")?.unwrap_or("")
+    };
+    if cmd.len() > MAX_CMD_BYTES {
+        return Err(ApiError::field(
+            Code::CmdTooLarge,
+            "cmd",
+            format!("cmd is {} bytes; at most {MAX_CMD_BYTES} are allowed", cmd.len()),
+        ));
+    }
+
+    let timeout_secs = match map.get("timeout") {
+        None | Some(Value::Null) => DEFAULT_TIMEOUT_SECS,
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(t) if (1..=u64::from(MAX_TIMEOUT_SECS)).contains(&t) => t as u32,
+            _ => {
+                return Err(ApiError::field(
+                    Code::InvalidValue,
+                    "timeout",
+                    format!("timeout must be a whole number of seconds from 1 to {MAX_TIMEOUT_SECS}, got {n}"),
+                ));
+            }
+        },
+        Some(other) => {
+            return Err(ApiError::field(
+                Code::WrongType,
+                "timeout",
+                format!("timeout must be a number of seconds, got {}", type_name(other)),
+            ));
+        }
+    };
+
+    Ok(JobRequest { id, hosts: host_ids, method, cmd: cmd.to_string(), timeout_secs })
+}
+
+/// Validates a `POST /v1/hosts` body: `{"id": "...", "hostname": "..."?}`.
+pub fn parse_host_registration(body: &[u8]) -> Result<HostRegistration, ApiError> {
+    let map = parse_object(body)?;
+    reject_unknown_fields(&map, &["id", "hostname"])?;
+    let id = required_string(&map, "id")?;
+    if !is_valid_host_id(id) {
+        return Err(ApiError::field(
+            Code::InvalidValue,
+            "id",
+            format!("host id must be 1 to {MAX_HOST_ID_LEN} bytes of A-Z a-z 0-9 . _ -, not starting with - or ."),
+        ));
+    }
+    let hostname = optional_string(&map, "hostname")?.unwrap_or("");
+    if hostname.len() > MAX_HOSTNAME_LEN {
+        return Err(ApiError::field(
+            Code::InvalidValue,
+            "hostname",
+            format!("hostname must be at most {MAX_HOSTNAME_LEN} bytes"),
+        ));
+    }
+    Ok(HostRegistration { id: id.to_string(), hostname: hostname.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(body: &str) -> ApiError {
+        parse_job_request(body.as_bytes()).expect_err("should be refused")
+    }
+
+    #[test]
+    fn the_documented_shape_is_accepted() {
+        let req = parse_job_request(
+            br#"{"id": "0A1B2C3D-0000-4000-8000-000000000001", "hosts": ["a", "b"], "method": "sync.bash", "cmd": "ls", "timeout": 30}"#,
+        )
+        .expect("valid");
+        assert_eq!(req.id.as_deref(), Some("0a1b2c3d-0000-4000-8000-000000000001"));
+        assert_eq!(req.hosts, ["a", "b"]);
+        assert_eq!(req.method, Method::SyncBash);
+        assert_eq!(req.timeout_secs, 30);
+        let query = parse_job_request(br#"{"hosts": ["a"], "method": "sync.query"}"#).expect("valid");
+        assert_eq!(query.cmd, "");
+        assert_eq!(query.timeout_secs, DEFAULT_TIMEOUT_SECS);
+    }
+
+    #[test]
+    fn each_error_names_its_field_and_code() {
+        let cases: &[(&str, Code, Option<&str>)] = &[
+            ("{", Code::MalformedJson, None),
+            ("[1]", Code::WrongType, None),
+            (r#"{"hosts": "a", "method": "sync.bash", "cmd": "ls"}"#, Code::WrongType, Some("hosts")),
+            (r#"{"hosts": [], "method": "sync.bash", "cmd": "ls"}"#, Code::EmptyHosts, Some("hosts")),
+            (r#"{"hosts": ["a", 3], "method": "sync.bash", "cmd": "ls"}"#, Code::WrongType, Some("hosts[1]")),
+            (r#"{"hosts": ["a", "a"], "method": "sync.bash", "cmd": "ls"}"#, Code::InvalidValue, Some("hosts[1]")),
+            (r#"{"method": "sync.bash", "cmd": "ls"}"#, Code::MissingField, Some("hosts")),
+            (r#"{"hosts": ["a"], "method": "sync.perl", "cmd": "ls"}"#, Code::UnknownMethod, Some("method")),
+            (r#"{"hosts": ["a"], "method": 7, "cmd": "ls"}"#, Code::WrongType, Some("method")),
+            (r#"{"hosts": ["a"], "method": "sync.bash"}"#, Code::MissingField, Some("cmd")),
+            (r#"{"hosts": ["a"], "method": "sync.bash", "cmd": "ls", "timeout": "30"}"#, Code::WrongType, Some("timeout")),
+            (r#"{"hosts": ["a"], "method": "sync.bash", "cmd": "ls", "timeout": 0}"#, Code::InvalidValue, Some("timeout")),
+            (r#"{"hosts": ["a"], "method": "sync.bash", "cmd": "ls", "timeout": 1.5}"#, Code::InvalidValue, Some("timeout")),
+            (r#"{"id": "nope", "hosts": ["a"], "method": "sync.bash", "cmd": "ls"}"#, Code::InvalidValue, Some("id")),
+            (r#"{"hosts": ["a"], "method": "sync.bash", "cmd": "ls", "timout": 3}"#, Code::UnknownField, Some("timout")),
+        ];
+        for (body, code, field) in cases {
+            let e = err(body);
+            assert_eq!((e.code, e.field.as_deref()), (*code, *field), "{body}: {}", e.message);
+        }
+        let big = format!(r#"{{"hosts": ["a"], "method": "sync.bash", "cmd": "{}"}}"#, "x".repeat(MAX_CMD_BYTES + 1));
+        let e = err(&big);
+        assert_eq!((e.code, e.field.as_deref()), (Code::CmdTooLarge, Some("cmd")));
+    }
+
+    #[test]
+    fn invalid_host_id_in_a_registration_names_the_field() {
+        let e = parse_host_registration(br#"{"id": "a b"}"#).expect_err("invalid");
+        assert_eq!(e.field.as_deref(), Some("id"));
+    }
+}

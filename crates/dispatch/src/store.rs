@@ -1,0 +1,820 @@
+//! The dispatcher's SQLite database: `hosts`, `jobs` and `host_job`.
+//!
+//! Every job and its full host list are written here before anything is put on the queue
+//! or answered, so a dispatcher restart loses nothing: unfinished host jobs are found here
+//! again and results that waited in the reply tube are matched to them.
+//!
+//! The database runs in WAL mode with `synchronous=FULL` (the dispatcher writes little, and
+//! "stored" must mean "on disk"); pragmas are set outside transactions; migrations are
+//! append-only and keyed on `PRAGMA user_version`.
+
+use polaris_ops_wire::codes::Code;
+use polaris_ops_wire::wire::{unix_now_ms, HostResult, Method, Resp};
+use rusqlite::{params, Connection, OptionalExtension};
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+/// Append-only schema migrations; entry `i` moves the database to `user_version = i + 1`.
+/// Never edit an entry that has shipped: add a new one.
+const MIGRATIONS: &[&str] = &[
+    // 1: the design's three tables.
+    "CREATE TABLE hosts (
+        id            TEXT PRIMARY KEY,
+        hostname      TEXT NOT NULL DEFAULT '',
+        registered_at INTEGER NOT NULL,
+        last_seen     INTEGER NOT NULL
+    );
+    CREATE TABLE jobs (
+        seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+        id           TEXT NOT NULL UNIQUE,
+        method       TEXT NOT NULL,
+        cmd          TEXT NOT NULL,
+        timeout_secs INTEGER NOT NULL,
+        created_at   INTEGER NOT NULL,
+        start_by     INTEGER NOT NULL,
+        token_name   TEXT
+    );
+    CREATE TABLE host_job (
+        job_id       TEXT NOT NULL REFERENCES jobs(id),
+        position     INTEGER NOT NULL,
+        host         TEXT NOT NULL,
+        state        TEXT NOT NULL,
+        queue_job_id INTEGER,
+        resp         TEXT,
+        retcode      INTEGER,
+        message      TEXT,
+        data         TEXT,
+        truncated    INTEGER NOT NULL DEFAULT 0,
+        output_bytes INTEGER,
+        updated_at   INTEGER NOT NULL,
+        finished_at  INTEGER,
+        PRIMARY KEY (job_id, position),
+        UNIQUE (job_id, host)
+    );
+    CREATE INDEX host_job_open ON host_job(state) WHERE state IN ('pending', 'ready', 'reserved');",
+];
+
+/// A database failure, with what the dispatcher was doing.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed.
+    #[error("{context}: {source}")]
+    Sqlite {
+        /// What the dispatcher was doing.
+        context: &'static str,
+        /// The SQLite error.
+        source: rusqlite::Error,
+    },
+    /// The data directory could not be created.
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The database holds a value this version cannot read.
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+trait Context<T> {
+    fn ctx(self, context: &'static str) -> Result<T, StoreError>;
+}
+
+impl<T> Context<T> for rusqlite::Result<T> {
+    fn ctx(self, context: &'static str) -> Result<T, StoreError> {
+        self.map_err(|source| StoreError::Sqlite { context, source })
+    }
+}
+
+/// Where one host's part of a job stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostState {
+    /// Stored, not yet on the queue (just created, or the queue was down).
+    Pending,
+    /// On the queue in `host.<id>`, waiting for the agent.
+    Ready,
+    /// Taken by the agent; its result has not arrived yet.
+    Reserved,
+    /// The agent answered: the command ran or the query was answered.
+    Success,
+    /// The job failed: unknown host, killed by timeout, refused by the agent, ...
+    Failed,
+    /// Revoked by `DELETE /v1/jobs/{id}` before the agent took it.
+    Revoked,
+    /// No answer before the deadline.
+    Expired,
+}
+
+impl HostState {
+    /// The name used in the database and the REST API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostState::Pending => "pending",
+            HostState::Ready => "ready",
+            HostState::Reserved => "reserved",
+            HostState::Success => "success",
+            HostState::Failed => "failed",
+            HostState::Revoked => "revoked",
+            HostState::Expired => "expired",
+        }
+    }
+
+    fn parse(name: &str) -> Result<HostState, StoreError> {
+        Ok(match name {
+            "pending" => HostState::Pending,
+            "ready" => HostState::Ready,
+            "reserved" => HostState::Reserved,
+            "success" => HostState::Success,
+            "failed" => HostState::Failed,
+            "revoked" => HostState::Revoked,
+            "expired" => HostState::Expired,
+            other => return Err(StoreError::Corrupt(format!("unknown host_job state {other:?}"))),
+        })
+    }
+
+    /// Whether the host has its final answer (a late agent result may still replace
+    /// `expired`, since it is better information than "no answer").
+    pub fn is_final(self) -> bool {
+        matches!(self, HostState::Success | HostState::Failed | HostState::Revoked | HostState::Expired)
+    }
+}
+
+/// A registered host.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct HostRecord {
+    /// The host id (its tube is `host.<id>`).
+    pub id: String,
+    /// The hostname the agent reported.
+    pub hostname: String,
+    /// Unix milliseconds of the first registration.
+    pub registered_at_ms: i64,
+    /// Unix milliseconds of the latest registration.
+    pub last_seen_ms: i64,
+}
+
+/// A dispatch job as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRecord {
+    /// The job id (a UUID).
+    pub id: String,
+    /// What the hosts are asked to do.
+    pub method: Method,
+    /// The command (empty for `sync.query`).
+    pub cmd: String,
+    /// Seconds the command may run on each host.
+    pub timeout_secs: u32,
+    /// Unix milliseconds when the job was stored.
+    pub created_at_ms: i64,
+    /// Unix milliseconds after which no agent may start it.
+    pub start_by_ms: i64,
+}
+
+/// One host's part of a job as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostJobRecord {
+    /// The host id as requested.
+    pub host: String,
+    /// Where it stands.
+    pub state: HostState,
+    /// The queue's job id once put on `host.<id>`.
+    pub queue_job_id: Option<u64>,
+    /// The answer, once final.
+    pub outcome: Option<Outcome>,
+    /// Unix milliseconds of the last change.
+    pub updated_at_ms: i64,
+}
+
+/// A final answer for one host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// `success` or `failed`.
+    pub resp: Resp,
+    /// Exit status on success, a 16-bit code on failure.
+    pub retcode: u32,
+    /// What happened, for people.
+    pub message: String,
+    /// Output or query facts.
+    pub data: String,
+    /// Whether `data` was cut.
+    pub truncated: bool,
+}
+
+impl Outcome {
+    /// A failure with `code` and `message` and no data.
+    pub fn failed(code: Code, message: impl Into<String>) -> Outcome {
+        Outcome {
+            resp: Resp::Failed,
+            retcode: u32::from(code.value()),
+            message: message.into(),
+            data: String::new(),
+            truncated: false,
+        }
+    }
+}
+
+/// A new job to store, validated by the API.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    /// The job id.
+    pub id: String,
+    /// The method.
+    pub method: Method,
+    /// The command.
+    pub cmd: String,
+    /// Seconds each host may run it.
+    pub timeout_secs: u32,
+    /// Requested hosts, in request order, without duplicates.
+    pub hosts: Vec<String>,
+    /// The name of the token that created it, when tokens are on.
+    pub token_name: Option<String>,
+}
+
+/// A host job that the enqueuer must put on the queue.
+#[derive(Debug, Clone)]
+pub struct PendingHostJob {
+    /// The job.
+    pub job: JobRecord,
+    /// The host.
+    pub host: String,
+}
+
+/// A host job past one of its deadlines.
+#[derive(Debug, Clone)]
+pub struct OverdueHostJob {
+    /// The job id.
+    pub job_id: String,
+    /// The host.
+    pub host: String,
+    /// Its state when found.
+    pub state: HostState,
+    /// The queue job id, if it was put.
+    pub queue_job_id: Option<u64>,
+    /// The job's timeout.
+    pub timeout_secs: u32,
+}
+
+/// A job in the `GET /v1/jobs` list.
+#[derive(Debug, Clone)]
+pub struct JobSummary {
+    /// The job.
+    pub job: JobRecord,
+    /// How many hosts are in each state, by state name.
+    pub state_counts: Vec<(String, u64)>,
+}
+
+/// What [`Store::record_result`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordOutcome {
+    /// The result is now the host's answer.
+    Recorded,
+    /// The host already had a final answer; the result was a duplicate.
+    AlreadyFinal,
+    /// No such job/host pair (e.g. the database was replaced).
+    Unknown,
+}
+
+/// The dispatcher's database. One connection behind a mutex: the dispatcher writes a few
+/// rows per job, so a pool would add complexity without speed.
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store")
+    }
+}
+
+const HOST_JOB_COLUMNS: &str =
+    "host, state, queue_job_id, resp, retcode, message, data, truncated, updated_at";
+
+impl Store {
+    /// Opens (creating if needed) `dir/dispatch.db` and brings its schema up to date.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|source| StoreError::DataDir { path: dir.display().to_string(), source })?;
+        let conn = Connection::open(dir.join("dispatch.db")).ctx("open dispatch.db")?;
+        Store::from_connection(conn)
+    }
+
+    /// Opens an in-memory database (tests).
+    pub fn open_in_memory() -> Result<Store, StoreError> {
+        Store::from_connection(Connection::open_in_memory().ctx("open in-memory database")?)
+    }
+
+    fn from_connection(mut conn: Connection) -> Result<Store, StoreError> {
+        // Pragmas first and outside any transaction: journal_mode cannot change inside one.
+        let _mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
+            .ctx("set journal_mode")?;
+        conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")
+            .ctx("set pragmas")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).ctx("set busy_timeout")?;
+        migrate(&mut conn)?;
+        Ok(Store { conn: Mutex::new(conn) })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves SQLite consistent (transactions roll back
+        // on drop), so a poisoned lock is safe to keep using.
+        self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Registers `id` or refreshes it; returns the record and whether it is new.
+    pub fn upsert_host(&self, id: &str, hostname: &str) -> Result<(HostRecord, bool), StoreError> {
+        let now = unix_now_ms();
+        let conn = self.conn();
+        let existed = conn
+            .prepare_cached("SELECT 1 FROM hosts WHERE id = ?1")
+            .and_then(|mut s| s.exists([id]))
+            .ctx("look up host")?;
+        conn.prepare_cached(
+            "INSERT INTO hosts (id, hostname, registered_at, last_seen) VALUES (?1, ?2, ?3, ?3)
+             ON CONFLICT (id) DO UPDATE SET hostname = excluded.hostname, last_seen = excluded.last_seen",
+        )
+        .and_then(|mut s| s.execute(params![id, hostname, now]))
+        .ctx("register host")?;
+        let host = get_host(&conn, id)?.ok_or_else(|| StoreError::Corrupt(format!("host {id} vanished")))?;
+        Ok((host, !existed))
+    }
+
+    /// The host `id`, if registered.
+    pub fn host(&self, id: &str) -> Result<Option<HostRecord>, StoreError> {
+        get_host(&self.conn(), id)
+    }
+
+    /// All registered hosts, by id.
+    pub fn hosts(&self) -> Result<Vec<HostRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached("SELECT id, hostname, registered_at, last_seen FROM hosts ORDER BY id")
+            .ctx("list hosts")?;
+        let rows = stmt.query_map([], host_from_row).ctx("list hosts")?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().ctx("list hosts")
+    }
+
+    /// Unregisters `id`; false if it was not registered. Its past jobs keep their rows.
+    pub fn delete_host(&self, id: &str) -> Result<bool, StoreError> {
+        let n = self
+            .conn()
+            .prepare_cached("DELETE FROM hosts WHERE id = ?1")
+            .and_then(|mut s| s.execute([id]))
+            .ctx("delete host")?;
+        Ok(n > 0)
+    }
+
+    /// Stores a job and one row per requested host, all in one transaction. Unknown hosts
+    /// are stored as `failed` with [`Code::NoSuchHost`] at once; known ones as `pending`.
+    /// Returns `Ok(false)` if the id was used before.
+    pub fn create_job(&self, job: &NewJob, start_by_ms: i64) -> Result<bool, StoreError> {
+        let now = unix_now_ms();
+        let mut conn = self.conn();
+        let tx = conn.transaction().ctx("begin create job")?;
+        let inserted = tx
+            .prepare_cached(
+                "INSERT INTO jobs (id, method, cmd, timeout_secs, created_at, start_by, token_name)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (id) DO NOTHING",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    job.id,
+                    job.method.as_str(),
+                    job.cmd,
+                    job.timeout_secs,
+                    now,
+                    start_by_ms,
+                    job.token_name
+                ])
+            })
+            .ctx("insert job")?;
+        if inserted == 0 {
+            return Ok(false);
+        }
+        {
+            let mut known = tx.prepare_cached("SELECT 1 FROM hosts WHERE id = ?1").ctx("look up host")?;
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT INTO host_job (job_id, position, host, state, resp, retcode, message, data, updated_at, finished_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                )
+                .ctx("prepare host_job insert")?;
+            for (position, host) in job.hosts.iter().enumerate() {
+                if known.exists([host]).ctx("look up host")? {
+                    insert
+                        .execute(params![
+                            job.id,
+                            position as i64,
+                            host,
+                            HostState::Pending.as_str(),
+                            None::<String>,
+                            None::<i64>,
+                            None::<String>,
+                            None::<String>,
+                            now,
+                            None::<i64>
+                        ])
+                        .ctx("insert host_job")?;
+                } else {
+                    let failed = Outcome::failed(Code::NoSuchHost, "No such host");
+                    insert
+                        .execute(params![
+                            job.id,
+                            position as i64,
+                            host,
+                            HostState::Failed.as_str(),
+                            failed.resp.as_str(),
+                            failed.retcode,
+                            failed.message,
+                            failed.data,
+                            now,
+                            now
+                        ])
+                        .ctx("insert host_job")?;
+                }
+            }
+        }
+        tx.commit().ctx("commit create job")?;
+        Ok(true)
+    }
+
+    /// The job `id` and its hosts in request order.
+    pub fn job(&self, id: &str) -> Result<Option<(JobRecord, Vec<HostJobRecord>)>, StoreError> {
+        let conn = self.conn();
+        let job = conn
+            .prepare_cached(
+                "SELECT id, method, cmd, timeout_secs, created_at, start_by FROM jobs WHERE id = ?1",
+            )
+            .and_then(|mut s| s.query_row([id], job_row).optional())
+            .ctx("read job")?;
+        let Some(job) = job else { return Ok(None) };
+        let job = job?;
+        let sql = format!("SELECT {HOST_JOB_COLUMNS} FROM host_job WHERE job_id = ?1 ORDER BY position");
+        let mut stmt = conn.prepare_cached(&sql).ctx("read host jobs")?;
+        let rows = stmt.query_map([id], host_job_row).ctx("read host jobs")?;
+        let mut hosts = Vec::new();
+        for row in rows {
+            hosts.push(row.ctx("read host job")??);
+        }
+        Ok(Some((job, hosts)))
+    }
+
+    /// Whether every host of job `id` has a final answer.
+    pub fn job_is_final(&self, id: &str) -> Result<bool, StoreError> {
+        let open: i64 = self
+            .conn()
+            .prepare_cached(
+                "SELECT COUNT(*) FROM host_job WHERE job_id = ?1 AND state IN ('pending', 'ready', 'reserved')",
+            )
+            .and_then(|mut s| s.query_row([id], |row| row.get(0)))
+            .ctx("count open host jobs")?;
+        Ok(open == 0)
+    }
+
+    /// A page of jobs, newest first, and the total number of jobs.
+    pub fn list_jobs(&self, limit: u32, offset: u64) -> Result<(Vec<JobSummary>, u64), StoreError> {
+        let conn = self.conn();
+        let total: i64 = conn
+            .prepare_cached("SELECT COUNT(*) FROM jobs")
+            .and_then(|mut s| s.query_row([], |row| row.get(0)))
+            .ctx("count jobs")?;
+        let mut jobs = Vec::new();
+        {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT id, method, cmd, timeout_secs, created_at, start_by FROM jobs
+                     ORDER BY seq DESC LIMIT ?1 OFFSET ?2",
+                )
+                .ctx("list jobs")?;
+            let offset = i64::try_from(offset).unwrap_or(i64::MAX);
+            let rows = stmt.query_map(params![limit, offset], job_row).ctx("list jobs")?;
+            for row in rows {
+                jobs.push(row.ctx("list jobs")??);
+            }
+        }
+        let mut counts = conn
+            .prepare_cached("SELECT state, COUNT(*) FROM host_job WHERE job_id = ?1 GROUP BY state ORDER BY state")
+            .ctx("count host states")?;
+        let mut summaries = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let state_counts = counts
+                .query_map([&job.id], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)? as u64)))
+                .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+                .ctx("count host states")?;
+            summaries.push(JobSummary { job, state_counts });
+        }
+        Ok((summaries, total as u64))
+    }
+
+    /// Pending host jobs whose start deadline is still ahead, oldest first.
+    pub fn pending(&self, now_ms: i64) -> Result<Vec<PendingHostJob>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT j.id, j.method, j.cmd, j.timeout_secs, j.created_at, j.start_by, h.host
+                 FROM host_job h JOIN jobs j ON j.id = h.job_id
+                 WHERE h.state = 'pending' AND j.start_by > ?1
+                 ORDER BY j.seq, h.position",
+            )
+            .ctx("list pending host jobs")?;
+        let rows = stmt
+            .query_map([now_ms], |row| Ok((job_row(row)?, row.get::<_, String>(6)?)))
+            .ctx("list pending host jobs")?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (job, host) = row.ctx("list pending host jobs")?;
+            out.push(PendingHostJob { job: job?, host });
+        }
+        Ok(out)
+    }
+
+    /// Moves a host job from `from` to `to`, setting its queue job id if given. Returns
+    /// false if it was no longer in `from` (someone else moved it first).
+    pub fn transition(
+        &self,
+        job_id: &str,
+        host: &str,
+        from: HostState,
+        to: HostState,
+        queue_job_id: Option<u64>,
+    ) -> Result<bool, StoreError> {
+        let n = self
+            .conn()
+            .prepare_cached(
+                "UPDATE host_job SET state = ?4, queue_job_id = COALESCE(?5, queue_job_id), updated_at = ?6
+                 WHERE job_id = ?1 AND host = ?2 AND state = ?3",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    job_id,
+                    host,
+                    from.as_str(),
+                    to.as_str(),
+                    queue_job_id.map(|id| id as i64),
+                    unix_now_ms()
+                ])
+            })
+            .ctx("update host job state")?;
+        Ok(n > 0)
+    }
+
+    /// Gives a host job its final answer if it is still in `from`. Returns false if not.
+    pub fn finish(
+        &self,
+        job_id: &str,
+        host: &str,
+        from: HostState,
+        to: HostState,
+        outcome: &Outcome,
+    ) -> Result<bool, StoreError> {
+        let n = self
+            .conn()
+            .prepare_cached(
+                "UPDATE host_job SET state = ?4, resp = ?5, retcode = ?6, message = ?7, data = ?8,
+                        truncated = ?9, updated_at = ?10, finished_at = ?10
+                 WHERE job_id = ?1 AND host = ?2 AND state = ?3",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    job_id,
+                    host,
+                    from.as_str(),
+                    to.as_str(),
+                    outcome.resp.as_str(),
+                    outcome.retcode,
+                    outcome.message,
+                    outcome.data,
+                    outcome.truncated,
+                    unix_now_ms()
+                ])
+            })
+            .ctx("finish host job")?;
+        Ok(n > 0)
+    }
+
+    /// Records an agent's result. A result replaces any state but `success`, `failed` and
+    /// `revoked`: a late answer is better information than `expired`.
+    pub fn record_result(&self, result: &HostResult) -> Result<RecordOutcome, StoreError> {
+        let state = match result.resp {
+            Resp::Success => HostState::Success,
+            Resp::Failed => HostState::Failed,
+        };
+        let now = unix_now_ms();
+        let conn = self.conn();
+        let n = conn
+            .prepare_cached(
+                "UPDATE host_job SET state = ?3, resp = ?4, retcode = ?5, message = ?6, data = ?7,
+                        truncated = ?8, output_bytes = ?9, updated_at = ?10, finished_at = ?10
+                 WHERE job_id = ?1 AND host = ?2 AND state NOT IN ('success', 'failed', 'revoked')",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    result.job_id,
+                    result.host,
+                    state.as_str(),
+                    result.resp.as_str(),
+                    result.retcode,
+                    result.message,
+                    result.data,
+                    result.truncated,
+                    i64::try_from(result.output_bytes).unwrap_or(i64::MAX),
+                    now
+                ])
+            })
+            .ctx("record result")?;
+        if n > 0 {
+            return Ok(RecordOutcome::Recorded);
+        }
+        let exists = conn
+            .prepare_cached("SELECT 1 FROM host_job WHERE job_id = ?1 AND host = ?2")
+            .and_then(|mut s| s.exists([&result.job_id, &result.host]))
+            .ctx("look up host job")?;
+        Ok(if exists { RecordOutcome::AlreadyFinal } else { RecordOutcome::Unknown })
+    }
+
+    /// Host jobs past a deadline: `pending`/`ready` ones whose start deadline has passed,
+    /// and `reserved` ones whose start deadline plus timeout plus `result_grace_ms` has.
+    pub fn overdue(&self, now_ms: i64, result_grace_ms: i64) -> Result<Vec<OverdueHostJob>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT h.job_id, h.host, h.state, h.queue_job_id, j.timeout_secs
+                 FROM host_job h JOIN jobs j ON j.id = h.job_id
+                 WHERE (h.state IN ('pending', 'ready') AND j.start_by <= ?1)
+                    OR (h.state = 'reserved' AND j.start_by + j.timeout_secs * 1000 + ?2 <= ?1)
+                 ORDER BY j.seq, h.position",
+            )
+            .ctx("list overdue host jobs")?;
+        let rows = stmt
+            .query_map(params![now_ms, result_grace_ms], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, String>(2)?,
+                    row.get::<_, Option<i64>>(3)?,
+                    row.get::<_, u32>(4)?,
+                ))
+            })
+            .ctx("list overdue host jobs")?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (job_id, host, state, queue_job_id, timeout_secs) = row.ctx("list overdue host jobs")?;
+            out.push(OverdueHostJob {
+                job_id,
+                host,
+                state: HostState::parse(&state)?,
+                queue_job_id: queue_job_id.map(|id| id as u64),
+                timeout_secs,
+            });
+        }
+        Ok(out)
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .ctx("read user_version")?;
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(version).unwrap_or(0)) {
+        let tx = conn.transaction().ctx("begin migration")?;
+        tx.execute_batch(sql).ctx("apply migration")?;
+        // user_version is set inside the migration's transaction so a crash never leaves
+        // a half-applied schema marked as done.
+        tx.execute_batch(&format!("PRAGMA user_version = {}", index + 1))
+            .ctx("set user_version")?;
+        tx.commit().ctx("commit migration")?;
+    }
+    Ok(())
+}
+
+fn get_host(conn: &Connection, id: &str) -> Result<Option<HostRecord>, StoreError> {
+    conn.prepare_cached("SELECT id, hostname, registered_at, last_seen FROM hosts WHERE id = ?1")
+        .and_then(|mut s| s.query_row([id], host_from_row).optional())
+        .ctx("read host")
+}
+
+fn host_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<HostRecord> {
+    Ok(HostRecord {
+        id: row.get(0)?,
+        hostname: row.get(1)?,
+        registered_at_ms: row.get(2)?,
+        last_seen_ms: row.get(3)?,
+    })
+}
+
+/// Reads a job row (columns id, method, cmd, timeout_secs, created_at, start_by). The
+/// inner result reports a method name this version does not know.
+fn job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<JobRecord, StoreError>> {
+    let method: String = row.get(1)?;
+    let Some(method) = Method::parse(&method) else {
+        return Ok(Err(StoreError::Corrupt(format!("unknown method {method:?}"))));
+    };
+    Ok(Ok(JobRecord {
+        id: row.get(0)?,
+        method,
+        cmd: row.get(2)?,
+        timeout_secs: row.get(3)?,
+        created_at_ms: row.get(4)?,
+        start_by_ms: row.get(5)?,
+    }))
+}
+
+fn host_job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<HostJobRecord, StoreError>> {
+    let state: String = row.get(1)?;
+    let state = match HostState::parse(&state) {
+        Ok(state) => state,
+        Err(e) => return Ok(Err(e)),
+    };
+    let resp: Option<String> = row.get(3)?;
+    let outcome = match resp.as_deref() {
+        None => None,
+        Some(name) => {
+            let resp = match name {
+                "success" => Resp::Success,
+                "failed" => Resp::Failed,
+                other => return Ok(Err(StoreError::Corrupt(format!("unknown resp {other:?}")))),
+            };
+            Some(Outcome {
+                resp,
+                retcode: row.get::<_, Option<u32>>(4)?.unwrap_or(0),
+                message: row.get::<_, Option<String>>(5)?.unwrap_or_default(),
+                data: row.get::<_, Option<String>>(6)?.unwrap_or_default(),
+                truncated: row.get(7)?,
+            })
+        }
+    };
+    Ok(Ok(HostJobRecord {
+        host: row.get(0)?,
+        state,
+        queue_job_id: row.get::<_, Option<i64>>(2)?.map(|id| id as u64),
+        outcome,
+        updated_at_ms: row.get(8)?,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_job(id: &str, hosts: &[&str]) -> NewJob {
+        NewJob {
+            id: id.to_string(),
+            method: Method::SyncBash,
+            cmd: "ls".into(),
+            timeout_secs: 30,
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            token_name: None,
+        }
+    }
+
+    #[test]
+    fn unknown_hosts_fail_at_once_and_known_ones_wait() {
+        let store = Store::open_in_memory().expect("open");
+        store.upsert_host("a", "host-a").expect("register");
+        assert!(store.create_job(&new_job("j1", &["a", "ghost"]), i64::MAX).expect("create"));
+        let (job, hosts) = store.job("j1").expect("read").expect("exists");
+        assert_eq!(job.cmd, "ls");
+        assert_eq!(hosts[0].host, "a");
+        assert_eq!(hosts[0].state, HostState::Pending);
+        assert_eq!(hosts[1].state, HostState::Failed);
+        let outcome = hosts[1].outcome.as_ref().expect("final");
+        assert_eq!(outcome.retcode, u32::from(Code::NoSuchHost.value()));
+        assert_eq!(outcome.message, "No such host");
+        assert!(!store.create_job(&new_job("j1", &["a"]), i64::MAX).expect("second create"));
+    }
+
+    #[test]
+    fn results_are_recorded_once_and_late_results_replace_expired() {
+        let store = Store::open_in_memory().expect("open");
+        store.upsert_host("a", "").expect("register");
+        store.create_job(&new_job("j", &["a"]), i64::MAX).expect("create");
+        let mut result = HostResult {
+            v: 1,
+            job_id: "j".into(),
+            host: "a".into(),
+            resp: Resp::Success,
+            retcode: 0,
+            message: "Normal termination".into(),
+            data: "x".into(),
+            truncated: false,
+            output_bytes: 1,
+        };
+        let expired = Outcome::failed(Code::HostNoAnswer, "late");
+        assert!(store.finish("j", "a", HostState::Pending, HostState::Expired, &expired).expect("expire"));
+        assert_eq!(store.record_result(&result).expect("record"), RecordOutcome::Recorded);
+        assert_eq!(store.record_result(&result).expect("again"), RecordOutcome::AlreadyFinal);
+        result.host = "b".into();
+        assert_eq!(store.record_result(&result).expect("unknown"), RecordOutcome::Unknown);
+        assert!(store.job_is_final("j").expect("final"));
+    }
+
+    #[test]
+    fn migrations_are_idempotent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(Store::open(dir.path()).expect("first open"));
+        let store = Store::open(dir.path()).expect("second open");
+        let version: i64 = store.conn().query_row("PRAGMA user_version", [], |r| r.get(0)).expect("version");
+        assert_eq!(version, MIGRATIONS.len() as i64);
+    }
+}

@@ -1,0 +1,644 @@
+//! End to end: a queue, `polaris-dispatch` and several `polaris-agent` processes on
+//! loopback, driven through the REST API.
+//!
+//! By default the queue is `polarisd`; `POLARIS_TEST_QUEUE=beanstalkd` runs the same tests
+//! against `/usr/bin/beanstalkd`.
+
+
+
+use polaris_testkit::cluster::*;
+use polaris_testkit::{pid_gone, wait_until};
+use polaris_proto::client::{self, Client};
+use polaris_ops_wire::codes::Code;
+use polaris_ops_wire::wire::{self, HostResult, JobEnvelope, Method, Resp, Secret};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+fn code(c: Code) -> Value {
+    json!(c.value())
+}
+
+fn host_states(job: &Value) -> Vec<(String, String)> {
+    job["hosts"]
+        .as_array()
+        .expect("hosts array")
+        .iter()
+        .map(|h| (h["host"].as_str().unwrap_or("").to_string(), h["state"].as_str().unwrap_or("").to_string()))
+        .collect()
+}
+
+fn queue_client(queue: &Queue) -> Client {
+    Client::connect(&queue.addr, Duration::from_secs(2)).expect("connect to queue")
+}
+
+fn test_secret() -> Secret {
+    Secret::new(TEST_SECRET.as_bytes().to_vec()).expect("test secret")
+}
+
+/// The design's example: two hosts, one unknown, answered in the documented shape, in
+/// request order.
+#[test]
+fn seed_example_answers_in_documented_shape() {
+    let cluster = Cluster::start(&["alpha", "beta", "gamma"]);
+    let id = "6f1c1d6e-6a8e-4c8e-9d5e-2b7a1c3d4e5f";
+    let request_body = json!({"id": id, "hosts": ["alpha", "no-such-host"], "method": "sync.bash", "cmd": "ls", "timeout": 30});
+    let (status, text) = request_text("POST", &cluster.url("/v1/jobs"), Some(&request_body.to_string()), None);
+    assert_eq!(status, 200, "{text}");
+    // Fields come in the documented order, as a person reading the reply expects.
+    let positions: Vec<usize> = ["\"host\"", "\"resp\"", "\"retcode\"", "\"message\"", "\"data\""]
+        .iter()
+        .map(|key| text.find(key).unwrap_or_else(|| panic!("{key} missing from {text}")))
+        .collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "{text}");
+    let body: Value = serde_json::from_str(&text).expect("JSON reply");
+    assert_eq!(
+        body,
+        json!({
+            "id": id,
+            "response": [
+                {"host": "alpha", "resp": "success", "retcode": 0, "message": "Normal termination", "data": "README.txt\n"},
+                {"host": "no-such-host", "resp": "failed", "retcode": Code::NoSuchHost.value(), "message": "No such host", "data": ""},
+            ]
+        })
+    );
+
+    // Without an id one is generated; a reused id answers 409.
+    let (status, body) = post(
+        &cluster.url("/v1/jobs"),
+        &json!({"hosts": ["beta", "gamma"], "method": "sync.bash", "cmd": "echo $((6*7)); exit 3"}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(uuid::Uuid::parse_str(body["id"].as_str().expect("id")).is_ok());
+    for (entry, host) in body["response"].as_array().expect("response").iter().zip(["beta", "gamma"]) {
+        assert_eq!(entry["host"], host);
+        assert_eq!(entry["resp"], "success");
+        assert_eq!(entry["retcode"], 3);
+        assert_eq!(entry["data"], "42\n");
+    }
+    let (status, body) = post(
+        &cluster.url("/v1/jobs"),
+        &json!({"id": id, "hosts": ["alpha"], "method": "sync.bash", "cmd": "ls"}),
+    );
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], code(Code::DuplicateJobId));
+    assert_eq!(body["error"]["field"], "id");
+}
+
+/// A command that traps SIGTERM and leaves a background child outlives its timeout: the
+/// whole group is killed (SIGTERM, then SIGKILL) and the host reports the timeout code.
+#[test]
+fn command_outliving_timeout_is_killed_with_its_process_group() {
+    let cluster = Cluster::start(&["alpha", "beta", "gamma"]);
+    let pids = cluster.dir.path().join("pids");
+    let cmd = format!(
+        "trap '' TERM; sleep 300 & echo $! > {p}; echo $$ >> {p}; echo started; wait",
+        p = pids.display()
+    );
+    let started = Instant::now();
+    let (status, body) = post(
+        &cluster.url("/v1/jobs"),
+        &json!({"hosts": ["alpha"], "method": "sync.bash", "cmd": cmd, "timeout": 1}),
+    );
+    let elapsed = started.elapsed();
+    assert_eq!(status, 200, "{body}");
+    let entry = &body["response"][0];
+    assert_eq!(entry["resp"], "failed", "{body}");
+    assert_eq!(entry["retcode"], code(Code::ExecTimeout));
+    assert_eq!(entry["message"], "Timed out after 1s: process group killed with SIGKILL");
+    assert_eq!(entry["data"], "started\n");
+    // 1 s timeout + 0.5 s kill grace, well before the sync deadline.
+    assert!(elapsed < Duration::from_secs(5), "took {elapsed:?}");
+    let pids = std::fs::read_to_string(&pids).expect("the command wrote its pids");
+    for pid in pids.lines() {
+        let pid: i32 = pid.trim().parse().expect("pid");
+        assert!(pid_gone(pid), "process {pid} of the timed-out command is still alive");
+    }
+}
+
+/// More than 64 KiB of output: 64 KiB are kept and the message says it was truncated.
+#[test]
+fn output_over_64k_is_truncated() {
+    let cluster = Cluster::start(&["alpha", "beta", "gamma"]);
+    let (status, body) = post(
+        &cluster.url("/v1/jobs"),
+        &json!({"hosts": ["beta"], "method": "sync.bash", "cmd": "head -c 100000 /dev/zero | tr '\\0' a; echo tail >&2"}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let entry = &body["response"][0];
+    assert_eq!(entry["resp"], "success", "{}", entry["message"]);
+    assert_eq!(entry["retcode"], 0);
+    assert_eq!(entry["message"], "Normal termination; output truncated to 65536 of 100005 bytes");
+    let data = entry["data"].as_str().expect("data");
+    assert_eq!(data.len(), 65536);
+    assert!(data.bytes().all(|b| b == b'a'));
+    let job = get(&cluster.url(&format!("/v1/jobs/{}", body["id"].as_str().expect("id")))).1;
+    assert_eq!(job["hosts"][0]["truncated"], true);
+}
+
+/// A queue whose max job size is below 64 KiB answers JOB_TOO_BIG to the full result; the
+/// agent cuts the output further and the result still arrives.
+#[test]
+fn result_larger_than_queue_job_size_is_cut_not_lost() {
+    let cluster = Cluster::start_with(&["alpha", "beta", "gamma"], 30_000, &[], &[]);
+    let (status, body) = post(
+        &cluster.url("/v1/jobs"),
+        &json!({"hosts": ["gamma", "alpha"], "method": "sync.bash", "cmd": "head -c 100000 /dev/zero | tr '\\0' b"}),
+    );
+    assert_eq!(status, 200, "{body}");
+    for entry in body["response"].as_array().expect("response") {
+        assert_eq!(entry["resp"], "success", "{}", entry["message"]);
+        let data = entry["data"].as_str().expect("data");
+        assert!(data.len() > 20_000 && data.len() < 30_000, "kept {} bytes", data.len());
+        let message = entry["message"].as_str().expect("message");
+        assert!(message.contains("to fit the queue's max job size"), "{message}");
+    }
+}
+
+/// Async answers 202 with the id at once; GET shows every host, unknown ones included, and
+/// their results once they arrive; GET /v1/jobs pages.
+#[test]
+fn async_job_then_get_reports_every_host() {
+    let cluster = Cluster::start(&["alpha", "beta", "gamma"]);
+    let started = Instant::now();
+    let (status, body) = post(
+        &cluster.url("/v1/jobs"),
+        &json!({"hosts": ["alpha", "ghost", "beta", "gamma"], "method": "async.bash", "cmd": "sleep 1; echo done-$PWD", "timeout": 10}),
+    );
+    assert_eq!(status, 202, "{body}");
+    assert!(started.elapsed() < Duration::from_millis(900), "async must not wait for the command");
+    let id = body["id"].as_str().expect("id").to_string();
+    let url = cluster.url(&format!("/v1/jobs/{id}"));
+
+    let (status, job) = get(&url);
+    assert_eq!(status, 200);
+    let states = host_states(&job);
+    assert_eq!(states.iter().map(|(h, _)| h.as_str()).collect::<Vec<_>>(), ["alpha", "ghost", "beta", "gamma"]);
+    assert_eq!(states[1].1, "failed");
+    assert_eq!(job["hosts"][1]["retcode"], code(Code::NoSuchHost));
+    for (host, state) in [&states[0], &states[2], &states[3]] {
+        assert!(["pending", "ready", "reserved"].contains(&state.as_str()), "{host}: {state}");
+    }
+    assert_eq!(job["done"], false);
+
+    wait_until(Duration::from_secs(15), "async job done", || get(&url).1["done"] == true);
+    let job = get(&url).1;
+    for (index, host) in [(0, "alpha"), (2, "beta"), (3, "gamma")] {
+        let entry = &job["hosts"][index];
+        assert_eq!(entry["state"], "success", "{entry}");
+        assert_eq!(entry["retcode"], 0);
+        let expected = format!("done-{}\n", cluster.workdir(host).display());
+        assert_eq!(entry["data"], expected.as_str());
+    }
+
+    // Paging: two jobs, one per page.
+    let (status, _) = post(&cluster.url("/v1/jobs"), &json!({"hosts": ["alpha"], "method": "async.bash", "cmd": "true"}));
+    assert_eq!(status, 202);
+    let (status, page) = get(&cluster.url("/v1/jobs?limit=1"));
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["total"], 2);
+    assert_eq!(page["jobs"].as_array().map(Vec::len), Some(1));
+    assert_eq!(page["next_offset"], 1);
+    let (_, page2) = get(&cluster.url("/v1/jobs?limit=1&offset=1"));
+    assert_eq!(page2["jobs"][0]["id"], id.as_str());
+    assert_eq!(page2["jobs"][0]["hosts"], 4);
+    assert_eq!(page2["jobs"][0]["states"]["success"], 3);
+    assert_eq!(page2["next_offset"], Value::Null);
+    let (status, err) = get(&cluster.url("/v1/jobs?limit=abc"));
+    assert_eq!((status, err["error"]["field"].clone()), (400, json!("limit")));
+}
+
+/// `sync.query` answers host facts from /proc.
+#[test]
+fn sync_query_reports_host_facts() {
+    let cluster = Cluster::start(&["alpha", "beta", "gamma"]);
+    let (status, body) = post(
+        &cluster.url("/v1/jobs"),
+        &json!({"hosts": ["alpha", "beta", "gamma"], "method": "sync.query", "cmd": ""}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let response = body["response"].as_array().expect("response");
+    assert_eq!(response.len(), 3);
+    for entry in response {
+        assert_eq!(entry["resp"], "success", "{entry}");
+        assert_eq!(entry["message"], "Query answered");
+        let facts: Value = serde_json::from_str(entry["data"].as_str().expect("data")).expect("facts are JSON");
+        assert!(!facts["hostname"].as_str().unwrap_or("").is_empty(), "{facts}");
+        assert!(facts["cpu_count"].as_u64().unwrap_or(0) >= 1, "{facts}");
+        assert_eq!(facts["load"].as_array().map(Vec::len), Some(3));
+        assert!(facts["memory"]["total_kib"].as_u64().unwrap_or(0) > 0, "{facts}");
+        assert!(facts["uptime_secs"].as_f64().unwrap_or(0.0) > 0.0, "{facts}");
+        assert!(facts["users"].is_array());
+        let addresses = facts["addresses"].as_array().expect("addresses");
+        assert!(addresses.iter().any(|a| a == "127.0.0.1"), "{facts}");
+    }
+}
+
+/// The dispatcher crashes while an async job runs; results wait in the reply tube and are
+/// recorded when it comes back; every host (running, offline, unknown) is still reported.
+#[test]
+fn dispatcher_restart_mid_async_job_loses_nothing() {
+    let mut cluster = Cluster::start(&["alpha", "beta", "gamma"]);
+    // Registered, but its agent never runs: it must show up, then expire.
+    let (status, _) = post(&cluster.url("/v1/hosts"), &json!({"id": "offline", "hostname": "nowhere"}));
+    assert_eq!(status, 201);
+    let (status, body) = post(
+        &cluster.url("/v1/jobs"),
+        &json!({"hosts": ["alpha", "beta", "gamma", "offline", "ghost"], "method": "async.bash", "cmd": "sleep 2; echo finished", "timeout": 5}),
+    );
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_str().expect("id").to_string();
+    wait_until(Duration::from_secs(5), "all hosts on the queue", || {
+        host_states(&get(&cluster.url(&format!("/v1/jobs/{id}"))).1).iter().all(|(_, s)| s != "pending")
+    });
+
+    cluster.crash_dispatcher();
+    let mut queue = queue_client(&cluster.queue);
+    wait_until(Duration::from_secs(10), "three results waiting in the reply tube", || {
+        queue
+            .stats_tube(wire::DEFAULT_REPLY_TUBE)
+            .map(|s| s.get_u64("current-jobs-ready") == Some(3))
+            .unwrap_or(false)
+    });
+
+    cluster.restart_dispatcher();
+    let url = cluster.url(&format!("/v1/jobs/{id}"));
+    let (status, job) = get(&url);
+    assert_eq!(status, 200, "the job survives the restart");
+    assert_eq!(host_states(&job).len(), 5);
+    wait_until(Duration::from_secs(15), "every host final after the restart", || get(&url).1["done"] == true);
+    let job = get(&url).1;
+    let states = host_states(&job);
+    assert_eq!(
+        states,
+        [("alpha", "success"), ("beta", "success"), ("gamma", "success"), ("offline", "expired"), ("ghost", "failed")]
+            .map(|(h, s)| (h.to_string(), s.to_string()))
+    );
+    for index in 0..3 {
+        assert_eq!(job["hosts"][index]["data"], "finished\n");
+    }
+    assert_eq!(job["hosts"][3]["retcode"], code(Code::HostNoAnswer));
+    assert_eq!(job["hosts"][4]["retcode"], code(Code::NoSuchHost));
+    // The offline host's queue job was taken back, so no agent runs it late (an empty,
+    // unwatched tube ceases to exist).
+    let stats = queue.stats_tube("host.offline").map(|s| s.get_u64("current-jobs-ready"));
+    assert!(matches!(stats, Ok(Some(0)) | Err(client::Error::NotFound)), "{stats:?}");
+    let replies = queue.stats_tube(wire::DEFAULT_REPLY_TUBE).expect("reply tube");
+    assert_eq!(replies.get_u64("current-jobs-ready"), Some(0));
+}
+
+/// Bad requests answer 400 with a JSON body naming the field and a validation code.
+#[test]
+fn validation_errors_name_the_field() {
+    let cluster = Cluster::start(&["alpha", "beta", "gamma"]);
+    let url = cluster.url("/v1/jobs");
+    let big_cmd = "x".repeat(polaris_dispatch::request::MAX_CMD_BYTES + 1);
+    let cases: Vec<(String, Code, Value)> = vec![
+        ("{\"hosts\": [".into(), Code::MalformedJson, Value::Null),
+        (r#"{"hosts": [], "method": "sync.bash", "cmd": "ls"}"#.into(), Code::EmptyHosts, json!("hosts")),
+        (r#"{"hosts": "alpha", "method": "sync.bash", "cmd": "ls"}"#.into(), Code::WrongType, json!("hosts")),
+        (r#"{"hosts": ["alpha"], "method": "sync.ruby", "cmd": "ls"}"#.into(), Code::UnknownMethod, json!("method")),
+        (r#"{"hosts": ["alpha"], "method": "sync.bash", "cmd": "ls", "timeout": "30"}"#.into(), Code::WrongType, json!("timeout")),
+        (json!({"hosts": ["alpha"], "method": "sync.bash", "cmd": big_cmd}).to_string(), Code::CmdTooLarge, json!("cmd")),
+    ];
+    for (body, expected, field) in cases {
+        let (status, reply) = request("POST", &url, Some(&body), None);
+        assert_eq!(status, 400, "{reply}");
+        assert_eq!(reply["error"]["code"], code(expected), "{reply}");
+        assert_eq!(reply["error"]["hex"], expected.hex());
+        assert_eq!(reply["error"]["type"], "validation");
+        assert_eq!(reply["error"]["field"], field, "{reply}");
+    }
+    let (status, reply) = get(&cluster.url("/v1/jobs/00000000-0000-4000-8000-000000000000"));
+    assert_eq!((status, reply["error"]["code"].clone()), (404, code(Code::NoSuchJob)));
+}
+
+/// Envelopes with a bad signature, past their expiry or with a method the agent does not
+/// know are buried, never run, and reported as failed on the reply tube they name.
+#[test]
+fn forged_or_expired_envelopes_are_buried_not_run() {
+    let cluster = Cluster::start(&["alpha", "beta", "gamma"]);
+    let marker = cluster.dir.path().join("pwned");
+    let mut queue = queue_client(&cluster.queue);
+    let reply_tube = "forged.replies";
+    let envelope = |job_id: &str, expires_at: u64| JobEnvelope {
+        v: 1,
+        job_id: job_id.to_string(),
+        host: "alpha".into(),
+        method: Method::SyncBash,
+        cmd: format!("touch {}", marker.display()),
+        timeout: 5,
+        reply_tube: reply_tube.into(),
+        issued_at: wire::unix_now(),
+        expires_at,
+    };
+    let forged_secret = Secret::new(b"not-the-real-secret-at-all".to_vec()).expect("secret");
+    let forged = wire::sign(&forged_secret, &serde_json::to_vec(&envelope("forged", wire::unix_now() + 60)).expect("json"));
+    let stale = wire::sign(&test_secret(), &serde_json::to_vec(&envelope("stale", wire::unix_now() - 10)).expect("json"));
+    queue.use_tube("host.alpha").expect("use");
+    queue.put(0, 0, 60, &forged).expect("put forged");
+    queue.put(0, 0, 60, &stale).expect("put stale");
+    let mut newer = serde_json::to_value(envelope("newer", wire::unix_now() + 60)).expect("json");
+    newer["method"] = json!("sync.python");
+    let newer = wire::sign(&test_secret(), newer.to_string().as_bytes());
+    queue.put(0, 0, 60, &newer).expect("put unsupported method");
+
+    let mut replies = queue_client(&cluster.queue);
+    replies.watch(reply_tube).expect("watch");
+    replies.ignore("default").expect("ignore");
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let job = replies.reserve_with_timeout(10).expect("reserve").expect("a refusal report");
+        let payload = wire::open(&test_secret(), &job.body).expect("reports are signed by the agent");
+        let result: HostResult = serde_json::from_slice(payload).expect("result JSON");
+        assert_eq!(result.resp, Resp::Failed);
+        assert_eq!(result.host, "alpha");
+        seen.push((result.job_id, result.retcode));
+        replies.delete(job.id).expect("delete");
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            ("forged".to_string(), u32::from(Code::BadSignature.value())),
+            ("newer".to_string(), u32::from(Code::UnsupportedMethod.value())),
+            ("stale".to_string(), u32::from(Code::EnvelopeExpired.value())),
+        ]
+    );
+    let stats = queue.stats_tube("host.alpha").expect("stats");
+    assert_eq!(stats.get_u64("current-jobs-buried"), Some(3));
+    assert!(!marker.exists(), "a refused envelope ran its command");
+}
+
+/// With `--tokens`, requests need a bearer token and commands must match its allow-list.
+#[test]
+fn tokens_enforce_command_allow_lists() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tokens = dir.path().join("tokens.json");
+    std::fs::write(
+        &tokens,
+        json!({"tokens": [
+            {"name": "ops", "token": "ops-token-0123456789", "methods": ["sync.bash", "sync.query"], "commands": ["echo *", "uptime"]},
+            {"name": "agents", "token": "agent-token-0123456789", "methods": [], "manage_hosts": true}
+        ]})
+        .to_string(),
+    )
+    .expect("write tokens");
+    let tokens_arg = tokens.to_str().expect("utf-8 path");
+    let cluster = Cluster::start_with(
+        &["alpha", "beta", "gamma"],
+        BIG_JOB_SIZE,
+        &["--tokens", tokens_arg],
+        &[("POLARIS_TOKEN", "agent-token-0123456789")],
+    );
+    let url = cluster.url("/v1/jobs");
+    let job = |cmd: &str| json!({"hosts": ["alpha"], "method": "sync.bash", "cmd": cmd}).to_string();
+    let ops = Some("ops-token-0123456789");
+
+    let (status, reply) = request("POST", &url, Some(&job("echo hi")), None);
+    assert_eq!((status, reply["error"]["code"].clone()), (401, code(Code::MissingToken)));
+    let (status, reply) = request("POST", &url, Some(&job("echo hi")), Some("wrong-token-0123456789"));
+    assert_eq!((status, reply["error"]["code"].clone()), (401, code(Code::InvalidToken)));
+    let (status, reply) = request("POST", &url, Some(&job("echo hi")), ops);
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["response"][0]["data"], "hi\n");
+    for denied in ["echo hi; id", "echo $(id)", "id"] {
+        let (status, reply) = request("POST", &url, Some(&job(denied)), ops);
+        assert_eq!((status, reply["error"]["code"].clone()), (403, code(Code::CommandNotAllowed)), "{denied}");
+        assert_eq!(reply["error"]["field"], "cmd");
+    }
+    let async_job = json!({"hosts": ["alpha"], "method": "async.bash", "cmd": "echo hi"}).to_string();
+    let (status, reply) = request("POST", &url, Some(&async_job), ops);
+    assert_eq!((status, reply["error"]["code"].clone()), (403, code(Code::OperationNotAllowed)));
+    let (status, reply) = request("POST", &cluster.url("/v1/hosts"), Some(r#"{"id": "rogue"}"#), ops);
+    assert_eq!((status, reply["error"]["code"].clone()), (403, code(Code::OperationNotAllowed)));
+    let (status, reply) = request("GET", &cluster.url("/v1/hosts"), None, ops);
+    assert_eq!(status, 200, "{reply}");
+}
+
+/// DELETE revokes host jobs that no agent has taken; the queue job is gone.
+#[test]
+fn revoke_removes_jobs_no_agent_took() {
+    let cluster = Cluster::start(&["alpha", "beta", "gamma"]);
+    let (status, _) = post(&cluster.url("/v1/hosts"), &json!({"id": "offline"}));
+    assert_eq!(status, 201);
+    let (status, body) = post(
+        &cluster.url("/v1/jobs"),
+        &json!({"hosts": ["offline", "alpha"], "method": "async.bash", "cmd": "sleep 1; echo ran", "timeout": 30}),
+    );
+    assert_eq!(status, 202);
+    let url = cluster.url(&format!("/v1/jobs/{}", body["id"].as_str().expect("id")));
+    wait_until(Duration::from_secs(5), "offline host queued and alpha running", || {
+        let states = host_states(&get(&url).1);
+        states[0].1 == "ready" && states[1].1 == "reserved"
+    });
+    let (status, reply) = request("DELETE", &url, None, None);
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(
+        reply["hosts"],
+        json!([{"host": "offline", "state": "revoked"}, {"host": "alpha", "state": "reserved"}])
+    );
+    wait_until(Duration::from_secs(10), "alpha finished", || get(&url).1["done"] == true);
+    let job = get(&url).1;
+    assert_eq!(job["hosts"][0]["retcode"], code(Code::Revoked));
+    assert_eq!(job["hosts"][1]["data"], "ran\n");
+    let stats = queue_client(&cluster.queue).stats_tube("host.offline").map(|s| s.get_u64("current-jobs-ready"));
+    assert!(matches!(stats, Ok(Some(0)) | Err(client::Error::NotFound)), "{stats:?}");
+}
+
+/// SIGTERM to an agent with a running command: it stops reserving, lets the command finish,
+/// reports it and exits 0.
+#[test]
+fn agent_sigterm_finishes_the_running_job() {
+    let mut cluster = Cluster::start(&["alpha", "beta", "gamma"]);
+    let (status, body) = post(
+        &cluster.url("/v1/jobs"),
+        &json!({"hosts": ["alpha"], "method": "async.bash", "cmd": "sleep 1; echo finished", "timeout": 20}),
+    );
+    assert_eq!(status, 202);
+    let url = cluster.url(&format!("/v1/jobs/{}", body["id"].as_str().expect("id")));
+    wait_until(Duration::from_secs(5), "alpha took the job", || host_states(&get(&url).1)[0].1 == "reserved");
+    let agent = cluster.agent("alpha");
+    agent.signal("TERM").expect("SIGTERM the agent");
+    assert_eq!(agent.wait_exit(Duration::from_secs(10)), Some(true), "agent exits cleanly after the job");
+    wait_until(Duration::from_secs(5), "result recorded", || get(&url).1["done"] == true);
+    let job = get(&url).1;
+    assert_eq!(job["hosts"][0]["state"], "success");
+    assert_eq!(job["hosts"][0]["data"], "finished\n");
+}
+
+/// The client against the real queue: the commands the dispatcher and agent rely on.
+#[test]
+fn client_speaks_the_protocol() {
+    let queue = start_queue(1024);
+    let mut c = queue_client(&queue);
+    c.use_tube("t.one").expect("use");
+    assert_eq!(c.watch("t.one").expect("watch"), 2);
+    assert_eq!(c.ignore("default").expect("ignore"), 1);
+    assert!(matches!(c.ignore("t.one"), Err(client::Error::NotIgnored)));
+    let id = c.put(5, 0, 30, b"hello\r\nworld").expect("put");
+    assert_eq!(c.peek(id).expect("peek").body, b"hello\r\nworld");
+    assert_eq!(c.peek_ready().expect("peek-ready").map(|j| j.id), Some(id));
+    let job = c.reserve_with_timeout(1).expect("reserve").expect("a job");
+    assert_eq!((job.id, job.body.as_slice()), (id, &b"hello\r\nworld"[..]));
+    assert_eq!(c.stats_job(id).expect("stats-job").get("state"), Some("reserved"));
+    c.touch(id).expect("touch");
+    c.bury(id, 1).expect("bury");
+    assert_eq!(c.peek_buried().expect("peek-buried").map(|j| j.id), Some(id));
+    assert_eq!(c.kick(10).expect("kick"), 1);
+    let job = c.reserve().expect("reserve");
+    c.release(job.id, 1, 0).expect("release");
+    let job = c.reserve_with_timeout(0).expect("reserve").expect("a job");
+    c.delete(job.id).expect("delete");
+    assert!(matches!(c.delete(job.id), Err(client::Error::NotFound)));
+    assert_eq!(c.reserve_with_timeout(0).expect("reserve"), None);
+    assert!(matches!(c.put(0, 0, 1, &[b'x'; 2048]), Err(client::Error::JobTooBig)));
+    assert!(matches!(c.use_tube("bad name"), Err(client::Error::InvalidTubeName(_))));
+    let delayed = c.put(0, 100, 1, b"later").expect("put delayed");
+    assert_eq!(c.peek_delayed().expect("peek-delayed").map(|j| j.id), Some(delayed));
+    c.kick_job(delayed).expect("kick-job");
+    assert_eq!(c.stats_tube("t.one").expect("stats-tube").get_u64("current-jobs-ready"), Some(1));
+    assert_eq!(c.stats().expect("stats").get_u64("max-job-size"), Some(1024));
+    if std::env::var("POLARIS_TEST_QUEUE").as_deref() == Ok("beanstalkd") {
+        assert!(matches!(c.revoke(delayed), Err(client::Error::UnknownCommand)));
+    } else {
+        let held = c.reserve_with_timeout(0).expect("reserve").expect("a job");
+        assert!(matches!(c.revoke(held.id), Ok(client::RevokeOutcome::Reserved)));
+        c.release(held.id, 0, 100).expect("release");
+        assert!(matches!(c.revoke(held.id), Ok(client::RevokeOutcome::Revoked)));
+        assert!(matches!(c.revoke(held.id), Err(client::Error::NotFound)));
+    }
+}
+
+/// An agent that believes the queue takes bigger jobs than it does gets JOB_TOO_BIG for
+/// its result, cuts the output and puts it again: the result is not lost.
+#[test]
+fn result_put_recovers_from_job_too_big() {
+    let queue = start_queue(20_000);
+    let mut conn = queue_client(&queue);
+    let result = HostResult {
+        v: 1,
+        job_id: "j".into(),
+        host: "alpha".into(),
+        resp: Resp::Success,
+        retcode: 0,
+        message: "Normal termination".into(),
+        data: "\"quoted\"\n".repeat(6000),
+        truncated: false,
+        output_bytes: 60_000,
+    };
+    // usize::MAX: the agent has not learnt the real limit, so the first put is refused.
+    polaris_agent::put_result(&mut conn, &test_secret(), "results.small", result, usize::MAX).expect("put after cutting");
+    conn.watch("results.small").expect("watch");
+    let job = conn.reserve_with_timeout(1).expect("reserve").expect("the result is there");
+    assert!(job.body.len() <= 20_000);
+    let stored: HostResult = serde_json::from_slice(wire::open(&test_secret(), &job.body).expect("signed")).expect("json");
+    assert!(stored.truncated);
+    assert!(stored.data.len() > 10_000 && stored.data.len() < 20_000, "{}", stored.data.len());
+    assert!(stored.message.starts_with("Normal termination; output cut to "), "{}", stored.message);
+}
+
+/// A command that runs longer than its queue job's TTR keeps the job reserved because the
+/// agent touches it; the job never times out back to ready and runs once.
+#[test]
+fn long_command_is_touched_past_its_ttr() {
+    let cluster = Cluster::start(&["alpha", "beta", "gamma"]);
+    let mut queue = queue_client(&cluster.queue);
+    let envelope = JobEnvelope {
+        v: 1,
+        job_id: "long".into(),
+        host: "alpha".into(),
+        method: Method::SyncBash,
+        cmd: "sleep 4; echo ok".into(),
+        timeout: 20,
+        reply_tube: "touch.replies".into(),
+        issued_at: wire::unix_now(),
+        expires_at: wire::unix_now() + 60,
+    };
+    let body = wire::sign(&test_secret(), &serde_json::to_vec(&envelope).expect("json"));
+    queue.use_tube("host.alpha").expect("use");
+    let queue_id = queue.put(0, 0, 2, &body).expect("put with a 2 s TTR");
+    std::thread::sleep(Duration::from_millis(3500));
+    let stats = queue.stats_job(queue_id).expect("job still exists");
+    assert_eq!(stats.get("state"), Some("reserved"));
+    assert_eq!(stats.get_u64("timeouts"), Some(0), "the TTR ran out: {stats:?}");
+    queue.watch("touch.replies").expect("watch");
+    queue.ignore("default").expect("ignore");
+    let job = queue.reserve_with_timeout(10).expect("reserve").expect("a result");
+    let result: HostResult = serde_json::from_slice(wire::open(&test_secret(), &job.body).expect("signed")).expect("json");
+    assert_eq!((result.resp, result.data.as_str()), (Resp::Success, "ok\n"));
+    // The agent deletes its job right after putting the result.
+    wait_until(Duration::from_secs(2), "the agent deleted the job", || {
+        matches!(queue.stats_job(queue_id), Err(client::Error::NotFound))
+    });
+}
+
+/// While the queue is down, a new job waits as `pending` in the dispatcher's database; when
+/// the queue is back the job is queued, run and recorded.
+#[test]
+fn queue_outage_delays_jobs_but_loses_none() {
+    let mut cluster = Cluster::start(&["alpha", "beta", "gamma"]);
+    cluster.stop_queue();
+    let (status, body) = post(
+        &cluster.url("/v1/jobs"),
+        &json!({"hosts": ["alpha", "beta"], "method": "async.bash", "cmd": "echo back", "timeout": 30}),
+    );
+    assert_eq!(status, 202, "{body}");
+    let url = cluster.url(&format!("/v1/jobs/{}", body["id"].as_str().expect("id")));
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(
+        host_states(&get(&url).1),
+        [("alpha", "pending"), ("beta", "pending")].map(|(h, s)| (h.to_string(), s.to_string()))
+    );
+    cluster.restart_queue();
+    wait_until(Duration::from_secs(15), "job done after the queue came back", || get(&url).1["done"] == true);
+    let job = get(&url).1;
+    for index in 0..2 {
+        assert_eq!(job["hosts"][index]["state"], "success", "{job}");
+        assert_eq!(job["hosts"][index]["data"], "back\n");
+    }
+}
+
+/// A host job nobody takes expires in time, even while the dispatcher is down:
+/// on polarisd the queue drops it at its start deadline (the put carries a TTL),
+/// and the dispatcher, back up, reads `job-state` and reports `expired` at once
+/// instead of assuming an agent took it. On beanstalkd the dispatcher deletes
+/// the job itself; the outcome is the same.
+#[test]
+fn unanswered_job_expires_even_across_a_dispatcher_restart() {
+    let mut cluster = Cluster::start(&["alpha"]);
+    cluster.agent("alpha").kill();
+    let (status, body) = post(&cluster.url("/v1/jobs"), &json!({"hosts": ["alpha"], "method": "async.bash", "cmd": "echo never", "timeout": 2}));
+    assert_eq!(status, 202, "{body}");
+    let path = format!("/v1/jobs/{}", body["id"].as_str().expect("id"));
+    let url = cluster.url(&path);
+    wait_until(Duration::from_secs(5), "the host job is queued", || host_states(&get(&url).1)[0].1 == "ready");
+    cluster.crash_dispatcher();
+    std::thread::sleep(Duration::from_millis(3500));
+    cluster.restart_dispatcher();
+    let restarted = Instant::now();
+    // The new dispatcher listens on a new port.
+    let url = cluster.url(&path);
+    wait_until(Duration::from_secs(10), "the host job expired", || host_states(&get(&url).1)[0].1 == "expired");
+    assert!(restarted.elapsed() < Duration::from_secs(8), "reported expired well before the result grace period");
+    let job = get(&url).1;
+    assert_eq!(job["hosts"][0]["retcode"], code(Code::HostNoAnswer), "{job}");
+    if std::env::var("POLARIS_TEST_QUEUE").as_deref() != Ok("beanstalkd") {
+        let mut c = Client::connect(&cluster.queue.addr, Duration::from_secs(2)).expect("queue");
+        let stats = c.polaris_stats().expect("polaris-stats");
+        assert_eq!(stats.get_u64("jobs-expired"), Some(1), "the queue's TTL dropped the job");
+    }
+}
+
+/// `--allow-client` keeps every other address out, before anything else.
+#[test]
+fn clients_outside_the_allow_list_are_refused() {
+    let queue = start_queue(BIG_JOB_SIZE);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let refused = start_dispatcher(&queue.addr, &dir.path().join("a"), &["--allow-client", "10.0.0.0/8", "--allow-client", "::1"]);
+    let (status, body) = get(&format!("{}/v1/hosts", refused.url));
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"]["code"], code(Code::ClientNotAllowed), "{body}");
+    let allowed = start_dispatcher(&queue.addr, &dir.path().join("b"), &["--allow-client", "127.0.0.0/8"]);
+    let (status, body) = get(&format!("{}/v1/hosts", allowed.url));
+    assert_eq!(status, 200, "{body}");
+}

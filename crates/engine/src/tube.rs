@@ -1,0 +1,164 @@
+//! Tubes, and the small multiset beanstalkd uses for tube lists and waiters.
+
+use super::heap::{JobHeap, Order};
+use super::job::JobList;
+use super::{ConnId, Nanos};
+use polaris_proto::TubeName;
+
+/// Index of a tube in the engine's tube slab.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct TubeKey(pub(crate) u32);
+
+impl TubeKey {
+    pub(crate) fn idx(self) -> usize {
+        self.0 as usize
+    }
+
+    pub(crate) fn from_idx(idx: usize) -> TubeKey {
+        TubeKey(u32::try_from(idx).expect("fewer than 2^32 tubes"))
+    }
+}
+
+/// beanstalkd's `ms`: an unordered set kept in a vector, where removal moves the
+/// last item into the hole and `take` hands out items from a rotating cursor.
+///
+/// The exact behaviour is client-visible: it decides the order of `list-tubes`
+/// and `list-tubes-watched`, and which of several blocked `reserve`s gets the
+/// next job. Copying it is how waiters are served in beanstalkd's order.
+#[derive(Debug)]
+pub(crate) struct Multiset<T> {
+    items: Vec<T>,
+    cursor: usize,
+}
+
+impl<T> Default for Multiset<T> {
+    fn default() -> Self {
+        Multiset { items: Vec::new(), cursor: 0 }
+    }
+}
+
+impl<T: Copy + PartialEq> Multiset<T> {
+    pub(crate) fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    pub(crate) fn contains(&self, item: T) -> bool {
+        self.items.contains(&item)
+    }
+
+    pub(crate) fn push(&mut self, item: T) {
+        self.items.push(item);
+    }
+
+    /// Removes `item` if present (swap with the last item).
+    pub(crate) fn remove(&mut self, item: T) -> bool {
+        match self.items.iter().position(|&x| x == item) {
+            Some(i) => {
+                self.items.swap_remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Removes the item at index 0, as `ms_clear` does repeatedly.
+    pub(crate) fn remove_first(&mut self) -> Option<T> {
+        (!self.items.is_empty()).then(|| self.items.swap_remove(0))
+    }
+
+    /// Takes the item under the rotating cursor.
+    pub(crate) fn take(&mut self) -> Option<T> {
+        if self.items.is_empty() {
+            return None;
+        }
+        self.cursor %= self.items.len();
+        let item = self.items.swap_remove(self.cursor);
+        self.cursor += 1;
+        Some(item)
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = T> + '_ {
+        self.items.iter().copied()
+    }
+}
+
+/// Per-tube counters that `stats-tube` reports and that are not derived from
+/// the tube's lists.
+#[derive(Debug, Default)]
+pub(crate) struct TubeCounters {
+    /// Ready jobs with priority below 1024.
+    pub(crate) urgent: u32,
+    pub(crate) reserved: u32,
+    pub(crate) total_jobs: u64,
+    pub(crate) deletes: u64,
+    pub(crate) pauses: u64,
+    /// Extension: jobs that expired here.
+    pub(crate) expired: u64,
+    /// Extension: jobs revoked here.
+    pub(crate) revoked: u64,
+}
+
+/// A named queue.
+#[derive(Debug)]
+pub(crate) struct Tube {
+    pub(crate) name: TubeName,
+    /// References from connections (use, watch), jobs, and the server itself
+    /// for `default`. The tube is freed when this drops to zero.
+    pub(crate) refs: u32,
+    pub(crate) ready: JobHeap,
+    pub(crate) delayed: JobHeap,
+    pub(crate) buried: JobList,
+    /// Connections blocked in `reserve` that watch this tube.
+    pub(crate) waiting: Multiset<ConnId>,
+    pub(crate) using: u32,
+    pub(crate) watching: u32,
+    pub(crate) counters: TubeCounters,
+    /// Length of the current pause in nanoseconds; 0 when not paused.
+    pub(crate) pause: Nanos,
+    pub(crate) unpause_at: Nanos,
+}
+
+impl Tube {
+    pub(crate) fn new(name: TubeName) -> Tube {
+        Tube {
+            name,
+            refs: 0,
+            ready: JobHeap::new(Order::Priority),
+            delayed: JobHeap::new(Order::Deadline),
+            buried: JobList::default(),
+            waiting: Multiset::default(),
+            using: 0,
+            watching: 0,
+            counters: TubeCounters::default(),
+            pause: 0,
+            unpause_at: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multiset_take_rotates_and_swaps() {
+        let mut m = Multiset::default();
+        for i in 1..=5 {
+            m.push(i);
+        }
+        // cursor 0: takes 1, 5 moves into slot 0 -> [5,2,3,4]
+        assert_eq!(m.take(), Some(1));
+        // cursor 1: takes 2, 4 moves into slot 1 -> [5,4,3]
+        assert_eq!(m.take(), Some(2));
+        // cursor 2: takes 3 -> [5,4]
+        assert_eq!(m.take(), Some(3));
+        // cursor 3 % 2 = 1: takes 4 -> [5]
+        assert_eq!(m.take(), Some(4));
+        assert_eq!(m.take(), Some(5));
+        assert_eq!(m.take(), None);
+    }
+}

@@ -1,0 +1,303 @@
+//! What the dispatcher and the agents say to each other through the queue: job envelopes
+//! (dispatcher → `host.<id>` tube) and host results (agent → reply tube), both signed.
+//!
+//! A signed message is `polaris-v1 <hex HMAC-SHA256 of PAYLOAD>\n<PAYLOAD>` where PAYLOAD is
+//! the JSON text. The MAC covers the exact payload bytes, so a message is verified before
+//! it is parsed and nobody who can only reach the queue can forge a job or a result.
+
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The first word of every signed message; a new format gets a new word.
+pub const SIGNED_MAGIC: &str = "polaris-v1";
+
+/// The tube agents put results on unless the dispatcher names another.
+pub const DEFAULT_REPLY_TUBE: &str = "polaris.results";
+
+/// Shortest secret accepted, in bytes: shorter ones are guessable.
+pub const MIN_SECRET_LEN: usize = 16;
+
+/// The env variable holding the shared secret when no secret file is given.
+pub const SECRET_ENV: &str = "POLARIS_SECRET";
+
+/// The tube an agent for `host_id` watches.
+pub fn host_tube(host_id: &str) -> String {
+    format!("host.{host_id}")
+}
+
+/// Seconds since the Unix epoch, now.
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn unix_now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// The shared secret keying the HMAC. Its `Debug` output never shows the bytes.
+#[derive(Clone)]
+pub struct Secret(Vec<u8>);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secret({} bytes)", self.0.len())
+    }
+}
+
+/// Why a secret could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    /// The secret file could not be read.
+    #[error("cannot read secret file {path}: {source}")]
+    Read {
+        /// The file named by `--secret-file`.
+        path: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// Neither a secret file nor the env variable was given.
+    #[error("no shared secret: pass --secret-file FILE or set {SECRET_ENV}")]
+    Missing,
+    /// The secret is too short.
+    #[error("the shared secret must be at least {MIN_SECRET_LEN} bytes, got {0}")]
+    TooShort(usize),
+}
+
+impl Secret {
+    /// Wraps raw secret bytes, refusing secrets shorter than [`MIN_SECRET_LEN`].
+    pub fn new(bytes: Vec<u8>) -> Result<Secret, SecretError> {
+        if bytes.len() < MIN_SECRET_LEN {
+            return Err(SecretError::TooShort(bytes.len()));
+        }
+        Ok(Secret(bytes))
+    }
+
+    /// Loads the secret from `file` if given (trailing newlines trimmed, so `echo x > f`
+    /// works), else from the `POLARIS_SECRET` env variable.
+    pub fn load(file: Option<&Path>) -> Result<Secret, SecretError> {
+        let mut bytes = match file {
+            Some(path) => std::fs::read(path)
+                .map_err(|source| SecretError::Read { path: path.display().to_string(), source })?,
+            None => std::env::var_os(SECRET_ENV)
+                .map(|v| v.into_encoded_bytes())
+                .ok_or(SecretError::Missing)?,
+        };
+        while matches!(bytes.last(), Some(b'\n' | b'\r')) {
+            bytes.pop();
+        }
+        Secret::new(bytes)
+    }
+
+    fn mac(&self) -> Hmac<Sha256> {
+        // HMAC accepts keys of any length, so this cannot fail.
+        <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC takes keys of any length")
+    }
+}
+
+/// Why a signed message was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum OpenError {
+    /// The message does not start with the expected header line.
+    #[error("not a signed polaris message")]
+    NotSigned,
+    /// The MAC does not match the payload.
+    #[error("signature does not match")]
+    BadSignature,
+}
+
+/// Signs `payload`, returning the message to put on the queue.
+pub fn sign(secret: &Secret, payload: &[u8]) -> Vec<u8> {
+    let mut mac = secret.mac();
+    mac.update(payload);
+    let tag = hex::encode(mac.finalize().into_bytes());
+    let mut out = Vec::with_capacity(SIGNED_MAGIC.len() + 66 + payload.len());
+    out.extend_from_slice(SIGNED_MAGIC.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(tag.as_bytes());
+    out.push(b'\n');
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Splits a signed message into its payload without checking the MAC: only for reporting
+/// about messages that failed [`open`], never for acting on them.
+pub fn unverified_payload(message: &[u8]) -> Option<&[u8]> {
+    let newline = message.iter().position(|&b| b == b'\n')?;
+    message.get(newline + 1..)
+}
+
+/// Verifies a signed message (constant-time MAC comparison) and returns its payload.
+pub fn open<'a>(secret: &Secret, message: &'a [u8]) -> Result<&'a [u8], OpenError> {
+    let newline = message.iter().position(|&b| b == b'\n').ok_or(OpenError::NotSigned)?;
+    let header = std::str::from_utf8(&message[..newline]).map_err(|_| OpenError::NotSigned)?;
+    let tag_hex = header
+        .strip_prefix(SIGNED_MAGIC)
+        .and_then(|rest| rest.strip_prefix(' '))
+        .ok_or(OpenError::NotSigned)?;
+    let tag = hex::decode(tag_hex).map_err(|_| OpenError::BadSignature)?;
+    let payload = &message[newline + 1..];
+    let mut mac = secret.mac();
+    mac.update(payload);
+    mac.verify_slice(&tag).map_err(|_| OpenError::BadSignature)?;
+    Ok(payload)
+}
+
+/// What a job asks a host to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Method {
+    /// Run `cmd` with `bash -c`; the REST call waits for the results.
+    #[serde(rename = "sync.bash")]
+    SyncBash,
+    /// Run `cmd` with `bash -c`; the REST call answers at once with the job id.
+    #[serde(rename = "async.bash")]
+    AsyncBash,
+    /// Report host facts from `/proc`; the REST call waits for the results.
+    #[serde(rename = "sync.query")]
+    SyncQuery,
+}
+
+impl Method {
+    /// The wire name (`sync.bash`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::SyncBash => "sync.bash",
+            Method::AsyncBash => "async.bash",
+            Method::SyncQuery => "sync.query",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn parse(name: &str) -> Option<Method> {
+        match name {
+            "sync.bash" => Some(Method::SyncBash),
+            "async.bash" => Some(Method::AsyncBash),
+            "sync.query" => Some(Method::SyncQuery),
+            _ => None,
+        }
+    }
+
+    /// Whether the REST call waits for the hosts' results.
+    pub fn is_sync(self) -> bool {
+        !matches!(self, Method::AsyncBash)
+    }
+
+    /// Whether the method runs `cmd` (as opposed to answering a query).
+    pub fn runs_command(self) -> bool {
+        !matches!(self, Method::SyncQuery)
+    }
+}
+
+/// The job for one host, as put on `host.<id>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobEnvelope {
+    /// Format version (1).
+    pub v: u32,
+    /// The dispatch job id (a UUID), shared by all hosts of one REST call.
+    pub job_id: String,
+    /// The host this envelope is for; an agent refuses envelopes for other hosts.
+    pub host: String,
+    /// What to do.
+    pub method: Method,
+    /// The command for `bash -c` (empty for `sync.query`).
+    pub cmd: String,
+    /// Seconds the command may run before its process group is killed.
+    pub timeout: u32,
+    /// The tube to put the [`HostResult`] on.
+    pub reply_tube: String,
+    /// Unix seconds when the dispatcher issued the envelope.
+    pub issued_at: u64,
+    /// Unix seconds after which an agent must not start the job.
+    pub expires_at: u64,
+}
+
+/// `success` or `failed`, as in the REST reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Resp {
+    /// The command ran (whatever its exit status) or the query was answered.
+    Success,
+    /// The job did not run to an answer; `retcode` is a [`crate::codes::Code`].
+    Failed,
+}
+
+impl Resp {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Resp::Success => "success",
+            Resp::Failed => "failed",
+        }
+    }
+}
+
+/// One host's answer, as put on the reply tube by its agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostResult {
+    /// Format version (1).
+    pub v: u32,
+    /// The dispatch job id from the envelope.
+    pub job_id: String,
+    /// The answering host.
+    pub host: String,
+    /// Whether the job ran to an answer.
+    pub resp: Resp,
+    /// Exit status (or 128 + signal) on success; a 16-bit code on failure.
+    pub retcode: u32,
+    /// `Normal termination`, the signal that ended the command, or what went wrong.
+    pub message: String,
+    /// The command's combined stdout and stderr (possibly truncated), or the query facts.
+    pub data: String,
+    /// Whether `data` holds less than the command printed.
+    pub truncated: bool,
+    /// How many bytes the command printed in all.
+    pub output_bytes: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret() -> Secret {
+        Secret::new(b"0123456789abcdef-test".to_vec()).expect("long enough")
+    }
+
+    #[test]
+    fn signed_message_round_trips() {
+        let msg = sign(&secret(), b"{\"a\":1}");
+        assert!(msg.starts_with(b"polaris-v1 "));
+        assert_eq!(open(&secret(), &msg), Ok(&b"{\"a\":1}"[..]));
+    }
+
+    #[test]
+    fn tampered_or_foreign_messages_are_refused() {
+        let mut msg = sign(&secret(), b"{\"cmd\":\"ls\"}");
+        let last = msg.len() - 3;
+        msg[last] = b'X';
+        assert_eq!(open(&secret(), &msg), Err(OpenError::BadSignature));
+        let other = Secret::new(b"another-secret-of-16".to_vec()).expect("long enough");
+        assert_eq!(open(&other, &sign(&secret(), b"x")), Err(OpenError::BadSignature));
+        assert_eq!(open(&secret(), b"{\"cmd\":\"ls\"}"), Err(OpenError::NotSigned));
+        assert_eq!(open(&secret(), b"polaris-v1 zz\n{}"), Err(OpenError::BadSignature));
+    }
+
+    #[test]
+    fn short_secrets_are_refused() {
+        assert!(matches!(Secret::new(b"short".to_vec()), Err(SecretError::TooShort(5))));
+    }
+
+    #[test]
+    fn methods_use_their_wire_names() {
+        for m in [Method::SyncBash, Method::AsyncBash, Method::SyncQuery] {
+            assert_eq!(Method::parse(m.as_str()), Some(m));
+            assert_eq!(serde_json::to_string(&m).ok(), Some(format!("\"{}\"", m.as_str())));
+        }
+        assert_eq!(Method::parse("sync.python"), None);
+    }
+}
