@@ -1,10 +1,10 @@
 //! `polarisd`'s command line: beanstalkd's flags, so it drops into existing
 //! deployments, plus long options for the limits beanstalkd leaves implicit.
 
-use polaris_engine::{self as engine, SECOND};
-use polaris_proto::{self as proto, TubeName};
 use crate::server::{Durability, FsyncPolicy, Listen, ServerConfig};
 use clap::Parser;
+use polaris_engine::{self as engine, SECOND};
+use polaris_proto::{self as proto, TubeName};
 use std::path::PathBuf;
 
 /// polarisd: a beanstalkd-compatible job queue with a SQLite binlog.
@@ -98,7 +98,12 @@ impl Args {
             max_connections: self.max_connections,
             limits: proto::Limits { max_line: self.max_line, max_job_size: self.max_job_size },
             max_output_buffer: self.max_output_buffer,
-            durability: self.binlog_dir.clone().map(|dir| Durability { dir, fsync, wal_size: self.binlog_size, max_bytes: self.max_db_bytes }),
+            durability: self.binlog_dir.clone().map(|dir| Durability {
+                dir,
+                fsync,
+                wal_size: self.binlog_size,
+                max_bytes: self.max_db_bytes,
+            }),
             user: self.user.clone(),
             engine: engine::Config {
                 max_job_size: self.max_job_size,

@@ -11,14 +11,14 @@
 //! 3. commit the turn's changes in one transaction (group commit);
 //! 4. write out every connection's pending replies.
 
-use polaris_engine::{self as engine, ConnId, Engine, Nanos, Outcome, ReplySink};
-use polaris_proto::{Decoded, Decoder, Limits};
 use crate::store::{Store, StoreError};
 use anyhow::{bail, Context};
 use bytes::{Buf, BytesMut};
 use mio::event::Source;
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Events, Interest, Poll, Registry, Token};
+use polaris_engine::{self as engine, ConnId, Engine, Nanos, Outcome, ReplySink};
+use polaris_proto::{Decoded, Decoder, Limits};
 use slab::Slab;
 use std::io::{self, Read, Write};
 use std::net::ToSocketAddrs;
@@ -337,12 +337,8 @@ impl Server {
     }
 
     fn with_outbox<R>(&mut self, f: impl FnOnce(&mut Engine, &mut Outbox<'_>) -> R) -> R {
-        let mut out = Outbox {
-            conns: &mut self.conns,
-            tokens: &self.tokens,
-            flush: &mut self.flush,
-            resumed: &mut self.resumed,
-        };
+        let mut out =
+            Outbox { conns: &mut self.conns, tokens: &self.tokens, flush: &mut self.flush, resumed: &mut self.resumed };
         f(&mut self.engine, &mut out)
     }
 
@@ -372,7 +368,9 @@ impl Server {
             }
             let entry = self.conns.vacant_entry();
             let token = entry.key();
-            if let Err(e) = self.poll.registry().register(&mut stream, Token(token), Interest::READABLE | Interest::WRITABLE) {
+            if let Err(e) =
+                self.poll.registry().register(&mut stream, Token(token), Interest::READABLE | Interest::WRITABLE)
+            {
                 log::warn!("registering a connection failed: {e}");
                 continue;
             }
@@ -720,7 +718,8 @@ fn listener_from_fd(fd: RawFd) -> anyhow::Result<(Listener, String)> {
         // SAFETY: systemd passed us ownership of this listening socket.
         let l = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
         l.set_nonblocking(true)?;
-        let name = l.local_addr().ok().and_then(|a| a.as_pathname().map(|p| p.display().to_string())).unwrap_or_default();
+        let name =
+            l.local_addr().ok().and_then(|a| a.as_pathname().map(|p| p.display().to_string())).unwrap_or_default();
         Ok((Listener::Unix(UnixListener::from_std(l)), format!("unix:{name}")))
     } else {
         // SAFETY: systemd passed us ownership of this listening socket.
@@ -801,10 +800,7 @@ fn rusage() -> engine::Rusage {
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: `ru` is valid for writes.
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
-    (
-        (ru.ru_utime.tv_sec as u64, ru.ru_utime.tv_usec as u32),
-        (ru.ru_stime.tv_sec as u64, ru.ru_stime.tv_usec as u32),
-    )
+    ((ru.ru_utime.tv_sec as u64, ru.ru_utime.tv_usec as u32), (ru.ru_stime.tv_sec as u64, ru.ru_stime.tv_usec as u32))
 }
 
 /// Runs `polarisd` with `cfg`: binds, prints `listening on ADDR` first on

@@ -23,9 +23,9 @@
 //! In both of the latter modes SQLite runs with `synchronous=NORMAL`: commits do
 //! not fsync, but checkpoints do, in the order that keeps the file consistent.
 
+use crate::server::FsyncPolicy;
 use polaris_engine::{Changes, Engine, FinalState, JobCounters, JobId, JobRecord, JobState, Nanos, Tombstone, SECOND};
 use polaris_proto::TubeName;
-use crate::server::FsyncPolicy;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use std::collections::HashMap;
 use std::fs::File;
@@ -156,13 +156,17 @@ impl Store {
         let conn = Connection::open_with_flags(&path, flags).map_err(sql)?;
         // Validate before changing anything: a damaged or foreign file must be
         // left exactly as it was found.
-        let version: i64 = conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .map_err(|e| StoreError::Open { path: path.clone(), message: format!("not a usable SQLite database: {e}") })?;
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(|e| StoreError::Open {
+            path: path.clone(),
+            message: format!("not a usable SQLite database: {e}"),
+        })?;
         if version > MIGRATIONS.len() as i64 {
             return Err(StoreError::Open {
                 path,
-                message: format!("schema version {version} is newer than this polarisd understands ({})", MIGRATIONS.len()),
+                message: format!(
+                    "schema version {version} is newer than this polarisd understands ({})",
+                    MIGRATIONS.len()
+                ),
             });
         }
         if existed && version > 0 {
@@ -175,7 +179,10 @@ impl Store {
         } else if existed && std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0) > 0 && version == 0 {
             let tables: i64 = conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0)).map_err(sql)?;
             if tables > 0 {
-                return Err(StoreError::Open { path, message: "database holds tables but no polaris schema version".into() });
+                return Err(StoreError::Open {
+                    path,
+                    message: "database holds tables but no polaris schema version".into(),
+                });
             }
         }
         // Pragmas go outside transactions.
@@ -243,7 +250,8 @@ impl Store {
 
     fn migrate(&mut self, from: i64) -> Result<(), StoreError> {
         for (i, step) in MIGRATIONS.iter().enumerate().skip(from as usize) {
-            let tx = self.conn.transaction().map_err(|source| StoreError::Sqlite { path: self.path.clone(), source })?;
+            let tx =
+                self.conn.transaction().map_err(|source| StoreError::Sqlite { path: self.path.clone(), source })?;
             tx.execute_batch(step).map_err(|source| StoreError::Sqlite { path: self.path.clone(), source })?;
             tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))
                 .map_err(|source| StoreError::Sqlite { path: self.path.clone(), source })?;
@@ -288,7 +296,8 @@ impl Store {
             }
         }
         {
-            let mut stmt = self.conn.prepare("SELECT id, state, at FROM tombstones ORDER BY at, id").map_err(self.sql_err())?;
+            let mut stmt =
+                self.conn.prepare("SELECT id, state, at FROM tombstones ORDER BY at, id").map_err(self.sql_err())?;
             let mut rows = stmt.query([]).map_err(self.sql_err())?;
             while let Some(row) = rows.next().map_err(self.sql_err())? {
                 let id: i64 = row.get(0).map_err(self.sql_err())?;
@@ -403,7 +412,9 @@ impl Store {
                     ])
                     .map_err(sql)?;
             }
-            let mut put_tomb = tx.prepare_cached("INSERT OR REPLACE INTO tombstones (id, state, at) VALUES (?1, ?2, ?3)").map_err(sql)?;
+            let mut put_tomb = tx
+                .prepare_cached("INSERT OR REPLACE INTO tombstones (id, state, at) VALUES (?1, ?2, ?3)")
+                .map_err(sql)?;
             for t in &self.pending.tombstones {
                 let ago = now.saturating_sub(t.at) as i64;
                 put_tomb.execute(params![t.id.0 as i64, t.state.name(), wall - ago]).map_err(sql)?;
@@ -416,7 +427,10 @@ impl Store {
             }
             for (tube, ttl) in &self.pending.tube_ttls {
                 if *ttl == 0 {
-                    tx.prepare_cached("DELETE FROM tube_ttls WHERE tube = ?1").map_err(sql)?.execute([tube.as_str()]).map_err(sql)?;
+                    tx.prepare_cached("DELETE FROM tube_ttls WHERE tube = ?1")
+                        .map_err(sql)?
+                        .execute([tube.as_str()])
+                        .map_err(sql)?;
                 } else {
                     tx.prepare_cached("INSERT OR REPLACE INTO tube_ttls (tube, ttl) VALUES (?1, ?2)")
                         .map_err(sql)?
@@ -426,7 +440,10 @@ impl Store {
                 written += 1;
             }
             if last_id != self.last_id_written {
-                tx.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'last_id'").map_err(sql)?.execute([last_id as i64]).map_err(sql)?;
+                tx.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'last_id'")
+                    .map_err(sql)?
+                    .execute([last_id as i64])
+                    .map_err(sql)?;
             }
         }
         tx.commit().map_err(sql)?;
@@ -488,7 +505,8 @@ impl Maintainer {
     fn start(db: &Path, fsync_every: Option<Duration>, wal_size: u64) -> Result<Maintainer, StoreError> {
         let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
             .map_err(|source| StoreError::Sqlite { path: db.to_path_buf(), source })?;
-        conn.execute_batch("PRAGMA busy_timeout = 10000").map_err(|source| StoreError::Sqlite { path: db.to_path_buf(), source })?;
+        conn.execute_batch("PRAGMA busy_timeout = 10000")
+            .map_err(|source| StoreError::Sqlite { path: db.to_path_buf(), source })?;
         let shared = Arc::new(MaintainerShared {
             dirty: AtomicBool::new(false),
             stop: AtomicBool::new(false),
@@ -540,7 +558,9 @@ impl Maintainer {
                         return Ok(());
                     }
                     let nap = match fsync_every {
-                        Some(every) if worker.dirty.load(Ordering::Acquire) => every.saturating_sub(last_sync.elapsed()).min(CHECKPOINT_POLL),
+                        Some(every) if worker.dirty.load(Ordering::Acquire) => {
+                            every.saturating_sub(last_sync.elapsed()).min(CHECKPOINT_POLL)
+                        }
                         _ => CHECKPOINT_POLL,
                     };
                     std::thread::park_timeout(nap);
@@ -600,7 +620,11 @@ fn merge(into: &mut Changes, from: &Changes) {
 
 /// Reads one job row. `tubes` caches validated tube names: a million jobs
 /// usually share a handful of tubes.
-fn job_from_row(row: &rusqlite::Row<'_>, wall: i64, tubes: &mut HashMap<String, TubeName>) -> rusqlite::Result<Option<JobRecord<Box<[u8]>>>> {
+fn job_from_row(
+    row: &rusqlite::Row<'_>,
+    wall: i64,
+    tubes: &mut HashMap<String, TubeName>,
+) -> rusqlite::Result<Option<JobRecord<Box<[u8]>>>> {
     let id: i64 = row.get(0)?;
     let raw = row.get_ref(1)?.as_str()?;
     let tube = match tubes.get(raw) {

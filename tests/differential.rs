@@ -44,8 +44,6 @@
 //! Scenarios in `known-differences.scn` document places where polarisd
 //! deliberately differs from beanstalkd; they are parsed but not compared.
 
-
-
 use anyhow::{anyhow, bail, Context, Result};
 use polaris_testkit::{escape_bytes, RawConn, ReadOutcome, Reply, ServerProcess};
 use std::collections::HashSet;
@@ -94,11 +92,7 @@ impl Scenario {
             .iter()
             .map(|step| match step.action {
                 Action::Sleep(d) => d,
-                Action::Recv {
-                    count: None,
-                    within,
-                    ..
-                } => within,
+                Action::Recv { count: None, within, .. } => within,
                 _ => Duration::ZERO,
             })
             .sum()
@@ -114,26 +108,11 @@ struct Step {
 
 #[derive(Debug)]
 enum Action {
-    Send {
-        conn: String,
-        bytes: Vec<u8>,
-    },
-    SendSplit {
-        conn: String,
-        bytes: Vec<u8>,
-        piece: usize,
-    },
-    Recv {
-        conn: String,
-        count: Option<usize>,
-        within: Duration,
-    },
-    Close {
-        conn: String,
-    },
-    ShutdownWrite {
-        conn: String,
-    },
+    Send { conn: String, bytes: Vec<u8> },
+    SendSplit { conn: String, bytes: Vec<u8>, piece: usize },
+    Recv { conn: String, count: Option<usize>, within: Duration },
+    Close { conn: String },
+    ShutdownWrite { conn: String },
     Sleep(Duration),
     Signal(String),
 }
@@ -150,10 +129,7 @@ fn parse_scenarios(file: &str, text: &str) -> Result<Vec<Scenario>> {
             continue;
         }
         if line.ends_with([' ', '\t']) {
-            bail!(
-                "{}: trailing whitespace is invisible; write it as \\s",
-                at()
-            );
+            bail!("{}: trailing whitespace is invisible; write it as \\s", at());
         }
         if let Some(name) = line.strip_prefix("=== ") {
             scenarios.push(Scenario {
@@ -172,24 +148,15 @@ fn parse_scenarios(file: &str, text: &str) -> Result<Vec<Scenario>> {
             if !scenario.steps.is_empty() {
                 bail!("{}: `server` must come before the first step", at());
             }
-            scenario
-                .server_args
-                .extend(args.split_whitespace().map(String::from));
+            scenario.server_args.extend(args.split_whitespace().map(String::from));
             continue;
         }
         let action = parse_action(line).with_context(at)?;
-        scenario.steps.push(Step {
-            source: line.to_string(),
-            action,
-        });
+        scenario.steps.push(Step { source: line.to_string(), action });
     }
     for scenario in &scenarios {
         if scenario.steps.is_empty() {
-            bail!(
-                "{}: scenario {} has no steps",
-                scenario.origin,
-                scenario.name
-            );
+            bail!("{}: scenario {} has no steps", scenario.origin, scenario.name);
         }
     }
     Ok(scenarios)
@@ -217,40 +184,24 @@ fn parse_conn_action(conn: String, rest: &str) -> Result<Action> {
             bytes.extend_from_slice(b"\r\n");
             Ok(Action::Send { conn, bytes })
         }
-        ">>" => Ok(Action::Send {
-            conn,
-            bytes: parse_text(arg)?,
-        }),
+        ">>" => Ok(Action::Send { conn, bytes: parse_text(arg)? }),
         "split" => {
-            let (piece, text) = arg
-                .split_once(' ')
-                .ok_or_else(|| anyhow!("split needs a size and a text"))?;
+            let (piece, text) = arg.split_once(' ').ok_or_else(|| anyhow!("split needs a size and a text"))?;
             let piece: usize = piece.parse().context("split size")?;
             if piece == 0 {
                 bail!("split size must be positive");
             }
-            Ok(Action::SendSplit {
-                conn,
-                bytes: parse_text(text)?,
-                piece,
-            })
+            Ok(Action::SendSplit { conn, bytes: parse_text(text)?, piece })
         }
         "<" => {
             let words: Vec<&str> = arg.split_whitespace().collect();
             let (count, within) = match words.as_slice() {
                 [] => (None, QUIET),
                 [n] => (Some(n.parse().context("reply count")?), DEFAULT_WITHIN),
-                [n, "within", secs] => (
-                    Some(n.parse().context("reply count")?),
-                    parse_seconds(secs)?,
-                ),
+                [n, "within", secs] => (Some(n.parse().context("reply count")?), parse_seconds(secs)?),
                 _ => bail!("expected `< [N [within SECONDS]]`"),
             };
-            Ok(Action::Recv {
-                conn,
-                count,
-                within,
-            })
+            Ok(Action::Recv { conn, count, within })
         }
         "close" if arg.is_empty() => Ok(Action::Close { conn }),
         "shutdown" if arg.is_empty() => Ok(Action::ShutdownWrite { conn }),
@@ -259,10 +210,7 @@ fn parse_conn_action(conn: String, rest: &str) -> Result<Action> {
 }
 
 fn parse_seconds(text: &str) -> Result<Duration> {
-    let secs: f64 = text
-        .trim()
-        .parse()
-        .with_context(|| format!("bad seconds {text:?}"))?;
+    let secs: f64 = text.trim().parse().with_context(|| format!("bad seconds {text:?}"))?;
     if !(0.0..=30.0).contains(&secs) {
         bail!("seconds out of range: {secs}");
     }
@@ -279,9 +227,7 @@ fn parse_text(text: &str) -> Result<Vec<u8>> {
             out.push(b);
             continue;
         }
-        let (&e, tail) = rest
-            .split_first()
-            .ok_or_else(|| anyhow!("dangling backslash in {text:?}"))?;
+        let (&e, tail) = rest.split_first().ok_or_else(|| anyhow!("dangling backslash in {text:?}"))?;
         rest = tail;
         match e {
             b'r' => out.push(b'\r'),
@@ -291,23 +237,16 @@ fn parse_text(text: &str) -> Result<Vec<u8>> {
             b's' => out.push(b' '),
             b'\\' => out.push(b'\\'),
             b'x' => {
-                let hex = rest
-                    .get(..2)
-                    .ok_or_else(|| anyhow!("short \\x escape in {text:?}"))?;
+                let hex = rest.get(..2).ok_or_else(|| anyhow!("short \\x escape in {text:?}"))?;
                 let hex = std::str::from_utf8(hex)?;
                 out.push(u8::from_str_radix(hex, 16).with_context(|| format!("bad \\x{hex}"))?);
                 rest = &rest[2..];
             }
             b'{' => {
-                let close = rest
-                    .iter()
-                    .position(|&c| c == b'}')
-                    .ok_or_else(|| anyhow!("unclosed \\{{ in {text:?}"))?;
+                let close = rest.iter().position(|&c| c == b'}').ok_or_else(|| anyhow!("unclosed \\{{ in {text:?}"))?;
                 let inner = std::str::from_utf8(&rest[..close])?;
                 rest = &rest[close + 1..];
-                let (count, unit) = inner
-                    .split_once('*')
-                    .ok_or_else(|| anyhow!("expected \\{{N*unit}}"))?;
+                let (count, unit) = inner.split_once('*').ok_or_else(|| anyhow!("expected \\{{N*unit}}"))?;
                 let count: usize = count.parse().context("repeat count")?;
                 out.extend(parse_text(unit)?.repeat(count));
             }
@@ -319,16 +258,13 @@ fn parse_text(text: &str) -> Result<Vec<u8>> {
 
 /// Directory holding the scenario files.
 fn scenario_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests")
-        .join("scenarios")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("scenarios")
 }
 
 /// Loads every `*.scn` file, in file-name order, and checks names are unique.
 fn load_scenarios() -> Result<Vec<Scenario>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(scenario_dir())?
-        .map(|entry| entry.map(|e| e.path()))
-        .collect::<Result<_, _>>()?;
+    let mut files: Vec<PathBuf> =
+        std::fs::read_dir(scenario_dir())?.map(|entry| entry.map(|e| e.path())).collect::<Result<_, _>>()?;
     files.retain(|p| p.extension().is_some_and(|e| e == "scn"));
     files.sort();
     let mut all = Vec::new();
@@ -340,11 +276,7 @@ fn load_scenarios() -> Result<Vec<Scenario>> {
     let mut seen = HashSet::new();
     for scenario in &all {
         if !seen.insert(scenario.name.as_str()) {
-            bail!(
-                "{}: duplicate scenario name {}",
-                scenario.origin,
-                scenario.name
-            );
+            bail!("{}: duplicate scenario name {}", scenario.origin, scenario.name);
         }
     }
     Ok(all)
@@ -360,17 +292,9 @@ type Transcript = Vec<Event>;
 #[derive(Debug)]
 enum Event {
     /// Bytes the script sent (identical on both sides; kept for context).
-    Sent {
-        conn: String,
-        bytes: Vec<u8>,
-        how: String,
-    },
+    Sent { conn: String, bytes: Vec<u8>, how: String },
     /// What a read step (or the final drain) received.
-    Got {
-        conn: String,
-        step: String,
-        items: Vec<Item>,
-    },
+    Got { conn: String, step: String, items: Vec<Item> },
     /// A step that touches no connection's bytes (sleep, close, signal).
     Note(String),
 }
@@ -404,12 +328,7 @@ struct Session<'a> {
 
 impl<'a> Session<'a> {
     fn run(server: &'a ServerProcess, scenario: &Scenario) -> Transcript {
-        let mut session = Session {
-            server,
-            conns: Vec::new(),
-            transcript: Vec::new(),
-            degraded: false,
-        };
+        let mut session = Session { server, conns: Vec::new(), transcript: Vec::new(), degraded: false };
         for step in &scenario.steps {
             if let Err(e) = session.step(step) {
                 let conn = step_conn(&step.action).unwrap_or("server").to_string();
@@ -422,11 +341,7 @@ impl<'a> Session<'a> {
     }
 
     fn got(&mut self, conn: String, step: &str, items: Vec<Item>) {
-        self.transcript.push(Event::Got {
-            conn,
-            step: step.to_string(),
-            items,
-        });
+        self.transcript.push(Event::Got { conn, step: step.to_string(), items });
     }
 
     /// The named connection, opened on first use. Fails if the script closed it.
@@ -439,27 +354,16 @@ impl<'a> Session<'a> {
                 self.conns.len() - 1
             }
         };
-        self.conns[index]
-            .1
-            .as_mut()
-            .ok_or_else(|| anyhow!("{name} was closed by the script"))
+        self.conns[index].1.as_mut().ok_or_else(|| anyhow!("{name} was closed by the script"))
     }
 
     fn step(&mut self, step: &Step) -> Result<()> {
         match &step.action {
             Action::Send { conn, bytes } => {
                 let result = self.conn(conn)?.send(bytes);
-                self.transcript.push(Event::Sent {
-                    conn: conn.clone(),
-                    bytes: bytes.clone(),
-                    how: String::new(),
-                });
+                self.transcript.push(Event::Sent { conn: conn.clone(), bytes: bytes.clone(), how: String::new() });
                 if let Err(e) = result {
-                    self.got(
-                        conn.clone(),
-                        &step.source,
-                        vec![Item::Error(format!("{e:#}"))],
-                    );
+                    self.got(conn.clone(), &step.source, vec![Item::Error(format!("{e:#}"))]);
                 }
             }
             Action::SendSplit { conn, bytes, piece } => {
@@ -474,29 +378,13 @@ impl<'a> Session<'a> {
                     }
                 }
                 let how = format!("in {piece}-byte pieces");
-                self.transcript.push(Event::Sent {
-                    conn: conn.clone(),
-                    bytes: bytes.clone(),
-                    how,
-                });
+                self.transcript.push(Event::Sent { conn: conn.clone(), bytes: bytes.clone(), how });
                 if let Some(e) = failure {
-                    self.got(
-                        conn.clone(),
-                        &step.source,
-                        vec![Item::Error(format!("{e:#}"))],
-                    );
+                    self.got(conn.clone(), &step.source, vec![Item::Error(format!("{e:#}"))]);
                 }
             }
-            Action::Recv {
-                conn,
-                count,
-                within,
-            } => {
-                let within = if self.degraded {
-                    QUIET.min(*within)
-                } else {
-                    *within
-                };
+            Action::Recv { conn, count, within } => {
+                let within = if self.degraded { QUIET.min(*within) } else { *within };
                 let items = read_items(self.conn(conn)?, *count, within)?;
                 if items.iter().any(|i| matches!(i, Item::Missing { .. })) {
                     self.degraded = true;
@@ -542,12 +430,8 @@ impl<'a> Session<'a> {
         }
         let mut drained = Vec::new();
         for (name, conn) in &mut self.conns {
-            if let Some(conn) = conn
-                .as_mut()
-                .filter(|c| !c.is_closed() || !c.buffered().is_empty())
-            {
-                let items = read_items(conn, None, AFTER_QUIET)
-                    .unwrap_or_else(|e| vec![Item::Error(format!("{e:#}"))]);
+            if let Some(conn) = conn.as_mut().filter(|c| !c.is_closed() || !c.buffered().is_empty()) {
+                let items = read_items(conn, None, AFTER_QUIET).unwrap_or_else(|e| vec![Item::Error(format!("{e:#}"))]);
                 if !items.is_empty() {
                     drained.push((name.clone(), items));
                 }
@@ -591,11 +475,7 @@ fn read_items(conn: &mut RawConn, count: Option<usize>, within: Duration) -> Res
             Some(_) => deadline.saturating_duration_since(Instant::now()),
             None => within,
         };
-        let outcome = if wait.is_zero() {
-            ReadOutcome::Quiet
-        } else {
-            conn.read_some(wait)?
-        };
+        let outcome = if wait.is_zero() { ReadOutcome::Quiet } else { conn.read_some(wait)? };
         match outcome {
             ReadOutcome::Data => continue,
             ReadOutcome::Quiet | ReadOutcome::Closed => {
@@ -608,10 +488,7 @@ fn read_items(conn: &mut RawConn, count: Option<usize>, within: Duration) -> Res
                     items.push(Item::Closed);
                 }
                 if let Some(wanted) = count {
-                    items.push(Item::Missing {
-                        wanted,
-                        got: replies,
-                    });
+                    items.push(Item::Missing { wanted, got: replies });
                 }
                 return Ok(items);
             }
@@ -647,18 +524,12 @@ const TIME_FIELDS: &[&str] = &["age", "time-left", "pause-time-left"];
 /// which stay structured until time fields have been aligned.
 enum Shown {
     Line(String),
-    Yaml {
-        prefix: String,
-        lines: Vec<Vec<u8>>,
-        trailer: Vec<u8>,
-    },
+    Yaml { prefix: String, lines: Vec<Vec<u8>>, trailer: Vec<u8> },
 }
 
 /// Splits a YAML body into lines, each keeping its `\n`.
 fn yaml_lines(body: &[u8]) -> Vec<Vec<u8>> {
-    body.split_inclusive(|&b| b == b'\n')
-        .map(<[u8]>::to_vec)
-        .collect()
+    body.split_inclusive(|&b| b == b'\n').map(<[u8]>::to_vec).collect()
 }
 
 /// Splits `key: value\n` into its key and value.
@@ -707,15 +578,8 @@ fn shown(transcript: &Transcript) -> Vec<Shown> {
     for event in transcript {
         match event {
             Event::Sent { conn, bytes, how } => {
-                let how = if how.is_empty() {
-                    String::new()
-                } else {
-                    format!("  ({how})")
-                };
-                out.push(Shown::Line(format!(
-                    "{conn} >> {}{how}",
-                    escape_bytes(bytes)
-                )));
+                let how = if how.is_empty() { String::new() } else { format!("  ({how})") };
+                out.push(Shown::Line(format!("{conn} >> {}{how}", escape_bytes(bytes))));
             }
             Event::Note(text) => out.push(Shown::Line(format!("   ({text})"))),
             Event::Got { conn, step, items } => {
@@ -738,29 +602,17 @@ fn shown_item(conn: &str, item: &Item, out: &mut Vec<Shown>) {
                 let mut lines = yaml_lines(body);
                 normalise_yaml(&mut lines);
                 let trailer = reply.body_trailer().unwrap_or_default().to_vec();
-                out.push(Shown::Yaml {
-                    prefix: format!("{conn} << "),
-                    lines,
-                    trailer,
-                });
+                out.push(Shown::Yaml { prefix: format!("{conn} << "), lines, trailer });
             }
             Some(body) => {
                 out.push(line(format!("{}\\r\\n", escape_bytes(&reply.line))));
                 let trailer = reply.body_trailer().unwrap_or_default();
-                out.push(line(format!(
-                    "  {}{}",
-                    escape_bytes(body),
-                    escape_bytes(trailer)
-                )));
+                out.push(line(format!("  {}{}", escape_bytes(body), escape_bytes(trailer))));
             }
         },
-        Item::Partial(bytes) => {
-            out.push(line(format!("(incomplete reply) {}", escape_bytes(bytes))))
-        }
+        Item::Partial(bytes) => out.push(line(format!("(incomplete reply) {}", escape_bytes(bytes)))),
         Item::Closed => out.push(line("(connection closed by server)".into())),
-        Item::Missing { wanted, got } => {
-            out.push(line(format!("(timed out: {got} of {wanted} replies)")))
-        }
+        Item::Missing { wanted, got } => out.push(line(format!("(timed out: {got} of {wanted} replies)"))),
         Item::Error(message) => out.push(Shown::Line(format!("{conn} !! {message}"))),
     }
 }
@@ -788,18 +640,10 @@ fn render(shown: &[Shown]) -> Vec<String> {
     for s in shown {
         match s {
             Shown::Line(text) => out.push(text.clone()),
-            Shown::Yaml {
-                prefix,
-                lines,
-                trailer,
-            } => {
+            Shown::Yaml { prefix, lines, trailer } => {
                 let len: usize = lines.iter().map(Vec::len).sum();
                 out.push(format!("{prefix}OK {len}\\r\\n"));
-                out.extend(
-                    lines
-                        .iter()
-                        .map(|l| format!("{prefix}  {}", escape_bytes(l))),
-                );
+                out.extend(lines.iter().map(|l| format!("{prefix}  {}", escape_bytes(l))));
                 out.push(format!("{prefix}  {}", escape_bytes(trailer)));
             }
         }
@@ -825,22 +669,14 @@ fn side_by_side(left: &[String], right: &[String]) -> String {
     let mut lcs = vec![vec![0u32; m + 1]; n + 1];
     for i in (0..n).rev() {
         for j in (0..m).rev() {
-            lcs[i][j] = if left[i] == right[j] {
-                lcs[i + 1][j + 1] + 1
-            } else {
-                lcs[i + 1][j].max(lcs[i][j + 1])
-            };
+            lcs[i][j] = if left[i] == right[j] { lcs[i + 1][j + 1] + 1 } else { lcs[i + 1][j].max(lcs[i][j + 1]) };
         }
     }
     // Rows of (left, right); a hunk of unequal lines is paired up positionally.
     let mut rows: Vec<(Option<&str>, Option<&str>)> = Vec::new();
     let (mut i, mut j) = (0, 0);
     let (mut only_left, mut only_right): (Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new());
-    fn flush<'s>(
-        rows: &mut Vec<(Option<&'s str>, Option<&'s str>)>,
-        l: &mut Vec<&'s str>,
-        r: &mut Vec<&'s str>,
-    ) {
+    fn flush<'s>(rows: &mut Vec<(Option<&'s str>, Option<&'s str>)>, l: &mut Vec<&'s str>, r: &mut Vec<&'s str>) {
         for k in 0..l.len().max(r.len()) {
             rows.push((l.get(k).copied(), r.get(k).copied()));
         }
@@ -883,8 +719,7 @@ fn side_by_side(left: &[String], right: &[String]) -> String {
     // rest, unless POLARIS_DIFF_DUMP asks for everything.
     let context = if dump_requested() { usize::MAX } else { 4 };
     let near_difference = |i: usize| {
-        let window =
-            i.saturating_sub(context)..i.saturating_add(context).saturating_add(1).min(marks.len());
+        let window = i.saturating_sub(context)..i.saturating_add(context).saturating_add(1).min(marks.len());
         marks[window].iter().any(|&m| m != ' ')
     };
     let mut out = format!("  {:<WIDTH$} | {}\n", "REFERENCE (beanstalkd)", "CANDIDATE");
@@ -898,12 +733,7 @@ fn side_by_side(left: &[String], right: &[String]) -> String {
             out.push_str(&format!("  ({folded} equal lines)\n"));
             folded = 0;
         }
-        out.push_str(&format!(
-            "{} {:<WIDTH$} | {}\n",
-            marks[i],
-            clip(l.unwrap_or("")),
-            clip(r.unwrap_or(""))
-        ));
+        out.push_str(&format!("{} {:<WIDTH$} | {}\n", marks[i], clip(l.unwrap_or("")), clip(r.unwrap_or(""))));
     }
     if folded > 0 {
         out.push_str(&format!("  ({folded} equal lines)\n"));
@@ -954,33 +784,20 @@ impl Candidate {
 
 /// Runs one scenario on fresh servers. `Ok(None)` if the transcripts match,
 /// `Ok(Some(report))` if they differ, `Err` if the scenario could not run.
-fn run_scenario(
-    reference: &Path,
-    candidate: &Candidate,
-    scenario: &Scenario,
-) -> Result<Option<String>> {
+fn run_scenario(reference: &Path, candidate: &Candidate, scenario: &Scenario) -> Result<Option<String>> {
     let args: Vec<&str> = scenario.server_args.iter().map(String::as_str).collect();
     let reference_server =
         polaris_testkit::spawn_beanstalkd(reference, &args).context("starting the reference beanstalkd")?;
-    let mut candidate_server = candidate
-        .spawn(&args)
-        .with_context(|| format!("starting {}", candidate.describe()))?;
+    let mut candidate_server = candidate.spawn(&args).with_context(|| format!("starting {}", candidate.describe()))?;
     let (reference_log, candidate_log) = thread::scope(|s| {
         let reference_run = s.spawn(|| Session::run(&reference_server, scenario));
         let candidate_log = Session::run(&candidate_server, scenario);
-        (
-            reference_run.join().expect("reference session panicked"),
-            candidate_log,
-        )
+        (reference_run.join().expect("reference session panicked"), candidate_log)
     });
-    let (reference_lines, candidate_lines) =
-        render_pair(shown(&reference_log), shown(&candidate_log));
+    let (reference_lines, candidate_lines) = render_pair(shown(&reference_log), shown(&candidate_log));
     let header = format!("=== scenario {} ({})", scenario.name, scenario.origin);
     if dump_requested() {
-        eprintln!(
-            "{header}: reference transcript\n{}\n",
-            reference_lines.join("\n")
-        );
+        eprintln!("{header}: reference transcript\n{}\n", reference_lines.join("\n"));
     }
 
     let reference_trouble = reference_log.iter().any(|e| {
@@ -1005,13 +822,9 @@ fn run_scenario(
     let output_tail = candidate_server.output_tail(2000);
     match candidate_server.try_exit_status() {
         Some(status) => {
-            report += &format!(
-                "the candidate exited during the scenario ({status}); output:\n{output_tail}\n"
-            )
+            report += &format!("the candidate exited during the scenario ({status}); output:\n{output_tail}\n")
         }
-        None if !output_tail.is_empty() => {
-            report += &format!("the candidate's output (its end):\n{output_tail}\n")
-        }
+        None if !output_tail.is_empty() => report += &format!("the candidate's output (its end):\n{output_tail}\n"),
         None => {}
     }
     Ok(Some(report))
@@ -1027,32 +840,22 @@ fn scenarios_match_beanstalkd() {
     let only = std::env::var("POLARIS_DIFF_ONLY").ok();
     let known: Vec<&Scenario> = scenarios.iter().filter(|s| s.known_difference).collect();
     let known_names: Vec<&str> = known.iter().map(|s| s.name.as_str()).collect();
-    let _ = writeln!(
-        std::io::stderr(),
-        "known differences, not compared: {}",
-        known_names.join(", ")
-    );
+    let _ = writeln!(std::io::stderr(), "known differences, not compared: {}", known_names.join(", "));
     let mut selected: Vec<&Scenario> = scenarios
         .iter()
         .filter(|s| !s.known_difference || std::env::var_os("POLARIS_DIFF_KNOWN").is_some())
         .filter(|s| only.as_deref().map_or(true, |word| s.name.contains(word)))
         .collect();
     selected.sort_by_key(|s| std::cmp::Reverse(s.estimated_duration()));
-    assert!(
-        !selected.is_empty(),
-        "no scenario matches POLARIS_DIFF_ONLY={only:?}"
-    );
+    assert!(!selected.is_empty(), "no scenario matches POLARIS_DIFF_ONLY={only:?}");
 
     // Fail once, clearly, if the candidate cannot even start.
     if let Err(e) = candidate.spawn(&[]) {
         panic!("cannot start the candidate {}: {e:#}", candidate.describe());
     }
 
-    let jobs = env_number("POLARIS_DIFF_JOBS")
-        .unwrap_or(DEFAULT_JOBS)
-        .max(1);
-    let max_failures = match env_number("POLARIS_DIFF_MAX_FAILURES").unwrap_or(DEFAULT_MAX_FAILURES)
-    {
+    let jobs = env_number("POLARIS_DIFF_JOBS").unwrap_or(DEFAULT_JOBS).max(1);
+    let max_failures = match env_number("POLARIS_DIFF_MAX_FAILURES").unwrap_or(DEFAULT_MAX_FAILURES) {
         0 => usize::MAX,
         n => n,
     };
@@ -1074,10 +877,7 @@ fn scenarios_match_beanstalkd() {
                 let failure = match run_scenario(&reference, &candidate, scenario) {
                     Ok(None) => continue,
                     Ok(Some(report)) => report,
-                    Err(e) => format!(
-                        "=== scenario {} ({}) could not run: {e:#}\n",
-                        scenario.name, scenario.origin
-                    ),
+                    Err(e) => format!("=== scenario {} ({}) could not run: {e:#}\n", scenario.name, scenario.origin),
                 };
                 failures.lock().unwrap().push((index, failure));
             });
@@ -1109,10 +909,7 @@ fn scenarios_match_beanstalkd() {
         started.elapsed().as_secs_f64()
     );
     if !failures.is_empty() {
-        let names: Vec<&str> = failures
-            .iter()
-            .map(|(i, _)| selected[*i].name.as_str())
-            .collect();
+        let names: Vec<&str> = failures.iter().map(|(i, _)| selected[*i].name.as_str()).collect();
         panic!(
             "{} of {ran} scenarios run differ from beanstalkd 1.12 (candidate: {}): {}",
             failures.len(),
@@ -1126,10 +923,7 @@ fn scenarios_match_beanstalkd() {
 fn scenario_files_are_well_formed() {
     let scenarios = load_scenarios().expect("loading tests/scenarios");
     let compared = scenarios.iter().filter(|s| !s.known_difference).count();
-    assert!(
-        compared >= 170,
-        "only {compared} compared scenarios; the suite promises at least 170"
-    );
+    assert!(compared >= 170, "only {compared} compared scenarios; the suite promises at least 170");
     assert!(
         scenarios.iter().any(|s| s.known_difference),
         "{KNOWN_DIFFERENCES_FILE} should document the deliberate differences"
@@ -1149,22 +943,13 @@ fn text_escapes_decode() {
 #[test]
 fn reply_frames_parse() {
     let (reply, used) = polaris_testkit::parse_reply(b"RESERVED 7 3\r\na\r\n\r\nNEXT").unwrap();
-    assert_eq!(
-        (reply.line_str().as_str(), reply.body.as_deref(), used),
-        ("RESERVED 7 3", Some(&b"a\r\n"[..]), 19)
-    );
+    assert_eq!((reply.line_str().as_str(), reply.body.as_deref(), used), ("RESERVED 7 3", Some(&b"a\r\n"[..]), 19));
     let (reply, _) = polaris_testkit::parse_reply(b"OK 4\r\n---\n\r\n").unwrap();
     assert_eq!(reply.body.as_deref(), Some(&b"---\n"[..]));
     let (reply, used) = polaris_testkit::parse_reply(b"INSERTED 1\r\nX").unwrap();
     assert_eq!((reply.body, used), (None, 12));
-    assert!(
-        polaris_testkit::parse_reply(b"FOUND 1 5\r\nabc").is_none(),
-        "body not complete yet"
-    );
-    assert!(
-        polaris_testkit::parse_reply(b"USING default\n").is_none(),
-        "a bare LF ends no reply"
-    );
+    assert!(polaris_testkit::parse_reply(b"FOUND 1 5\r\nabc").is_none(), "body not complete yet");
+    assert!(polaris_testkit::parse_reply(b"USING default\n").is_none(), "a bare LF ends no reply");
 }
 
 #[test]
@@ -1175,17 +960,10 @@ fn normalisation_hides_identity_and_one_second_drift() {
     let yaml = |text: String| {
         let mut lines = yaml_lines(text.as_bytes());
         normalise_yaml(&mut lines);
-        vec![Shown::Yaml {
-            prefix: "c1 << ".into(),
-            lines,
-            trailer: b"\r\n".to_vec(),
-        }]
+        vec![Shown::Yaml { prefix: "c1 << ".into(), lines, trailer: b"\r\n".to_vec() }]
     };
     let (a, b) = render_pair(yaml(body("1", "9", "0")), yaml(body("22", "10", "0")));
-    assert_eq!(
-        a, b,
-        "pid, id, uptime, binlog and a 1 s age drift must not matter"
-    );
+    assert_eq!(a, b, "pid, id, uptime, binlog and a 1 s age drift must not matter");
     let (a, b) = render_pair(yaml(body("1", "9", "0")), yaml(body("1", "11", "0")));
     assert_ne!(a, b, "a 2 s drift must show");
     let (a, b) = render_pair(yaml(body("1", "9", "0")), yaml(body("1", "9", "1")));

@@ -1,8 +1,6 @@
 //! Durability of `polarisd -b DIR`: restarts, SIGKILL under load, damaged
 //! files, full disks, and the size of the database.
 
-
-
 use anyhow::{bail, ensure, Context, Result};
 use polaris_testkit::{spawn_polarisd, RawConn, ServerProcess};
 use std::collections::{HashMap, HashSet};
@@ -74,7 +72,12 @@ fn every_job_state_survives_a_kill() -> Result<()> {
     }
     let server = start(dir.path(), &["-f", "0"])?;
     let mut c = server.connect()?;
-    let expect = [(1, "ready", "7", "ready"), (2, "delayed", "8", "delayed"), (3, "buried", "11", "buried"), (4, "ready", "10", "reserved")];
+    let expect = [
+        (1, "ready", "7", "ready"),
+        (2, "delayed", "8", "delayed"),
+        (3, "buried", "11", "buried"),
+        (4, "ready", "10", "reserved"),
+    ];
     for (id, state, pri, body) in expect {
         let s = stats_job(&mut c, id)?;
         assert_eq!(s["state"], state, "job {id}");
@@ -180,7 +183,9 @@ fn consumer(addr: std::net::SocketAddr, stop: Arc<AtomicBool>) -> Acks {
     while !stop.load(Ordering::Relaxed) {
         let Ok(reply) = c.roundtrip(b"reserve-with-timeout 1\r\n") else { break };
         let text = reply.line_str();
-        let Some(id) = text.strip_prefix("RESERVED ").and_then(|r| r.split(' ').next()).and_then(|s| s.parse::<u64>().ok()) else {
+        let Some(id) =
+            text.strip_prefix("RESERVED ").and_then(|r| r.split(' ').next()).and_then(|s| s.parse::<u64>().ok())
+        else {
             continue;
         };
         match c.roundtrip(format!("delete {id}\r\n").as_bytes()) {

@@ -1,7 +1,5 @@
 //! The protocol extensions over TCP: TTL, revoke, final states, counters.
 
-
-
 use anyhow::Result;
 use polaris_testkit::spawn_polarisd;
 use std::thread;

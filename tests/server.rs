@@ -1,8 +1,6 @@
 //! The server process: signals, listening on Unix sockets and inherited
 //! sockets, limits, and robustness against hostile input.
 
-
-
 use anyhow::{bail, Context, Result};
 use polaris_testkit::{spawn_polarisd, RawConn};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -93,7 +91,12 @@ fn systemd_socket_activation() -> Result<()> {
     // LISTEN_PID must be the server's own pid: exec through sh so `$$` is it.
     let program = env!("CARGO_BIN_EXE_polarisd");
     let mut sh = Command::new("sh");
-    sh.arg("-c").arg("LISTEN_PID=$$ exec \"$0\" -p 1").arg(program).env("LISTEN_FDS", "1").stdout(Stdio::piped()).stderr(Stdio::null());
+    sh.arg("-c")
+        .arg("LISTEN_PID=$$ exec \"$0\" -p 1")
+        .arg(program)
+        .env("LISTEN_FDS", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
     // SAFETY: dup2 is async-signal-safe; nothing else runs between fork and exec.
     unsafe {
         sh.pre_exec(move || {
@@ -186,10 +189,40 @@ fn hostile_input_never_crashes_the_server() -> Result<()> {
         seed
     };
     let words: &[&[u8]] = &[
-        b"put ", b"reserve", b"delete ", b"release ", b"bury ", b"kick ", b"peek ", b"stats-job ", b"use ", b"watch ",
-        b"ignore ", b"pause-tube ", b"reserve-with-timeout ", b"touch ", b"kick-job ", b"revoke ", b"job-state ",
-        b"tube-ttl ", b"\r\n", b"\r", b"\n", b"\0", b" ", b"18446744073709551616", b"4294967295", b"-1", b"0", b"1",
-        b"default", b"9999999999", b"stats", b"list-tubes", b"ttl=", b"quit",
+        b"put ",
+        b"reserve",
+        b"delete ",
+        b"release ",
+        b"bury ",
+        b"kick ",
+        b"peek ",
+        b"stats-job ",
+        b"use ",
+        b"watch ",
+        b"ignore ",
+        b"pause-tube ",
+        b"reserve-with-timeout ",
+        b"touch ",
+        b"kick-job ",
+        b"revoke ",
+        b"job-state ",
+        b"tube-ttl ",
+        b"\r\n",
+        b"\r",
+        b"\n",
+        b"\0",
+        b" ",
+        b"18446744073709551616",
+        b"4294967295",
+        b"-1",
+        b"0",
+        b"1",
+        b"default",
+        b"9999999999",
+        b"stats",
+        b"list-tubes",
+        b"ttl=",
+        b"quit",
     ];
     for _ in 0..200 {
         let mut conn = server.connect()?;

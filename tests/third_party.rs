@@ -8,8 +8,6 @@
 //! `POLARIS_CLIENT_TARGET=beanstalkd` runs the same script against the real
 //! beanstalkd instead, to check the script itself.
 
-
-
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::thread;
@@ -21,11 +19,8 @@ const SCRIPT_TIMEOUT: Duration = Duration::from_secs(60);
 /// True if `python3` runs and can import greenstalk; otherwise reports SKIP
 /// (or panics under CI).
 fn greenstalk_available() -> bool {
-    let probe = Command::new("python3")
-        .args(["-c", "import greenstalk"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
+    let probe =
+        Command::new("python3").args(["-c", "import greenstalk"]).stdout(Stdio::null()).stderr(Stdio::null()).status();
     match probe {
         Ok(status) if status.success() => true,
         Ok(_) => {
@@ -83,14 +78,8 @@ fn greenstalk_client_drives_the_server() {
         }
         thread::sleep(Duration::from_millis(50));
     }
-    let output = child
-        .wait_with_output()
-        .expect("collecting the script's output");
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let output = child.wait_with_output().expect("collecting the script's output");
+    let report = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     eprintln!("{report}");
     assert!(
         output.status.success(),

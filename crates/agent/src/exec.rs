@@ -106,12 +106,7 @@ fn has_exited(pid: libc::pid_t) -> io::Result<bool> {
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
     // SAFETY: waitid writes only into `info`; WNOWAIT leaves the child unreaped.
     let rc = unsafe {
-        libc::waitid(
-            libc::P_PID,
-            pid as libc::id_t,
-            &mut info,
-            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
-        )
+        libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT)
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
@@ -297,10 +292,8 @@ mod tests {
     fn timeout_kills_a_group_that_ignores_sigterm() {
         let dir = tempfile::tempdir().expect("tempdir");
         let pids = dir.path().join("pids");
-        let cmd = format!(
-            "trap '' TERM; sleep 300 & echo $! > {p}; echo $$ >> {p}; echo started; wait",
-            p = pids.display()
-        );
+        let cmd =
+            format!("trap '' TERM; sleep 300 & echo $! > {p}; echo $$ >> {p}; echo started; wait", p = pids.display());
         let begun = Instant::now();
         let out = run_bash(&cmd, &limits(500), || Tick::Continue).expect("run");
         assert_eq!(out.termination, Termination::TimedOut { killed_by: libc::SIGKILL });
@@ -330,7 +323,11 @@ mod tests {
         let mut ticks = 0;
         let out = run_bash("sleep 30", &limits(60_000), || {
             ticks += 1;
-            if ticks > 5 { Tick::Abort } else { Tick::Continue }
+            if ticks > 5 {
+                Tick::Abort
+            } else {
+                Tick::Continue
+            }
         })
         .expect("run");
         assert_eq!(out.termination, Termination::Aborted);

@@ -1,8 +1,8 @@
 //! The agent's host id: given by `--host-id`, or generated on first run and kept in the
 //! state file so the host keeps its tube across restarts.
 
-use polaris_ops_wire::host_id::{is_valid_host_id, MAX_HOST_ID_LEN};
 use anyhow::Context as _;
+use polaris_ops_wire::host_id::{is_valid_host_id, MAX_HOST_ID_LEN};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 

@@ -11,11 +11,11 @@ pub mod exec;
 pub mod identity;
 pub mod query;
 
-use polaris_proto::client::{self, Client};
-use polaris_ops_wire::codes::Code;
-use polaris_ops_wire::wire::{self, host_tube, HostResult, JobEnvelope, Method, Resp, Secret};
 use anyhow::Context as _;
 use exec::{ExecLimits, Termination, Tick};
+use polaris_ops_wire::codes::Code;
+use polaris_ops_wire::wire::{self, host_tube, HostResult, JobEnvelope, Method, Resp, Secret};
+use polaris_proto::client::{self, Client};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -156,11 +156,8 @@ impl Agent {
         let mut conn = Client::connect(&self.config.queue, Duration::from_secs(2))?;
         conn.watch(&host_tube(&self.host_id))?;
         conn.ignore("default")?;
-        let max_job_size = conn
-            .stats()?
-            .get_u64("max-job-size")
-            .and_then(|n| usize::try_from(n).ok())
-            .unwrap_or(DEFAULT_MAX_JOB_SIZE);
+        let max_job_size =
+            conn.stats()?.get_u64("max-job-size").and_then(|n| usize::try_from(n).ok()).unwrap_or(DEFAULT_MAX_JOB_SIZE);
         Ok((conn, max_job_size))
     }
 
@@ -208,11 +205,18 @@ impl Agent {
                 conn.bury(job.id, RESULT_PRIORITY)?;
                 // The envelope cannot be trusted, but if it names a reply tube, saying
                 // "refused" there lets its job show `failed` instead of waiting.
-                let claimed = wire::unverified_payload(&job.body)
-                    .and_then(|p| serde_json::from_slice::<EnvelopeHeader>(p).ok());
+                let claimed =
+                    wire::unverified_payload(&job.body).and_then(|p| serde_json::from_slice::<EnvelopeHeader>(p).ok());
                 if let Some(claimed) = claimed {
                     let message = format!("Refused: envelope signature invalid ({e}); job buried, not run");
-                    self.report_refusal(conn, &claimed.job_id, &claimed.reply_tube, Code::BadSignature, message, max_job_size)?;
+                    self.report_refusal(
+                        conn,
+                        &claimed.job_id,
+                        &claimed.reply_tube,
+                        Code::BadSignature,
+                        message,
+                        max_job_size,
+                    )?;
                 }
                 return Ok(());
             }
@@ -237,7 +241,14 @@ impl Agent {
             log::warn!("burying job {}: it is for host {:?}, not {:?}", job.id, envelope.host, self.host_id);
             conn.bury(job.id, RESULT_PRIORITY)?;
             let message = format!("Refused: envelope is for host {:?}, delivered to {:?}", envelope.host, self.host_id);
-            return self.report_refusal(conn, &envelope.job_id, &envelope.reply_tube, Code::WrongHost, message, max_job_size);
+            return self.report_refusal(
+                conn,
+                &envelope.job_id,
+                &envelope.reply_tube,
+                Code::WrongHost,
+                message,
+                max_job_size,
+            );
         }
         let now = wire::unix_now();
         if now > envelope.expires_at {
@@ -245,7 +256,14 @@ impl Agent {
             log::warn!("burying job {} (dispatch job {}): expired {late}s ago", job.id, envelope.job_id);
             conn.bury(job.id, RESULT_PRIORITY)?;
             let message = format!("Refused: envelope expired {late}s before the agent took it; job buried, not run");
-            return self.report_refusal(conn, &envelope.job_id, &envelope.reply_tube, Code::EnvelopeExpired, message, max_job_size);
+            return self.report_refusal(
+                conn,
+                &envelope.job_id,
+                &envelope.reply_tube,
+                Code::EnvelopeExpired,
+                message,
+                max_job_size,
+            );
         }
 
         log::info!("job {} ({}): {} {:?}", envelope.job_id, job.id, envelope.method.as_str(), envelope.cmd);
@@ -352,11 +370,9 @@ impl Agent {
         let (resp, retcode, mut message) = match outcome.termination {
             Termination::Aborted => return None,
             Termination::Exited(code) => (Resp::Success, code as u32, "Normal termination".to_string()),
-            Termination::Signaled(sig) => (
-                Resp::Success,
-                128 + sig as u32,
-                format!("Terminated by signal {sig} ({})", exec::signal_name(sig)),
-            ),
+            Termination::Signaled(sig) => {
+                (Resp::Success, 128 + sig as u32, format!("Terminated by signal {sig} ({})", exec::signal_name(sig)))
+            }
             Termination::TimedOut { killed_by } => (
                 Resp::Failed,
                 u32::from(Code::ExecTimeout.value()),

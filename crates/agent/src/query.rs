@@ -60,20 +60,14 @@ pub fn collect() -> Result<HostFacts, QueryError> {
         cpu_count: parse_cpu_count(&read("/proc/stat")?),
         load: parse_loadavg(&read("/proc/loadavg")?),
         memory: parse_meminfo(&read("/proc/meminfo")?),
-        uptime_secs: read("/proc/uptime")?
-            .split_whitespace()
-            .next()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0.0),
+        uptime_secs: read("/proc/uptime")?.split_whitespace().next().and_then(|s| s.parse().ok()).unwrap_or(0.0),
         users: logged_in_users(),
     })
 }
 
 /// Counts `cpuN` lines of `/proc/stat` (online CPUs).
 pub fn parse_cpu_count(stat: &str) -> usize {
-    stat.lines()
-        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
-        .count()
+    stat.lines().filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit)).count()
 }
 
 /// The three load averages of `/proc/loadavg`.
@@ -170,10 +164,7 @@ mod tests {
         assert_eq!(parse_loadavg("0.52 0.58 0.59 2/311 12345\n"), [0.52, 0.58, 0.59]);
         let mem = parse_meminfo("MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable: 2000 kB\n");
         assert_eq!(mem, Memory { total_kib: 24_000_000, available_kib: 2000, free_kib: 100 });
-        assert_eq!(
-            parse_if_inet6("00000000000000000000000000000001 01 80 10 80       lo\n"),
-            vec!["::1".to_string()]
-        );
+        assert_eq!(parse_if_inet6("00000000000000000000000000000001 01 80 10 80       lo\n"), vec!["::1".to_string()]);
     }
 
     #[test]

@@ -299,7 +299,9 @@ pub fn proc_cpu_secs(pid: u32) -> Option<f64> {
         let mut any = false;
         for entry in dir.flatten() {
             let path = entry.path().join("schedstat");
-            if let Some(ns) = std::fs::read_to_string(path).ok().and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok()) {
+            if let Some(ns) =
+                std::fs::read_to_string(path).ok().and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            {
                 total += ns;
                 any = true;
             }
@@ -430,7 +432,9 @@ fn ping(addr: &str, timeout: Duration) -> Result<Vec<u8>> {
         match attempt {
             Ok(reply) if reply.starts_with(b"OK ") => return Ok(reply),
             Ok(reply) => bail!("unexpected reply to stats: {:?}", String::from_utf8_lossy(&reply)),
-            Err(e) if start.elapsed() >= timeout => return Err(e.context(format!("no answer from {addr} within {timeout:?}"))),
+            Err(e) if start.elapsed() >= timeout => {
+                return Err(e.context(format!("no answer from {addr} within {timeout:?}")))
+            }
             Err(_) => std::thread::sleep(Duration::from_millis(1)),
         }
     }
@@ -450,7 +454,8 @@ fn open_idle(addr: &str, k: usize) -> Result<Vec<std::net::TcpStream>> {
         let batch = (k - all.len()).min(200);
         let mut fresh = Vec::with_capacity(batch);
         for _ in 0..batch {
-            let s = connect_std(addr).with_context(|| format!("opening idle connection {} of {k}", all.len() + fresh.len() + 1))?;
+            let s = connect_std(addr)
+                .with_context(|| format!("opening idle connection {} of {k}", all.len() + fresh.len() + 1))?;
             fresh.push(s);
         }
         for s in &mut fresh {
@@ -756,7 +761,11 @@ impl Load {
                             }
                             break;
                         }
-                        let stamp = if self.mode == Mode::Latency && len >= 20 { parse_u64(&buf[consumed..consumed + 20]) } else { None };
+                        let stamp = if self.mode == Mode::Latency && len >= 20 {
+                            parse_u64(&buf[consumed..consumed + 20])
+                        } else {
+                            None
+                        };
                         consumed = frame;
                         c.reserves_out -= 1;
                         c.out.extend_from_slice(polaris_proto::ReplyLine::number(b"delete ", id).as_bytes());
@@ -932,7 +941,11 @@ fn run_load(mode: Mode, args: LoadArgs) -> Result<()> {
             }
         }
         if now >= hard_stop {
-            bail!("{} run did not finish within its timeout ({} jobs done)", mode.name(), load.counts.puts_acked.max(load.counts.deleted));
+            bail!(
+                "{} run did not finish within its timeout ({} jobs done)",
+                mode.name(),
+                load.counts.puts_acked.max(load.counts.deleted)
+            );
         }
         if mode == Mode::Latency {
             load.pace(start);
@@ -1019,7 +1032,11 @@ fn emit(rec: &Record, out: Option<&PathBuf>) -> Result<()> {
     let line = serde_json::to_string(rec)?;
     println!("{line}");
     if let Some(path) = out {
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("opening {}", path.display()))?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
         writeln!(f, "{line}")?;
     }
     Ok(())
@@ -1128,8 +1145,16 @@ fn fmt_num(v: f64) -> String {
 type Metric = (&'static str, &'static str, Better, fn(&Record) -> Option<f64>);
 
 const METRICS: &[Metric] = &[
-    ("throughput", "jobs/s", Better::Higher, |r| (r.mode != "restart" && r.mode != "fill" && r.jobs > 0).then_some(r.jobs_per_s)),
-    ("server CPU per job", "µs", Better::Lower, |r| if r.mode == "restart" || r.mode == "fill" { None } else { r.server_cpu_us_per_job }),
+    ("throughput", "jobs/s", Better::Higher, |r| {
+        (r.mode != "restart" && r.mode != "fill" && r.jobs > 0).then_some(r.jobs_per_s)
+    }),
+    ("server CPU per job", "µs", Better::Lower, |r| {
+        if r.mode == "restart" || r.mode == "fill" {
+            None
+        } else {
+            r.server_cpu_us_per_job
+        }
+    }),
     ("server CPU use", "cores", Better::Info, |r| {
         if r.mode == "restart" || r.mode == "fill" {
             None
@@ -1150,7 +1175,13 @@ const METRICS: &[Metric] = &[
     ("RSS", "MiB", Better::Lower, |r| if r.mode == "fill" { r.rss_kb.map(|k| k as f64 / 1024.0) } else { None }),
     ("fill throughput", "jobs/s", Better::Higher, |r| (r.mode == "fill").then_some(r.jobs_per_s)),
     ("restart time", "s", Better::Lower, |r| r.restart_s),
-    ("RSS after restart", "MiB", Better::Lower, |r| if r.mode == "restart" { r.rss_kb.map(|k| k as f64 / 1024.0) } else { None }),
+    ("RSS after restart", "MiB", Better::Lower, |r| {
+        if r.mode == "restart" {
+            r.rss_kb.map(|k| k as f64 / 1024.0)
+        } else {
+            None
+        }
+    }),
 ];
 
 /// The targets of the issue: (scenario, config, metric, goal ratio, description).
@@ -1158,9 +1189,21 @@ const TARGETS: &[(&str, &str, &str, f64, &str)] = &[
     ("pipeline", "mem", "throughput", 1.5, "in-memory concurrent throughput ≥ 1.5×"),
     ("pipeline", "mem", "server CPU per job", 0.6, "server CPU time per operation ≤ 0.6× (concurrent, in memory)"),
     ("sync", "mem", "throughput", 1.5, "the same without pipelining (depth 1): in-memory concurrent throughput ≥ 1.5×"),
-    ("sync", "mem", "server CPU per job", 0.6, "the same without pipelining (depth 1): server CPU per operation ≤ 0.6×"),
+    (
+        "sync",
+        "mem",
+        "server CPU per job",
+        0.6,
+        "the same without pipelining (depth 1): server CPU per operation ≤ 0.6×",
+    ),
     ("pipeline", "durable", "throughput", 2.5, "durable, default fsync: concurrent throughput ≥ 2.5×"),
-    ("pipeline", "fsync-always", "throughput", 10.0, "durable, fsync before every ack (-f 0): concurrent throughput ≥ 10×"),
+    (
+        "pipeline",
+        "fsync-always",
+        "throughput",
+        10.0,
+        "durable, fsync before every ack (-f 0): concurrent throughput ≥ 10×",
+    ),
     ("latency", "mem", "p99 put→reserve", 0.75, "p99 put-to-reserve latency ≤ 0.75× (in memory)"),
     ("fill", "mem", "RSS", 0.8, "RSS with 1,000,000 jobs of 100 bytes ≤ 0.8× (in memory)"),
 ];
@@ -1241,7 +1284,9 @@ fn report(args: &ReportArgs) -> Result<()> {
             "| restart of {cand} with 1,000,000 jobs on disk ≤ 3 s | 3 s | {s:.2} s | {} |\n",
             if s <= 3.0 { "yes" } else { "**no**" }
         )),
-        None => md.push_str(&format!("| restart of {cand} with 1,000,000 jobs on disk ≤ 3 s | 3 s | not measured | **no** |\n")),
+        None => md.push_str(&format!(
+            "| restart of {cand} with 1,000,000 jobs on disk ≤ 3 s | 3 s | not measured | **no** |\n"
+        )),
     }
     if errors > 0 {
         md.push_str(&format!("\n**{errors} unexpected replies were recorded; see the raw results.**\n"));
@@ -1265,7 +1310,10 @@ mod tests {
         assert_eq!(parse_u64(b"00000000000000001234"), Some(1234));
         assert_eq!(parse_u64(b"99999999999999999999"), None);
         assert_eq!(parse_u64(b"1234"), Some(1234));
-        assert_eq!(stats_field(b"---\ncurrent-jobs-urgent: 1\ncurrent-jobs-ready: 42\n", "current-jobs-ready"), Some(42));
+        assert_eq!(
+            stats_field(b"---\ncurrent-jobs-urgent: 1\ncurrent-jobs-ready: 42\n", "current-jobs-ready"),
+            Some(42)
+        );
     }
 
     #[test]

@@ -1,12 +1,9 @@
 //! The REST API (axum): `/v1/jobs` and `/v1/hosts`.
 
 use crate::auth::TokenPolicy;
-use polaris_ops_wire::codes::Code;
 use crate::error::ApiError;
 use crate::request::{parse_host_registration, parse_job_request};
 use crate::store::{HostJobRecord, HostState, NewJob, Outcome};
-use polaris_ops_wire::wire::{unix_now_ms, Resp};
-use serde::Serialize;
 use crate::worker::{self, StepError};
 use crate::Dispatcher;
 use anyhow::Context as _;
@@ -17,6 +14,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use polaris_ops_wire::codes::Code;
+use polaris_ops_wire::wire::{unix_now_ms, Resp};
+use serde::Serialize;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -60,14 +60,15 @@ async fn allow_client(
         return next.run(request).await;
     }
     log::warn!("refused a request from {peer}: not in --allow-client");
-    axum::response::IntoResponse::into_response(ApiError::general(Code::ClientNotAllowed, format!("client {} is not allowed", peer.ip())))
+    axum::response::IntoResponse::into_response(ApiError::general(
+        Code::ClientNotAllowed,
+        format!("client {} is not allowed", peer.ip()),
+    ))
 }
 
 /// Binds `listen`, prints `listening on ADDR`, and serves until SIGTERM or SIGINT.
 pub async fn serve(dispatcher: AppState, listen: &str) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("binding {listen}"))?;
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
     let addr = listener.local_addr().context("reading the bound address")?;
     // The first stdout line tells scripts and tests where we are (port 0 picks one).
     let mut stdout = std::io::stdout();
@@ -301,8 +302,7 @@ async fn get_job(
         Ok(Some((job, hosts, states)))
     })
     .await?;
-    let (job, hosts, states) =
-        found.ok_or_else(|| ApiError::general(Code::NoSuchJob, "no job with this id"))?;
+    let (job, hosts, states) = found.ok_or_else(|| ApiError::general(Code::NoSuchJob, "no job with this id"))?;
     let status = JobStatus {
         id: &job.id,
         method: job.method.as_str(),
@@ -404,9 +404,7 @@ async fn revoke_job(
         Ok(Some(json!({ "id": id, "hosts": entries })))
     })
     .await?;
-    result
-        .map(Json)
-        .ok_or_else(|| ApiError::general(Code::NoSuchJob, "no job with this id"))
+    result.map(Json).ok_or_else(|| ApiError::general(Code::NoSuchJob, "no job with this id"))
 }
 
 /// A host job's stored state and queue job id, read again.
@@ -428,8 +426,7 @@ async fn register_host(
     }
     let registration = parse_host_registration(&body_bytes(body)?)?;
     let d = dispatcher.clone();
-    let (host, created) =
-        blocking(move || Ok(d.store.upsert_host(&registration.id, &registration.hostname)?)).await?;
+    let (host, created) = blocking(move || Ok(d.store.upsert_host(&registration.id, &registration.hostname)?)).await?;
     if created {
         log::info!("host {} registered ({})", host.id, host.hostname);
     }

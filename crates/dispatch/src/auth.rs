@@ -12,10 +12,10 @@
 //! Tokens are kept only as SHA-256 digests, and looked up by digest, so comparing them
 //! leaks nothing useful through timing.
 
-use polaris_ops_wire::codes::Code;
 use crate::error::ApiError;
-use polaris_ops_wire::wire::Method;
 use axum::http::HeaderMap;
+use polaris_ops_wire::codes::Code;
+use polaris_ops_wire::wire::Method;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -70,8 +70,8 @@ fn digest(token: &str) -> [u8; 32] {
 impl Tokens {
     /// Loads a tokens file.
     pub fn load(path: &Path) -> anyhow::Result<Tokens> {
-        let text = std::fs::read(path)
-            .map_err(|e| anyhow::anyhow!("cannot read tokens file {}: {e}", path.display()))?;
+        let text =
+            std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read tokens file {}: {e}", path.display()))?;
         Tokens::parse(&text).map_err(|e| anyhow::anyhow!("tokens file {}: {e}", path.display()))
     }
 
@@ -85,9 +85,7 @@ impl Tokens {
             }
             let policy = TokenPolicy {
                 name: entry.name,
-                methods: entry
-                    .methods
-                    .unwrap_or_else(|| vec![Method::SyncBash, Method::AsyncBash, Method::SyncQuery]),
+                methods: entry.methods.unwrap_or_else(|| vec![Method::SyncBash, Method::AsyncBash, Method::SyncQuery]),
                 commands: entry.commands,
                 manage_hosts: entry.manage_hosts,
             };
@@ -103,15 +101,10 @@ impl Tokens {
         let header = headers
             .get(axum::http::header::AUTHORIZATION)
             .ok_or_else(|| ApiError::general(Code::MissingToken, "an Authorization: Bearer token is required"))?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .map(str::trim)
-            .ok_or_else(|| ApiError::general(Code::MissingToken, "the Authorization header must be `Bearer <token>`"))?;
-        self.by_digest
-            .get(&digest(token))
-            .ok_or_else(|| ApiError::general(Code::InvalidToken, "unknown bearer token"))
+        let token = header.to_str().ok().and_then(|h| h.strip_prefix("Bearer ")).map(str::trim).ok_or_else(|| {
+            ApiError::general(Code::MissingToken, "the Authorization header must be `Bearer <token>`")
+        })?;
+        self.by_digest.get(&digest(token)).ok_or_else(|| ApiError::general(Code::InvalidToken, "unknown bearer token"))
     }
 }
 
@@ -140,10 +133,7 @@ impl TokenPolicy {
         if self.manage_hosts {
             Ok(())
         } else {
-            Err(ApiError::general(
-                Code::OperationNotAllowed,
-                format!("token {:?} may not manage hosts", self.name),
-            ))
+            Err(ApiError::general(Code::OperationNotAllowed, format!("token {:?} may not manage hosts", self.name)))
         }
     }
 }
@@ -194,10 +184,9 @@ mod tests {
 
     #[test]
     fn tokens_are_looked_up_by_digest() {
-        let tokens = Tokens::parse(
-            br#"{"tokens": [{"name": "ops", "token": "0123456789abcdef", "commands": ["uptime"]}]}"#,
-        )
-        .expect("valid");
+        let tokens =
+            Tokens::parse(br#"{"tokens": [{"name": "ops", "token": "0123456789abcdef", "commands": ["uptime"]}]}"#)
+                .expect("valid");
         let mut headers = HeaderMap::new();
         assert_eq!(tokens.authenticate(&headers).map(|_| ()).map_err(|e| e.code), Err(Code::MissingToken));
         headers.insert("authorization", "Bearer nope-nope-nope-nope".parse().expect("header"));

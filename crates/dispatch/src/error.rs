@@ -1,10 +1,10 @@
 //! The REST API's error reply: an HTTP status and a JSON body naming the code and field.
 
-use polaris_ops_wire::codes::{Code, CodeType};
 use crate::store::StoreError;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use polaris_ops_wire::codes::{Code, CodeType};
 use serde::Serialize;
 
 /// An error answered to a REST client as

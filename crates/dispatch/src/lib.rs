@@ -16,11 +16,11 @@ pub mod request;
 pub mod store;
 mod worker;
 
-use polaris_proto::client::{self, Client};
 use crate::auth::Tokens;
 use crate::store::Store;
-use polaris_ops_wire::wire::{self, Secret};
 use anyhow::Context as _;
+use polaris_ops_wire::wire::{self, Secret};
+use polaris_proto::client::{self, Client};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -86,7 +86,11 @@ const MAX_IDLE_QUEUE_CONNECTIONS: usize = 4;
 impl QueuePool {
     /// A pool for the queue at `addr`; connects lazily.
     pub fn new(addr: &str) -> QueuePool {
-        QueuePool { addr: addr.to_string(), idle: Mutex::new(Vec::new()), extensions: std::sync::atomic::AtomicU8::new(0) }
+        QueuePool {
+            addr: addr.to_string(),
+            idle: Mutex::new(Vec::new()),
+            extensions: std::sync::atomic::AtomicU8::new(0),
+        }
     }
 
     /// Whether the queue is a polarisd (job TTLs, `job-state`), rather than a
@@ -113,10 +117,8 @@ impl QueuePool {
             }
         };
         let result = f(&mut conn);
-        let broken = matches!(
-            result,
-            Err(client::Error::Io(_) | client::Error::Closed | client::Error::UnexpectedReply { .. })
-        );
+        let broken =
+            matches!(result, Err(client::Error::Io(_) | client::Error::Closed | client::Error::UnexpectedReply { .. }));
         if !broken {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
             if idle.len() < MAX_IDLE_QUEUE_CONNECTIONS {

@@ -2,8 +2,8 @@
 //! checked field by field, so every error can name the field at fault (serde's derive
 //! would stop at the first error with a message meant for programmers).
 
-use polaris_ops_wire::codes::Code;
 use crate::error::ApiError;
+use polaris_ops_wire::codes::Code;
 use polaris_ops_wire::wire::Method;
 use serde_json::{Map, Value};
 
@@ -44,16 +44,14 @@ pub struct HostRegistration {
     pub hostname: String,
 }
 
-
 fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::general(Code::MalformedJson, format!("body is not valid JSON: {e}")))?;
     match value {
         Value::Object(map) => Ok(map),
-        other => Err(ApiError::general(
-            Code::WrongType,
-            format!("body must be a JSON object, got {}", type_name(&other)),
-        )),
+        other => {
+            Err(ApiError::general(Code::WrongType, format!("body must be a JSON object, got {}", type_name(&other))))
+        }
     }
 }
 
@@ -83,11 +81,9 @@ fn optional_string<'a>(map: &'a Map<String, Value>, field: &str) -> Result<Optio
     match map.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
-        Some(other) => Err(ApiError::field(
-            Code::WrongType,
-            field,
-            format!("{field} must be a string, got {}", type_name(other)),
-        )),
+        Some(other) => {
+            Err(ApiError::field(Code::WrongType, field, format!("{field} must be a string, got {}", type_name(other))))
+        }
     }
 }
 
@@ -267,11 +263,27 @@ mod tests {
             (r#"{"hosts": ["a"], "method": "sync.perl", "cmd": "ls"}"#, Code::UnknownMethod, Some("method")),
             (r#"{"hosts": ["a"], "method": 7, "cmd": "ls"}"#, Code::WrongType, Some("method")),
             (r#"{"hosts": ["a"], "method": "sync.bash"}"#, Code::MissingField, Some("cmd")),
-            (r#"{"hosts": ["a"], "method": "sync.bash", "cmd": "ls", "timeout": "30"}"#, Code::WrongType, Some("timeout")),
-            (r#"{"hosts": ["a"], "method": "sync.bash", "cmd": "ls", "timeout": 0}"#, Code::InvalidValue, Some("timeout")),
-            (r#"{"hosts": ["a"], "method": "sync.bash", "cmd": "ls", "timeout": 1.5}"#, Code::InvalidValue, Some("timeout")),
+            (
+                r#"{"hosts": ["a"], "method": "sync.bash", "cmd": "ls", "timeout": "30"}"#,
+                Code::WrongType,
+                Some("timeout"),
+            ),
+            (
+                r#"{"hosts": ["a"], "method": "sync.bash", "cmd": "ls", "timeout": 0}"#,
+                Code::InvalidValue,
+                Some("timeout"),
+            ),
+            (
+                r#"{"hosts": ["a"], "method": "sync.bash", "cmd": "ls", "timeout": 1.5}"#,
+                Code::InvalidValue,
+                Some("timeout"),
+            ),
             (r#"{"id": "nope", "hosts": ["a"], "method": "sync.bash", "cmd": "ls"}"#, Code::InvalidValue, Some("id")),
-            (r#"{"hosts": ["a"], "method": "sync.bash", "cmd": "ls", "timout": 3}"#, Code::UnknownField, Some("timout")),
+            (
+                r#"{"hosts": ["a"], "method": "sync.bash", "cmd": "ls", "timout": 3}"#,
+                Code::UnknownField,
+                Some("timout"),
+            ),
         ];
         for (body, code, field) in cases {
             let e = err(body);

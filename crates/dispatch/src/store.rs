@@ -287,8 +287,7 @@ impl std::fmt::Debug for Store {
     }
 }
 
-const HOST_JOB_COLUMNS: &str =
-    "host, state, queue_job_id, resp, retcode, message, data, truncated, updated_at";
+const HOST_JOB_COLUMNS: &str = "host, state, queue_job_id, resp, retcode, message, data, truncated, updated_at";
 
 impl Store {
     /// Opens (creating if needed) `dir/dispatch.db` and brings its schema up to date.
@@ -306,11 +305,9 @@ impl Store {
 
     fn from_connection(mut conn: Connection) -> Result<Store, StoreError> {
         // Pragmas first and outside any transaction: journal_mode cannot change inside one.
-        let _mode: String = conn
-            .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
-            .ctx("set journal_mode")?;
-        conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")
-            .ctx("set pragmas")?;
+        let _mode: String =
+            conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0)).ctx("set journal_mode")?;
+        conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;").ctx("set pragmas")?;
         conn.busy_timeout(std::time::Duration::from_secs(5)).ctx("set busy_timeout")?;
         migrate(&mut conn)?;
         Ok(Store { conn: Mutex::new(conn) })
@@ -443,9 +440,7 @@ impl Store {
     pub fn job(&self, id: &str) -> Result<Option<(JobRecord, Vec<HostJobRecord>)>, StoreError> {
         let conn = self.conn();
         let job = conn
-            .prepare_cached(
-                "SELECT id, method, cmd, timeout_secs, created_at, start_by FROM jobs WHERE id = ?1",
-            )
+            .prepare_cached("SELECT id, method, cmd, timeout_secs, created_at, start_by FROM jobs WHERE id = ?1")
             .and_then(|mut s| s.query_row([id], job_row).optional())
             .ctx("read job")?;
         let Some(job) = job else { return Ok(None) };
@@ -673,16 +668,13 @@ impl Store {
 }
 
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
-    let version: i64 = conn
-        .query_row("PRAGMA user_version", [], |row| row.get(0))
-        .ctx("read user_version")?;
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0)).ctx("read user_version")?;
     for (index, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(version).unwrap_or(0)) {
         let tx = conn.transaction().ctx("begin migration")?;
         tx.execute_batch(sql).ctx("apply migration")?;
         // user_version is set inside the migration's transaction so a crash never leaves
         // a half-applied schema marked as done.
-        tx.execute_batch(&format!("PRAGMA user_version = {}", index + 1))
-            .ctx("set user_version")?;
+        tx.execute_batch(&format!("PRAGMA user_version = {}", index + 1)).ctx("set user_version")?;
         tx.commit().ctx("commit migration")?;
     }
     Ok(())
@@ -695,12 +687,7 @@ fn get_host(conn: &Connection, id: &str) -> Result<Option<HostRecord>, StoreErro
 }
 
 fn host_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<HostRecord> {
-    Ok(HostRecord {
-        id: row.get(0)?,
-        hostname: row.get(1)?,
-        registered_at_ms: row.get(2)?,
-        last_seen_ms: row.get(3)?,
-    })
+    Ok(HostRecord { id: row.get(0)?, hostname: row.get(1)?, registered_at_ms: row.get(2)?, last_seen_ms: row.get(3)? })
 }
 
 /// Reads a job row (columns id, method, cmd, timeout_secs, created_at, start_by). The

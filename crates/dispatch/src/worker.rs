@@ -6,11 +6,11 @@
 //! a restart lose nothing: the enqueuer picks up what was pending, the consumer drains
 //! results that waited in the reply tube while the dispatcher was down.
 
-use polaris_proto::client::{self, Client};
-use polaris_ops_wire::codes::Code;
 use crate::store::{HostState, Outcome, StoreError};
-use polaris_ops_wire::wire::{self, host_tube, unix_now_ms, HostResult, JobEnvelope};
 use crate::Dispatcher;
+use polaris_ops_wire::codes::Code;
+use polaris_ops_wire::wire::{self, host_tube, unix_now_ms, HostResult, JobEnvelope};
+use polaris_proto::client::{self, Client};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -37,9 +37,7 @@ pub(crate) fn spawn(
     let enqueuer = {
         let dispatcher = dispatcher.clone();
         let stop = stop.clone();
-        std::thread::Builder::new()
-            .name("enqueuer".into())
-            .spawn(move || run_enqueuer(&dispatcher, &wake, &stop))?
+        std::thread::Builder::new().name("enqueuer".into()).spawn(move || run_enqueuer(&dispatcher, &wake, &stop))?
     };
     let consumer = {
         let dispatcher = dispatcher.clone();
@@ -123,9 +121,19 @@ fn enqueue_pending(dispatcher: &Dispatcher) -> Result<(), StepError> {
         });
         match put {
             Ok(queue_id) => {
-                if !dispatcher.store.transition(&job.id, &pending.host, HostState::Pending, HostState::Ready, Some(queue_id))? {
+                if !dispatcher.store.transition(
+                    &job.id,
+                    &pending.host,
+                    HostState::Pending,
+                    HostState::Ready,
+                    Some(queue_id),
+                )? {
                     // Revoked while we were putting it: take it back off the queue.
-                    log::info!("job {} host {}: revoked during enqueue, deleting queue job {queue_id}", job.id, pending.host);
+                    log::info!(
+                        "job {} host {}: revoked during enqueue, deleting queue job {queue_id}",
+                        job.id,
+                        pending.host
+                    );
                     dispatcher.queue.with(|c| c.delete(queue_id)).or_else(ignore_not_found)?;
                 }
                 log::debug!("job {} host {}: queued as {queue_id}", job.id, pending.host);
@@ -214,7 +222,10 @@ pub(crate) fn take_back(
                 _ => false,
             };
             if expired {
-                let timeout = Outcome::failed(Code::HostNoAnswer, "The host's agent did not take the job before it expired in the queue");
+                let timeout = Outcome::failed(
+                    Code::HostNoAnswer,
+                    "The host's agent did not take the job before it expired in the queue",
+                );
                 finish(dispatcher, job_id, host, HostState::Ready, HostState::Expired, &timeout)?;
                 return Ok(HostState::Expired);
             }

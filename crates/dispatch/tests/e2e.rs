@@ -4,13 +4,11 @@
 //! By default the queue is `polarisd`; `POLARIS_TEST_QUEUE=beanstalkd` runs the same tests
 //! against `/usr/bin/beanstalkd`.
 
-
-
-use polaris_testkit::cluster::*;
-use polaris_testkit::{pid_gone, wait_until};
-use polaris_proto::client::{self, Client};
 use polaris_ops_wire::codes::Code;
 use polaris_ops_wire::wire::{self, HostResult, JobEnvelope, Method, Resp, Secret};
+use polaris_proto::client::{self, Client};
+use polaris_testkit::cluster::*;
+use polaris_testkit::{pid_gone, wait_until};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
@@ -41,7 +39,8 @@ fn test_secret() -> Secret {
 fn seed_example_answers_in_documented_shape() {
     let cluster = Cluster::start(&["alpha", "beta", "gamma"]);
     let id = "6f1c1d6e-6a8e-4c8e-9d5e-2b7a1c3d4e5f";
-    let request_body = json!({"id": id, "hosts": ["alpha", "no-such-host"], "method": "sync.bash", "cmd": "ls", "timeout": 30});
+    let request_body =
+        json!({"id": id, "hosts": ["alpha", "no-such-host"], "method": "sync.bash", "cmd": "ls", "timeout": 30});
     let (status, text) = request_text("POST", &cluster.url("/v1/jobs"), Some(&request_body.to_string()), None);
     assert_eq!(status, 200, "{text}");
     // Fields come in the documented order, as a person reading the reply expects.
@@ -75,10 +74,8 @@ fn seed_example_answers_in_documented_shape() {
         assert_eq!(entry["retcode"], 3);
         assert_eq!(entry["data"], "42\n");
     }
-    let (status, body) = post(
-        &cluster.url("/v1/jobs"),
-        &json!({"id": id, "hosts": ["alpha"], "method": "sync.bash", "cmd": "ls"}),
-    );
+    let (status, body) =
+        post(&cluster.url("/v1/jobs"), &json!({"id": id, "hosts": ["alpha"], "method": "sync.bash", "cmd": "ls"}));
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["error"]["code"], code(Code::DuplicateJobId));
     assert_eq!(body["error"]["field"], "id");
@@ -90,15 +87,11 @@ fn seed_example_answers_in_documented_shape() {
 fn command_outliving_timeout_is_killed_with_its_process_group() {
     let cluster = Cluster::start(&["alpha", "beta", "gamma"]);
     let pids = cluster.dir.path().join("pids");
-    let cmd = format!(
-        "trap '' TERM; sleep 300 & echo $! > {p}; echo $$ >> {p}; echo started; wait",
-        p = pids.display()
-    );
+    let cmd =
+        format!("trap '' TERM; sleep 300 & echo $! > {p}; echo $$ >> {p}; echo started; wait", p = pids.display());
     let started = Instant::now();
-    let (status, body) = post(
-        &cluster.url("/v1/jobs"),
-        &json!({"hosts": ["alpha"], "method": "sync.bash", "cmd": cmd, "timeout": 1}),
-    );
+    let (status, body) =
+        post(&cluster.url("/v1/jobs"), &json!({"hosts": ["alpha"], "method": "sync.bash", "cmd": cmd, "timeout": 1}));
     let elapsed = started.elapsed();
     assert_eq!(status, 200, "{body}");
     let entry = &body["response"][0];
@@ -191,7 +184,8 @@ fn async_job_then_get_reports_every_host() {
     }
 
     // Paging: two jobs, one per page.
-    let (status, _) = post(&cluster.url("/v1/jobs"), &json!({"hosts": ["alpha"], "method": "async.bash", "cmd": "true"}));
+    let (status, _) =
+        post(&cluster.url("/v1/jobs"), &json!({"hosts": ["alpha"], "method": "async.bash", "cmd": "true"}));
     assert_eq!(status, 202);
     let (status, page) = get(&cluster.url("/v1/jobs?limit=1"));
     assert_eq!(status, 200, "{page}");
@@ -254,10 +248,7 @@ fn dispatcher_restart_mid_async_job_loses_nothing() {
     cluster.crash_dispatcher();
     let mut queue = queue_client(&cluster.queue);
     wait_until(Duration::from_secs(10), "three results waiting in the reply tube", || {
-        queue
-            .stats_tube(wire::DEFAULT_REPLY_TUBE)
-            .map(|s| s.get_u64("current-jobs-ready") == Some(3))
-            .unwrap_or(false)
+        queue.stats_tube(wire::DEFAULT_REPLY_TUBE).map(|s| s.get_u64("current-jobs-ready") == Some(3)).unwrap_or(false)
     });
 
     cluster.restart_dispatcher();
@@ -297,8 +288,16 @@ fn validation_errors_name_the_field() {
         (r#"{"hosts": [], "method": "sync.bash", "cmd": "ls"}"#.into(), Code::EmptyHosts, json!("hosts")),
         (r#"{"hosts": "alpha", "method": "sync.bash", "cmd": "ls"}"#.into(), Code::WrongType, json!("hosts")),
         (r#"{"hosts": ["alpha"], "method": "sync.ruby", "cmd": "ls"}"#.into(), Code::UnknownMethod, json!("method")),
-        (r#"{"hosts": ["alpha"], "method": "sync.bash", "cmd": "ls", "timeout": "30"}"#.into(), Code::WrongType, json!("timeout")),
-        (json!({"hosts": ["alpha"], "method": "sync.bash", "cmd": big_cmd}).to_string(), Code::CmdTooLarge, json!("cmd")),
+        (
+            r#"{"hosts": ["alpha"], "method": "sync.bash", "cmd": "ls", "timeout": "30"}"#.into(),
+            Code::WrongType,
+            json!("timeout"),
+        ),
+        (
+            json!({"hosts": ["alpha"], "method": "sync.bash", "cmd": big_cmd}).to_string(),
+            Code::CmdTooLarge,
+            json!("cmd"),
+        ),
     ];
     for (body, expected, field) in cases {
         let (status, reply) = request("POST", &url, Some(&body), None);
@@ -332,8 +331,10 @@ fn forged_or_expired_envelopes_are_buried_not_run() {
         expires_at,
     };
     let forged_secret = Secret::new(b"not-the-real-secret-at-all".to_vec()).expect("secret");
-    let forged = wire::sign(&forged_secret, &serde_json::to_vec(&envelope("forged", wire::unix_now() + 60)).expect("json"));
-    let stale = wire::sign(&test_secret(), &serde_json::to_vec(&envelope("stale", wire::unix_now() - 10)).expect("json"));
+    let forged =
+        wire::sign(&forged_secret, &serde_json::to_vec(&envelope("forged", wire::unix_now() + 60)).expect("json"));
+    let stale =
+        wire::sign(&test_secret(), &serde_json::to_vec(&envelope("stale", wire::unix_now() - 10)).expect("json"));
     queue.use_tube("host.alpha").expect("use");
     queue.put(0, 0, 60, &forged).expect("put forged");
     queue.put(0, 0, 60, &stale).expect("put stale");
@@ -527,11 +528,13 @@ fn result_put_recovers_from_job_too_big() {
         output_bytes: 60_000,
     };
     // usize::MAX: the agent has not learnt the real limit, so the first put is refused.
-    polaris_agent::put_result(&mut conn, &test_secret(), "results.small", result, usize::MAX).expect("put after cutting");
+    polaris_agent::put_result(&mut conn, &test_secret(), "results.small", result, usize::MAX)
+        .expect("put after cutting");
     conn.watch("results.small").expect("watch");
     let job = conn.reserve_with_timeout(1).expect("reserve").expect("the result is there");
     assert!(job.body.len() <= 20_000);
-    let stored: HostResult = serde_json::from_slice(wire::open(&test_secret(), &job.body).expect("signed")).expect("json");
+    let stored: HostResult =
+        serde_json::from_slice(wire::open(&test_secret(), &job.body).expect("signed")).expect("json");
     assert!(stored.truncated);
     assert!(stored.data.len() > 10_000 && stored.data.len() < 20_000, "{}", stored.data.len());
     assert!(stored.message.starts_with("Normal termination; output cut to "), "{}", stored.message);
@@ -564,7 +567,8 @@ fn long_command_is_touched_past_its_ttr() {
     queue.watch("touch.replies").expect("watch");
     queue.ignore("default").expect("ignore");
     let job = queue.reserve_with_timeout(10).expect("reserve").expect("a result");
-    let result: HostResult = serde_json::from_slice(wire::open(&test_secret(), &job.body).expect("signed")).expect("json");
+    let result: HostResult =
+        serde_json::from_slice(wire::open(&test_secret(), &job.body).expect("signed")).expect("json");
     assert_eq!((result.resp, result.data.as_str()), (Resp::Success, "ok\n"));
     // The agent deletes its job right after putting the result.
     wait_until(Duration::from_secs(2), "the agent deleted the job", || {
@@ -607,7 +611,10 @@ fn queue_outage_delays_jobs_but_loses_none() {
 fn unanswered_job_expires_even_across_a_dispatcher_restart() {
     let mut cluster = Cluster::start(&["alpha"]);
     cluster.agent("alpha").kill();
-    let (status, body) = post(&cluster.url("/v1/jobs"), &json!({"hosts": ["alpha"], "method": "async.bash", "cmd": "echo never", "timeout": 2}));
+    let (status, body) = post(
+        &cluster.url("/v1/jobs"),
+        &json!({"hosts": ["alpha"], "method": "async.bash", "cmd": "echo never", "timeout": 2}),
+    );
     assert_eq!(status, 202, "{body}");
     let path = format!("/v1/jobs/{}", body["id"].as_str().expect("id"));
     let url = cluster.url(&path);
@@ -634,7 +641,11 @@ fn unanswered_job_expires_even_across_a_dispatcher_restart() {
 fn clients_outside_the_allow_list_are_refused() {
     let queue = start_queue(BIG_JOB_SIZE);
     let dir = tempfile::tempdir().expect("tempdir");
-    let refused = start_dispatcher(&queue.addr, &dir.path().join("a"), &["--allow-client", "10.0.0.0/8", "--allow-client", "::1"]);
+    let refused = start_dispatcher(
+        &queue.addr,
+        &dir.path().join("a"),
+        &["--allow-client", "10.0.0.0/8", "--allow-client", "::1"],
+    );
     let (status, body) = get(&format!("{}/v1/hosts", refused.url));
     assert_eq!(status, 403, "{body}");
     assert_eq!(body["error"]["code"], code(Code::ClientNotAllowed), "{body}");

@@ -118,7 +118,15 @@ pub(crate) struct Job {
 
 impl Job {
     /// A new ready job in `tube`.
-    pub(crate) fn new(id: JobId, tube: TubeKey, pri: u32, delay_secs: u32, ttr_secs: u32, body: Box<[u8]>, created_at: Nanos) -> Job {
+    pub(crate) fn new(
+        id: JobId,
+        tube: TubeKey,
+        pri: u32,
+        delay_secs: u32,
+        ttr_secs: u32,
+        body: Box<[u8]>,
+        created_at: Nanos,
+    ) -> Job {
         Job {
             id,
             created_at,

@@ -17,13 +17,13 @@ mod stats;
 mod tombstone;
 mod tube;
 
-pub use job::{IdHashBuilder, JobCounters, JobId, JobState};
 use job::JobIndex;
+pub use job::{IdHashBuilder, JobCounters, JobId, JobState};
 pub use tombstone::{FinalState, Tombstone};
 
-use polaris_proto::{reply, Command, Counted, PutOptions, ReplyLine, TubeName};
 use heap::{JobHeap, Order};
 use job::{Job, JobKey, JobList};
+use polaris_proto::{reply, Command, Counted, PutOptions, ReplyLine, TubeName};
 use slab::Slab;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use tombstone::Tombstones;
@@ -290,7 +290,8 @@ impl Engine {
     /// A new, empty queue whose clock starts at `now`. With `persist`, the engine
     /// records changes for [`Engine::take_changes`].
     pub fn new(cfg: Config, now: Nanos, persist: bool) -> Engine {
-        let tube_ttls = cfg.tube_ttls.iter().filter(|(_, s)| *s > 0).map(|(n, s)| (n.clone(), u64::from(*s) * SECOND)).collect();
+        let tube_ttls =
+            cfg.tube_ttls.iter().filter(|(_, s)| *s > 0).map(|(n, s)| (n.clone(), u64::from(*s) * SECOND)).collect();
         let tombstones = Tombstones::new(cfg.retention, cfg.max_tombstones);
         let mut engine = Engine {
             cfg,
@@ -601,7 +602,8 @@ impl Engine {
             }
             C::ListTubeUsed => {
                 self.count(Op::ListTubeUsed);
-                line = ReplyLine::text(reply::USING_PREFIX, self.tubes[self.conns[conn.0].use_tube.idx()].name.as_str());
+                line =
+                    ReplyLine::text(reply::USING_PREFIX, self.tubes[self.conns[conn.0].use_tube.idx()].name.as_str());
                 line.as_bytes()
             }
             C::ListTubesWatched => {
@@ -666,7 +668,17 @@ impl Engine {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn put(&mut self, conn: ConnId, pri: u32, delay: u32, ttr: u32, body: Box<[u8]>, opts: PutOptions, now: Nanos, out: &mut dyn ReplySink) {
+    fn put(
+        &mut self,
+        conn: ConnId,
+        pri: u32,
+        delay: u32,
+        ttr: u32,
+        body: Box<[u8]>,
+        opts: PutOptions,
+        now: Nanos,
+        out: &mut dyn ReplySink,
+    ) {
         // Normally the header already assigned the id (see `begin_put`).
         if self.conns[conn.0].pending_put.is_none() {
             self.begin_put(conn);
@@ -738,7 +750,14 @@ impl Engine {
         job
     }
 
-    fn reserve(&mut self, conn: ConnId, timeout_at: Option<Nanos>, op: Op, now: Nanos, out: &mut dyn ReplySink) -> Outcome {
+    fn reserve(
+        &mut self,
+        conn: ConnId,
+        timeout_at: Option<Nanos>,
+        op: Op,
+        now: Nanos,
+        out: &mut dyn ReplySink,
+    ) -> Outcome {
         self.count(op);
         self.set_worker(conn);
         if self.deadline_soon(conn, now) && !self.conn_has_ready(conn) {
@@ -1015,7 +1034,8 @@ impl Engine {
         let mut kicked = 0;
         let from_buried = !self.tubes[tube.idx()].buried.is_empty();
         while kicked < bound {
-            let next = if from_buried { self.tubes[tube.idx()].buried.first() } else { self.tubes[tube.idx()].delayed.peek() };
+            let next =
+                if from_buried { self.tubes[tube.idx()].buried.first() } else { self.tubes[tube.idx()].delayed.peek() };
             let Some(key) = next else { break };
             self.kick_one(key, now, out);
             kicked += 1;
@@ -1273,7 +1293,8 @@ impl Engine {
         // Restoring is not a change to write back.
         let changes = self.changes.take();
         let tube = self.tube_find_or_make(&rec.tube);
-        let mut job = Job::new(rec.id, tube, rec.pri, rec.delay_secs, rec.ttr_secs.max(1), rec.body, now.saturating_sub(rec.age));
+        let mut job =
+            Job::new(rec.id, tube, rec.pri, rec.delay_secs, rec.ttr_secs.max(1), rec.body, now.saturating_sub(rec.age));
         job.counters = rec.counters;
         let key = self.insert_job(job);
         if let Some(ttl) = rec.ttl {

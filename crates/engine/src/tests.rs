@@ -1,8 +1,8 @@
 //! Engine tests driven by a fake clock, without sockets.
 
 use super::*;
-use polaris_proto::{Decoded, Decoder, Limits};
 use bytes::BytesMut;
+use polaris_proto::{Decoded, Decoder, Limits};
 use proptest::prelude::*;
 use std::collections::HashMap;
 
@@ -93,7 +93,10 @@ fn ready_order_is_priority_then_id() {
     h.put(c, 5, 0, 10, "c");
     h.put(c, 1, 0, 10, "d");
     let order: Vec<String> = (0..4).map(|_| h.cmd(c, "reserve\r\n")).collect();
-    assert_eq!(order, ["RESERVED 2 1\r\nb\r\n", "RESERVED 4 1\r\nd\r\n", "RESERVED 1 1\r\na\r\n", "RESERVED 3 1\r\nc\r\n"]);
+    assert_eq!(
+        order,
+        ["RESERVED 2 1\r\nb\r\n", "RESERVED 4 1\r\nd\r\n", "RESERVED 1 1\r\na\r\n", "RESERVED 3 1\r\nc\r\n"]
+    );
 }
 
 #[test]

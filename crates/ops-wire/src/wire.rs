@@ -35,10 +35,7 @@ pub fn unix_now() -> u64 {
 
 /// Milliseconds since the Unix epoch, now.
 pub fn unix_now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)).unwrap_or(0)
 }
 
 /// The shared secret keying the HMAC. Its `Debug` output never shows the bytes.
@@ -83,11 +80,10 @@ impl Secret {
     /// works), else from the `POLARIS_SECRET` env variable.
     pub fn load(file: Option<&Path>) -> Result<Secret, SecretError> {
         let mut bytes = match file {
-            Some(path) => std::fs::read(path)
-                .map_err(|source| SecretError::Read { path: path.display().to_string(), source })?,
-            None => std::env::var_os(SECRET_ENV)
-                .map(|v| v.into_encoded_bytes())
-                .ok_or(SecretError::Missing)?,
+            Some(path) => {
+                std::fs::read(path).map_err(|source| SecretError::Read { path: path.display().to_string(), source })?
+            }
+            None => std::env::var_os(SECRET_ENV).map(|v| v.into_encoded_bytes()).ok_or(SecretError::Missing)?,
         };
         while matches!(bytes.last(), Some(b'\n' | b'\r')) {
             bytes.pop();
@@ -137,10 +133,8 @@ pub fn unverified_payload(message: &[u8]) -> Option<&[u8]> {
 pub fn open<'a>(secret: &Secret, message: &'a [u8]) -> Result<&'a [u8], OpenError> {
     let newline = message.iter().position(|&b| b == b'\n').ok_or(OpenError::NotSigned)?;
     let header = std::str::from_utf8(&message[..newline]).map_err(|_| OpenError::NotSigned)?;
-    let tag_hex = header
-        .strip_prefix(SIGNED_MAGIC)
-        .and_then(|rest| rest.strip_prefix(' '))
-        .ok_or(OpenError::NotSigned)?;
+    let tag_hex =
+        header.strip_prefix(SIGNED_MAGIC).and_then(|rest| rest.strip_prefix(' ')).ok_or(OpenError::NotSigned)?;
     let tag = hex::decode(tag_hex).map_err(|_| OpenError::BadSignature)?;
     let payload = &message[newline + 1..];
     let mut mac = secret.mac();

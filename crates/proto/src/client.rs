@@ -13,7 +13,6 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
-
 /// Longest reply line we accept from a server before calling it a protocol error. Real
 /// replies are far shorter (`RESERVED <id> <bytes>` is under 50 bytes).
 const MAX_REPLY_LINE: usize = 1024;
@@ -147,9 +146,7 @@ pub struct Client {
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client")
-            .field("peer", &self.writer.peer_addr().ok())
-            .finish()
+        f.debug_struct("Client").field("peer", &self.writer.peer_addr().ok()).finish()
     }
 }
 
@@ -498,13 +495,11 @@ fn optional(result: Result<Job>) -> Result<Option<Job>> {
 }
 
 fn parse_id(command: &'static str, word: &str, line: &str) -> Result<u64> {
-    word.parse()
-        .map_err(|_| Error::UnexpectedReply { command, reply: line.to_string() })
+    word.parse().map_err(|_| Error::UnexpectedReply { command, reply: line.to_string() })
 }
 
 fn parse_len(command: &'static str, word: &str, line: &str) -> Result<usize> {
-    word.parse()
-        .map_err(|_| Error::UnexpectedReply { command, reply: line.to_string() })
+    word.parse().map_err(|_| Error::UnexpectedReply { command, reply: line.to_string() })
 }
 
 #[cfg(test)]

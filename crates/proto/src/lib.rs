@@ -304,7 +304,8 @@ fn parse_line(line: &[u8], max_job_size: u32) -> Line {
         None => Line::Error(reply::BAD_FORMAT),
     };
     // Commands without arguments must match the whole line.
-    let exact = |rest: &[u8], cmd: Command| if rest.is_empty() { Line::Command(cmd) } else { Line::Error(reply::BAD_FORMAT) };
+    let exact =
+        |rest: &[u8], cmd: Command| if rest.is_empty() { Line::Command(cmd) } else { Line::Error(reply::BAD_FORMAT) };
 
     // The order matters: beanstalkd tests prefixes in exactly this order, so
     // `peek-ready` is not `peek <id>` and `reserve-job` is not `reserve`.
@@ -903,13 +904,19 @@ mod tests {
         // A 224-byte line (with CRLF) is still a line.
         let max = format!("use {}\r\n", "a".repeat(218));
         assert_eq!(err(&max), reply::BAD_FORMAT); // 218 > 200: a name error, not a length error
-        // Body longer than announced.
+                                                  // Body longer than announced.
         let got = decode_all(b"put 0 0 1 1\r\nabc\r\n", &[100]);
-        assert_eq!(got, vec![Decoded::PutHeader, Decoded::Error(reply::EXPECTED_CRLF), Decoded::Error(reply::UNKNOWN_COMMAND)]);
+        assert_eq!(
+            got,
+            vec![Decoded::PutHeader, Decoded::Error(reply::EXPECTED_CRLF), Decoded::Error(reply::UNKNOWN_COMMAND)]
+        );
         // Oversized body is skipped, then JOB_TOO_BIG.
         let input = format!("put 0 0 1 70000\r\n{}\r\nstats\r\n", "z".repeat(70000));
         let got = decode_all(input.as_bytes(), &[1000]);
-        assert_eq!(got, vec![Decoded::CountedError(Counted::Put, reply::JOB_TOO_BIG), Decoded::Command(Command::Stats)]);
+        assert_eq!(
+            got,
+            vec![Decoded::CountedError(Counted::Put, reply::JOB_TOO_BIG), Decoded::Command(Command::Stats)]
+        );
         // A bad put line: its body is read as a command.
         let got = decode_all(b"put 0 0 1 1 x\r\nstats\r\n", &[100]);
         assert_eq!(got, vec![Decoded::CountedError(Counted::Put, reply::BAD_FORMAT), Decoded::Command(Command::Stats)]);

@@ -116,7 +116,12 @@ impl Cluster {
 
     /// Starts everything with the given queue max job size, extra dispatcher flags and
     /// extra agent environment.
-    pub fn start_with(hosts: &[&str], max_job_size: u32, dispatch_args: &[&str], agent_env: &[(&str, &str)]) -> Cluster {
+    pub fn start_with(
+        hosts: &[&str],
+        max_job_size: u32,
+        dispatch_args: &[&str],
+        agent_env: &[(&str, &str)],
+    ) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let queue = start_queue(max_job_size);
         let dispatch = start_dispatcher(&queue.addr, &dir.path().join("data"), dispatch_args);
@@ -138,9 +143,7 @@ impl Cluster {
         wait_until(Duration::from_secs(15), "all agents registered", || {
             let (status, body) = request("GET", &cluster.url("/v1/hosts"), None, auth.as_deref());
             status == 200
-                && hosts.iter().all(|h| {
-                    body["hosts"].as_array().is_some_and(|list| list.iter().any(|e| e["id"] == *h))
-                })
+                && hosts.iter().all(|h| body["hosts"].as_array().is_some_and(|list| list.iter().any(|e| e["id"] == *h)))
         });
         cluster
     }
@@ -157,12 +160,7 @@ impl Cluster {
 
     /// The agent process of `host`.
     pub fn agent(&mut self, host: &str) -> &mut Proc {
-        &mut self
-            .agents
-            .iter_mut()
-            .find(|(h, _)| h == host)
-            .unwrap_or_else(|| panic!("no agent {host}"))
-            .1
+        &mut self.agents.iter_mut().find(|(h, _)| h == host).unwrap_or_else(|| panic!("no agent {host}")).1
     }
 
     /// Kills the queue and starts a new, empty one on the same address.
@@ -223,4 +221,3 @@ pub fn post(url: &str, body: &Value) -> (u16, Value) {
 pub fn get(url: &str) -> (u16, Value) {
     request("GET", url, None, None)
 }
-

@@ -20,10 +20,7 @@ use std::time::{Duration, Instant};
 /// members are all of them, so a plain `cargo test` has them all in place.
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("the test binary's own path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binaries live in target/<profile>/deps");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("test binaries live in target/<profile>/deps");
     let path = profile_dir.join(name);
     assert!(
         path.is_file(),

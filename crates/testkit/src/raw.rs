@@ -63,14 +63,7 @@ pub fn parse_reply(buf: &[u8]) -> Option<(Reply, usize)> {
         }
         None => None,
     };
-    Some((
-        Reply {
-            line,
-            body,
-            raw: buf[..used].to_vec(),
-        },
-        used,
-    ))
+    Some((Reply { line, body, raw: buf[..used].to_vec() }, used))
 }
 
 /// What a timed read produced.
@@ -98,11 +91,7 @@ impl RawConn {
         // Each send() must leave as its own segment, so that "split" writes
         // really arrive in pieces.
         stream.set_nodelay(true)?;
-        Ok(RawConn {
-            stream,
-            buf: Vec::new(),
-            closed: false,
-        })
+        Ok(RawConn { stream, buf: Vec::new(), closed: false })
     }
 
     /// Writes all of `bytes` (one `write_all`).
@@ -136,9 +125,7 @@ impl RawConn {
     /// Half-closes the connection: the server sees end of input, but can
     /// still send.
     pub fn shutdown_write(&self) -> Result<()> {
-        self.stream
-            .shutdown(Shutdown::Write)
-            .context("shutting down the write half")
+        self.stream.shutdown(Shutdown::Write).context("shutting down the write half")
     }
 
     /// Closes both directions of the client socket.
@@ -151,8 +138,7 @@ impl RawConn {
         if self.closed {
             return Ok(ReadOutcome::Closed);
         }
-        self.stream
-            .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))?;
+        self.stream.set_read_timeout(Some(timeout.max(Duration::from_millis(1))))?;
         let mut chunk = [0u8; 65536];
         match self.stream.read(&mut chunk) {
             Ok(0) => {
@@ -163,15 +149,8 @@ impl RawConn {
                 self.buf.extend_from_slice(&chunk[..n]);
                 Ok(ReadOutcome::Data)
             }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                Ok(ReadOutcome::Quiet)
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted
-                ) =>
-            {
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => Ok(ReadOutcome::Quiet),
+            Err(e) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted) => {
                 // A close with unread input becomes a reset; for the client
                 // it means the same thing as EOF.
                 self.closed = true;
@@ -205,11 +184,7 @@ impl RawConn {
         if got == want {
             return Ok(());
         }
-        let first_diff = got
-            .iter()
-            .zip(want)
-            .position(|(a, b)| a != b)
-            .unwrap_or(got.len().min(want.len()));
+        let first_diff = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(got.len().min(want.len()));
         let why = if got.len() < want.len() {
             if self.closed {
                 "connection closed early"
@@ -228,12 +203,8 @@ impl RawConn {
 
     /// Reads one reply frame, waiting up to [`IO_TIMEOUT`].
     pub fn read_reply(&mut self) -> Result<Reply> {
-        self.read_reply_within(IO_TIMEOUT)?.ok_or_else(|| {
-            anyhow!(
-                "no complete reply within {IO_TIMEOUT:?}; got so far: {}",
-                escape_bytes(&self.buf)
-            )
-        })
+        self.read_reply_within(IO_TIMEOUT)?
+            .ok_or_else(|| anyhow!("no complete reply within {IO_TIMEOUT:?}; got so far: {}", escape_bytes(&self.buf)))
     }
 
     /// Reads one reply frame if one completes within `timeout`; `Ok(None)` if
