@@ -305,7 +305,7 @@ impl Store {
                 let at: i64 = row.get(2).map_err(self.sql_err())?;
                 let Some(state) = FinalState::from_name(&state) else { continue };
                 // Map the wall-clock time onto the engine clock.
-                let ago = (wall - at).max(0) as u64;
+                let ago = nanos_until(at, wall);
                 engine.restore_tombstone(Tombstone { id: JobId(id as u64), state, at: now.saturating_sub(ago) });
             }
         }
@@ -385,9 +385,9 @@ impl Store {
                     delete.execute([id.0 as i64]).map_err(sql)?;
                     continue;
                 };
-                let ready_at = wall + rec.delay_left as i64;
-                let ttl_at = rec.ttl_left.map(|left| wall + left as i64).or(match (rec.state, rec.ttl) {
-                    (JobState::Delayed, Some(ttl)) => Some(ready_at + ttl as i64),
+                let ready_at = wall_after(wall, rec.delay_left);
+                let ttl_at = rec.ttl_left.map(|left| wall_after(wall, left)).or(match (rec.state, rec.ttl) {
+                    (JobState::Delayed, Some(ttl)) => Some(wall_after(ready_at, ttl)),
                     _ => None,
                 });
                 let c = rec.counters;
@@ -398,11 +398,11 @@ impl Store {
                         rec.pri,
                         i64::from(rec.delay_secs) * SECOND as i64,
                         i64::from(rec.ttr_secs) * SECOND as i64,
-                        rec.ttl.map(|t| t as i64),
+                        rec.ttl.map(nanos_column),
                         ttl_at,
                         state_code(rec.state),
                         ready_at,
-                        wall - rec.age as i64,
+                        wall.saturating_sub(nanos_column(rec.age)),
                         c.reserves,
                         c.timeouts,
                         c.releases,
@@ -416,8 +416,8 @@ impl Store {
                 .prepare_cached("INSERT OR REPLACE INTO tombstones (id, state, at) VALUES (?1, ?2, ?3)")
                 .map_err(sql)?;
             for t in &self.pending.tombstones {
-                let ago = now.saturating_sub(t.at) as i64;
-                put_tomb.execute(params![t.id.0 as i64, t.state.name(), wall - ago]).map_err(sql)?;
+                let ago = nanos_column(now.saturating_sub(t.at));
+                put_tomb.execute(params![t.id.0 as i64, t.state.name(), wall.saturating_sub(ago)]).map_err(sql)?;
                 written += 1;
             }
             let mut forget = tx.prepare_cached("DELETE FROM tombstones WHERE id = ?1").map_err(sql)?;
@@ -646,9 +646,9 @@ fn job_from_row(
     let ready_at: i64 = row.get(8)?;
     let created_at: i64 = row.get(9)?;
     let ttl_at: Option<i64> = row.get(6)?;
-    let delay_left = if state == JobState::Delayed { (ready_at - wall).max(0) as u64 } else { 0 };
+    let delay_left = if state == JobState::Delayed { nanos_until(wall, ready_at) } else { 0 };
     let ttl_left = match state {
-        JobState::Ready => ttl_at.map(|at| (at - wall).max(0) as u64),
+        JobState::Ready => ttl_at.map(|at| nanos_until(wall, at)),
         _ => None,
     };
     let body: Vec<u8> = row.get(15)?;
@@ -658,7 +658,7 @@ fn job_from_row(
         pri: row.get(2)?,
         delay_secs: secs_of(row.get(3)?),
         ttr_secs: secs_of(row.get(4)?),
-        ttl: row.get::<_, Option<i64>>(5)?.map(|t| t as u64),
+        ttl: row.get::<_, Option<i64>>(5)?.map(|t| u64::try_from(t).unwrap_or(0)),
         ttl_left,
         state,
         delay_left,
@@ -669,9 +669,26 @@ fn job_from_row(
             buries: row.get(13)?,
             kicks: row.get(14)?,
         },
-        age: (wall - created_at).max(0) as u64,
+        age: nanos_until(created_at, wall),
         body: body.into_boxed_slice(),
     }))
+}
+
+/// A wall-clock instant `nanos` after `wall`. Clients control delays and TTLs (up to
+/// 2^32-1 seconds each, whose sum passes `i64::MAX` nanoseconds since 1970), so the
+/// arithmetic saturates: a deadline in the year 2262 is as good as one later.
+fn wall_after(wall: i64, nanos: u64) -> i64 {
+    wall.saturating_add(nanos_column(nanos))
+}
+
+/// Nanoseconds from `from` until `to`, 0 if `to` is not later; rows may hold any value.
+fn nanos_until(from: i64, to: i64) -> u64 {
+    u64::try_from(to.saturating_sub(from)).unwrap_or(0)
+}
+
+/// A nanosecond duration as an SQLite integer, saturating at `i64::MAX`.
+fn nanos_column(nanos: u64) -> i64 {
+    i64::try_from(nanos).unwrap_or(i64::MAX)
 }
 
 /// A nanosecond column as whole seconds (the schema keeps nanoseconds).

@@ -147,6 +147,31 @@ fn ttl_and_tombstones_survive_a_restart() -> Result<()> {
     Ok(())
 }
 
+/// The largest delay, TTL and TTR a client may send: the wall-clock deadlines the store
+/// computes from them must saturate, not wrap (or panic, with overflow checks on).
+#[test]
+fn the_largest_delay_and_ttl_survive_a_restart() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    {
+        let server = start(dir.path(), &["-f", "0"])?;
+        let mut c = server.connect()?;
+        assert_eq!(c.line("put 4294967295 4294967295 4294967295 1 ttl=4294967295\r\na\r\n")?, "INSERTED 1");
+        assert_eq!(c.line("put 0 0 4294967295 1 ttl=4294967295\r\nb\r\n")?, "INSERTED 2");
+        assert_eq!(c.line("job-state 1\r\n")?, "STATE delayed");
+        server.signal("TERM")?;
+        thread::sleep(Duration::from_millis(300));
+    }
+    let server = start(dir.path(), &["-f", "0"])?;
+    let mut c = server.connect()?;
+    assert_eq!(c.line("job-state 1\r\n")?, "STATE delayed");
+    assert_eq!(c.line("job-state 2\r\n")?, "STATE ready");
+    let job = stats_job(&mut c, 1)?;
+    assert_eq!(job["pri"], "4294967295");
+    assert_eq!(job["delay"], "4294967295");
+    assert_eq!(job["ttr"], "4294967295");
+    Ok(())
+}
+
 /// What one load thread saw acknowledged.
 #[derive(Default)]
 struct Acks {
