@@ -19,13 +19,23 @@ use std::time::{Duration, Instant};
 /// `cargo test` builds every binary of the packages it tests, and the workspace's default
 /// members are all of them, so a plain `cargo test` has them all in place.
 pub fn binary(name: &str) -> PathBuf {
+    built_artifact(Path::new(name))
+}
+
+/// The path of an example of this workspace (`examples/NAME.rs`), built in the same profile
+/// as the running test (`cargo test` builds every example).
+pub fn example(name: &str) -> PathBuf {
+    built_artifact(&Path::new("examples").join(name))
+}
+
+fn built_artifact(relative: &Path) -> PathBuf {
     let exe = std::env::current_exe().expect("the test binary's own path");
     let profile_dir = exe.parent().and_then(Path::parent).expect("test binaries live in target/<profile>/deps");
-    let path = profile_dir.join(name);
+    let path = profile_dir.join(relative);
     assert!(
         path.is_file(),
-        "{} is not built; `cargo test` in the workspace root builds every binary \
-         (or run `cargo build --workspace` with this test's profile)",
+        "{} is not built; `cargo test` in the workspace root builds every binary and example \
+         (or run `cargo build --workspace --all-targets` with this test's profile)",
         path.display()
     );
     path
