@@ -1,6 +1,6 @@
-//! Commands: [`Engine::apply`] runs one command and writes its reply, with a
-//! handler per command that needs more than a few lines; [`Engine::begin_put`]
-//! and [`Engine::count_refused`] for what the decoder reports before a command.
+//! Commands: [`Engine::feed`] takes what the decoder produced, [`Engine::apply`]
+//! runs one command and writes its reply, with a handler per command that
+//! needs more than a few lines.
 
 use crate::conn::ConnId;
 use crate::job::{Job, JobId, JobKey, JobState};
@@ -9,9 +9,64 @@ use crate::state::Engine;
 use crate::stats::Op;
 use crate::tombstone::FinalState;
 use crate::{Nanos, SECOND};
-use polaris_proto::{reply, Command, Counted, PutOptions, ReplyLine};
+use polaris_proto::{reply, Command, Counted, Decoded, PutOptions, ReplyLine};
 
 impl Engine {
+    /// Runs one event that [`polaris_proto::Decoder`] produced from `conn`'s input:
+    /// a command, a `put` header (which counts the put and assigns its id), or a
+    /// malformed line (answered with its error reply, and counted in `stats` when
+    /// beanstalkd counts it). Replies go into `out`.
+    ///
+    /// This is the one place decoded input meets the engine; the server, the tests
+    /// and the benchmarks all come through here. The caller keeps the decoder and
+    /// the read loop, and decodes the next event only while the connection may go
+    /// on: not after [`Outcome::Blocked`] (until the engine has sent it a reply) or
+    /// [`Outcome::Close`].
+    ///
+    /// ```
+    /// use bytes::BytesMut;
+    /// use polaris_engine::{Config, ConnId, Engine, Outcome, ReplySink};
+    /// use polaris_proto::{Decoder, Limits};
+    ///
+    /// struct Replies(Vec<u8>);
+    /// impl ReplySink for Replies {
+    ///     fn send(&mut self, _conn: ConnId, bytes: &[u8]) {
+    ///         self.0.extend_from_slice(bytes);
+    ///     }
+    /// }
+    ///
+    /// let mut engine = Engine::new(Config::default(), 0, false);
+    /// let conn = engine.connect();
+    /// let mut decoder = Decoder::new(Limits::default());
+    /// let mut input = BytesMut::from(&b"put 0 0 60 2\r\nhi\r\nreserve\r\nbogus\r\n"[..]);
+    /// let mut out = Replies(Vec::new());
+    /// while let Some(decoded) = decoder.decode(&mut input) {
+    ///     if engine.feed(conn, decoded, 0, &mut out) != Outcome::Done {
+    ///         break;
+    ///     }
+    /// }
+    /// assert_eq!(out.0, b"INSERTED 1\r\nRESERVED 1 2\r\nhi\r\nUNKNOWN_COMMAND\r\n");
+    /// ```
+    #[inline] // into the server's read loop, which then calls `apply` as directly as before
+    pub fn feed(&mut self, conn: ConnId, decoded: Decoded, now: Nanos, out: &mut dyn ReplySink) -> Outcome {
+        match decoded {
+            Decoded::Command(cmd) => self.apply(conn, cmd, now, out),
+            Decoded::PutHeader => {
+                self.begin_put(conn);
+                Outcome::Done
+            }
+            Decoded::CountedError(what, reply) => {
+                self.count_refused(what);
+                out.send(conn, reply);
+                Outcome::Done
+            }
+            Decoded::Error(reply) => {
+                out.send(conn, reply);
+                Outcome::Done
+            }
+        }
+    }
+
     /// A valid `put` header arrived: as beanstalkd does at this point, count
     /// the put, mark the connection a producer and assign the job's id (which
     /// is used up even if the body then turns out malformed).

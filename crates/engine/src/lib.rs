@@ -7,7 +7,7 @@
 //! - `sink`: how the engine answers: [`ReplySink`] and [`Outcome`].
 //! - `state`: the [`Engine`] struct (every table, heap and timer set) and its constructor.
 //! - `conn`: [`ConnId`] and the per-connection state; connect, disconnect, abort a wait.
-//! - `commands`: each command ([`Engine::apply`]), put headers and refused commands.
+//! - `commands`: decoded input ([`Engine::feed`]) and each command ([`Engine::apply`]).
 //! - `mechanics`: queue mechanics after beanstalkd's `prot.c`: enqueue, hand ready jobs
 //!   to waiters, reserve, bury, kick, pause, waits.
 //! - `tube`: tubes, beanstalkd's multiset, and tube reference counting.
