@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the queue engine (`polaris_engine::Engine`), without
-//! sockets: commands go straight to `Engine::apply`, replies into a sink that
-//! only counts bytes. Throughput is in jobs (or commands) per second.
+//! sockets: commands go straight to `Engine::feed` (the server's entry point,
+//! minus the decoder), replies into a sink that only counts bytes. Throughput
+//! is in jobs (or commands) per second.
 //!
 //! `persist` variants build the engine with change tracking on, as `polarisd -b`
 //! does, and take the changes every 64 commands (one simulated loop turn).
@@ -8,7 +9,7 @@
 
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use polaris_engine::{Config, ConnId, Engine, Outcome, ReplySink};
-use polaris_proto::{Command, PutOptions, TubeName};
+use polaris_proto::{Command, Decoded, PutOptions, TubeName};
 use std::time::Duration;
 
 /// Counts reply bytes, like a socket that never blocks.
@@ -45,7 +46,7 @@ impl Bench {
 
     fn apply(&mut self, conn: ConnId, cmd: Command) -> Outcome {
         self.now += 1_000;
-        let o = self.engine.apply(conn, cmd, self.now, &mut self.sink);
+        let o = self.engine.feed(conn, Decoded::Command(cmd), self.now, &mut self.sink);
         self.ops += 1;
         if self.persist && self.ops % 64 == 0 {
             black_box(self.engine.take_changes());

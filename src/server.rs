@@ -18,7 +18,7 @@ use mio::event::Source;
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Events, Interest, Poll, Registry, Token};
 use polaris_engine::{self as engine, ConnId, Engine, Nanos, Outcome, ReplySink};
-use polaris_proto::{Decoded, Decoder, Limits};
+use polaris_proto::{Decoder, Limits};
 use slab::Slab;
 use std::io::{self, Read, Write};
 use std::net::ToSocketAddrs;
@@ -490,22 +490,7 @@ impl Server {
             }
             let Some(decoded) = c.decoder.decode(&mut c.input) else { return };
             let conn = c.engine_id;
-            let outcome = match decoded {
-                Decoded::Command(cmd) => self.with_outbox(|engine, out| engine.apply(conn, cmd, now, out)),
-                Decoded::PutHeader => {
-                    self.engine.begin_put(conn);
-                    Outcome::Done
-                }
-                Decoded::CountedError(what, reply) => {
-                    self.engine.count_refused(what);
-                    self.with_outbox(|_, out| out.send(conn, reply));
-                    Outcome::Done
-                }
-                Decoded::Error(reply) => {
-                    self.with_outbox(|_, out| out.send(conn, reply));
-                    Outcome::Done
-                }
-            };
+            let outcome = self.with_outbox(|engine, out| engine.feed(conn, decoded, now, out));
             match outcome {
                 Outcome::Done => {}
                 Outcome::Blocked => {

@@ -1,13 +1,68 @@
-//! The YAML bodies of `stats`, `stats-tube`, `stats-job` and the tube lists, in
-//! beanstalkd 1.12's field order and shape.
+//! Statistics: the counters behind `stats` ([`Op`] for the `cmd-*` lines,
+//! [`Counters`] for the rest) and the YAML bodies of `stats`, `stats-tube`,
+//! `stats-job` and the tube lists, in beanstalkd 1.12's field order and shape.
 
-use super::job::JobKey;
-use super::tube::TubeKey;
-use super::{Engine, JobState, Nanos, Op, SECOND};
+use crate::job::{JobKey, JobState};
+use crate::state::Engine;
+use crate::tube::TubeKey;
+use crate::{Nanos, SECOND};
 use std::io::Write;
 
+/// Commands counted in `stats` as `cmd-*`.
+#[derive(Clone, Copy, Debug)]
+#[repr(usize)]
+pub(crate) enum Op {
+    Put,
+    Peek,
+    PeekReady,
+    PeekDelayed,
+    PeekBuried,
+    Reserve,
+    ReserveWithTimeout,
+    Delete,
+    Release,
+    Use,
+    Watch,
+    Ignore,
+    Bury,
+    Kick,
+    Touch,
+    Stats,
+    StatsJob,
+    StatsTube,
+    ListTubes,
+    ListTubeUsed,
+    ListTubesWatched,
+    PauseTube,
+    Count,
+}
+
+/// The server-wide counters `stats` and `polaris-stats` print.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) ops: [u64; Op::Count as usize],
+    pub(crate) job_timeouts: u64,
+    pub(crate) total_jobs: u64,
+    pub(crate) total_connections: u64,
+    pub(crate) producers: u32,
+    pub(crate) workers: u32,
+    pub(crate) waiting: u32,
+    pub(crate) urgent: u32,
+    pub(crate) ready: u32,
+    pub(crate) reserved: u32,
+    pub(crate) delayed: u32,
+    pub(crate) buried: u32,
+    pub(crate) expired: u64,
+    pub(crate) revoked: u64,
+}
+
 impl Engine {
-    pub(super) fn stats_yaml(&self, now: Nanos) -> Vec<u8> {
+    /// Counts one `cmd-*`.
+    pub(crate) fn count(&mut self, op: Op) {
+        self.counters.ops[op as usize] += 1;
+    }
+
+    pub(crate) fn stats_yaml(&self, now: Nanos) -> Vec<u8> {
         let c = &self.counters;
         let op = |o: Op| c.ops[o as usize];
         let ((user_s, user_us), (sys_s, sys_us)) = (self.cfg.rusage)();
@@ -123,7 +178,7 @@ impl Engine {
         y
     }
 
-    pub(super) fn stats_tube_yaml(&self, t: TubeKey, now: Nanos) -> Vec<u8> {
+    pub(crate) fn stats_tube_yaml(&self, t: TubeKey, now: Nanos) -> Vec<u8> {
         let tube = &self.tubes[t.idx()];
         let time_left = if tube.pause > 0 { tube.unpause_at.saturating_sub(now) / SECOND } else { 0 };
         let mut y = Vec::with_capacity(512);
@@ -162,7 +217,7 @@ impl Engine {
         y
     }
 
-    pub(super) fn stats_job_yaml(&self, key: JobKey, now: Nanos) -> Vec<u8> {
+    pub(crate) fn stats_job_yaml(&self, key: JobKey, now: Nanos) -> Vec<u8> {
         let job = &self.jobs[key.idx()];
         let time_left = match job.state {
             JobState::Reserved | JobState::Delayed => job.deadline.saturating_sub(now) / SECOND,
@@ -204,7 +259,7 @@ impl Engine {
     }
 
     /// The extension `stats-ext` body: counters beanstalkd does not have.
-    pub(super) fn stats_ext_yaml(&self) -> Vec<u8> {
+    pub(crate) fn stats_ext_yaml(&self) -> Vec<u8> {
         let mut y = Vec::with_capacity(256);
         let _ = write!(
             y,
@@ -233,7 +288,7 @@ impl Engine {
     }
 
     /// `list-tubes` and `list-tubes-watched`.
-    pub(super) fn tube_list_yaml(&self, tubes: impl Iterator<Item = TubeKey>) -> Vec<u8> {
+    pub(crate) fn tube_list_yaml(&self, tubes: impl Iterator<Item = TubeKey>) -> Vec<u8> {
         let mut y = b"---\n".to_vec();
         for t in tubes {
             y.extend_from_slice(b"- ");

@@ -2,7 +2,7 @@
 
 use super::*;
 use bytes::BytesMut;
-use polaris_proto::{Decoded, Decoder, Limits};
+use polaris_proto::{Decoder, Limits};
 use proptest::prelude::*;
 use std::collections::HashMap;
 
@@ -43,22 +43,7 @@ impl Harness {
         let mut buf = BytesMut::from(input.as_bytes());
         let mut outcome = Outcome::Done;
         while let Some(d) = dec.decode(&mut buf) {
-            outcome = match d {
-                Decoded::Command(cmd) => self.engine.apply(conn, cmd, self.now, &mut self.cap),
-                Decoded::PutHeader => {
-                    self.engine.begin_put(conn);
-                    Outcome::Done
-                }
-                Decoded::CountedError(what, e) => {
-                    self.engine.count_refused(what);
-                    self.cap.send(conn, e);
-                    Outcome::Done
-                }
-                Decoded::Error(e) => {
-                    self.cap.send(conn, e);
-                    Outcome::Done
-                }
-            };
+            outcome = self.engine.feed(conn, d, self.now, &mut self.cap);
         }
         outcome
     }

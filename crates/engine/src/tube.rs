@@ -1,8 +1,12 @@
-//! Tubes, and the small multiset beanstalkd uses for tube lists and waiters.
+//! Tubes: the [`Tube`] record, the small multiset beanstalkd uses for tube
+//! lists and waiters, and how the engine finds, makes and frees tubes
+//! (reference counting).
 
-use super::heap::{JobHeap, Order};
-use super::job::JobList;
-use super::{ConnId, Nanos};
+use crate::conn::ConnId;
+use crate::heap::{JobHeap, Order};
+use crate::job::JobList;
+use crate::state::Engine;
+use crate::Nanos;
 use polaris_proto::TubeName;
 
 /// Index of a tube in the engine's tube slab.
@@ -137,6 +141,51 @@ impl Tube {
             pause: 0,
             unpause_at: 0,
         }
+    }
+}
+
+// ----- tube lifetime ---------------------------------------------------------
+
+impl Engine {
+    /// Finds or makes the tube `name` and takes a reference to it.
+    pub(crate) fn tube_ref(&mut self, name: &TubeName) -> TubeKey {
+        let key = self.tube_find_or_make(name);
+        self.incref(key);
+        key
+    }
+
+    /// Finds or makes the tube `name` without taking a reference: the caller
+    /// must attach something that holds one (a job) before anything can free it.
+    pub(crate) fn tube_find_or_make(&mut self, name: &TubeName) -> TubeKey {
+        match self.tube_index.get(name) {
+            Some(&key) => key,
+            None => {
+                let key = TubeKey::from_idx(self.tubes.insert(Tube::new(name.clone())));
+                self.tube_index.insert(name.clone(), key);
+                self.tube_order.push(key);
+                key
+            }
+        }
+    }
+
+    pub(crate) fn incref(&mut self, t: TubeKey) {
+        self.tubes[t.idx()].refs += 1;
+    }
+
+    /// Drops a reference; a tube nobody refers to is freed.
+    pub(crate) fn decref(&mut self, t: TubeKey) {
+        let tube = &mut self.tubes[t.idx()];
+        tube.refs -= 1;
+        if tube.refs > 0 {
+            return;
+        }
+        let tube = self.tubes.remove(t.idx());
+        if tube.pause > 0 {
+            self.pause_timers.remove(&(tube.unpause_at, t));
+        }
+        self.tube_index.remove(&tube.name);
+        self.tube_order.remove(t);
+        self.tubes_with_waiters.remove(&t);
     }
 }
 
