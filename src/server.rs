@@ -28,6 +28,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// The engine clock's reading when the process starts. Not zero, so that a job restored
+/// from disk keeps its creation time, which lies before the start (its `age` goes on from
+/// where it was): a century of nanoseconds leaves room below and, with the largest delay
+/// and TTL a client may ask for added on top, still fits in a `u64`.
+const CLOCK_ORIGIN: Nanos = 100 * 365 * 24 * 3600 * engine::SECOND;
+
 /// Where to listen.
 #[derive(Clone, Debug)]
 pub enum Listen {
@@ -238,12 +244,12 @@ impl Server {
         let mut engine_cfg = cfg.engine.clone();
         engine_cfg.instance = instance_info();
         engine_cfg.rusage = rusage;
-        let mut engine = Engine::new(engine_cfg, 0, cfg.durability.is_some());
+        let mut engine = Engine::new(engine_cfg, CLOCK_ORIGIN, cfg.durability.is_some());
         let store = match &cfg.durability {
             Some(d) => {
                 let mut store = Store::open(&d.dir, d.fsync, d.wal_size, d.max_bytes)?;
                 let t0 = Instant::now();
-                let restored = store.load_into(&mut engine, 0)?;
+                let restored = store.load_into(&mut engine, CLOCK_ORIGIN)?;
                 log::info!("restored {restored} jobs from {} in {:?}", store.path().display(), t0.elapsed());
                 Some(store)
             }
@@ -275,7 +281,7 @@ impl Server {
     }
 
     fn now(&self) -> Nanos {
-        self.started.elapsed().as_nanos() as Nanos
+        CLOCK_ORIGIN.saturating_add(u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX))
     }
 
     /// Runs until SIGTERM or SIGINT, then commits and returns.

@@ -172,6 +172,26 @@ fn the_largest_delay_and_ttl_survive_a_restart() -> Result<()> {
     Ok(())
 }
 
+/// beanstalkd keeps a job's creation time in its binlog; so does the store: `age` counts
+/// from the put, not from the restart.
+#[test]
+fn a_jobs_age_survives_a_restart() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    {
+        let server = start(dir.path(), &["-f", "0"])?;
+        let mut c = server.connect()?;
+        assert_eq!(c.line("put 0 0 60 1\r\na\r\n")?, "INSERTED 1");
+        thread::sleep(Duration::from_millis(2100));
+        server.signal("TERM")?;
+        thread::sleep(Duration::from_millis(300));
+    }
+    let server = start(dir.path(), &["-f", "0"])?;
+    let mut c = server.connect()?;
+    let age: u64 = stats_job(&mut c, 1)?["age"].parse()?;
+    assert!(age >= 2, "age {age} restarted from zero");
+    Ok(())
+}
+
 /// What one load thread saw acknowledged.
 #[derive(Default)]
 struct Acks {
