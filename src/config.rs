@@ -7,9 +7,20 @@ use polaris_engine::{self as engine, SECOND};
 use polaris_proto::{self as proto, TubeName};
 use std::path::PathBuf;
 
-/// polarisd: a beanstalkd-compatible job queue with a SQLite binlog.
+/// polarisd's flags; `about` below is what -h prints.
 #[derive(Parser, Debug)]
-#[command(name = "polarisd", disable_version_flag = true, about, long_about = None)]
+#[command(
+    name = "polarisd",
+    disable_version_flag = true,
+    about = "polarisd: the Polaris queue server. Speaks the beanstalkd 1.12 protocol byte for byte and takes \
+             beanstalkd's flags; with -b every change is committed to SQLite before it is acknowledged.",
+    long_about = None,
+    after_help = "Logging: warnings by default, -V for more (repeatable); RUST_LOG (env_logger syntax, e.g. \
+                  RUST_LOG=debug) overrides it.\n\
+                  Signals: SIGTERM and SIGINT stop accepting, commit and exit 0; SIGUSR1 enters drain mode \
+                  (put answers DRAINING).\n\
+                  Protocol and extensions: protocol.md; flags and limits: README.md."
+)]
 pub struct Args {
     /// Listen on address (`unix:/path` for a Unix socket). Ignored under systemd
     /// socket activation (LISTEN_FDS).
@@ -45,7 +56,7 @@ pub struct Args {
     #[arg(short = 'V', action = clap::ArgAction::Count)]
     pub verbose: u8,
     /// Show version information and exit.
-    #[arg(short = 'v')]
+    #[arg(short = 'v', long = "version")]
     pub version: bool,
     /// Most simultaneous client connections; more are accepted and closed at once.
     #[arg(long, default_value_t = 100_000)]

@@ -4,9 +4,20 @@ use clap::Parser;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Host agent: runs the commands the dispatcher queues for this host.
+// The agent's flags; `about` below is what -h prints.
 #[derive(Parser, Debug)]
-#[command(name = "polaris-agent", version)]
+#[command(
+    name = "polaris-agent",
+    version,
+    about = "polaris-agent: the Polaris host agent. Takes the signed jobs queued for this host from its tube on the \
+             queue, runs them contained and bounded, and puts signed results back.",
+    after_help = "Environment: POLARIS_SECRET holds the shared envelope secret unless --secret-file is given; \
+                  POLARIS_TOKEN the registration token unless --token-file is given; RUST_LOG sets the log level \
+                  (env_logger syntax; default info).\n\
+                  Signals: SIGTERM and SIGINT stop taking jobs; a running command may finish within \
+                  --drain-timeout, else it is stopped and its job released for the next start.\n\
+                  See docs/DISPATCH.md."
+)]
 struct Args {
     /// Queue (polarisd or beanstalkd) address.
     #[arg(long, default_value = "127.0.0.1:11300")]

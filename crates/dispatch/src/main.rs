@@ -4,9 +4,19 @@ use clap::Parser;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// REST/JSON dispatcher: runs commands on many hosts through the polaris queue.
+// The dispatcher's flags; `about` below is what -h prints.
 #[derive(Parser, Debug)]
-#[command(name = "polaris-dispatch", version)]
+#[command(
+    name = "polaris-dispatch",
+    version,
+    about = "polaris-dispatch: the Polaris REST/JSON dispatcher. Takes \"run this on these hosts\" calls, stores them \
+             in SQLite, puts one signed job per host on the queue (polarisd or beanstalkd) and collects the agents' \
+             results.",
+    after_help = "Environment: POLARIS_SECRET holds the shared envelope secret unless --secret-file is given; \
+                  RUST_LOG sets the log level (env_logger syntax; default info).\n\
+                  Signals: SIGTERM and SIGINT stop accepting calls, finish the ones in flight and exit.\n\
+                  API, result codes and security model: docs/DISPATCH.md."
+)]
 struct Args {
     /// HTTP listen address (port 0 picks a free port; the first stdout line names it).
     #[arg(long, default_value = "127.0.0.1:8080")]
