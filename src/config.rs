@@ -78,6 +78,9 @@ pub struct Args {
     /// Most final job states kept (in memory and, with -b, on disk).
     #[arg(long, default_value_t = 100_000)]
     pub max_tombstones: usize,
+    /// Most tubes one connection may watch; `watch` of one more answers OUT_OF_MEMORY.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_watched_tubes: usize,
     /// Default TTL for jobs put in a tube, as TUBE=SECONDS (repeatable).
     #[arg(long = "tube-ttl", value_name = "TUBE=SECONDS", value_parser = parse_tube_ttl)]
     pub tube_ttls: Vec<(TubeName, u32)>,
@@ -121,6 +124,7 @@ impl Args {
                 max_job_bytes: self.max_job_bytes,
                 retention: self.retention.saturating_mul(SECOND),
                 max_tombstones: self.max_tombstones,
+                max_watched_tubes: self.max_watched_tubes,
                 tube_ttls: self.tube_ttls.clone(),
                 binlog_max_size: self.binlog_size,
                 ..engine::Config::default()

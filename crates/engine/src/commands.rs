@@ -171,15 +171,23 @@ impl Engine {
             }
             C::Watch(name) => {
                 self.count(Op::Watch);
-                let t = self.tube_ref(&name);
-                if !self.conns[conn.0].watch.contains(t) {
-                    self.conns[conn.0].watch.push(t);
-                    self.tubes[t.idx()].watching += 1;
-                    self.incref(t);
+                let watching = &self.conns[conn.0].watch;
+                let known = self.tube_index.get(&name).is_some_and(|&t| watching.contains(t));
+                if !known && watching.len() >= self.cfg.max_watched_tubes {
+                    // beanstalkd has no such bound; it fails here only when malloc does, with
+                    // this same reply.
+                    reply::OUT_OF_MEMORY
+                } else {
+                    let t = self.tube_ref(&name);
+                    if !known {
+                        self.conns[conn.0].watch.push(t);
+                        self.tubes[t.idx()].watching += 1;
+                        self.incref(t);
+                    }
+                    self.decref(t);
+                    line = ReplyLine::number(reply::WATCHING_PREFIX, self.conns[conn.0].watch.len() as u64);
+                    line.as_bytes()
                 }
-                self.decref(t);
-                line = ReplyLine::number(reply::WATCHING_PREFIX, self.conns[conn.0].watch.len() as u64);
-                line.as_bytes()
             }
             C::Ignore(name) => {
                 self.count(Op::Ignore);

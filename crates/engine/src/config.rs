@@ -40,6 +40,8 @@ pub struct Config {
     pub retention: Nanos,
     /// Most final states kept.
     pub max_tombstones: usize,
+    /// Most tubes one connection may watch; `watch` of one more answers `OUT_OF_MEMORY`.
+    pub max_watched_tubes: usize,
     /// Default TTL per tube name, in seconds (from `--tube-ttl`).
     pub tube_ttls: Vec<(TubeName, u32)>,
     /// Printed as `binlog-max-size` (`-s`).
@@ -57,6 +59,7 @@ impl Default for Config {
             max_job_bytes: u64::MAX,
             retention: 3600 * SECOND,
             max_tombstones: 100_000,
+            max_watched_tubes: 10_000,
             tube_ttls: Vec::new(),
             binlog_max_size: 10_485_760,
             instance: Instance {

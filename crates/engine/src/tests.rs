@@ -463,3 +463,21 @@ proptest! {
         prop_assert!(stats.contains(&buried_line));
     }
 }
+
+#[test]
+fn watching_is_bounded_per_connection_and_closing_frees_every_tube() {
+    let mut h = Harness::with(Config { max_watched_tubes: 100, ..Config::default() });
+    let c = h.conn();
+    for i in 1..100 {
+        assert_eq!(h.cmd(c, &format!("watch t{i}\r\n")), format!("WATCHING {}\r\n", i + 1));
+    }
+    // Watching a tube it already watches changes nothing and is always allowed.
+    assert_eq!(h.cmd(c, "watch t5\r\n"), "WATCHING 100\r\n");
+    assert_eq!(h.cmd(c, "watch one-too-many\r\n"), "OUT_OF_MEMORY\r\n");
+    assert!(!h.cmd(c, "list-tubes\r\n").contains("one-too-many"), "a refused watch made no tube");
+    assert_eq!(h.cmd(c, "ignore t1\r\n"), "WATCHING 99\r\n");
+    assert_eq!(h.cmd(c, "watch one-more\r\n"), "WATCHING 100\r\n");
+    let other = h.conn();
+    h.engine.disconnect(c, h.now, &mut h.cap);
+    assert_eq!(h.cmd(other, "list-tubes\r\n"), "OK 14\r\n---\n- default\n\r\n");
+}

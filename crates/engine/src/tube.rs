@@ -8,6 +8,8 @@ use crate::job::JobList;
 use crate::state::Engine;
 use crate::Nanos;
 use polaris_proto::TubeName;
+use std::collections::HashMap;
+use std::hash::Hash;
 
 /// Index of a tube in the engine's tube slab.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -29,19 +31,30 @@ impl TubeKey {
 /// The exact behaviour is client-visible: it decides the order of `list-tubes`
 /// and `list-tubes-watched`, and which of several blocked `reserve`s gets the
 /// next job. Copying it is how waiters are served in beanstalkd's order.
+///
+/// beanstalkd finds an item by scanning the vector, so closing a connection that
+/// watches n tubes costs O(n²) (each freed tube is searched for in the list of all
+/// tubes). Here a set that grows past [`INDEX_FROM`] items also keeps each item's
+/// position, so finding and removing are O(1) while the order stays exactly the same.
 #[derive(Debug)]
 pub(crate) struct Multiset<T> {
     items: Vec<T>,
     cursor: usize,
+    /// Position of each item in `items`, once there are more than [`INDEX_FROM`].
+    index: Option<HashMap<T, usize>>,
 }
+
+/// Below this many items a linear scan is as fast as a hash lookup and costs no memory
+/// (most connections watch one or two tubes).
+pub(crate) const INDEX_FROM: usize = 32;
 
 impl<T> Default for Multiset<T> {
     fn default() -> Self {
-        Multiset { items: Vec::new(), cursor: 0 }
+        Multiset { items: Vec::new(), cursor: 0, index: None }
     }
 }
 
-impl<T: Copy + PartialEq> Multiset<T> {
+impl<T: Copy + Eq + Hash> Multiset<T> {
     pub(crate) fn len(&self) -> usize {
         self.items.len()
     }
@@ -50,19 +63,49 @@ impl<T: Copy + PartialEq> Multiset<T> {
         self.items.is_empty()
     }
 
-    pub(crate) fn contains(&self, item: T) -> bool {
-        self.items.contains(&item)
+    fn position(&self, item: T) -> Option<usize> {
+        match &self.index {
+            Some(index) => index.get(&item).copied(),
+            None => self.items.iter().position(|&x| x == item),
+        }
     }
 
+    pub(crate) fn contains(&self, item: T) -> bool {
+        self.position(item).is_some()
+    }
+
+    /// Adds `item`, which must not be in the set yet (callers check with `contains`).
     pub(crate) fn push(&mut self, item: T) {
+        debug_assert!(!self.contains(item), "Multiset holds each item once");
         self.items.push(item);
+        match &mut self.index {
+            Some(index) => {
+                index.insert(item, self.items.len() - 1);
+            }
+            None if self.items.len() > INDEX_FROM => {
+                self.index = Some(self.items.iter().enumerate().map(|(i, &x)| (x, i)).collect());
+            }
+            None => {}
+        }
+    }
+
+    /// `swap_remove` at `i`, keeping the index in step: the last item moves into the hole.
+    fn swap_remove_at(&mut self, i: usize) -> T {
+        let item = self.items.swap_remove(i);
+        if let Some(index) = &mut self.index {
+            index.remove(&item);
+            if let Some(&moved) = self.items.get(i) {
+                index.insert(moved, i);
+            }
+        }
+        item
     }
 
     /// Removes `item` if present (swap with the last item).
     pub(crate) fn remove(&mut self, item: T) -> bool {
-        match self.items.iter().position(|&x| x == item) {
+        match self.position(item) {
             Some(i) => {
-                self.items.swap_remove(i);
+                self.swap_remove_at(i);
                 true
             }
             None => false,
@@ -71,7 +114,7 @@ impl<T: Copy + PartialEq> Multiset<T> {
 
     /// Removes the item at index 0, as `ms_clear` does repeatedly.
     pub(crate) fn remove_first(&mut self) -> Option<T> {
-        (!self.items.is_empty()).then(|| self.items.swap_remove(0))
+        (!self.items.is_empty()).then(|| self.swap_remove_at(0))
     }
 
     /// Takes the item under the rotating cursor.
@@ -80,7 +123,7 @@ impl<T: Copy + PartialEq> Multiset<T> {
             return None;
         }
         self.cursor %= self.items.len();
-        let item = self.items.swap_remove(self.cursor);
+        let item = self.swap_remove_at(self.cursor);
         self.cursor += 1;
         Some(item)
     }
@@ -209,5 +252,61 @@ mod tests {
         assert_eq!(m.take(), Some(4));
         assert_eq!(m.take(), Some(5));
         assert_eq!(m.take(), None);
+    }
+
+    /// beanstalkd's `ms` as it is written: a vector searched linearly.
+    #[derive(Default)]
+    struct PlainMultiset {
+        items: Vec<u16>,
+        cursor: usize,
+    }
+
+    impl PlainMultiset {
+        fn remove(&mut self, item: u16) -> bool {
+            self.items.iter().position(|&x| x == item).map(|i| self.items.swap_remove(i)).is_some()
+        }
+        fn take(&mut self) -> Option<u16> {
+            if self.items.is_empty() {
+                return None;
+            }
+            self.cursor %= self.items.len();
+            let item = self.items.swap_remove(self.cursor);
+            self.cursor += 1;
+            Some(item)
+        }
+    }
+
+    proptest::proptest! {
+        /// The index never changes the order: the same operations leave the same items in
+        /// the same places as the plain vector, on both sides of `INDEX_FROM`.
+        #[test]
+        fn indexed_multiset_keeps_beanstalkds_order(ops in proptest::collection::vec((0u8..4, 0u16..80), 0..600)) {
+            let mut indexed = Multiset::default();
+            let mut plain = PlainMultiset::default();
+            for (op, item) in ops {
+                match op {
+                    0 | 1 => {
+                        if !indexed.contains(item) {
+                            indexed.push(item);
+                            plain.items.push(item);
+                        }
+                    }
+                    2 => proptest::prop_assert_eq!(indexed.remove(item), plain.remove(item)),
+                    _ => {
+                        if item % 2 == 0 {
+                            proptest::prop_assert_eq!(indexed.take(), plain.take());
+                        } else {
+                            let first = indexed.remove_first();
+                            let expected = (!plain.items.is_empty()).then(|| plain.items.swap_remove(0));
+                            proptest::prop_assert_eq!(first, expected);
+                        }
+                    }
+                }
+                proptest::prop_assert_eq!(indexed.iter().collect::<Vec<_>>(), plain.items.clone());
+                for &x in &plain.items {
+                    proptest::prop_assert!(indexed.contains(x));
+                }
+            }
+        }
     }
 }
