@@ -81,6 +81,9 @@ pub struct Args {
     /// Most tubes one connection may watch; `watch` of one more answers OUT_OF_MEMORY.
     #[arg(long, default_value_t = 10_000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_watched_tubes: usize,
+    /// Most tube names with a default TTL (`tube-ttl`, kept with -b); one more answers OUT_OF_MEMORY.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_tube_ttls: usize,
     /// Default TTL for jobs put in a tube, as TUBE=SECONDS (repeatable).
     #[arg(long = "tube-ttl", value_name = "TUBE=SECONDS", value_parser = parse_tube_ttl)]
     pub tube_ttls: Vec<(TubeName, u32)>,
@@ -125,6 +128,7 @@ impl Args {
                 retention: self.retention.saturating_mul(SECOND),
                 max_tombstones: self.max_tombstones,
                 max_watched_tubes: self.max_watched_tubes,
+                max_tube_ttls: self.max_tube_ttls,
                 tube_ttls: self.tube_ttls.clone(),
                 binlog_max_size: self.binlog_size,
                 ..engine::Config::default()

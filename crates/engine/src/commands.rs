@@ -321,15 +321,21 @@ impl Engine {
                 }
             }
             C::TubeTtl { name, ttl } => {
-                if ttl == 0 {
-                    self.tube_ttls.remove(&name);
+                if ttl > 0 && !self.tube_ttls.contains_key(&name) && self.tube_ttls.len() >= self.cfg.max_tube_ttls {
+                    // Defaults outlive their tubes, so without a bound any client could grow
+                    // memory and the database one name at a time.
+                    reply::OUT_OF_MEMORY
                 } else {
-                    self.tube_ttls.insert(name.clone(), u64::from(ttl) * SECOND);
+                    if ttl == 0 {
+                        self.tube_ttls.remove(&name);
+                    } else {
+                        self.tube_ttls.insert(name.clone(), u64::from(ttl) * SECOND);
+                    }
+                    if let Some(changes) = &mut self.changes {
+                        changes.tube_ttls.push((name, ttl));
+                    }
+                    reply::TTL_SET
                 }
-                if let Some(changes) = &mut self.changes {
-                    changes.tube_ttls.push((name, ttl));
-                }
-                reply::TTL_SET
             }
         };
         out.send(conn, msg);

@@ -42,6 +42,8 @@ pub struct Config {
     pub max_tombstones: usize,
     /// Most tubes one connection may watch; `watch` of one more answers `OUT_OF_MEMORY`.
     pub max_watched_tubes: usize,
+    /// Most tube names with a default TTL (`tube-ttl`); one more answers `OUT_OF_MEMORY`.
+    pub max_tube_ttls: usize,
     /// Default TTL per tube name, in seconds (from `--tube-ttl`).
     pub tube_ttls: Vec<(TubeName, u32)>,
     /// Printed as `binlog-max-size` (`-s`).
@@ -60,6 +62,7 @@ impl Default for Config {
             retention: 3600 * SECOND,
             max_tombstones: 100_000,
             max_watched_tubes: 10_000,
+            max_tube_ttls: 10_000,
             tube_ttls: Vec::new(),
             binlog_max_size: 10_485_760,
             instance: Instance {

@@ -268,12 +268,16 @@ impl Engine {
              jobs-revoked: {}\n\
              tombstones: {}\n\
              job-bytes: {}\n\
-             max-job-bytes: {}\n",
+             max-job-bytes: {}\n\
+             tube-ttls: {}\n\
+             max-tube-ttls: {}\n",
             self.counters.expired,
             self.counters.revoked,
             self.tombstones.len(),
             self.job_bytes,
             self.cfg.max_job_bytes,
+            self.tube_ttls.len(),
+            self.cfg.max_tube_ttls,
         );
         for t in self.tube_order.iter() {
             let tube = &self.tubes[t.idx()];

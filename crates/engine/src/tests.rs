@@ -481,3 +481,18 @@ fn watching_is_bounded_per_connection_and_closing_frees_every_tube() {
     h.engine.disconnect(c, h.now, &mut h.cap);
     assert_eq!(h.cmd(other, "list-tubes\r\n"), "OK 14\r\n---\n- default\n\r\n");
 }
+
+#[test]
+fn tube_ttl_defaults_are_bounded_and_counted() {
+    let mut h = Harness::with(Config { max_tube_ttls: 3, ..Config::default() });
+    let c = h.conn();
+    for name in ["a", "b", "c"] {
+        assert_eq!(h.cmd(c, &format!("tube-ttl {name} 60\r\n")), "TTL_SET\r\n");
+    }
+    assert_eq!(h.cmd(c, "tube-ttl d 60\r\n"), "OUT_OF_MEMORY\r\n");
+    // Changing or removing a known default is always allowed.
+    assert_eq!(h.cmd(c, "tube-ttl a 30\r\n"), "TTL_SET\r\n");
+    assert_eq!(h.cmd(c, "tube-ttl b 0\r\n"), "TTL_SET\r\n");
+    assert!(h.cmd(c, "polaris-stats\r\n").contains("tube-ttls: 2\nmax-tube-ttls: 3\n"));
+    assert_eq!(h.cmd(c, "tube-ttl d 60\r\n"), "TTL_SET\r\n");
+}
