@@ -1,7 +1,8 @@
 //! `polarisd`'s command line: beanstalkd's flags, so it drops into existing
 //! deployments, plus long options for the limits beanstalkd leaves implicit.
 
-use crate::server::{Durability, FsyncPolicy, Listen, ServerConfig};
+use crate::server::{Listen, ServerConfig};
+use crate::store::{Durability, FsyncPolicy};
 use clap::Parser;
 use polaris_engine::{self as engine, SECOND};
 use polaris_proto::{self as proto, TubeName};
@@ -49,6 +50,10 @@ pub struct Args {
     /// commits fail as on a full disk and the affected commands answer INTERNAL_ERROR.
     #[arg(long, default_value_t = 0)]
     pub max_db_bytes: u64,
+    /// Start even though the database's write-ahead log is damaged (committed changes after
+    /// the damage are lost; a copy of the log is kept) or the database file is empty.
+    #[arg(long)]
+    pub salvage: bool,
     /// Become this user (and its group) after binding.
     #[arg(short = 'u', value_name = "USER")]
     pub user: Option<String>,
@@ -120,6 +125,7 @@ impl Args {
                 fsync,
                 wal_size: self.binlog_size,
                 max_bytes: self.max_db_bytes,
+                salvage: self.salvage,
             }),
             user: self.user.clone(),
             engine: engine::Config {

@@ -6,6 +6,7 @@
 //! # Layout
 //! - [`server`]: the `mio` event loop that owns sockets and feeds the engine.
 //! - [`store`]: durability in SQLite: one transaction per loop turn (group commit).
+//! - [`wal`]: reads SQLite's write-ahead log before SQLite does, to refuse hidden damage.
 //! - [`config`]: the command line (beanstalkd's flags plus our own).
 //! - [`polaris_proto`] (crate): the wire protocol: framing, commands, replies; and the client.
 //! - [`polaris_engine`] (crate): the queue state machine (tubes, heaps, timers), clock injected.
@@ -13,3 +14,4 @@
 pub mod config;
 pub mod server;
 pub mod store;
+pub mod wal;

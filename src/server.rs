@@ -11,7 +11,7 @@
 //! 3. commit the turn's changes in one transaction (group commit);
 //! 4. write out every connection's pending replies.
 
-use crate::store::{Store, StoreError};
+use crate::store::{Durability, Store, StoreError};
 use anyhow::{bail, Context};
 use bytes::{Buf, BytesMut};
 use mio::event::Source;
@@ -46,30 +46,6 @@ pub enum Listen {
     },
     /// A Unix socket path.
     Unix(PathBuf),
-}
-
-/// When the store fsyncs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FsyncPolicy {
-    /// Before every acknowledgement (`-f 0`).
-    Always,
-    /// At most once per interval (`-f MS`).
-    Interval(Duration),
-    /// Never (`-F`).
-    Never,
-}
-
-/// Persistence settings (`-b`).
-#[derive(Clone, Debug)]
-pub struct Durability {
-    /// Directory of the database.
-    pub dir: PathBuf,
-    /// fsync policy.
-    pub fsync: FsyncPolicy,
-    /// WAL size that triggers a checkpoint.
-    pub wal_size: u64,
-    /// Largest database file; 0 for no bound.
-    pub max_bytes: u64,
 }
 
 /// Everything the server needs to run.
@@ -247,7 +223,7 @@ impl Server {
         let mut engine = Engine::new(engine_cfg, CLOCK_ORIGIN, cfg.durability.is_some());
         let store = match &cfg.durability {
             Some(d) => {
-                let mut store = Store::open(&d.dir, d.fsync, d.wal_size, d.max_bytes)?;
+                let mut store = Store::open(d)?;
                 let t0 = Instant::now();
                 let restored = store.load_into(&mut engine, CLOCK_ORIGIN)?;
                 log::info!("restored {restored} jobs from {} in {:?}", store.path().display(), t0.elapsed());

@@ -23,7 +23,6 @@
 //! In both of the latter modes SQLite runs with `synchronous=NORMAL`: commits do
 //! not fsync, but checkpoints do, in the order that keeps the file consistent.
 
-use crate::server::FsyncPolicy;
 use polaris_engine::{Changes, Engine, FinalState, JobCounters, JobId, JobRecord, JobState, Nanos, Tombstone, SECOND};
 use polaris_proto::TubeName;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
@@ -98,6 +97,33 @@ pub enum StoreError {
     },
 }
 
+/// When the store fsyncs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// Before every acknowledgement (`-f 0`).
+    Always,
+    /// At most once per interval (`-f MS`).
+    Interval(Duration),
+    /// Never (`-F`).
+    Never,
+}
+
+/// Persistence settings (`-b`).
+#[derive(Clone, Debug)]
+pub struct Durability {
+    /// Directory of the database.
+    pub dir: PathBuf,
+    /// fsync policy.
+    pub fsync: FsyncPolicy,
+    /// WAL size that triggers a checkpoint.
+    pub wal_size: u64,
+    /// Largest database file; 0 for no bound.
+    pub max_bytes: u64,
+    /// Start even when the WAL is damaged or the database file empty, keeping what is
+    /// readable (`--salvage`).
+    pub salvage: bool,
+}
+
 /// Counters for `stats`.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StoreStats {
@@ -129,6 +155,79 @@ fn wall_now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
 }
 
+/// The columns of the `jobs` table that a restart reads, in the order `job_from_row` expects.
+const JOB_COLUMNS: &[&str] = &[
+    "id",
+    "tube",
+    "pri",
+    "delay_ns",
+    "ttr_ns",
+    "ttl_ns",
+    "ttl_at",
+    "state",
+    "ready_at",
+    "created_at",
+    "reserves",
+    "timeouts",
+    "releases",
+    "buries",
+    "kicks",
+    "body",
+];
+
+/// Refuses a database whose opening would silently lose acknowledged jobs, unless
+/// `salvage` is set: a WAL with committed transactions after a damaged frame (SQLite would
+/// drop them without a word), or an empty database file with no WAL (a file that held
+/// jobs and was truncated looks exactly like that).
+fn check_before_open(db: &Path, salvage: bool) -> Result<(), StoreError> {
+    let wal_path = wal_file(db);
+    let refuse = |message: String| StoreError::Open { path: db.to_path_buf(), message };
+    let wal =
+        crate::wal::inspect_file(&wal_path).map_err(|source| StoreError::Io { path: wal_path.clone(), source })?;
+    if let Some(report) = wal.as_ref().filter(|r| r.loses_commits()) {
+        let damaged = report.damaged_frame.unwrap_or(0);
+        let what = format!(
+            "the write-ahead log {} is damaged at frame {damaged}: {} committed transaction(s) after it would be \
+             lost ({} frames before it are intact)",
+            wal_path.display(),
+            report.commits_lost,
+            report.valid_frames
+        );
+        if !salvage {
+            return Err(refuse(format!(
+                "{what}; refusing to start. Start with --salvage to keep what comes before the damage (the log is \
+                 copied aside first)"
+            )));
+        }
+        let copy = wal_path.with_extension(format!("db-wal.damaged-{}", wall_now() / 1_000_000_000));
+        std::fs::copy(&wal_path, &copy).map_err(|source| StoreError::Io { path: copy.clone(), source })?;
+        log::error!(
+            "{}: {what}; --salvage: starting without them, the damaged log is kept as {}",
+            db.display(),
+            copy.display()
+        );
+    }
+    let empty_db = std::fs::metadata(db).is_ok_and(|m| m.len() == 0);
+    if empty_db && wal.is_none() {
+        if !salvage {
+            return Err(refuse(
+                "the database file is empty (0 bytes) and there is no write-ahead log: if it held jobs they are \
+                 gone; refusing to start. Remove the file, or start with --salvage, to begin with no jobs"
+                    .into(),
+            ));
+        }
+        log::error!("{}: the database file is empty; --salvage: starting with no jobs", db.display());
+    }
+    Ok(())
+}
+
+/// SQLite's WAL file of the database at `db`.
+fn wal_file(db: &Path) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push("-wal");
+    PathBuf::from(name)
+}
+
 fn state_code(state: JobState) -> i64 {
     match state {
         JobState::Ready | JobState::Reserved => 0,
@@ -142,7 +241,9 @@ impl Store {
     /// database, or has a newer schema, is refused and left untouched.
     /// `max_bytes` bounds the database file (0: no bound); a commit that would
     /// grow it further fails like a full disk.
-    pub fn open(dir: &Path, fsync: FsyncPolicy, wal_size: u64, max_bytes: u64) -> Result<Store, StoreError> {
+    pub fn open(settings: &Durability) -> Result<Store, StoreError> {
+        let Durability { dir, fsync, wal_size, max_bytes, salvage } = settings;
+        let (dir, fsync, wal_size, max_bytes) = (dir.as_path(), *fsync, *wal_size, *max_bytes);
         let path = dir.join(DB_FILE);
         let io_err = |path: &Path| {
             let path = path.to_path_buf();
@@ -152,6 +253,9 @@ impl Store {
         let lock = lock_dir(dir)?;
         let sql = |source| StoreError::Sqlite { path: path.clone(), source };
         let existed = path.exists();
+        // Before SQLite opens the files (which replays the WAL and may rewrite it), make
+        // sure that opening loses nothing that was acknowledged.
+        check_before_open(&path, *salvage)?;
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(&path, flags).map_err(sql)?;
         // Validate before changing anything: a damaged or foreign file must be
@@ -244,6 +348,21 @@ impl Store {
         self.stats.into()
     }
 
+    /// A row that cannot be read, named by table, row id and column, so that whoever
+    /// repairs the file knows where to look.
+    fn row_error(&self, table: &str, columns: &[&str], id: Option<i64>, e: rusqlite::Error) -> StoreError {
+        use rusqlite::Error as E;
+        let column = match &e {
+            E::IntegralValueOutOfRange(i, _) | E::FromSqlConversionFailure(i, _, _) | E::InvalidColumnType(i, _, _) => {
+                columns.get(*i).copied()
+            }
+            _ => None,
+        };
+        let row = id.map_or("a row".to_string(), |id| format!("the row with id {id}"));
+        let column = column.map_or(String::new(), |c| format!(", column {c}"));
+        StoreError::Open { path: self.path.clone(), message: format!("table {table}, {row}{column}: {e}") }
+    }
+
     fn sql_err(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
         move |source| StoreError::Sqlite { path: self.path.clone(), source }
     }
@@ -278,10 +397,7 @@ impl Store {
         {
             let mut stmt = self
                 .conn
-                .prepare(
-                    "SELECT id, tube, pri, delay_ns, ttr_ns, ttl_ns, ttl_at, state, ready_at, created_at,
-                            reserves, timeouts, releases, buries, kicks, body FROM jobs ORDER BY id",
-                )
+                .prepare(&format!("SELECT {} FROM jobs ORDER BY id", JOB_COLUMNS.join(", ")))
                 .map_err(self.sql_err())?;
             let mut rows = stmt.query([]).map_err(self.sql_err())?;
             let mut tubes = HashMap::new();
@@ -289,7 +405,10 @@ impl Store {
                 let rec = match job_from_row(row, wall, &mut tubes) {
                     Ok(Some(rec)) => rec,
                     Ok(None) => continue,
-                    Err(e) => return Err(StoreError::Sqlite { path: self.path.clone(), source: e }),
+                    Err(e) => {
+                        let id = row.get_ref(0).ok().and_then(|v| v.as_i64().ok());
+                        return Err(self.row_error("jobs", JOB_COLUMNS, id, e));
+                    }
                 };
                 engine.restore_job(rec, now);
                 restored += 1;

@@ -471,3 +471,92 @@ fn a_million_put_delete_cycles_leave_the_files_small() -> Result<()> {
     assert!(size < 10 * 1024 * 1024, "the files hold {size} bytes after the cycles");
     Ok(())
 }
+
+/// Puts `jobs` jobs in batches of 100 pipelined puts (so the WAL holds many commits) and
+/// SIGKILLs the server before it goes idle and folds its WAL into the database.
+fn fill_wal_and_kill(dir: &Path, jobs: usize) -> Result<()> {
+    let server = start(dir, &["-f", "0", "-s", "1000000000"])?;
+    let mut c = server.connect()?;
+    for batch in 0..jobs / 100 {
+        let mut bytes = Vec::new();
+        for i in 0..100 {
+            let body = format!("job-{:05}", batch * 100 + i);
+            bytes.extend_from_slice(format!("put 0 0 60 {}\r\n{body}\r\n", body.len()).as_bytes());
+        }
+        c.send(&bytes)?;
+        for _ in 0..100 {
+            let reply = c.read_reply()?;
+            ensure!(reply.line_str().starts_with("INSERTED"), "{}", reply.line_str());
+        }
+    }
+    drop(server); // SIGKILL, well within the second after which an idle store folds its WAL
+    Ok(())
+}
+
+#[test]
+fn a_damaged_wal_is_refused_unless_salvaged() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    fill_wal_and_kill(dir.path(), 2000)?;
+    let wal = dir.path().join("polaris.db-wal");
+    let mut bytes = std::fs::read(&wal)?;
+    ensure!(bytes.len() > 100_000, "the WAL holds too little to damage its middle: {} bytes", bytes.len());
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    bytes[middle + 1] ^= 0x55;
+    std::fs::write(&wal, &bytes)?;
+    let db_before = std::fs::read(dir.path().join("polaris.db"))?;
+
+    let dir_arg = dir.path().to_str().context("utf-8")?;
+    let (ok, output) = run_to_exit(&["-b", dir_arg])?;
+    ensure!(!ok, "polarisd started on a damaged WAL: {output}");
+    ensure!(output.contains("damaged") && output.contains("--salvage"), "unclear refusal: {output}");
+    assert_eq!(std::fs::read(&wal)?, bytes, "the refused WAL was changed");
+    assert_eq!(std::fs::read(dir.path().join("polaris.db"))?, db_before, "the refused database was changed");
+
+    let server = start(dir.path(), &["--salvage"])?;
+    let mut c = server.connect()?;
+    let stats = c.roundtrip(b"stats\r\n")?;
+    let text = String::from_utf8_lossy(stats.body.as_deref().unwrap_or_default()).into_owned();
+    let ready: usize =
+        text.lines().find_map(|l| l.strip_prefix("current-jobs-ready: ")).context("current-jobs-ready")?.parse()?;
+    ensure!(ready < 2000, "salvage kept {ready} jobs, the damage should have cost some");
+    let copies = std::fs::read_dir(dir.path())?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("polaris.db-wal.damaged-"))
+        .count();
+    assert_eq!(copies, 1, "the damaged WAL was not kept aside");
+    Ok(())
+}
+
+#[test]
+fn an_empty_database_file_is_refused_unless_salvaged() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("polaris.db"), b"")?;
+    let dir_arg = dir.path().to_str().context("utf-8")?;
+    let (ok, output) = run_to_exit(&["-b", dir_arg])?;
+    ensure!(!ok && output.contains("empty"), "an empty database file was not refused: {output}");
+    let server = start(dir.path(), &["--salvage"])?;
+    let mut c = server.connect()?;
+    assert_eq!(c.line("put 0 0 60 1\r\nx\r\n")?, "INSERTED 1");
+    Ok(())
+}
+
+#[test]
+fn an_unreadable_row_is_named_by_table_row_and_column() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    {
+        let server = start(dir.path(), &["-f", "0"])?;
+        let mut c = server.connect()?;
+        assert_eq!(c.line("put 5 0 60 1\r\nx\r\n")?, "INSERTED 1");
+        server.signal("TERM")?;
+        thread::sleep(Duration::from_millis(300));
+    }
+    let db = rusqlite::Connection::open(dir.path().join("polaris.db"))?;
+    db.execute("UPDATE jobs SET pri = -5 WHERE id = 1", [])?;
+    drop(db);
+    let dir_arg = dir.path().to_str().context("utf-8")?;
+    let (ok, output) = run_to_exit(&["-b", dir_arg])?;
+    ensure!(!ok, "polarisd started with a negative priority");
+    ensure!(output.contains("table jobs, the row with id 1, column pri"), "the error does not say where: {output}");
+    Ok(())
+}
