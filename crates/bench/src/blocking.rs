@@ -1,9 +1,16 @@
 //! Blocking helpers: the commands sent before and around a measured run (`ping`, the
 //! `use`/`watch`/`stats` that set up a load connection, the idle connections), and
 //! `free-port`.
+//!
+//! `ping` uses `polaris_proto`'s client. The connections of a load run cannot: they are
+//! handed to the poll loop afterwards (the client keeps its socket, and a second
+//! descriptor for writing), and each idle connection must cost exactly one descriptor.
+//! They are driven with [`sync_cmd`] on a plain `TcpStream` instead.
 
 use crate::reply::{find_crlf, parse_u64};
 use anyhow::{bail, Context, Result};
+use polaris_proto::client::{self, Client, Stats};
+use polaris_proto::reply::{OK_PREFIX, USING_PREFIX};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -19,7 +26,7 @@ fn read_one_reply(stream: &mut TcpStream) -> Result<Vec<u8>> {
     let mut chunk = [0u8; 4096];
     loop {
         if let Some(end) = find_crlf(&buf) {
-            if let Some(n) = buf.strip_prefix(b"OK ").and_then(|r| parse_u64(&r[..end - 3])) {
+            if let Some(n) = buf.strip_prefix(OK_PREFIX).and_then(|r| parse_u64(&r[..end - OK_PREFIX.len()])) {
                 let total = end + 2 + n as usize + 2;
                 if buf.len() >= total {
                     return Ok(buf);
@@ -42,22 +49,26 @@ pub(crate) fn connect_std(addr: &str) -> Result<TcpStream> {
     Ok(s)
 }
 
-/// Connects and runs one command until the server answers, or `timeout` passes.
-pub(crate) fn ping(addr: &str, timeout: Duration) -> Result<Vec<u8>> {
+/// Connects and asks for `stats` until the server answers, or `timeout` passes; returns
+/// the answer. A server that is not up yet (refused, closed, silent) is asked again; one
+/// that answers something else than `OK <n>` fails at once.
+pub(crate) fn ping(addr: &str, timeout: Duration) -> Result<Stats> {
     let start = Instant::now();
+    let left = || timeout.saturating_sub(start.elapsed()).max(Duration::from_millis(1));
     loop {
-        let attempt = (|| -> Result<Vec<u8>> {
-            let mut s = connect_std(addr)?;
-            s.set_read_timeout(Some(timeout.saturating_sub(start.elapsed()).max(Duration::from_millis(1))))?;
-            sync_cmd(&mut s, b"stats\r\n")
-        })();
+        let attempt = Client::connect(addr, left()).and_then(|mut c| {
+            c.set_io_timeout(Some(left()))?;
+            c.stats()
+        });
         match attempt {
-            Ok(reply) if reply.starts_with(b"OK ") => return Ok(reply),
-            Ok(reply) => bail!("unexpected reply to stats: {:?}", String::from_utf8_lossy(&reply)),
-            Err(e) if start.elapsed() >= timeout => {
-                return Err(e.context(format!("no answer from {addr} within {timeout:?}")))
+            Ok(stats) => return Ok(stats),
+            Err(e @ (client::Error::Io(_) | client::Error::Closed)) => {
+                if start.elapsed() >= timeout {
+                    return Err(anyhow::Error::new(e).context(format!("no answer from {addr} within {timeout:?}")));
+                }
+                std::thread::sleep(Duration::from_millis(1));
             }
-            Err(_) => std::thread::sleep(Duration::from_millis(1)),
+            Err(e) => bail!("unexpected reply to stats: {e}"),
         }
     }
 }
@@ -85,7 +96,7 @@ pub(crate) fn open_idle(addr: &str, k: usize) -> Result<Vec<TcpStream>> {
         }
         for s in &mut fresh {
             let r = read_one_reply(s)?;
-            if !r.starts_with(b"USING ") {
+            if !r.starts_with(USING_PREFIX) {
                 bail!("idle connection got {:?}", String::from_utf8_lossy(&r));
             }
         }

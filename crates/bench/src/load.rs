@@ -14,6 +14,7 @@ use crate::{sys, LoadArgs};
 use anyhow::{bail, Context, Result};
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
+use polaris_proto::reply;
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
@@ -262,7 +263,9 @@ impl Load {
         }
     }
 
-    /// Handles the complete replies buffered on connection `i`, in place.
+    /// Handles the complete replies buffered on connection `i`, in place: the line is
+    /// framed and its words matched with `polaris_proto`'s scanner and reply constants,
+    /// the numbers read without allocating (see [`crate::reply`] for why not the client).
     fn handle_replies(&mut self, i: usize) -> Result<()> {
         loop {
             let c = &mut self.conns[i];
@@ -276,7 +279,7 @@ impl Load {
             match expect {
                 Expect::Put => {
                     c.puts_out -= 1;
-                    if line.starts_with(b"INSERTED ") {
+                    if line.starts_with(reply::INSERTED_PREFIX) {
                         self.counts.puts_acked += 1;
                     } else {
                         let line = line.to_vec();
@@ -284,7 +287,7 @@ impl Load {
                     }
                 }
                 Expect::Delete => {
-                    if line == b"DELETED" {
+                    if buf[..consumed] == *reply::DELETED {
                         self.counts.deleted += 1;
                     } else {
                         let line = line.to_vec();
@@ -292,7 +295,7 @@ impl Load {
                     }
                 }
                 Expect::Reserve => {
-                    if let Some(rest) = line.strip_prefix(b"RESERVED ") {
+                    if let Some(rest) = line.strip_prefix(reply::RESERVED_PREFIX) {
                         let mut parts = rest.split(|&b| b == b' ');
                         let id = parts.next().and_then(parse_u64);
                         let len = parts.next().and_then(parse_u64);
@@ -383,19 +386,19 @@ pub(crate) fn run_load(mode: Mode, args: LoadArgs) -> Result<()> {
             match role {
                 Role::Producer => {
                     let r = sync_cmd(&mut s, format!("use {}\r\n", tube_name(tube)).as_bytes())?;
-                    if !r.starts_with(b"USING ") {
+                    if !r.starts_with(reply::USING_PREFIX) {
                         bail!("use failed: {:?}", String::from_utf8_lossy(&r));
                     }
                 }
                 Role::Consumer => {
                     for t in 0..args.tubes {
                         let r = sync_cmd(&mut s, format!("watch {}\r\n", tube_name(t)).as_bytes())?;
-                        if !r.starts_with(b"WATCHING ") {
+                        if !r.starts_with(reply::WATCHING_PREFIX) {
                             bail!("watch failed: {:?}", String::from_utf8_lossy(&r));
                         }
                     }
                     let r = sync_cmd(&mut s, b"ignore default\r\n")?;
-                    if !r.starts_with(b"WATCHING ") {
+                    if !r.starts_with(reply::WATCHING_PREFIX) {
                         bail!("ignore failed: {:?}", String::from_utf8_lossy(&r));
                     }
                 }

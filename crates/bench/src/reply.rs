@@ -1,19 +1,28 @@
 //! Reading replies out of a byte buffer, for the load loop and the blocking helpers.
+//!
+//! Framing and the reply words come from `polaris_proto` (its line scanner and its
+//! [`reply`](polaris_proto::reply) constants); the `stats` YAML is read by its client's
+//! [`Stats`]. What stays here is deliberately specialised for the load loop, which parses
+//! hundreds of thousands of replies a second in place: `polaris_proto::client` reads one
+//! reply at a time from its own socket into `String`s, and parses numbers with
+//! `str::parse`, which would cost an allocation per reply and cannot work on a buffer
+//! that holds a whole `read` of many pipelined replies.
+
+use polaris_proto::client::Stats;
 
 /// Where the reply line at the start of `buf` ends (the index of its `\r\n`), or `None`
 /// if the line is not complete yet.
+///
+/// This is proto's [`scan_line_end`](polaris_proto::scan_line_end): a line ends at its
+/// first `\r` if `\n` follows. A reply line never holds a bare `\r` (tube names and
+/// numbers cannot), so that is the line's own terminator.
 pub(crate) fn find_crlf(buf: &[u8]) -> Option<usize> {
-    let mut from = 0;
-    while let Some(i) = memchr::memchr(b'\n', &buf[from..]) {
-        let i = from + i;
-        if i > 0 && buf[i - 1] == b'\r' {
-            return Some(i - 1);
-        }
-        from = i + 1;
-    }
-    None
+    polaris_proto::scan_line_end(buf).map(|with_crlf| with_crlf - 2)
 }
 
+/// A decimal number made of digits only (no sign, no spaces), as servers write ids,
+/// sizes and counts; `None` on anything else or on overflow. Allocation-free, for the
+/// load loop.
 pub(crate) fn parse_u64(s: &[u8]) -> Option<u64> {
     if s.is_empty() {
         return None;
@@ -28,10 +37,9 @@ pub(crate) fn parse_u64(s: &[u8]) -> Option<u64> {
     Some(v)
 }
 
-/// Reads `key: value` from a `stats` YAML body.
+/// Reads `key: value` from a `stats` reply (its YAML body, or the whole frame).
 pub(crate) fn stats_field(yaml: &[u8], key: &str) -> Option<u64> {
-    let text = String::from_utf8_lossy(yaml);
-    text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(": ")?.trim().parse().ok())
+    Stats::parse(&String::from_utf8_lossy(yaml)).get_u64(key)
 }
 
 #[cfg(test)]

@@ -3,7 +3,6 @@
 use crate::blocking::ping;
 use crate::procfs::{proc_cpu_secs, proc_rss_kb};
 use crate::record::{emit, Record};
-use crate::reply::stats_field;
 use crate::{sys, RestartArgs};
 use anyhow::{bail, Context, Result};
 use std::process::{Command, Stdio};
@@ -32,8 +31,8 @@ pub(crate) fn run_restart(args: RestartArgs) -> Result<()> {
         let _ = child.kill();
         let _ = child.wait();
     };
-    let reply = match answered {
-        Ok(r) => r,
+    let stats = match answered {
+        Ok(stats) => stats,
         Err(e) => {
             let status = child.try_wait().ok().flatten();
             stop(&mut child);
@@ -45,7 +44,7 @@ pub(crate) fn run_restart(args: RestartArgs) -> Result<()> {
     stop(&mut child);
     let jobs: u64 = ["current-jobs-ready", "current-jobs-delayed", "current-jobs-buried", "current-jobs-reserved"]
         .iter()
-        .filter_map(|k| stats_field(&reply, k))
+        .filter_map(|k| stats.get_u64(k))
         .sum();
     let rec = Record {
         scenario: args.scenario.clone(),
