@@ -20,6 +20,11 @@ pub(crate) fn run_restart(args: RestartArgs) -> Result<()> {
     let answered = ping(&args.addr, timeout);
     let restart_s = t0.elapsed().as_secs_f64();
     let stop = |child: &mut std::process::Child| {
+        // A child already reaped (by the `try_wait` below) has given its pid back: signal
+        // only one that is still ours.
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
         sys::terminate(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
