@@ -8,7 +8,7 @@
 //! They are driven with [`sync_cmd`] on a plain `TcpStream` instead.
 
 use crate::reply::{find_crlf, parse_u64};
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use polaris_proto::client::{self, Client, Stats};
 use polaris_proto::reply::{OK_PREFIX, USING_PREFIX};
 use std::io::{Read, Write};
@@ -60,16 +60,18 @@ pub(crate) fn ping(addr: &str, timeout: Duration) -> Result<Stats> {
             c.set_io_timeout(Some(left()))?;
             c.stats()
         });
-        match attempt {
+        let not_yet = match attempt {
             Ok(stats) => return Ok(stats),
-            Err(e @ (client::Error::Io(_) | client::Error::Closed)) => {
-                if start.elapsed() >= timeout {
-                    return Err(anyhow::Error::new(e).context(format!("no answer from {addr} within {timeout:?}")));
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
+            // Not up yet (refused, reset, closed, silent): ask again. The client's I/O
+            // error is unwrapped so its message is not printed twice.
+            Err(client::Error::Io(e)) => anyhow::Error::new(e),
+            Err(client::Error::Closed) => anyhow!("server closed the connection"),
             Err(e) => bail!("unexpected reply to stats: {e}"),
+        };
+        if start.elapsed() >= timeout {
+            return Err(not_yet.context(format!("no answer from {addr} within {timeout:?}")));
         }
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
