@@ -8,10 +8,15 @@
 //! - [`store`]: durability in SQLite: one transaction per loop turn (group commit).
 //! - [`wal`]: reads SQLite's write-ahead log before SQLite does, to refuse hidden damage.
 //! - [`config`]: the command line (beanstalkd's flags plus our own).
+//! - `sys` (private): every call into the operating system, the only module allowed `unsafe`.
 //! - [`polaris_proto`] (crate): the wire protocol: framing, commands, replies; and the client.
 //! - [`polaris_engine`] (crate): the queue state machine (tubes, heaps, timers), clock injected.
+
+#![deny(unsafe_code)]
 
 pub mod config;
 pub mod server;
 pub mod store;
 pub mod wal;
+#[allow(unsafe_code)]
+mod sys;

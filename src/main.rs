@@ -1,5 +1,7 @@
 //! `polarisd`: the queue server. Flag parsing, then one call into the library.
 
+#![deny(unsafe_code)]
+
 use clap::Parser;
 use polarisd::config::Args;
 

@@ -12,6 +12,7 @@
 //! 4. write out every connection's pending replies.
 
 use crate::store::{Durability, Store, StoreError};
+use crate::sys;
 use anyhow::{bail, Context};
 use bytes::{Buf, BytesMut};
 use mio::event::Source;
@@ -22,7 +23,6 @@ use polaris_proto::{Decoder, Limits};
 use slab::Slab;
 use std::io::{self, Read, Write};
 use std::net::ToSocketAddrs;
-use std::os::fd::{FromRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -214,7 +214,7 @@ impl Server {
             Listener::Unix(l) => poll.registry().register(l, LISTENER, Interest::READABLE)?,
         }
         if let Some(user) = &cfg.user {
-            become_user(user)?;
+            sys::become_user(user)?;
         }
         let started = Instant::now();
         let mut engine_cfg = cfg.engine.clone();
@@ -625,19 +625,17 @@ impl Server {
 
 /// True if the peer has hung up (checked without consuming input).
 fn peer_closed(stream: &mut Stream) -> bool {
-    let fd = match stream {
-        Stream::Tcp(s) => std::os::fd::AsRawFd::as_raw_fd(s),
-        Stream::Unix(s) => std::os::fd::AsRawFd::as_raw_fd(s),
-    };
-    let mut byte = 0u8;
-    // SAFETY: `fd` is an open socket owned by `stream`; MSG_PEEK reads nothing out.
-    let n = unsafe { libc::recv(fd, (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
-    n == 0
+    match stream {
+        Stream::Tcp(s) => sys::peer_closed(&*s),
+        Stream::Unix(s) => sys::peer_closed(&*s),
+    }
 }
 
 fn open_listener(listen: &Listen) -> anyhow::Result<(Listener, String)> {
-    if let Some(fd) = systemd_listen_fd() {
-        return listener_from_fd(fd);
+    if let Some(inherited) = sys::systemd_listener() {
+        let fd = sys::LISTEN_FDS_START;
+        let inherited = inherited.map_err(|e| anyhow::anyhow!("LISTEN_FDS: fd {fd} is not a socket: {e}"))?;
+        return listener_from_inherited(inherited);
     }
     match listen {
         Listen::Tcp { host, port } => {
@@ -665,35 +663,19 @@ fn open_listener(listen: &Listen) -> anyhow::Result<(Listener, String)> {
     }
 }
 
-/// The first socket passed by systemd socket activation, if any.
-fn systemd_listen_fd() -> Option<RawFd> {
-    let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
-    let fds: u32 = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
-    (pid == std::process::id() && fds >= 1).then_some(3)
-}
-
-fn listener_from_fd(fd: RawFd) -> anyhow::Result<(Listener, String)> {
-    // SAFETY: an all-zero sockaddr_storage is a valid out-parameter.
-    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: `addr` and `len` are valid for writes of the given size.
-    let r = unsafe { libc::getsockname(fd, (&mut addr as *mut libc::sockaddr_storage).cast(), &mut len) };
-    if r != 0 {
-        bail!("LISTEN_FDS: fd {fd} is not a socket: {}", io::Error::last_os_error());
-    }
-    if i32::from(addr.ss_family) == libc::AF_UNIX {
-        // SAFETY: systemd passed us ownership of this listening socket.
-        let l = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
-        l.set_nonblocking(true)?;
-        let name =
-            l.local_addr().ok().and_then(|a| a.as_pathname().map(|p| p.display().to_string())).unwrap_or_default();
-        Ok((Listener::Unix(UnixListener::from_std(l)), format!("unix:{name}")))
-    } else {
-        // SAFETY: systemd passed us ownership of this listening socket.
-        let l = unsafe { std::net::TcpListener::from_raw_fd(fd) };
-        l.set_nonblocking(true)?;
-        let local = l.local_addr()?.to_string();
-        Ok((Listener::Tcp(TcpListener::from_std(l)), local))
+fn listener_from_inherited(inherited: sys::InheritedListener) -> anyhow::Result<(Listener, String)> {
+    match inherited {
+        sys::InheritedListener::Unix(l) => {
+            l.set_nonblocking(true)?;
+            let name =
+                l.local_addr().ok().and_then(|a| a.as_pathname().map(|p| p.display().to_string())).unwrap_or_default();
+            Ok((Listener::Unix(UnixListener::from_std(l)), format!("unix:{name}")))
+        }
+        sys::InheritedListener::Tcp(l) => {
+            l.set_nonblocking(true)?;
+            let local = l.local_addr()?.to_string();
+            Ok((Listener::Tcp(TcpListener::from_std(l)), local))
+        }
     }
 }
 
@@ -712,62 +694,26 @@ fn install_signals(registry: &Registry) -> anyhow::Result<Signals> {
     }
     let mut wake = UnixStream::from_std(read_end);
     registry.register(&mut wake, SIGNALS, Interest::READABLE)?;
-    // Ignore SIGPIPE: a peer that vanishes mid-write is an ordinary EPIPE.
-    // SAFETY: setting a signal disposition to SIG_IGN has no preconditions.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    sys::ignore_sigpipe();
     Ok(Signals { shutdown, drain, wake })
 }
 
-fn become_user(user: &str) -> anyhow::Result<()> {
-    let name = std::ffi::CString::new(user).context("user name contains NUL")?;
-    // SAFETY: `name` is a valid C string; getpwnam returns NULL or a static record.
-    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
-    if pw.is_null() {
-        bail!("no such user: {user}");
-    }
-    // SAFETY: `pw` is non-null and points to a valid passwd record.
-    let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
-    // SAFETY: plain syscalls; failures are checked.
-    unsafe {
-        if libc::setgid(gid) != 0 {
-            bail!("setgid({gid}): {}", io::Error::last_os_error());
-        }
-        if libc::setuid(uid) != 0 {
-            bail!("setuid({uid}): {}", io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
 fn instance_info() -> engine::Instance {
-    // SAFETY: an all-zero utsname is a valid out-parameter for uname.
-    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
-    // SAFETY: `uts` is valid for writes.
-    let ok = unsafe { libc::uname(&mut uts) } == 0;
-    let field = |f: &[libc::c_char]| -> String {
-        if !ok {
-            return String::new();
-        }
-        let bytes: Vec<u8> = f.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
-        String::from_utf8_lossy(&bytes).into_owned()
-    };
+    let uts = sys::uname();
     let random = uuid::Uuid::new_v4();
     engine::Instance {
         pid: std::process::id(),
         id: hex::encode(&random.as_bytes()[..8]),
-        hostname: field(&uts.nodename),
-        os: field(&uts.version),
-        platform: field(&uts.machine),
+        hostname: uts.hostname,
+        os: uts.os,
+        platform: uts.machine,
         version: format!("1.12 (polaris {})", env!("CARGO_PKG_VERSION")),
     }
 }
 
 fn rusage() -> engine::Rusage {
-    // SAFETY: an all-zero rusage is a valid out-parameter.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `ru` is valid for writes.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
-    ((ru.ru_utime.tv_sec as u64, ru.ru_utime.tv_usec as u32), (ru.ru_stime.tv_sec as u64, ru.ru_stime.tv_usec as u32))
+    let (user, system) = sys::cpu_times();
+    ((user.as_secs(), user.subsec_micros()), (system.as_secs(), system.subsec_micros()))
 }
 
 /// Runs `polarisd` with `cfg`: binds, prints `listening on ADDR` first on

@@ -817,7 +817,6 @@ fn secs_of(nanos: i64) -> u32 {
 
 /// Takes an exclusive lock on `dir`, so two servers never share a database.
 fn lock_dir(dir: &Path) -> Result<File, StoreError> {
-    use std::os::fd::AsRawFd;
     let path = dir.join(LOCK_FILE);
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -825,9 +824,7 @@ fn lock_dir(dir: &Path) -> Result<File, StoreError> {
         .write(true)
         .open(&path)
         .map_err(|source| StoreError::Io { path: path.clone(), source })?;
-    // SAFETY: flock on an open descriptor we own.
-    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if r != 0 {
+    if crate::sys::try_lock_exclusive(&file).is_err() {
         return Err(StoreError::Open { path, message: "another polarisd is using this directory".into() });
     }
     Ok(file)

@@ -97,7 +97,12 @@ fn systemd_socket_activation() -> Result<()> {
         .env("LISTEN_FDS", "1")
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
-    // SAFETY: dup2 is async-signal-safe; nothing else runs between fork and exec.
+    // The one unsafe block of the tests: socket activation hands the server its socket as
+    // fd 3, which only a dup2 between fork and exec can arrange. It stays libc: rustix's
+    // dup2 needs an `OwnedFd` for fd 3, which the child does not have, and forging one
+    // would take a second unsafe call.
+    // SAFETY: pre_exec is unsafe because the closure runs in the forked child; it makes
+    // one async-signal-safe system call (dup2) on `fd`, which the child inherited open.
     unsafe {
         sh.pre_exec(move || {
             if libc::dup2(fd, 3) < 0 {

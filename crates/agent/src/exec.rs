@@ -14,9 +14,9 @@
 //!   thread that keeps reading, and discarding, past the capture limit, so the child never
 //!   blocks on a full pipe.
 
+use crate::sys::{self, Signal};
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
@@ -88,44 +88,12 @@ struct Capture {
     total: u64,
 }
 
-/// A pipe whose both ends are close-on-exec (the child gets the write end through
-/// dup2, which clears the flag on the copy).
-fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0 as libc::c_int; 2];
-    // SAFETY: fds is a valid array of two ints for pipe2 to fill.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
-/// Whether process `pid` (our child) has exited, without reaping it.
-fn has_exited(pid: libc::pid_t) -> io::Result<bool> {
-    // SAFETY: zeroed siginfo_t is a valid out-parameter for waitid.
-    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    // SAFETY: waitid writes only into `info`; WNOWAIT leaves the child unreaped.
-    let rc = unsafe {
-        libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT)
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: waitid filled `info`; si_pid is 0 when no child changed state (WNOHANG).
-    Ok(unsafe { info.si_pid() } != 0)
-}
-
-fn kill_group(pgid: libc::pid_t, signal: libc::c_int) {
-    // SAFETY: plain syscall; a group that no longer exists answers ESRCH, which is fine.
-    unsafe {
-        libc::kill(-pgid, signal);
-    }
-}
-
 /// Runs `bash -c cmd` under `limits`, calling `on_tick` about every 20 ms while it runs
 /// (to touch the queue job and to check for shutdown).
 pub fn run_bash(cmd: &str, limits: &ExecLimits, mut on_tick: impl FnMut() -> Tick) -> io::Result<ExecOutcome> {
-    let (read_end, write_end) = pipe()?;
+    // Both ends are close-on-exec: the child gets the write end through dup2, which
+    // clears the flag on the copy.
+    let (read_end, write_end) = sys::cloexec_pipe()?;
     let mut command = Command::new("bash");
     command
         .arg("-c")
@@ -138,7 +106,6 @@ pub fn run_bash(cmd: &str, limits: &ExecLimits, mut on_tick: impl FnMut() -> Tic
     // The Command holds our copies of the write end; dropping it means the pipe reaches
     // EOF as soon as the last process of the group has closed it.
     drop(command);
-    let pid = child.id() as libc::pid_t;
 
     let capture = Arc::new(Mutex::new(Capture::default()));
     let (drained_tx, drained_rx) = mpsc::channel::<()>();
@@ -172,7 +139,7 @@ pub fn run_bash(cmd: &str, limits: &ExecLimits, mut on_tick: impl FnMut() -> Tic
     let mut timed_out = false;
     let mut aborted = false;
     loop {
-        if has_exited(pid)? {
+        if sys::has_exited(&child)? {
             break;
         }
         let now = Instant::now();
@@ -180,17 +147,17 @@ pub fn run_bash(cmd: &str, limits: &ExecLimits, mut on_tick: impl FnMut() -> Tic
             None => {
                 if now.duration_since(started) >= limits.timeout {
                     timed_out = true;
-                    kill_group(pid, libc::SIGTERM);
+                    sys::kill_group(&child, Signal::TERM);
                     term_sent = Some(now);
                 } else if on_tick() == Tick::Abort {
                     aborted = true;
-                    kill_group(pid, libc::SIGTERM);
+                    sys::kill_group(&child, Signal::TERM);
                     term_sent = Some(now);
                 }
             }
             Some(sent) => {
                 if !kill_sent && now.duration_since(sent) >= limits.kill_grace {
-                    kill_group(pid, libc::SIGKILL);
+                    sys::kill_group(&child, Signal::KILL);
                     kill_sent = true;
                 }
                 // Keep the queue job alive while we wait for the group to die.
@@ -201,7 +168,7 @@ pub fn run_bash(cmd: &str, limits: &ExecLimits, mut on_tick: impl FnMut() -> Tic
     }
     // The leader is a zombie now: nothing can take its pid as a group id, so this reaches
     // only what it left behind.
-    kill_group(pid, libc::SIGKILL);
+    sys::kill_group(&child, Signal::KILL);
     let status = child.wait()?;
     if drained_rx.recv_timeout(OUTPUT_DRAIN_WAIT).is_err() {
         log::warn!("output pipe still open {OUTPUT_DRAIN_WAIT:?} after the process group ended (a process escaped with setsid?)");
@@ -210,7 +177,7 @@ pub fn run_bash(cmd: &str, limits: &ExecLimits, mut on_tick: impl FnMut() -> Tic
     let termination = if aborted {
         Termination::Aborted
     } else if timed_out {
-        let killed_by = status.signal().unwrap_or(if kill_sent { libc::SIGKILL } else { libc::SIGTERM });
+        let killed_by = status.signal().unwrap_or(if kill_sent { Signal::KILL } else { Signal::TERM }.as_raw());
         Termination::TimedOut { killed_by }
     } else if let Some(code) = status.code() {
         Termination::Exited(code)
@@ -228,27 +195,10 @@ pub fn run_bash(cmd: &str, limits: &ExecLimits, mut on_tick: impl FnMut() -> Tic
 
 /// The conventional name of `signal`, e.g. `SIGKILL`.
 pub fn signal_name(signal: i32) -> String {
-    let name = match signal {
-        libc::SIGHUP => "SIGHUP",
-        libc::SIGINT => "SIGINT",
-        libc::SIGQUIT => "SIGQUIT",
-        libc::SIGILL => "SIGILL",
-        libc::SIGTRAP => "SIGTRAP",
-        libc::SIGABRT => "SIGABRT",
-        libc::SIGBUS => "SIGBUS",
-        libc::SIGFPE => "SIGFPE",
-        libc::SIGKILL => "SIGKILL",
-        libc::SIGUSR1 => "SIGUSR1",
-        libc::SIGSEGV => "SIGSEGV",
-        libc::SIGUSR2 => "SIGUSR2",
-        libc::SIGPIPE => "SIGPIPE",
-        libc::SIGALRM => "SIGALRM",
-        libc::SIGTERM => "SIGTERM",
-        libc::SIGXCPU => "SIGXCPU",
-        libc::SIGXFSZ => "SIGXFSZ",
-        other => return format!("signal {other}"),
-    };
-    name.to_string()
+    match sys::signal_name(signal) {
+        Some(name) => name.to_string(),
+        None => format!("signal {signal}"),
+    }
 }
 
 #[cfg(test)]

@@ -6,10 +6,24 @@
 //! tube (cutting output further if the queue refuses it as too big), then deletes the job.
 //! On SIGTERM or SIGINT it stops reserving; a running command may finish within the drain
 //! timeout, else it is stopped and its job released for the agent's next start.
+//!
+//! # Layout
+//! - this file: the configuration, the serve loop (reserve, verify, run, report, delete) and
+//!   registration with the dispatcher.
+//! - [`exec`]: runs `bash -c` in its own process group, with a timeout, bounded output
+//!   capture, and no child left behind.
+//! - [`query`]: the host facts `sync.query` answers with, parsed from `/proc` text.
+//! - [`identity`]: the host id: given, or generated once and kept in the state file.
+//! - `sys` (private): every call into the operating system (pipes, `waitid`, process-group
+//!   signals, utmpx), the only module allowed `unsafe`.
+
+#![deny(unsafe_code)]
 
 pub mod exec;
 pub mod identity;
 pub mod query;
+#[allow(unsafe_code)]
+mod sys;
 
 use anyhow::Context as _;
 use exec::{ExecLimits, Termination, Tick};

@@ -1,5 +1,7 @@
 //! `polaris-agent`: runs the jobs of one host. See `docs/DISPATCH.md`.
 
+#![deny(unsafe_code)]
+
 use clap::Parser;
 use std::path::PathBuf;
 use std::time::Duration;

@@ -61,7 +61,7 @@ pub fn collect() -> Result<HostFacts, QueryError> {
         load: parse_loadavg(&read("/proc/loadavg")?),
         memory: parse_meminfo(&read("/proc/meminfo")?),
         uptime_secs: read("/proc/uptime")?.split_whitespace().next().and_then(|s| s.parse().ok()).unwrap_or(0.0),
-        users: logged_in_users(),
+        users: crate::sys::logged_in_users(),
     })
 }
 
@@ -127,31 +127,6 @@ pub fn parse_if_inet6(if_inet6: &str) -> Vec<String> {
             (hex.len() == 32).then(|| Ipv6Addr::from(value).to_string())
         })
         .collect()
-}
-
-/// Users with a login session, from utmp.
-fn logged_in_users() -> Vec<String> {
-    let mut users = Vec::new();
-    // SAFETY: the utmpx iteration functions use a static buffer; the agent calls them from
-    // one thread at a time, and each entry is copied out before the next call.
-    unsafe {
-        libc::setutxent();
-        loop {
-            let entry = libc::getutxent();
-            if entry.is_null() {
-                break;
-            }
-            if (*entry).ut_type == libc::USER_PROCESS {
-                let name = &(*entry).ut_user;
-                let bytes: Vec<u8> = name.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
-                if !bytes.is_empty() {
-                    users.push(String::from_utf8_lossy(&bytes).into_owned());
-                }
-            }
-        }
-        libc::endutxent();
-    }
-    users
 }
 
 #[cfg(test)]

@@ -8,6 +8,20 @@
 //! `spawn_blocking`, never on the async runtime's workers.
 //!
 //! See `docs/DISPATCH.md` for the API, the error codes and the security model.
+//!
+//! # Layout
+//! - this file: the configuration, the queue connection pool, the sync-job waiters and
+//!   [`run`], which starts the threads and serves the API.
+//! - [`api`]: the REST API (axum): `/v1/jobs` and `/v1/hosts`.
+//! - [`request`]: validation of request bodies, field by field.
+//! - [`error`]: the API's error reply (HTTP status, JSON body naming code and field).
+//! - [`auth`]: optional bearer tokens with a per-token command allow-list.
+//! - [`store`]: the SQLite database (`hosts`, `jobs`, `host_job`), written before anything
+//!   is queued or answered.
+//! - `worker` (private): the two blocking threads: the enqueuer (puts and expires host
+//!   jobs) and the results consumer.
+
+#![deny(unsafe_code)]
 
 pub mod api;
 pub mod auth;

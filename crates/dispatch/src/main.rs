@@ -1,5 +1,7 @@
 //! `polaris-dispatch`: the REST dispatcher. See `docs/DISPATCH.md`.
 
+#![deny(unsafe_code)]
+
 use clap::Parser;
 use std::path::PathBuf;
 use std::time::Duration;

@@ -7,6 +7,8 @@
 //! - [`codes`]: the result and error codes (`(type << 8) | code`).
 //! - [`host_id`]: what a host id may be (so that `host.<id>` is always a valid tube name).
 
+#![deny(unsafe_code)]
+
 pub mod codes;
 pub mod host_id;
 pub mod wire;

@@ -8,6 +8,8 @@
 //!   compares byte for byte.
 //! - [`cluster`]: a queue, a dispatcher and agents on loopback, and HTTP/JSON calls to them.
 
+#![deny(unsafe_code)]
+
 pub mod cluster;
 pub mod process;
 pub mod raw;

@@ -1,0 +1,86 @@
+//! Every call the agent makes into the operating system, in one place.
+//!
+//! Pipes, `waitid` and process-group signals go through `rustix`, which is safe to call.
+//! Only the utmpx database (logged-in users) stays `libc`: neither rustix nor nix reads
+//! it, and glibc's `getutxent` hands out a pointer into a static buffer, so the one
+//! `unsafe` block below says why reading it is sound.
+
+pub use rustix::process::Signal;
+use rustix::process::{kill_process_group, waitid, Pid, WaitId, WaitIdOptions};
+use std::io;
+use std::os::fd::OwnedFd;
+use std::process::Child;
+use std::sync::Mutex;
+
+/// A pipe whose both ends are close-on-exec (`pipe2(O_CLOEXEC)`).
+pub fn cloexec_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?)
+}
+
+/// Whether `child` has exited, without reaping it (`waitid` with `WNOWAIT | WNOHANG`), so
+/// its pid stays taken until [`Child::wait`].
+pub fn has_exited(child: &Child) -> io::Result<bool> {
+    let options = WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT;
+    Ok(waitid(WaitId::Pid(Pid::from_child(child)), options)?.is_some())
+}
+
+/// Sends `signal` to the process group led by `leader` (`kill(-pgid, sig)`). A group that
+/// no longer exists (ESRCH) is not an error worth reporting.
+pub fn kill_group(leader: &Child, signal: Signal) {
+    let _ = kill_process_group(Pid::from_child(leader), signal);
+}
+
+/// The conventional name of a signal number, for the signals a command commonly dies of.
+pub fn signal_name(signal: i32) -> Option<&'static str> {
+    Some(match Signal::from_named_raw(signal)? {
+        Signal::HUP => "SIGHUP",
+        Signal::INT => "SIGINT",
+        Signal::QUIT => "SIGQUIT",
+        Signal::ILL => "SIGILL",
+        Signal::TRAP => "SIGTRAP",
+        Signal::ABORT => "SIGABRT",
+        Signal::BUS => "SIGBUS",
+        Signal::FPE => "SIGFPE",
+        Signal::KILL => "SIGKILL",
+        Signal::USR1 => "SIGUSR1",
+        Signal::SEGV => "SIGSEGV",
+        Signal::USR2 => "SIGUSR2",
+        Signal::PIPE => "SIGPIPE",
+        Signal::ALARM => "SIGALRM",
+        Signal::TERM => "SIGTERM",
+        Signal::XCPU => "SIGXCPU",
+        Signal::XFSZ => "SIGXFSZ",
+        _ => return None,
+    })
+}
+
+/// Serialises the utmpx iteration below (it walks one process-wide cursor and buffer).
+static UTMPX: Mutex<()> = Mutex::new(());
+
+/// Users with a login session (`USER_PROCESS` entries of utmp), one entry per session.
+pub fn logged_in_users() -> Vec<String> {
+    let _cursor = UTMPX.lock().unwrap_or_else(|p| p.into_inner());
+    let mut users = Vec::new();
+    // SAFETY: setutxent/getutxent/endutxent share one static cursor and record buffer.
+    // This function is their only caller in the agent and holds UTMPX while it iterates,
+    // so no other thread moves the cursor or overwrites the buffer meanwhile; each
+    // non-null record is read (its name copied out) before the next getutxent call.
+    unsafe {
+        libc::setutxent();
+        loop {
+            let entry = libc::getutxent();
+            if entry.is_null() {
+                break;
+            }
+            if (*entry).ut_type == libc::USER_PROCESS {
+                let name = &(*entry).ut_user;
+                let bytes: Vec<u8> = name.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+                if !bytes.is_empty() {
+                    users.push(String::from_utf8_lossy(&bytes).into_owned());
+                }
+            }
+        }
+        libc::endutxent();
+    }
+    users
+}

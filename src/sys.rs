@@ -1,0 +1,129 @@
+//! Every call polarisd makes into the operating system, in one place.
+//!
+//! Most go through `rustix` (sockets, `uname`, `flock`) or `nix` (the user database,
+//! process-wide `setgid`/`setuid`, `getrusage`), which are safe to call. What neither
+//! offers safely stays `libc` here, each `unsafe` block with the reason it is sound:
+//! - ignoring SIGPIPE (`signal`): both crates mark installing a disposition `unsafe`;
+//! - taking over the socket of systemd socket activation: it arrives as a bare number
+//!   (fd 3), which must be checked with a raw `getsockname` before anything may own it.
+
+use anyhow::{bail, Context};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// The first descriptor of systemd socket activation (`SD_LISTEN_FDS_START`).
+pub const LISTEN_FDS_START: RawFd = 3;
+
+/// True if the peer of a connected socket has hung up, checked without consuming input
+/// (a `recv` of one byte with `MSG_PEEK | MSG_DONTWAIT` that reads end-of-file).
+pub fn peer_closed(socket: impl AsFd) -> bool {
+    use rustix::net::{recv, RecvFlags};
+    let mut byte = [0u8; 1];
+    matches!(recv(socket, &mut byte, RecvFlags::PEEK | RecvFlags::DONTWAIT), Ok((_, 0)))
+}
+
+/// A listening socket handed over by the service manager.
+pub enum InheritedListener {
+    /// A TCP (or other non-Unix) stream socket.
+    Tcp(std::net::TcpListener),
+    /// A Unix-domain socket.
+    Unix(std::os::unix::net::UnixListener),
+}
+
+/// Set once fd 3 has been taken, so it is never owned twice.
+static LISTEN_FD_TAKEN: AtomicBool = AtomicBool::new(false);
+
+/// The first socket passed by systemd socket activation: `None` unless `LISTEN_PID` is
+/// this process and `LISTEN_FDS` is at least 1 (and on every call after the first).
+/// An error means fd [`LISTEN_FDS_START`] is not a socket; it is then left alone.
+pub fn systemd_listener() -> Option<io::Result<InheritedListener>> {
+    let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
+    let fds: u32 = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
+    if pid != std::process::id() || fds == 0 || LISTEN_FD_TAKEN.swap(true, Ordering::SeqCst) {
+        return None;
+    }
+    let fd = LISTEN_FDS_START;
+    // rustix's getsockname wants a descriptor we already hold, which is what is in doubt
+    // here, so this one call is raw.
+    // SAFETY: an all-zero sockaddr_storage is a valid value of this plain C struct.
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: getsockname takes any integer (a closed or foreign descriptor is EBADF or
+    // ENOTSOCK) and writes at most `len` bytes into `addr`, which is valid for that size.
+    let r = unsafe { libc::getsockname(fd, (&mut addr as *mut libc::sockaddr_storage).cast(), &mut len) };
+    if r != 0 {
+        return Some(Err(io::Error::last_os_error()));
+    }
+    // SAFETY: fd 3 is an open socket (just checked); by the socket-activation protocol
+    // (LISTEN_PID names this process) the service manager passed it for this process to
+    // own, nothing else in polarisd claims it, and LISTEN_FD_TAKEN lets this happen once.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    Some(Ok(if i32::from(addr.ss_family) == libc::AF_UNIX {
+        InheritedListener::Unix(owned.into())
+    } else {
+        InheritedListener::Tcp(owned.into())
+    }))
+}
+
+/// Ignores SIGPIPE: a peer that vanishes mid-write is then an ordinary EPIPE.
+pub fn ignore_sigpipe() {
+    // SAFETY: setting a signal's disposition to SIG_IGN installs no handler code and has
+    // no preconditions.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+}
+
+/// Takes the group and then the user id of `user` (`-u`), process-wide.
+pub fn become_user(user: &str) -> anyhow::Result<()> {
+    use nix::unistd::{setgid, setuid, User};
+    if user.contains('\0') {
+        bail!("user name contains NUL");
+    }
+    let pw = match User::from_name(user) {
+        Ok(Some(pw)) => pw,
+        Ok(None) => bail!("no such user: {user}"),
+        Err(e) => bail!("no such user: {user} ({e})"),
+    };
+    let (uid, gid) = (pw.uid, pw.gid);
+    setgid(gid).map_err(io::Error::from).with_context(|| format!("setgid({gid})"))?;
+    setuid(uid).map_err(io::Error::from).with_context(|| format!("setuid({uid})"))?;
+    Ok(())
+}
+
+/// The kernel's names for this machine (`uname`).
+pub struct Uname {
+    /// The host name (`nodename`).
+    pub hostname: String,
+    /// The kernel build (`version`).
+    pub os: String,
+    /// The hardware (`machine`).
+    pub machine: String,
+}
+
+/// `uname`, as text.
+pub fn uname() -> Uname {
+    let uts = rustix::system::uname();
+    Uname {
+        hostname: uts.nodename().to_string_lossy().into_owned(),
+        os: uts.version().to_string_lossy().into_owned(),
+        machine: uts.machine().to_string_lossy().into_owned(),
+    }
+}
+
+/// User and system CPU time used by this process so far (zero if unknown).
+pub fn cpu_times() -> (Duration, Duration) {
+    use nix::sys::resource::{getrusage, UsageWho};
+    let Ok(ru) = getrusage(UsageWho::RUSAGE_SELF) else { return (Duration::ZERO, Duration::ZERO) };
+    let time = |t: nix::sys::time::TimeVal| {
+        Duration::new(t.tv_sec().max(0) as u64, 0) + Duration::from_micros(t.tv_usec().max(0) as u64)
+    };
+    (time(ru.user_time()), time(ru.system_time()))
+}
+
+/// Takes an exclusive `flock` on `file` without waiting; fails if another process holds it.
+pub fn try_lock_exclusive(file: &File) -> io::Result<()> {
+    use rustix::fs::{flock, FlockOperation};
+    Ok(flock(file, FlockOperation::NonBlockingLockExclusive)?)
+}
