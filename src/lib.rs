@@ -17,6 +17,6 @@
 pub mod config;
 pub mod server;
 pub mod store;
-pub mod wal;
 #[allow(unsafe_code)]
 mod sys;
+pub mod wal;
