@@ -102,10 +102,14 @@ fn systemd_socket_activation() -> Result<()> {
     // dup2 needs an `OwnedFd` for fd 3, which the child does not have, and forging one
     // would take a second unsafe call.
     // SAFETY: pre_exec is unsafe because the closure runs in the forked child; it makes
-    // one async-signal-safe system call (dup2) on `fd`, which the child inherited open.
+    // one async-signal-safe system call (dup2, or fcntl) on `fd`, which the child inherited
+    // open.
     unsafe {
         sh.pre_exec(move || {
-            if libc::dup2(fd, 3) < 0 {
+            // dup2 of a descriptor onto itself does nothing, and would leave the listener's
+            // close-on-exec flag set: when it already is fd 3, clear the flag instead.
+            let status = if fd == 3 { libc::fcntl(3, libc::F_SETFD, 0) } else { libc::dup2(fd, 3) };
+            if status < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
