@@ -707,7 +707,10 @@ fn instance_info() -> engine::Instance {
         hostname: uts.hostname,
         os: uts.os,
         platform: uts.machine,
-        version: format!("1.12 (polaris {})", env!("CARGO_PKG_VERSION")),
+        // What beanstalkd 1.12 answers: client libraries parse this field as a version
+        // number. polarisd's own version is in `polaris-stats` and `polarisd -v`.
+        version: "1.12".into(),
+        server_version: env!("CARGO_PKG_VERSION").into(),
     }
 }
 

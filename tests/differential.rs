@@ -502,9 +502,9 @@ fn read_items(conn: &mut RawConn, count: Option<usize>, within: Duration) -> Res
 
 /// `stats` fields whose values identify the process or the build, so they
 /// never match between two servers. `binlog-*` fields are matched by prefix.
+/// (`version` is compared: polarisd answers beanstalkd's "1.12", as clients expect.)
 const IDENTITY_FIELDS: &[&str] = &[
     "pid",
-    "version",
     "rusage-utime",
     "rusage-stime",
     "id",

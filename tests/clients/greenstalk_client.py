@@ -208,6 +208,10 @@ def check_stats(c):
         expect(key in stats, f"stats lacks {key}")
     expect(stats["max-job-size"] == 65535, f"max-job-size {stats['max-job-size']}")
     expect(stats["cmd-put"] >= 1, "cmd-put should count earlier puts")
+    # Client libraries parse `version` as a version number, as beanstalkd's "1.12" is.
+    version = str(stats["version"])
+    expect(version == "1.12", f"stats version {version!r} is not beanstalkd's")
+    expect(tuple(int(part) for part in version.split(".")) == (1, 12), f"version {version!r} does not parse")
     tube = c.stats_tube("default")
     expect(tube["name"] == "default", f"stats_tube name {tube['name']!r}")
     expect_raises(greenstalk.NotFoundError, lambda: c.stats_tube("no-such-tube"))

@@ -21,8 +21,10 @@ pub struct Instance {
     pub os: String,
     /// Machine architecture.
     pub platform: String,
-    /// Version string (printed quoted).
+    /// The beanstalkd version `stats` reports (printed quoted): "1.12", as clients expect.
     pub version: String,
+    /// polarisd's own version, reported by `polaris-stats` as `polaris-version`.
+    pub server_version: String,
 }
 
 /// CPU time used by the process: (user, system), each as (seconds, microseconds).
@@ -72,6 +74,7 @@ impl Default for Config {
                 os: String::new(),
                 platform: String::new(),
                 version: "1.12".into(),
+                server_version: String::new(),
             },
             rusage: || ((0, 0), (0, 0)),
         }

@@ -264,6 +264,7 @@ impl Engine {
         let _ = write!(
             y,
             "---\n\
+             polaris-version: {}\n\
              jobs-expired: {}\n\
              jobs-revoked: {}\n\
              tombstones: {}\n\
@@ -271,6 +272,7 @@ impl Engine {
              max-job-bytes: {}\n\
              tube-ttls: {}\n\
              max-tube-ttls: {}\n",
+            self.cfg.instance.server_version,
             self.counters.expired,
             self.counters.revoked,
             self.tombstones.len(),
