@@ -18,9 +18,10 @@ use bytes::{Buf, BytesMut};
 use mio::event::Source;
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Events, Interest, Poll, Registry, Token};
-use polaris_engine::{self as engine, ConnId, Engine, Nanos, Outcome, ReplySink};
-use polaris_proto::{Decoder, Limits};
+use polaris_engine::{self as engine, ConnId, Engine, IdHashBuilder, JobId, Nanos, Outcome, ReplySink};
+use polaris_proto::{reply, Decoded, Decoder, Limits};
 use slab::Slab;
+use std::collections::HashSet;
 use std::io::{self, Read, Write};
 use std::net::ToSocketAddrs;
 use std::path::PathBuf;
@@ -73,6 +74,10 @@ const SIGNALS: Token = Token(usize::MAX - 2);
 const READ_CHUNK: usize = 64 * 1024;
 /// Connection buffers that grew past this (for a big job) are given back once empty.
 const SHRINK_ABOVE: usize = 1 << 20;
+/// How often a failing store is retried while replies wait for it.
+const COMMIT_RETRY: Duration = Duration::from_millis(100);
+/// Reply records kept allocated between turns.
+const RECORDS_KEPT: usize = 4096;
 
 enum Listener {
     Tcp(TcpListener),
@@ -144,8 +149,32 @@ struct Connection {
     peer_hup: bool,
     /// Already listed for this turn's flush.
     queued_for_flush: bool,
-    /// Length of `output` before this turn's replies: what a failed commit takes back.
-    turn_start: usize,
+    /// Its output holds replies to changes whose commit failed: nothing of it is written
+    /// until a commit succeeds (then every one of them is true).
+    frozen: bool,
+}
+
+/// Where one reply sits in a connection's output, for the turn's commit to rewrite if the
+/// commit fails (durable mode only; cleared after every commit).
+#[derive(Clone, Copy, Debug)]
+struct ReplyRecord {
+    token: usize,
+    start: usize,
+    end: usize,
+    /// The job the reply is about (from `INSERTED`/`RESERVED`/`FOUND <id>`, or the id the
+    /// command named); 0 for none.
+    job: u64,
+    /// The command (or timer) that produced it changed something durable.
+    mutating: bool,
+}
+
+/// The job id a reply names, for the three replies that carry one.
+fn reply_job_id(bytes: &[u8]) -> Option<u64> {
+    let rest = [reply::INSERTED_PREFIX, reply::RESERVED_PREFIX, reply::FOUND_PREFIX]
+        .iter()
+        .find_map(|prefix| bytes.strip_prefix(*prefix))?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
 }
 
 /// Replies from the engine go straight into connection output buffers.
@@ -154,22 +183,43 @@ struct Outbox<'a> {
     tokens: &'a [usize],
     flush: &'a mut Vec<usize>,
     resumed: &'a mut Vec<usize>,
+    /// Where each reply went, when the store may have to take replies back.
+    records: Option<&'a mut Vec<ReplyRecord>>,
+    /// The connection whose command runs, and the job id that command names (0: none).
+    caller: Option<(ConnId, u64)>,
 }
 
-impl ReplySink for Outbox<'_> {
-    fn send(&mut self, conn: ConnId, bytes: &[u8]) {
+impl Outbox<'_> {
+    fn append(&mut self, conn: ConnId, parts: &[&[u8]]) {
         let token = self.tokens[conn.0];
         let Some(c) = self.conns.get_mut(token) else { return };
         if !c.queued_for_flush {
             c.queued_for_flush = true;
-            c.turn_start = c.output.len();
             self.flush.push(token);
         }
-        c.output.extend_from_slice(bytes);
+        let start = c.output.len();
+        for part in parts {
+            c.output.extend_from_slice(part);
+        }
+        if let Some(records) = &mut self.records {
+            let named = self.caller.filter(|(caller, _)| *caller == conn).map_or(0, |(_, job)| job);
+            let job = parts.first().and_then(|first| reply_job_id(first)).unwrap_or(named);
+            records.push(ReplyRecord { token, start, end: c.output.len(), job, mutating: false });
+        }
         if c.blocked {
             c.blocked = false;
             self.resumed.push(token);
         }
+    }
+}
+
+impl ReplySink for Outbox<'_> {
+    fn send(&mut self, conn: ConnId, bytes: &[u8]) {
+        self.append(conn, &[bytes]);
+    }
+
+    fn send_parts(&mut self, conn: ConnId, parts: &[&[u8]]) {
+        self.append(conn, parts);
     }
 }
 
@@ -202,6 +252,12 @@ pub struct Server {
     /// Read buffer shared by all connections; bytes are copied into the
     /// connection's own input only as far as they were read.
     scratch: Box<[u8]>,
+    /// This turn's replies (durable mode), for a failed commit to rewrite.
+    records: Vec<ReplyRecord>,
+    /// Connections whose output waits for a commit to succeed.
+    frozen: Vec<usize>,
+    /// When the store started failing, if it is failing.
+    failing_since: Option<Instant>,
 }
 
 impl Server {
@@ -222,6 +278,12 @@ impl Server {
         engine_cfg.rusage = rusage;
         let mut engine = Engine::new(engine_cfg, CLOCK_ORIGIN, cfg.durability.is_some());
         let store = match &cfg.durability {
+            Some(_) if cfg.engine.max_job_size > crate::store::MAX_STORED_BODY => bail!(
+                "-z {} is larger than a job the store can keep: with -b, -z may be at most {} (SQLite's \
+                 largest value)",
+                cfg.engine.max_job_size,
+                crate::store::MAX_STORED_BODY
+            ),
             Some(d) => {
                 let mut store = Store::open(d)?;
                 let t0 = Instant::now();
@@ -248,6 +310,9 @@ impl Server {
             to_close: Vec::new(),
             local_addr,
             scratch: vec![0; READ_CHUNK].into_boxed_slice(),
+            records: Vec::new(),
+            frozen: Vec::new(),
+            failing_since: None,
         })
     }
 
@@ -315,13 +380,43 @@ impl Server {
         let now = self.now();
         let timeout = self.engine.next_deadline().map(|d| Duration::from_nanos(d.saturating_sub(now)));
         // Round up so a timer is never woken for a fraction too early.
-        timeout.map(|t| t + Duration::from_micros(100))
+        let timeout = timeout.map(|t| t + Duration::from_micros(100));
+        if self.frozen.is_empty() {
+            timeout
+        } else {
+            // Replies wait for a commit: try again soon even if nothing else happens.
+            Some(timeout.map_or(COMMIT_RETRY, |t| t.min(COMMIT_RETRY)))
+        }
     }
 
     fn with_outbox<R>(&mut self, f: impl FnOnce(&mut Engine, &mut Outbox<'_>) -> R) -> R {
-        let mut out =
-            Outbox { conns: &mut self.conns, tokens: &self.tokens, flush: &mut self.flush, resumed: &mut self.resumed };
-        f(&mut self.engine, &mut out)
+        self.with_caller_outbox(None, f)
+    }
+
+    /// Runs `f` on the engine with replies going to the connections; in durable mode every
+    /// reply is recorded, and marked mutating when `f` changed something durable.
+    fn with_caller_outbox<R>(
+        &mut self,
+        caller: Option<(ConnId, u64)>,
+        f: impl FnOnce(&mut Engine, &mut Outbox<'_>) -> R,
+    ) -> R {
+        let recording = self.store.is_some();
+        let (mutations, first) = (self.engine.mutation_count(), self.records.len());
+        let mut out = Outbox {
+            conns: &mut self.conns,
+            tokens: &self.tokens,
+            flush: &mut self.flush,
+            resumed: &mut self.resumed,
+            records: recording.then_some(&mut self.records),
+            caller,
+        };
+        let result = f(&mut self.engine, &mut out);
+        if recording && self.engine.mutation_count() != mutations {
+            for record in &mut self.records[first..] {
+                record.mutating = true;
+            }
+        }
+        result
     }
 
     fn accept_all(&mut self) {
@@ -372,7 +467,7 @@ impl Server {
                 read_pending: false,
                 peer_hup: false,
                 queued_for_flush: false,
-                turn_start: 0,
+                frozen: false,
             });
         }
     }
@@ -472,7 +567,12 @@ impl Server {
             }
             let Some(decoded) = c.decoder.decode(&mut c.input) else { return };
             let conn = c.engine_id;
-            let outcome = self.with_outbox(|engine, out| engine.feed(conn, decoded, now, out));
+            let named = match &decoded {
+                Decoded::Command(cmd) => cmd.job_id().unwrap_or(0),
+                _ => 0,
+            };
+            let outcome =
+                self.with_caller_outbox(Some((conn, named)), |engine, out| engine.feed(conn, decoded, now, out));
             match outcome {
                 Outcome::Done => {}
                 Outcome::Blocked => {
@@ -517,7 +617,6 @@ impl Server {
         if let Some(c) = self.conns.get_mut(token) {
             if !c.queued_for_flush && !c.output.is_empty() {
                 c.queued_for_flush = true;
-                c.turn_start = c.output.len();
                 self.flush.push(token);
             }
         }
@@ -527,28 +626,108 @@ impl Server {
     fn commit(&mut self, now: Nanos) {
         let Some(store) = &mut self.store else { return };
         let changes = self.engine.take_changes();
-        if let Err(e) = store.commit(&changes, &self.engine, now) {
-            let inserted: Vec<engine::JobId> = changes.inserted.iter().copied().collect();
-            self.commit_failed(e, &inserted);
+        match store.commit(&changes, &self.engine, now) {
+            Ok(()) => self.commit_succeeded(),
+            Err(e) => self.commit_failed(e, &changes.inserted, now),
+        }
+        self.records.clear();
+        if self.records.capacity() > RECORDS_KEPT {
+            self.records.shrink_to(RECORDS_KEPT);
         }
         self.engine.set_binlog_stats(self.store.as_ref().map(|s| s.stats()).unwrap_or_default());
     }
 
-    /// A failed commit must not acknowledge anything: every reply produced this
-    /// turn is replaced by `INTERNAL_ERROR`, jobs created this turn are dropped
-    /// (nobody was told they exist), and the other changes stay queued in the
-    /// store for the next commit, so nothing acknowledged earlier is lost.
-    fn commit_failed(&mut self, e: StoreError, inserted: &[engine::JobId]) {
-        log::error!("commit failed: {e}");
-        self.engine.discard_jobs(inserted);
-        for &token in &self.flush {
+    /// Everything changed so far is durable: every held reply is now true.
+    fn commit_succeeded(&mut self) {
+        if let Some(since) = self.failing_since.take() {
+            log::warn!("the store commits again, after failing for {:?}", since.elapsed());
+        }
+        for token in std::mem::take(&mut self.frozen) {
             if let Some(c) = self.conns.get_mut(token) {
-                if c.output.len() > c.turn_start {
-                    c.output.truncate(c.turn_start);
-                    c.output.extend_from_slice(polaris_proto::reply::INTERNAL_ERROR);
+                c.frozen = false;
+            }
+            self.queue_flush(token);
+            self.resume(token);
+        }
+    }
+
+    /// A failed commit must leave every command with exactly one true reply:
+    /// - jobs created this turn are dropped (nobody may learn they existed), and each reply
+    ///   about one — its `INSERTED`, a `RESERVED` that handed it out, any command that named
+    ///   it — becomes `OUT_OF_MEMORY` (for a `put` refused for want of space, as beanstalkd
+    ///   answers when it cannot reserve binlog space) or `INTERNAL_ERROR`;
+    /// - the other changes are committed again at once without the new jobs (a `delete`
+    ///   frees space, so on a full disk this usually succeeds) and their replies stand;
+    /// - if that fails too, the connections whose replies report a change are frozen: their
+    ///   replies are held (never written, never replaced) until a commit succeeds, retried
+    ///   every [`COMMIT_RETRY`]. Replies that only read are written as usual.
+    fn commit_failed(&mut self, error: StoreError, inserted: &HashSet<JobId, IdHashBuilder>, now: Nanos) {
+        let refusal = if error.is_full() { reply::OUT_OF_MEMORY } else { reply::INTERNAL_ERROR };
+        if !inserted.is_empty() {
+            let ids: Vec<JobId> = inserted.iter().copied().collect();
+            self.engine.discard_jobs(&ids);
+            self.take_back_replies(inserted, refusal);
+        }
+        let retried = match &mut self.store {
+            Some(store) => store.commit(&engine::Changes::default(), &self.engine, now),
+            None => Ok(()),
+        };
+        match retried {
+            Ok(()) => {
+                log::warn!(
+                    "commit failed ({error}); {} new job(s) refused, the other changes committed",
+                    inserted.len()
+                );
+                self.commit_succeeded();
+            }
+            Err(again) => {
+                if self.failing_since.is_none() {
+                    log::error!("commit failed ({error}), and again without the new jobs ({again}): replies that report a change are held until a commit succeeds");
+                    self.failing_since = Some(Instant::now());
+                }
+                let mut tokens: Vec<usize> = self
+                    .records
+                    .iter()
+                    .filter(|r| r.mutating && !inserted.contains(&JobId(r.job)))
+                    .map(|r| r.token)
+                    .collect();
+                tokens.sort_unstable();
+                tokens.dedup();
+                for token in tokens {
+                    if let Some(c) = self.conns.get_mut(token) {
+                        if !c.frozen {
+                            c.frozen = true;
+                            self.frozen.push(token);
+                        }
+                    }
                 }
             }
         }
+    }
+
+    /// Replaces, in place, every reply of this turn about a job in `dropped`: a `put`'s
+    /// by `refusal`, any other by `INTERNAL_ERROR`.
+    fn take_back_replies(&mut self, dropped: &HashSet<JobId, IdHashBuilder>, refusal: &[u8]) {
+        let mut records = std::mem::take(&mut self.records);
+        // Stable: each connection's replies stay in the order they were made.
+        records.sort_by_key(|r| r.token);
+        for group in records.chunk_by(|a, b| a.token == b.token) {
+            if !group.iter().any(|r| dropped.contains(&JobId(r.job))) {
+                continue;
+            }
+            let Some(c) = self.conns.get_mut(group[0].token) else { continue };
+            let old = c.output.split_off(group[0].start);
+            for r in group {
+                let (start, end) = (r.start - group[0].start, r.end - group[0].start);
+                if dropped.contains(&JobId(r.job)) {
+                    let put = old[start..end].starts_with(reply::INSERTED_PREFIX);
+                    c.output.extend_from_slice(if put { refusal } else { reply::INTERNAL_ERROR });
+                } else {
+                    c.output.extend_from_slice(&old[start..end]);
+                }
+            }
+        }
+        self.records = records;
     }
 
     fn flush_all(&mut self) {
@@ -556,6 +735,10 @@ impl Server {
         for token in tokens {
             let Some(c) = self.conns.get_mut(token) else { continue };
             c.queued_for_flush = false;
+            if c.frozen {
+                // Queued again when a commit succeeds.
+                continue;
+            }
             while !c.output.is_empty() {
                 match c.stream.write(&c.output) {
                     Ok(0) => {
@@ -588,8 +771,14 @@ impl Server {
     }
 
     fn close_pending(&mut self, now: Nanos) {
+        let mut later = Vec::new();
         while let Some(token) = self.to_close.pop() {
             let Some(c) = self.conns.get(token) else { continue };
+            if c.frozen {
+                // Its replies are not written yet: close once they are.
+                later.push(token);
+                continue;
+            }
             // Give a closing connection one chance to receive what it was sent.
             if !c.output.is_empty() && !c.blocked {
                 let c = &mut self.conns[token];
@@ -601,6 +790,7 @@ impl Server {
             self.with_outbox(|engine, out| engine.disconnect(conn, now, out));
             self.tokens[conn.0] = usize::MAX;
         }
+        self.to_close = later;
         // Disconnects may have woken waiters on other connections.
         if !self.resumed.is_empty() || !self.flush.is_empty() {
             self.run_backlog(now);

@@ -124,6 +124,21 @@ pub struct Durability {
     pub salvage: bool,
 }
 
+impl StoreError {
+    /// Whether the store failed for want of space (a full disk, or `--max-db-bytes`):
+    /// commands that need new space are refused (`OUT_OF_MEMORY`), as beanstalkd refuses a
+    /// `put` whose binlog space it cannot reserve.
+    pub fn is_full(&self) -> bool {
+        match self {
+            StoreError::Sqlite { source: rusqlite::Error::SqliteFailure(e, _), .. } => {
+                e.code == rusqlite::ErrorCode::DiskFull
+            }
+            StoreError::Io { source, .. } => source.raw_os_error() == Some(28), // ENOSPC
+            _ => false,
+        }
+    }
+}
+
 /// Counters for `stats`.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StoreStats {
@@ -154,6 +169,11 @@ pub struct Store {
 fn wall_now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
 }
+
+/// The largest job body the store can keep: SQLite refuses a value (and a row) over
+/// 1,000,000,000 bytes, so every commit of a bigger job would fail. The rest of the row
+/// (tube name and numbers) needs well under the margin left here.
+pub const MAX_STORED_BODY: u32 = 999_990_000;
 
 /// The columns of the `jobs` table that a restart reads, in the order `job_from_row` expects.
 const JOB_COLUMNS: &[&str] = &[

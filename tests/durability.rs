@@ -400,7 +400,9 @@ fn a_full_disk_answers_errors_and_loses_nothing_acknowledged() -> Result<()> {
             match reply.strip_prefix("INSERTED ") {
                 Some(id) => acked.push(id.parse::<u64>()?),
                 None => {
-                    assert_eq!(reply, "INTERNAL_ERROR");
+                    // Refused for want of space, as beanstalkd refuses a put whose binlog
+                    // space it cannot reserve.
+                    assert_eq!(reply, "OUT_OF_MEMORY");
                     errors += 1;
                 }
             }
@@ -558,5 +560,103 @@ fn an_unreadable_row_is_named_by_table_row_and_column() -> Result<()> {
     let (ok, output) = run_to_exit(&["-b", dir_arg])?;
     ensure!(!ok, "polarisd started with a negative priority");
     ensure!(output.contains("table jobs, the row with id 1, column pri"), "the error does not say where: {output}");
+    Ok(())
+}
+
+/// Reads the `stats` field `name` as a number.
+fn stat(c: &mut RawConn, name: &str) -> Result<u64> {
+    let reply = c.roundtrip(b"stats\r\n")?;
+    let text = String::from_utf8_lossy(reply.body.as_deref().unwrap_or_default()).into_owned();
+    let value =
+        text.lines().find_map(|l| l.strip_prefix(&format!("{name}: "))).with_context(|| format!("no {name}"))?;
+    Ok(value.trim().parse()?)
+}
+
+/// One write of 60 pipelined puts against a store that fills up in the middle of them:
+/// every put gets exactly one reply, each reply is true, and what was acknowledged is kept.
+#[test]
+fn a_failed_commit_answers_every_pipelined_command_once() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let body = "z".repeat(10_000);
+    let mut acked = Vec::new();
+    {
+        let server = start(dir.path(), &["-f", "0", "--max-db-bytes", "300000"])?;
+        let mut c = server.connect()?;
+        let mut batch = Vec::new();
+        for _ in 0..60 {
+            batch.extend_from_slice(format!("put 0 0 10 {}\r\n{body}\r\n", body.len()).as_bytes());
+        }
+        c.send(&batch)?;
+        let mut refused = 0;
+        for n in 0..60 {
+            let reply = c.read_reply().with_context(|| format!("reply {n} of 60"))?.line_str();
+            match reply.strip_prefix("INSERTED ") {
+                Some(id) => acked.push(id.parse::<u64>()?),
+                None => {
+                    assert_eq!(reply, "OUT_OF_MEMORY", "reply {n}");
+                    refused += 1;
+                }
+            }
+        }
+        assert!(refused > 0 && !acked.is_empty(), "the bound was not reached mid-batch: {refused} refused");
+        assert_eq!(c.line("list-tube-used\r\n")?, "USING default", "a reply too many");
+        assert_eq!(stat(&mut c, "cmd-put")?, 60);
+        assert_eq!(stat(&mut c, "current-jobs-ready")?, acked.len() as u64);
+        drop(server);
+    }
+    let server = start(dir.path(), &[])?;
+    let mut c = server.connect()?;
+    assert_eq!(stat(&mut c, "current-jobs-ready")?, acked.len() as u64);
+    for id in &acked {
+        let reply = c.roundtrip(format!("peek {id}\r\n").as_bytes())?;
+        assert_eq!(reply.body.as_deref(), Some(body.as_bytes()), "job {id}");
+    }
+    Ok(())
+}
+
+/// On a full store, what reads or frees keeps working and says what happened: statistics,
+/// peeks, reserves, deletes; and a delete that answered DELETED stays deleted.
+#[test]
+fn a_full_store_keeps_reading_and_freeing_truthfully() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let body = "f".repeat(20_000);
+    let deleted;
+    {
+        let server = start(dir.path(), &["-f", "0", "--max-db-bytes", "400000"])?;
+        let mut c = server.connect()?;
+        loop {
+            let reply = c.line(&format!("put 0 0 60 {}\r\n{body}\r\n", body.len()))?;
+            if reply == "OUT_OF_MEMORY" {
+                break;
+            }
+            ensure!(reply.starts_with("INSERTED "), "{reply}");
+        }
+        assert!(c.roundtrip(b"stats\r\n")?.line_str().starts_with("OK "));
+        assert_eq!(c.line("list-tube-used\r\n")?, "USING default");
+        assert!(c.roundtrip(b"peek-ready\r\n")?.line_str().starts_with("FOUND 1 "));
+        let reserved = c.roundtrip(b"reserve-with-timeout 0\r\n")?.line_str();
+        assert!(reserved.starts_with("RESERVED 1 "), "{reserved}");
+        assert_eq!(c.line("delete 1\r\n")?, "DELETED");
+        assert_eq!(c.line("delete 2\r\n")?, "DELETED");
+        deleted = [1u64, 2];
+        assert_eq!(c.line("job-state 1\r\n")?, "STATE success");
+        drop(server); // SIGKILL: what was acknowledged must be what the restart finds
+    }
+    let server = start(dir.path(), &[])?;
+    let mut c = server.connect()?;
+    for id in deleted {
+        assert_eq!(c.line(&format!("peek {id}\r\n"))?, "NOT_FOUND", "job {id} came back after DELETED");
+    }
+    assert!(c.roundtrip(b"peek 3\r\n")?.line_str().starts_with("FOUND 3 "));
+    Ok(())
+}
+
+/// A body SQLite could never store is refused when the server starts, not at every commit.
+#[test]
+fn a_job_size_the_store_cannot_keep_is_refused_at_start() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let dir_arg = dir.path().to_str().context("utf-8")?;
+    let (ok, output) = run_to_exit(&["-b", dir_arg, "-z", "1073741824"])?;
+    ensure!(!ok && output.contains("-z"), "-z over SQLite's limit was accepted: {output}");
     Ok(())
 }

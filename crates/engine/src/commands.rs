@@ -331,7 +331,7 @@ impl Engine {
                     } else {
                         self.tube_ttls.insert(name.clone(), u64::from(ttl) * SECOND);
                     }
-                    if let Some(changes) = &mut self.changes {
+                    if let Some(changes) = self.recording() {
                         changes.tube_ttls.push((name, ttl));
                     }
                     reply::TTL_SET
@@ -452,15 +452,14 @@ impl Engine {
 
     pub(crate) fn send_job(&self, conn: ConnId, prefix: &[u8], key: JobKey, out: &mut dyn ReplySink) {
         let job = &self.jobs[key.idx()];
-        out.send(conn, ReplyLine::job_header(prefix, job.id.0, job.body.len()).as_bytes());
-        out.send(conn, &job.body);
-        out.send(conn, reply::CRLF);
+        out.send_parts(
+            conn,
+            &[ReplyLine::job_header(prefix, job.id.0, job.body.len()).as_bytes(), &job.body, reply::CRLF],
+        );
     }
 
     fn reply_yaml(&self, conn: ConnId, yaml: &[u8], out: &mut dyn ReplySink) -> Outcome {
-        out.send(conn, ReplyLine::number(reply::OK_PREFIX, yaml.len() as u64).as_bytes());
-        out.send(conn, yaml);
-        out.send(conn, reply::CRLF);
+        out.send_parts(conn, &[ReplyLine::number(reply::OK_PREFIX, yaml.len() as u64).as_bytes(), yaml, reply::CRLF]);
         Outcome::Done
     }
 }

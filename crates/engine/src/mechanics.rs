@@ -24,7 +24,7 @@ impl Engine {
         self.incref(tube);
         self.job_bytes += len;
         self.mark_dirty(id);
-        if let Some(changes) = &mut self.changes {
+        if let Some(changes) = self.recording() {
             changes.inserted.insert(id);
         }
         key
@@ -212,7 +212,7 @@ impl Engine {
     /// Frees a job that is in no queue and records how it ended.
     pub(crate) fn finish(&mut self, key: JobKey, state: FinalState, now: Nanos) {
         let job = self.free_job(key);
-        if let Some(changes) = &mut self.changes {
+        if let Some(changes) = self.recording() {
             // Born and gone within one loop turn: its row was never written, so
             // there is nothing to remove either.
             if changes.inserted.remove(&job.id) {
@@ -223,7 +223,7 @@ impl Engine {
         }
         let tombstone = Tombstone { id: job.id, state, at: now };
         let evicted = self.tombstones.insert(tombstone);
-        if let Some(changes) = &mut self.changes {
+        if let Some(changes) = self.recording() {
             changes.tombstones.push(tombstone);
             changes.forgotten.extend(evicted);
         }

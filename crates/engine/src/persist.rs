@@ -165,9 +165,24 @@ impl Engine {
     }
 
     pub(crate) fn mark_dirty(&mut self, id: JobId) {
-        if let Some(changes) = &mut self.changes {
+        if let Some(changes) = self.recording() {
             changes.jobs.insert(id);
         }
+    }
+
+    /// The changes to record into, counting the change (`None` without persistence).
+    pub(crate) fn recording(&mut self) -> Option<&mut Changes> {
+        let changes = self.changes.as_mut()?;
+        self.mutations += 1;
+        Some(changes)
+    }
+
+    /// How many changes for the store the engine has recorded since it started. A command
+    /// that moves this counter changed something durable; one that leaves it alone only
+    /// read (or changed what is never persisted, like a reservation). The server holds the
+    /// replies of the former until their commit succeeds.
+    pub fn mutation_count(&self) -> u64 {
+        self.mutations
     }
 
     /// Forgets jobs whose creation could not be committed: they were never

@@ -5,8 +5,17 @@ use crate::conn::ConnId;
 
 /// Where the engine writes replies.
 pub trait ReplySink {
-    /// Appends `bytes` to the output of `conn`.
+    /// Appends `bytes`, one whole reply, to the output of `conn`.
     fn send(&mut self, conn: ConnId, bytes: &[u8]);
+
+    /// Appends one reply made of several pieces (a header line, a body, its CRLF).
+    /// Every engine reply goes out in exactly one `send` or `send_parts` call, so a
+    /// sink can tell where each reply begins and ends.
+    fn send_parts(&mut self, conn: ConnId, parts: &[&[u8]]) {
+        for part in parts {
+            self.send(conn, part);
+        }
+    }
 }
 
 /// What the server should do with the connection after a command.

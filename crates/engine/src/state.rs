@@ -44,6 +44,8 @@ pub struct Engine {
     pub(crate) started_at: Nanos,
     pub(crate) binlog: BinlogStats,
     pub(crate) changes: Option<Changes>,
+    /// Changes recorded for the store so far (see [`Engine::mutation_count`]).
+    pub(crate) mutations: u64,
 }
 
 impl Engine {
@@ -78,6 +80,7 @@ impl Engine {
             started_at: now,
             binlog: BinlogStats::default(),
             changes: persist.then(Changes::default),
+            mutations: 0,
         };
         let default = TubeName::parse(b"default").expect("`default` is a valid tube name");
         // The server's own reference keeps `default` alive forever.

@@ -77,8 +77,10 @@ impl Engine {
             self.wait_timeout(conn, now, out);
         }
         let forgotten = self.tombstones.expire(now);
-        if let Some(changes) = &mut self.changes {
-            changes.forgotten.extend(forgotten);
+        if !forgotten.is_empty() {
+            if let Some(changes) = self.recording() {
+                changes.forgotten.extend(forgotten);
+            }
         }
     }
 

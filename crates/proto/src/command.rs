@@ -107,6 +107,26 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// The job id the command names, for the commands that name one.
+    pub fn job_id(&self) -> Option<u64> {
+        use Command as C;
+        match self {
+            C::ReserveJob(id)
+            | C::Delete(id)
+            | C::Release { id, .. }
+            | C::Bury { id, .. }
+            | C::Touch(id)
+            | C::Peek(id)
+            | C::KickJob(id)
+            | C::StatsJob(id)
+            | C::Revoke(id)
+            | C::JobState(id) => Some(*id),
+            _ => None,
+        }
+    }
+}
+
 /// Commands that beanstalkd counts in `stats` even when it refuses them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counted {
