@@ -163,12 +163,18 @@ pub struct Store {
     last_id_written: u64,
     /// The background thread that checkpoints the WAL (and fsyncs it under `-f MS`).
     maintainer: Option<Maintainer>,
+    /// Fault injection for tests (see [`FAIL_COMMITS_ENV`]).
+    fail_while: Option<PathBuf>,
     stats: StoreStats,
 }
 
 fn wall_now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
 }
+
+/// Fault injection for tests: while the file this variable names exists, every commit fails
+/// as if the disk returned an I/O error. Unset (as always outside tests), it costs nothing.
+pub const FAIL_COMMITS_ENV: &str = "POLARISD_FAIL_COMMITS_WHILE";
 
 /// The largest job body the store can keep: SQLite refuses a value (and a row) over
 /// 1,000,000,000 bytes, so every commit of a bigger job would fail. The rest of the row
@@ -346,6 +352,7 @@ impl Store {
             pending: Changes::default(),
             last_id_written: 0,
             maintainer: None,
+            fail_while: std::env::var_os(FAIL_COMMITS_ENV).map(PathBuf::from),
             stats: StoreStats::default(),
         };
         store.migrate(version)?;
@@ -474,7 +481,11 @@ impl Store {
         if self.pending.is_empty() && last_id == self.last_id_written {
             return Ok(());
         }
-        let written = match self.write(engine, now, last_id) {
+        let injected = self.fail_while.as_ref().filter(|flag| flag.exists()).map(|flag| StoreError::Io {
+            path: self.path.clone(),
+            source: std::io::Error::other(format!("injected failure: {} exists", flag.display())),
+        });
+        let written = match injected.map_or_else(|| self.write(engine, now, last_id), Err) {
             Ok(n) => n,
             Err(e) => {
                 let _ = self.conn.execute_batch("ROLLBACK");

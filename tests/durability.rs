@@ -660,3 +660,127 @@ fn a_job_size_the_store_cannot_keep_is_refused_at_start() -> Result<()> {
     ensure!(!ok && output.contains("-z"), "-z over SQLite's limit was accepted: {output}");
     Ok(())
 }
+
+/// A real full disk: the store lives on a 4 MiB tmpfs of its own (a private mount
+/// namespace, so nothing of the machine is touched), filled up with a ballast file.
+/// Pipelined puts each get one reply (`OUT_OF_MEMORY` once the disk is full); reads and
+/// deletes keep working on the full disk and say what happened; with room made, puts are
+/// accepted again.
+#[test]
+fn a_really_full_disk_refuses_puts_and_keeps_reading_and_deleting() -> Result<()> {
+    let probe = Command::new("unshare").args(["--mount", "true"]).stderr(Stdio::null()).status();
+    if !probe.is_ok_and(|s| s.success()) {
+        polaris_testkit::skip_unless_ci("the real full-disk test needs `unshare --mount` (run as root)");
+        return Ok(());
+    }
+    let mount = tempfile::tempdir()?;
+    let store = mount.path().to_str().context("utf-8")?.to_string();
+    let port = polaris_testkit::free_port()?;
+    // The ballast takes what the database has not; removing it frees room again.
+    let script = format!(
+        "mount -t tmpfs -o size=4m tmpfs {store} && mkdir {store}/db && \
+         (head -c 2500000 /dev/zero > {store}/ballast || true) && \
+         exec {} -l 127.0.0.1 -p {port} -f 0 -b {store}/db",
+        polaris_testkit::binary("polarisd").display()
+    );
+    let child = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let server = polaris_testkit::Proc::new("polarisd on a small tmpfs", child);
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    polaris_testkit::wait_accepting(&addr.to_string(), Duration::from_secs(10));
+    let mut c = RawConn::connect(addr)?;
+    let body = "d".repeat(50_000);
+    let mut acked = Vec::new();
+    // Fill the rest of the disk, 20 pipelined puts at a time.
+    for _round in 0..20 {
+        let mut batch = Vec::new();
+        for _ in 0..20 {
+            batch.extend_from_slice(format!("put 0 0 60 {}\r\n{body}\r\n", body.len()).as_bytes());
+        }
+        c.send(&batch)?;
+        let mut refused = 0;
+        for n in 0..20 {
+            let reply = c.read_reply().with_context(|| format!("reply {n} of 20; {}", server.output()))?.line_str();
+            match reply.strip_prefix("INSERTED ") {
+                Some(id) => acked.push(id.parse::<u64>()?),
+                None => {
+                    assert_eq!(reply, "OUT_OF_MEMORY");
+                    refused += 1;
+                }
+            }
+        }
+        if refused == 20 {
+            break;
+        }
+    }
+    ensure!(!acked.is_empty(), "nothing fitted: {}", server.output());
+    assert_eq!(c.line("list-tube-used\r\n")?, "USING default", "the replies do not line up");
+    // Reads answer at once, full disk or not.
+    assert!(c.roundtrip(b"stats\r\n")?.line_str().starts_with("OK "));
+    // Once idle, the store folds its log into the database and truncates it; then the
+    // space that freed is filled too, so that the next commit cannot write its log.
+    thread::sleep(Duration::from_millis(1500));
+    let pid = server.pid().to_string();
+    let in_namespace = |command: &str| {
+        Command::new("nsenter").args(["-t", &pid, "-m", "sh", "-c", command]).stderr(Stdio::null()).status()
+    };
+    in_namespace(&format!("head -c 8000000 /dev/zero > {store}/filler"))?;
+    // Deletes free space: on the full disk each is answered DELETED, and it is so.
+    for id in &acked {
+        assert_eq!(c.line(&format!("delete {id}\r\n"))?, "DELETED", "job {id}");
+        assert_eq!(c.line(&format!("peek {id}\r\n"))?, "NOT_FOUND");
+    }
+    // With room made, puts are accepted again.
+    ensure!(in_namespace(&format!("rm {store}/ballast {store}/filler"))?.success(), "could not free room");
+    let reply = c.line(&format!("put 0 0 60 {}\r\n{body}\r\n", body.len()))?;
+    assert!(reply.starts_with("INSERTED "), "{reply}");
+    drop(c);
+    drop(server);
+    Ok(())
+}
+
+/// When even the retry of a failed commit fails, a reply that reports a change is held
+/// (never written, never replaced) until a commit succeeds; reads answer meanwhile, and a
+/// put's failure is reported as such. The failure is injected (see `FAIL_COMMITS_ENV`):
+/// a real disk lets deletes through, as the test above shows.
+#[test]
+fn a_reply_that_reports_a_change_waits_for_its_commit() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("db");
+    let flag = dir.path().join("fail");
+    let flag_text = flag.to_str().context("utf-8")?;
+    let db_arg = db.to_str().context("utf-8")?;
+    {
+        let server = polaris_testkit::spawn_announcing_with_env(
+            &polaris_testkit::binary("polarisd"),
+            &["-b", db_arg, "-f", "0"],
+            &[(polarisd::store::FAIL_COMMITS_ENV, flag_text)],
+        )?;
+        let mut a = server.connect()?;
+        let mut b = server.connect()?;
+        for id in 1..=3 {
+            assert_eq!(a.line("put 0 0 60 1\r\nx\r\n")?, format!("INSERTED {id}"));
+        }
+        std::fs::write(&flag, b"")?;
+        a.send(b"delete 1\r\nlist-tube-used\r\n")?;
+        assert!(a.read_reply_within(Duration::from_millis(500))?.is_none(), "a DELETED was sent before its commit");
+        // Another connection: reads answer, and a put is refused, truthfully.
+        assert!(b.roundtrip(b"peek 2\r\n")?.line_str().starts_with("FOUND 2 "));
+        assert_eq!(b.line("put 0 0 60 1\r\ny\r\n")?, "INTERNAL_ERROR");
+        assert!(a.read_reply_within(Duration::from_millis(300))?.is_none(), "a held reply leaked");
+        std::fs::remove_file(&flag)?;
+        assert_eq!(a.read_reply()?.line_str(), "DELETED");
+        assert_eq!(a.read_reply()?.line_str(), "USING default");
+        drop(server); // SIGKILL
+    }
+    let server = start(&db, &[])?;
+    let mut c = server.connect()?;
+    assert_eq!(c.line("peek 1\r\n")?, "NOT_FOUND");
+    assert!(c.roundtrip(b"peek 3\r\n")?.line_str().starts_with("FOUND 3 "));
+    assert_eq!(c.line("peek 4\r\n")?, "NOT_FOUND", "the refused put left a job");
+    Ok(())
+}

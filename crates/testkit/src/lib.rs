@@ -15,8 +15,8 @@ pub mod process;
 pub mod raw;
 
 pub use process::{
-    binary, example, free_port, pid_gone, spawn_announcing, spawn_beanstalkd, spawn_polarisd, wait_accepting,
-    wait_until, Proc, ServerProcess,
+    binary, example, free_port, pid_gone, spawn_announcing, spawn_announcing_with_env, spawn_beanstalkd,
+    spawn_polarisd, wait_accepting, wait_until, Proc, ServerProcess,
 };
 pub use raw::{escape_bytes, parse_reply, RawConn, ReadOutcome, Reply};
 

@@ -231,10 +231,11 @@ pub fn spawn_polarisd(extra_args: &[&str]) -> Result<ServerProcess> {
 }
 
 /// Spawns `binary` with `listen_args` then `extra_args`, stdin closed and both outputs piped.
-fn spawn_piped(binary: &Path, listen_args: &[&str], extra_args: &[&str]) -> Result<Proc> {
+fn spawn_piped(binary: &Path, listen_args: &[&str], extra_args: &[&str], env: &[(&str, &str)]) -> Result<Proc> {
     let child = Command::new(binary)
         .args(listen_args)
         .args(extra_args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -252,7 +253,12 @@ pub fn listening_addr(line: &str) -> Option<&str> {
 /// Starts a server that supports `-p 0` and announces its address as the first line of
 /// stdout (`listening on HOST:PORT`), as polarisd does.
 pub fn spawn_announcing(binary: &Path, extra_args: &[&str]) -> Result<ServerProcess> {
-    let mut proc = spawn_piped(binary, &["-l", "127.0.0.1", "-p", "0"], extra_args)?;
+    spawn_announcing_with_env(binary, extra_args, &[])
+}
+
+/// As [`spawn_announcing`], with extra environment variables for the server.
+pub fn spawn_announcing_with_env(binary: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> Result<ServerProcess> {
+    let mut proc = spawn_piped(binary, &["-l", "127.0.0.1", "-p", "0"], extra_args, env)?;
     let line = proc.first_stdout_line(IO_TIMEOUT)?;
     let Some(addr_text) = listening_addr(&line) else {
         // Give a crashing process a moment to exit, so the message says how it ended.
@@ -297,7 +303,7 @@ pub fn spawn_beanstalkd(binary: &Path, extra_args: &[&str]) -> Result<ServerProc
     let mut last_error = anyhow!("no attempt made");
     for _attempt in 0..5 {
         let port = free_port()?;
-        let mut proc = spawn_piped(binary, &["-l", "127.0.0.1", "-p", &port.to_string()], extra_args)?;
+        let mut proc = spawn_piped(binary, &["-l", "127.0.0.1", "-p", &port.to_string()], extra_args, &[])?;
         if let Some(stdout) = proc.child.as_mut().and_then(|c| c.stdout.take()) {
             drain_into(stdout, proc.output.clone());
         }
