@@ -39,15 +39,15 @@ pub struct Args {
     /// Never fsync (the OS writes data back when it likes).
     #[arg(short = 'F')]
     pub never_fsync: bool,
-    /// Maximum job size in bytes (at most 1073741824).
+    /// Maximum job size in bytes (at most 1073741824; with -b at most 999990000).
     #[arg(short = 'z', value_name = "BYTES", default_value_t = proto::DEFAULT_MAX_JOB_SIZE,
           value_parser = clap::value_parser!(u32).range(0..=i64::from(proto::MAX_JOB_SIZE_LIMIT)))]
     pub max_job_size: u32,
     /// Size hint for the write-ahead log: the WAL is checkpointed when it grows past it.
     #[arg(short = 's', value_name = "BYTES", default_value_t = 10_485_760)]
     pub binlog_size: u64,
-    /// Largest size of the database file in bytes (0: unbounded); beyond it
-    /// commits fail as on a full disk and the affected commands answer INTERNAL_ERROR.
+    /// Largest size of the database file in bytes (0: unbounded); beyond it the store is
+    /// full as on a full disk: put answers OUT_OF_MEMORY, reads and deletes go on.
     #[arg(long, default_value_t = 0)]
     pub max_db_bytes: u64,
     /// Start even though the database's write-ahead log is damaged (committed changes after
