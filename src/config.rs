@@ -63,6 +63,10 @@ pub struct Args {
     /// Show version information and exit.
     #[arg(short = 'v', long = "version")]
     pub version: bool,
+    /// Length of the listen queue: connections the kernel holds before polarisd accepts
+    /// them (beanstalkd: 1024).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(i32).range(1..))]
+    pub listen_backlog: i32,
     /// Most simultaneous client connections; more are accepted and closed at once.
     #[arg(long, default_value_t = 100_000)]
     pub max_connections: usize,
@@ -120,6 +124,7 @@ impl Args {
             max_connections: self.max_connections,
             limits: proto::Limits { max_line: self.max_line, max_job_size: self.max_job_size },
             max_output_buffer: self.max_output_buffer,
+            listen_backlog: self.listen_backlog,
             durability: self.binlog_dir.clone().map(|dir| Durability {
                 dir,
                 fsync,

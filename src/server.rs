@@ -54,6 +54,8 @@ pub enum Listen {
 pub struct ServerConfig {
     /// Listening address.
     pub listen: Listen,
+    /// Length of the listen queue (connections the kernel holds before `accept`).
+    pub listen_backlog: i32,
     /// Most simultaneous connections.
     pub max_connections: usize,
     /// Framing limits.
@@ -76,6 +78,8 @@ const READ_CHUNK: usize = 64 * 1024;
 const SHRINK_ABOVE: usize = 1 << 20;
 /// How often a failing store is retried while replies wait for it.
 const COMMIT_RETRY: Duration = Duration::from_millis(100);
+/// How often `accept` is retried while the process is out of descriptors.
+const ACCEPT_RETRY: Duration = Duration::from_millis(250);
 /// Reply records kept allocated between turns.
 const RECORDS_KEPT: usize = 4096;
 
@@ -258,13 +262,15 @@ pub struct Server {
     frozen: Vec<usize>,
     /// When the store started failing, if it is failing.
     failing_since: Option<Instant>,
+    /// The last `accept` ran out of descriptors: connections wait in the listen queue.
+    accept_stalled: bool,
 }
 
 impl Server {
     /// Opens the store (if any), binds the listener and prepares the loop.
     pub fn bind(cfg: ServerConfig) -> anyhow::Result<Server> {
         let poll = Poll::new().context("creating the poll instance")?;
-        let (mut listener, local_addr) = open_listener(&cfg.listen)?;
+        let (mut listener, local_addr) = open_listener(&cfg.listen, cfg.listen_backlog)?;
         match &mut listener {
             Listener::Tcp(l) => poll.registry().register(l, LISTENER, Interest::READABLE)?,
             Listener::Unix(l) => poll.registry().register(l, LISTENER, Interest::READABLE)?,
@@ -313,6 +319,7 @@ impl Server {
             records: Vec::new(),
             frozen: Vec::new(),
             failing_since: None,
+            accept_stalled: false,
         })
     }
 
@@ -337,6 +344,9 @@ impl Server {
                 return Err(e).context("polling");
             }
             let now = self.now();
+            if self.accept_stalled {
+                self.accept_all();
+            }
             self.with_outbox(|engine, out| engine.tick(now, out));
             for event in events.iter() {
                 match event.token() {
@@ -381,12 +391,14 @@ impl Server {
         let timeout = self.engine.next_deadline().map(|d| Duration::from_nanos(d.saturating_sub(now)));
         // Round up so a timer is never woken for a fraction too early.
         let timeout = timeout.map(|t| t + Duration::from_micros(100));
-        if self.frozen.is_empty() {
-            timeout
-        } else {
-            // Replies wait for a commit: try again soon even if nothing else happens.
-            Some(timeout.map_or(COMMIT_RETRY, |t| t.min(COMMIT_RETRY)))
-        }
+        // Replies waiting for a commit, or connections waiting for a descriptor: try again
+        // soon even if nothing else happens.
+        let retry = match (self.frozen.is_empty(), self.accept_stalled) {
+            (true, false) => return timeout,
+            (false, _) => COMMIT_RETRY,
+            (true, true) => ACCEPT_RETRY,
+        };
+        Some(timeout.map_or(retry, |t| t.min(retry)))
     }
 
     fn with_outbox<R>(&mut self, f: impl FnOnce(&mut Engine, &mut Outbox<'_>) -> R) -> R {
@@ -430,11 +442,23 @@ impl Server {
                 Listener::Unix(l) => l.accept().map(|(s, _)| Stream::Unix(s)),
             };
             let mut stream = match accepted {
-                Ok(s) => s,
+                Ok(s) => {
+                    self.accept_stalled = false;
+                    s
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if sys::out_of_descriptors(&e) => {
+                    // The connection waits in the listen queue; no new readiness event comes
+                    // for it, so accept again when a descriptor is freed (a connection
+                    // closes) and, meanwhile, every ACCEPT_RETRY.
+                    if !self.accept_stalled {
+                        log::warn!("accept failed: {e}; retrying when a connection closes");
+                    }
+                    self.accept_stalled = true;
+                    return;
+                }
                 Err(e) => {
-                    // Out of file descriptors, typically: keep serving the others.
                     log::warn!("accept failed: {e}");
                     return;
                 }
@@ -791,6 +815,10 @@ impl Server {
             self.tokens[conn.0] = usize::MAX;
         }
         self.to_close = later;
+        if self.accept_stalled {
+            // Descriptors were freed: the connections waiting in the listen queue first.
+            self.accept_all();
+        }
         // Disconnects may have woken waiters on other connections.
         if !self.resumed.is_empty() || !self.flush.is_empty() {
             self.run_backlog(now);
@@ -821,7 +849,7 @@ fn peer_closed(stream: &mut Stream) -> bool {
     }
 }
 
-fn open_listener(listen: &Listen) -> anyhow::Result<(Listener, String)> {
+fn open_listener(listen: &Listen, backlog: i32) -> anyhow::Result<(Listener, String)> {
     if let Some(inherited) = sys::systemd_listener() {
         let fd = sys::LISTEN_FDS_START;
         let inherited = inherited.map_err(|e| anyhow::anyhow!("LISTEN_FDS: fd {fd} is not a socket: {e}"))?;
@@ -834,8 +862,7 @@ fn open_listener(listen: &Listen) -> anyhow::Result<(Listener, String)> {
                 .with_context(|| format!("resolving listen address {host}:{port}"))?
                 .next()
                 .with_context(|| format!("no address for {host}"))?;
-            let std_listener = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
-            std_listener.set_nonblocking(true)?;
+            let std_listener = sys::tcp_listener(addr, backlog).with_context(|| format!("binding {addr}"))?;
             let local = std_listener.local_addr()?.to_string();
             Ok((Listener::Tcp(TcpListener::from_std(std_listener)), local))
         }

@@ -25,6 +25,24 @@ pub fn peer_closed(socket: impl AsFd) -> bool {
     matches!(recv(socket, &mut byte, RecvFlags::PEEK | RecvFlags::DONTWAIT), Ok((_, 0)))
 }
 
+/// A non-blocking TCP listener on `addr` with `SO_REUSEADDR` and a listen queue of
+/// `backlog` connections (std's `bind` fixes it at 128; beanstalkd asks for 1024).
+pub fn tcp_listener(addr: std::net::SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener> {
+    use rustix::net::{bind, listen, socket_with, sockopt, AddressFamily, SocketFlags, SocketType};
+    let family = if addr.is_ipv4() { AddressFamily::INET } else { AddressFamily::INET6 };
+    let socket = socket_with(family, SocketType::STREAM, SocketFlags::CLOEXEC | SocketFlags::NONBLOCK, None)?;
+    sockopt::set_socket_reuseaddr(&socket, true)?;
+    bind(&socket, &addr)?;
+    listen(&socket, backlog)?;
+    Ok(std::net::TcpListener::from(socket))
+}
+
+/// Whether an `accept` failed because the process or the system ran out of descriptors
+/// (the connection waits in the listen queue until one is freed).
+pub fn out_of_descriptors(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(code) if code == rustix::io::Errno::MFILE.raw_os_error() || code == rustix::io::Errno::NFILE.raw_os_error())
+}
+
 /// A listening socket handed over by the service manager.
 pub enum InheritedListener {
     /// A TCP (or other non-Unix) stream socket.

@@ -254,3 +254,57 @@ fn hostile_input_never_crashes_the_server() -> Result<()> {
     assert!(reply.line_str().starts_with("OK "), "{}", reply.line_str());
     Ok(())
 }
+
+/// Out of file descriptors, connections wait in the listen queue; once some close, the
+/// waiting ones are accepted and served without any new connection having to arrive.
+#[test]
+fn waiting_connections_are_accepted_once_descriptors_free_up() -> Result<()> {
+    let program = polaris_testkit::binary("polarisd");
+    let (server, addr) = polaris_testkit::process::spawn_with_banner(
+        "polarisd with 40 descriptors",
+        Command::new("sh")
+            .arg("-c")
+            .arg("ulimit -n 40 && exec \"$0\" -l 127.0.0.1 -p 0")
+            .arg(&program)
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped()),
+        Duration::from_secs(10),
+    )?;
+    let addr: std::net::SocketAddr = addr.parse()?;
+    let mut served = Vec::new();
+    let mut waiting = Vec::new();
+    while waiting.len() < 10 && served.len() + waiting.len() < 100 {
+        let mut c = RawConn::connect(addr)?;
+        c.send(b"list-tube-used\r\n")?;
+        match c.read_reply_within(Duration::from_millis(300))? {
+            Some(reply) => {
+                assert_eq!(reply.line_str(), "USING default");
+                served.push(c);
+            }
+            None => waiting.push(c),
+        }
+    }
+    assert!(!waiting.is_empty(), "40 descriptors never ran out ({} served); {}", served.len(), server.output());
+    served.truncate(served.len().saturating_sub(20));
+    for (n, c) in waiting.iter_mut().enumerate() {
+        let reply = c.read_reply().with_context(|| format!("waiting connection {n} was never served"))?;
+        assert_eq!(reply.line_str(), "USING default");
+    }
+    Ok(())
+}
+
+#[test]
+fn the_listen_queue_is_beanstalkds_1024() -> Result<()> {
+    let server = spawn_polarisd(&[])?;
+    let port = server.addr().port();
+    // /proc/net/tcp does not show the backlog; ss does, as Send-Q of a listening socket.
+    let out = Command::new("ss").args(["-ltnH", &format!("sport = :{port}")]).output();
+    let Ok(out) = out else {
+        polaris_testkit::skip_unless_ci("`ss` (iproute2) is not installed");
+        return Ok(());
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let send_q: Vec<&str> = text.split_whitespace().collect();
+    assert_eq!(send_q.get(2).copied(), Some("1024"), "ss says: {text}");
+    Ok(())
+}
