@@ -267,14 +267,7 @@ impl Session {
             .context("starting bash")?;
         let stdin = bash.stdin.take().context("bash stdin")?;
         let stdout = bash.stdout.take().context("bash stdout")?;
-        let (tx, marks) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let marks = read_lines(stdout);
         Ok(Session { name: name.to_string(), dir, bash, stdin, marks, blocks_run: 0, transcript: None })
     }
 
@@ -363,6 +356,19 @@ impl Drop for Session {
     }
 }
 
+/// A child's output, line by line, from a thread, so the reader can wait with a timeout.
+fn read_lines(stdout: std::process::ChildStdout) -> mpsc::Receiver<String> {
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    lines
+}
+
 /// The words a beanstalk server's reply lines start with.
 fn is_reply_word(word: &str) -> bool {
     word.len() > 1 && word.bytes().all(|b| b.is_ascii_uppercase() || b == b'_')
@@ -386,14 +392,7 @@ impl Transcript {
             .with_context(|| format!("starting {command:?}"))?;
         let stdin = child.stdin.take().context("stdin")?;
         let stdout = child.stdout.take().context("stdout")?;
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = read_lines(stdout);
         Ok(Transcript { child, stdin, lines })
     }
 

@@ -114,17 +114,7 @@ fn a_thousand_slowloris_connections() -> Result<()> {
 #[ignore = "long: run with --ignored"]
 fn ten_thousand_idle_connections() -> Result<()> {
     raise_own_nofile(15_000)?;
-    let program = polaris_testkit::binary("polarisd");
-    let (proc, addr) = polaris_testkit::process::spawn_with_banner(
-        "polarisd",
-        Command::new("sh")
-            .arg("-c")
-            .arg("ulimit -n 15000 && exec \"$0\" -l 127.0.0.1 -p 0")
-            .arg(&program)
-            .stdin(std::process::Stdio::null()),
-        Duration::from_secs(10),
-    )?;
-    let addr: std::net::SocketAddr = addr.parse()?;
+    let (proc, addr) = polaris_testkit::process::spawn_polarisd_with_nofile(15_000, &[])?;
     let mut idle = Vec::with_capacity(10_000);
     for _ in 0..10_000 {
         idle.push(TcpStream::connect(addr)?);

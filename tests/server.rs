@@ -259,18 +259,7 @@ fn hostile_input_never_crashes_the_server() -> Result<()> {
 /// waiting ones are accepted and served without any new connection having to arrive.
 #[test]
 fn waiting_connections_are_accepted_once_descriptors_free_up() -> Result<()> {
-    let program = polaris_testkit::binary("polarisd");
-    let (server, addr) = polaris_testkit::process::spawn_with_banner(
-        "polarisd with 40 descriptors",
-        Command::new("sh")
-            .arg("-c")
-            .arg("ulimit -n 40 && exec \"$0\" -l 127.0.0.1 -p 0")
-            .arg(&program)
-            .stdin(Stdio::null())
-            .stderr(Stdio::piped()),
-        Duration::from_secs(10),
-    )?;
-    let addr: std::net::SocketAddr = addr.parse()?;
+    let (server, addr) = polaris_testkit::process::spawn_polarisd_with_nofile(40, &[])?;
     let mut served = Vec::new();
     let mut waiting = Vec::new();
     while waiting.len() < 10 && served.len() + waiting.len() < 100 {

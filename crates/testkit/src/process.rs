@@ -292,6 +292,24 @@ pub fn spawn_with_banner(name: &str, command: &mut Command, timeout: Duration) -
     Ok((proc, addr))
 }
 
+/// Starts polarisd on a free loopback port with at most `nofile` open descriptors (set with
+/// the shell's `ulimit` just before it starts), for tests that run it out of them or hold
+/// many connections.
+pub fn spawn_polarisd_with_nofile(nofile: u32, extra_args: &[&str]) -> Result<(Proc, SocketAddr)> {
+    let (proc, addr) = spawn_with_banner(
+        &format!("polarisd with {nofile} descriptors"),
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("ulimit -n {nofile} && exec \"$0\" -l 127.0.0.1 -p 0 \"$@\""))
+            .arg(binary("polarisd"))
+            .args(extra_args)
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped()),
+        Duration::from_secs(10),
+    )?;
+    Ok((proc, addr.parse().with_context(|| format!("parsing {addr}"))?))
+}
+
 /// Starts beanstalkd (or a compatible binary) on a free loopback port with `extra_args`.
 /// beanstalkd cannot bind port 0, so a free port is picked by binding and releasing it; if
 /// another process grabs it in between, the start is retried on a new port.
