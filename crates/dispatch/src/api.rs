@@ -34,17 +34,99 @@ pub const MAX_PAGE_SIZE: u32 = 500;
 /// Most `stats-job` lookups one `GET /v1/jobs/{id}` makes to tell `reserved` from `ready`.
 pub const MAX_LIVE_LOOKUPS: usize = 200;
 
-/// The API's routes.
+/// The API's routes. Whatever no route answers gets the documented error shape too: an
+/// unknown path `0x050B`, a known path with another method `0x050C` (with `Allow`), and
+/// a query parameter the endpoint does not take `0x0508` (see [`QUERY_PARAMETERS`]; a
+/// route without an entry there takes none, so a new route cannot forget to refuse them).
 pub fn router(dispatcher: AppState) -> Router {
     Router::new()
         .route("/v1/jobs", post(post_job).get(list_jobs))
         .route("/v1/jobs/:id", get(get_job).delete(revoke_job))
         .route("/v1/hosts", post(register_host).get(list_hosts))
         .route("/v1/hosts/:id", get(get_host).delete(delete_host))
-        .fallback(not_found)
+        // Applies to the routes above (so it must stay below them).
+        .route_layer(axum::middleware::from_fn(refuse_unknown_query_parameters))
+        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(no_such_endpoint)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(dispatcher.clone(), allow_client))
         .with_state(dispatcher)
+}
+
+/// The query parameters each endpoint takes, by method and route. Every other parameter
+/// is refused with `0x0508`, as unknown body fields are.
+pub const QUERY_PARAMETERS: &[(&str, &str, &[&str])] = &[("GET", "/v1/jobs", &["limit", "offset"])];
+
+/// Refuses query parameters the matched endpoint does not take, and parameters given twice.
+async fn refuse_unknown_query_parameters(
+    matched: axum::extract::MatchedPath,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let allowed = QUERY_PARAMETERS
+        .iter()
+        .find(|(method, path, _)| *method == request.method().as_str() && *path == matched.as_str())
+        .map_or(&[][..], |(_, _, names)| *names);
+    if let Err(e) = check_query(request.uri(), allowed) {
+        return e.into_response();
+    }
+    next.run(request).await
+}
+
+fn check_query(uri: &axum::http::Uri, allowed: &[&str]) -> Result<(), ApiError> {
+    if uri.query().is_none() {
+        return Ok(());
+    }
+    let Query(pairs) = Query::<Vec<(String, String)>>::try_from_uri(uri)
+        .map_err(|e| ApiError::general(Code::InvalidValue, format!("cannot read the query string: {e}")))?;
+    let mut seen: Vec<&str> = Vec::new();
+    for (name, _) in &pairs {
+        if !allowed.contains(&name.as_str()) {
+            let known = if allowed.is_empty() {
+                "this endpoint takes no query parameters".to_string()
+            } else {
+                format!("known parameters are {}", allowed.join(", "))
+            };
+            return Err(ApiError::field(
+                Code::UnknownField,
+                name.clone(),
+                format!("unknown query parameter {name:?}; {known}"),
+            ));
+        }
+        if seen.contains(&name.as_str()) {
+            return Err(ApiError::field(
+                Code::InvalidValue,
+                name.clone(),
+                format!("query parameter {name:?} is given twice"),
+            ));
+        }
+        seen.push(name);
+    }
+    Ok(())
+}
+
+async fn no_such_endpoint(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::general(Code::NoSuchEndpoint, format!("no such endpoint: {method} {}", uri.path()))
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::general(Code::MethodNotAllowed, format!("{} does not take {method} (see the Allow header)", uri.path()))
+}
+
+/// The `{id}` of a route, refused in the documented shape when it cannot be read (e.g.
+/// percent-encoded bytes that are not UTF-8).
+struct IdParam(String);
+
+#[axum::async_trait]
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for IdParam {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(id)| IdParam(id))
+            .map_err(|e| ApiError::field(Code::InvalidValue, "id", format!("cannot read the id in the path: {e}")))
+    }
 }
 
 /// Refuses clients outside `--allow-client` before anything else looks at the
@@ -276,7 +358,7 @@ fn host_status(h: &HostJobRecord, state: HostState) -> HostStatus<'_> {
 async fn get_job(
     State(dispatcher): State<AppState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    IdParam(id): IdParam,
 ) -> Result<Response, ApiError> {
     authenticate(&dispatcher, &headers)?;
     let d = dispatcher.clone();
@@ -370,7 +452,7 @@ async fn list_jobs(
 async fn revoke_job(
     State(dispatcher): State<AppState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    IdParam(id): IdParam,
 ) -> Result<Json<Value>, ApiError> {
     authenticate(&dispatcher, &headers)?;
     let d = dispatcher.clone();
@@ -444,7 +526,7 @@ async fn list_hosts(State(dispatcher): State<AppState>, headers: HeaderMap) -> R
 async fn get_host(
     State(dispatcher): State<AppState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    IdParam(id): IdParam,
 ) -> Result<Json<Value>, ApiError> {
     authenticate(&dispatcher, &headers)?;
     let d = dispatcher.clone();
@@ -457,7 +539,7 @@ async fn get_host(
 async fn delete_host(
     State(dispatcher): State<AppState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    IdParam(id): IdParam,
 ) -> Result<StatusCode, ApiError> {
     if let Some(policy) = authenticate(&dispatcher, &headers)? {
         policy.check_manage_hosts()?;
@@ -468,8 +550,4 @@ async fn delete_host(
     } else {
         Err(ApiError::general(Code::NoSuchHost, "No such host"))
     }
-}
-
-async fn not_found() -> Response {
-    (StatusCode::NOT_FOUND, Json(json!({ "error": { "message": "no such endpoint" } }))).into_response()
 }

@@ -653,3 +653,62 @@ fn clients_outside_the_allow_list_are_refused() {
     let (status, body) = get(&format!("{}/v1/hosts", allowed.url));
     assert_eq!(status, 200, "{body}");
 }
+
+/// Every error, also for paths, methods and query parameters the API does not have, is
+/// answered in the documented JSON shape with a code.
+#[test]
+fn every_error_has_the_documented_shape() {
+    let queue = start_queue(BIG_JOB_SIZE);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dispatch = start_dispatcher(&queue.addr, &dir.path().join("data"), &[]);
+    let url = |path: &str| format!("{}{path}", dispatch.url);
+    let check = |method: &str, path: &str, body: Option<&str>, status: u16, name: &str, field: Value| {
+        let (got, text) = request_text(method, &url(path), body, None);
+        let reply: Value =
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("{method} {path}: not JSON: {text:?}"));
+        assert_eq!(got, status, "{method} {path}: {reply}");
+        let error = reply["error"].as_object().unwrap_or_else(|| panic!("{method} {path}: {reply}"));
+        let keys: Vec<&str> = error.keys().map(String::as_str).collect();
+        assert_eq!(keys.len(), 6, "{method} {path}: {reply}");
+        for key in ["code", "hex", "type", "name", "field", "message"] {
+            assert!(error.contains_key(key), "{method} {path}: {key} missing in {reply}");
+        }
+        assert_eq!(error["name"], name, "{method} {path}: {reply}");
+        let code = Code::ALL.iter().find(|c| c.label() == name).unwrap_or_else(|| panic!("no code named {name}"));
+        assert_eq!(error["code"], json!(code.value()));
+        assert_eq!(error["hex"], code.hex());
+        assert_eq!(error["type"], "validation");
+        assert_eq!(code.http_status(), status);
+        assert_eq!(error["field"], field, "{method} {path}: {reply}");
+        reply
+    };
+    // Unknown paths.
+    check("GET", "/v1/nope", None, 404, "no_such_endpoint", Value::Null);
+    check("GET", "/", None, 404, "no_such_endpoint", Value::Null);
+    check("POST", "/v1/jobs/x/y", Some("{}"), 404, "no_such_endpoint", Value::Null);
+    // Known paths, wrong methods.
+    check("PUT", "/v1/jobs", Some("{}"), 405, "method_not_allowed", Value::Null);
+    check("POST", "/v1/jobs/00000000-0000-4000-8000-000000000000", Some("{}"), 405, "method_not_allowed", Value::Null);
+    check("DELETE", "/v1/hosts", None, 405, "method_not_allowed", Value::Null);
+    let allow = match ureq::request("PATCH", &url("/v1/hosts/alpha")).call() {
+        Err(ureq::Error::Status(405, response)) => response.header("allow").unwrap_or("").to_string(),
+        other => panic!("PATCH answered {other:?}"),
+    };
+    assert!(allow.contains("GET") && allow.contains("DELETE"), "Allow: {allow:?}");
+    // Unknown query parameters are refused like unknown body fields.
+    let reply = check("GET", "/v1/jobs?lmit=5", None, 400, "unknown_field", json!("lmit"));
+    assert!(reply["error"]["message"].as_str().unwrap_or("").contains("lmit"), "{reply}");
+    check("GET", "/v1/jobs?limit=5&offset=0&verbose=1", None, 400, "unknown_field", json!("verbose"));
+    check("GET", "/v1/hosts?all=1", None, 400, "unknown_field", json!("all"));
+    check("GET", "/v1/jobs/00000000-0000-4000-8000-000000000000?x=1", None, 400, "unknown_field", json!("x"));
+    let body = json!({"hosts": ["alpha"], "method": "async.bash", "cmd": "true"}).to_string();
+    check("POST", "/v1/jobs?sync=1", Some(&body), 400, "unknown_field", json!("sync"));
+    let (status, page) = get(&url("/v1/jobs?limit=5&offset=0"));
+    assert_eq!(status, 200, "{page}");
+    // A host id that can never be registered is invalid, not an unknown host.
+    let bad_host = json!({"hosts": ["alpha", "web 01"], "method": "sync.bash", "cmd": "ls"}).to_string();
+    let reply = check("POST", "/v1/jobs", Some(&bad_host), 400, "invalid_value", json!("hosts[1]"));
+    assert!(reply["error"]["message"].as_str().unwrap_or("").contains("web 01"), "{reply}");
+    let (status, page) = get(&url("/v1/jobs"));
+    assert_eq!((status, page["total"].clone()), (200, json!(0)), "the refused job was not stored: {page}");
+}
