@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use polaris_ops_wire::codes::Code;
-use polaris_ops_wire::wire::{unix_now_ms, Resp};
+use polaris_ops_wire::wire::{unix_now_ms, Encoding, Resp};
 use serde::Serialize;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -289,12 +289,15 @@ async fn post_job(
                     format!("No answer within {}s (state: {})", job.timeout_secs, h.state.as_str()),
                 )
             });
+            let (data, encoding, data_base64) = split_data(outcome.data, outcome.encoding);
             SyncHostReply {
                 host: h.host,
                 resp: outcome.resp,
                 retcode: outcome.retcode,
                 message: outcome.message,
-                data: outcome.data,
+                data,
+                encoding,
+                data_base64,
             }
         })
         .collect();
@@ -315,6 +318,21 @@ struct SyncHostReply {
     retcode: u32,
     message: String,
     data: String,
+    /// Only for output that is not UTF-8: `base64`, and the exact bytes in `data_base64`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    encoding: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_base64: Option<String>,
+}
+
+/// Stored data as the API shows it: text in `data`; bytes that are not UTF-8 in
+/// `data_base64` with `encoding`, and `data` empty, so no client mistakes base64 (or
+/// mangled bytes) for the output text.
+fn split_data<T: Default>(data: T, encoding: Option<Encoding>) -> (T, Option<&'static str>, Option<T>) {
+    match encoding {
+        None => (data, None, None),
+        Some(encoding) => (T::default(), Some(encoding.as_str()), Some(data)),
+    }
 }
 
 /// One host in `GET /v1/jobs/{id}`.
@@ -326,6 +344,10 @@ struct HostStatus<'a> {
     retcode: Option<u32>,
     message: Option<&'a str>,
     data: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    encoding: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_base64: Option<&'a str>,
     truncated: Option<bool>,
     updated_at_ms: i64,
 }
@@ -343,13 +365,22 @@ struct JobStatus<'a> {
 
 fn host_status(h: &HostJobRecord, state: HostState) -> HostStatus<'_> {
     let outcome = h.outcome.as_ref();
+    let (data, encoding, data_base64) = match outcome {
+        Some(o) => {
+            let (data, encoding, base64) = split_data(o.data.as_str(), o.encoding);
+            (Some(data), encoding, base64)
+        }
+        None => (None, None, None),
+    };
     HostStatus {
         host: &h.host,
         state: state.as_str(),
         resp: outcome.map(|o| o.resp),
         retcode: outcome.map(|o| o.retcode),
         message: outcome.map(|o| o.message.as_str()),
-        data: outcome.map(|o| o.data.as_str()),
+        data,
+        encoding,
+        data_base64,
         truncated: outcome.map(|o| o.truncated),
         updated_at_ms: h.updated_at_ms,
     }

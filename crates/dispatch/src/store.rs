@@ -9,7 +9,7 @@
 //! append-only and keyed on `PRAGMA user_version`.
 
 use polaris_ops_wire::codes::Code;
-use polaris_ops_wire::wire::{unix_now_ms, HostResult, Method, Resp};
+use polaris_ops_wire::wire::{unix_now_ms, Encoding, HostResult, Method, Resp};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -52,6 +52,8 @@ const MIGRATIONS: &[&str] = &[
         UNIQUE (job_id, host)
     );
     CREATE INDEX host_job_open ON host_job(state) WHERE state IN ('pending', 'ready', 'reserved');",
+    // 2: output that is not UTF-8 is kept as base64 in `data`; `encoding` says so.
+    "ALTER TABLE host_job ADD COLUMN encoding TEXT;",
 ];
 
 /// A database failure, with what the dispatcher was doing.
@@ -195,8 +197,10 @@ pub struct Outcome {
     pub retcode: u32,
     /// What happened, for people.
     pub message: String,
-    /// Output or query facts.
+    /// Output or query facts: text, or base64 when `encoding` says so.
     pub data: String,
+    /// `None` for text, else how `data` holds bytes that are not UTF-8.
+    pub encoding: Option<Encoding>,
     /// Whether `data` was cut.
     pub truncated: bool,
 }
@@ -209,6 +213,7 @@ impl Outcome {
             retcode: u32::from(code.value()),
             message: message.into(),
             data: String::new(),
+            encoding: None,
             truncated: false,
         }
     }
@@ -287,7 +292,8 @@ impl std::fmt::Debug for Store {
     }
 }
 
-const HOST_JOB_COLUMNS: &str = "host, state, queue_job_id, resp, retcode, message, data, truncated, updated_at";
+const HOST_JOB_COLUMNS: &str =
+    "host, state, queue_job_id, resp, retcode, message, data, truncated, updated_at, encoding";
 
 impl Store {
     /// Opens (creating if needed) `dir/dispatch.db` and brings its schema up to date.
@@ -567,7 +573,7 @@ impl Store {
             .conn()
             .prepare_cached(
                 "UPDATE host_job SET state = ?4, resp = ?5, retcode = ?6, message = ?7, data = ?8,
-                        truncated = ?9, updated_at = ?10, finished_at = ?10
+                        truncated = ?9, updated_at = ?10, finished_at = ?10, encoding = ?11
                  WHERE job_id = ?1 AND host = ?2 AND state = ?3",
             )
             .and_then(|mut s| {
@@ -581,7 +587,8 @@ impl Store {
                     outcome.message,
                     outcome.data,
                     outcome.truncated,
-                    unix_now_ms()
+                    unix_now_ms(),
+                    outcome.encoding.map(Encoding::as_str)
                 ])
             })
             .ctx("finish host job")?;
@@ -600,7 +607,7 @@ impl Store {
         let n = conn
             .prepare_cached(
                 "UPDATE host_job SET state = ?3, resp = ?4, retcode = ?5, message = ?6, data = ?7,
-                        truncated = ?8, output_bytes = ?9, updated_at = ?10, finished_at = ?10
+                        truncated = ?8, output_bytes = ?9, updated_at = ?10, finished_at = ?10, encoding = ?11
                  WHERE job_id = ?1 AND host = ?2 AND state NOT IN ('success', 'failed', 'revoked')",
             )
             .and_then(|mut s| {
@@ -614,7 +621,8 @@ impl Store {
                     result.data,
                     result.truncated,
                     i64::try_from(result.output_bytes).unwrap_or(i64::MAX),
-                    now
+                    now,
+                    result.encoding.map(Encoding::as_str)
                 ])
             })
             .ctx("record result")?;
@@ -722,11 +730,19 @@ fn host_job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<HostJobRecor
                 "failed" => Resp::Failed,
                 other => return Ok(Err(StoreError::Corrupt(format!("unknown resp {other:?}")))),
             };
+            let encoding = match row.get::<_, Option<String>>(9)?.as_deref() {
+                None => None,
+                Some(name) => match Encoding::parse(name) {
+                    Some(encoding) => Some(encoding),
+                    None => return Ok(Err(StoreError::Corrupt(format!("unknown encoding {name:?}")))),
+                },
+            };
             Some(Outcome {
                 resp,
                 retcode: row.get::<_, Option<u32>>(4)?.unwrap_or(0),
                 message: row.get::<_, Option<String>>(5)?.unwrap_or_default(),
                 data: row.get::<_, Option<String>>(6)?.unwrap_or_default(),
+                encoding,
                 truncated: row.get(7)?,
             })
         }
@@ -784,6 +800,7 @@ mod tests {
             retcode: 0,
             message: "Normal termination".into(),
             data: "x".into(),
+            encoding: None,
             truncated: false,
             output_bytes: 1,
         };
@@ -794,6 +811,29 @@ mod tests {
         result.host = "b".into();
         assert_eq!(store.record_result(&result).expect("unknown"), RecordOutcome::Unknown);
         assert!(store.job_is_final("j").expect("final"));
+    }
+
+    #[test]
+    fn binary_results_keep_their_encoding() {
+        let store = Store::open_in_memory().expect("open");
+        store.upsert_host("a", "").expect("register");
+        store.create_job(&new_job("j", &["a"]), i64::MAX).expect("create");
+        let result = HostResult {
+            v: 1,
+            job_id: "j".into(),
+            host: "a".into(),
+            resp: Resp::Success,
+            retcode: 0,
+            message: "Normal termination".into(),
+            data: "/wBh".into(),
+            encoding: Some(Encoding::Base64),
+            truncated: false,
+            output_bytes: 3,
+        };
+        assert_eq!(store.record_result(&result).expect("record"), RecordOutcome::Recorded);
+        let (_, hosts) = store.job("j").expect("read").expect("exists");
+        let outcome = hosts[0].outcome.as_ref().expect("final");
+        assert_eq!((outcome.data.as_str(), outcome.encoding), ("/wBh", Some(Encoding::Base64)));
     }
 
     #[test]

@@ -524,6 +524,7 @@ fn result_put_recovers_from_job_too_big() {
         retcode: 0,
         message: "Normal termination".into(),
         data: "\"quoted\"\n".repeat(6000),
+        encoding: None,
         truncated: false,
         output_bytes: 60_000,
     };
@@ -711,4 +712,90 @@ fn every_error_has_the_documented_shape() {
     assert!(reply["error"]["message"].as_str().unwrap_or("").contains("web 01"), "{reply}");
     let (status, page) = get(&url("/v1/jobs"));
     assert_eq!((status, page["total"].clone()), (200, json!(0)), "the refused job was not stored: {page}");
+}
+
+fn base64_decode(text: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.decode(text).expect("valid base64")
+}
+
+/// Output that is not UTF-8 comes back byte for byte in `data_base64`; text output keeps
+/// the seed shape; the 64 KiB cap cuts at a byte boundary and says so.
+#[test]
+fn binary_output_round_trips_exactly() {
+    let cluster = Cluster::start(&["alpha"]);
+    let workdir = cluster.workdir("alpha");
+    let run = |cmd: &str| {
+        let (status, body) =
+            post(&cluster.url("/v1/jobs"), &json!({"hosts": ["alpha"], "method": "sync.bash", "cmd": cmd}));
+        assert_eq!(status, 200, "{body}");
+        body
+    };
+
+    let body = run("head -c 100 /dev/urandom | tee small.bin");
+    let expected = std::fs::read(workdir.join("small.bin")).expect("small.bin");
+    assert!(std::str::from_utf8(&expected).is_err(), "precondition: 100 random bytes are not UTF-8");
+    let entry = &body["response"][0];
+    assert_eq!(entry["resp"], "success", "{body}");
+    assert_eq!(entry["message"], "Normal termination");
+    assert_eq!(entry["data"], "");
+    assert_eq!(entry["encoding"], "base64");
+    assert_eq!(base64_decode(entry["data_base64"].as_str().expect("data_base64")), expected);
+    let (_, job) = get(&cluster.url(&format!("/v1/jobs/{}", body["id"].as_str().expect("id"))));
+    assert_eq!(job["hosts"][0]["encoding"], "base64", "{job}");
+    assert_eq!(base64_decode(job["hosts"][0]["data_base64"].as_str().expect("data_base64")), expected);
+    assert_eq!(job["hosts"][0]["truncated"], false);
+
+    // Past the cap: exactly the first 65536 bytes, reported as truncated.
+    let body = run("head -c 70000 /dev/urandom | tee big.bin");
+    let expected = std::fs::read(workdir.join("big.bin")).expect("big.bin");
+    let entry = &body["response"][0];
+    assert_eq!(entry["message"], "Normal termination; output truncated to 65536 of 70000 bytes", "{entry}");
+    assert_eq!(base64_decode(entry["data_base64"].as_str().expect("data_base64")), &expected[..65536]);
+    let (_, job) = get(&cluster.url(&format!("/v1/jobs/{}", body["id"].as_str().expect("id"))));
+    assert_eq!(job["hosts"][0]["truncated"], true);
+
+    // Text cut by the cap in the middle of a character stays text: the whole characters
+    // before the cut are kept and counted.
+    let body = run("head -c 65535 /dev/zero | tr '\\0' a; printf '\\303\\251'");
+    let entry = &body["response"][0];
+    assert_eq!(
+        entry["message"], "Normal termination; output truncated to 65535 of 65537 bytes",
+        "{}",
+        entry["message"]
+    );
+    let data = entry["data"].as_str().expect("data");
+    assert_eq!(data.len(), 65535);
+    assert!(data.bytes().all(|b| b == b'a'));
+    assert!(entry.get("encoding").is_none() && entry.get("data_base64").is_none(), "{}", entry["message"]);
+
+    // Text output keeps the seed's shape, without the new fields.
+    let body = run("printf 'h\\303\\251llo\\n'");
+    assert_eq!(
+        body["response"][0],
+        json!({"host": "alpha", "resp": "success", "retcode": 0, "message": "Normal termination", "data": "héllo\n"})
+    );
+}
+
+/// A queue too small for a 64 KiB binary result: the agent cuts the base64 text at a
+/// whole group of bytes, so the bytes kept are still exactly a prefix of the output.
+#[test]
+fn binary_output_cut_for_a_small_queue_stays_a_byte_prefix() {
+    let cluster = Cluster::start_with(&["alpha"], 30_000, &[], &[]);
+    let (status, body) = post(
+        &cluster.url("/v1/jobs"),
+        &json!({"hosts": ["alpha"], "method": "sync.bash", "cmd": "head -c 50000 /dev/urandom | tee out.bin"}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let expected = std::fs::read(cluster.workdir("alpha").join("out.bin")).expect("out.bin");
+    let entry = &body["response"][0];
+    assert_eq!(entry["resp"], "success", "{body}");
+    let kept = base64_decode(entry["data_base64"].as_str().expect("data_base64"));
+    assert!(kept.len() > 10_000 && kept.len() < 30_000, "kept {} bytes", kept.len());
+    assert_eq!(kept, &expected[..kept.len()]);
+    let message = entry["message"].as_str().expect("message");
+    assert_eq!(
+        message,
+        format!("Normal termination; output cut to {} of 50000 bytes to fit the queue's max job size", kept.len())
+    );
 }
