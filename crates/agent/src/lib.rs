@@ -324,7 +324,7 @@ impl Agent {
         let mut drain_deadline: Option<Instant> = None;
         let limits = ExecLimits {
             timeout: Duration::from_secs(u64::from(envelope.timeout)),
-            kill_grace: self.config.kill_grace,
+            kill_grace: kill_grace(self.config.kill_grace, envelope),
             max_output: exec::MAX_OUTPUT_BYTES,
         };
         let outcome = exec::run_bash(&envelope.cmd, &limits, || {
@@ -400,6 +400,15 @@ impl Agent {
             output_bytes: outcome.output_bytes,
             ..base
         })
+    }
+}
+
+/// The SIGTERM → SIGKILL delay for `envelope`: the agent's own setting, but never more
+/// than the dispatcher sized its waits for, so the kill path reports in time.
+fn kill_grace(own: Duration, envelope: &JobEnvelope) -> Duration {
+    match envelope.kill_grace_ms {
+        Some(ms) => own.min(Duration::from_millis(ms)),
+        None => own,
     }
 }
 
@@ -513,6 +522,28 @@ pub fn put_result(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_envelope_caps_the_kill_grace() {
+        let mut envelope = JobEnvelope {
+            v: 1,
+            job_id: "j".into(),
+            host: "h".into(),
+            method: Method::SyncBash,
+            cmd: "true".into(),
+            timeout: 1,
+            reply_tube: "r".into(),
+            issued_at: 0,
+            expires_at: 0,
+            kill_grace_ms: None,
+        };
+        let own = Duration::from_secs(5);
+        assert_eq!(kill_grace(own, &envelope), own);
+        envelope.kill_grace_ms = Some(2000);
+        assert_eq!(kill_grace(own, &envelope), Duration::from_secs(2));
+        envelope.kill_grace_ms = Some(9000);
+        assert_eq!(kill_grace(own, &envelope), own);
+    }
 
     #[test]
     fn escaped_lengths_match_serde_json() {

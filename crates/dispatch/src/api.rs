@@ -257,7 +257,9 @@ async fn post_job(
         return Ok((StatusCode::ACCEPTED, Json(json!({ "id": job_id }))).into_response());
     }
 
-    let deadline = tokio::time::Instant::now() + timeout + dispatcher.sync_grace;
+    // The agent may take the kill grace past the timeout to kill a command that ignores
+    // SIGTERM; its result then still needs a moment to arrive (the sync grace).
+    let deadline = tokio::time::Instant::now() + timeout + dispatcher.kill_grace + dispatcher.sync_grace;
     loop {
         let notified = notify.notified();
         tokio::pin!(notified);

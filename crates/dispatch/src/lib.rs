@@ -44,8 +44,11 @@ pub struct DispatchConfig {
     pub tokens_file: Option<PathBuf>,
     /// Tube the agents put their results on.
     pub reply_tube: String,
-    /// How long a sync call waits past the job's timeout for answers.
+    /// How long a sync call waits for answers past the job's timeout plus `kill_grace`.
     pub sync_grace: Duration,
+    /// SIGTERM → SIGKILL delay put in every envelope; agents use at most this, and every
+    /// wait for a result (sync calls, reserved host jobs, TTR) is sized for it.
+    pub kill_grace: Duration,
     /// How long past its start deadline plus timeout a taken job may still answer before
     /// it is marked expired.
     pub result_grace: Duration,
@@ -63,6 +66,7 @@ impl Default for DispatchConfig {
             tokens_file: None,
             reply_tube: wire::DEFAULT_REPLY_TUBE.into(),
             sync_grace: Duration::from_secs(5),
+            kill_grace: Duration::from_secs(5),
             result_grace: Duration::from_secs(30),
             allowed_clients: Vec::new(),
         }
@@ -173,6 +177,8 @@ pub struct Dispatcher {
     pub waiters: Waiters,
     /// See [`DispatchConfig::sync_grace`].
     pub sync_grace: Duration,
+    /// See [`DispatchConfig::kill_grace`].
+    pub kill_grace: Duration,
     /// See [`DispatchConfig::result_grace`].
     pub result_grace: Duration,
     /// See [`DispatchConfig::allowed_clients`].
@@ -210,6 +216,7 @@ pub fn run(config: DispatchConfig) -> anyhow::Result<()> {
         reply_tube: config.reply_tube.clone(),
         waiters: Waiters::default(),
         sync_grace: config.sync_grace,
+        kill_grace: config.kill_grace,
         result_grace: config.result_grace,
         allowed_clients: config.allowed_clients.clone(),
         wake_enqueuer: wake_tx,

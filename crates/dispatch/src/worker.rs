@@ -100,11 +100,13 @@ fn enqueue_pending(dispatcher: &Dispatcher) -> Result<(), StepError> {
             reply_tube: dispatcher.reply_tube.clone(),
             issued_at: wire::unix_now(),
             expires_at: u64::try_from(job.start_by_ms / 1000).unwrap_or(0),
+            kill_grace_ms: Some(u64::try_from(dispatcher.kill_grace.as_millis()).unwrap_or(u64::MAX)),
         };
         let payload = serde_json::to_vec(&envelope).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let body = wire::sign(&dispatcher.secret, &payload);
         let priority = if job.method.is_sync() { SYNC_PRIORITY } else { ASYNC_PRIORITY };
-        let ttr = job.timeout_secs.saturating_add(TTR_MARGIN_SECS);
+        let kill_grace_secs = u32::try_from(dispatcher.kill_grace.as_millis().div_ceil(1000)).unwrap_or(u32::MAX);
+        let ttr = job.timeout_secs.saturating_add(kill_grace_secs).saturating_add(TTR_MARGIN_SECS);
         let tube = host_tube(&pending.host);
         // On polarisd the job also carries a TTL up to its start deadline, so
         // the queue itself drops it if no agent takes it in time.
@@ -161,7 +163,8 @@ fn ignore_not_found(e: client::Error) -> Result<(), client::Error> {
 /// Marks host jobs past their deadline as expired; a ready one is first taken off the queue
 /// so that no agent runs it after it was reported as not answered.
 fn expire_overdue(dispatcher: &Dispatcher) -> Result<(), StepError> {
-    let grace_ms = i64::try_from(dispatcher.result_grace.as_millis()).unwrap_or(i64::MAX);
+    // A taken job may run its timeout, then the kill grace, then its result travels.
+    let grace_ms = i64::try_from((dispatcher.result_grace + dispatcher.kill_grace).as_millis()).unwrap_or(i64::MAX);
     for overdue in dispatcher.store.overdue(unix_now_ms(), grace_ms)? {
         let (job_id, host, timeout) = (&overdue.job_id, &overdue.host, overdue.timeout_secs);
         match overdue.state {

@@ -329,6 +329,7 @@ fn forged_or_expired_envelopes_are_buried_not_run() {
         reply_tube: reply_tube.into(),
         issued_at: wire::unix_now(),
         expires_at,
+        kill_grace_ms: None,
     };
     let forged_secret = Secret::new(b"not-the-real-secret-at-all".to_vec()).expect("secret");
     let forged =
@@ -557,6 +558,7 @@ fn long_command_is_touched_past_its_ttr() {
         reply_tube: "touch.replies".into(),
         issued_at: wire::unix_now(),
         expires_at: wire::unix_now() + 60,
+        kill_grace_ms: None,
     };
     let body = wire::sign(&test_secret(), &serde_json::to_vec(&envelope).expect("json"));
     queue.use_tube("host.alpha").expect("use");
@@ -712,6 +714,52 @@ fn every_error_has_the_documented_shape() {
     assert!(reply["error"]["message"].as_str().unwrap_or("").contains("web 01"), "{reply}");
     let (status, page) = get(&url("/v1/jobs"));
     assert_eq!((status, page["total"].clone()), (200, json!(0)), "the refused job was not stored: {page}");
+}
+
+/// Starts an agent with its default kill grace (the cluster's agents use 0.5 s).
+fn start_agent_with_default_kill_grace(
+    queue_addr: &str,
+    host: &str,
+    dispatch_url: &str,
+    dir: &std::path::Path,
+) -> polaris_testkit::Proc {
+    let workdir = dir.join(host);
+    std::fs::create_dir_all(&workdir).expect("workdir");
+    let child = std::process::Command::new(polaris_testkit::binary("polaris-agent"))
+        .args(["--queue", queue_addr, "--host-id", host, "--dispatch", dispatch_url])
+        .arg("--state-file")
+        .arg(dir.join(format!("{host}.json")))
+        .current_dir(&workdir)
+        .env("POLARIS_SECRET", TEST_SECRET)
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("start polaris-agent");
+    polaris_testkit::Proc::new(&format!("agent {host}"), child)
+}
+
+/// With the default agent kill grace (5 s) and the default sync grace (5 s), a command
+/// that ignores SIGTERM is killed with SIGKILL 5 s after its timeout; the sync call waits
+/// for that and reports the real outcome, not "no answer".
+#[test]
+fn sync_call_waits_for_the_agents_kill_path() {
+    let queue = start_queue(BIG_JOB_SIZE);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dispatch = start_dispatcher(&queue.addr, &dir.path().join("data"), &[]);
+    let _agent = start_agent_with_default_kill_grace(&queue.addr, "alpha", &dispatch.url, dir.path());
+    wait_until(Duration::from_secs(15), "the agent registered", || {
+        get(&format!("{}/v1/hosts/alpha", dispatch.url)).0 == 200
+    });
+    let (status, body) = post(
+        &format!("{}/v1/jobs", dispatch.url),
+        &json!({"hosts": ["alpha"], "method": "sync.bash", "cmd": "trap '' TERM; echo started; sleep 30", "timeout": 1}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let entry = &body["response"][0];
+    assert_eq!(entry["retcode"], code(Code::ExecTimeout), "{body}");
+    assert_eq!(entry["resp"], "failed");
+    assert_eq!(entry["message"], "Timed out after 1s: process group killed with SIGKILL");
+    assert_eq!(entry["data"], "started\n");
 }
 
 fn base64_decode(text: &str) -> Vec<u8> {

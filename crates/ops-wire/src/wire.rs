@@ -209,6 +209,12 @@ pub struct JobEnvelope {
     pub issued_at: u64,
     /// Unix seconds after which an agent must not start the job.
     pub expires_at: u64,
+    /// Milliseconds from SIGTERM to SIGKILL for a command past `timeout`, as the
+    /// dispatcher sized its waits for it: the agent uses the smaller of this and its own
+    /// `--kill-grace-ms`, so its kill path always reports before a sync call gives up.
+    /// Absent (an older dispatcher): the agent's own setting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kill_grace_ms: Option<u64>,
 }
 
 /// `success` or `failed`, as in the REST reply.
