@@ -3,7 +3,7 @@
 use crate::auth::TokenPolicy;
 use crate::error::ApiError;
 use crate::request::{parse_host_registration, parse_job_request};
-use crate::store::{HostJobRecord, HostState, NewJob, Outcome};
+use crate::store::{HostJobRecord, HostState, NewJob, Outcome, QueueRef};
 use crate::worker::{self, StepError};
 use crate::Dispatcher;
 use anyhow::Context as _;
@@ -403,12 +403,20 @@ async fn get_job(
         let mut lookups = 0;
         let states: Vec<HostState> = hosts
             .iter()
-            .map(|h| match (h.state, h.queue_job_id) {
-                (HostState::Ready, Some(queue_id)) if lookups < MAX_LIVE_LOOKUPS => {
+            .map(|h| match (h.state, &h.queued) {
+                (HostState::Ready, Some(queued)) if lookups < MAX_LIVE_LOOKUPS => {
                     lookups += 1;
-                    match d.queue.with(|c| c.stats_job(queue_id)) {
-                        Ok(stats) if stats.get("state") == Some("reserved") => HostState::Reserved,
-                        _ => HostState::Ready,
+                    // The id means our job only on the queue instance that issued it.
+                    let reserved = d.queue.with_conn(|c, info| {
+                        if queued.instance.as_deref() != Some(info.instance.as_str()) {
+                            return Ok(false);
+                        }
+                        Ok(c.stats_job(queued.id)?.get("state") == Some("reserved"))
+                    });
+                    if matches!(reserved, Ok(true)) {
+                        HostState::Reserved
+                    } else {
+                        HostState::Ready
                     }
                 }
                 (state, _) => state,
@@ -494,24 +502,34 @@ async fn revoke_job(
         let revoked = Outcome::failed(Code::Revoked, "Revoked before the agent took it");
         let mut entries = Vec::with_capacity(hosts.len());
         for h in &hosts {
-            let (mut state, mut queue_id) = (h.state, h.queue_job_id);
-            if state == HostState::Pending {
-                if d.store.finish(&id, &h.host, HostState::Pending, HostState::Revoked, &revoked)? {
-                    state = HostState::Revoked;
-                } else {
-                    // The enqueuer queued it meanwhile: revoke it from the queue instead.
-                    (state, queue_id) = current_state(&d, &id, &h.host)?;
-                }
-            }
-            if state == HostState::Ready {
-                state = match worker::take_back(&d, &id, &h.host, queue_id, HostState::Revoked, &revoked) {
-                    Ok(state) => state,
-                    Err(StepError::Store(e)) => return Err(e.into()),
-                    Err(StepError::Queue(e)) => {
-                        log::warn!("revoke job {id} host {}: queue unavailable: {e}", h.host);
-                        HostState::Ready
+            let (mut state, mut queued) = (h.state, h.queued.clone());
+            // A row can move under us (the enqueuer queues it, a restarted queue makes it
+            // pending again); read it again and retry a few times.
+            for _ in 0..3 {
+                match state {
+                    HostState::Pending => {
+                        if d.store.finish(&id, &h.host, HostState::Pending, HostState::Revoked, &revoked)? {
+                            state = HostState::Revoked;
+                            break;
+                        }
                     }
-                };
+                    HostState::Ready => {
+                        match worker::take_back(&d, &id, &h.host, queued.as_ref(), HostState::Revoked, &revoked) {
+                            Ok(Some(now)) => {
+                                state = now;
+                                break;
+                            }
+                            Ok(None) => {}
+                            Err(StepError::Store(e)) => return Err(e.into()),
+                            Err(StepError::Queue(e)) => {
+                                log::warn!("revoke job {id} host {}: queue unavailable: {e}", h.host);
+                                break;
+                            }
+                        }
+                    }
+                    _ => break,
+                }
+                (state, queued) = current_state(&d, &id, &h.host)?;
             }
             entries.push(json!({ "host": h.host, "state": state.as_str() }));
         }
@@ -522,12 +540,12 @@ async fn revoke_job(
     result.map(Json).ok_or_else(|| ApiError::general(Code::NoSuchJob, "no job with this id"))
 }
 
-/// A host job's stored state and queue job id, read again.
-fn current_state(d: &Dispatcher, job_id: &str, host: &str) -> Result<(HostState, Option<u64>), ApiError> {
+/// A host job's stored state and queue place, read again.
+fn current_state(d: &Dispatcher, job_id: &str, host: &str) -> Result<(HostState, Option<QueueRef>), ApiError> {
     let found = d.store.job(job_id)?;
     found
         .and_then(|(_, hosts)| hosts.into_iter().find(|h| h.host == host))
-        .map(|h| (h.state, h.queue_job_id))
+        .map(|h| (h.state, h.queued))
         .ok_or_else(|| ApiError::general(Code::StorageError, format!("host job {job_id}/{host} vanished")))
 }
 

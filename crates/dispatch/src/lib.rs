@@ -74,14 +74,33 @@ impl Default for DispatchConfig {
 }
 
 /// A few idle queue connections shared by HTTP handlers and the enqueuer. A connection
-/// that saw an I/O or protocol error is dropped rather than returned.
+/// that saw an I/O or protocol error is dropped rather than returned, and with it every
+/// idle one (they most likely lead to the same dead server).
 #[derive(Debug)]
 pub struct QueuePool {
     addr: String,
-    idle: Mutex<Vec<Client>>,
+    idle: Mutex<Vec<PooledConn>>,
     /// Whether the queue speaks the polarisd extensions, as the last new
     /// connection found out (0 unknown, 1 no, 2 yes).
     extensions: std::sync::atomic::AtomicU8,
+}
+
+/// What a connection learnt about the queue server it reached, when it connected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueInfo {
+    /// Which server process this is: `stats`' random `id` (beanstalkd 1.12 and polarisd
+    /// draw a new one at every start), else its `pid`. Queue job ids are
+    /// only meaningful to the instance that issued them: an in-memory queue that restarts
+    /// hands the same ids to new jobs.
+    pub instance: String,
+    /// Whether it speaks the polarisd extensions (job TTLs, `job-state`).
+    pub extensions: bool,
+}
+
+#[derive(Debug)]
+struct PooledConn {
+    client: Client,
+    info: QueueInfo,
 }
 
 /// Idle connections kept for reuse.
@@ -110,26 +129,41 @@ impl QueuePool {
 
     /// Runs `f` on a pooled connection (blocking).
     pub fn with<T>(&self, f: impl FnOnce(&mut Client) -> client::Result<T>) -> client::Result<T> {
+        self.with_conn(|client, _| f(client))
+    }
+
+    /// Runs `f` on a pooled connection, telling it which queue instance the connection
+    /// reached: everything `f` does on that connection happens on that instance.
+    pub fn with_conn<T>(&self, f: impl FnOnce(&mut Client, &QueueInfo) -> client::Result<T>) -> client::Result<T> {
         let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let mut conn = match idle {
             Some(conn) => conn,
-            None => {
-                let mut conn = Client::connect(&self.addr, Duration::from_secs(2))?;
-                let extensions = if conn.supports_extensions()? { 2 } else { 1 };
-                self.extensions.store(extensions, std::sync::atomic::Ordering::Relaxed);
-                conn
-            }
+            None => self.connect()?,
         };
-        let result = f(&mut conn);
+        let result = f(&mut conn.client, &conn.info);
         let broken =
             matches!(result, Err(client::Error::Io(_) | client::Error::Closed | client::Error::UnexpectedReply { .. }));
-        if !broken {
-            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-            if idle.len() < MAX_IDLE_QUEUE_CONNECTIONS {
-                idle.push(conn);
-            }
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if broken {
+            idle.clear();
+        } else if idle.len() < MAX_IDLE_QUEUE_CONNECTIONS {
+            idle.push(conn);
         }
         result
+    }
+
+    fn connect(&self) -> client::Result<PooledConn> {
+        let mut client = Client::connect(&self.addr, Duration::from_secs(2))?;
+        let extensions = client.supports_extensions()?;
+        self.extensions.store(if extensions { 2 } else { 1 }, std::sync::atomic::Ordering::Relaxed);
+        let stats = client.stats()?;
+        // Older servers without `id`: the pid (a start time computed from `uptime` would
+        // wobble by a second between connections).
+        let instance = match stats.get("id").filter(|id| !id.is_empty()) {
+            Some(id) => format!("id {id}"),
+            None => format!("pid {}", stats.get("pid").unwrap_or("?")),
+        };
+        Ok(PooledConn { client, info: QueueInfo { instance, extensions } })
     }
 }
 

@@ -54,6 +54,10 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX host_job_open ON host_job(state) WHERE state IN ('pending', 'ready', 'reserved');",
     // 2: output that is not UTF-8 is kept as base64 in `data`; `encoding` says so.
     "ALTER TABLE host_job ADD COLUMN encoding TEXT;",
+    // 3: which queue instance issued a host job's queue job id, and the signature of the
+    // envelope put under it, so the id is never acted on without proof it is still ours.
+    "ALTER TABLE host_job ADD COLUMN queue_instance TEXT;
+     ALTER TABLE host_job ADD COLUMN envelope_mac TEXT;",
 ];
 
 /// A database failure, with what the dispatcher was doing.
@@ -180,12 +184,25 @@ pub struct HostJobRecord {
     pub host: String,
     /// Where it stands.
     pub state: HostState,
-    /// The queue's job id once put on `host.<id>`.
-    pub queue_job_id: Option<u64>,
+    /// Where its envelope was put on `host.<id>`, once it was.
+    pub queued: Option<QueueRef>,
     /// The answer, once final.
     pub outcome: Option<Outcome>,
     /// Unix milliseconds of the last change.
     pub updated_at_ms: i64,
+}
+
+/// Where a host job's envelope was put. A queue job id alone proves nothing: a queue
+/// that restarts without its data hands the same ids to other jobs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueRef {
+    /// The queue's job id.
+    pub id: u64,
+    /// The queue instance that issued `id` (see [`crate::QueueInfo::instance`]); `None`
+    /// for rows stored before instances were recorded.
+    pub instance: Option<String>,
+    /// The hex signature of the envelope put under `id`; `None` for older rows.
+    pub mac: Option<String>,
 }
 
 /// A final answer for one host.
@@ -254,10 +271,23 @@ pub struct OverdueHostJob {
     pub host: String,
     /// Its state when found.
     pub state: HostState,
-    /// The queue job id, if it was put.
-    pub queue_job_id: Option<u64>,
+    /// Where its envelope was put, if it was.
+    pub queued: Option<QueueRef>,
     /// The job's timeout.
     pub timeout_secs: u32,
+}
+
+/// A `ready` host job and where its envelope was put.
+#[derive(Debug, Clone)]
+pub struct QueuedHostJob {
+    /// The job id.
+    pub job_id: String,
+    /// The host.
+    pub host: String,
+    /// Where its envelope was put.
+    pub queued: QueueRef,
+    /// Unix milliseconds after which no agent may start it.
+    pub start_by_ms: i64,
 }
 
 /// A job in the `GET /v1/jobs` list.
@@ -293,7 +323,7 @@ impl std::fmt::Debug for Store {
 }
 
 const HOST_JOB_COLUMNS: &str =
-    "host, state, queue_job_id, resp, retcode, message, data, truncated, updated_at, encoding";
+    "host, state, queue_job_id, resp, retcode, message, data, truncated, updated_at, encoding, queue_instance, envelope_mac";
 
 impl Store {
     /// Opens (creating if needed) `dir/dispatch.db` and brings its schema up to date.
@@ -560,6 +590,134 @@ impl Store {
         Ok(n > 0)
     }
 
+    /// Records that a `pending` host job's envelope is on the queue: `ready`, with where it
+    /// is. Returns false if the host job was no longer pending (revoked meanwhile).
+    pub fn mark_queued(&self, job_id: &str, host: &str, queued: &QueueRef) -> Result<bool, StoreError> {
+        let n = self
+            .conn()
+            .prepare_cached(
+                "UPDATE host_job SET state = 'ready', queue_job_id = ?3, queue_instance = ?4, envelope_mac = ?5,
+                        updated_at = ?6
+                 WHERE job_id = ?1 AND host = ?2 AND state = 'pending'",
+            )
+            .and_then(|mut s| {
+                s.execute(params![job_id, host, queued.id as i64, queued.instance, queued.mac, unix_now_ms()])
+            })
+            .ctx("mark host job queued")?;
+        Ok(n > 0)
+    }
+
+    /// Gives a `ready` host job its final answer if it is still `ready` under queue job
+    /// `queue_id` (and not, say, queued again under another id meanwhile).
+    pub fn finish_queued(
+        &self,
+        job_id: &str,
+        host: &str,
+        queue_id: u64,
+        to: HostState,
+        outcome: &Outcome,
+    ) -> Result<bool, StoreError> {
+        let n = self
+            .conn()
+            .prepare_cached(
+                "UPDATE host_job SET state = ?4, resp = ?5, retcode = ?6, message = ?7, data = ?8,
+                        truncated = ?9, updated_at = ?10, finished_at = ?10, encoding = ?11
+                 WHERE job_id = ?1 AND host = ?2 AND state = 'ready' AND queue_job_id = ?3",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    job_id,
+                    host,
+                    queue_id as i64,
+                    to.as_str(),
+                    outcome.resp.as_str(),
+                    outcome.retcode,
+                    outcome.message,
+                    outcome.data,
+                    outcome.truncated,
+                    unix_now_ms(),
+                    outcome.encoding.map(Encoding::as_str)
+                ])
+            })
+            .ctx("finish queued host job")?;
+        Ok(n > 0)
+    }
+
+    /// Moves a `ready` host job under queue job `queue_id` to `reserved` (an agent has it).
+    pub fn reserve_queued(&self, job_id: &str, host: &str, queue_id: u64) -> Result<bool, StoreError> {
+        let n = self
+            .conn()
+            .prepare_cached(
+                "UPDATE host_job SET state = 'reserved', updated_at = ?4
+                 WHERE job_id = ?1 AND host = ?2 AND state = 'ready' AND queue_job_id = ?3",
+            )
+            .and_then(|mut s| s.execute(params![job_id, host, queue_id as i64, unix_now_ms()]))
+            .ctx("mark host job reserved")?;
+        Ok(n > 0)
+    }
+
+    /// `ready` host jobs whose queue job id was issued by another queue instance than
+    /// `instance` (or by one not recorded), with their jobs' start deadlines.
+    pub fn ready_elsewhere(&self, instance: &str) -> Result<Vec<QueuedHostJob>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT h.job_id, h.host, h.queue_job_id, h.queue_instance, h.envelope_mac, j.start_by
+                 FROM host_job h JOIN jobs j ON j.id = h.job_id
+                 WHERE h.state = 'ready' AND h.queue_job_id IS NOT NULL
+                   AND (h.queue_instance IS NULL OR h.queue_instance != ?1)
+                 ORDER BY j.seq, h.position",
+            )
+            .ctx("list ready host jobs of other queue instances")?;
+        let rows = stmt
+            .query_map([instance], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, String>(1)?,
+                    queue_ref(row.get(2)?, row.get(3)?, row.get(4)?),
+                    row.get::<_, i64>(5)?,
+                ))
+            })
+            .ctx("list ready host jobs of other queue instances")?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (job_id, host, queued, start_by_ms) = row.ctx("list ready host jobs of other queue instances")?;
+            if let Some(queued) = queued {
+                out.push(QueuedHostJob { job_id, host, queued, start_by_ms });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records that the `ready` host job under `queue_id` is held by queue `instance`
+    /// (found there after the queue restarted with its data).
+    pub fn adopt(&self, job_id: &str, host: &str, queue_id: u64, instance: &str) -> Result<bool, StoreError> {
+        let n = self
+            .conn()
+            .prepare_cached(
+                "UPDATE host_job SET queue_instance = ?4, updated_at = ?5
+                 WHERE job_id = ?1 AND host = ?2 AND state = 'ready' AND queue_job_id = ?3",
+            )
+            .and_then(|mut s| s.execute(params![job_id, host, queue_id as i64, instance, unix_now_ms()]))
+            .ctx("record the queue instance of a host job")?;
+        Ok(n > 0)
+    }
+
+    /// Makes a `ready` host job under `queue_id` `pending` again, forgetting where it was
+    /// (the queue lost it), so the enqueuer puts it again.
+    pub fn requeue(&self, job_id: &str, host: &str, queue_id: u64) -> Result<bool, StoreError> {
+        let n = self
+            .conn()
+            .prepare_cached(
+                "UPDATE host_job SET state = 'pending', queue_job_id = NULL, queue_instance = NULL,
+                        envelope_mac = NULL, updated_at = ?4
+                 WHERE job_id = ?1 AND host = ?2 AND state = 'ready' AND queue_job_id = ?3",
+            )
+            .and_then(|mut s| s.execute(params![job_id, host, queue_id as i64, unix_now_ms()]))
+            .ctx("requeue host job")?;
+        Ok(n > 0)
+    }
+
     /// Gives a host job its final answer if it is still in `from`. Returns false if not.
     pub fn finish(
         &self,
@@ -642,7 +800,7 @@ impl Store {
         let conn = self.conn();
         let mut stmt = conn
             .prepare_cached(
-                "SELECT h.job_id, h.host, h.state, h.queue_job_id, j.timeout_secs
+                "SELECT h.job_id, h.host, h.state, h.queue_job_id, j.timeout_secs, h.queue_instance, h.envelope_mac
                  FROM host_job h JOIN jobs j ON j.id = h.job_id
                  WHERE (h.state IN ('pending', 'ready') AND j.start_by <= ?1)
                     OR (h.state = 'reserved' AND j.start_by + j.timeout_secs * 1000 + ?2 <= ?1)
@@ -655,24 +813,22 @@ impl Store {
                     row.get::<_, String>(0)?,
                     row.get::<_, String>(1)?,
                     row.get::<_, String>(2)?,
-                    row.get::<_, Option<i64>>(3)?,
+                    queue_ref(row.get(3)?, row.get(5)?, row.get(6)?),
                     row.get::<_, u32>(4)?,
                 ))
             })
             .ctx("list overdue host jobs")?;
         let mut out = Vec::new();
         for row in rows {
-            let (job_id, host, state, queue_job_id, timeout_secs) = row.ctx("list overdue host jobs")?;
-            out.push(OverdueHostJob {
-                job_id,
-                host,
-                state: HostState::parse(&state)?,
-                queue_job_id: queue_job_id.map(|id| id as u64),
-                timeout_secs,
-            });
+            let (job_id, host, state, queued, timeout_secs) = row.ctx("list overdue host jobs")?;
+            out.push(OverdueHostJob { job_id, host, state: HostState::parse(&state)?, queued, timeout_secs });
         }
         Ok(out)
     }
+}
+
+fn queue_ref(id: Option<i64>, instance: Option<String>, mac: Option<String>) -> Option<QueueRef> {
+    id.map(|id| QueueRef { id: id as u64, instance, mac })
 }
 
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
@@ -750,7 +906,7 @@ fn host_job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<HostJobRecor
     Ok(Ok(HostJobRecord {
         host: row.get(0)?,
         state,
-        queue_job_id: row.get::<_, Option<i64>>(2)?.map(|id| id as u64),
+        queued: queue_ref(row.get(2)?, row.get(10)?, row.get(11)?),
         outcome,
         updated_at_ms: row.get(8)?,
     }))
@@ -834,6 +990,31 @@ mod tests {
         let (_, hosts) = store.job("j").expect("read").expect("exists");
         let outcome = hosts[0].outcome.as_ref().expect("final");
         assert_eq!((outcome.data.as_str(), outcome.encoding), ("/wBh", Some(Encoding::Base64)));
+    }
+
+    #[test]
+    fn queue_places_are_acted_on_only_while_they_hold() {
+        let store = Store::open_in_memory().expect("open");
+        store.upsert_host("a", "").expect("register");
+        store.create_job(&new_job("j", &["a"]), i64::MAX).expect("create");
+        let place = |id, instance: &str| QueueRef { id, instance: Some(instance.into()), mac: Some("m".into()) };
+        assert!(store.mark_queued("j", "a", &place(1, "old")).expect("mark"));
+        assert!(!store.mark_queued("j", "a", &place(2, "old")).expect("only pending rows are marked"));
+        assert!(store.ready_elsewhere("old").expect("list").is_empty());
+        let elsewhere = store.ready_elsewhere("new").expect("list");
+        assert_eq!(elsewhere.len(), 1);
+        assert_eq!(elsewhere[0].queued, place(1, "old"));
+        // Another id than the stored one changes nothing.
+        assert!(!store.requeue("j", "a", 7).expect("requeue"));
+        assert!(store.requeue("j", "a", 1).expect("requeue"));
+        let (_, hosts) = store.job("j").expect("read").expect("exists");
+        assert_eq!((hosts[0].state, hosts[0].queued.clone()), (HostState::Pending, None));
+        assert!(store.mark_queued("j", "a", &place(5, "new")).expect("mark"));
+        let revoked = Outcome::failed(Code::Revoked, "r");
+        assert!(!store.finish_queued("j", "a", 1, HostState::Revoked, &revoked).expect("stale id"));
+        assert!(store.adopt("j", "a", 5, "newer").expect("adopt"));
+        assert!(store.finish_queued("j", "a", 5, HostState::Revoked, &revoked).expect("finish"));
+        assert!(store.job_is_final("j").expect("final"));
     }
 
     #[test]

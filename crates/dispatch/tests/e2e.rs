@@ -657,6 +657,201 @@ fn clients_outside_the_allow_list_are_refused() {
     assert_eq!(status, 200, "{body}");
 }
 
+// ---------------------------------------------------------------------------------------
+// A gate in front of the queue, for tests that must hold the dispatcher's queue traffic at
+// a chosen point.
+
+/// A TCP proxy between the dispatcher and the queue. Open, it forwards everything; told to
+/// let `n` more puts through, it forwards client-to-server traffic until `n` commands
+/// starting with `put ` have passed and then holds all of it, on every connection, until
+/// it is opened again. Server-to-client traffic always flows, so the last put let through
+/// gets its reply.
+struct QueueGate {
+    addr: String,
+    shared: std::sync::Arc<GateShared>,
+}
+
+struct GateShared {
+    /// `None`: open; `Some(n)`: `n` more puts may pass, then everything is held.
+    puts_left: std::sync::Mutex<Option<usize>>,
+    changed: std::sync::Condvar,
+}
+
+impl GateShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<usize>> {
+        self.puts_left.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Blocks until `chunk` (one client command, as the blocking client writes each
+    /// command with one call and waits for its reply) may be forwarded.
+    fn pass(&self, chunk: &[u8]) {
+        let mut state = self.lock();
+        loop {
+            match *state {
+                None => return,
+                Some(0) => state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner()),
+                Some(n) => {
+                    if chunk.starts_with(b"put ") {
+                        *state = Some(n - 1);
+                    }
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl QueueGate {
+    fn start(upstream: &str) -> QueueGate {
+        use std::io::{Read, Write};
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the gate");
+        let addr = listener.local_addr().expect("gate address").to_string();
+        let shared = std::sync::Arc::new(GateShared {
+            puts_left: std::sync::Mutex::new(None),
+            changed: std::sync::Condvar::new(),
+        });
+        let upstream = upstream.to_string();
+        let gate_shared = shared.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(&upstream) else { continue };
+                let (mut client_in, mut server_out) = (client, server);
+                let (Ok(mut client_out), Ok(mut server_in)) = (client_in.try_clone(), server_out.try_clone()) else {
+                    continue;
+                };
+                let shared = gate_shared.clone();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 256 * 1024];
+                    loop {
+                        match client_in.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                shared.pass(&buf[..n]);
+                                if server_out.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    let _ = server_out.shutdown(Shutdown::Both);
+                    let _ = client_in.shutdown(Shutdown::Both);
+                });
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut server_in, &mut client_out);
+                    let _ = client_out.shutdown(Shutdown::Both);
+                    let _ = server_in.shutdown(Shutdown::Both);
+                });
+            }
+        });
+        QueueGate { addr, shared }
+    }
+
+    /// Lets `n` more puts through, then holds everything.
+    fn let_through_puts(&self, n: usize) {
+        *self.shared.lock() = Some(n);
+        self.shared.changed.notify_all();
+    }
+
+    /// Holds all client-to-server traffic from now on.
+    fn hold(&self) {
+        self.let_through_puts(0);
+    }
+
+    /// Forwards everything again, held commands first.
+    fn open(&self) {
+        *self.shared.lock() = None;
+        self.shared.changed.notify_all();
+    }
+}
+
+fn envelope_of(job: &client::Job) -> JobEnvelope {
+    serde_json::from_slice(wire::open(&test_secret(), &job.body).expect("a signed envelope")).expect("envelope JSON")
+}
+
+fn host_state(job: &Value, index: usize) -> String {
+    job["hosts"][index]["state"].as_str().unwrap_or("").to_string()
+}
+
+/// An in-memory queue restarts and hands the dispatcher's old queue job ids to somebody
+/// else's jobs. Neither `DELETE /v1/jobs/{id}` nor the deadline sweeper may delete them:
+/// the dispatcher acts on a queue id only with proof that it is still its envelope, and
+/// puts the work it lost with the old queue on the new one.
+#[test]
+fn queue_restart_never_lets_the_dispatcher_delete_a_strangers_job() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut queue = start_queue(BIG_JOB_SIZE);
+    let gate = QueueGate::start(&queue.addr);
+    let dispatch = start_dispatcher(&gate.addr, &dir.path().join("data"), &[]);
+    let url = |path: &str| format!("{}{path}", dispatch.url);
+    // A registered host whose agent is not running: its jobs sit in the queue.
+    let (status, _) = post(&url("/v1/hosts"), &json!({"id": "alpha"}));
+    assert_eq!(status, 201);
+    let job =
+        |cmd: &str, timeout: u32| json!({"hosts": ["alpha"], "method": "async.bash", "cmd": cmd, "timeout": timeout});
+    let (status, body) = post(&url("/v1/jobs"), &job("echo to-cancel", 60));
+    assert_eq!(status, 202, "{body}");
+    let cancelled = body["id"].as_str().expect("id").to_string();
+    let (status, body) = post(&url("/v1/jobs"), &job("echo to-expire", 4));
+    assert_eq!(status, 202, "{body}");
+    let expiring = body["id"].as_str().expect("id").to_string();
+    let job_url = |id: &str| url(&format!("/v1/jobs/{id}"));
+    wait_until(Duration::from_secs(10), "both host jobs on the queue", || {
+        host_state(&get(&job_url(&cancelled)).1, 0) == "ready" && host_state(&get(&job_url(&expiring)).1, 0) == "ready"
+    });
+    let mut direct = queue_client(&queue);
+    let old_ids: Vec<u64> = [&cancelled, &expiring]
+        .iter()
+        .map(|id| {
+            (1..=2)
+                .find(|q| envelope_of(&direct.peek(*q).expect("peek")).job_id == **id)
+                .expect("the job's envelope in the old queue")
+        })
+        .collect();
+
+    // The queue restarts empty while the dispatcher cannot reach it, and a stranger's
+    // jobs on another tube get the old ids.
+    gate.hold();
+    let port: u16 = queue.addr.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
+    queue.proc.kill();
+    queue = start_queue_on_port(BIG_JOB_SIZE, Some(port));
+    let mut direct = queue_client(&queue);
+    direct.use_tube("other.work").expect("use");
+    let strangers: Vec<u64> =
+        (0..2).map(|i| direct.put(0, 0, 600, format!("stranger {i}").as_bytes()).expect("put")).collect();
+    let mut sorted_old = old_ids.clone();
+    sorted_old.sort_unstable();
+    assert_eq!(strangers, sorted_old, "precondition: the new queue reuses the old ids");
+    gate.open();
+    // The dispatcher notices the new queue and puts the envelopes it lost there again.
+    wait_until(Duration::from_secs(10), "both envelopes put again on the new queue", || {
+        direct.stats_tube("host.alpha").map(|s| s.get_u64("current-jobs-ready") == Some(2)).unwrap_or(false)
+    });
+
+    // Cancel the first job (the queue connections the dispatcher held died with the old
+    // queue, so an attempt may find the queue unavailable; ask again until it is final).
+    wait_until(Duration::from_secs(15), "the cancelled job final", || {
+        let (status, reply) = request("DELETE", &job_url(&cancelled), None, None);
+        status == 200 && !["pending", "ready"].contains(&reply["hosts"][0]["state"].as_str().unwrap_or(""))
+    });
+    // The second one passes its deadline and meets the sweeper.
+    wait_until(Duration::from_secs(20), "the second job expired", || get(&job_url(&expiring)).1["done"] == true);
+
+    for (id, body) in strangers.iter().zip(["stranger 0", "stranger 1"]) {
+        let found = direct.peek(*id).unwrap_or_else(|e| panic!("the stranger's job {id} is gone: {e}"));
+        assert_eq!(found.body, body.as_bytes());
+        assert_eq!(direct.stats_job(*id).expect("stats-job").get("tube"), Some("other.work"));
+    }
+    let (_, cancelled_job) = get(&job_url(&cancelled));
+    assert_eq!(host_state(&cancelled_job, 0), "revoked", "{cancelled_job}");
+    let (_, expired_job) = get(&job_url(&expiring));
+    assert_eq!(host_state(&expired_job, 0), "expired", "{expired_job}");
+    assert_eq!(expired_job["hosts"][0]["retcode"], code(Code::HostNoAnswer));
+    // Whatever the dispatcher put on the new queue for them was taken back.
+    let stats = direct.stats_tube("host.alpha").map(|s| s.get_u64("current-jobs-ready"));
+    assert!(matches!(stats, Ok(Some(0)) | Err(client::Error::NotFound)), "{stats:?}");
+}
+
 /// Every error, also for paths, methods and query parameters the API does not have, is
 /// answered in the documented JSON shape with a code.
 #[test]

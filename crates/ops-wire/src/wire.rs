@@ -129,6 +129,14 @@ pub fn unverified_payload(message: &[u8]) -> Option<&[u8]> {
     message.get(newline + 1..)
 }
 
+/// The hex signature in a signed message's header, without checking it: a message on the
+/// queue whose signature equals the one of an envelope we put is that envelope.
+pub fn signature_of(message: &[u8]) -> Option<&str> {
+    let newline = message.iter().position(|&b| b == b'\n')?;
+    let header = std::str::from_utf8(&message[..newline]).ok()?;
+    header.strip_prefix(SIGNED_MAGIC)?.strip_prefix(' ')
+}
+
 /// Verifies a signed message (constant-time MAC comparison) and returns its payload.
 pub fn open<'a>(secret: &Secret, message: &'a [u8]) -> Result<&'a [u8], OpenError> {
     let newline = message.iter().position(|&b| b == b'\n').ok_or(OpenError::NotSigned)?;
@@ -339,6 +347,10 @@ mod tests {
         let msg = sign(&secret(), b"{\"a\":1}");
         assert!(msg.starts_with(b"polaris-v1 "));
         assert_eq!(open(&secret(), &msg), Ok(&b"{\"a\":1}"[..]));
+        let tag = signature_of(&msg).expect("a signature");
+        assert_eq!(tag.len(), 64);
+        assert_ne!(signature_of(&sign(&secret(), b"{\"a\":2}")), Some(tag));
+        assert_eq!(signature_of(b"stranger 1"), None);
     }
 
     #[test]
