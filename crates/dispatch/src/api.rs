@@ -3,8 +3,8 @@
 use crate::auth::TokenPolicy;
 use crate::error::ApiError;
 use crate::request::{parse_host_registration, parse_job_request};
-use crate::store::{HostJobRecord, HostState, NewJob, Outcome, QueueRef};
-use crate::worker::{self, StepError};
+use crate::store::{HostJobRecord, HostState, NewJob, Outcome, QueueRef, QueuedChange};
+use crate::worker::{self, TakeBack};
 use crate::Dispatcher;
 use anyhow::Context as _;
 use axum::body::Bytes;
@@ -361,6 +361,7 @@ struct JobStatus<'a> {
     cmd: &'a str,
     timeout: u32,
     created_at_ms: i64,
+    cancelled_at_ms: Option<i64>,
     done: bool,
     hosts: Vec<HostStatus<'a>>,
 }
@@ -432,6 +433,7 @@ async fn get_job(
         cmd: &job.cmd,
         timeout: job.timeout_secs,
         created_at_ms: job.created_at_ms,
+        cancelled_at_ms: job.cancelled_at_ms,
         done: hosts.iter().all(|h| h.state.is_final()),
         hosts: hosts.iter().zip(states).map(|(h, s)| host_status(h, s)).collect(),
     };
@@ -474,6 +476,7 @@ async fn list_jobs(
                 "cmd": s.job.cmd,
                 "timeout": s.job.timeout_secs,
                 "created_at_ms": s.job.created_at_ms,
+                "cancelled_at_ms": s.job.cancelled_at_ms,
                 "hosts": hosts,
                 "states": states,
             })
@@ -489,64 +492,93 @@ async fn list_jobs(
     })))
 }
 
-/// `DELETE /v1/jobs/{id}`: revokes every host job the agents have not taken yet.
+/// Host jobs already on the queue that one blocking task of `DELETE /v1/jobs/{id}` takes
+/// back before it records them in one transaction and gives the runtime back.
+pub const REVOKE_BATCH: usize = 100;
+
+/// `DELETE /v1/jobs/{id}`: cancels the job and revokes every host job the agents have not
+/// taken yet.
+///
+/// First one transaction marks the job cancelled and revokes all its `pending` host jobs,
+/// so the enqueuer puts none of its envelopes any more and every other call sees that at
+/// once. Then the envelopes already on the queue are taken back in batches of
+/// [`REVOKE_BATCH`], each a blocking task that holds no lock during its queue round trips
+/// and records its batch in one transaction; other requests are served in between.
 async fn revoke_job(
     State(dispatcher): State<AppState>,
     headers: HeaderMap,
     IdParam(id): IdParam,
 ) -> Result<Json<Value>, ApiError> {
     authenticate(&dispatcher, &headers)?;
-    let d = dispatcher.clone();
-    let result = blocking(move || {
-        let Some((_, hosts)) = d.store.job(&id)? else { return Ok(None) };
-        let revoked = Outcome::failed(Code::Revoked, "Revoked before the agent took it");
-        let mut entries = Vec::with_capacity(hosts.len());
-        for h in &hosts {
-            let (mut state, mut queued) = (h.state, h.queued.clone());
-            // A row can move under us (the enqueuer queues it, a restarted queue makes it
-            // pending again); read it again and retry a few times.
-            for _ in 0..3 {
-                match state {
-                    HostState::Pending => {
-                        if d.store.finish(&id, &h.host, HostState::Pending, HostState::Revoked, &revoked)? {
-                            state = HostState::Revoked;
-                            break;
-                        }
-                    }
-                    HostState::Ready => {
-                        match worker::take_back(&d, &id, &h.host, queued.as_ref(), HostState::Revoked, &revoked) {
-                            Ok(Some(now)) => {
-                                state = now;
-                                break;
-                            }
-                            Ok(None) => {}
-                            Err(StepError::Store(e)) => return Err(e.into()),
-                            Err(StepError::Queue(e)) => {
-                                log::warn!("revoke job {id} host {}: queue unavailable: {e}", h.host);
-                                break;
-                            }
-                        }
-                    }
-                    _ => break,
-                }
-                (state, queued) = current_state(&d, &id, &h.host)?;
+    let queued = {
+        let (d, id) = (dispatcher.clone(), id.clone());
+        blocking(move || {
+            if !d.store.cancel_job(&id, &revoked_outcome())? {
+                return Ok(None);
             }
-            entries.push(json!({ "host": h.host, "state": state.as_str() }));
+            d.cancellations.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            d.waiters.notify(&id);
+            log::info!("job {id}: cancelled");
+            Ok(Some(d.store.ready_of_job(&id)?))
+        })
+        .await?
+        .ok_or_else(|| ApiError::general(Code::NoSuchJob, "no job with this id"))?
+    };
+    for batch in queued.chunks(REVOKE_BATCH) {
+        let (d, id, batch) = (dispatcher.clone(), id.clone(), batch.to_vec());
+        let reachable = blocking(move || revoke_queued(&d, &id, &batch)).await?;
+        if !reachable {
+            break; // the queue is down: the rest stay `ready` (and expire at their deadline)
         }
+    }
+    let d = dispatcher.clone();
+    blocking(move || {
+        // Host jobs a restarted queue made `pending` again meanwhile are revoked too.
+        d.store.cancel_job(&id, &revoked_outcome())?;
         d.waiters.notify(&id);
-        Ok(Some(json!({ "id": id, "hosts": entries })))
+        let (_, hosts) = d.store.job(&id)?.ok_or_else(|| ApiError::general(Code::NoSuchJob, "no job with this id"))?;
+        let entries: Vec<Value> = hosts.iter().map(|h| json!({ "host": h.host, "state": h.state.as_str() })).collect();
+        Ok(Json(json!({ "id": id, "hosts": entries })))
     })
-    .await?;
-    result.map(Json).ok_or_else(|| ApiError::general(Code::NoSuchJob, "no job with this id"))
+    .await
 }
 
-/// A host job's stored state and queue place, read again.
-fn current_state(d: &Dispatcher, job_id: &str, host: &str) -> Result<(HostState, Option<QueueRef>), ApiError> {
-    let found = d.store.job(job_id)?;
-    found
-        .and_then(|(_, hosts)| hosts.into_iter().find(|h| h.host == host))
-        .map(|h| (h.state, h.queued))
-        .ok_or_else(|| ApiError::general(Code::StorageError, format!("host job {job_id}/{host} vanished")))
+fn revoked_outcome() -> Outcome {
+    Outcome::failed(Code::Revoked, "Revoked before the agent took it")
+}
+
+/// Takes a batch of a cancelled job's `ready` host jobs back off the queue and records the
+/// outcome in one transaction. Returns false if the queue could not be reached.
+fn revoke_queued(d: &Dispatcher, job_id: &str, batch: &[(String, QueueRef)]) -> Result<bool, ApiError> {
+    let revoked = revoked_outcome();
+    let mut changes = Vec::with_capacity(batch.len());
+    let mut reachable = true;
+    for (host, queued) in batch {
+        let change = match worker::delete_if_ours(d, queued, job_id, host) {
+            Ok(TakeBack::Deleted) => QueuedChange::Finish(HostState::Revoked, revoked.clone()),
+            Ok(TakeBack::Lost) => {
+                log::warn!("job {job_id} host {host}: queue job {} was lost when the queue restarted", queued.id);
+                QueuedChange::Finish(HostState::Revoked, revoked.clone())
+            }
+            Ok(TakeBack::ExpiredInQueue) => QueuedChange::Finish(
+                HostState::Expired,
+                Outcome::failed(
+                    Code::HostNoAnswer,
+                    "The host's agent did not take the job before it expired in the queue",
+                ),
+            ),
+            Ok(TakeBack::Taken) => QueuedChange::Reserve,
+            Err(e) => {
+                log::warn!("revoke job {job_id} host {host}: queue unavailable: {e}");
+                reachable = false;
+                break;
+            }
+        };
+        changes.push((host.clone(), queued.id, change));
+    }
+    d.store.apply_queued_batch(job_id, &changes)?;
+    d.waiters.notify(job_id);
+    Ok(reachable)
 }
 
 async fn register_host(

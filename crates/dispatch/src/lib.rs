@@ -217,6 +217,9 @@ pub struct Dispatcher {
     pub result_grace: Duration,
     /// See [`DispatchConfig::allowed_clients`].
     pub allowed_clients: Vec<ipnet::IpNet>,
+    /// Counts cancellations, so the enqueuer asks the database whether a job was cancelled
+    /// only when one happened since it last asked.
+    pub cancellations: std::sync::atomic::AtomicU64,
     wake_enqueuer: mpsc::SyncSender<()>,
 }
 
@@ -253,6 +256,7 @@ pub fn run(config: DispatchConfig) -> anyhow::Result<()> {
         kill_grace: config.kill_grace,
         result_grace: config.result_grace,
         allowed_clients: config.allowed_clients.clone(),
+        cancellations: std::sync::atomic::AtomicU64::new(0),
         wake_enqueuer: wake_tx,
     });
     let stop = Arc::new(AtomicBool::new(false));

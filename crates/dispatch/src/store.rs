@@ -58,6 +58,9 @@ const MIGRATIONS: &[&str] = &[
     // envelope put under it, so the id is never acted on without proof it is still ours.
     "ALTER TABLE host_job ADD COLUMN queue_instance TEXT;
      ALTER TABLE host_job ADD COLUMN envelope_mac TEXT;",
+    // 4: when `DELETE /v1/jobs/{id}` cancelled the job; the enqueuer puts none of its
+    // envelopes from then on.
+    "ALTER TABLE jobs ADD COLUMN cancelled_at INTEGER;",
 ];
 
 /// A database failure, with what the dispatcher was doing.
@@ -175,6 +178,8 @@ pub struct JobRecord {
     pub created_at_ms: i64,
     /// Unix milliseconds after which no agent may start it.
     pub start_by_ms: i64,
+    /// Unix milliseconds when it was cancelled (`DELETE /v1/jobs/{id}`), if it was.
+    pub cancelled_at_ms: Option<i64>,
 }
 
 /// One host's part of a job as stored.
@@ -288,6 +293,8 @@ pub struct QueuedHostJob {
     pub queued: QueueRef,
     /// Unix milliseconds after which no agent may start it.
     pub start_by_ms: i64,
+    /// Whether its job was cancelled.
+    pub cancelled: bool,
 }
 
 /// A job in the `GET /v1/jobs` list.
@@ -476,7 +483,9 @@ impl Store {
     pub fn job(&self, id: &str) -> Result<Option<(JobRecord, Vec<HostJobRecord>)>, StoreError> {
         let conn = self.conn();
         let job = conn
-            .prepare_cached("SELECT id, method, cmd, timeout_secs, created_at, start_by FROM jobs WHERE id = ?1")
+            .prepare_cached(
+                "SELECT id, method, cmd, timeout_secs, created_at, start_by, cancelled_at FROM jobs WHERE id = ?1",
+            )
             .and_then(|mut s| s.query_row([id], job_row).optional())
             .ctx("read job")?;
         let Some(job) = job else { return Ok(None) };
@@ -514,7 +523,7 @@ impl Store {
         {
             let mut stmt = conn
                 .prepare_cached(
-                    "SELECT id, method, cmd, timeout_secs, created_at, start_by FROM jobs
+                    "SELECT id, method, cmd, timeout_secs, created_at, start_by, cancelled_at FROM jobs
                      ORDER BY seq DESC LIMIT ?1 OFFSET ?2",
                 )
                 .ctx("list jobs")?;
@@ -538,19 +547,22 @@ impl Store {
         Ok((summaries, total as u64))
     }
 
-    /// Pending host jobs whose start deadline is still ahead, oldest first.
-    pub fn pending(&self, now_ms: i64) -> Result<Vec<PendingHostJob>, StoreError> {
+    /// Up to `limit` pending host jobs of jobs not cancelled whose start deadline is still
+    /// ahead, oldest first.
+    pub fn pending(&self, now_ms: i64, limit: usize) -> Result<Vec<PendingHostJob>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn
             .prepare_cached(
-                "SELECT j.id, j.method, j.cmd, j.timeout_secs, j.created_at, j.start_by, h.host
+                "SELECT j.id, j.method, j.cmd, j.timeout_secs, j.created_at, j.start_by, j.cancelled_at, h.host
                  FROM host_job h JOIN jobs j ON j.id = h.job_id
-                 WHERE h.state = 'pending' AND j.start_by > ?1
-                 ORDER BY j.seq, h.position",
+                 WHERE h.state = 'pending' AND j.start_by > ?1 AND j.cancelled_at IS NULL
+                 ORDER BY j.seq, h.position
+                 LIMIT ?2",
             )
             .ctx("list pending host jobs")?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = stmt
-            .query_map([now_ms], |row| Ok((job_row(row)?, row.get::<_, String>(6)?)))
+            .query_map(params![now_ms, limit], |row| Ok((job_row(row)?, row.get::<_, String>(7)?)))
             .ctx("list pending host jobs")?;
         let mut out = Vec::new();
         for row in rows {
@@ -593,18 +605,19 @@ impl Store {
     /// Records that a `pending` host job's envelope is on the queue: `ready`, with where it
     /// is. Returns false if the host job was no longer pending (revoked meanwhile).
     pub fn mark_queued(&self, job_id: &str, host: &str, queued: &QueueRef) -> Result<bool, StoreError> {
-        let n = self
-            .conn()
-            .prepare_cached(
-                "UPDATE host_job SET state = 'ready', queue_job_id = ?3, queue_instance = ?4, envelope_mac = ?5,
-                        updated_at = ?6
-                 WHERE job_id = ?1 AND host = ?2 AND state = 'pending'",
-            )
-            .and_then(|mut s| {
-                s.execute(params![job_id, host, queued.id as i64, queued.instance, queued.mac, unix_now_ms()])
-            })
-            .ctx("mark host job queued")?;
-        Ok(n > 0)
+        mark_queued(&self.conn(), job_id, host, queued)
+    }
+
+    /// [`Store::mark_queued`] for many host jobs, in one transaction (one sync to disk).
+    pub fn mark_queued_batch(&self, queued: &[(String, String, QueueRef)]) -> Result<Vec<bool>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().ctx("begin mark queued")?;
+        let marked = queued
+            .iter()
+            .map(|(job_id, host, queued)| mark_queued(&tx, job_id, host, queued))
+            .collect::<Result<Vec<bool>, StoreError>>()?;
+        tx.commit().ctx("commit mark queued")?;
+        Ok(marked)
     }
 
     /// Gives a `ready` host job its final answer if it is still `ready` under queue job
@@ -617,42 +630,111 @@ impl Store {
         to: HostState,
         outcome: &Outcome,
     ) -> Result<bool, StoreError> {
-        let n = self
-            .conn()
-            .prepare_cached(
-                "UPDATE host_job SET state = ?4, resp = ?5, retcode = ?6, message = ?7, data = ?8,
-                        truncated = ?9, updated_at = ?10, finished_at = ?10, encoding = ?11
-                 WHERE job_id = ?1 AND host = ?2 AND state = 'ready' AND queue_job_id = ?3",
-            )
-            .and_then(|mut s| {
-                s.execute(params![
-                    job_id,
-                    host,
-                    queue_id as i64,
-                    to.as_str(),
-                    outcome.resp.as_str(),
-                    outcome.retcode,
-                    outcome.message,
-                    outcome.data,
-                    outcome.truncated,
-                    unix_now_ms(),
-                    outcome.encoding.map(Encoding::as_str)
-                ])
-            })
-            .ctx("finish queued host job")?;
-        Ok(n > 0)
+        apply_queued(&self.conn(), job_id, host, queue_id, &QueuedChange::Finish(to, outcome.clone()))
     }
 
     /// Moves a `ready` host job under queue job `queue_id` to `reserved` (an agent has it).
     pub fn reserve_queued(&self, job_id: &str, host: &str, queue_id: u64) -> Result<bool, StoreError> {
+        apply_queued(&self.conn(), job_id, host, queue_id, &QueuedChange::Reserve)
+    }
+
+    /// Applies changes to `ready` host jobs of job `job_id`, each only if the host job is
+    /// still `ready` under the given queue job id, in one transaction. Returns which applied.
+    pub fn apply_queued_batch(
+        &self,
+        job_id: &str,
+        changes: &[(String, u64, QueuedChange)],
+    ) -> Result<Vec<bool>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().ctx("begin queued changes")?;
+        let applied = changes
+            .iter()
+            .map(|(host, queue_id, change)| apply_queued(&tx, job_id, host, *queue_id, change))
+            .collect::<Result<Vec<bool>, StoreError>>()?;
+        tx.commit().ctx("commit queued changes")?;
+        Ok(applied)
+    }
+
+    /// Cancels job `id` in one transaction: marks it cancelled, so the enqueuer puts none of
+    /// its envelopes any more, and gives every `pending` host job `revoked`. Host jobs already
+    /// on the queue are left to the caller. Returns false if there is no such job.
+    pub fn cancel_job(&self, id: &str, revoked: &Outcome) -> Result<bool, StoreError> {
+        let now = unix_now_ms();
+        let mut conn = self.conn();
+        let tx = conn.transaction().ctx("begin cancel job")?;
+        let found = tx
+            .prepare_cached("UPDATE jobs SET cancelled_at = COALESCE(cancelled_at, ?2) WHERE id = ?1")
+            .and_then(|mut s| s.execute(params![id, now]))
+            .ctx("cancel job")?;
+        if found == 0 {
+            return Ok(false);
+        }
+        tx.prepare_cached(
+            "UPDATE host_job SET state = 'revoked', resp = ?2, retcode = ?3, message = ?4, data = ?5,
+                    truncated = ?6, encoding = NULL, updated_at = ?7, finished_at = ?7
+             WHERE job_id = ?1 AND state = 'pending'",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                id,
+                revoked.resp.as_str(),
+                revoked.retcode,
+                revoked.message,
+                revoked.data,
+                revoked.truncated,
+                now
+            ])
+        })
+        .ctx("revoke pending host jobs")?;
+        tx.commit().ctx("commit cancel job")?;
+        Ok(true)
+    }
+
+    /// Whether job `id` was cancelled.
+    pub fn job_cancelled(&self, id: &str) -> Result<bool, StoreError> {
+        let cancelled: Option<Option<i64>> = self
+            .conn()
+            .prepare_cached("SELECT cancelled_at FROM jobs WHERE id = ?1")
+            .and_then(|mut s| s.query_row([id], |row| row.get(0)).optional())
+            .ctx("read job cancellation")?;
+        Ok(matches!(cancelled, Some(Some(_))))
+    }
+
+    /// The `ready` host jobs of job `id` and where their envelopes are.
+    pub fn ready_of_job(&self, id: &str) -> Result<Vec<(String, QueueRef)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT host, queue_job_id, queue_instance, envelope_mac FROM host_job
+                 WHERE job_id = ?1 AND state = 'ready' AND queue_job_id IS NOT NULL ORDER BY position",
+            )
+            .ctx("list ready host jobs")?;
+        let rows = stmt
+            .query_map([id], |row| Ok((row.get::<_, String>(0)?, queue_ref(row.get(1)?, row.get(2)?, row.get(3)?))))
+            .ctx("list ready host jobs")?;
+        let mut out = Vec::new();
+        for row in rows {
+            if let (host, Some(queued)) = row.ctx("list ready host jobs")? {
+                out.push((host, queued));
+            }
+        }
+        Ok(out)
+    }
+
+    /// A host job revoked while its envelope was being put, whose envelope an agent took
+    /// before it could be deleted: `reserved` under that envelope, so its result counts.
+    pub fn revoked_but_taken(&self, job_id: &str, host: &str, queued: &QueueRef) -> Result<bool, StoreError> {
         let n = self
             .conn()
             .prepare_cached(
-                "UPDATE host_job SET state = 'reserved', updated_at = ?4
-                 WHERE job_id = ?1 AND host = ?2 AND state = 'ready' AND queue_job_id = ?3",
+                "UPDATE host_job SET state = 'reserved', resp = NULL, retcode = NULL, message = NULL, data = NULL,
+                        finished_at = NULL, queue_job_id = ?3, queue_instance = ?4, envelope_mac = ?5, updated_at = ?6
+                 WHERE job_id = ?1 AND host = ?2 AND state = 'revoked'",
             )
-            .and_then(|mut s| s.execute(params![job_id, host, queue_id as i64, unix_now_ms()]))
-            .ctx("mark host job reserved")?;
+            .and_then(|mut s| {
+                s.execute(params![job_id, host, queued.id as i64, queued.instance, queued.mac, unix_now_ms()])
+            })
+            .ctx("reopen revoked host job")?;
         Ok(n > 0)
     }
 
@@ -662,7 +744,8 @@ impl Store {
         let conn = self.conn();
         let mut stmt = conn
             .prepare_cached(
-                "SELECT h.job_id, h.host, h.queue_job_id, h.queue_instance, h.envelope_mac, j.start_by
+                "SELECT h.job_id, h.host, h.queue_job_id, h.queue_instance, h.envelope_mac, j.start_by,
+                        j.cancelled_at IS NOT NULL
                  FROM host_job h JOIN jobs j ON j.id = h.job_id
                  WHERE h.state = 'ready' AND h.queue_job_id IS NOT NULL
                    AND (h.queue_instance IS NULL OR h.queue_instance != ?1)
@@ -676,14 +759,16 @@ impl Store {
                     row.get::<_, String>(1)?,
                     queue_ref(row.get(2)?, row.get(3)?, row.get(4)?),
                     row.get::<_, i64>(5)?,
+                    row.get::<_, bool>(6)?,
                 ))
             })
             .ctx("list ready host jobs of other queue instances")?;
         let mut out = Vec::new();
         for row in rows {
-            let (job_id, host, queued, start_by_ms) = row.ctx("list ready host jobs of other queue instances")?;
+            let (job_id, host, queued, start_by_ms, cancelled) =
+                row.ctx("list ready host jobs of other queue instances")?;
             if let Some(queued) = queued {
-                out.push(QueuedHostJob { job_id, host, queued, start_by_ms });
+                out.push(QueuedHostJob { job_id, host, queued, start_by_ms, cancelled });
             }
         }
         Ok(out)
@@ -827,6 +912,71 @@ impl Store {
     }
 }
 
+/// A change to a `ready` host job, applied only while it is still under the same queue
+/// job id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueuedChange {
+    /// Its final answer.
+    Finish(HostState, Outcome),
+    /// An agent has it.
+    Reserve,
+}
+
+fn mark_queued(conn: &Connection, job_id: &str, host: &str, queued: &QueueRef) -> Result<bool, StoreError> {
+    let n = conn
+        .prepare_cached(
+            "UPDATE host_job SET state = 'ready', queue_job_id = ?3, queue_instance = ?4, envelope_mac = ?5,
+                    updated_at = ?6
+             WHERE job_id = ?1 AND host = ?2 AND state = 'pending'",
+        )
+        .and_then(|mut s| {
+            s.execute(params![job_id, host, queued.id as i64, queued.instance, queued.mac, unix_now_ms()])
+        })
+        .ctx("mark host job queued")?;
+    Ok(n > 0)
+}
+
+fn apply_queued(
+    conn: &Connection,
+    job_id: &str,
+    host: &str,
+    queue_id: u64,
+    change: &QueuedChange,
+) -> Result<bool, StoreError> {
+    let n = match change {
+        QueuedChange::Finish(to, outcome) => conn
+            .prepare_cached(
+                "UPDATE host_job SET state = ?4, resp = ?5, retcode = ?6, message = ?7, data = ?8,
+                        truncated = ?9, updated_at = ?10, finished_at = ?10, encoding = ?11
+                 WHERE job_id = ?1 AND host = ?2 AND state = 'ready' AND queue_job_id = ?3",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    job_id,
+                    host,
+                    queue_id as i64,
+                    to.as_str(),
+                    outcome.resp.as_str(),
+                    outcome.retcode,
+                    outcome.message,
+                    outcome.data,
+                    outcome.truncated,
+                    unix_now_ms(),
+                    outcome.encoding.map(Encoding::as_str)
+                ])
+            })
+            .ctx("finish queued host job")?,
+        QueuedChange::Reserve => conn
+            .prepare_cached(
+                "UPDATE host_job SET state = 'reserved', updated_at = ?4
+                 WHERE job_id = ?1 AND host = ?2 AND state = 'ready' AND queue_job_id = ?3",
+            )
+            .and_then(|mut s| s.execute(params![job_id, host, queue_id as i64, unix_now_ms()]))
+            .ctx("mark host job reserved")?,
+    };
+    Ok(n > 0)
+}
+
 fn queue_ref(id: Option<i64>, instance: Option<String>, mac: Option<String>) -> Option<QueueRef> {
     id.map(|id| QueueRef { id: id as u64, instance, mac })
 }
@@ -854,8 +1004,8 @@ fn host_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<HostRecord> {
     Ok(HostRecord { id: row.get(0)?, hostname: row.get(1)?, registered_at_ms: row.get(2)?, last_seen_ms: row.get(3)? })
 }
 
-/// Reads a job row (columns id, method, cmd, timeout_secs, created_at, start_by). The
-/// inner result reports a method name this version does not know.
+/// Reads a job row (columns id, method, cmd, timeout_secs, created_at, start_by,
+/// cancelled_at). The inner result reports a method name this version does not know.
 fn job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<JobRecord, StoreError>> {
     let method: String = row.get(1)?;
     let Some(method) = Method::parse(&method) else {
@@ -868,6 +1018,7 @@ fn job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<JobRecord, StoreE
         timeout_secs: row.get(3)?,
         created_at_ms: row.get(4)?,
         start_by_ms: row.get(5)?,
+        cancelled_at_ms: row.get(6)?,
     }))
 }
 
@@ -1015,6 +1166,37 @@ mod tests {
         assert!(store.adopt("j", "a", 5, "newer").expect("adopt"));
         assert!(store.finish_queued("j", "a", 5, HostState::Revoked, &revoked).expect("finish"));
         assert!(store.job_is_final("j").expect("final"));
+    }
+
+    #[test]
+    fn cancel_revokes_pending_hosts_in_one_go_and_stops_the_enqueuer() {
+        let store = Store::open_in_memory().expect("open");
+        for host in ["a", "b", "c"] {
+            store.upsert_host(host, "").expect("register");
+        }
+        store.create_job(&new_job("j", &["a", "b", "c"]), i64::MAX).expect("create");
+        let place = QueueRef { id: 1, instance: Some("i".into()), mac: None };
+        assert!(store.mark_queued_batch(&[("j".into(), "a".into(), place.clone())]).expect("mark")[0]);
+        assert_eq!(store.pending(0, 10).expect("pending").len(), 2);
+        let revoked = Outcome::failed(Code::Revoked, "r");
+        assert!(store.cancel_job("j", &revoked).expect("cancel"));
+        assert!(!store.cancel_job("nope", &revoked).expect("cancel unknown"));
+        assert!(store.job_cancelled("j").expect("cancelled"));
+        assert!(store.pending(0, 10).expect("pending").is_empty());
+        let (job, hosts) = store.job("j").expect("read").expect("exists");
+        assert!(job.cancelled_at_ms.is_some());
+        let states: Vec<HostState> = hosts.iter().map(|h| h.state).collect();
+        assert_eq!(states, [HostState::Ready, HostState::Revoked, HostState::Revoked]);
+        assert_eq!(store.ready_of_job("j").expect("ready"), [("a".to_string(), place)]);
+        // Revoked while being put, then found taken by an agent: reserved again.
+        assert!(store.revoked_but_taken("j", "b", &QueueRef { id: 2, instance: None, mac: None }).expect("reopen"));
+        let applied = store
+            .apply_queued_batch("j", &[("a".into(), 1, QueuedChange::Reserve), ("c".into(), 3, QueuedChange::Reserve)])
+            .expect("apply");
+        assert_eq!(applied, [true, false]);
+        let (_, hosts) = store.job("j").expect("read").expect("exists");
+        let states: Vec<HostState> = hosts.iter().map(|h| h.state).collect();
+        assert_eq!(states, [HostState::Reserved, HostState::Reserved, HostState::Revoked]);
     }
 
     #[test]

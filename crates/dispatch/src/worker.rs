@@ -6,17 +6,20 @@
 //! a restart lose nothing: the enqueuer picks up what was pending, the consumer drains
 //! results that waited in the reply tube while the dispatcher was down.
 
-use crate::store::{HostState, Outcome, QueueRef, StoreError};
+use crate::store::{HostState, Outcome, PendingHostJob, QueueRef, StoreError};
 use crate::Dispatcher;
 use polaris_ops_wire::codes::Code;
 use polaris_ops_wire::wire::{self, host_tube, unix_now_ms, HostResult, JobEnvelope};
 use polaris_proto::client::{self, Client};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+/// Host jobs the enqueuer puts before recording them `ready` in one transaction.
+const ENQUEUE_BATCH: usize = 100;
 /// How often the enqueuer looks for pending and overdue host jobs when nobody wakes it.
 const ENQUEUER_TICK: Duration = Duration::from_millis(500);
 /// Extra TTR on top of the job's timeout; the agent also touches long jobs.
@@ -125,11 +128,14 @@ fn check_queue_instance(dispatcher: &Dispatcher, checked: &mut Option<String>) -
             // the old reading: an agent may have taken them; the sweeper decides.
             Some(Found::Gone) if queued.instance.is_none() => {}
             Some(Found::Gone | Found::Stranger) => {
-                log::warn!(
-                    "job {job_id} host {host}: queue job {} was lost when the queue restarted; queueing it again",
-                    queued.id
-                );
-                if row.start_by_ms > unix_now_ms() {
+                log::warn!("job {job_id} host {host}: queue job {} was lost when the queue restarted", queued.id);
+                if row.cancelled {
+                    let outcome =
+                        Outcome::failed(Code::Revoked, format!("Revoked; {}", LOST_BEFORE_TAKEN.to_lowercase()));
+                    if dispatcher.store.finish_queued(job_id, host, queued.id, HostState::Revoked, &outcome)? {
+                        dispatcher.waiters.notify(job_id);
+                    }
+                } else if row.start_by_ms > unix_now_ms() {
                     dispatcher.store.requeue(job_id, host, queued.id)?;
                 } else {
                     let outcome = Outcome::failed(Code::HostNoAnswer, LOST_BEFORE_TAKEN);
@@ -150,67 +156,121 @@ fn check_queue_instance(dispatcher: &Dispatcher, checked: &mut Option<String>) -
 /// The message of a host job whose envelope the queue lost before any agent took it.
 const LOST_BEFORE_TAKEN: &str = "The queue lost the job (it restarted) before the host's agent took it";
 
-/// Puts every pending host job whose deadline is ahead on its host's tube.
+/// Puts every pending host job whose deadline is ahead on its host's tube, in batches:
+/// each batch's envelopes are put one by one, then recorded `ready` in one transaction
+/// (one sync to disk per batch, not per host). Before each put the enqueuer makes sure the
+/// job was not cancelled meanwhile, so a cancel stops it after at most the put in flight.
 fn enqueue_pending(dispatcher: &Dispatcher) -> Result<(), StepError> {
-    for pending in dispatcher.store.pending(unix_now_ms())? {
-        let job = &pending.job;
-        let envelope = JobEnvelope {
-            v: 1,
-            job_id: job.id.clone(),
-            host: pending.host.clone(),
-            method: job.method,
-            cmd: job.cmd.clone(),
-            timeout: job.timeout_secs,
-            reply_tube: dispatcher.reply_tube.clone(),
-            issued_at: wire::unix_now(),
-            expires_at: u64::try_from(job.start_by_ms / 1000).unwrap_or(0),
-            kill_grace_ms: Some(u64::try_from(dispatcher.kill_grace.as_millis()).unwrap_or(u64::MAX)),
-        };
-        let payload = serde_json::to_vec(&envelope).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let body = wire::sign(&dispatcher.secret, &payload);
-        let mac = wire::signature_of(&body).map(str::to_string);
-        let priority = if job.method.is_sync() { SYNC_PRIORITY } else { ASYNC_PRIORITY };
-        let kill_grace_secs = u32::try_from(dispatcher.kill_grace.as_millis().div_ceil(1000)).unwrap_or(u32::MAX);
-        let ttr = job.timeout_secs.saturating_add(kill_grace_secs).saturating_add(TTR_MARGIN_SECS);
-        let tube = host_tube(&pending.host);
-        // On polarisd the job also carries a TTL up to its start deadline, so
-        // the queue itself drops it if no agent takes it in time.
-        let left_ms = (job.start_by_ms - wire::unix_now_ms()).max(1000);
-        let ttl = u32::try_from((left_ms + 999) / 1000).unwrap_or(u32::MAX);
-        let put = dispatcher.queue.with_conn(|c, info| {
-            c.use_tube(&tube)?;
-            let id = if info.extensions {
-                c.put_with_ttl(priority, 0, ttr, ttl, &body)
-            } else {
-                c.put(priority, 0, ttr, &body)
-            }?;
-            Ok(QueueRef { id, instance: Some(info.instance.clone()), mac: mac.clone() })
-        });
-        match put {
-            Ok(queued) => {
-                if !dispatcher.store.mark_queued(&job.id, &pending.host, &queued)? {
-                    // Revoked while we were putting it: take it back off the queue.
-                    log::info!(
-                        "job {} host {}: revoked during enqueue, deleting queue job {}",
-                        job.id,
-                        pending.host,
-                        queued.id
-                    );
-                    delete_if_ours(dispatcher, &queued, &job.id, &pending.host)?;
+    loop {
+        let batch = dispatcher.store.pending(unix_now_ms(), ENQUEUE_BATCH)?;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut cancellations = dispatcher.cancellations.load(Ordering::SeqCst);
+        // Jobs of this batch known to be live or cancelled since `cancellations` was read.
+        let mut live: HashSet<String> = HashSet::new();
+        let mut cancelled: HashSet<String> = HashSet::new();
+        let mut queued: Vec<(String, String, QueueRef)> = Vec::with_capacity(batch.len());
+        let mut failure = None;
+        for pending in &batch {
+            let job = &pending.job;
+            let now = dispatcher.cancellations.load(Ordering::SeqCst);
+            if now != cancellations {
+                cancellations = now;
+                live.clear();
+            }
+            if cancelled.contains(&job.id) {
+                continue;
+            }
+            if !live.contains(&job.id) {
+                if dispatcher.store.job_cancelled(&job.id)? {
+                    log::info!("job {}: cancelled, its remaining envelopes are not put", job.id);
+                    cancelled.insert(job.id.clone());
+                    continue;
                 }
-                log::debug!("job {} host {}: queued as {}", job.id, pending.host, queued.id);
+                live.insert(job.id.clone());
             }
-            Err(client::Error::JobTooBig) => {
-                let outcome = Outcome::failed(
-                    Code::EnvelopeTooBig,
-                    format!("The signed job ({} bytes) is larger than the queue's max job size", body.len()),
-                );
-                finish(dispatcher, &job.id, &pending.host, HostState::Pending, HostState::Failed, &outcome)?;
+            match put_envelope(dispatcher, pending) {
+                Ok(Some(place)) => queued.push((job.id.clone(), pending.host.clone(), place)),
+                Ok(None) => {}
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
             }
-            Err(e) => return Err(e.into()),
+        }
+        // What was put is recorded even when a later put failed.
+        let marked = dispatcher.store.mark_queued_batch(&queued)?;
+        for ((job_id, host, place), marked) in queued.iter().zip(marked) {
+            if marked {
+                log::debug!("job {job_id} host {host}: queued as {}", place.id);
+                continue;
+            }
+            // Revoked while we were putting it: take it back off the queue.
+            log::info!("job {job_id} host {host}: revoked during enqueue, deleting queue job {}", place.id);
+            if delete_if_ours(dispatcher, place, job_id, host)? == TakeBack::Taken {
+                // Too late: an agent has it. Say so, so its result is recorded.
+                log::warn!("job {job_id} host {host}: an agent took queue job {} before it was revoked", place.id);
+                dispatcher.store.revoked_but_taken(job_id, host, place)?;
+            }
+        }
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        if batch.len() < ENQUEUE_BATCH {
+            return Ok(());
         }
     }
-    Ok(())
+}
+
+/// Puts one host job's envelope on its tube; `None` if it was refused as too big (and so
+/// recorded as failed).
+fn put_envelope(dispatcher: &Dispatcher, pending: &PendingHostJob) -> Result<Option<QueueRef>, StepError> {
+    let job = &pending.job;
+    let envelope = JobEnvelope {
+        v: 1,
+        job_id: job.id.clone(),
+        host: pending.host.clone(),
+        method: job.method,
+        cmd: job.cmd.clone(),
+        timeout: job.timeout_secs,
+        reply_tube: dispatcher.reply_tube.clone(),
+        issued_at: wire::unix_now(),
+        expires_at: u64::try_from(job.start_by_ms / 1000).unwrap_or(0),
+        kill_grace_ms: Some(u64::try_from(dispatcher.kill_grace.as_millis()).unwrap_or(u64::MAX)),
+    };
+    let payload = serde_json::to_vec(&envelope).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let body = wire::sign(&dispatcher.secret, &payload);
+    let mac = wire::signature_of(&body).map(str::to_string);
+    let priority = if job.method.is_sync() { SYNC_PRIORITY } else { ASYNC_PRIORITY };
+    let kill_grace_secs = u32::try_from(dispatcher.kill_grace.as_millis().div_ceil(1000)).unwrap_or(u32::MAX);
+    let ttr = job.timeout_secs.saturating_add(kill_grace_secs).saturating_add(TTR_MARGIN_SECS);
+    let tube = host_tube(&pending.host);
+    // On polarisd the job also carries a TTL up to its start deadline, so
+    // the queue itself drops it if no agent takes it in time.
+    let left_ms = (job.start_by_ms - wire::unix_now_ms()).max(1000);
+    let ttl = u32::try_from((left_ms + 999) / 1000).unwrap_or(u32::MAX);
+    let put = dispatcher.queue.with_conn(|c, info| {
+        c.use_tube(&tube)?;
+        let id = if info.extensions {
+            c.put_with_ttl(priority, 0, ttr, ttl, &body)
+        } else {
+            c.put(priority, 0, ttr, &body)
+        }?;
+        Ok(QueueRef { id, instance: Some(info.instance.clone()), mac: mac.clone() })
+    });
+    match put {
+        Ok(place) => Ok(Some(place)),
+        Err(client::Error::JobTooBig) => {
+            let outcome = Outcome::failed(
+                Code::EnvelopeTooBig,
+                format!("The signed job ({} bytes) is larger than the queue's max job size", body.len()),
+            );
+            finish(dispatcher, &job.id, &pending.host, HostState::Pending, HostState::Failed, &outcome)?;
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Marks host jobs past their deadline as expired; a ready one is first taken off the queue
@@ -336,7 +396,7 @@ pub(crate) fn delete_if_ours(
 /// agent has it (or has answered and the result is on its way), it becomes `reserved` and
 /// waits for its result. Returns the state afterwards, or `None` if the row changed
 /// meanwhile (queued again, answered) and nothing was written.
-pub(crate) fn take_back(
+fn take_back(
     dispatcher: &Dispatcher,
     job_id: &str,
     host: &str,

@@ -852,6 +852,90 @@ fn queue_restart_never_lets_the_dispatcher_delete_a_strangers_job() {
     assert!(matches!(stats, Ok(Some(0)) | Err(client::Error::NotFound)), "{stats:?}");
 }
 
+impl QueueGate {
+    /// Whether traffic is held now.
+    fn holding(&self) -> bool {
+        *self.shared.lock() == Some(0)
+    }
+}
+
+/// Cancelling a job of thousands of hosts while the enqueuer is still putting its
+/// envelopes: the job's pending hosts are revoked in the database at once, before any
+/// queue round trip, so other calls see it while the queue is still held (and the
+/// revocations of the envelopes already put cannot finish); the enqueuer stops putting;
+/// afterwards nothing of the job is left on the queue.
+#[test]
+fn cancelling_a_large_job_mid_enqueue_revokes_at_once_without_blocking_others() {
+    const HOSTS: usize = 2000;
+    const LET_THROUGH: usize = 250;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let queue = start_queue(BIG_JOB_SIZE);
+    let gate = QueueGate::start(&queue.addr);
+    let dispatch = start_dispatcher(&gate.addr, &dir.path().join("data"), &[]);
+    let url = |path: &str| format!("{}{path}", dispatch.url);
+    let hosts: Vec<String> = (0..HOSTS).map(|i| format!("fake-{i:04}")).collect();
+    for host in &hosts {
+        let (status, body) = post(&url("/v1/hosts"), &json!({"id": host}));
+        assert_eq!(status, 201, "{body}");
+    }
+    gate.let_through_puts(LET_THROUGH);
+    let (status, body) =
+        post(&url("/v1/jobs"), &json!({"hosts": hosts, "method": "async.bash", "cmd": "echo never", "timeout": 600}));
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_str().expect("id").to_string();
+    wait_until(Duration::from_secs(30), "the enqueuer held after its first puts", || gate.holding());
+    let list_url = url("/v1/jobs?limit=1");
+    let count = |page: &Value, state: &str| page["jobs"][0]["states"][state].as_u64().unwrap_or(0);
+    // The enqueuer records what it put in batches smaller than LET_THROUGH, so some host
+    // jobs are `ready` on the queue now: the cancel must take those back through the queue.
+    wait_until(Duration::from_secs(10), "some host jobs recorded as ready", || count(&get(&list_url).1, "ready") > 0);
+
+    let job_url = url(&format!("/v1/jobs/{id}"));
+    let deleter = {
+        let job_url = job_url.clone();
+        std::thread::spawn(move || request("DELETE", &job_url, None, None))
+    };
+    // While the queue is held, other calls answer and already see the job's pending hosts
+    // revoked.
+    wait_until(Duration::from_secs(20), "pending hosts revoked while the queue is held", || {
+        let (status, page) = get(&list_url);
+        assert_eq!(status, 200, "{page}");
+        count(&page, "revoked") >= (HOSTS - LET_THROUGH) as u64
+    });
+    // This GET answered before the revocations finished: those need the held queue.
+    assert!(count(&get(&list_url).1, "ready") > 0);
+    assert!(!deleter.is_finished(), "the DELETE took back envelopes without the queue");
+    let (status, host) = get(&url("/v1/hosts/fake-0001"));
+    assert_eq!(status, 200, "{host}");
+    assert!(gate.holding(), "nothing opened the gate");
+    gate.open();
+
+    let (status, reply) = deleter.join().expect("the DELETE thread");
+    assert_eq!(status, 200, "{reply}");
+    let states = reply["hosts"].as_array().expect("hosts");
+    assert_eq!(states.len(), HOSTS);
+    assert!(states.iter().all(|h| h["state"] == "revoked"), "{reply}");
+    let mut direct = queue_client(&queue);
+    wait_until(Duration::from_secs(20), "nothing of the job left on the queue", || {
+        let stats = direct.stats().expect("stats");
+        ["current-jobs-ready", "current-jobs-delayed", "current-jobs-reserved", "current-jobs-buried"]
+            .iter()
+            .all(|k| stats.get_u64(k) == Some(0))
+    });
+    // One put may have been in flight when the cancel came; no more followed it.
+    let puts = direct.stats().expect("stats").get_u64("cmd-put").expect("cmd-put");
+    assert!(puts <= (LET_THROUGH + 1) as u64, "the enqueuer kept putting after the cancel: {puts} puts");
+    let (status, job) = get(&job_url);
+    assert_eq!(status, 200);
+    assert_eq!(job["done"], true);
+    assert!(
+        job["cancelled_at_ms"].as_i64().is_some_and(|ms| ms >= job["created_at_ms"].as_i64().unwrap_or(i64::MAX)),
+        "{}",
+        job["cancelled_at_ms"]
+    );
+    assert!(job["hosts"].as_array().expect("hosts").iter().all(|h| h["retcode"] == code(Code::Revoked)), "{job}");
+}
+
 /// Every error, also for paths, methods and query parameters the API does not have, is
 /// answered in the documented JSON shape with a code.
 #[test]
