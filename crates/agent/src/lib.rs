@@ -28,7 +28,7 @@ mod sys;
 use anyhow::Context as _;
 use exec::{ExecLimits, Termination, Tick};
 use polaris_ops_wire::codes::Code;
-use polaris_ops_wire::wire::{self, host_tube, HostResult, JobEnvelope, Method, Resp, Secret};
+use polaris_ops_wire::wire::{self, host_tube, Encoding, HostResult, JobEnvelope, Method, OutputData, Resp, Secret};
 use polaris_proto::client::{self, Client};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -317,6 +317,7 @@ impl Agent {
             retcode: u32::from(code.value()),
             message,
             data: String::new(),
+            encoding: None,
             truncated: false,
             output_bytes: 0,
         };
@@ -337,7 +338,7 @@ impl Agent {
         let mut drain_deadline: Option<Instant> = None;
         let limits = ExecLimits {
             timeout: Duration::from_secs(u64::from(envelope.timeout)),
-            kill_grace: self.config.kill_grace,
+            kill_grace: kill_grace(self.config.kill_grace, envelope),
             max_output: exec::MAX_OUTPUT_BYTES,
         };
         let outcome = exec::run_bash(&envelope.cmd, &limits, || {
@@ -367,6 +368,7 @@ impl Agent {
             retcode: 0,
             message: String::new(),
             data: String::new(),
+            encoding: None,
             truncated: false,
             output_bytes: 0,
         };
@@ -397,22 +399,30 @@ impl Agent {
                 ),
             ),
         };
+        // The bytes as printed: text when they are UTF-8, else base64 (never U+FFFD).
+        let output = OutputData::new(&outcome.output, outcome.truncated);
         if outcome.truncated {
-            message.push_str(&format!(
-                "; output truncated to {} of {} bytes",
-                outcome.output.len(),
-                outcome.output_bytes
-            ));
+            message.push_str(&format!("; output truncated to {} of {} bytes", output.kept, outcome.output_bytes));
         }
         Some(HostResult {
             resp,
             retcode,
             message,
-            data: String::from_utf8_lossy(&outcome.output).into_owned(),
+            data: output.data,
+            encoding: output.encoding,
             truncated: outcome.truncated,
             output_bytes: outcome.output_bytes,
             ..base
         })
+    }
+}
+
+/// The SIGTERM → SIGKILL delay for `envelope`: the agent's own setting, but never more
+/// than the dispatcher sized its waits for, so the kill path reports in time.
+fn kill_grace(own: Duration, envelope: &JobEnvelope) -> Duration {
+    match envelope.kill_grace_ms {
+        Some(ms) => own.min(Duration::from_millis(ms)),
+        None => own,
     }
 }
 
@@ -433,6 +443,7 @@ fn query_result(envelope: &JobEnvelope) -> HostResult {
         retcode,
         message,
         data,
+        encoding: None,
         truncated: false,
         output_bytes,
     }
@@ -503,15 +514,20 @@ pub fn put_result(
         let escaped_data: usize = result.data.chars().map(json_escaped_len).sum();
         let others = body.len() - escaped_data;
         let budget = limit.saturating_sub(others + 120);
-        let mut kept = prefix_within(&result.data, budget).len();
+        let base64 = result.encoding == Some(Encoding::Base64);
+        // Base64 is cut at whole 4-character groups, so what is left still decodes to
+        // exactly the first bytes of the output.
+        let whole = |n: usize| if base64 { n / 4 * 4 } else { n };
+        let mut kept = whole(prefix_within(&result.data, budget).len());
         if kept == result.data.len() {
             // Only the message grew; make sure every round still shrinks the data.
-            kept = prefix_within(&result.data, escaped_data / 2).len();
+            kept = whole(prefix_within(&result.data, escaped_data / 2).len());
         }
         result.data.truncate(kept);
+        let kept_bytes = if base64 { kept / 4 * 3 } else { kept };
         result.truncated = true;
         result.message = format!(
-            "{original_message}; output cut to {kept} of {} bytes to fit the queue's max job size",
+            "{original_message}; output cut to {kept_bytes} of {} bytes to fit the queue's max job size",
             result.output_bytes
         );
     }
@@ -520,6 +536,28 @@ pub fn put_result(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_envelope_caps_the_kill_grace() {
+        let mut envelope = JobEnvelope {
+            v: 1,
+            job_id: "j".into(),
+            host: "h".into(),
+            method: Method::SyncBash,
+            cmd: "true".into(),
+            timeout: 1,
+            reply_tube: "r".into(),
+            issued_at: 0,
+            expires_at: 0,
+            kill_grace_ms: None,
+        };
+        let own = Duration::from_secs(5);
+        assert_eq!(kill_grace(own, &envelope), own);
+        envelope.kill_grace_ms = Some(2000);
+        assert_eq!(kill_grace(own, &envelope), Duration::from_secs(2));
+        envelope.kill_grace_ms = Some(9000);
+        assert_eq!(kill_grace(own, &envelope), own);
+    }
 
     #[test]
     fn escaped_lengths_match_serde_json() {

@@ -3,8 +3,8 @@
 use crate::auth::TokenPolicy;
 use crate::error::ApiError;
 use crate::request::{parse_host_registration, parse_job_request};
-use crate::store::{HostJobRecord, HostState, NewJob, Outcome};
-use crate::worker::{self, StepError};
+use crate::store::{HostJobRecord, HostState, NewJob, Outcome, QueueRef, QueuedChange};
+use crate::worker::{self, TakeBack};
 use crate::Dispatcher;
 use anyhow::Context as _;
 use axum::body::Bytes;
@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use polaris_ops_wire::codes::Code;
-use polaris_ops_wire::wire::{unix_now_ms, Resp};
+use polaris_ops_wire::wire::{unix_now_ms, Encoding, Resp};
 use serde::Serialize;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -34,17 +34,99 @@ pub const MAX_PAGE_SIZE: u32 = 500;
 /// Most `stats-job` lookups one `GET /v1/jobs/{id}` makes to tell `reserved` from `ready`.
 pub const MAX_LIVE_LOOKUPS: usize = 200;
 
-/// The API's routes.
+/// The API's routes. Whatever no route answers gets the documented error shape too: an
+/// unknown path `0x050B`, a known path with another method `0x050C` (with `Allow`), and
+/// a query parameter the endpoint does not take `0x0508` (see [`QUERY_PARAMETERS`]; a
+/// route without an entry there takes none, so a new route cannot forget to refuse them).
 pub fn router(dispatcher: AppState) -> Router {
     Router::new()
         .route("/v1/jobs", post(post_job).get(list_jobs))
         .route("/v1/jobs/:id", get(get_job).delete(revoke_job))
         .route("/v1/hosts", post(register_host).get(list_hosts))
         .route("/v1/hosts/:id", get(get_host).delete(delete_host))
-        .fallback(not_found)
+        // Applies to the routes above (so it must stay below them).
+        .route_layer(axum::middleware::from_fn(refuse_unknown_query_parameters))
+        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(no_such_endpoint)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(dispatcher.clone(), allow_client))
         .with_state(dispatcher)
+}
+
+/// The query parameters each endpoint takes, by method and route. Every other parameter
+/// is refused with `0x0508`, as unknown body fields are.
+pub const QUERY_PARAMETERS: &[(&str, &str, &[&str])] = &[("GET", "/v1/jobs", &["limit", "offset"])];
+
+/// Refuses query parameters the matched endpoint does not take, and parameters given twice.
+async fn refuse_unknown_query_parameters(
+    matched: axum::extract::MatchedPath,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let allowed = QUERY_PARAMETERS
+        .iter()
+        .find(|(method, path, _)| *method == request.method().as_str() && *path == matched.as_str())
+        .map_or(&[][..], |(_, _, names)| *names);
+    if let Err(e) = check_query(request.uri(), allowed) {
+        return e.into_response();
+    }
+    next.run(request).await
+}
+
+fn check_query(uri: &axum::http::Uri, allowed: &[&str]) -> Result<(), ApiError> {
+    if uri.query().is_none() {
+        return Ok(());
+    }
+    let Query(pairs) = Query::<Vec<(String, String)>>::try_from_uri(uri)
+        .map_err(|e| ApiError::general(Code::InvalidValue, format!("cannot read the query string: {e}")))?;
+    let mut seen: Vec<&str> = Vec::new();
+    for (name, _) in &pairs {
+        if !allowed.contains(&name.as_str()) {
+            let known = if allowed.is_empty() {
+                "this endpoint takes no query parameters".to_string()
+            } else {
+                format!("known parameters are {}", allowed.join(", "))
+            };
+            return Err(ApiError::field(
+                Code::UnknownField,
+                name.clone(),
+                format!("unknown query parameter {name:?}; {known}"),
+            ));
+        }
+        if seen.contains(&name.as_str()) {
+            return Err(ApiError::field(
+                Code::InvalidValue,
+                name.clone(),
+                format!("query parameter {name:?} is given twice"),
+            ));
+        }
+        seen.push(name);
+    }
+    Ok(())
+}
+
+async fn no_such_endpoint(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::general(Code::NoSuchEndpoint, format!("no such endpoint: {method} {}", uri.path()))
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::general(Code::MethodNotAllowed, format!("{} does not take {method} (see the Allow header)", uri.path()))
+}
+
+/// The `{id}` of a route, refused in the documented shape when it cannot be read (e.g.
+/// percent-encoded bytes that are not UTF-8).
+struct IdParam(String);
+
+#[axum::async_trait]
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for IdParam {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(id)| IdParam(id))
+            .map_err(|e| ApiError::field(Code::InvalidValue, "id", format!("cannot read the id in the path: {e}")))
+    }
 }
 
 /// Refuses clients outside `--allow-client` before anything else looks at the
@@ -175,7 +257,9 @@ async fn post_job(
         return Ok((StatusCode::ACCEPTED, Json(json!({ "id": job_id }))).into_response());
     }
 
-    let deadline = tokio::time::Instant::now() + timeout + dispatcher.sync_grace;
+    // The agent may take the kill grace past the timeout to kill a command that ignores
+    // SIGTERM; its result then still needs a moment to arrive (the sync grace).
+    let deadline = tokio::time::Instant::now() + timeout + dispatcher.kill_grace + dispatcher.sync_grace;
     loop {
         let notified = notify.notified();
         tokio::pin!(notified);
@@ -207,12 +291,15 @@ async fn post_job(
                     format!("No answer within {}s (state: {})", job.timeout_secs, h.state.as_str()),
                 )
             });
+            let (data, encoding, data_base64) = split_data(outcome.data, outcome.encoding);
             SyncHostReply {
                 host: h.host,
                 resp: outcome.resp,
                 retcode: outcome.retcode,
                 message: outcome.message,
-                data: outcome.data,
+                data,
+                encoding,
+                data_base64,
             }
         })
         .collect();
@@ -233,6 +320,21 @@ struct SyncHostReply {
     retcode: u32,
     message: String,
     data: String,
+    /// Only for output that is not UTF-8: `base64`, and the exact bytes in `data_base64`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    encoding: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_base64: Option<String>,
+}
+
+/// Stored data as the API shows it: text in `data`; bytes that are not UTF-8 in
+/// `data_base64` with `encoding`, and `data` empty, so no client mistakes base64 (or
+/// mangled bytes) for the output text.
+fn split_data<T: Default>(data: T, encoding: Option<Encoding>) -> (T, Option<&'static str>, Option<T>) {
+    match encoding {
+        None => (data, None, None),
+        Some(encoding) => (T::default(), Some(encoding.as_str()), Some(data)),
+    }
 }
 
 /// One host in `GET /v1/jobs/{id}`.
@@ -244,6 +346,10 @@ struct HostStatus<'a> {
     retcode: Option<u32>,
     message: Option<&'a str>,
     data: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    encoding: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_base64: Option<&'a str>,
     truncated: Option<bool>,
     updated_at_ms: i64,
 }
@@ -255,19 +361,29 @@ struct JobStatus<'a> {
     cmd: &'a str,
     timeout: u32,
     created_at_ms: i64,
+    cancelled_at_ms: Option<i64>,
     done: bool,
     hosts: Vec<HostStatus<'a>>,
 }
 
 fn host_status(h: &HostJobRecord, state: HostState) -> HostStatus<'_> {
     let outcome = h.outcome.as_ref();
+    let (data, encoding, data_base64) = match outcome {
+        Some(o) => {
+            let (data, encoding, base64) = split_data(o.data.as_str(), o.encoding);
+            (Some(data), encoding, base64)
+        }
+        None => (None, None, None),
+    };
     HostStatus {
         host: &h.host,
         state: state.as_str(),
         resp: outcome.map(|o| o.resp),
         retcode: outcome.map(|o| o.retcode),
         message: outcome.map(|o| o.message.as_str()),
-        data: outcome.map(|o| o.data.as_str()),
+        data,
+        encoding,
+        data_base64,
         truncated: outcome.map(|o| o.truncated),
         updated_at_ms: h.updated_at_ms,
     }
@@ -276,7 +392,7 @@ fn host_status(h: &HostJobRecord, state: HostState) -> HostStatus<'_> {
 async fn get_job(
     State(dispatcher): State<AppState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    IdParam(id): IdParam,
 ) -> Result<Response, ApiError> {
     authenticate(&dispatcher, &headers)?;
     let d = dispatcher.clone();
@@ -288,12 +404,20 @@ async fn get_job(
         let mut lookups = 0;
         let states: Vec<HostState> = hosts
             .iter()
-            .map(|h| match (h.state, h.queue_job_id) {
-                (HostState::Ready, Some(queue_id)) if lookups < MAX_LIVE_LOOKUPS => {
+            .map(|h| match (h.state, &h.queued) {
+                (HostState::Ready, Some(queued)) if lookups < MAX_LIVE_LOOKUPS => {
                     lookups += 1;
-                    match d.queue.with(|c| c.stats_job(queue_id)) {
-                        Ok(stats) if stats.get("state") == Some("reserved") => HostState::Reserved,
-                        _ => HostState::Ready,
+                    // The id means our job only on the queue instance that issued it.
+                    let reserved = d.queue.with_conn(|c, info| {
+                        if queued.instance.as_deref() != Some(info.instance.as_str()) {
+                            return Ok(false);
+                        }
+                        Ok(c.stats_job(queued.id)?.get("state") == Some("reserved"))
+                    });
+                    if matches!(reserved, Ok(true)) {
+                        HostState::Reserved
+                    } else {
+                        HostState::Ready
                     }
                 }
                 (state, _) => state,
@@ -309,6 +433,7 @@ async fn get_job(
         cmd: &job.cmd,
         timeout: job.timeout_secs,
         created_at_ms: job.created_at_ms,
+        cancelled_at_ms: job.cancelled_at_ms,
         done: hosts.iter().all(|h| h.state.is_final()),
         hosts: hosts.iter().zip(states).map(|(h, s)| host_status(h, s)).collect(),
     };
@@ -351,6 +476,7 @@ async fn list_jobs(
                 "cmd": s.job.cmd,
                 "timeout": s.job.timeout_secs,
                 "created_at_ms": s.job.created_at_ms,
+                "cancelled_at_ms": s.job.cancelled_at_ms,
                 "hosts": hosts,
                 "states": states,
             })
@@ -366,54 +492,93 @@ async fn list_jobs(
     })))
 }
 
-/// `DELETE /v1/jobs/{id}`: revokes every host job the agents have not taken yet.
+/// Host jobs already on the queue that one blocking task of `DELETE /v1/jobs/{id}` takes
+/// back before it records them in one transaction and gives the runtime back.
+pub const REVOKE_BATCH: usize = 100;
+
+/// `DELETE /v1/jobs/{id}`: cancels the job and revokes every host job the agents have not
+/// taken yet.
+///
+/// First one transaction marks the job cancelled and revokes all its `pending` host jobs,
+/// so the enqueuer puts none of its envelopes any more and every other call sees that at
+/// once. Then the envelopes already on the queue are taken back in batches of
+/// [`REVOKE_BATCH`], each a blocking task that holds no lock during its queue round trips
+/// and records its batch in one transaction; other requests are served in between.
 async fn revoke_job(
     State(dispatcher): State<AppState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    IdParam(id): IdParam,
 ) -> Result<Json<Value>, ApiError> {
     authenticate(&dispatcher, &headers)?;
-    let d = dispatcher.clone();
-    let result = blocking(move || {
-        let Some((_, hosts)) = d.store.job(&id)? else { return Ok(None) };
-        let revoked = Outcome::failed(Code::Revoked, "Revoked before the agent took it");
-        let mut entries = Vec::with_capacity(hosts.len());
-        for h in &hosts {
-            let (mut state, mut queue_id) = (h.state, h.queue_job_id);
-            if state == HostState::Pending {
-                if d.store.finish(&id, &h.host, HostState::Pending, HostState::Revoked, &revoked)? {
-                    state = HostState::Revoked;
-                } else {
-                    // The enqueuer queued it meanwhile: revoke it from the queue instead.
-                    (state, queue_id) = current_state(&d, &id, &h.host)?;
-                }
+    let queued = {
+        let (d, id) = (dispatcher.clone(), id.clone());
+        blocking(move || {
+            if !d.store.cancel_job(&id, &revoked_outcome())? {
+                return Ok(None);
             }
-            if state == HostState::Ready {
-                state = match worker::take_back(&d, &id, &h.host, queue_id, HostState::Revoked, &revoked) {
-                    Ok(state) => state,
-                    Err(StepError::Store(e)) => return Err(e.into()),
-                    Err(StepError::Queue(e)) => {
-                        log::warn!("revoke job {id} host {}: queue unavailable: {e}", h.host);
-                        HostState::Ready
-                    }
-                };
-            }
-            entries.push(json!({ "host": h.host, "state": state.as_str() }));
+            d.cancellations.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            d.waiters.notify(&id);
+            log::info!("job {id}: cancelled");
+            Ok(Some(d.store.ready_of_job(&id)?))
+        })
+        .await?
+        .ok_or_else(|| ApiError::general(Code::NoSuchJob, "no job with this id"))?
+    };
+    for batch in queued.chunks(REVOKE_BATCH) {
+        let (d, id, batch) = (dispatcher.clone(), id.clone(), batch.to_vec());
+        let reachable = blocking(move || revoke_queued(&d, &id, &batch)).await?;
+        if !reachable {
+            break; // the queue is down: the rest stay `ready` (and expire at their deadline)
         }
+    }
+    let d = dispatcher.clone();
+    blocking(move || {
+        // Host jobs a restarted queue made `pending` again meanwhile are revoked too.
+        d.store.cancel_job(&id, &revoked_outcome())?;
         d.waiters.notify(&id);
-        Ok(Some(json!({ "id": id, "hosts": entries })))
+        let (_, hosts) = d.store.job(&id)?.ok_or_else(|| ApiError::general(Code::NoSuchJob, "no job with this id"))?;
+        let entries: Vec<Value> = hosts.iter().map(|h| json!({ "host": h.host, "state": h.state.as_str() })).collect();
+        Ok(Json(json!({ "id": id, "hosts": entries })))
     })
-    .await?;
-    result.map(Json).ok_or_else(|| ApiError::general(Code::NoSuchJob, "no job with this id"))
+    .await
 }
 
-/// A host job's stored state and queue job id, read again.
-fn current_state(d: &Dispatcher, job_id: &str, host: &str) -> Result<(HostState, Option<u64>), ApiError> {
-    let found = d.store.job(job_id)?;
-    found
-        .and_then(|(_, hosts)| hosts.into_iter().find(|h| h.host == host))
-        .map(|h| (h.state, h.queue_job_id))
-        .ok_or_else(|| ApiError::general(Code::StorageError, format!("host job {job_id}/{host} vanished")))
+fn revoked_outcome() -> Outcome {
+    Outcome::failed(Code::Revoked, "Revoked before the agent took it")
+}
+
+/// Takes a batch of a cancelled job's `ready` host jobs back off the queue and records the
+/// outcome in one transaction. Returns false if the queue could not be reached.
+fn revoke_queued(d: &Dispatcher, job_id: &str, batch: &[(String, QueueRef)]) -> Result<bool, ApiError> {
+    let revoked = revoked_outcome();
+    let mut changes = Vec::with_capacity(batch.len());
+    let mut reachable = true;
+    for (host, queued) in batch {
+        let change = match worker::delete_if_ours(d, queued, job_id, host) {
+            Ok(TakeBack::Deleted) => QueuedChange::Finish(HostState::Revoked, revoked.clone()),
+            Ok(TakeBack::Lost) => {
+                log::warn!("job {job_id} host {host}: queue job {} was lost when the queue restarted", queued.id);
+                QueuedChange::Finish(HostState::Revoked, revoked.clone())
+            }
+            Ok(TakeBack::ExpiredInQueue) => QueuedChange::Finish(
+                HostState::Expired,
+                Outcome::failed(
+                    Code::HostNoAnswer,
+                    "The host's agent did not take the job before it expired in the queue",
+                ),
+            ),
+            Ok(TakeBack::Taken) => QueuedChange::Reserve,
+            Err(e) => {
+                log::warn!("revoke job {job_id} host {host}: queue unavailable: {e}");
+                reachable = false;
+                break;
+            }
+        };
+        changes.push((host.clone(), queued.id, change));
+    }
+    d.store.apply_queued_batch(job_id, &changes)?;
+    d.waiters.notify(job_id);
+    Ok(reachable)
 }
 
 async fn register_host(
@@ -444,7 +609,7 @@ async fn list_hosts(State(dispatcher): State<AppState>, headers: HeaderMap) -> R
 async fn get_host(
     State(dispatcher): State<AppState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    IdParam(id): IdParam,
 ) -> Result<Json<Value>, ApiError> {
     authenticate(&dispatcher, &headers)?;
     let d = dispatcher.clone();
@@ -457,7 +622,7 @@ async fn get_host(
 async fn delete_host(
     State(dispatcher): State<AppState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    IdParam(id): IdParam,
 ) -> Result<StatusCode, ApiError> {
     if let Some(policy) = authenticate(&dispatcher, &headers)? {
         policy.check_manage_hosts()?;
@@ -468,8 +633,4 @@ async fn delete_host(
     } else {
         Err(ApiError::general(Code::NoSuchHost, "No such host"))
     }
-}
-
-async fn not_found() -> Response {
-    (StatusCode::NOT_FOUND, Json(json!({ "error": { "message": "no such endpoint" } }))).into_response()
 }

@@ -58,8 +58,11 @@ pub struct DispatchConfig {
     pub tokens_file: Option<PathBuf>,
     /// Tube the agents put their results on.
     pub reply_tube: String,
-    /// How long a sync call waits past the job's timeout for answers.
+    /// How long a sync call waits for answers past the job's timeout plus `kill_grace`.
     pub sync_grace: Duration,
+    /// SIGTERM → SIGKILL delay put in every envelope; agents use at most this, and every
+    /// wait for a result (sync calls, reserved host jobs, TTR) is sized for it.
+    pub kill_grace: Duration,
     /// How long past its start deadline plus timeout a taken job may still answer before
     /// it is marked expired.
     pub result_grace: Duration,
@@ -77,6 +80,7 @@ impl Default for DispatchConfig {
             tokens_file: None,
             reply_tube: wire::DEFAULT_REPLY_TUBE.into(),
             sync_grace: Duration::from_secs(5),
+            kill_grace: Duration::from_secs(5),
             result_grace: Duration::from_secs(30),
             allowed_clients: Vec::new(),
         }
@@ -84,14 +88,33 @@ impl Default for DispatchConfig {
 }
 
 /// A few idle queue connections shared by HTTP handlers and the enqueuer. A connection
-/// that saw an I/O or protocol error is dropped rather than returned.
+/// that saw an I/O or protocol error is dropped rather than returned, and with it every
+/// idle one (they most likely lead to the same dead server).
 #[derive(Debug)]
 pub struct QueuePool {
     addr: String,
-    idle: Mutex<Vec<Client>>,
+    idle: Mutex<Vec<PooledConn>>,
     /// Whether the queue speaks the polarisd extensions, as the last new
     /// connection found out (0 unknown, 1 no, 2 yes).
     extensions: std::sync::atomic::AtomicU8,
+}
+
+/// What a connection learnt about the queue server it reached, when it connected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueInfo {
+    /// Which server process this is: `stats`' random `id` (beanstalkd 1.12 and polarisd
+    /// draw a new one at every start), else its `pid`. Queue job ids are
+    /// only meaningful to the instance that issued them: an in-memory queue that restarts
+    /// hands the same ids to new jobs.
+    pub instance: String,
+    /// Whether it speaks the polarisd extensions (job TTLs, `job-state`).
+    pub extensions: bool,
+}
+
+#[derive(Debug)]
+struct PooledConn {
+    client: Client,
+    info: QueueInfo,
 }
 
 /// Idle connections kept for reuse.
@@ -120,26 +143,41 @@ impl QueuePool {
 
     /// Runs `f` on a pooled connection (blocking).
     pub fn with<T>(&self, f: impl FnOnce(&mut Client) -> client::Result<T>) -> client::Result<T> {
+        self.with_conn(|client, _| f(client))
+    }
+
+    /// Runs `f` on a pooled connection, telling it which queue instance the connection
+    /// reached: everything `f` does on that connection happens on that instance.
+    pub fn with_conn<T>(&self, f: impl FnOnce(&mut Client, &QueueInfo) -> client::Result<T>) -> client::Result<T> {
         let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let mut conn = match idle {
             Some(conn) => conn,
-            None => {
-                let mut conn = Client::connect(&self.addr, Duration::from_secs(2))?;
-                let extensions = if conn.supports_extensions()? { 2 } else { 1 };
-                self.extensions.store(extensions, std::sync::atomic::Ordering::Relaxed);
-                conn
-            }
+            None => self.connect()?,
         };
-        let result = f(&mut conn);
+        let result = f(&mut conn.client, &conn.info);
         let broken =
             matches!(result, Err(client::Error::Io(_) | client::Error::Closed | client::Error::UnexpectedReply { .. }));
-        if !broken {
-            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-            if idle.len() < MAX_IDLE_QUEUE_CONNECTIONS {
-                idle.push(conn);
-            }
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if broken {
+            idle.clear();
+        } else if idle.len() < MAX_IDLE_QUEUE_CONNECTIONS {
+            idle.push(conn);
         }
         result
+    }
+
+    fn connect(&self) -> client::Result<PooledConn> {
+        let mut client = Client::connect(&self.addr, Duration::from_secs(2))?;
+        let extensions = client.supports_extensions()?;
+        self.extensions.store(if extensions { 2 } else { 1 }, std::sync::atomic::Ordering::Relaxed);
+        let stats = client.stats()?;
+        // Older servers without `id`: the pid (a start time computed from `uptime` would
+        // wobble by a second between connections).
+        let instance = match stats.get("id").filter(|id| !id.is_empty()) {
+            Some(id) => format!("id {id}"),
+            None => format!("pid {}", stats.get("pid").unwrap_or("?")),
+        };
+        Ok(PooledConn { client, info: QueueInfo { instance, extensions } })
     }
 }
 
@@ -187,10 +225,15 @@ pub struct Dispatcher {
     pub waiters: Waiters,
     /// See [`DispatchConfig::sync_grace`].
     pub sync_grace: Duration,
+    /// See [`DispatchConfig::kill_grace`].
+    pub kill_grace: Duration,
     /// See [`DispatchConfig::result_grace`].
     pub result_grace: Duration,
     /// See [`DispatchConfig::allowed_clients`].
     pub allowed_clients: Vec<ipnet::IpNet>,
+    /// Counts cancellations, so the enqueuer asks the database whether a job was cancelled
+    /// only when one happened since it last asked.
+    pub cancellations: std::sync::atomic::AtomicU64,
     wake_enqueuer: mpsc::SyncSender<()>,
 }
 
@@ -224,8 +267,10 @@ pub fn run(config: DispatchConfig) -> anyhow::Result<()> {
         reply_tube: config.reply_tube.clone(),
         waiters: Waiters::default(),
         sync_grace: config.sync_grace,
+        kill_grace: config.kill_grace,
         result_grace: config.result_grace,
         allowed_clients: config.allowed_clients.clone(),
+        cancellations: std::sync::atomic::AtomicU64::new(0),
         wake_enqueuer: wake_tx,
     });
     let stop = Arc::new(AtomicBool::new(false));

@@ -38,9 +38,13 @@ struct Args {
     /// Tube the agents put their results on.
     #[arg(long, default_value = polaris_ops_wire::wire::DEFAULT_REPLY_TUBE)]
     reply_tube: String,
-    /// Seconds a sync call waits past the job's timeout for answers.
+    /// Seconds a sync call waits for answers past the job's timeout plus the kill grace.
     #[arg(long, default_value_t = 5)]
     sync_grace: u64,
+    /// Milliseconds from SIGTERM to SIGKILL for a command past its timeout, sent in every
+    /// envelope (agents use the smaller of this and their own --kill-grace-ms).
+    #[arg(long, default_value_t = 5000)]
+    kill_grace_ms: u64,
     /// Seconds past deadline plus timeout that a taken job may still answer before it expires.
     #[arg(long, default_value_t = 30)]
     result_grace: u64,
@@ -67,6 +71,7 @@ fn main() -> anyhow::Result<()> {
         tokens_file: args.tokens,
         reply_tube: args.reply_tube,
         sync_grace: Duration::from_secs(args.sync_grace),
+        kill_grace: Duration::from_millis(args.kill_grace_ms),
         result_grace: Duration::from_secs(args.result_grace),
         allowed_clients: args.allow_client,
     })

@@ -13,6 +13,10 @@ pub const MAX_CMD_BYTES: usize = 16 * 1024;
 /// Most hosts one job may name.
 pub const MAX_HOSTS: usize = 10_000;
 use polaris_ops_wire::host_id::{is_valid_host_id, MAX_HOST_ID_LEN};
+/// What a host id is, for error messages.
+fn host_id_rule() -> String {
+    format!("1 to {MAX_HOST_ID_LEN} bytes of A-Z a-z 0-9 . _ -, not starting with - or .")
+}
 /// Longest hostname accepted at registration, in bytes.
 pub const MAX_HOSTNAME_LEN: usize = 255;
 /// `timeout` when the request gives none, in seconds.
@@ -139,11 +143,13 @@ pub fn parse_job_request(body: &[u8]) -> Result<JobRequest, ApiError> {
                 format!("{field} must be a string, got {}", type_name(item)),
             ));
         };
-        if host.is_empty() || host.len() > MAX_HOSTNAME_LEN {
+        // A host id that could never be registered is a mistake in the request, not an
+        // unknown host to report per host.
+        if !is_valid_host_id(host) {
             return Err(ApiError::field(
                 Code::InvalidValue,
                 field.clone(),
-                format!("{field} must be 1 to {MAX_HOSTNAME_LEN} bytes"),
+                format!("{field} {host:?} is not a valid host id: {}", host_id_rule()),
             ));
         }
         // One reply entry per host: a duplicate would make "one entry per requested host"
@@ -210,11 +216,7 @@ pub fn parse_host_registration(body: &[u8]) -> Result<HostRegistration, ApiError
     reject_unknown_fields(&map, &["id", "hostname"])?;
     let id = required_string(&map, "id")?;
     if !is_valid_host_id(id) {
-        return Err(ApiError::field(
-            Code::InvalidValue,
-            "id",
-            format!("host id must be 1 to {MAX_HOST_ID_LEN} bytes of A-Z a-z 0-9 . _ -, not starting with - or ."),
-        ));
+        return Err(ApiError::field(Code::InvalidValue, "id", format!("host id must be {}", host_id_rule())));
     }
     let hostname = optional_string(&map, "hostname")?.unwrap_or("");
     if hostname.len() > MAX_HOSTNAME_LEN {
@@ -292,6 +294,18 @@ mod tests {
         let big = format!(r#"{{"hosts": ["a"], "method": "sync.bash", "cmd": "{}"}}"#, "x".repeat(MAX_CMD_BYTES + 1));
         let e = err(&big);
         assert_eq!((e.code, e.field.as_deref()), (Code::CmdTooLarge, Some("cmd")));
+    }
+
+    #[test]
+    fn invalid_host_ids_in_a_job_are_refused_by_position() {
+        for bad in ["web 01", "-web", ".web", "a/b", "a\r\nput"] {
+            let body = serde_json::json!({"hosts": ["ok", bad], "method": "sync.bash", "cmd": "ls"}).to_string();
+            let e = err(&body);
+            assert_eq!((e.code, e.field.as_deref()), (Code::InvalidValue, Some("hosts[1]")), "{bad:?}: {}", e.message);
+        }
+        let long = "h".repeat(MAX_HOST_ID_LEN + 1);
+        let e = err(&serde_json::json!({"hosts": [long], "method": "sync.bash", "cmd": "ls"}).to_string());
+        assert_eq!((e.code, e.field.as_deref()), (Code::InvalidValue, Some("hosts[0]")));
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! append-only and keyed on `PRAGMA user_version`.
 
 use polaris_ops_wire::codes::Code;
-use polaris_ops_wire::wire::{unix_now_ms, HostResult, Method, Resp};
+use polaris_ops_wire::wire::{unix_now_ms, Encoding, HostResult, Method, Resp};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -52,6 +52,15 @@ const MIGRATIONS: &[&str] = &[
         UNIQUE (job_id, host)
     );
     CREATE INDEX host_job_open ON host_job(state) WHERE state IN ('pending', 'ready', 'reserved');",
+    // 2: output that is not UTF-8 is kept as base64 in `data`; `encoding` says so.
+    "ALTER TABLE host_job ADD COLUMN encoding TEXT;",
+    // 3: which queue instance issued a host job's queue job id, and the signature of the
+    // envelope put under it, so the id is never acted on without proof it is still ours.
+    "ALTER TABLE host_job ADD COLUMN queue_instance TEXT;
+     ALTER TABLE host_job ADD COLUMN envelope_mac TEXT;",
+    // 4: when `DELETE /v1/jobs/{id}` cancelled the job; the enqueuer puts none of its
+    // envelopes from then on.
+    "ALTER TABLE jobs ADD COLUMN cancelled_at INTEGER;",
 ];
 
 /// A database failure, with what the dispatcher was doing.
@@ -169,6 +178,8 @@ pub struct JobRecord {
     pub created_at_ms: i64,
     /// Unix milliseconds after which no agent may start it.
     pub start_by_ms: i64,
+    /// Unix milliseconds when it was cancelled (`DELETE /v1/jobs/{id}`), if it was.
+    pub cancelled_at_ms: Option<i64>,
 }
 
 /// One host's part of a job as stored.
@@ -178,12 +189,25 @@ pub struct HostJobRecord {
     pub host: String,
     /// Where it stands.
     pub state: HostState,
-    /// The queue's job id once put on `host.<id>`.
-    pub queue_job_id: Option<u64>,
+    /// Where its envelope was put on `host.<id>`, once it was.
+    pub queued: Option<QueueRef>,
     /// The answer, once final.
     pub outcome: Option<Outcome>,
     /// Unix milliseconds of the last change.
     pub updated_at_ms: i64,
+}
+
+/// Where a host job's envelope was put. A queue job id alone proves nothing: a queue
+/// that restarts without its data hands the same ids to other jobs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueRef {
+    /// The queue's job id.
+    pub id: u64,
+    /// The queue instance that issued `id` (see [`crate::QueueInfo::instance`]); `None`
+    /// for rows stored before instances were recorded.
+    pub instance: Option<String>,
+    /// The hex signature of the envelope put under `id`; `None` for older rows.
+    pub mac: Option<String>,
 }
 
 /// A final answer for one host.
@@ -195,8 +219,10 @@ pub struct Outcome {
     pub retcode: u32,
     /// What happened, for people.
     pub message: String,
-    /// Output or query facts.
+    /// Output or query facts: text, or base64 when `encoding` says so.
     pub data: String,
+    /// `None` for text, else how `data` holds bytes that are not UTF-8.
+    pub encoding: Option<Encoding>,
     /// Whether `data` was cut.
     pub truncated: bool,
 }
@@ -209,6 +235,7 @@ impl Outcome {
             retcode: u32::from(code.value()),
             message: message.into(),
             data: String::new(),
+            encoding: None,
             truncated: false,
         }
     }
@@ -249,10 +276,25 @@ pub struct OverdueHostJob {
     pub host: String,
     /// Its state when found.
     pub state: HostState,
-    /// The queue job id, if it was put.
-    pub queue_job_id: Option<u64>,
+    /// Where its envelope was put, if it was.
+    pub queued: Option<QueueRef>,
     /// The job's timeout.
     pub timeout_secs: u32,
+}
+
+/// A `ready` host job and where its envelope was put.
+#[derive(Debug, Clone)]
+pub struct QueuedHostJob {
+    /// The job id.
+    pub job_id: String,
+    /// The host.
+    pub host: String,
+    /// Where its envelope was put.
+    pub queued: QueueRef,
+    /// Unix milliseconds after which no agent may start it.
+    pub start_by_ms: i64,
+    /// Whether its job was cancelled.
+    pub cancelled: bool,
 }
 
 /// A job in the `GET /v1/jobs` list.
@@ -287,7 +329,8 @@ impl std::fmt::Debug for Store {
     }
 }
 
-const HOST_JOB_COLUMNS: &str = "host, state, queue_job_id, resp, retcode, message, data, truncated, updated_at";
+const HOST_JOB_COLUMNS: &str =
+    "host, state, queue_job_id, resp, retcode, message, data, truncated, updated_at, encoding, queue_instance, envelope_mac";
 
 impl Store {
     /// Opens (creating if needed) `dir/dispatch.db` and brings its schema up to date.
@@ -440,7 +483,9 @@ impl Store {
     pub fn job(&self, id: &str) -> Result<Option<(JobRecord, Vec<HostJobRecord>)>, StoreError> {
         let conn = self.conn();
         let job = conn
-            .prepare_cached("SELECT id, method, cmd, timeout_secs, created_at, start_by FROM jobs WHERE id = ?1")
+            .prepare_cached(
+                "SELECT id, method, cmd, timeout_secs, created_at, start_by, cancelled_at FROM jobs WHERE id = ?1",
+            )
             .and_then(|mut s| s.query_row([id], job_row).optional())
             .ctx("read job")?;
         let Some(job) = job else { return Ok(None) };
@@ -478,7 +523,7 @@ impl Store {
         {
             let mut stmt = conn
                 .prepare_cached(
-                    "SELECT id, method, cmd, timeout_secs, created_at, start_by FROM jobs
+                    "SELECT id, method, cmd, timeout_secs, created_at, start_by, cancelled_at FROM jobs
                      ORDER BY seq DESC LIMIT ?1 OFFSET ?2",
                 )
                 .ctx("list jobs")?;
@@ -502,19 +547,22 @@ impl Store {
         Ok((summaries, total as u64))
     }
 
-    /// Pending host jobs whose start deadline is still ahead, oldest first.
-    pub fn pending(&self, now_ms: i64) -> Result<Vec<PendingHostJob>, StoreError> {
+    /// Up to `limit` pending host jobs of jobs not cancelled whose start deadline is still
+    /// ahead, oldest first.
+    pub fn pending(&self, now_ms: i64, limit: usize) -> Result<Vec<PendingHostJob>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn
             .prepare_cached(
-                "SELECT j.id, j.method, j.cmd, j.timeout_secs, j.created_at, j.start_by, h.host
+                "SELECT j.id, j.method, j.cmd, j.timeout_secs, j.created_at, j.start_by, j.cancelled_at, h.host
                  FROM host_job h JOIN jobs j ON j.id = h.job_id
-                 WHERE h.state = 'pending' AND j.start_by > ?1
-                 ORDER BY j.seq, h.position",
+                 WHERE h.state = 'pending' AND j.start_by > ?1 AND j.cancelled_at IS NULL
+                 ORDER BY j.seq, h.position
+                 LIMIT ?2",
             )
             .ctx("list pending host jobs")?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = stmt
-            .query_map([now_ms], |row| Ok((job_row(row)?, row.get::<_, String>(6)?)))
+            .query_map(params![now_ms, limit], |row| Ok((job_row(row)?, row.get::<_, String>(7)?)))
             .ctx("list pending host jobs")?;
         let mut out = Vec::new();
         for row in rows {
@@ -554,6 +602,207 @@ impl Store {
         Ok(n > 0)
     }
 
+    /// Records that a `pending` host job's envelope is on the queue: `ready`, with where it
+    /// is. Returns false if the host job was no longer pending (revoked meanwhile).
+    pub fn mark_queued(&self, job_id: &str, host: &str, queued: &QueueRef) -> Result<bool, StoreError> {
+        mark_queued(&self.conn(), job_id, host, queued)
+    }
+
+    /// [`Store::mark_queued`] for many host jobs, in one transaction (one sync to disk).
+    pub fn mark_queued_batch(&self, queued: &[(String, String, QueueRef)]) -> Result<Vec<bool>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().ctx("begin mark queued")?;
+        let marked = queued
+            .iter()
+            .map(|(job_id, host, queued)| mark_queued(&tx, job_id, host, queued))
+            .collect::<Result<Vec<bool>, StoreError>>()?;
+        tx.commit().ctx("commit mark queued")?;
+        Ok(marked)
+    }
+
+    /// Gives a `ready` host job its final answer if it is still `ready` under queue job
+    /// `queue_id` (and not, say, queued again under another id meanwhile).
+    pub fn finish_queued(
+        &self,
+        job_id: &str,
+        host: &str,
+        queue_id: u64,
+        to: HostState,
+        outcome: &Outcome,
+    ) -> Result<bool, StoreError> {
+        apply_queued(&self.conn(), job_id, host, queue_id, &QueuedChange::Finish(to, outcome.clone()))
+    }
+
+    /// Moves a `ready` host job under queue job `queue_id` to `reserved` (an agent has it).
+    pub fn reserve_queued(&self, job_id: &str, host: &str, queue_id: u64) -> Result<bool, StoreError> {
+        apply_queued(&self.conn(), job_id, host, queue_id, &QueuedChange::Reserve)
+    }
+
+    /// Applies changes to `ready` host jobs of job `job_id`, each only if the host job is
+    /// still `ready` under the given queue job id, in one transaction. Returns which applied.
+    pub fn apply_queued_batch(
+        &self,
+        job_id: &str,
+        changes: &[(String, u64, QueuedChange)],
+    ) -> Result<Vec<bool>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().ctx("begin queued changes")?;
+        let applied = changes
+            .iter()
+            .map(|(host, queue_id, change)| apply_queued(&tx, job_id, host, *queue_id, change))
+            .collect::<Result<Vec<bool>, StoreError>>()?;
+        tx.commit().ctx("commit queued changes")?;
+        Ok(applied)
+    }
+
+    /// Cancels job `id` in one transaction: marks it cancelled, so the enqueuer puts none of
+    /// its envelopes any more, and gives every `pending` host job `revoked`. Host jobs already
+    /// on the queue are left to the caller. Returns false if there is no such job.
+    pub fn cancel_job(&self, id: &str, revoked: &Outcome) -> Result<bool, StoreError> {
+        let now = unix_now_ms();
+        let mut conn = self.conn();
+        let tx = conn.transaction().ctx("begin cancel job")?;
+        let found = tx
+            .prepare_cached("UPDATE jobs SET cancelled_at = COALESCE(cancelled_at, ?2) WHERE id = ?1")
+            .and_then(|mut s| s.execute(params![id, now]))
+            .ctx("cancel job")?;
+        if found == 0 {
+            return Ok(false);
+        }
+        tx.prepare_cached(
+            "UPDATE host_job SET state = 'revoked', resp = ?2, retcode = ?3, message = ?4, data = ?5,
+                    truncated = ?6, encoding = NULL, updated_at = ?7, finished_at = ?7
+             WHERE job_id = ?1 AND state = 'pending'",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                id,
+                revoked.resp.as_str(),
+                revoked.retcode,
+                revoked.message,
+                revoked.data,
+                revoked.truncated,
+                now
+            ])
+        })
+        .ctx("revoke pending host jobs")?;
+        tx.commit().ctx("commit cancel job")?;
+        Ok(true)
+    }
+
+    /// Whether job `id` was cancelled.
+    pub fn job_cancelled(&self, id: &str) -> Result<bool, StoreError> {
+        let cancelled: Option<Option<i64>> = self
+            .conn()
+            .prepare_cached("SELECT cancelled_at FROM jobs WHERE id = ?1")
+            .and_then(|mut s| s.query_row([id], |row| row.get(0)).optional())
+            .ctx("read job cancellation")?;
+        Ok(matches!(cancelled, Some(Some(_))))
+    }
+
+    /// The `ready` host jobs of job `id` and where their envelopes are.
+    pub fn ready_of_job(&self, id: &str) -> Result<Vec<(String, QueueRef)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT host, queue_job_id, queue_instance, envelope_mac FROM host_job
+                 WHERE job_id = ?1 AND state = 'ready' AND queue_job_id IS NOT NULL ORDER BY position",
+            )
+            .ctx("list ready host jobs")?;
+        let rows = stmt
+            .query_map([id], |row| Ok((row.get::<_, String>(0)?, queue_ref(row.get(1)?, row.get(2)?, row.get(3)?))))
+            .ctx("list ready host jobs")?;
+        let mut out = Vec::new();
+        for row in rows {
+            if let (host, Some(queued)) = row.ctx("list ready host jobs")? {
+                out.push((host, queued));
+            }
+        }
+        Ok(out)
+    }
+
+    /// A host job revoked while its envelope was being put, whose envelope an agent took
+    /// before it could be deleted: `reserved` under that envelope, so its result counts.
+    pub fn revoked_but_taken(&self, job_id: &str, host: &str, queued: &QueueRef) -> Result<bool, StoreError> {
+        let n = self
+            .conn()
+            .prepare_cached(
+                "UPDATE host_job SET state = 'reserved', resp = NULL, retcode = NULL, message = NULL, data = NULL,
+                        finished_at = NULL, queue_job_id = ?3, queue_instance = ?4, envelope_mac = ?5, updated_at = ?6
+                 WHERE job_id = ?1 AND host = ?2 AND state = 'revoked'",
+            )
+            .and_then(|mut s| {
+                s.execute(params![job_id, host, queued.id as i64, queued.instance, queued.mac, unix_now_ms()])
+            })
+            .ctx("reopen revoked host job")?;
+        Ok(n > 0)
+    }
+
+    /// `ready` host jobs whose queue job id was issued by another queue instance than
+    /// `instance` (or by one not recorded), with their jobs' start deadlines.
+    pub fn ready_elsewhere(&self, instance: &str) -> Result<Vec<QueuedHostJob>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT h.job_id, h.host, h.queue_job_id, h.queue_instance, h.envelope_mac, j.start_by,
+                        j.cancelled_at IS NOT NULL
+                 FROM host_job h JOIN jobs j ON j.id = h.job_id
+                 WHERE h.state = 'ready' AND h.queue_job_id IS NOT NULL
+                   AND (h.queue_instance IS NULL OR h.queue_instance != ?1)
+                 ORDER BY j.seq, h.position",
+            )
+            .ctx("list ready host jobs of other queue instances")?;
+        let rows = stmt
+            .query_map([instance], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, String>(1)?,
+                    queue_ref(row.get(2)?, row.get(3)?, row.get(4)?),
+                    row.get::<_, i64>(5)?,
+                    row.get::<_, bool>(6)?,
+                ))
+            })
+            .ctx("list ready host jobs of other queue instances")?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (job_id, host, queued, start_by_ms, cancelled) =
+                row.ctx("list ready host jobs of other queue instances")?;
+            if let Some(queued) = queued {
+                out.push(QueuedHostJob { job_id, host, queued, start_by_ms, cancelled });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records that the `ready` host job under `queue_id` is held by queue `instance`
+    /// (found there after the queue restarted with its data).
+    pub fn adopt(&self, job_id: &str, host: &str, queue_id: u64, instance: &str) -> Result<bool, StoreError> {
+        let n = self
+            .conn()
+            .prepare_cached(
+                "UPDATE host_job SET queue_instance = ?4, updated_at = ?5
+                 WHERE job_id = ?1 AND host = ?2 AND state = 'ready' AND queue_job_id = ?3",
+            )
+            .and_then(|mut s| s.execute(params![job_id, host, queue_id as i64, instance, unix_now_ms()]))
+            .ctx("record the queue instance of a host job")?;
+        Ok(n > 0)
+    }
+
+    /// Makes a `ready` host job under `queue_id` `pending` again, forgetting where it was
+    /// (the queue lost it), so the enqueuer puts it again.
+    pub fn requeue(&self, job_id: &str, host: &str, queue_id: u64) -> Result<bool, StoreError> {
+        let n = self
+            .conn()
+            .prepare_cached(
+                "UPDATE host_job SET state = 'pending', queue_job_id = NULL, queue_instance = NULL,
+                        envelope_mac = NULL, updated_at = ?4
+                 WHERE job_id = ?1 AND host = ?2 AND state = 'ready' AND queue_job_id = ?3",
+            )
+            .and_then(|mut s| s.execute(params![job_id, host, queue_id as i64, unix_now_ms()]))
+            .ctx("requeue host job")?;
+        Ok(n > 0)
+    }
+
     /// Gives a host job its final answer if it is still in `from`. Returns false if not.
     pub fn finish(
         &self,
@@ -567,7 +816,7 @@ impl Store {
             .conn()
             .prepare_cached(
                 "UPDATE host_job SET state = ?4, resp = ?5, retcode = ?6, message = ?7, data = ?8,
-                        truncated = ?9, updated_at = ?10, finished_at = ?10
+                        truncated = ?9, updated_at = ?10, finished_at = ?10, encoding = ?11
                  WHERE job_id = ?1 AND host = ?2 AND state = ?3",
             )
             .and_then(|mut s| {
@@ -581,7 +830,8 @@ impl Store {
                     outcome.message,
                     outcome.data,
                     outcome.truncated,
-                    unix_now_ms()
+                    unix_now_ms(),
+                    outcome.encoding.map(Encoding::as_str)
                 ])
             })
             .ctx("finish host job")?;
@@ -600,7 +850,7 @@ impl Store {
         let n = conn
             .prepare_cached(
                 "UPDATE host_job SET state = ?3, resp = ?4, retcode = ?5, message = ?6, data = ?7,
-                        truncated = ?8, output_bytes = ?9, updated_at = ?10, finished_at = ?10
+                        truncated = ?8, output_bytes = ?9, updated_at = ?10, finished_at = ?10, encoding = ?11
                  WHERE job_id = ?1 AND host = ?2 AND state NOT IN ('success', 'failed', 'revoked')",
             )
             .and_then(|mut s| {
@@ -614,7 +864,8 @@ impl Store {
                     result.data,
                     result.truncated,
                     i64::try_from(result.output_bytes).unwrap_or(i64::MAX),
-                    now
+                    now,
+                    result.encoding.map(Encoding::as_str)
                 ])
             })
             .ctx("record result")?;
@@ -634,7 +885,7 @@ impl Store {
         let conn = self.conn();
         let mut stmt = conn
             .prepare_cached(
-                "SELECT h.job_id, h.host, h.state, h.queue_job_id, j.timeout_secs
+                "SELECT h.job_id, h.host, h.state, h.queue_job_id, j.timeout_secs, h.queue_instance, h.envelope_mac
                  FROM host_job h JOIN jobs j ON j.id = h.job_id
                  WHERE (h.state IN ('pending', 'ready') AND j.start_by <= ?1)
                     OR (h.state = 'reserved' AND j.start_by + j.timeout_secs * 1000 + ?2 <= ?1)
@@ -647,24 +898,87 @@ impl Store {
                     row.get::<_, String>(0)?,
                     row.get::<_, String>(1)?,
                     row.get::<_, String>(2)?,
-                    row.get::<_, Option<i64>>(3)?,
+                    queue_ref(row.get(3)?, row.get(5)?, row.get(6)?),
                     row.get::<_, u32>(4)?,
                 ))
             })
             .ctx("list overdue host jobs")?;
         let mut out = Vec::new();
         for row in rows {
-            let (job_id, host, state, queue_job_id, timeout_secs) = row.ctx("list overdue host jobs")?;
-            out.push(OverdueHostJob {
-                job_id,
-                host,
-                state: HostState::parse(&state)?,
-                queue_job_id: queue_job_id.map(|id| id as u64),
-                timeout_secs,
-            });
+            let (job_id, host, state, queued, timeout_secs) = row.ctx("list overdue host jobs")?;
+            out.push(OverdueHostJob { job_id, host, state: HostState::parse(&state)?, queued, timeout_secs });
         }
         Ok(out)
     }
+}
+
+/// A change to a `ready` host job, applied only while it is still under the same queue
+/// job id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueuedChange {
+    /// Its final answer.
+    Finish(HostState, Outcome),
+    /// An agent has it.
+    Reserve,
+}
+
+fn mark_queued(conn: &Connection, job_id: &str, host: &str, queued: &QueueRef) -> Result<bool, StoreError> {
+    let n = conn
+        .prepare_cached(
+            "UPDATE host_job SET state = 'ready', queue_job_id = ?3, queue_instance = ?4, envelope_mac = ?5,
+                    updated_at = ?6
+             WHERE job_id = ?1 AND host = ?2 AND state = 'pending'",
+        )
+        .and_then(|mut s| {
+            s.execute(params![job_id, host, queued.id as i64, queued.instance, queued.mac, unix_now_ms()])
+        })
+        .ctx("mark host job queued")?;
+    Ok(n > 0)
+}
+
+fn apply_queued(
+    conn: &Connection,
+    job_id: &str,
+    host: &str,
+    queue_id: u64,
+    change: &QueuedChange,
+) -> Result<bool, StoreError> {
+    let n = match change {
+        QueuedChange::Finish(to, outcome) => conn
+            .prepare_cached(
+                "UPDATE host_job SET state = ?4, resp = ?5, retcode = ?6, message = ?7, data = ?8,
+                        truncated = ?9, updated_at = ?10, finished_at = ?10, encoding = ?11
+                 WHERE job_id = ?1 AND host = ?2 AND state = 'ready' AND queue_job_id = ?3",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    job_id,
+                    host,
+                    queue_id as i64,
+                    to.as_str(),
+                    outcome.resp.as_str(),
+                    outcome.retcode,
+                    outcome.message,
+                    outcome.data,
+                    outcome.truncated,
+                    unix_now_ms(),
+                    outcome.encoding.map(Encoding::as_str)
+                ])
+            })
+            .ctx("finish queued host job")?,
+        QueuedChange::Reserve => conn
+            .prepare_cached(
+                "UPDATE host_job SET state = 'reserved', updated_at = ?4
+                 WHERE job_id = ?1 AND host = ?2 AND state = 'ready' AND queue_job_id = ?3",
+            )
+            .and_then(|mut s| s.execute(params![job_id, host, queue_id as i64, unix_now_ms()]))
+            .ctx("mark host job reserved")?,
+    };
+    Ok(n > 0)
+}
+
+fn queue_ref(id: Option<i64>, instance: Option<String>, mac: Option<String>) -> Option<QueueRef> {
+    id.map(|id| QueueRef { id: id as u64, instance, mac })
 }
 
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
@@ -690,8 +1004,8 @@ fn host_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<HostRecord> {
     Ok(HostRecord { id: row.get(0)?, hostname: row.get(1)?, registered_at_ms: row.get(2)?, last_seen_ms: row.get(3)? })
 }
 
-/// Reads a job row (columns id, method, cmd, timeout_secs, created_at, start_by). The
-/// inner result reports a method name this version does not know.
+/// Reads a job row (columns id, method, cmd, timeout_secs, created_at, start_by,
+/// cancelled_at). The inner result reports a method name this version does not know.
 fn job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<JobRecord, StoreError>> {
     let method: String = row.get(1)?;
     let Some(method) = Method::parse(&method) else {
@@ -704,6 +1018,7 @@ fn job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<JobRecord, StoreE
         timeout_secs: row.get(3)?,
         created_at_ms: row.get(4)?,
         start_by_ms: row.get(5)?,
+        cancelled_at_ms: row.get(6)?,
     }))
 }
 
@@ -722,11 +1037,19 @@ fn host_job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<HostJobRecor
                 "failed" => Resp::Failed,
                 other => return Ok(Err(StoreError::Corrupt(format!("unknown resp {other:?}")))),
             };
+            let encoding = match row.get::<_, Option<String>>(9)?.as_deref() {
+                None => None,
+                Some(name) => match Encoding::parse(name) {
+                    Some(encoding) => Some(encoding),
+                    None => return Ok(Err(StoreError::Corrupt(format!("unknown encoding {name:?}")))),
+                },
+            };
             Some(Outcome {
                 resp,
                 retcode: row.get::<_, Option<u32>>(4)?.unwrap_or(0),
                 message: row.get::<_, Option<String>>(5)?.unwrap_or_default(),
                 data: row.get::<_, Option<String>>(6)?.unwrap_or_default(),
+                encoding,
                 truncated: row.get(7)?,
             })
         }
@@ -734,7 +1057,7 @@ fn host_job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<HostJobRecor
     Ok(Ok(HostJobRecord {
         host: row.get(0)?,
         state,
-        queue_job_id: row.get::<_, Option<i64>>(2)?.map(|id| id as u64),
+        queued: queue_ref(row.get(2)?, row.get(10)?, row.get(11)?),
         outcome,
         updated_at_ms: row.get(8)?,
     }))
@@ -784,6 +1107,7 @@ mod tests {
             retcode: 0,
             message: "Normal termination".into(),
             data: "x".into(),
+            encoding: None,
             truncated: false,
             output_bytes: 1,
         };
@@ -794,6 +1118,85 @@ mod tests {
         result.host = "b".into();
         assert_eq!(store.record_result(&result).expect("unknown"), RecordOutcome::Unknown);
         assert!(store.job_is_final("j").expect("final"));
+    }
+
+    #[test]
+    fn binary_results_keep_their_encoding() {
+        let store = Store::open_in_memory().expect("open");
+        store.upsert_host("a", "").expect("register");
+        store.create_job(&new_job("j", &["a"]), i64::MAX).expect("create");
+        let result = HostResult {
+            v: 1,
+            job_id: "j".into(),
+            host: "a".into(),
+            resp: Resp::Success,
+            retcode: 0,
+            message: "Normal termination".into(),
+            data: "/wBh".into(),
+            encoding: Some(Encoding::Base64),
+            truncated: false,
+            output_bytes: 3,
+        };
+        assert_eq!(store.record_result(&result).expect("record"), RecordOutcome::Recorded);
+        let (_, hosts) = store.job("j").expect("read").expect("exists");
+        let outcome = hosts[0].outcome.as_ref().expect("final");
+        assert_eq!((outcome.data.as_str(), outcome.encoding), ("/wBh", Some(Encoding::Base64)));
+    }
+
+    #[test]
+    fn queue_places_are_acted_on_only_while_they_hold() {
+        let store = Store::open_in_memory().expect("open");
+        store.upsert_host("a", "").expect("register");
+        store.create_job(&new_job("j", &["a"]), i64::MAX).expect("create");
+        let place = |id, instance: &str| QueueRef { id, instance: Some(instance.into()), mac: Some("m".into()) };
+        assert!(store.mark_queued("j", "a", &place(1, "old")).expect("mark"));
+        assert!(!store.mark_queued("j", "a", &place(2, "old")).expect("only pending rows are marked"));
+        assert!(store.ready_elsewhere("old").expect("list").is_empty());
+        let elsewhere = store.ready_elsewhere("new").expect("list");
+        assert_eq!(elsewhere.len(), 1);
+        assert_eq!(elsewhere[0].queued, place(1, "old"));
+        // Another id than the stored one changes nothing.
+        assert!(!store.requeue("j", "a", 7).expect("requeue"));
+        assert!(store.requeue("j", "a", 1).expect("requeue"));
+        let (_, hosts) = store.job("j").expect("read").expect("exists");
+        assert_eq!((hosts[0].state, hosts[0].queued.clone()), (HostState::Pending, None));
+        assert!(store.mark_queued("j", "a", &place(5, "new")).expect("mark"));
+        let revoked = Outcome::failed(Code::Revoked, "r");
+        assert!(!store.finish_queued("j", "a", 1, HostState::Revoked, &revoked).expect("stale id"));
+        assert!(store.adopt("j", "a", 5, "newer").expect("adopt"));
+        assert!(store.finish_queued("j", "a", 5, HostState::Revoked, &revoked).expect("finish"));
+        assert!(store.job_is_final("j").expect("final"));
+    }
+
+    #[test]
+    fn cancel_revokes_pending_hosts_in_one_go_and_stops_the_enqueuer() {
+        let store = Store::open_in_memory().expect("open");
+        for host in ["a", "b", "c"] {
+            store.upsert_host(host, "").expect("register");
+        }
+        store.create_job(&new_job("j", &["a", "b", "c"]), i64::MAX).expect("create");
+        let place = QueueRef { id: 1, instance: Some("i".into()), mac: None };
+        assert!(store.mark_queued_batch(&[("j".into(), "a".into(), place.clone())]).expect("mark")[0]);
+        assert_eq!(store.pending(0, 10).expect("pending").len(), 2);
+        let revoked = Outcome::failed(Code::Revoked, "r");
+        assert!(store.cancel_job("j", &revoked).expect("cancel"));
+        assert!(!store.cancel_job("nope", &revoked).expect("cancel unknown"));
+        assert!(store.job_cancelled("j").expect("cancelled"));
+        assert!(store.pending(0, 10).expect("pending").is_empty());
+        let (job, hosts) = store.job("j").expect("read").expect("exists");
+        assert!(job.cancelled_at_ms.is_some());
+        let states: Vec<HostState> = hosts.iter().map(|h| h.state).collect();
+        assert_eq!(states, [HostState::Ready, HostState::Revoked, HostState::Revoked]);
+        assert_eq!(store.ready_of_job("j").expect("ready"), [("a".to_string(), place)]);
+        // Revoked while being put, then found taken by an agent: reserved again.
+        assert!(store.revoked_but_taken("j", "b", &QueueRef { id: 2, instance: None, mac: None }).expect("reopen"));
+        let applied = store
+            .apply_queued_batch("j", &[("a".into(), 1, QueuedChange::Reserve), ("c".into(), 3, QueuedChange::Reserve)])
+            .expect("apply");
+        assert_eq!(applied, [true, false]);
+        let (_, hosts) = store.job("j").expect("read").expect("exists");
+        let states: Vec<HostState> = hosts.iter().map(|h| h.state).collect();
+        assert_eq!(states, [HostState::Reserved, HostState::Reserved, HostState::Revoked]);
     }
 
     #[test]

@@ -6,17 +6,20 @@
 //! a restart lose nothing: the enqueuer picks up what was pending, the consumer drains
 //! results that waited in the reply tube while the dispatcher was down.
 
-use crate::store::{HostState, Outcome, StoreError};
+use crate::store::{HostState, Outcome, PendingHostJob, QueueRef, StoreError};
 use crate::Dispatcher;
 use polaris_ops_wire::codes::Code;
 use polaris_ops_wire::wire::{self, host_tube, unix_now_ms, HostResult, JobEnvelope};
 use polaris_proto::client::{self, Client};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+/// Host jobs the enqueuer puts before recording them `ready` in one transaction.
+const ENQUEUE_BATCH: usize = 100;
 /// How often the enqueuer looks for pending and overdue host jobs when nobody wakes it.
 const ENQUEUER_TICK: Duration = Duration::from_millis(500);
 /// Extra TTR on top of the job's timeout; the agent also touches long jobs.
@@ -52,8 +55,12 @@ pub(crate) fn spawn(
 
 fn run_enqueuer(dispatcher: &Dispatcher, wake: &mpsc::Receiver<()>, stop: &AtomicBool) {
     let mut queue_was_down = false;
+    // The queue instance whose ids the `ready` rows were last checked against.
+    let mut checked_instance: Option<String> = None;
     while !stop.load(Ordering::SeqCst) {
-        let step = enqueue_pending(dispatcher).and_then(|()| expire_overdue(dispatcher));
+        let step = check_queue_instance(dispatcher, &mut checked_instance)
+            .and_then(|()| enqueue_pending(dispatcher))
+            .and_then(|()| expire_overdue(dispatcher));
         match step {
             Ok(()) => {
                 if queue_was_down {
@@ -86,82 +93,191 @@ pub(crate) enum StepError {
     Store(#[from] StoreError),
 }
 
-/// Puts every pending host job whose deadline is ahead on its host's tube.
-fn enqueue_pending(dispatcher: &Dispatcher) -> Result<(), StepError> {
-    for pending in dispatcher.store.pending(unix_now_ms())? {
-        let job = &pending.job;
-        let envelope = JobEnvelope {
-            v: 1,
-            job_id: job.id.clone(),
-            host: pending.host.clone(),
-            method: job.method,
-            cmd: job.cmd.clone(),
-            timeout: job.timeout_secs,
-            reply_tube: dispatcher.reply_tube.clone(),
-            issued_at: wire::unix_now(),
-            expires_at: u64::try_from(job.start_by_ms / 1000).unwrap_or(0),
-        };
-        let payload = serde_json::to_vec(&envelope).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let body = wire::sign(&dispatcher.secret, &payload);
-        let priority = if job.method.is_sync() { SYNC_PRIORITY } else { ASYNC_PRIORITY };
-        let ttr = job.timeout_secs.saturating_add(TTR_MARGIN_SECS);
-        let tube = host_tube(&pending.host);
-        // On polarisd the job also carries a TTL up to its start deadline, so
-        // the queue itself drops it if no agent takes it in time.
-        let left_ms = (job.start_by_ms - wire::unix_now_ms()).max(1000);
-        let ttl = u32::try_from((left_ms + 999) / 1000).unwrap_or(u32::MAX);
-        let with_ttl = dispatcher.queue.has_extensions();
-        let put = dispatcher.queue.with(|c| {
-            c.use_tube(&tube)?;
-            if with_ttl {
-                c.put_with_ttl(priority, 0, ttr, ttl, &body)
-            } else {
-                c.put(priority, 0, ttr, &body)
+/// Notices a queue restart and sorts out the `ready` host jobs it affects.
+///
+/// Queue job ids mean something only to the queue instance that issued them; an in-memory
+/// queue that restarts issues the same ids again, to other jobs. So when a new instance
+/// answers, every `ready` row queued on another instance is looked up by its id: if the
+/// queue holds our very envelope there (a queue that kept its data), the row is adopted
+/// by the new instance; if the id is free, or holds somebody else's job, the envelope was
+/// lost with the old queue and the row becomes `pending` again, to be put anew (or
+/// `expired` if its start deadline has passed). Nothing is ever deleted here.
+fn check_queue_instance(dispatcher: &Dispatcher, checked: &mut Option<String>) -> Result<(), StepError> {
+    // A live command, so a connection to a queue that died is found out now.
+    let instance = dispatcher.queue.with_conn(|c, info| {
+        c.stats()?;
+        Ok(info.instance.clone())
+    })?;
+    if checked.as_deref() == Some(instance.as_str()) {
+        return Ok(());
+    }
+    for row in dispatcher.store.ready_elsewhere(&instance)? {
+        let (job_id, host, queued) = (&row.job_id, &row.host, &row.queued);
+        let found = dispatcher.queue.with_conn(|c, info| {
+            if info.instance != instance {
+                return Ok(None); // restarted once more: start over at the next tick
             }
-        });
-        match put {
-            Ok(queue_id) => {
-                if !dispatcher.store.transition(
-                    &job.id,
-                    &pending.host,
-                    HostState::Pending,
-                    HostState::Ready,
-                    Some(queue_id),
-                )? {
-                    // Revoked while we were putting it: take it back off the queue.
-                    log::info!(
-                        "job {} host {}: revoked during enqueue, deleting queue job {queue_id}",
-                        job.id,
-                        pending.host
-                    );
-                    dispatcher.queue.with(|c| c.delete(queue_id)).or_else(ignore_not_found)?;
+            find(c, &dispatcher.secret, queued, job_id, host).map(Some)
+        })?;
+        match found {
+            None => return Ok(()),
+            Some(Found::Ours) => {
+                dispatcher.store.adopt(job_id, host, queued.id, &instance)?;
+            }
+            // Rows of unknown instance (stored by an older version) whose id is free keep
+            // the old reading: an agent may have taken them; the sweeper decides.
+            Some(Found::Gone) if queued.instance.is_none() => {}
+            Some(Found::Gone | Found::Stranger) => {
+                log::warn!("job {job_id} host {host}: queue job {} was lost when the queue restarted", queued.id);
+                if row.cancelled {
+                    let outcome =
+                        Outcome::failed(Code::Revoked, format!("Revoked; {}", LOST_BEFORE_TAKEN.to_lowercase()));
+                    if dispatcher.store.finish_queued(job_id, host, queued.id, HostState::Revoked, &outcome)? {
+                        dispatcher.waiters.notify(job_id);
+                    }
+                } else if row.start_by_ms > unix_now_ms() {
+                    dispatcher.store.requeue(job_id, host, queued.id)?;
+                } else {
+                    let outcome = Outcome::failed(Code::HostNoAnswer, LOST_BEFORE_TAKEN);
+                    if dispatcher.store.finish_queued(job_id, host, queued.id, HostState::Expired, &outcome)? {
+                        dispatcher.waiters.notify(job_id);
+                    }
                 }
-                log::debug!("job {} host {}: queued as {queue_id}", job.id, pending.host);
             }
-            Err(client::Error::JobTooBig) => {
-                let outcome = Outcome::failed(
-                    Code::EnvelopeTooBig,
-                    format!("The signed job ({} bytes) is larger than the queue's max job size", body.len()),
-                );
-                finish(dispatcher, &job.id, &pending.host, HostState::Pending, HostState::Failed, &outcome)?;
-            }
-            Err(e) => return Err(e.into()),
         }
     }
+    if checked.is_some() {
+        log::info!("queue instance changed to {instance}; stored queue job ids checked");
+    }
+    *checked = Some(instance);
     Ok(())
 }
 
-fn ignore_not_found(e: client::Error) -> Result<(), client::Error> {
-    match e {
-        client::Error::NotFound => Ok(()),
-        other => Err(other),
+/// The message of a host job whose envelope the queue lost before any agent took it.
+const LOST_BEFORE_TAKEN: &str = "The queue lost the job (it restarted) before the host's agent took it";
+
+/// Puts every pending host job whose deadline is ahead on its host's tube, in batches:
+/// each batch's envelopes are put one by one, then recorded `ready` in one transaction
+/// (one sync to disk per batch, not per host). Before each put the enqueuer makes sure the
+/// job was not cancelled meanwhile, so a cancel stops it after at most the put in flight.
+fn enqueue_pending(dispatcher: &Dispatcher) -> Result<(), StepError> {
+    loop {
+        let batch = dispatcher.store.pending(unix_now_ms(), ENQUEUE_BATCH)?;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut cancellations = dispatcher.cancellations.load(Ordering::SeqCst);
+        // Jobs of this batch known to be live or cancelled since `cancellations` was read.
+        let mut live: HashSet<String> = HashSet::new();
+        let mut cancelled: HashSet<String> = HashSet::new();
+        let mut queued: Vec<(String, String, QueueRef)> = Vec::with_capacity(batch.len());
+        let mut failure = None;
+        for pending in &batch {
+            let job = &pending.job;
+            let now = dispatcher.cancellations.load(Ordering::SeqCst);
+            if now != cancellations {
+                cancellations = now;
+                live.clear();
+            }
+            if cancelled.contains(&job.id) {
+                continue;
+            }
+            if !live.contains(&job.id) {
+                if dispatcher.store.job_cancelled(&job.id)? {
+                    log::info!("job {}: cancelled, its remaining envelopes are not put", job.id);
+                    cancelled.insert(job.id.clone());
+                    continue;
+                }
+                live.insert(job.id.clone());
+            }
+            match put_envelope(dispatcher, pending) {
+                Ok(Some(place)) => queued.push((job.id.clone(), pending.host.clone(), place)),
+                Ok(None) => {}
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        // What was put is recorded even when a later put failed.
+        let marked = dispatcher.store.mark_queued_batch(&queued)?;
+        for ((job_id, host, place), marked) in queued.iter().zip(marked) {
+            if marked {
+                log::debug!("job {job_id} host {host}: queued as {}", place.id);
+                continue;
+            }
+            // Revoked while we were putting it: take it back off the queue.
+            log::info!("job {job_id} host {host}: revoked during enqueue, deleting queue job {}", place.id);
+            if delete_if_ours(dispatcher, place, job_id, host)? == TakeBack::Taken {
+                // Too late: an agent has it. Say so, so its result is recorded.
+                log::warn!("job {job_id} host {host}: an agent took queue job {} before it was revoked", place.id);
+                dispatcher.store.revoked_but_taken(job_id, host, place)?;
+            }
+        }
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        if batch.len() < ENQUEUE_BATCH {
+            return Ok(());
+        }
+    }
+}
+
+/// Puts one host job's envelope on its tube; `None` if it was refused as too big (and so
+/// recorded as failed).
+fn put_envelope(dispatcher: &Dispatcher, pending: &PendingHostJob) -> Result<Option<QueueRef>, StepError> {
+    let job = &pending.job;
+    let envelope = JobEnvelope {
+        v: 1,
+        job_id: job.id.clone(),
+        host: pending.host.clone(),
+        method: job.method,
+        cmd: job.cmd.clone(),
+        timeout: job.timeout_secs,
+        reply_tube: dispatcher.reply_tube.clone(),
+        issued_at: wire::unix_now(),
+        expires_at: u64::try_from(job.start_by_ms / 1000).unwrap_or(0),
+        kill_grace_ms: Some(u64::try_from(dispatcher.kill_grace.as_millis()).unwrap_or(u64::MAX)),
+    };
+    let payload = serde_json::to_vec(&envelope).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let body = wire::sign(&dispatcher.secret, &payload);
+    let mac = wire::signature_of(&body).map(str::to_string);
+    let priority = if job.method.is_sync() { SYNC_PRIORITY } else { ASYNC_PRIORITY };
+    let kill_grace_secs = u32::try_from(dispatcher.kill_grace.as_millis().div_ceil(1000)).unwrap_or(u32::MAX);
+    let ttr = job.timeout_secs.saturating_add(kill_grace_secs).saturating_add(TTR_MARGIN_SECS);
+    let tube = host_tube(&pending.host);
+    // On polarisd the job also carries a TTL up to its start deadline, so
+    // the queue itself drops it if no agent takes it in time.
+    let left_ms = (job.start_by_ms - wire::unix_now_ms()).max(1000);
+    let ttl = u32::try_from((left_ms + 999) / 1000).unwrap_or(u32::MAX);
+    let put = dispatcher.queue.with_conn(|c, info| {
+        c.use_tube(&tube)?;
+        let id = if info.extensions {
+            c.put_with_ttl(priority, 0, ttr, ttl, &body)
+        } else {
+            c.put(priority, 0, ttr, &body)
+        }?;
+        Ok(QueueRef { id, instance: Some(info.instance.clone()), mac: mac.clone() })
+    });
+    match put {
+        Ok(place) => Ok(Some(place)),
+        Err(client::Error::JobTooBig) => {
+            let outcome = Outcome::failed(
+                Code::EnvelopeTooBig,
+                format!("The signed job ({} bytes) is larger than the queue's max job size", body.len()),
+            );
+            finish(dispatcher, &job.id, &pending.host, HostState::Pending, HostState::Failed, &outcome)?;
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
 /// Marks host jobs past their deadline as expired; a ready one is first taken off the queue
 /// so that no agent runs it after it was reported as not answered.
 fn expire_overdue(dispatcher: &Dispatcher) -> Result<(), StepError> {
-    let grace_ms = i64::try_from(dispatcher.result_grace.as_millis()).unwrap_or(i64::MAX);
+    // A taken job may run its timeout, then the kill grace, then its result travels.
+    let grace_ms = i64::try_from((dispatcher.result_grace + dispatcher.kill_grace).as_millis()).unwrap_or(i64::MAX);
     for overdue in dispatcher.store.overdue(unix_now_ms(), grace_ms)? {
         let (job_id, host, timeout) = (&overdue.job_id, &overdue.host, overdue.timeout_secs);
         match overdue.state {
@@ -177,7 +293,7 @@ fn expire_overdue(dispatcher: &Dispatcher) -> Result<(), StepError> {
                     Code::HostNoAnswer,
                     format!("The host's agent did not take the job within its timeout of {timeout}s"),
                 );
-                take_back(dispatcher, job_id, host, overdue.queue_job_id, HostState::Expired, &outcome)?;
+                take_back(dispatcher, job_id, host, overdue.queued.as_ref(), HostState::Expired, &outcome)?;
             }
             HostState::Reserved => {
                 let outcome = Outcome::failed(
@@ -192,48 +308,131 @@ fn expire_overdue(dispatcher: &Dispatcher) -> Result<(), StepError> {
     Ok(())
 }
 
-/// Takes a `ready` host job back off the queue and gives it the final state `to`. If the
-/// queue answers `NOT_FOUND`, an agent has it (or has answered and the result is on its
-/// way), so it becomes `reserved` and waits for its result. Returns the state afterwards.
-pub(crate) fn take_back(
+/// What the queue holds under a stored queue job id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Found {
+    /// Our envelope (ready, delayed, buried or reserved).
+    Ours,
+    /// Another job: the id was issued again by a restarted queue.
+    Stranger,
+    /// Nothing.
+    Gone,
+}
+
+/// Looks up `queued` with `peek` and tells whether it is still the envelope we put: its
+/// signature is the one we stored (or, for rows stored without one, it is a validly
+/// signed envelope for this job and host).
+pub(crate) fn find(
+    c: &mut Client,
+    secret: &wire::Secret,
+    queued: &QueueRef,
+    job_id: &str,
+    host: &str,
+) -> client::Result<Found> {
+    let job = match c.peek(queued.id) {
+        Ok(job) => job,
+        Err(client::Error::NotFound) => return Ok(Found::Gone),
+        Err(e) => return Err(e),
+    };
+    let ours = match &queued.mac {
+        Some(mac) => wire::signature_of(&job.body) == Some(mac.as_str()),
+        None => wire::open(secret, &job.body)
+            .ok()
+            .and_then(|payload| serde_json::from_slice::<JobEnvelope>(payload).ok())
+            .is_some_and(|envelope| envelope.job_id == job_id && envelope.host == host),
+    };
+    Ok(if ours { Found::Ours } else { Found::Stranger })
+}
+
+/// What [`delete_if_ours`] found out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TakeBack {
+    /// Our envelope was on the queue and is deleted: no agent will run it.
+    Deleted,
+    /// An agent has it, or had it (and its result is on the way).
+    Taken,
+    /// polarisd dropped it when its TTL ran out: no agent ever had it.
+    ExpiredInQueue,
+    /// The queue that held it is gone (it restarted without its data): no agent will run it.
+    Lost,
+}
+
+/// Deletes our envelope from the queue, but only with proof that the id still names it:
+/// `peek` on the same connection as the `delete` must show our signature, and a free id
+/// means "taken" only on the queue instance that issued it. Another job under the id (a
+/// restarted queue issued it again) is never touched.
+pub(crate) fn delete_if_ours(
+    dispatcher: &Dispatcher,
+    queued: &QueueRef,
+    job_id: &str,
+    host: &str,
+) -> client::Result<TakeBack> {
+    dispatcher.queue.with_conn(|c, info| {
+        // Unknown for rows stored by older versions: assume the same instance, as they did.
+        let same_instance = queued.instance.as_deref().map_or(true, |i| i == info.instance);
+        match find(c, &dispatcher.secret, queued, job_id, host)? {
+            Found::Ours => match c.delete(queued.id) {
+                Ok(()) => Ok(TakeBack::Deleted),
+                // Reserved by an agent between our peek and delete.
+                Err(client::Error::NotFound) => Ok(TakeBack::Taken),
+                Err(e) => Err(e),
+            },
+            Found::Stranger => Ok(TakeBack::Lost),
+            Found::Gone if !same_instance => Ok(TakeBack::Lost),
+            Found::Gone => {
+                // Gone from the queue that issued the id: an agent took it, unless polarisd
+                // says its TTL ran out first, in which case no agent will ever run it.
+                if info.extensions && matches!(c.job_state(queued.id).as_deref(), Ok("expired")) {
+                    Ok(TakeBack::ExpiredInQueue)
+                } else {
+                    Ok(TakeBack::Taken)
+                }
+            }
+        }
+    })
+}
+
+/// Takes a `ready` host job back off the queue and gives it the final state `to`. If an
+/// agent has it (or has answered and the result is on its way), it becomes `reserved` and
+/// waits for its result. Returns the state afterwards, or `None` if the row changed
+/// meanwhile (queued again, answered) and nothing was written.
+fn take_back(
     dispatcher: &Dispatcher,
     job_id: &str,
     host: &str,
-    queue_job_id: Option<u64>,
+    queued: Option<&QueueRef>,
     to: HostState,
     outcome: &Outcome,
-) -> Result<HostState, StepError> {
-    let deleted = match queue_job_id {
-        Some(queue_id) => dispatcher.queue.with(|c| c.delete(queue_id)),
-        None => Ok(()),
+) -> Result<Option<HostState>, StepError> {
+    let Some(queued) = queued else {
+        let done = dispatcher.store.finish(job_id, host, HostState::Ready, to, outcome)?;
+        if done {
+            dispatcher.waiters.notify(job_id);
+        }
+        return Ok(done.then_some(to));
     };
-    match deleted {
-        Ok(()) => {
-            finish(dispatcher, job_id, host, HostState::Ready, to, outcome)?;
-            Ok(to)
+    let (state, outcome) = match delete_if_ours(dispatcher, queued, job_id, host)? {
+        TakeBack::Deleted => (to, outcome.clone()),
+        TakeBack::Lost => {
+            log::warn!("job {job_id} host {host}: queue job {} was lost when the queue restarted", queued.id);
+            let message = format!("{}; {}", outcome.message, LOST_BEFORE_TAKEN.to_lowercase());
+            (to, Outcome { message, ..outcome.clone() })
         }
-        Err(client::Error::NotFound) => {
-            // Gone from the queue: an agent took it, unless polarisd says its TTL
-            // ran out first, in which case no agent will ever run it.
-            let expired = match queue_job_id {
-                Some(queue_id) if dispatcher.queue.has_extensions() => {
-                    matches!(dispatcher.queue.with(|c| c.job_state(queue_id)).as_deref(), Ok("expired"))
-                }
-                _ => false,
-            };
-            if expired {
-                let timeout = Outcome::failed(
-                    Code::HostNoAnswer,
-                    "The host's agent did not take the job before it expired in the queue",
-                );
-                finish(dispatcher, job_id, host, HostState::Ready, HostState::Expired, &timeout)?;
-                return Ok(HostState::Expired);
-            }
-            dispatcher.store.transition(job_id, host, HostState::Ready, HostState::Reserved, None)?;
-            Ok(HostState::Reserved)
+        TakeBack::ExpiredInQueue => (
+            HostState::Expired,
+            Outcome::failed(Code::HostNoAnswer, "The host's agent did not take the job before it expired in the queue"),
+        ),
+        TakeBack::Taken => {
+            let moved = dispatcher.store.reserve_queued(job_id, host, queued.id)?;
+            return Ok(moved.then_some(HostState::Reserved));
         }
-        Err(e) => Err(e.into()),
+    };
+    let done = dispatcher.store.finish_queued(job_id, host, queued.id, state, &outcome)?;
+    if done {
+        log::info!("job {job_id} host {host}: {} ({})", state.as_str(), outcome.message);
+        dispatcher.waiters.notify(job_id);
     }
+    Ok(done.then_some(state))
 }
 
 fn finish(

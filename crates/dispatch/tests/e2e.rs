@@ -329,6 +329,7 @@ fn forged_or_expired_envelopes_are_buried_not_run() {
         reply_tube: reply_tube.into(),
         issued_at: wire::unix_now(),
         expires_at,
+        kill_grace_ms: None,
     };
     let forged_secret = Secret::new(b"not-the-real-secret-at-all".to_vec()).expect("secret");
     let forged =
@@ -524,6 +525,7 @@ fn result_put_recovers_from_job_too_big() {
         retcode: 0,
         message: "Normal termination".into(),
         data: "\"quoted\"\n".repeat(6000),
+        encoding: None,
         truncated: false,
         output_bytes: 60_000,
     };
@@ -556,6 +558,7 @@ fn long_command_is_touched_past_its_ttr() {
         reply_tube: "touch.replies".into(),
         issued_at: wire::unix_now(),
         expires_at: wire::unix_now() + 60,
+        kill_grace_ms: None,
     };
     let body = wire::sign(&test_secret(), &serde_json::to_vec(&envelope).expect("json"));
     queue.use_tube("host.alpha").expect("use");
@@ -652,4 +655,474 @@ fn clients_outside_the_allow_list_are_refused() {
     let allowed = start_dispatcher(&queue.addr, &dir.path().join("b"), &["--allow-client", "127.0.0.0/8"]);
     let (status, body) = get(&format!("{}/v1/hosts", allowed.url));
     assert_eq!(status, 200, "{body}");
+}
+
+// ---------------------------------------------------------------------------------------
+// A gate in front of the queue, for tests that must hold the dispatcher's queue traffic at
+// a chosen point.
+
+/// A TCP proxy between the dispatcher and the queue. Open, it forwards everything; told to
+/// let `n` more puts through, it forwards client-to-server traffic until `n` commands
+/// starting with `put ` have passed and then holds all of it, on every connection, until
+/// it is opened again. Server-to-client traffic always flows, so the last put let through
+/// gets its reply.
+struct QueueGate {
+    addr: String,
+    shared: std::sync::Arc<GateShared>,
+}
+
+struct GateShared {
+    /// `None`: open; `Some(n)`: `n` more puts may pass, then everything is held.
+    puts_left: std::sync::Mutex<Option<usize>>,
+    changed: std::sync::Condvar,
+}
+
+impl GateShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<usize>> {
+        self.puts_left.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Blocks until `chunk` (one client command, as the blocking client writes each
+    /// command with one call and waits for its reply) may be forwarded.
+    fn pass(&self, chunk: &[u8]) {
+        let mut state = self.lock();
+        loop {
+            match *state {
+                None => return,
+                Some(0) => state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner()),
+                Some(n) => {
+                    if chunk.starts_with(b"put ") {
+                        *state = Some(n - 1);
+                    }
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl QueueGate {
+    fn start(upstream: &str) -> QueueGate {
+        use std::io::{Read, Write};
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the gate");
+        let addr = listener.local_addr().expect("gate address").to_string();
+        let shared = std::sync::Arc::new(GateShared {
+            puts_left: std::sync::Mutex::new(None),
+            changed: std::sync::Condvar::new(),
+        });
+        let upstream = upstream.to_string();
+        let gate_shared = shared.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(&upstream) else { continue };
+                let (mut client_in, mut server_out) = (client, server);
+                let (Ok(mut client_out), Ok(mut server_in)) = (client_in.try_clone(), server_out.try_clone()) else {
+                    continue;
+                };
+                let shared = gate_shared.clone();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 256 * 1024];
+                    loop {
+                        match client_in.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                shared.pass(&buf[..n]);
+                                if server_out.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    let _ = server_out.shutdown(Shutdown::Both);
+                    let _ = client_in.shutdown(Shutdown::Both);
+                });
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut server_in, &mut client_out);
+                    let _ = client_out.shutdown(Shutdown::Both);
+                    let _ = server_in.shutdown(Shutdown::Both);
+                });
+            }
+        });
+        QueueGate { addr, shared }
+    }
+
+    /// Lets `n` more puts through, then holds everything.
+    fn let_through_puts(&self, n: usize) {
+        *self.shared.lock() = Some(n);
+        self.shared.changed.notify_all();
+    }
+
+    /// Holds all client-to-server traffic from now on.
+    fn hold(&self) {
+        self.let_through_puts(0);
+    }
+
+    /// Forwards everything again, held commands first.
+    fn open(&self) {
+        *self.shared.lock() = None;
+        self.shared.changed.notify_all();
+    }
+}
+
+fn envelope_of(job: &client::Job) -> JobEnvelope {
+    serde_json::from_slice(wire::open(&test_secret(), &job.body).expect("a signed envelope")).expect("envelope JSON")
+}
+
+fn host_state(job: &Value, index: usize) -> String {
+    job["hosts"][index]["state"].as_str().unwrap_or("").to_string()
+}
+
+/// An in-memory queue restarts and hands the dispatcher's old queue job ids to somebody
+/// else's jobs. Neither `DELETE /v1/jobs/{id}` nor the deadline sweeper may delete them:
+/// the dispatcher acts on a queue id only with proof that it is still its envelope, and
+/// puts the work it lost with the old queue on the new one.
+#[test]
+fn queue_restart_never_lets_the_dispatcher_delete_a_strangers_job() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut queue = start_queue(BIG_JOB_SIZE);
+    let gate = QueueGate::start(&queue.addr);
+    let dispatch = start_dispatcher(&gate.addr, &dir.path().join("data"), &[]);
+    let url = |path: &str| format!("{}{path}", dispatch.url);
+    // A registered host whose agent is not running: its jobs sit in the queue.
+    let (status, _) = post(&url("/v1/hosts"), &json!({"id": "alpha"}));
+    assert_eq!(status, 201);
+    let job =
+        |cmd: &str, timeout: u32| json!({"hosts": ["alpha"], "method": "async.bash", "cmd": cmd, "timeout": timeout});
+    let (status, body) = post(&url("/v1/jobs"), &job("echo to-cancel", 60));
+    assert_eq!(status, 202, "{body}");
+    let cancelled = body["id"].as_str().expect("id").to_string();
+    let (status, body) = post(&url("/v1/jobs"), &job("echo to-expire", 4));
+    assert_eq!(status, 202, "{body}");
+    let expiring = body["id"].as_str().expect("id").to_string();
+    let job_url = |id: &str| url(&format!("/v1/jobs/{id}"));
+    wait_until(Duration::from_secs(10), "both host jobs on the queue", || {
+        host_state(&get(&job_url(&cancelled)).1, 0) == "ready" && host_state(&get(&job_url(&expiring)).1, 0) == "ready"
+    });
+    let mut direct = queue_client(&queue);
+    let old_ids: Vec<u64> = [&cancelled, &expiring]
+        .iter()
+        .map(|id| {
+            (1..=2)
+                .find(|q| envelope_of(&direct.peek(*q).expect("peek")).job_id == **id)
+                .expect("the job's envelope in the old queue")
+        })
+        .collect();
+
+    // The queue restarts empty while the dispatcher cannot reach it, and a stranger's
+    // jobs on another tube get the old ids.
+    gate.hold();
+    let port: u16 = queue.addr.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
+    queue.proc.kill();
+    queue = start_queue_on_port(BIG_JOB_SIZE, Some(port));
+    let mut direct = queue_client(&queue);
+    direct.use_tube("other.work").expect("use");
+    let strangers: Vec<u64> =
+        (0..2).map(|i| direct.put(0, 0, 600, format!("stranger {i}").as_bytes()).expect("put")).collect();
+    let mut sorted_old = old_ids.clone();
+    sorted_old.sort_unstable();
+    assert_eq!(strangers, sorted_old, "precondition: the new queue reuses the old ids");
+    gate.open();
+    // The dispatcher notices the new queue and puts the envelopes it lost there again.
+    wait_until(Duration::from_secs(10), "both envelopes put again on the new queue", || {
+        direct.stats_tube("host.alpha").map(|s| s.get_u64("current-jobs-ready") == Some(2)).unwrap_or(false)
+    });
+
+    // Cancel the first job (the queue connections the dispatcher held died with the old
+    // queue, so an attempt may find the queue unavailable; ask again until it is final).
+    wait_until(Duration::from_secs(15), "the cancelled job final", || {
+        let (status, reply) = request("DELETE", &job_url(&cancelled), None, None);
+        status == 200 && !["pending", "ready"].contains(&reply["hosts"][0]["state"].as_str().unwrap_or(""))
+    });
+    // The second one passes its deadline and meets the sweeper.
+    wait_until(Duration::from_secs(20), "the second job expired", || get(&job_url(&expiring)).1["done"] == true);
+
+    for (id, body) in strangers.iter().zip(["stranger 0", "stranger 1"]) {
+        let found = direct.peek(*id).unwrap_or_else(|e| panic!("the stranger's job {id} is gone: {e}"));
+        assert_eq!(found.body, body.as_bytes());
+        assert_eq!(direct.stats_job(*id).expect("stats-job").get("tube"), Some("other.work"));
+    }
+    let (_, cancelled_job) = get(&job_url(&cancelled));
+    assert_eq!(host_state(&cancelled_job, 0), "revoked", "{cancelled_job}");
+    let (_, expired_job) = get(&job_url(&expiring));
+    assert_eq!(host_state(&expired_job, 0), "expired", "{expired_job}");
+    assert_eq!(expired_job["hosts"][0]["retcode"], code(Code::HostNoAnswer));
+    // Whatever the dispatcher put on the new queue for them was taken back.
+    let stats = direct.stats_tube("host.alpha").map(|s| s.get_u64("current-jobs-ready"));
+    assert!(matches!(stats, Ok(Some(0)) | Err(client::Error::NotFound)), "{stats:?}");
+}
+
+impl QueueGate {
+    /// Whether traffic is held now.
+    fn holding(&self) -> bool {
+        *self.shared.lock() == Some(0)
+    }
+}
+
+/// Cancelling a job of thousands of hosts while the enqueuer is still putting its
+/// envelopes: the job's pending hosts are revoked in the database at once, before any
+/// queue round trip, so other calls see it while the queue is still held (and the
+/// revocations of the envelopes already put cannot finish); the enqueuer stops putting;
+/// afterwards nothing of the job is left on the queue.
+#[test]
+fn cancelling_a_large_job_mid_enqueue_revokes_at_once_without_blocking_others() {
+    const HOSTS: usize = 2000;
+    const LET_THROUGH: usize = 250;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let queue = start_queue(BIG_JOB_SIZE);
+    let gate = QueueGate::start(&queue.addr);
+    let dispatch = start_dispatcher(&gate.addr, &dir.path().join("data"), &[]);
+    let url = |path: &str| format!("{}{path}", dispatch.url);
+    let hosts: Vec<String> = (0..HOSTS).map(|i| format!("fake-{i:04}")).collect();
+    for host in &hosts {
+        let (status, body) = post(&url("/v1/hosts"), &json!({"id": host}));
+        assert_eq!(status, 201, "{body}");
+    }
+    gate.let_through_puts(LET_THROUGH);
+    let (status, body) =
+        post(&url("/v1/jobs"), &json!({"hosts": hosts, "method": "async.bash", "cmd": "echo never", "timeout": 600}));
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_str().expect("id").to_string();
+    wait_until(Duration::from_secs(30), "the enqueuer held after its first puts", || gate.holding());
+    let list_url = url("/v1/jobs?limit=1");
+    let count = |page: &Value, state: &str| page["jobs"][0]["states"][state].as_u64().unwrap_or(0);
+    // The enqueuer records what it put in batches smaller than LET_THROUGH, so some host
+    // jobs are `ready` on the queue now: the cancel must take those back through the queue.
+    wait_until(Duration::from_secs(10), "some host jobs recorded as ready", || count(&get(&list_url).1, "ready") > 0);
+
+    let job_url = url(&format!("/v1/jobs/{id}"));
+    let deleter = {
+        let job_url = job_url.clone();
+        std::thread::spawn(move || request("DELETE", &job_url, None, None))
+    };
+    // While the queue is held, other calls answer and already see the job's pending hosts
+    // revoked.
+    wait_until(Duration::from_secs(20), "pending hosts revoked while the queue is held", || {
+        let (status, page) = get(&list_url);
+        assert_eq!(status, 200, "{page}");
+        count(&page, "revoked") >= (HOSTS - LET_THROUGH) as u64
+    });
+    // This GET answered before the revocations finished: those need the held queue.
+    assert!(count(&get(&list_url).1, "ready") > 0);
+    assert!(!deleter.is_finished(), "the DELETE took back envelopes without the queue");
+    let (status, host) = get(&url("/v1/hosts/fake-0001"));
+    assert_eq!(status, 200, "{host}");
+    assert!(gate.holding(), "nothing opened the gate");
+    gate.open();
+
+    let (status, reply) = deleter.join().expect("the DELETE thread");
+    assert_eq!(status, 200, "{reply}");
+    let states = reply["hosts"].as_array().expect("hosts");
+    assert_eq!(states.len(), HOSTS);
+    assert!(states.iter().all(|h| h["state"] == "revoked"), "{reply}");
+    let mut direct = queue_client(&queue);
+    wait_until(Duration::from_secs(20), "nothing of the job left on the queue", || {
+        let stats = direct.stats().expect("stats");
+        ["current-jobs-ready", "current-jobs-delayed", "current-jobs-reserved", "current-jobs-buried"]
+            .iter()
+            .all(|k| stats.get_u64(k) == Some(0))
+    });
+    // One put may have been in flight when the cancel came; no more followed it.
+    let puts = direct.stats().expect("stats").get_u64("cmd-put").expect("cmd-put");
+    assert!(puts <= (LET_THROUGH + 1) as u64, "the enqueuer kept putting after the cancel: {puts} puts");
+    let (status, job) = get(&job_url);
+    assert_eq!(status, 200);
+    assert_eq!(job["done"], true);
+    assert!(
+        job["cancelled_at_ms"].as_i64().is_some_and(|ms| ms >= job["created_at_ms"].as_i64().unwrap_or(i64::MAX)),
+        "{}",
+        job["cancelled_at_ms"]
+    );
+    assert!(job["hosts"].as_array().expect("hosts").iter().all(|h| h["retcode"] == code(Code::Revoked)), "{job}");
+}
+
+/// Every error, also for paths, methods and query parameters the API does not have, is
+/// answered in the documented JSON shape with a code.
+#[test]
+fn every_error_has_the_documented_shape() {
+    let queue = start_queue(BIG_JOB_SIZE);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dispatch = start_dispatcher(&queue.addr, &dir.path().join("data"), &[]);
+    let url = |path: &str| format!("{}{path}", dispatch.url);
+    let check = |method: &str, path: &str, body: Option<&str>, status: u16, name: &str, field: Value| {
+        let (got, text) = request_text(method, &url(path), body, None);
+        let reply: Value =
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("{method} {path}: not JSON: {text:?}"));
+        assert_eq!(got, status, "{method} {path}: {reply}");
+        let error = reply["error"].as_object().unwrap_or_else(|| panic!("{method} {path}: {reply}"));
+        let keys: Vec<&str> = error.keys().map(String::as_str).collect();
+        assert_eq!(keys.len(), 6, "{method} {path}: {reply}");
+        for key in ["code", "hex", "type", "name", "field", "message"] {
+            assert!(error.contains_key(key), "{method} {path}: {key} missing in {reply}");
+        }
+        assert_eq!(error["name"], name, "{method} {path}: {reply}");
+        let code = Code::ALL.iter().find(|c| c.label() == name).unwrap_or_else(|| panic!("no code named {name}"));
+        assert_eq!(error["code"], json!(code.value()));
+        assert_eq!(error["hex"], code.hex());
+        assert_eq!(error["type"], "validation");
+        assert_eq!(code.http_status(), status);
+        assert_eq!(error["field"], field, "{method} {path}: {reply}");
+        reply
+    };
+    // Unknown paths.
+    check("GET", "/v1/nope", None, 404, "no_such_endpoint", Value::Null);
+    check("GET", "/", None, 404, "no_such_endpoint", Value::Null);
+    check("POST", "/v1/jobs/x/y", Some("{}"), 404, "no_such_endpoint", Value::Null);
+    // Known paths, wrong methods.
+    check("PUT", "/v1/jobs", Some("{}"), 405, "method_not_allowed", Value::Null);
+    check("POST", "/v1/jobs/00000000-0000-4000-8000-000000000000", Some("{}"), 405, "method_not_allowed", Value::Null);
+    check("DELETE", "/v1/hosts", None, 405, "method_not_allowed", Value::Null);
+    let allow = match ureq::request("PATCH", &url("/v1/hosts/alpha")).call() {
+        Err(ureq::Error::Status(405, response)) => response.header("allow").unwrap_or("").to_string(),
+        other => panic!("PATCH answered {other:?}"),
+    };
+    assert!(allow.contains("GET") && allow.contains("DELETE"), "Allow: {allow:?}");
+    // Unknown query parameters are refused like unknown body fields.
+    let reply = check("GET", "/v1/jobs?lmit=5", None, 400, "unknown_field", json!("lmit"));
+    assert!(reply["error"]["message"].as_str().unwrap_or("").contains("lmit"), "{reply}");
+    check("GET", "/v1/jobs?limit=5&offset=0&verbose=1", None, 400, "unknown_field", json!("verbose"));
+    check("GET", "/v1/hosts?all=1", None, 400, "unknown_field", json!("all"));
+    check("GET", "/v1/jobs/00000000-0000-4000-8000-000000000000?x=1", None, 400, "unknown_field", json!("x"));
+    let body = json!({"hosts": ["alpha"], "method": "async.bash", "cmd": "true"}).to_string();
+    check("POST", "/v1/jobs?sync=1", Some(&body), 400, "unknown_field", json!("sync"));
+    let (status, page) = get(&url("/v1/jobs?limit=5&offset=0"));
+    assert_eq!(status, 200, "{page}");
+    // A host id that can never be registered is invalid, not an unknown host.
+    let bad_host = json!({"hosts": ["alpha", "web 01"], "method": "sync.bash", "cmd": "ls"}).to_string();
+    let reply = check("POST", "/v1/jobs", Some(&bad_host), 400, "invalid_value", json!("hosts[1]"));
+    assert!(reply["error"]["message"].as_str().unwrap_or("").contains("web 01"), "{reply}");
+    let (status, page) = get(&url("/v1/jobs"));
+    assert_eq!((status, page["total"].clone()), (200, json!(0)), "the refused job was not stored: {page}");
+}
+
+/// Starts an agent with its default kill grace (the cluster's agents use 0.5 s).
+fn start_agent_with_default_kill_grace(
+    queue_addr: &str,
+    host: &str,
+    dispatch_url: &str,
+    dir: &std::path::Path,
+) -> polaris_testkit::Proc {
+    let workdir = dir.join(host);
+    std::fs::create_dir_all(&workdir).expect("workdir");
+    let child = std::process::Command::new(polaris_testkit::binary("polaris-agent"))
+        .args(["--queue", queue_addr, "--host-id", host, "--dispatch", dispatch_url])
+        .arg("--state-file")
+        .arg(dir.join(format!("{host}.json")))
+        .current_dir(&workdir)
+        .env("POLARIS_SECRET", TEST_SECRET)
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("start polaris-agent");
+    polaris_testkit::Proc::new(&format!("agent {host}"), child)
+}
+
+/// With the default agent kill grace (5 s) and the default sync grace (5 s), a command
+/// that ignores SIGTERM is killed with SIGKILL 5 s after its timeout; the sync call waits
+/// for that and reports the real outcome, not "no answer".
+#[test]
+fn sync_call_waits_for_the_agents_kill_path() {
+    let queue = start_queue(BIG_JOB_SIZE);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dispatch = start_dispatcher(&queue.addr, &dir.path().join("data"), &[]);
+    let _agent = start_agent_with_default_kill_grace(&queue.addr, "alpha", &dispatch.url, dir.path());
+    wait_until(Duration::from_secs(15), "the agent registered", || {
+        get(&format!("{}/v1/hosts/alpha", dispatch.url)).0 == 200
+    });
+    let (status, body) = post(
+        &format!("{}/v1/jobs", dispatch.url),
+        &json!({"hosts": ["alpha"], "method": "sync.bash", "cmd": "trap '' TERM; echo started; sleep 30", "timeout": 1}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let entry = &body["response"][0];
+    assert_eq!(entry["retcode"], code(Code::ExecTimeout), "{body}");
+    assert_eq!(entry["resp"], "failed");
+    assert_eq!(entry["message"], "Timed out after 1s: process group killed with SIGKILL");
+    assert_eq!(entry["data"], "started\n");
+}
+
+fn base64_decode(text: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.decode(text).expect("valid base64")
+}
+
+/// Output that is not UTF-8 comes back byte for byte in `data_base64`; text output keeps
+/// the seed shape; the 64 KiB cap cuts at a byte boundary and says so.
+#[test]
+fn binary_output_round_trips_exactly() {
+    let cluster = Cluster::start(&["alpha"]);
+    let workdir = cluster.workdir("alpha");
+    let run = |cmd: &str| {
+        let (status, body) =
+            post(&cluster.url("/v1/jobs"), &json!({"hosts": ["alpha"], "method": "sync.bash", "cmd": cmd}));
+        assert_eq!(status, 200, "{body}");
+        body
+    };
+
+    let body = run("head -c 100 /dev/urandom | tee small.bin");
+    let expected = std::fs::read(workdir.join("small.bin")).expect("small.bin");
+    assert!(std::str::from_utf8(&expected).is_err(), "precondition: 100 random bytes are not UTF-8");
+    let entry = &body["response"][0];
+    assert_eq!(entry["resp"], "success", "{body}");
+    assert_eq!(entry["message"], "Normal termination");
+    assert_eq!(entry["data"], "");
+    assert_eq!(entry["encoding"], "base64");
+    assert_eq!(base64_decode(entry["data_base64"].as_str().expect("data_base64")), expected);
+    let (_, job) = get(&cluster.url(&format!("/v1/jobs/{}", body["id"].as_str().expect("id"))));
+    assert_eq!(job["hosts"][0]["encoding"], "base64", "{job}");
+    assert_eq!(base64_decode(job["hosts"][0]["data_base64"].as_str().expect("data_base64")), expected);
+    assert_eq!(job["hosts"][0]["truncated"], false);
+
+    // Past the cap: exactly the first 65536 bytes, reported as truncated.
+    let body = run("head -c 70000 /dev/urandom | tee big.bin");
+    let expected = std::fs::read(workdir.join("big.bin")).expect("big.bin");
+    let entry = &body["response"][0];
+    assert_eq!(entry["message"], "Normal termination; output truncated to 65536 of 70000 bytes", "{entry}");
+    assert_eq!(base64_decode(entry["data_base64"].as_str().expect("data_base64")), &expected[..65536]);
+    let (_, job) = get(&cluster.url(&format!("/v1/jobs/{}", body["id"].as_str().expect("id"))));
+    assert_eq!(job["hosts"][0]["truncated"], true);
+
+    // Text cut by the cap in the middle of a character stays text: the whole characters
+    // before the cut are kept and counted.
+    let body = run("head -c 65535 /dev/zero | tr '\\0' a; printf '\\303\\251'");
+    let entry = &body["response"][0];
+    assert_eq!(
+        entry["message"], "Normal termination; output truncated to 65535 of 65537 bytes",
+        "{}",
+        entry["message"]
+    );
+    let data = entry["data"].as_str().expect("data");
+    assert_eq!(data.len(), 65535);
+    assert!(data.bytes().all(|b| b == b'a'));
+    assert!(entry.get("encoding").is_none() && entry.get("data_base64").is_none(), "{}", entry["message"]);
+
+    // Text output keeps the seed's shape, without the new fields.
+    let body = run("printf 'h\\303\\251llo\\n'");
+    assert_eq!(
+        body["response"][0],
+        json!({"host": "alpha", "resp": "success", "retcode": 0, "message": "Normal termination", "data": "héllo\n"})
+    );
+}
+
+/// A queue too small for a 64 KiB binary result: the agent cuts the base64 text at a
+/// whole group of bytes, so the bytes kept are still exactly a prefix of the output.
+#[test]
+fn binary_output_cut_for_a_small_queue_stays_a_byte_prefix() {
+    let cluster = Cluster::start_with(&["alpha"], 30_000, &[], &[]);
+    let (status, body) = post(
+        &cluster.url("/v1/jobs"),
+        &json!({"hosts": ["alpha"], "method": "sync.bash", "cmd": "head -c 50000 /dev/urandom | tee out.bin"}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let expected = std::fs::read(cluster.workdir("alpha").join("out.bin")).expect("out.bin");
+    let entry = &body["response"][0];
+    assert_eq!(entry["resp"], "success", "{body}");
+    let kept = base64_decode(entry["data_base64"].as_str().expect("data_base64"));
+    assert!(kept.len() > 10_000 && kept.len() < 30_000, "kept {} bytes", kept.len());
+    assert_eq!(kept, &expected[..kept.len()]);
+    let message = entry["message"].as_str().expect("message");
+    assert_eq!(
+        message,
+        format!("Normal termination; output cut to {} of 50000 bytes to fit the queue's max job size", kept.len())
+    );
 }

@@ -112,12 +112,16 @@ codes! {
     CmdTooLarge = 0x0506, Validation, "cmd_too_large", 400;
     /// A field has a value out of its range or format (bad UUID, timeout, host id, ...).
     InvalidValue = 0x0507, Validation, "invalid_value", 400;
-    /// The body has a field the API does not know.
+    /// The body has a field, or the URL a query parameter, the API does not know.
     UnknownField = 0x0508, Validation, "unknown_field", 400;
     /// The job id was used before.
     DuplicateJobId = 0x0509, Validation, "duplicate_job_id", 409;
     /// The request body is larger than the dispatcher accepts.
     BodyTooLarge = 0x050A, Validation, "body_too_large", 413;
+    /// No endpoint has this path.
+    NoSuchEndpoint = 0x050B, Validation, "no_such_endpoint", 404;
+    /// The endpoint exists but does not take this HTTP method.
+    MethodNotAllowed = 0x050C, Validation, "method_not_allowed", 405;
 }
 
 impl Code {

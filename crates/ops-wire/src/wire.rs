@@ -129,6 +129,14 @@ pub fn unverified_payload(message: &[u8]) -> Option<&[u8]> {
     message.get(newline + 1..)
 }
 
+/// The hex signature in a signed message's header, without checking it: a message on the
+/// queue whose signature equals the one of an envelope we put is that envelope.
+pub fn signature_of(message: &[u8]) -> Option<&str> {
+    let newline = message.iter().position(|&b| b == b'\n')?;
+    let header = std::str::from_utf8(&message[..newline]).ok()?;
+    header.strip_prefix(SIGNED_MAGIC)?.strip_prefix(' ')
+}
+
 /// Verifies a signed message (constant-time MAC comparison) and returns its payload.
 pub fn open<'a>(secret: &Secret, message: &'a [u8]) -> Result<&'a [u8], OpenError> {
     let newline = message.iter().position(|&b| b == b'\n').ok_or(OpenError::NotSigned)?;
@@ -209,6 +217,12 @@ pub struct JobEnvelope {
     pub issued_at: u64,
     /// Unix seconds after which an agent must not start the job.
     pub expires_at: u64,
+    /// Milliseconds from SIGTERM to SIGKILL for a command past `timeout`, as the
+    /// dispatcher sized its waits for it: the agent uses the smaller of this and its own
+    /// `--kill-grace-ms`, so its kill path always reports before a sync call gives up.
+    /// Absent (an older dispatcher): the agent's own setting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kill_grace_ms: Option<u64>,
 }
 
 /// `success` or `failed`, as in the REST reply.
@@ -246,12 +260,78 @@ pub struct HostResult {
     pub retcode: u32,
     /// `Normal termination`, the signal that ended the command, or what went wrong.
     pub message: String,
-    /// The command's combined stdout and stderr (possibly truncated), or the query facts.
+    /// The command's combined stdout and stderr (possibly truncated), or the query facts:
+    /// the text itself, or its bytes in base64 when `encoding` says so.
     pub data: String,
+    /// How `data` holds the output: absent for UTF-8 text (the usual case, so such results
+    /// look as they always did), [`Encoding::Base64`] for output that is not UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoding: Option<Encoding>,
     /// Whether `data` holds less than the command printed.
     pub truncated: bool,
     /// How many bytes the command printed in all.
     pub output_bytes: u64,
+}
+
+/// How a result's `data` holds output that is not UTF-8 text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    /// Standard base64 (RFC 4648, with padding) of the exact bytes.
+    Base64,
+}
+
+impl Encoding {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Encoding::Base64 => "base64",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn parse(name: &str) -> Option<Encoding> {
+        match name {
+            "base64" => Some(Encoding::Base64),
+            _ => None,
+        }
+    }
+}
+
+/// Output bytes as a result's `data`, without losing any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputData {
+    /// The text, or the base64 of the bytes.
+    pub data: String,
+    /// `None` for text, else how `data` is encoded.
+    pub encoding: Option<Encoding>,
+    /// How many of the output bytes `data` holds.
+    pub kept: usize,
+}
+
+impl OutputData {
+    /// Encodes `output`: UTF-8 text stays text; anything else becomes base64 of the exact
+    /// bytes. When `cut` (the bytes are a prefix cut at a size cap), a character the cut
+    /// split is dropped, so text cut in the middle of a character stays text and `kept`
+    /// says how many bytes remain.
+    pub fn new(output: &[u8], cut: bool) -> OutputData {
+        match std::str::from_utf8(output) {
+            Ok(text) => OutputData { data: text.to_string(), encoding: None, kept: output.len() },
+            // An incomplete character at the very end, where the cap cut it.
+            Err(e) if cut && e.error_len().is_none() => {
+                let valid = &output[..e.valid_up_to()];
+                let text = std::str::from_utf8(valid).unwrap_or_default();
+                OutputData { data: text.to_string(), encoding: None, kept: valid.len() }
+            }
+            Err(_) => OutputData { data: base64_encode(output), encoding: Some(Encoding::Base64), kept: output.len() },
+        }
+    }
+}
+
+/// Standard base64 with padding.
+pub fn base64_encode(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 #[cfg(test)]
@@ -267,6 +347,10 @@ mod tests {
         let msg = sign(&secret(), b"{\"a\":1}");
         assert!(msg.starts_with(b"polaris-v1 "));
         assert_eq!(open(&secret(), &msg), Ok(&b"{\"a\":1}"[..]));
+        let tag = signature_of(&msg).expect("a signature");
+        assert_eq!(tag.len(), 64);
+        assert_ne!(signature_of(&sign(&secret(), b"{\"a\":2}")), Some(tag));
+        assert_eq!(signature_of(b"stranger 1"), None);
     }
 
     #[test]
@@ -293,5 +377,47 @@ mod tests {
             assert_eq!(serde_json::to_string(&m).ok(), Some(format!("\"{}\"", m.as_str())));
         }
         assert_eq!(Method::parse("sync.python"), None);
+    }
+
+    #[test]
+    fn output_keeps_its_bytes() {
+        assert_eq!(
+            OutputData::new("héllo\n".as_bytes(), false),
+            OutputData { data: "héllo\n".into(), encoding: None, kept: 7 }
+        );
+        let binary = [0xff, 0x00, b'a', 0xc3];
+        let out = OutputData::new(&binary, false);
+        assert_eq!((out.data.as_str(), out.encoding, out.kept), ("/wBhww==", Some(Encoding::Base64), 4));
+        // A cap that split "é" keeps the text before it; without a cap it is binary.
+        let cut = [b'a', b'b', 0xc3];
+        assert_eq!(OutputData::new(&cut, true), OutputData { data: "ab".into(), encoding: None, kept: 2 });
+        assert_eq!(OutputData::new(&cut, false).encoding, Some(Encoding::Base64));
+        // Invalid bytes before the cut are binary whatever the cut.
+        assert_eq!(OutputData::new(&[0xff, b'a', 0xc3], true).encoding, Some(Encoding::Base64));
+    }
+
+    #[test]
+    fn text_results_keep_their_shape() {
+        let result = HostResult {
+            v: 1,
+            job_id: "j".into(),
+            host: "h".into(),
+            resp: Resp::Success,
+            retcode: 0,
+            message: "m".into(),
+            data: "d".into(),
+            encoding: None,
+            truncated: false,
+            output_bytes: 1,
+        };
+        let json = serde_json::to_value(&result).expect("json");
+        assert!(json.get("encoding").is_none(), "{json}");
+        let old: HostResult = serde_json::from_str(
+            r#"{"v":1,"job_id":"j","host":"h","resp":"success","retcode":0,"message":"m","data":"d","truncated":false,"output_bytes":1}"#,
+        )
+        .expect("a result without encoding");
+        assert_eq!(old, result);
+        let binary = HostResult { encoding: Some(Encoding::Base64), ..result };
+        assert_eq!(serde_json::to_value(&binary).expect("json")["encoding"], "base64");
     }
 }
