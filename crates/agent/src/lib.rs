@@ -8,8 +8,8 @@
 //! timeout, else it is stopped and its job released for the agent's next start.
 //!
 //! # Layout
-//! - this file: the configuration, the serve loop (reserve, verify, run, report, delete) and
-//!   registration with the dispatcher.
+//! - this file: the configuration and the serve loop (reserve, verify, run, report, delete).
+//! - [`heartbeat`]: registration with the dispatcher, then a heartbeat every `--heartbeat`.
 //! - [`exec`]: runs `bash -c` in its own process group, with a timeout, bounded output
 //!   capture, and no child left behind.
 //! - [`query`]: the host facts `sync.query` answers with, parsed from `/proc` text.
@@ -20,6 +20,7 @@
 #![deny(unsafe_code)]
 
 pub mod exec;
+pub mod heartbeat;
 pub mod identity;
 pub mod query;
 #[allow(unsafe_code)]
@@ -66,6 +67,8 @@ pub struct AgentConfig {
     pub kill_grace: Duration,
     /// How long a running command may go on after the agent is asked to stop.
     pub drain_timeout: Duration,
+    /// Time between heartbeats to the dispatcher; zero registers once.
+    pub heartbeat: Duration,
 }
 
 impl Default for AgentConfig {
@@ -79,6 +82,7 @@ impl Default for AgentConfig {
             token_file: None,
             kill_grace: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(30),
         }
     }
 }
@@ -118,47 +122,15 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
         signal_hook::flag::register(signal, shutdown.clone()).context("installing signal handlers")?;
     }
     if let Some(url) = &config.dispatch_url {
-        let (url, host_id, shutdown) = (url.clone(), host_id.clone(), shutdown.clone());
-        std::thread::Builder::new()
-            .name("register".into())
-            .spawn(move || register(&url, &host_id, token.as_deref(), &shutdown))
-            .context("starting the registration thread")?;
+        let registration =
+            heartbeat::Registration { url: url.clone(), host_id: host_id.clone(), token, every: config.heartbeat };
+        heartbeat::spawn(registration, shutdown.clone()).context("starting the heartbeat thread")?;
     }
     log::info!("polaris-agent {host_id} serving tube {} on {}", host_tube(&host_id), config.queue);
     let agent = Agent { host_id, secret, config, shutdown };
     agent.serve();
     log::info!("polaris-agent {} stopped", agent.host_id);
     Ok(())
-}
-
-/// Registers the host with the dispatcher, retrying while it is unreachable.
-fn register(url: &str, host_id: &str, token: Option<&str>, shutdown: &AtomicBool) {
-    let endpoint = format!("{}/v1/hosts", url.trim_end_matches('/'));
-    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let body = serde_json::json!({ "id": host_id, "hostname": hostname.trim() });
-    let mut backoff = Duration::from_millis(200);
-    while !shutdown.load(Ordering::SeqCst) {
-        let mut request = ureq::post(&endpoint).timeout(Duration::from_secs(10));
-        if let Some(token) = token {
-            request = request.set("Authorization", &format!("Bearer {token}"));
-        }
-        match request.send_json(&body) {
-            Ok(_) => {
-                log::info!("registered host {host_id} with {url}");
-                return;
-            }
-            Err(ureq::Error::Status(status, response)) if (400..500).contains(&status) && status != 429 => {
-                let detail = response.into_string().unwrap_or_default();
-                log::error!("dispatcher refused registration of {host_id} ({status}): {detail}");
-                return;
-            }
-            Err(e) => {
-                log::warn!("cannot register with {url} yet ({e}); retrying in {backoff:?}");
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-            }
-        }
-    }
 }
 
 impl Agent {

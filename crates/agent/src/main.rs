@@ -45,6 +45,10 @@ struct Args {
     /// Seconds a running command may go on after SIGTERM before it is stopped and released.
     #[arg(long, default_value_t = 30)]
     drain_timeout: u64,
+    /// Seconds between heartbeats to --dispatch (re-registration, which moves the host's
+    /// last_seen_ms); 0 registers once.
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    heartbeat: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -59,5 +63,6 @@ fn main() -> anyhow::Result<()> {
         token_file: args.token_file,
         kill_grace: Duration::from_millis(args.kill_grace_ms),
         drain_timeout: Duration::from_secs(args.drain_timeout),
+        heartbeat: Duration::from_secs(args.heartbeat),
     })
 }

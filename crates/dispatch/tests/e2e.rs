@@ -653,3 +653,21 @@ fn clients_outside_the_allow_list_are_refused() {
     let (status, body) = get(&format!("{}/v1/hosts", allowed.url));
     assert_eq!(status, 200, "{body}");
 }
+
+/// With `--heartbeat 1` the agent re-registers every second: `last_seen_ms` advances while
+/// `registered_at_ms` stays.
+#[test]
+fn heartbeat_advances_last_seen() {
+    let cluster = Cluster::start(&[]);
+    let workdir = cluster.dir.path().join("hosts").join("beating");
+    let _agent =
+        start_agent_with(&cluster.queue.addr, "beating", &cluster.dispatch.url, &workdir, &[], &["--heartbeat", "1"]);
+    let host_url = cluster.url("/v1/hosts/beating");
+    wait_until(Duration::from_secs(10), "the agent registered", || get(&host_url).0 == 200);
+    let first = get(&host_url).1;
+    let seen = first["last_seen_ms"].as_i64().expect("last_seen_ms");
+    wait_until(Duration::from_secs(5), "last_seen_ms advanced", || {
+        get(&host_url).1["last_seen_ms"].as_i64().is_some_and(|now| now > seen)
+    });
+    assert_eq!(get(&host_url).1["registered_at_ms"], first["registered_at_ms"]);
+}
