@@ -4,11 +4,15 @@
 //! buried, never run, and reported when their reply tube is known), runs `bash -c` through
 //! [`exec`] or answers `sync.query` through [`query`], puts the signed result on the reply
 //! tube (cutting output further if the queue refuses it as too big), then deletes the job.
-//! On SIGTERM or SIGINT it stops reserving; a running command may finish within the drain
-//! timeout, else it is stopped and its job released for the agent's next start.
+//! Each envelope runs at most once: [`ledger`] remembers, durably, what ran, and a copy put
+//! on the queue again is buried and reported, never run. On SIGTERM or SIGINT it stops
+//! reserving; a running command may finish within the drain timeout, else it is killed and
+//! reported (`agent_restarted`).
 //!
 //! # Layout
-//! - this file: the configuration and the serve loop (reserve, verify, run, report, delete).
+//! - this file: the configuration, the serve loop (reserve, verify, run, report, delete) and
+//!   the steps that keep the ledger.
+//! - [`ledger`]: the append-only file of envelopes run and runs unfinished.
 //! - [`heartbeat`]: registration with the dispatcher, then a heartbeat every `--heartbeat`.
 //! - [`exec`]: runs `bash -c` in its own process group, with a timeout, bounded output
 //!   capture, and no child left behind.
@@ -22,15 +26,18 @@
 pub mod exec;
 pub mod heartbeat;
 pub mod identity;
+pub mod ledger;
 pub mod query;
 #[allow(unsafe_code)]
 mod sys;
 
 use anyhow::Context as _;
 use exec::{ExecLimits, Termination, Tick};
+use ledger::Ledger;
 use polaris_ops_wire::codes::Code;
 use polaris_ops_wire::wire::{self, host_tube, HostResult, JobEnvelope, Method, Resp, Secret};
 use polaris_proto::client::{self, Client};
+use std::cell::RefCell;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -102,6 +109,8 @@ struct Agent {
     secret: Secret,
     config: AgentConfig,
     shutdown: Arc<AtomicBool>,
+    /// What ran here; see [`ledger`].
+    ledger: RefCell<Ledger>,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -117,6 +126,7 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
         ),
         None => std::env::var(TOKEN_ENV).ok(),
     };
+    let ledger = Ledger::open(&config.state_file, wire::unix_now())?;
     let shutdown = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, shutdown.clone()).context("installing signal handlers")?;
@@ -127,7 +137,7 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
         heartbeat::spawn(registration, shutdown.clone()).context("starting the heartbeat thread")?;
     }
     log::info!("polaris-agent {host_id} serving tube {} on {}", host_tube(&host_id), config.queue);
-    let agent = Agent { host_id, secret, config, shutdown };
+    let agent = Agent { host_id, secret, config, shutdown, ledger: RefCell::new(ledger) };
     agent.serve();
     log::info!("polaris-agent {} stopped", agent.host_id);
     Ok(())
@@ -252,20 +262,74 @@ impl Agent {
             );
         }
 
+        let prior = self.ledger.borrow().find(&envelope.job_id, &envelope.host).cloned();
+        if let Some(prior) = prior {
+            log::warn!(
+                "burying job {} (dispatch job {}): a copy of an envelope that ran here {}s ago as queue job {}",
+                job.id,
+                envelope.job_id,
+                now.saturating_sub(prior.ran_at),
+                prior.queue_job_id
+            );
+            conn.bury(job.id, RESULT_PRIORITY)?;
+            let message = format!(
+                "Refused: this envelope already ran on this host ({}s ago, as queue job {}); the copy is buried, \
+                 not run",
+                now.saturating_sub(prior.ran_at),
+                prior.queue_job_id
+            );
+            return self.report_refusal(
+                conn,
+                &envelope.job_id,
+                &envelope.reply_tube,
+                Code::EnvelopeReplayed,
+                message,
+                max_job_size,
+            );
+        }
+        // Recorded (fsynced) before it runs, so that it never runs twice.
+        let run_id = uuid::Uuid::new_v4().simple().to_string();
+        let entry = ledger::Ran {
+            job_id: envelope.job_id.clone(),
+            host: envelope.host.clone(),
+            method: envelope.method.as_str().to_string(),
+            expires_at: envelope.expires_at,
+            ran_at: now,
+            run_id: run_id.clone(),
+            queue_job_id: job.id,
+            reply_tube: envelope.reply_tube.clone(),
+        };
+        if let Err(e) = self.ledger.borrow_mut().begin(entry) {
+            log::error!("burying job {} (dispatch job {}): cannot write the ledger: {e}", job.id, envelope.job_id);
+            conn.bury(job.id, RESULT_PRIORITY)?;
+            let message = format!("Not run: the agent cannot record it in its ledger ({e}); job buried");
+            return self.report_refusal(
+                conn,
+                &envelope.job_id,
+                &envelope.reply_tube,
+                Code::ExecError,
+                message,
+                max_job_size,
+            );
+        }
+
         log::info!("job {} ({}): {} {:?}", envelope.job_id, job.id, envelope.method.as_str(), envelope.cmd);
         let result = match envelope.method {
             Method::SyncQuery => query_result(&envelope),
-            Method::SyncBash | Method::AsyncBash => match self.run_command(conn, job.id, &envelope) {
-                Some(result) => result,
-                None => {
-                    // Stopped by shutdown: hand the job back for the next start.
-                    log::info!("releasing job {} ({}) because the agent is stopping", envelope.job_id, job.id);
-                    return conn.release(job.id, RESULT_PRIORITY, 0);
-                }
-            },
+            Method::SyncBash | Method::AsyncBash => self.run_command(conn, job.id, &envelope),
         };
         put_result(conn, &self.secret, &envelope.reply_tube, result, max_job_size)?;
-        conn.delete(job.id)
+        conn.delete(job.id)?;
+        self.finish_run(&run_id);
+        Ok(())
+    }
+
+    /// Closes a run in the ledger once its result is out and its job deleted.
+    fn finish_run(&self, run_id: &str) {
+        if let Err(e) = self.ledger.borrow_mut().done(run_id, wire::unix_now()) {
+            // Harmless: the next start reports the run again, and the real result wins.
+            log::warn!("cannot close run {run_id} in the ledger: {e}");
+        }
     }
 
     /// Puts a `failed` result for a job the agent refused to run.
@@ -295,9 +359,9 @@ impl Agent {
         put_result(conn, &self.secret, reply_tube, result, max_job_size)
     }
 
-    /// Runs the envelope's command, touching the queue job as it runs. `None` if it was
-    /// stopped because the agent is shutting down.
-    fn run_command(&self, conn: &mut Client, queue_job_id: u64, envelope: &JobEnvelope) -> Option<HostResult> {
+    /// Runs the envelope's command, touching the queue job as it runs. Killed (and reported
+    /// so) if the agent is shutting down and the command outlives the drain timeout.
+    fn run_command(&self, conn: &mut Client, queue_job_id: u64, envelope: &JobEnvelope) -> HostResult {
         let ttr = conn
             .stats_job(queue_job_id)
             .ok()
@@ -345,16 +409,24 @@ impl Agent {
         let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(e) => {
-                return Some(HostResult {
+                return HostResult {
                     resp: Resp::Failed,
                     retcode: u32::from(Code::ExecError.value()),
                     message: format!("Could not run the command: {e}"),
                     ..base
-                });
+                };
             }
         };
         let (resp, retcode, mut message) = match outcome.termination {
-            Termination::Aborted => return None,
+            Termination::Aborted => (
+                Resp::Failed,
+                u32::from(Code::AgentRestarted.value()),
+                format!(
+                    "Killed: the agent was stopped while the command ran (still running {}s after SIGTERM \
+                     reached the agent)",
+                    self.config.drain_timeout.as_secs()
+                ),
+            ),
             Termination::Exited(code) => (Resp::Success, code as u32, "Normal termination".to_string()),
             Termination::Signaled(sig) => {
                 (Resp::Success, 128 + sig as u32, format!("Terminated by signal {sig} ({})", exec::signal_name(sig)))
@@ -376,7 +448,7 @@ impl Agent {
                 outcome.output_bytes
             ));
         }
-        Some(HostResult {
+        HostResult {
             resp,
             retcode,
             message,
@@ -384,7 +456,7 @@ impl Agent {
             truncated: outcome.truncated,
             output_bytes: outcome.output_bytes,
             ..base
-        })
+        }
     }
 }
 
