@@ -7,12 +7,14 @@
 //! Each envelope runs at most once: [`ledger`] remembers, durably, what ran, and a copy put
 //! on the queue again is buried and reported, never run. On SIGTERM or SIGINT it stops
 //! reserving; a running command may finish within the drain timeout, else it is killed and
-//! reported (`agent_restarted`).
+//! reported (`agent_restarted`). A command left running by an agent that died is ended by
+//! the next one to start ([`orphans`]).
 //!
 //! # Layout
 //! - this file: the configuration, the serve loop (reserve, verify, run, report, delete) and
 //!   the steps that keep the ledger.
 //! - [`ledger`]: the append-only file of envelopes run and runs unfinished.
+//! - [`orphans`]: at start, ends what a dead predecessor left running, and says so.
 //! - [`heartbeat`]: registration with the dispatcher, then a heartbeat every `--heartbeat`.
 //! - [`exec`]: runs `bash -c` in its own process group, with a timeout, bounded output
 //!   capture, and no child left behind.
@@ -27,6 +29,7 @@ pub mod exec;
 pub mod heartbeat;
 pub mod identity;
 pub mod ledger;
+pub mod orphans;
 pub mod query;
 #[allow(unsafe_code)]
 mod sys;
@@ -34,6 +37,7 @@ mod sys;
 use anyhow::Context as _;
 use exec::{ExecLimits, Termination, Tick};
 use ledger::Ledger;
+use orphans::Adopted;
 use polaris_ops_wire::codes::Code;
 use polaris_ops_wire::wire::{self, host_tube, HostResult, JobEnvelope, Method, Resp, Secret};
 use polaris_proto::client::{self, Client};
@@ -111,6 +115,8 @@ struct Agent {
     shutdown: Arc<AtomicBool>,
     /// What ran here; see [`ledger`].
     ledger: RefCell<Ledger>,
+    /// Runs of a dead predecessor, ended, whose results are still to be put.
+    adopted: RefCell<Vec<Adopted>>,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -127,6 +133,8 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
         None => std::env::var(TOKEN_ENV).ok(),
     };
     let ledger = Ledger::open(&config.state_file, wire::unix_now())?;
+    // Before anything else: end what a predecessor that died left running.
+    let adopted: Vec<Adopted> = ledger.unfinished().iter().map(|run| orphans::adopt(run, &host_id)).collect();
     let shutdown = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, shutdown.clone()).context("installing signal handlers")?;
@@ -137,7 +145,8 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
         heartbeat::spawn(registration, shutdown.clone()).context("starting the heartbeat thread")?;
     }
     log::info!("polaris-agent {host_id} serving tube {} on {}", host_tube(&host_id), config.queue);
-    let agent = Agent { host_id, secret, config, shutdown, ledger: RefCell::new(ledger) };
+    let agent =
+        Agent { host_id, secret, config, shutdown, ledger: RefCell::new(ledger), adopted: RefCell::new(adopted) };
     agent.serve();
     log::info!("polaris-agent {} stopped", agent.host_id);
     Ok(())
@@ -180,6 +189,13 @@ impl Agent {
                     }
                 },
             };
+            if !self.adopted.borrow().is_empty() {
+                if let Err(e) = self.report_adopted(client, max_job_size) {
+                    log::warn!("queue connection lost: {e}");
+                    conn = None;
+                    continue;
+                }
+            }
             let outcome = match client.reserve_with_timeout(1) {
                 Ok(None) | Err(client::Error::DeadlineSoon) => Ok(()),
                 Ok(Some(job)) => self.handle(client, job, max_job_size),
@@ -316,7 +332,7 @@ impl Agent {
         log::info!("job {} ({}): {} {:?}", envelope.job_id, job.id, envelope.method.as_str(), envelope.cmd);
         let result = match envelope.method {
             Method::SyncQuery => query_result(&envelope),
-            Method::SyncBash | Method::AsyncBash => self.run_command(conn, job.id, &envelope),
+            Method::SyncBash | Method::AsyncBash => self.run_command(conn, job.id, &envelope, &run_id),
         };
         put_result(conn, &self.secret, &envelope.reply_tube, result, max_job_size)?;
         conn.delete(job.id)?;
@@ -329,6 +345,39 @@ impl Agent {
         if let Err(e) = self.ledger.borrow_mut().done(run_id, wire::unix_now()) {
             // Harmless: the next start reports the run again, and the real result wins.
             log::warn!("cannot close run {run_id} in the ledger: {e}");
+        }
+    }
+
+    /// Reports the runs a dead predecessor left (see [`orphans`]): puts their results,
+    /// deletes their queue jobs if they still carry the same envelopes, closes the runs.
+    fn report_adopted(&self, conn: &mut Client, max_job_size: usize) -> client::Result<()> {
+        loop {
+            let Some(adopted) = self.adopted.borrow().first().cloned() else { return Ok(()) };
+            let ran = &adopted.run.ran;
+            if client::is_valid_tube_name(&ran.reply_tube) {
+                put_result(conn, &self.secret, &ran.reply_tube, adopted.result.clone(), max_job_size)?;
+            }
+            // The id may name another job by now (a queue that restarted): delete it only
+            // if it still carries this envelope.
+            match conn.peek(ran.queue_job_id) {
+                Ok(job) => {
+                    let same = wire::open(&self.secret, &job.body)
+                        .ok()
+                        .and_then(|payload| serde_json::from_slice::<JobEnvelope>(payload).ok())
+                        .is_some_and(|e| e.job_id == ran.job_id && e.host == ran.host);
+                    if same {
+                        match conn.delete(ran.queue_job_id) {
+                            Ok(()) | Err(client::Error::NotFound) => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+                Err(client::Error::NotFound) => {}
+                Err(e) => return Err(e),
+            }
+            log::info!("job {} (queue job {}): reported {:?}", ran.job_id, ran.queue_job_id, adopted.result.message);
+            self.finish_run(&ran.run_id);
+            self.adopted.borrow_mut().remove(0);
         }
     }
 
@@ -359,9 +408,21 @@ impl Agent {
         put_result(conn, &self.secret, reply_tube, result, max_job_size)
     }
 
-    /// Runs the envelope's command, touching the queue job as it runs. Killed (and reported
-    /// so) if the agent is shutting down and the command outlives the drain timeout.
-    fn run_command(&self, conn: &mut Client, queue_job_id: u64, envelope: &JobEnvelope) -> HostResult {
+    /// Runs the envelope's command, touching the queue job as it runs, and records its
+    /// process group in the ledger. Killed (and reported so) if the agent is shutting down
+    /// and the command outlives the drain timeout.
+    fn run_command(&self, conn: &mut Client, queue_job_id: u64, envelope: &JobEnvelope, run_id: &str) -> HostResult {
+        let record_group = |pid: u32| {
+            let recorded = match orphans::describe(run_id, pid) {
+                Some(started) => self.ledger.borrow_mut().started(started).map_err(|e| e.to_string()),
+                None => Err("its /proc entry is unreadable".to_string()),
+            };
+            if let Err(e) = recorded {
+                // The run id in its environment still identifies it after a crash.
+                log::warn!("cannot record the process group of job {}: {e}", envelope.job_id);
+            }
+        };
+        let env = [(orphans::RUN_ID_ENV, run_id)];
         let ttr = conn
             .stats_job(queue_job_id)
             .ok()
@@ -376,7 +437,7 @@ impl Agent {
             kill_grace: self.config.kill_grace,
             max_output: exec::MAX_OUTPUT_BYTES,
         };
-        let outcome = exec::run_bash(&envelope.cmd, &limits, || {
+        let outcome = exec::run_bash_with(&envelope.cmd, &limits, &env, record_group, || {
             let now = Instant::now();
             if now >= next_touch {
                 if let Err(e) = conn.touch(queue_job_id) {
@@ -457,6 +518,21 @@ impl Agent {
             output_bytes: outcome.output_bytes,
             ..base
         }
+    }
+}
+
+/// A `failed` result with `code`, no output.
+pub(crate) fn failure(job_id: &str, host: &str, code: Code, message: String) -> HostResult {
+    HostResult {
+        v: 1,
+        job_id: job_id.to_string(),
+        host: host.to_string(),
+        resp: Resp::Failed,
+        retcode: u32::from(code.value()),
+        message,
+        data: String::new(),
+        truncated: false,
+        output_bytes: 0,
     }
 }
 

@@ -18,7 +18,8 @@ use std::time::Duration;
                   (env_logger syntax; default info).\n\
                   Signals: SIGTERM and SIGINT stop taking jobs; a running command may finish within \
                   --drain-timeout, else it is killed and reported (agent_restarted), not run again.\n\
-                  Files next to --state-file: <name>.ledger (the envelopes run here, so none runs twice) \
+                  Files next to --state-file: <name>.ledger (the envelopes run here, so none runs twice, \
+                  and the running command's process group, ended by the next start if the agent dies) \
                   and <name>.lock (one agent per state file).\n\
                   See docs/DISPATCH.md."
 )]

@@ -33,6 +33,13 @@ pub fn kill_group(leader: &Child, signal: Signal) {
     let _ = kill_process_group(Pid::from_child(leader), signal);
 }
 
+/// Sends `signal` to process group `pgid`, a group this agent did not start (a
+/// predecessor's command). The caller has checked that the group is that command's.
+pub fn kill_group_id(pgid: i32, signal: Signal) -> io::Result<()> {
+    let pid = Pid::from_raw(pgid).filter(|_| pgid > 1).ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+    Ok(kill_process_group(pid, signal)?)
+}
+
 /// Takes an exclusive `flock` on `file` without waiting; false if another process holds
 /// it. The lock lasts while the file stays open (it is close-on-exec, so commands do not
 /// inherit it).

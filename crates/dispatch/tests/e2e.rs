@@ -658,6 +658,18 @@ fn line_count(path: &std::path::Path) -> usize {
     std::fs::read_to_string(path).map(|text| text.lines().count()).unwrap_or(0)
 }
 
+/// Kills (SIGKILL) the given processes when dropped, so a failing test leaves no command
+/// behind.
+struct KillOnDrop(Vec<i32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        }
+    }
+}
+
 fn buried_on(queue: &mut Client, tube: &str) -> u64 {
     queue.stats_tube(tube).ok().and_then(|s| s.get_u64("current-jobs-buried")).unwrap_or(0)
 }
@@ -744,6 +756,52 @@ fn replayed_envelope_runs_once_even_across_agent_restart() {
         assert!(refusal.message.starts_with("Refused: this envelope already ran on this host"), "{}", refusal.message);
     }
     assert_eq!(line_count(&runs), 2, "each envelope ran exactly once");
+    assert!(cluster.agent("alpha").try_exit_status().is_none(), "the agent died");
+}
+
+/// An agent killed with SIGKILL while its command runs leaves the command behind. The next
+/// agent to start ends it (it is really the command's process group: same start time),
+/// reports what happened, and does not run the job again.
+#[test]
+fn restarted_agent_ends_the_orphaned_command_and_does_not_rerun_it() {
+    let mut cluster = Cluster::start(&["alpha"]);
+    let runs = cluster.dir.path().join("runs");
+    let pids = cluster.dir.path().join("pids");
+    let cmd = format!(
+        "echo run >> {r}; sleep 600 & echo $! > {p}.tmp; echo $$ >> {p}.tmp; mv {p}.tmp {p}; wait",
+        r = runs.display(),
+        p = pids.display()
+    );
+    let (status, body) =
+        post(&cluster.url("/v1/jobs"), &json!({"hosts": ["alpha"], "method": "async.bash", "cmd": cmd, "timeout": 30}));
+    assert_eq!(status, 202, "{body}");
+    let url = cluster.url(&format!("/v1/jobs/{}", body["id"].as_str().expect("id")));
+    wait_until(Duration::from_secs(10), "the command started", || pids.exists());
+    let pids: Vec<i32> =
+        std::fs::read_to_string(&pids).expect("pids").lines().map(|l| l.trim().parse().expect("pid")).collect();
+    assert_eq!(pids.len(), 2);
+    let _cleanup = KillOnDrop(pids.clone());
+
+    cluster.agent("alpha").kill();
+    std::thread::sleep(Duration::from_millis(500));
+    for pid in &pids {
+        assert!(!pid_gone(*pid), "process {pid} should outlive the killed agent");
+    }
+    cluster.respawn_agent("alpha", &[]);
+    wait_until(Duration::from_secs(10), "the orphaned command ended", || pids.iter().all(|&pid| pid_gone(pid)));
+    wait_until(Duration::from_secs(10), "the host reported", || get(&url).1["done"] == true);
+    let job = get(&url).1;
+    let host = &job["hosts"][0];
+    assert_eq!(host["state"], "failed", "{job}");
+    assert_eq!(host["retcode"], code(Code::AgentRestarted), "{job}");
+    assert_eq!(host["message"], "Killed: the agent was restarted while the command ran", "{job}");
+    // Not run again: the queue job is gone, and a moment later the command still ran once.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(line_count(&runs), 1, "the job ran again after the restart");
+    let mut queue = queue_client(&cluster.queue);
+    let stats = queue.stats_tube("host.alpha");
+    let left = stats.as_ref().map(|s| (s.get_u64("current-jobs-ready"), s.get_u64("current-jobs-reserved")));
+    assert!(matches!(left, Ok((Some(0), Some(0))) | Err(client::Error::NotFound)), "{left:?}");
     assert!(cluster.agent("alpha").try_exit_status().is_none(), "the agent died");
 }
 
