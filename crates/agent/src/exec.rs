@@ -90,7 +90,20 @@ struct Capture {
 
 /// Runs `bash -c cmd` under `limits`, calling `on_tick` about every 20 ms while it runs
 /// (to touch the queue job and to check for shutdown).
-pub fn run_bash(cmd: &str, limits: &ExecLimits, mut on_tick: impl FnMut() -> Tick) -> io::Result<ExecOutcome> {
+pub fn run_bash(cmd: &str, limits: &ExecLimits, on_tick: impl FnMut() -> Tick) -> io::Result<ExecOutcome> {
+    run_bash_with(cmd, limits, &[], |_| {}, on_tick)
+}
+
+/// [`run_bash`] with extra environment variables for the command, and `on_spawn` called
+/// with the leader's pid (which is also the process group id) as soon as it exists, before
+/// the first tick.
+pub fn run_bash_with(
+    cmd: &str,
+    limits: &ExecLimits,
+    env: &[(&str, &str)],
+    on_spawn: impl FnOnce(u32),
+    mut on_tick: impl FnMut() -> Tick,
+) -> io::Result<ExecOutcome> {
     // Both ends are close-on-exec: the child gets the write end through dup2, which
     // clears the flag on the copy.
     let (read_end, write_end) = sys::cloexec_pipe()?;
@@ -102,6 +115,7 @@ pub fn run_bash(cmd: &str, limits: &ExecLimits, mut on_tick: impl FnMut() -> Tic
         .stdout(Stdio::from(write_end.try_clone()?))
         .stderr(Stdio::from(write_end))
         .process_group(0);
+    command.envs(env.iter().copied());
     let mut child = command.spawn()?;
     // The Command holds our copies of the write end; dropping it means the pipe reaches
     // EOF as soon as the last process of the group has closed it.
@@ -133,6 +147,7 @@ pub fn run_bash(cmd: &str, limits: &ExecLimits, mut on_tick: impl FnMut() -> Tic
         })?;
     }
 
+    on_spawn(child.id());
     let started = Instant::now();
     let mut term_sent: Option<Instant> = None;
     let mut kill_sent = false;
@@ -266,6 +281,20 @@ mod tests {
         let pid: i32 = std::fs::read_to_string(&pid_file).expect("pid").trim().parse().expect("pid");
         std::thread::sleep(Duration::from_millis(100));
         assert!(!pid_alive(pid), "background sleep {pid} survived");
+    }
+
+    #[test]
+    fn extra_environment_and_the_spawn_hook() {
+        let mut leader = None;
+        let out = run_bash_with(
+            "echo $POLARIS_TEST_VAR $$",
+            &limits(5000),
+            &[("POLARIS_TEST_VAR", "marked")],
+            |pid| leader = Some(pid),
+            || Tick::Continue,
+        )
+        .expect("run");
+        assert_eq!(String::from_utf8_lossy(&out.output), format!("marked {}\n", leader.expect("hook called")));
     }
 
     #[test]

@@ -4,12 +4,18 @@
 //! buried, never run, and reported when their reply tube is known), runs `bash -c` through
 //! [`exec`] or answers `sync.query` through [`query`], puts the signed result on the reply
 //! tube (cutting output further if the queue refuses it as too big), then deletes the job.
-//! On SIGTERM or SIGINT it stops reserving; a running command may finish within the drain
-//! timeout, else it is stopped and its job released for the agent's next start.
+//! Each envelope runs at most once: [`ledger`] remembers, durably, what ran, and a copy put
+//! on the queue again is buried and reported, never run. On SIGTERM or SIGINT it stops
+//! reserving; a running command may finish within the drain timeout, else it is killed and
+//! reported (`agent_restarted`). A command left running by an agent that died is ended by
+//! the next one to start ([`orphans`]).
 //!
 //! # Layout
 //! - this file: the configuration, the serve loop (reserve, verify, run, report, delete) and
-//!   registration with the dispatcher.
+//!   the steps that keep the ledger.
+//! - [`ledger`]: the append-only file of envelopes run and runs unfinished.
+//! - [`orphans`]: at start, ends what a dead predecessor left running, and says so.
+//! - [`heartbeat`]: registration with the dispatcher, then a heartbeat every `--heartbeat`.
 //! - [`exec`]: runs `bash -c` in its own process group, with a timeout, bounded output
 //!   capture, and no child left behind.
 //! - [`query`]: the host facts `sync.query` answers with, parsed from `/proc` text.
@@ -20,16 +26,22 @@
 #![deny(unsafe_code)]
 
 pub mod exec;
+pub mod heartbeat;
 pub mod identity;
+pub mod ledger;
+pub mod orphans;
 pub mod query;
 #[allow(unsafe_code)]
 mod sys;
 
 use anyhow::Context as _;
 use exec::{ExecLimits, Termination, Tick};
+use ledger::Ledger;
+use orphans::Adopted;
 use polaris_ops_wire::codes::Code;
 use polaris_ops_wire::wire::{self, host_tube, Encoding, HostResult, JobEnvelope, Method, OutputData, Resp, Secret};
 use polaris_proto::client::{self, Client};
+use std::cell::RefCell;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -66,6 +78,8 @@ pub struct AgentConfig {
     pub kill_grace: Duration,
     /// How long a running command may go on after the agent is asked to stop.
     pub drain_timeout: Duration,
+    /// Time between heartbeats to the dispatcher; zero registers once.
+    pub heartbeat: Duration,
 }
 
 impl Default for AgentConfig {
@@ -79,6 +93,7 @@ impl Default for AgentConfig {
             token_file: None,
             kill_grace: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(30),
         }
     }
 }
@@ -98,6 +113,10 @@ struct Agent {
     secret: Secret,
     config: AgentConfig,
     shutdown: Arc<AtomicBool>,
+    /// What ran here; see [`ledger`].
+    ledger: RefCell<Ledger>,
+    /// Runs of a dead predecessor, ended, whose results are still to be put.
+    adopted: RefCell<Vec<Adopted>>,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -113,52 +132,24 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
         ),
         None => std::env::var(TOKEN_ENV).ok(),
     };
+    let ledger = Ledger::open(&config.state_file, wire::unix_now())?;
+    // Before anything else: end what a predecessor that died left running.
+    let adopted: Vec<Adopted> = ledger.unfinished().iter().map(|run| orphans::adopt(run, &host_id)).collect();
     let shutdown = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, shutdown.clone()).context("installing signal handlers")?;
     }
     if let Some(url) = &config.dispatch_url {
-        let (url, host_id, shutdown) = (url.clone(), host_id.clone(), shutdown.clone());
-        std::thread::Builder::new()
-            .name("register".into())
-            .spawn(move || register(&url, &host_id, token.as_deref(), &shutdown))
-            .context("starting the registration thread")?;
+        let registration =
+            heartbeat::Registration { url: url.clone(), host_id: host_id.clone(), token, every: config.heartbeat };
+        heartbeat::spawn(registration, shutdown.clone()).context("starting the heartbeat thread")?;
     }
     log::info!("polaris-agent {host_id} serving tube {} on {}", host_tube(&host_id), config.queue);
-    let agent = Agent { host_id, secret, config, shutdown };
+    let agent =
+        Agent { host_id, secret, config, shutdown, ledger: RefCell::new(ledger), adopted: RefCell::new(adopted) };
     agent.serve();
     log::info!("polaris-agent {} stopped", agent.host_id);
     Ok(())
-}
-
-/// Registers the host with the dispatcher, retrying while it is unreachable.
-fn register(url: &str, host_id: &str, token: Option<&str>, shutdown: &AtomicBool) {
-    let endpoint = format!("{}/v1/hosts", url.trim_end_matches('/'));
-    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let body = serde_json::json!({ "id": host_id, "hostname": hostname.trim() });
-    let mut backoff = Duration::from_millis(200);
-    while !shutdown.load(Ordering::SeqCst) {
-        let mut request = ureq::post(&endpoint).timeout(Duration::from_secs(10));
-        if let Some(token) = token {
-            request = request.set("Authorization", &format!("Bearer {token}"));
-        }
-        match request.send_json(&body) {
-            Ok(_) => {
-                log::info!("registered host {host_id} with {url}");
-                return;
-            }
-            Err(ureq::Error::Status(status, response)) if (400..500).contains(&status) && status != 429 => {
-                let detail = response.into_string().unwrap_or_default();
-                log::error!("dispatcher refused registration of {host_id} ({status}): {detail}");
-                return;
-            }
-            Err(e) => {
-                log::warn!("cannot register with {url} yet ({e}); retrying in {backoff:?}");
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-            }
-        }
-    }
 }
 
 impl Agent {
@@ -198,6 +189,13 @@ impl Agent {
                     }
                 },
             };
+            if !self.adopted.borrow().is_empty() {
+                if let Err(e) = self.report_adopted(client, max_job_size) {
+                    log::warn!("queue connection lost: {e}");
+                    conn = None;
+                    continue;
+                }
+            }
             let outcome = match client.reserve_with_timeout(1) {
                 Ok(None) | Err(client::Error::DeadlineSoon) => Ok(()),
                 Ok(Some(job)) => self.handle(client, job, max_job_size),
@@ -280,20 +278,107 @@ impl Agent {
             );
         }
 
+        let prior = self.ledger.borrow().find(&envelope.job_id, &envelope.host).cloned();
+        if let Some(prior) = prior {
+            log::warn!(
+                "burying job {} (dispatch job {}): a copy of an envelope that ran here {}s ago as queue job {}",
+                job.id,
+                envelope.job_id,
+                now.saturating_sub(prior.ran_at),
+                prior.queue_job_id
+            );
+            conn.bury(job.id, RESULT_PRIORITY)?;
+            let message = format!(
+                "Refused: this envelope already ran on this host ({}s ago, as queue job {}); the copy is buried, \
+                 not run",
+                now.saturating_sub(prior.ran_at),
+                prior.queue_job_id
+            );
+            return self.report_refusal(
+                conn,
+                &envelope.job_id,
+                &envelope.reply_tube,
+                Code::EnvelopeReplayed,
+                message,
+                max_job_size,
+            );
+        }
+        // Recorded (fsynced) before it runs, so that it never runs twice.
+        let run_id = uuid::Uuid::new_v4().simple().to_string();
+        let entry = ledger::Ran {
+            job_id: envelope.job_id.clone(),
+            host: envelope.host.clone(),
+            method: envelope.method.as_str().to_string(),
+            expires_at: envelope.expires_at,
+            ran_at: now,
+            run_id: run_id.clone(),
+            queue_job_id: job.id,
+            reply_tube: envelope.reply_tube.clone(),
+        };
+        if let Err(e) = self.ledger.borrow_mut().begin(entry) {
+            log::error!("burying job {} (dispatch job {}): cannot write the ledger: {e}", job.id, envelope.job_id);
+            conn.bury(job.id, RESULT_PRIORITY)?;
+            let message = format!("Not run: the agent cannot record it in its ledger ({e}); job buried");
+            return self.report_refusal(
+                conn,
+                &envelope.job_id,
+                &envelope.reply_tube,
+                Code::ExecError,
+                message,
+                max_job_size,
+            );
+        }
+
         log::info!("job {} ({}): {} {:?}", envelope.job_id, job.id, envelope.method.as_str(), envelope.cmd);
         let result = match envelope.method {
             Method::SyncQuery => query_result(&envelope),
-            Method::SyncBash | Method::AsyncBash => match self.run_command(conn, job.id, &envelope) {
-                Some(result) => result,
-                None => {
-                    // Stopped by shutdown: hand the job back for the next start.
-                    log::info!("releasing job {} ({}) because the agent is stopping", envelope.job_id, job.id);
-                    return conn.release(job.id, RESULT_PRIORITY, 0);
-                }
-            },
+            Method::SyncBash | Method::AsyncBash => self.run_command(conn, job.id, &envelope, &run_id),
         };
         put_result(conn, &self.secret, &envelope.reply_tube, result, max_job_size)?;
-        conn.delete(job.id)
+        conn.delete(job.id)?;
+        self.finish_run(&run_id);
+        Ok(())
+    }
+
+    /// Closes a run in the ledger once its result is out and its job deleted.
+    fn finish_run(&self, run_id: &str) {
+        if let Err(e) = self.ledger.borrow_mut().done(run_id, wire::unix_now()) {
+            // Harmless: the next start reports the run again, and the real result wins.
+            log::warn!("cannot close run {run_id} in the ledger: {e}");
+        }
+    }
+
+    /// Reports the runs a dead predecessor left (see [`orphans`]): puts their results,
+    /// deletes their queue jobs if they still carry the same envelopes, closes the runs.
+    fn report_adopted(&self, conn: &mut Client, max_job_size: usize) -> client::Result<()> {
+        loop {
+            let Some(adopted) = self.adopted.borrow().first().cloned() else { return Ok(()) };
+            let ran = &adopted.run.ran;
+            if client::is_valid_tube_name(&ran.reply_tube) {
+                put_result(conn, &self.secret, &ran.reply_tube, adopted.result.clone(), max_job_size)?;
+            }
+            // The id may name another job by now (a queue that restarted): delete it only
+            // if it still carries this envelope.
+            match conn.peek(ran.queue_job_id) {
+                Ok(job) => {
+                    let same = wire::open(&self.secret, &job.body)
+                        .ok()
+                        .and_then(|payload| serde_json::from_slice::<JobEnvelope>(payload).ok())
+                        .is_some_and(|e| e.job_id == ran.job_id && e.host == ran.host);
+                    if same {
+                        match conn.delete(ran.queue_job_id) {
+                            Ok(()) | Err(client::Error::NotFound) => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+                Err(client::Error::NotFound) => {}
+                Err(e) => return Err(e),
+            }
+            log::info!("job {} (queue job {}): reported {:?}", ran.job_id, ran.queue_job_id, adopted.result.message);
+            self.finish_run(&ran.run_id);
+            self.adopted.borrow_mut().remove(0);
+        }
     }
 
     /// Puts a `failed` result for a job the agent refused to run.
@@ -324,9 +409,21 @@ impl Agent {
         put_result(conn, &self.secret, reply_tube, result, max_job_size)
     }
 
-    /// Runs the envelope's command, touching the queue job as it runs. `None` if it was
-    /// stopped because the agent is shutting down.
-    fn run_command(&self, conn: &mut Client, queue_job_id: u64, envelope: &JobEnvelope) -> Option<HostResult> {
+    /// Runs the envelope's command, touching the queue job as it runs, and records its
+    /// process group in the ledger. Killed (and reported so) if the agent is shutting down
+    /// and the command outlives the drain timeout.
+    fn run_command(&self, conn: &mut Client, queue_job_id: u64, envelope: &JobEnvelope, run_id: &str) -> HostResult {
+        let record_group = |pid: u32| {
+            let recorded = match orphans::describe(run_id, pid) {
+                Some(started) => self.ledger.borrow_mut().started(started).map_err(|e| e.to_string()),
+                None => Err("its /proc entry is unreadable".to_string()),
+            };
+            if let Err(e) = recorded {
+                // The run id in its environment still identifies it after a crash.
+                log::warn!("cannot record the process group of job {}: {e}", envelope.job_id);
+            }
+        };
+        let env = [(orphans::RUN_ID_ENV, run_id)];
         let ttr = conn
             .stats_job(queue_job_id)
             .ok()
@@ -341,7 +438,7 @@ impl Agent {
             kill_grace: kill_grace(self.config.kill_grace, envelope),
             max_output: exec::MAX_OUTPUT_BYTES,
         };
-        let outcome = exec::run_bash(&envelope.cmd, &limits, || {
+        let outcome = exec::run_bash_with(&envelope.cmd, &limits, &env, record_group, || {
             let now = Instant::now();
             if now >= next_touch {
                 if let Err(e) = conn.touch(queue_job_id) {
@@ -375,16 +472,24 @@ impl Agent {
         let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(e) => {
-                return Some(HostResult {
+                return HostResult {
                     resp: Resp::Failed,
                     retcode: u32::from(Code::ExecError.value()),
                     message: format!("Could not run the command: {e}"),
                     ..base
-                });
+                };
             }
         };
         let (resp, retcode, mut message) = match outcome.termination {
-            Termination::Aborted => return None,
+            Termination::Aborted => (
+                Resp::Failed,
+                u32::from(Code::AgentRestarted.value()),
+                format!(
+                    "Killed: the agent was stopped while the command ran (still running {}s after SIGTERM \
+                     reached the agent)",
+                    self.config.drain_timeout.as_secs()
+                ),
+            ),
             Termination::Exited(code) => (Resp::Success, code as u32, "Normal termination".to_string()),
             Termination::Signaled(sig) => {
                 (Resp::Success, 128 + sig as u32, format!("Terminated by signal {sig} ({})", exec::signal_name(sig)))
@@ -404,7 +509,7 @@ impl Agent {
         if outcome.truncated {
             message.push_str(&format!("; output truncated to {} of {} bytes", output.kept, outcome.output_bytes));
         }
-        Some(HostResult {
+        HostResult {
             resp,
             retcode,
             message,
@@ -413,7 +518,23 @@ impl Agent {
             truncated: outcome.truncated,
             output_bytes: outcome.output_bytes,
             ..base
-        })
+        }
+    }
+}
+
+/// A `failed` result with `code`, no output.
+pub(crate) fn failure(job_id: &str, host: &str, code: Code, message: String) -> HostResult {
+    HostResult {
+        v: 1,
+        job_id: job_id.to_string(),
+        host: host.to_string(),
+        resp: Resp::Failed,
+        retcode: u32::from(code.value()),
+        message,
+        data: String::new(),
+        encoding: None,
+        truncated: false,
+        output_bytes: 0,
     }
 }
 

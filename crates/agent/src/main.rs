@@ -17,7 +17,10 @@ use std::time::Duration;
                   POLARIS_TOKEN the registration token unless --token-file is given; RUST_LOG sets the log level \
                   (env_logger syntax; default info).\n\
                   Signals: SIGTERM and SIGINT stop taking jobs; a running command may finish within \
-                  --drain-timeout, else it is stopped and its job released for the next start.\n\
+                  --drain-timeout, else it is killed and reported (agent_restarted), not run again.\n\
+                  Files next to --state-file: <name>.ledger (the envelopes run here, so none runs twice, \
+                  and the running command's process group, ended by the next start if the agent dies) \
+                  and <name>.lock (one agent per state file).\n\
                   See docs/DISPATCH.md."
 )]
 struct Args {
@@ -42,9 +45,13 @@ struct Args {
     /// Milliseconds between SIGTERM and SIGKILL for a command past its timeout.
     #[arg(long, default_value_t = 5000)]
     kill_grace_ms: u64,
-    /// Seconds a running command may go on after SIGTERM before it is stopped and released.
+    /// Seconds a running command may go on after SIGTERM before it is killed.
     #[arg(long, default_value_t = 30)]
     drain_timeout: u64,
+    /// Seconds between heartbeats to --dispatch (re-registration, which moves the host's
+    /// last_seen_ms); 0 registers once.
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    heartbeat: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -59,5 +66,6 @@ fn main() -> anyhow::Result<()> {
         token_file: args.token_file,
         kill_grace: Duration::from_millis(args.kill_grace_ms),
         drain_timeout: Duration::from_secs(args.drain_timeout),
+        heartbeat: Duration::from_secs(args.heartbeat),
     })
 }

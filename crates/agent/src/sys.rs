@@ -1,12 +1,15 @@
 //! Every call the agent makes into the operating system, in one place.
 //!
-//! Pipes, `waitid` and process-group signals go through `rustix`, which is safe to call.
+//! Pipes, `waitid`, process-group signals and file locks go through `rustix`, which is
+//! safe to call.
 //! Only the utmpx database (logged-in users) stays `libc`: neither rustix nor nix reads
 //! it, and glibc's `getutxent` hands out a pointer into a static buffer, so the one
 //! `unsafe` block below says why reading it is sound.
 
+use rustix::fs::{flock, FlockOperation};
 pub use rustix::process::Signal;
 use rustix::process::{kill_process_group, waitid, Pid, WaitId, WaitIdOptions};
+use std::fs::File;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::process::Child;
@@ -28,6 +31,24 @@ pub fn has_exited(child: &Child) -> io::Result<bool> {
 /// no longer exists (ESRCH) is not an error worth reporting.
 pub fn kill_group(leader: &Child, signal: Signal) {
     let _ = kill_process_group(Pid::from_child(leader), signal);
+}
+
+/// Sends `signal` to process group `pgid`, a group this agent did not start (a
+/// predecessor's command). The caller has checked that the group is that command's.
+pub fn kill_group_id(pgid: i32, signal: Signal) -> io::Result<()> {
+    let pid = Pid::from_raw(pgid).filter(|_| pgid > 1).ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+    Ok(kill_process_group(pid, signal)?)
+}
+
+/// Takes an exclusive `flock` on `file` without waiting; false if another process holds
+/// it. The lock lasts while the file stays open (it is close-on-exec, so commands do not
+/// inherit it).
+pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
+    match flock(file, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The conventional name of a signal number, for the signals a command commonly dies of.

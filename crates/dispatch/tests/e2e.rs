@@ -1126,3 +1126,210 @@ fn binary_output_cut_for_a_small_queue_stays_a_byte_prefix() {
         format!("Normal termination; output cut to {} of 50000 bytes to fit the queue's max job size", kept.len())
     );
 }
+
+fn line_count(path: &std::path::Path) -> usize {
+    std::fs::read_to_string(path).map(|text| text.lines().count()).unwrap_or(0)
+}
+
+/// Kills (SIGKILL) the given processes when dropped, so a failing test leaves no command
+/// behind.
+struct KillOnDrop(Vec<i32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        }
+    }
+}
+
+fn buried_on(queue: &mut Client, tube: &str) -> u64 {
+    queue.stats_tube(tube).ok().and_then(|s| s.get_u64("current-jobs-buried")).unwrap_or(0)
+}
+
+/// Anyone who can reach the queue can copy a signed envelope and put it back. The agent
+/// runs each envelope at most once, also after a restart: a copy is buried, not run,
+/// reported as `envelope_replayed`, and never replaces the host's real result.
+#[test]
+fn replayed_envelope_runs_once_even_across_agent_restart() {
+    let mut cluster = Cluster::start(&["alpha"]);
+    let runs = cluster.dir.path().join("runs");
+    let mut queue = queue_client(&cluster.queue);
+    queue.use_tube("host.alpha").expect("use");
+
+    // A dispatcher job, captured off the queue before the agent takes it.
+    cluster.agent("alpha").kill();
+    let cmd = format!("echo ran >> {}; echo hello", runs.display());
+    let (status, body) =
+        post(&cluster.url("/v1/jobs"), &json!({"hosts": ["alpha"], "method": "async.bash", "cmd": cmd, "timeout": 30}));
+    assert_eq!(status, 202, "{body}");
+    let url = cluster.url(&format!("/v1/jobs/{}", body["id"].as_str().expect("id")));
+    wait_until(Duration::from_secs(5), "the envelope is on the queue", || host_states(&get(&url).1)[0].1 == "ready");
+    let captured = queue.peek_ready().expect("peek-ready").expect("the envelope").body;
+    cluster.respawn_agent("alpha", &[]);
+    wait_until(Duration::from_secs(15), "the job done", || get(&url).1["done"] == true);
+    let job = get(&url).1;
+    assert_eq!(
+        (job["hosts"][0]["state"].clone(), job["hosts"][0]["data"].clone()),
+        (json!("success"), json!("hello\n"))
+    );
+    assert_eq!(line_count(&runs), 1);
+
+    // Put back twice: once to the same agent, once after a restart.
+    for round in 1..=2u64 {
+        if round == 2 {
+            cluster.respawn_agent("alpha", &[]);
+        }
+        queue.put(0, 0, 60, &captured).expect("put the copy");
+        wait_until(Duration::from_secs(10), "the copy buried or run", || {
+            buried_on(&mut queue, "host.alpha") == round || line_count(&runs) > 1
+        });
+        assert_eq!(line_count(&runs), 1, "round {round}: the replayed envelope ran its command again");
+        assert_eq!(buried_on(&mut queue, "host.alpha"), round);
+    }
+    // The replay reports reached the dispatcher and were dropped: the real result stays.
+    wait_until(Duration::from_secs(5), "the reply tube drained", || {
+        queue.stats_tube(wire::DEFAULT_REPLY_TUBE).map(|s| s.get_u64("current-jobs-ready") == Some(0)).unwrap_or(false)
+    });
+    let job = get(&url).1;
+    assert_eq!(job["hosts"][0]["state"], "success", "{job}");
+    assert_eq!(job["hosts"][0]["retcode"], 0, "{job}");
+    assert_eq!(job["hosts"][0]["data"], "hello\n", "{job}");
+
+    // A signed envelope with a reply tube of our own shows the refusal's code.
+    let envelope = JobEnvelope {
+        v: 1,
+        job_id: "replayed".into(),
+        host: "alpha".into(),
+        method: Method::SyncBash,
+        cmd: format!("echo ran >> {}", runs.display()),
+        timeout: 5,
+        reply_tube: "replay.replies".into(),
+        issued_at: wire::unix_now(),
+        expires_at: wire::unix_now() + 60,
+        kill_grace_ms: None,
+    };
+    let signed = wire::sign(&test_secret(), &serde_json::to_vec(&envelope).expect("json"));
+    let mut replies = queue_client(&cluster.queue);
+    replies.watch("replay.replies").expect("watch");
+    replies.ignore("default").expect("ignore");
+    let mut next_result = || {
+        let job = replies.reserve_with_timeout(10).expect("reserve").expect("a result");
+        replies.delete(job.id).expect("delete");
+        serde_json::from_slice::<HostResult>(wire::open(&test_secret(), &job.body).expect("signed")).expect("json")
+    };
+    queue.put(0, 0, 60, &signed).expect("put");
+    assert_eq!(next_result().resp, Resp::Success);
+    for restart in [false, true] {
+        if restart {
+            cluster.respawn_agent("alpha", &[]);
+        }
+        queue.put(0, 0, 60, &signed).expect("put the copy");
+        let refusal = next_result();
+        assert_eq!((refusal.resp, refusal.retcode), (Resp::Failed, u32::from(Code::EnvelopeReplayed.value())));
+        assert!(refusal.message.starts_with("Refused: this envelope already ran on this host"), "{}", refusal.message);
+    }
+    assert_eq!(line_count(&runs), 2, "each envelope ran exactly once");
+    assert!(cluster.agent("alpha").try_exit_status().is_none(), "the agent died");
+}
+
+/// An agent killed with SIGKILL while its command runs leaves the command behind. The next
+/// agent to start ends it (it is really the command's process group: same start time),
+/// reports what happened, and does not run the job again.
+#[test]
+fn restarted_agent_ends_the_orphaned_command_and_does_not_rerun_it() {
+    let mut cluster = Cluster::start(&["alpha"]);
+    let runs = cluster.dir.path().join("runs");
+    let pids = cluster.dir.path().join("pids");
+    let cmd = format!(
+        "echo run >> {r}; sleep 600 & echo $! > {p}.tmp; echo $$ >> {p}.tmp; mv {p}.tmp {p}; wait",
+        r = runs.display(),
+        p = pids.display()
+    );
+    let (status, body) =
+        post(&cluster.url("/v1/jobs"), &json!({"hosts": ["alpha"], "method": "async.bash", "cmd": cmd, "timeout": 30}));
+    assert_eq!(status, 202, "{body}");
+    let url = cluster.url(&format!("/v1/jobs/{}", body["id"].as_str().expect("id")));
+    wait_until(Duration::from_secs(10), "the command started", || pids.exists());
+    let pids: Vec<i32> =
+        std::fs::read_to_string(&pids).expect("pids").lines().map(|l| l.trim().parse().expect("pid")).collect();
+    assert_eq!(pids.len(), 2);
+    let _cleanup = KillOnDrop(pids.clone());
+
+    cluster.agent("alpha").kill();
+    std::thread::sleep(Duration::from_millis(500));
+    for pid in &pids {
+        assert!(!pid_gone(*pid), "process {pid} should outlive the killed agent");
+    }
+    cluster.respawn_agent("alpha", &[]);
+    wait_until(Duration::from_secs(10), "the orphaned command ended", || pids.iter().all(|&pid| pid_gone(pid)));
+    wait_until(Duration::from_secs(10), "the host reported", || get(&url).1["done"] == true);
+    let job = get(&url).1;
+    let host = &job["hosts"][0];
+    assert_eq!(host["state"], "failed", "{job}");
+    assert_eq!(host["retcode"], code(Code::AgentRestarted), "{job}");
+    assert_eq!(host["message"], "Killed: the agent was restarted while the command ran", "{job}");
+    // Not run again: the queue job is gone, and a moment later the command still ran once.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(line_count(&runs), 1, "the job ran again after the restart");
+    let mut queue = queue_client(&cluster.queue);
+    let stats = queue.stats_tube("host.alpha");
+    let left = stats.as_ref().map(|s| (s.get_u64("current-jobs-ready"), s.get_u64("current-jobs-reserved")));
+    assert!(matches!(left, Ok((Some(0), Some(0))) | Err(client::Error::NotFound)), "{left:?}");
+    assert!(cluster.agent("alpha").try_exit_status().is_none(), "the agent died");
+}
+
+/// SIGTERM while a command runs past `--drain-timeout`: the agent kills it, reports that,
+/// and exits; the job is not handed back to run again at the next start.
+#[test]
+fn agent_stopped_past_drain_timeout_reports_and_does_not_rerun() {
+    let mut cluster = Cluster::start(&[]);
+    let workdir = cluster.workdir("alpha");
+    let agent_args = ["--drain-timeout", "1"];
+    let agent = start_agent_with(&cluster.queue.addr, "alpha", &cluster.dispatch.url, &workdir, &[], &agent_args);
+    cluster.agents.push(("alpha".into(), agent));
+    wait_until(Duration::from_secs(10), "the agent registered", || get(&cluster.url("/v1/hosts/alpha")).0 == 200);
+    let runs = cluster.dir.path().join("runs");
+    let (status, body) = post(
+        &cluster.url("/v1/jobs"),
+        &json!({"hosts": ["alpha"], "method": "async.bash", "cmd": format!("echo run >> {}; echo started; sleep 30", runs.display()), "timeout": 60}),
+    );
+    assert_eq!(status, 202, "{body}");
+    let url = cluster.url(&format!("/v1/jobs/{}", body["id"].as_str().expect("id")));
+    wait_until(Duration::from_secs(10), "the command started", || line_count(&runs) == 1);
+    let agent = cluster.agent("alpha");
+    agent.signal("TERM").expect("SIGTERM the agent");
+    assert_eq!(agent.wait_exit(Duration::from_secs(10)), Some(true), "the agent exits after the drain timeout");
+    wait_until(Duration::from_secs(5), "the host reported", || get(&url).1["done"] == true);
+    let job = get(&url).1;
+    let host = &job["hosts"][0];
+    assert_eq!(
+        (host["state"].clone(), host["retcode"].clone()),
+        (json!("failed"), code(Code::AgentRestarted)),
+        "{job}"
+    );
+    let message = host["message"].as_str().unwrap_or("");
+    assert!(message.starts_with("Killed: the agent was stopped while the command ran"), "{message}");
+    assert_eq!(host["data"], "started\n");
+    cluster.respawn_agent("alpha", &[]);
+    std::thread::sleep(Duration::from_millis(2000));
+    assert_eq!(line_count(&runs), 1, "the job ran again at the next start");
+}
+
+/// With `--heartbeat 1` the agent re-registers every second: `last_seen_ms` advances while
+/// `registered_at_ms` stays.
+#[test]
+fn heartbeat_advances_last_seen() {
+    let cluster = Cluster::start(&[]);
+    let workdir = cluster.dir.path().join("hosts").join("beating");
+    let _agent =
+        start_agent_with(&cluster.queue.addr, "beating", &cluster.dispatch.url, &workdir, &[], &["--heartbeat", "1"]);
+    let host_url = cluster.url("/v1/hosts/beating");
+    wait_until(Duration::from_secs(10), "the agent registered", || get(&host_url).0 == 200);
+    let first = get(&host_url).1;
+    let seen = first["last_seen_ms"].as_i64().expect("last_seen_ms");
+    wait_until(Duration::from_secs(5), "last_seen_ms advanced", || {
+        get(&host_url).1["last_seen_ms"].as_i64().is_some_and(|now| now > seen)
+    });
+    assert_eq!(get(&host_url).1["registered_at_ms"], first["registered_at_ms"]);
+}

@@ -58,6 +58,9 @@ codes! {
     ExecTimeout = 0x0100, Execution, "exec_timeout", 200;
     /// The command could not be started or its output could not be read.
     ExecError = 0x0101, Execution, "exec_error", 200;
+    /// The agent stopped or died while the command ran; its process group was killed (at
+    /// once, or by the next agent to start) and the job is not run again.
+    AgentRestarted = 0x0103, Execution, "agent_restarted", 200;
 
     /// The host is not registered with the dispatcher.
     NoSuchHost = 0x0201, Dispatch, "no_such_host", 404;
@@ -97,6 +100,8 @@ codes! {
     EnvelopeExpired = 0x0406, Auth, "envelope_expired", 200;
     /// The client's address is not in the dispatcher's `--allow-client` list.
     ClientNotAllowed = 0x0407, Auth, "client_not_allowed", 403;
+    /// The agent had already run this envelope; the copy was buried, never run.
+    EnvelopeReplayed = 0x0408, Auth, "envelope_replayed", 200;
 
     /// The body is not well-formed JSON.
     MalformedJson = 0x0501, Validation, "malformed_json", 400;

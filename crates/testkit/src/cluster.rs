@@ -80,6 +80,19 @@ pub fn start_dispatcher(queue_addr: &str, data_dir: &Path, extra_args: &[&str]) 
 
 /// Starts `polaris-agent` for `host_id`, running commands in `workdir`.
 pub fn start_agent(queue_addr: &str, host_id: &str, dispatch_url: &str, workdir: &Path, env: &[(&str, &str)]) -> Proc {
+    start_agent_with(queue_addr, host_id, dispatch_url, workdir, env, &[])
+}
+
+/// [`start_agent`] with extra command-line flags; `--kill-grace-ms` and `--drain-timeout`
+/// given there replace the test defaults.
+pub fn start_agent_with(
+    queue_addr: &str,
+    host_id: &str,
+    dispatch_url: &str,
+    workdir: &Path,
+    env: &[(&str, &str)],
+    extra_args: &[&str],
+) -> Proc {
     std::fs::create_dir_all(workdir).expect("agent workdir");
     let state_dir = workdir.parent().unwrap_or(workdir).join("state");
     let mut command = Command::new(binary("polaris-agent"));
@@ -87,11 +100,17 @@ pub fn start_agent(queue_addr: &str, host_id: &str, dispatch_url: &str, workdir:
         .args(["--queue", queue_addr, "--host-id", host_id, "--dispatch", dispatch_url])
         .arg("--state-file")
         .arg(state_dir.join(format!("{host_id}.json")))
-        .args(["--kill-grace-ms", "500", "--drain-timeout", "10"])
+        .args(extra_args)
         .current_dir(workdir)
         .env("POLARIS_SECRET", TEST_SECRET)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null());
+    // Defaults that keep tests quick, unless `extra_args` sets them.
+    for (flag, value) in [("--kill-grace-ms", "500"), ("--drain-timeout", "10")] {
+        if !extra_args.contains(&flag) {
+            command.args([flag, value]);
+        }
+    }
     for (key, value) in env {
         command.env(key, value);
     }
@@ -161,6 +180,15 @@ impl Cluster {
     /// The agent process of `host`.
     pub fn agent(&mut self, host: &str) -> &mut Proc {
         &mut self.agents.iter_mut().find(|(h, _)| h == host).unwrap_or_else(|| panic!("no agent {host}")).1
+    }
+
+    /// Starts `host`'s agent again (same flags, workdir and state file), e.g. after
+    /// `agent(host).kill()`; the previous process is killed first if it still runs.
+    pub fn respawn_agent(&mut self, host: &str, env: &[(&str, &str)]) {
+        let (queue, url, workdir) = (self.queue.addr.clone(), self.dispatch.url.clone(), self.workdir(host));
+        let agent = self.agent(host);
+        agent.kill();
+        *agent = start_agent(&queue, host, &url, &workdir, env);
     }
 
     /// Kills the queue and starts a new, empty one on the same address.

@@ -1,0 +1,131 @@
+//! Registration with the dispatcher, then heartbeats.
+//!
+//! A thread of its own (it never blocks the serve loop) registers the host
+//! (`POST /v1/hosts`), retrying with backoff while the dispatcher is unreachable, and then
+//! registers again every `--heartbeat` seconds, which moves the host's `last_seen_ms`. A
+//! `201` to a heartbeat means the dispatcher had forgotten the host (deleted, or a new
+//! database): it is registered again. With `--heartbeat 0` it registers once, as before
+//! heartbeats existed. A refusal (4xx other than 429) ends registration without heartbeats;
+//! with them it is retried at the next beat, so a fixed token file takes effect.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Longest wait between registration attempts while the dispatcher is unreachable.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// How often a waiting heartbeat thread checks for shutdown.
+const SHUTDOWN_POLL: Duration = Duration::from_millis(200);
+
+/// Where and how to register.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    /// Dispatcher base URL, e.g. `http://127.0.0.1:8080`.
+    pub url: String,
+    /// The host id.
+    pub host_id: String,
+    /// Bearer token, when the dispatcher has `--tokens`.
+    pub token: Option<String>,
+    /// Time between heartbeats; zero registers once.
+    pub every: Duration,
+}
+
+enum Outcome {
+    /// 200 (known host refreshed) or 201 (registered anew).
+    Accepted(u16),
+    /// The dispatcher said no; retrying the same request will not help.
+    Refused(u16, String),
+    /// No answer, 5xx or 429.
+    Unreachable(String),
+}
+
+/// Starts the registration and heartbeat thread.
+pub fn spawn(registration: Registration, shutdown: Arc<AtomicBool>) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new().name("heartbeat".into()).spawn(move || run(&registration, &shutdown))
+}
+
+fn send(registration: &Registration, endpoint: &str, body: &serde_json::Value) -> Outcome {
+    let mut request = ureq::post(endpoint).timeout(Duration::from_secs(10));
+    if let Some(token) = &registration.token {
+        request = request.set("Authorization", &format!("Bearer {token}"));
+    }
+    match request.send_json(body) {
+        Ok(response) => Outcome::Accepted(response.status()),
+        Err(ureq::Error::Status(status, response)) if (400..500).contains(&status) && status != 429 => {
+            Outcome::Refused(status, response.into_string().unwrap_or_default())
+        }
+        Err(e) => Outcome::Unreachable(e.to_string()),
+    }
+}
+
+/// Sleeps `duration`, waking early on shutdown; false if shutting down.
+fn pause(duration: Duration, shutdown: &AtomicBool) -> bool {
+    let end = Instant::now() + duration;
+    while !shutdown.load(Ordering::SeqCst) {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return true;
+        }
+        std::thread::sleep(left.min(SHUTDOWN_POLL));
+    }
+    false
+}
+
+fn run(registration: &Registration, shutdown: &AtomicBool) {
+    let Registration { url, host_id, every, .. } = registration;
+    let endpoint = format!("{}/v1/hosts", url.trim_end_matches('/'));
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let body = serde_json::json!({ "id": host_id, "hostname": hostname.trim() });
+    let mut registered = false;
+    // Logged once per kind of trouble, not at every beat.
+    let mut trouble = false;
+    let mut backoff = Duration::from_millis(200);
+    while !shutdown.load(Ordering::SeqCst) {
+        let wait = match send(registration, &endpoint, &body) {
+            Outcome::Accepted(status) => {
+                if !registered {
+                    log::info!("registered host {host_id} with {url}");
+                } else if status == 201 {
+                    log::warn!("the dispatcher at {url} did not know host {host_id} any more; registered it again");
+                } else if trouble {
+                    log::info!("heartbeats of host {host_id} reach {url} again");
+                }
+                registered = true;
+                trouble = false;
+                backoff = Duration::from_millis(200);
+                if every.is_zero() {
+                    return;
+                }
+                *every
+            }
+            Outcome::Refused(status, detail) => {
+                if !trouble {
+                    log::error!("dispatcher refused registration of {host_id} ({status}): {detail}");
+                }
+                trouble = true;
+                if every.is_zero() {
+                    return;
+                }
+                *every
+            }
+            Outcome::Unreachable(e) => {
+                if !registered {
+                    log::warn!("cannot register with {url} yet ({e}); retrying in {backoff:?}");
+                    let wait = backoff;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    wait
+                } else {
+                    if !trouble {
+                        log::warn!("heartbeat of host {host_id} to {url} failed ({e}); retrying every {every:?}");
+                    }
+                    trouble = true;
+                    *every
+                }
+            }
+        };
+        if !pause(wait, shutdown) {
+            return;
+        }
+    }
+}
