@@ -555,7 +555,7 @@ fn revoke_queued(d: &Dispatcher, job_id: &str, batch: &[(String, QueueRef)]) -> 
     let mut reachable = true;
     for (host, queued) in batch {
         let change = match worker::delete_if_ours(d, queued, job_id, host) {
-            Ok(TakeBack::Deleted) => QueuedChange::Finish(HostState::Revoked, revoked.clone()),
+            Ok(TakeBack::Deleted { .. }) => QueuedChange::Finish(HostState::Revoked, revoked.clone()),
             Ok(TakeBack::Lost) => {
                 log::warn!("job {job_id} host {host}: queue job {} was lost when the queue restarted", queued.id);
                 QueuedChange::Finish(HostState::Revoked, revoked.clone())

@@ -308,6 +308,11 @@ fn expire_overdue(dispatcher: &Dispatcher) -> Result<(), StepError> {
     Ok(())
 }
 
+/// Why a job that an agent had taken came back unanswered: its connection dropped (the
+/// agent died or was killed) or its TTR ran out. A restarted agent reports more (`0x0103`).
+const ABANDONED: &str =
+    "The host's agent took the job but did not finish it (it stopped or lost its queue connection); the job was taken off the queue so it does not run again";
+
 /// What the queue holds under a stored queue job id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Found {
@@ -347,8 +352,13 @@ pub(crate) fn find(
 /// What [`delete_if_ours`] found out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum TakeBack {
-    /// Our envelope was on the queue and is deleted: no agent will run it.
-    Deleted,
+    /// Our envelope was on the queue and is deleted: no agent will run it. `taken_before`:
+    /// an agent had reserved it and it came back (the agent's connection dropped, or its
+    /// TTR ran out), so "the agent did not take it" would be false.
+    Deleted {
+        /// The queue counted at least one reserve of it.
+        taken_before: bool,
+    },
     /// An agent has it, or had it (and its result is on the way).
     Taken,
     /// polarisd dropped it when its TTL ran out: no agent ever had it.
@@ -371,12 +381,16 @@ pub(crate) fn delete_if_ours(
         // Unknown for rows stored by older versions: assume the same instance, as they did.
         let same_instance = queued.instance.as_deref().map_or(true, |i| i == info.instance);
         match find(c, &dispatcher.secret, queued, job_id, host)? {
-            Found::Ours => match c.delete(queued.id) {
-                Ok(()) => Ok(TakeBack::Deleted),
-                // Reserved by an agent between our peek and delete.
-                Err(client::Error::NotFound) => Ok(TakeBack::Taken),
-                Err(e) => Err(e),
-            },
+            Found::Ours => {
+                let taken_before =
+                    c.stats_job(queued.id).ok().and_then(|s| s.get_u64("reserves")).is_some_and(|n| n > 0);
+                match c.delete(queued.id) {
+                    Ok(()) => Ok(TakeBack::Deleted { taken_before }),
+                    // Reserved by an agent between our peek and delete.
+                    Err(client::Error::NotFound) => Ok(TakeBack::Taken),
+                    Err(e) => Err(e),
+                }
+            }
             Found::Stranger => Ok(TakeBack::Lost),
             Found::Gone if !same_instance => Ok(TakeBack::Lost),
             Found::Gone => {
@@ -412,7 +426,8 @@ fn take_back(
         return Ok(done.then_some(to));
     };
     let (state, outcome) = match delete_if_ours(dispatcher, queued, job_id, host)? {
-        TakeBack::Deleted => (to, outcome.clone()),
+        TakeBack::Deleted { taken_before: false } => (to, outcome.clone()),
+        TakeBack::Deleted { taken_before: true } => (to, Outcome::failed(Code::HostNoAnswer, ABANDONED)),
         TakeBack::Lost => {
             log::warn!("job {job_id} host {host}: queue job {} was lost when the queue restarted", queued.id);
             let message = format!("{}; {}", outcome.message, LOST_BEFORE_TAKEN.to_lowercase());

@@ -1333,3 +1333,30 @@ fn heartbeat_advances_last_seen() {
     });
     assert_eq!(get(&host_url).1["registered_at_ms"], first["registered_at_ms"]);
 }
+
+/// An agent killed mid-command and never restarted: the job comes back to the queue when the
+/// agent's connection drops, and at its deadline the host is reported as taken but not
+/// finished, not as "the agent did not take the job" (which would be false).
+#[test]
+fn a_job_whose_agent_died_is_reported_as_taken_not_as_never_taken() {
+    let mut cluster = Cluster::start(&["alpha"]);
+    let runs = cluster.dir.path().join("runs");
+    let pids = cluster.dir.path().join("pids");
+    let cmd = format!("echo run >> {r}; echo $$ > {p}; exec sleep 600", r = runs.display(), p = pids.display());
+    let (status, body) =
+        post(&cluster.url("/v1/jobs"), &json!({"hosts": ["alpha"], "method": "async.bash", "cmd": cmd, "timeout": 3}));
+    assert_eq!(status, 202, "{body}");
+    let url = cluster.url(&format!("/v1/jobs/{}", body["id"].as_str().expect("id")));
+    wait_until(Duration::from_secs(10), "the command started", || pids.exists());
+    let pid: i32 = std::fs::read_to_string(&pids).expect("pid").trim().parse().expect("pid");
+    let _cleanup = KillOnDrop(vec![pid]);
+    cluster.agent("alpha").kill();
+    wait_until(Duration::from_secs(20), "the host's final state", || get(&url).1["done"] == true);
+    let job = get(&url).1;
+    let host = &job["hosts"][0];
+    assert_eq!(host["state"], "expired", "{job}");
+    assert_eq!(host["retcode"], code(Code::HostNoAnswer), "{job}");
+    let message = host["message"].as_str().unwrap_or_default();
+    assert!(message.starts_with("The host's agent took the job but did not finish it"), "{job}");
+    assert_eq!(line_count(&runs), 1);
+}
