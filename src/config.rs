@@ -21,6 +21,8 @@ use std::path::PathBuf;
                   RUST_LOG=debug) overrides it.\n\
                   Signals: SIGTERM and SIGINT stop accepting, commit and exit 0; SIGUSR1 enters drain mode \
                   (put answers DRAINING).\n\
+                  TLS: plain TCP by default; --tls-cert and --tls-key serve TLS on the listener, or on a \
+                  second one with --tls-listen; --tls-client-ca requires client certificates (protocol.md § TLS).\n\
                   Protocol and extensions: protocol.md; flags and limits: README.md."
 )]
 pub struct Args {
