@@ -3,6 +3,7 @@
 
 use crate::server::{Listen, ServerConfig};
 use crate::store::{Durability, FsyncPolicy};
+use crate::tls::TlsSettings;
 use clap::Parser;
 use polaris_engine::{self as engine, SECOND};
 use polaris_proto::{self as proto, TubeName};
@@ -20,6 +21,8 @@ use std::path::PathBuf;
                   RUST_LOG=debug) overrides it.\n\
                   Signals: SIGTERM and SIGINT stop accepting, commit and exit 0; SIGUSR1 enters drain mode \
                   (put answers DRAINING).\n\
+                  TLS: plain TCP by default; --tls-cert and --tls-key serve TLS on the listener, or on a \
+                  second one with --tls-listen; --tls-client-ca requires client certificates (protocol.md § TLS).\n\
                   Protocol and extensions: protocol.md; flags and limits: README.md."
 )]
 pub struct Args {
@@ -96,6 +99,30 @@ pub struct Args {
     /// Default TTL for jobs put in a tube, as TUBE=SECONDS (repeatable).
     #[arg(long = "tube-ttl", value_name = "TUBE=SECONDS", value_parser = parse_tube_ttl)]
     pub tube_ttls: Vec<(TubeName, u32)>,
+    /// Serve TLS with this certificate chain (PEM, leaf first), on the main listener or,
+    /// with --tls-listen, on a second one. Needs --tls-key. Plain TCP is the default.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require TLS clients to present a certificate signed by a CA of this PEM bundle.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Serve TLS on a second listener at HOST:PORT while -l/-p stay plain; port 0 picks a
+    /// free one (the second stdout line is `listening for TLS on ADDR`).
+    #[arg(long, value_name = "HOST:PORT", requires = "tls_cert", value_parser = parse_host_port)]
+    pub tls_listen: Option<(String, u16)>,
+}
+
+fn parse_host_port(s: &str) -> Result<(String, u16), String> {
+    let (host, port) = s.rsplit_once(':').ok_or("expected HOST:PORT")?;
+    let port = port.parse::<u16>().map_err(|e| format!("invalid port {port:?}: {e}"))?;
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    if host.is_empty() {
+        return Err("expected HOST:PORT, e.g. 0.0.0.0:11400".into());
+    }
+    Ok((host.to_string(), port))
 }
 
 fn parse_tube_ttl(s: &str) -> Result<(TubeName, u32), String> {
@@ -119,8 +146,16 @@ impl Args {
         } else {
             FsyncPolicy::Interval(std::time::Duration::from_millis(self.fsync_ms))
         };
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => {
+                Some(TlsSettings { cert: cert.clone(), key: key.clone(), client_ca: self.tls_client_ca.clone() })
+            }
+            _ => None,
+        };
         ServerConfig {
             listen,
+            tls,
+            tls_listen: self.tls_listen.clone(),
             max_connections: self.max_connections,
             limits: proto::Limits { max_line: self.max_line, max_job_size: self.max_job_size },
             max_output_buffer: self.max_output_buffer,

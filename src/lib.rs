@@ -8,6 +8,8 @@
 //! - [`store`]: durability in SQLite: one transaction per loop turn (group commit).
 //! - [`wal`]: reads SQLite's write-ahead log before SQLite does, to refuse hidden damage.
 //! - [`config`]: the command line (beanstalkd's flags plus our own).
+//! - [`tls`]: TLS on a listener (rustls): the server configuration and one connection's
+//!   session over its non-blocking socket.
 //! - `sys` (private): every call into the operating system, the only module allowed `unsafe`.
 //! - [`polaris_proto`] (crate): the wire protocol: framing, commands, replies; and the client.
 //! - [`polaris_engine`] (crate): the queue state machine (tubes, heaps, timers), clock injected.
@@ -19,4 +21,5 @@ pub mod server;
 pub mod store;
 #[allow(unsafe_code)]
 mod sys;
+pub mod tls;
 pub mod wal;

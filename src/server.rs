@@ -13,6 +13,7 @@
 
 use crate::store::{Durability, Store, StoreError};
 use crate::sys;
+use crate::tls::{TlsSettings, TlsStream};
 use anyhow::{bail, Context};
 use bytes::{Buf, BytesMut};
 use mio::event::Source;
@@ -54,6 +55,11 @@ pub enum Listen {
 pub struct ServerConfig {
     /// Listening address.
     pub listen: Listen,
+    /// TLS certificate and key (and client CA): the main listener serves TLS, unless
+    /// `tls_listen` names a second listener for it.
+    pub tls: Option<TlsSettings>,
+    /// A second, TLS, listener (`--tls-listen`); the main one then stays plain.
+    pub tls_listen: Option<(String, u16)>,
     /// Length of the listen queue (connections the kernel holds before `accept`).
     pub listen_backlog: i32,
     /// Most simultaneous connections.
@@ -72,6 +78,7 @@ pub struct ServerConfig {
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const SIGNALS: Token = Token(usize::MAX - 2);
+const TLS_LISTENER: Token = Token(usize::MAX - 3);
 /// How much to read from a socket at a time.
 const READ_CHUNK: usize = 64 * 1024;
 /// Connection buffers that grew past this (for a big job) are given back once empty.
@@ -88,10 +95,35 @@ enum Listener {
     Unix(UnixListener),
 }
 
-/// A client socket of either kind.
+/// A listening socket and, for a TLS listener, the configuration its connections use.
+struct Bound {
+    listener: Listener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// A client socket of either kind, or TLS over TCP. The TLS session is boxed so that plain
+/// connections stay as small as before.
 enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    Tls(Box<TlsStream>),
+}
+
+impl Stream {
+    /// Whether a read shorter than the buffer proves the socket drained (see
+    /// `read_and_run`): true for plain sockets; a TLS session may hold decrypted bytes
+    /// that the socket no longer signals, so it is read until `WouldBlock`.
+    fn short_read_drains(&self) -> bool {
+        !matches!(self, Stream::Tls(_))
+    }
+
+    /// Whether bytes wait to be written beyond the connection's reply buffer (TLS records).
+    fn wants_write(&self) -> bool {
+        match self {
+            Stream::Tls(s) => s.wants_write(),
+            _ => false,
+        }
+    }
 }
 
 impl Read for Stream {
@@ -99,6 +131,7 @@ impl Read for Stream {
         match self {
             Stream::Tcp(s) => s.read(buf),
             Stream::Unix(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
         }
     }
 }
@@ -108,6 +141,7 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.write(buf),
             Stream::Unix(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -120,18 +154,21 @@ impl Source for Stream {
         match self {
             Stream::Tcp(s) => s.register(r, t, i),
             Stream::Unix(s) => s.register(r, t, i),
+            Stream::Tls(s) => s.socket_mut().register(r, t, i),
         }
     }
     fn reregister(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.reregister(r, t, i),
             Stream::Unix(s) => s.reregister(r, t, i),
+            Stream::Tls(s) => s.socket_mut().reregister(r, t, i),
         }
     }
     fn deregister(&mut self, r: &Registry) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.deregister(r),
             Stream::Unix(s) => s.deregister(r),
+            Stream::Tls(s) => s.socket_mut().deregister(r),
         }
     }
 }
@@ -237,7 +274,9 @@ struct Signals {
 /// The running server.
 pub struct Server {
     poll: Poll,
-    listener: Listener,
+    listener: Bound,
+    /// The second listener of `--tls-listen`.
+    tls_listener: Option<Bound>,
     conns: Slab<Connection>,
     /// Engine connection id -> slab token.
     tokens: Vec<usize>,
@@ -253,6 +292,7 @@ pub struct Server {
     /// Connections to close at the end of the turn.
     to_close: Vec<usize>,
     local_addr: String,
+    tls_local_addr: Option<String>,
     /// Read buffer shared by all connections; bytes are copied into the
     /// connection's own input only as far as they were read.
     scratch: Box<[u8]>,
@@ -270,11 +310,37 @@ impl Server {
     /// Opens the store (if any), binds the listener and prepares the loop.
     pub fn bind(cfg: ServerConfig) -> anyhow::Result<Server> {
         let poll = Poll::new().context("creating the poll instance")?;
+        // The TLS files are read before anything is bound, so a bad one fails the start at once.
+        let tls = cfg.tls.as_ref().map(crate::tls::server_config).transpose()?;
         let (mut listener, local_addr) = open_listener(&cfg.listen, cfg.listen_backlog)?;
-        match &mut listener {
-            Listener::Tcp(l) => poll.registry().register(l, LISTENER, Interest::READABLE)?,
-            Listener::Unix(l) => poll.registry().register(l, LISTENER, Interest::READABLE)?,
-        }
+        register_listener(poll.registry(), &mut listener, LISTENER)?;
+        let (listener, tls_listener, tls_local_addr) = match (&cfg.tls_listen, tls) {
+            (Some((host, port)), Some(tls)) => {
+                let (mut second, addr) = open_tcp_listener(host, *port, cfg.listen_backlog)?;
+                register_listener(poll.registry(), &mut second, TLS_LISTENER)?;
+                log::info!(
+                    "TLS on {addr}{}",
+                    if cfg.tls.as_ref().is_some_and(|t| t.client_ca.is_some()) {
+                        ", client certificates required"
+                    } else {
+                        ""
+                    }
+                );
+                (Bound { listener, tls: None }, Some(Bound { listener: second, tls: Some(tls) }), Some(addr))
+            }
+            (Some(_), None) => bail!("--tls-listen needs --tls-cert and --tls-key"),
+            (None, Some(tls)) => {
+                if matches!(listener, Listener::Unix(_)) {
+                    bail!(
+                        "TLS needs a TCP listener, and {local_addr} is a Unix socket: give a TCP -l, or \
+                         --tls-listen HOST:PORT for a second, TLS, listener"
+                    );
+                }
+                log::info!("TLS on the main listener {local_addr}");
+                (Bound { listener, tls: Some(tls) }, None, None)
+            }
+            (None, None) => (Bound { listener, tls: None }, None, None),
+        };
         if let Some(user) = &cfg.user {
             sys::become_user(user)?;
         }
@@ -303,6 +369,7 @@ impl Server {
         Ok(Server {
             poll,
             listener,
+            tls_listener,
             conns: Slab::new(),
             tokens: Vec::new(),
             engine,
@@ -315,6 +382,7 @@ impl Server {
             backlog: Vec::new(),
             to_close: Vec::new(),
             local_addr,
+            tls_local_addr,
             scratch: vec![0; READ_CHUNK].into_boxed_slice(),
             records: Vec::new(),
             frozen: Vec::new(),
@@ -326,6 +394,11 @@ impl Server {
     /// The address clients connect to (`host:port` or `unix:/path`).
     pub fn local_addr(&self) -> &str {
         &self.local_addr
+    }
+
+    /// The address of the second, TLS, listener (`--tls-listen`), if there is one.
+    pub fn tls_local_addr(&self) -> Option<&str> {
+        self.tls_local_addr.as_deref()
     }
 
     fn now(&self) -> Nanos {
@@ -350,7 +423,8 @@ impl Server {
             self.with_outbox(|engine, out| engine.tick(now, out));
             for event in events.iter() {
                 match event.token() {
-                    LISTENER => self.accept_all(),
+                    LISTENER => self.accept_from(LISTENER),
+                    TLS_LISTENER => self.accept_from(TLS_LISTENER),
                     SIGNALS => self.drain_signal_pipe(),
                     Token(token) => {
                         if event.is_read_closed() || event.is_error() {
@@ -431,18 +505,40 @@ impl Server {
         result
     }
 
+    /// Accepts on every listener (after descriptors ran out).
     fn accept_all(&mut self) {
+        self.accept_from(LISTENER);
+        if self.tls_listener.is_some() {
+            self.accept_from(TLS_LISTENER);
+        }
+    }
+
+    fn accept_from(&mut self, which: Token) {
         loop {
-            let accepted = match &self.listener {
+            let bound = match which {
+                TLS_LISTENER => match &self.tls_listener {
+                    Some(bound) => bound,
+                    None => return,
+                },
+                _ => &self.listener,
+            };
+            let accepted = match &bound.listener {
                 Listener::Tcp(l) => l.accept().map(|(s, _)| {
                     // Replies are small and latency matters more than packet count.
                     let _ = s.set_nodelay(true);
-                    Stream::Tcp(s)
+                    match &bound.tls {
+                        None => Ok(Stream::Tcp(s)),
+                        Some(config) => TlsStream::new(config, s).map(|t| Stream::Tls(Box::new(t))),
+                    }
                 }),
-                Listener::Unix(l) => l.accept().map(|(s, _)| Stream::Unix(s)),
+                Listener::Unix(l) => l.accept().map(|(s, _)| Ok(Stream::Unix(s))),
             };
             let mut stream = match accepted {
-                Ok(s) => {
+                Ok(Err(e)) => {
+                    log::warn!("starting a TLS session failed: {e}");
+                    continue;
+                }
+                Ok(Ok(s)) => {
                     self.accept_stalled = false;
                     s
                 }
@@ -532,8 +628,10 @@ impl Server {
                     c.input.extend_from_slice(&self.scratch[..n]);
                     // A short read emptied the socket: data arriving later raises
                     // a new edge, so this saves the read that would say WouldBlock.
-                    // (Not after a hang-up: its edge is spent, so read to the end.)
-                    let drained = n < self.scratch.len() && !c.peer_hup;
+                    // (Not after a hang-up: its edge is spent, so read to the end. Not
+                    // for TLS either: the session may hold decrypted bytes the socket
+                    // will never signal again, so TLS reads go on until WouldBlock.)
+                    let drained = n < self.scratch.len() && !c.peer_hup && c.stream.short_read_drains();
                     if drained {
                         c.read_pending = false;
                     }
@@ -639,7 +737,7 @@ impl Server {
 
     fn queue_flush(&mut self, token: usize) {
         if let Some(c) = self.conns.get_mut(token) {
-            if !c.queued_for_flush && !c.output.is_empty() {
+            if !c.queued_for_flush && (!c.output.is_empty() || c.stream.wants_write()) {
                 c.queued_for_flush = true;
                 self.flush.push(token);
             }
@@ -763,11 +861,11 @@ impl Server {
                 // Queued again when a commit succeeds.
                 continue;
             }
+            let mut failed = false;
             while !c.output.is_empty() {
                 match c.stream.write(&c.output) {
                     Ok(0) => {
-                        c.closing = true;
-                        self.to_close.push(token);
+                        failed = true;
                         break;
                     }
                     Ok(n) => c.output.advance(n),
@@ -776,11 +874,25 @@ impl Server {
                     Err(e) => {
                         log::debug!("write error on connection {token}: {e}");
                         c.output.clear();
-                        c.closing = true;
-                        self.to_close.push(token);
+                        failed = true;
                         break;
                     }
                 }
+            }
+            // TLS records still unwritten (the handshake's, or the tail of a reply).
+            if let (Stream::Tls(tls), false, true) = (&mut c.stream, failed, c.output.is_empty()) {
+                match tls.write_pending() {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => {
+                        log::debug!("write error on connection {token}: {e}");
+                        failed = true;
+                    }
+                }
+            }
+            if failed {
+                c.closing = true;
+                self.to_close.push(token);
             }
             // A connection that once received a huge job should not keep a
             // huge buffer for the rest of its life.
@@ -807,6 +919,9 @@ impl Server {
             if !c.output.is_empty() && !c.blocked {
                 let c = &mut self.conns[token];
                 let _ = c.stream.write(&c.output);
+            }
+            if let Stream::Tls(tls) = &mut self.conns[token].stream {
+                tls.close();
             }
             let mut c = self.conns.remove(token);
             let _ = self.poll.registry().deregister(&mut c.stream);
@@ -846,7 +961,26 @@ fn peer_closed(stream: &mut Stream) -> bool {
     match stream {
         Stream::Tcp(s) => sys::peer_closed(&*s),
         Stream::Unix(s) => sys::peer_closed(&*s),
+        Stream::Tls(s) => sys::peer_closed(s.socket()),
     }
+}
+
+fn register_listener(registry: &Registry, listener: &mut Listener, token: Token) -> io::Result<()> {
+    match listener {
+        Listener::Tcp(l) => registry.register(l, token, Interest::READABLE),
+        Listener::Unix(l) => registry.register(l, token, Interest::READABLE),
+    }
+}
+
+fn open_tcp_listener(host: &str, port: u16, backlog: i32) -> anyhow::Result<(Listener, String)> {
+    let addr = (host, port)
+        .to_socket_addrs()
+        .with_context(|| format!("resolving listen address {host}:{port}"))?
+        .next()
+        .with_context(|| format!("no address for {host}"))?;
+    let std_listener = sys::tcp_listener(addr, backlog).with_context(|| format!("binding {addr}"))?;
+    let local = std_listener.local_addr()?.to_string();
+    Ok((Listener::Tcp(TcpListener::from_std(std_listener)), local))
 }
 
 fn open_listener(listen: &Listen, backlog: i32) -> anyhow::Result<(Listener, String)> {
@@ -856,16 +990,7 @@ fn open_listener(listen: &Listen, backlog: i32) -> anyhow::Result<(Listener, Str
         return listener_from_inherited(inherited);
     }
     match listen {
-        Listen::Tcp { host, port } => {
-            let addr = (host.as_str(), *port)
-                .to_socket_addrs()
-                .with_context(|| format!("resolving listen address {host}:{port}"))?
-                .next()
-                .with_context(|| format!("no address for {host}"))?;
-            let std_listener = sys::tcp_listener(addr, backlog).with_context(|| format!("binding {addr}"))?;
-            let local = std_listener.local_addr()?.to_string();
-            Ok((Listener::Tcp(TcpListener::from_std(std_listener)), local))
-        }
+        Listen::Tcp { host, port } => open_tcp_listener(host, *port, backlog),
         Listen::Unix(path) => {
             if let Ok(meta) = std::fs::symlink_metadata(path) {
                 use std::os::unix::fs::FileTypeExt;
@@ -941,6 +1066,9 @@ fn rusage() -> engine::Rusage {
 pub fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     let mut server = Server::bind(cfg)?;
     println!("listening on {}", server.local_addr());
+    if let Some(addr) = server.tls_local_addr() {
+        println!("listening for TLS on {addr}");
+    }
     let _ = io::stdout().flush();
     log::info!("listening on {}", server.local_addr());
     server.run()

@@ -61,7 +61,9 @@ fn docs_run_as_printed() -> Result<()> {
         skip_unless_ci("the docs test needs `unshare` with namespaces (run as root)");
         return Ok(());
     }
-    for (tool, package) in [("nc", "netcat-openbsd"), ("curl", "curl"), ("jq", "jq"), ("ip", "iproute2")] {
+    for (tool, package) in
+        [("nc", "netcat-openbsd"), ("curl", "curl"), ("jq", "jq"), ("ip", "iproute2"), ("openssl", "openssl")]
+    {
         if !Command::new("sh").args(["-c", &format!("command -v {tool}")]).stdout(Stdio::null()).status()?.success() {
             skip_unless_ci(&format!("the docs test needs `{tool}` (Debian package {package})"));
             return Ok(());

@@ -40,7 +40,7 @@ use ledger::Ledger;
 use orphans::Adopted;
 use polaris_ops_wire::codes::Code;
 use polaris_ops_wire::wire::{self, host_tube, Encoding, HostResult, JobEnvelope, Method, OutputData, Resp, Secret};
-use polaris_proto::client::{self, Client};
+use polaris_proto::client::{self, Client, Endpoint, TlsClientFiles};
 use std::cell::RefCell;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -64,6 +64,8 @@ const MIN_TOUCH_INTERVAL: Duration = Duration::from_millis(500);
 pub struct AgentConfig {
     /// Queue address, e.g. `127.0.0.1:11300`.
     pub queue: String,
+    /// TLS to the queue (`--queue-ca` and the rest); `None` is plain TCP.
+    pub queue_tls: Option<TlsClientFiles>,
     /// The host id; `None` uses (or creates) the one in `state_file`.
     pub host_id: Option<String>,
     /// Where the generated host id is kept.
@@ -86,6 +88,7 @@ impl Default for AgentConfig {
     fn default() -> Self {
         AgentConfig {
             queue: "127.0.0.1:11300".into(),
+            queue_tls: None,
             host_id: None,
             state_file: PathBuf::from("polaris-agent.json"),
             dispatch_url: None,
@@ -110,6 +113,8 @@ struct EnvelopeHeader {
 
 struct Agent {
     host_id: String,
+    /// The queue, and how to connect to it.
+    queue: Endpoint,
     secret: Secret,
     config: AgentConfig,
     shutdown: Arc<AtomicBool>,
@@ -122,6 +127,7 @@ struct Agent {
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn run(config: AgentConfig) -> anyhow::Result<()> {
     let secret = Secret::load(config.secret_file.as_deref())?;
+    let queue = Endpoint::from_flags(&config.queue, config.queue_tls.as_ref())?;
     let host_id = identity::resolve_host_id(config.host_id.as_deref(), &config.state_file)?;
     let token = match &config.token_file {
         Some(path) => Some(
@@ -144,9 +150,16 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
             heartbeat::Registration { url: url.clone(), host_id: host_id.clone(), token, every: config.heartbeat };
         heartbeat::spawn(registration, shutdown.clone()).context("starting the heartbeat thread")?;
     }
-    log::info!("polaris-agent {host_id} serving tube {} on {}", host_tube(&host_id), config.queue);
-    let agent =
-        Agent { host_id, secret, config, shutdown, ledger: RefCell::new(ledger), adopted: RefCell::new(adopted) };
+    log::info!("polaris-agent {host_id} serving tube {} on {queue}", host_tube(&host_id));
+    let agent = Agent {
+        host_id,
+        queue,
+        secret,
+        config,
+        shutdown,
+        ledger: RefCell::new(ledger),
+        adopted: RefCell::new(adopted),
+    };
     agent.serve();
     log::info!("polaris-agent {} stopped", agent.host_id);
     Ok(())
@@ -158,7 +171,7 @@ impl Agent {
     }
 
     fn connect(&self) -> client::Result<(Client, usize)> {
-        let mut conn = Client::connect(&self.config.queue, Duration::from_secs(2))?;
+        let mut conn = self.queue.connect(Duration::from_secs(2))?;
         conn.watch(&host_tube(&self.host_id))?;
         conn.ignore("default")?;
         let max_job_size =
@@ -174,14 +187,14 @@ impl Agent {
                 Some((client, max)) => (client, *max),
                 None => match self.connect() {
                     Ok(c) => {
-                        log::info!("connected to the queue at {} (max job size {})", self.config.queue, c.1);
+                        log::info!("connected to the queue at {} (max job size {})", self.queue, c.1);
                         queue_was_down = false;
                         let (client, max) = conn.insert(c);
                         (client, *max)
                     }
                     Err(e) => {
                         if !queue_was_down {
-                            log::warn!("cannot reach the queue at {}, will retry: {e}", self.config.queue);
+                            log::warn!("cannot reach the queue at {}, will retry: {e}", self.queue);
                             queue_was_down = true;
                         }
                         std::thread::sleep(Duration::from_secs(1));

@@ -34,7 +34,7 @@ use crate::auth::Tokens;
 use crate::store::Store;
 use anyhow::Context as _;
 use polaris_ops_wire::wire::{self, Secret};
-use polaris_proto::client::{self, Client};
+use polaris_proto::client::{self, Client, Endpoint, TlsClientFiles};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -50,6 +50,8 @@ pub struct DispatchConfig {
     pub listen: String,
     /// Queue address, e.g. `127.0.0.1:11300`.
     pub queue: String,
+    /// TLS to the queue (`--queue-ca` and the rest); `None` is plain TCP.
+    pub queue_tls: Option<TlsClientFiles>,
     /// Directory of the SQLite database.
     pub data_dir: PathBuf,
     /// File holding the shared envelope secret; `None` reads env `POLARIS_SECRET`.
@@ -75,6 +77,7 @@ impl Default for DispatchConfig {
         DispatchConfig {
             listen: "127.0.0.1:8080".into(),
             queue: "127.0.0.1:11300".into(),
+            queue_tls: None,
             data_dir: PathBuf::from("polaris-dispatch-data"),
             secret_file: None,
             tokens_file: None,
@@ -92,7 +95,7 @@ impl Default for DispatchConfig {
 /// idle one (they most likely lead to the same dead server).
 #[derive(Debug)]
 pub struct QueuePool {
-    addr: String,
+    endpoint: Endpoint,
     idle: Mutex<Vec<PooledConn>>,
     /// Whether the queue speaks the polarisd extensions, as the last new
     /// connection found out (0 unknown, 1 no, 2 yes).
@@ -121,13 +124,9 @@ struct PooledConn {
 const MAX_IDLE_QUEUE_CONNECTIONS: usize = 4;
 
 impl QueuePool {
-    /// A pool for the queue at `addr`; connects lazily.
-    pub fn new(addr: &str) -> QueuePool {
-        QueuePool {
-            addr: addr.to_string(),
-            idle: Mutex::new(Vec::new()),
-            extensions: std::sync::atomic::AtomicU8::new(0),
-        }
+    /// A pool for the queue at `endpoint`; connects lazily.
+    pub fn new(endpoint: Endpoint) -> QueuePool {
+        QueuePool { endpoint, idle: Mutex::new(Vec::new()), extensions: std::sync::atomic::AtomicU8::new(0) }
     }
 
     /// Whether the queue is a polarisd (job TTLs, `job-state`), rather than a
@@ -167,7 +166,7 @@ impl QueuePool {
     }
 
     fn connect(&self) -> client::Result<PooledConn> {
-        let mut client = Client::connect(&self.addr, Duration::from_secs(2))?;
+        let mut client = self.endpoint.connect(Duration::from_secs(2))?;
         let extensions = client.supports_extensions()?;
         self.extensions.store(if extensions { 2 } else { 1 }, std::sync::atomic::Ordering::Relaxed);
         let stats = client.stats()?;
@@ -253,6 +252,7 @@ pub fn run(config: DispatchConfig) -> anyhow::Result<()> {
         Some(path) => Some(Tokens::load(path)?),
         None => None,
     };
+    let queue = Endpoint::from_flags(&config.queue, config.queue_tls.as_ref())?;
     let store = Store::open(&config.data_dir)
         .with_context(|| format!("opening the database in {}", config.data_dir.display()))?;
     if !client::is_valid_tube_name(&config.reply_tube) {
@@ -261,7 +261,7 @@ pub fn run(config: DispatchConfig) -> anyhow::Result<()> {
     let (wake_tx, wake_rx) = mpsc::sync_channel(1);
     let dispatcher = Arc::new(Dispatcher {
         store,
-        queue: QueuePool::new(&config.queue),
+        queue: QueuePool::new(queue.clone()),
         secret,
         tokens,
         reply_tube: config.reply_tube.clone(),
@@ -274,7 +274,7 @@ pub fn run(config: DispatchConfig) -> anyhow::Result<()> {
         wake_enqueuer: wake_tx,
     });
     let stop = Arc::new(AtomicBool::new(false));
-    let threads = worker::spawn(&dispatcher, &config.queue, wake_rx, &stop)?;
+    let threads = worker::spawn(&dispatcher, queue, wake_rx, &stop)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

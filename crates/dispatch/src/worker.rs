@@ -10,7 +10,7 @@ use crate::store::{HostState, Outcome, PendingHostJob, QueueRef, StoreError};
 use crate::Dispatcher;
 use polaris_ops_wire::codes::Code;
 use polaris_ops_wire::wire::{self, host_tube, unix_now_ms, HostResult, JobEnvelope};
-use polaris_proto::client::{self, Client};
+use polaris_proto::client::{self, Client, Endpoint};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -33,7 +33,7 @@ const BURY_PRIORITY: u32 = 0;
 /// Starts both threads.
 pub(crate) fn spawn(
     dispatcher: &Arc<Dispatcher>,
-    queue_addr: &str,
+    queue: Endpoint,
     wake: mpsc::Receiver<()>,
     stop: &Arc<AtomicBool>,
 ) -> anyhow::Result<Vec<JoinHandle<()>>> {
@@ -45,10 +45,9 @@ pub(crate) fn spawn(
     let consumer = {
         let dispatcher = dispatcher.clone();
         let stop = stop.clone();
-        let addr = queue_addr.to_string();
         std::thread::Builder::new()
             .name("results".into())
-            .spawn(move || run_results_consumer(&dispatcher, &addr, &stop))?
+            .spawn(move || run_results_consumer(&dispatcher, &queue, &stop))?
     };
     Ok(vec![enqueuer, consumer])
 }
@@ -465,14 +464,14 @@ fn finish(
     Ok(())
 }
 
-fn connect_reply_consumer(addr: &str, reply_tube: &str) -> client::Result<Client> {
-    let mut conn = Client::connect(addr, Duration::from_secs(2))?;
+fn connect_reply_consumer(queue: &Endpoint, reply_tube: &str) -> client::Result<Client> {
+    let mut conn = queue.connect(Duration::from_secs(2))?;
     conn.watch(reply_tube)?;
     conn.ignore("default")?;
     Ok(conn)
 }
 
-fn run_results_consumer(dispatcher: &Dispatcher, addr: &str, stop: &AtomicBool) {
+fn run_results_consumer(dispatcher: &Dispatcher, addr: &Endpoint, stop: &AtomicBool) {
     let mut conn: Option<Client> = None;
     let mut queue_was_down = false;
     while !stop.load(Ordering::SeqCst) {

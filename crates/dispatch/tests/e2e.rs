@@ -1360,3 +1360,87 @@ fn a_job_whose_agent_died_is_reported_as_taken_not_as_never_taken() {
     assert!(message.starts_with("The host's agent took the job but did not finish it"), "{job}");
     assert_eq!(line_count(&runs), 1);
 }
+
+/// The queue serves TLS only and requires client certificates: the dispatcher and the agents
+/// connect with `--queue-ca`, `--queue-cert` and `--queue-key`; sync and async jobs run on
+/// the agents, results come back through the TLS results consumer, and everything
+/// reconnects over TLS after the queue restarts. (Always polarisd: beanstalkd has no TLS.)
+#[test]
+fn jobs_run_on_agents_over_a_tls_queue_with_client_certificates() {
+    let mut cluster = Cluster::start_tls(&["alpha", "beta"], true);
+    let sync_job = json!({"hosts": ["alpha", "beta"], "method": "sync.bash", "cmd": "cat README.txt", "timeout": 30});
+    let (status, body) = post(&cluster.url("/v1/jobs"), &sync_job);
+    assert_eq!(status, 200, "{body}");
+    for (index, host) in ["alpha", "beta"].iter().enumerate() {
+        let entry = &body["response"][index];
+        assert_eq!((entry["host"].as_str(), entry["resp"].as_str()), (Some(*host), Some("success")), "{body}");
+        assert_eq!(entry["data"], "hello\n", "{body}");
+    }
+
+    // The queue takes TLS clients with a certificate of the CA, and nobody else.
+    let tls = cluster.tls.clone().expect("a TLS cluster");
+    let config = client::TlsClientConfig::from_files(
+        &tls.pki.ca,
+        Some((&tls.pki.client_cert, &tls.pki.client_key)),
+        "127.0.0.1",
+    )
+    .expect("client TLS config");
+    let mut queue = Client::connect_tls(&cluster.queue.addr, &config, Duration::from_secs(2)).expect("TLS connect");
+    assert_eq!(queue.stats_tube("host.alpha").expect("stats-tube").get_u64("current-watching"), Some(1));
+    assert!(Client::connect(&cluster.queue.addr, Duration::from_secs(2)).and_then(|mut c| c.stats()).is_err());
+    let no_cert = client::TlsClientConfig::from_files(&tls.pki.ca, None, "127.0.0.1").expect("config");
+    assert!(Client::connect_tls(&cluster.queue.addr, &no_cert, Duration::from_secs(2))
+        .and_then(|mut c| c.stats())
+        .is_err());
+    drop(queue);
+
+    // A restarted queue: the dispatcher's pool, its results consumer and the agents all
+    // come back over TLS.
+    cluster.restart_queue();
+    let (status, body) = post(
+        &cluster.url("/v1/jobs"),
+        &json!({"hosts": ["alpha", "beta"], "method": "async.bash", "cmd": "echo again", "timeout": 30}),
+    );
+    assert_eq!(status, 202, "{body}");
+    let url = cluster.url(&format!("/v1/jobs/{}", body["id"].as_str().expect("id")));
+    wait_until(Duration::from_secs(20), "the async job done over TLS", || get(&url).1["done"] == true);
+    let job = get(&url).1;
+    for index in 0..2 {
+        assert_eq!(job["hosts"][index]["state"], "success", "{job}");
+        assert_eq!(job["hosts"][index]["data"], "again\n", "{job}");
+    }
+}
+
+/// The TLS flags of the agent and the dispatcher are checked at start, naming the file.
+#[test]
+fn bad_queue_tls_flags_stop_the_start_naming_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("missing-ca.pem");
+    let missing = missing.to_str().expect("path");
+    for (program, base) in [
+        ("polaris-agent", vec!["--host-id", "alpha", "--state-file", "/nonexistent/state.json"]),
+        ("polaris-dispatch", vec!["--listen", "127.0.0.1:0", "--data", dir.path().to_str().expect("path")]),
+    ] {
+        let run = |extra: &[&str]| {
+            std::process::Command::new(polaris_testkit::binary(program))
+                .args(&base)
+                .args(extra)
+                .env("POLARIS_SECRET", TEST_SECRET)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .expect("run")
+        };
+        let out = run(&["--queue-ca", missing]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains("--queue-ca") && stderr.contains(missing),
+            "{program}: {stderr}"
+        );
+        let out = run(&["--queue-ca", missing, "--queue-cert", missing]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains("--queue-key"), "{program}: {stderr}");
+        let out = run(&["--queue-server-name", "queue.example"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains("--queue-ca"), "{program}: {stderr}");
+    }
+}

@@ -1,6 +1,7 @@
 //! A small blocking client for the beanstalk protocol (beanstalkd 1.12 and `polarisd`).
 //!
-//! One [`Client`] owns one TCP connection. Every method sends one command and reads its
+//! One [`Client`] owns one TCP connection, plain or (with the `tls` feature,
+//! [`Client::connect_tls`]) TLS. Every method sends one command and reads its
 //! reply; server error replies become [`Error`] variants, so callers can match on
 //! `Error::NotFound` or `Error::JobTooBig` instead of comparing strings.
 //!
@@ -136,49 +137,220 @@ fn check_tube(name: &str) -> Result<&str> {
     }
 }
 
+/// The connection under a [`Client`]: a TCP socket, or TLS over one.
+enum Conn {
+    Plain(TcpStream),
+    #[cfg(feature = "tls")]
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Conn {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Conn::Plain(s) => s,
+            #[cfg(feature = "tls")]
+            Conn::Tls(s) => s.get_ref(),
+        }
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.read(buf),
+            // A peer that closes without TLS's close_notify (a killed server) is, for this
+            // client, a closed connection like any other: a cut reply is still caught by
+            // the framing (a line without CRLF, a short body).
+            #[cfg(feature = "tls")]
+            Conn::Tls(s) => match s.read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(0),
+                other => other,
+            },
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.write(buf),
+            #[cfg(feature = "tls")]
+            Conn::Tls(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.flush(),
+            #[cfg(feature = "tls")]
+            Conn::Tls(s) => s.flush(),
+        }
+    }
+}
+
+#[cfg(feature = "tls")]
+pub use crate::tls::{TlsClientConfig, TlsClientFiles, TlsSetupError};
+
+/// Where a client connects: an address and, with the `tls` feature, optionally the TLS
+/// settings to connect with. The dispatcher and the agent keep one and reconnect with it.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    addr: String,
+    #[cfg(feature = "tls")]
+    tls: Option<TlsClientConfig>,
+}
+
+impl Endpoint {
+    /// Plain TCP to `addr` (`host:port`).
+    pub fn plain(addr: &str) -> Endpoint {
+        Endpoint {
+            addr: addr.to_string(),
+            #[cfg(feature = "tls")]
+            tls: None,
+        }
+    }
+
+    /// TLS to `addr` with `tls`.
+    #[cfg(feature = "tls")]
+    pub fn tls(addr: &str, tls: TlsClientConfig) -> Endpoint {
+        Endpoint { addr: addr.to_string(), tls: Some(tls) }
+    }
+
+    /// `addr`, over TLS when `tls` is given: what the `--queue` and `--queue-ca` (etc.)
+    /// flags of the dispatcher and the agent describe. The files are read now.
+    #[cfg(feature = "tls")]
+    pub fn from_flags(addr: &str, tls: Option<&TlsClientFiles>) -> std::result::Result<Endpoint, TlsSetupError> {
+        Ok(match tls {
+            Some(files) => Endpoint::tls(addr, files.load(addr)?),
+            None => Endpoint::plain(addr),
+        })
+    }
+
+    /// The `host:port` address.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Whether connections are TLS.
+    pub fn is_tls(&self) -> bool {
+        #[cfg(feature = "tls")]
+        return self.tls.is_some();
+        #[cfg(not(feature = "tls"))]
+        return false;
+    }
+
+    /// Opens a connection ([`Client::connect`] or [`Client::connect_tls`]).
+    pub fn connect(&self, connect_timeout: Duration) -> Result<Client> {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &self.tls {
+            return Client::connect_tls(&self.addr, tls, connect_timeout);
+        }
+        Client::connect(&self.addr, connect_timeout)
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_tls() {
+            write!(f, "{} (TLS)", self.addr)
+        } else {
+            f.write_str(&self.addr)
+        }
+    }
+}
+
 /// A blocking connection to a beanstalk server.
 pub struct Client {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
+    /// Reads are buffered; writes go straight to the connection (`get_mut`).
+    stream: BufReader<Conn>,
     /// Read timeout for replies that should come at once; `None` waits forever.
     io_timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client").field("peer", &self.writer.peer_addr().ok()).finish()
+        f.debug_struct("Client")
+            .field("peer", &self.stream.get_ref().tcp().peer_addr().ok())
+            .field("tls", &!matches!(self.stream.get_ref(), Conn::Plain(_)))
+            .finish()
     }
+}
+
+/// Connects a TCP socket to the first address of `addr` that answers within `timeout`.
+fn connect_tcp(addr: &str, connect_timeout: Duration) -> Result<TcpStream> {
+    let mut last_err = io::Error::new(io::ErrorKind::InvalidInput, format!("{addr}: resolves to no address"));
+    for sock_addr in addr.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&sock_addr, connect_timeout) {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last_err = io::Error::new(e.kind(), format!("connect to {sock_addr}: {e}")),
+        }
+    }
+    Err(Error::Io(last_err))
 }
 
 impl Client {
     /// Connects to `addr` (e.g. `127.0.0.1:11300`), waiting at most `connect_timeout` per
     /// resolved address. Replies to ordinary commands must arrive within 30 seconds.
     pub fn connect(addr: &str, connect_timeout: Duration) -> Result<Client> {
-        let mut last_err = io::Error::new(io::ErrorKind::InvalidInput, format!("{addr}: resolves to no address"));
-        for sock_addr in addr.to_socket_addrs()? {
-            match TcpStream::connect_timeout(&sock_addr, connect_timeout) {
-                Ok(stream) => return Client::from_stream(stream),
-                Err(e) => last_err = io::Error::new(e.kind(), format!("connect to {sock_addr}: {e}")),
-            }
+        Client::from_stream(connect_tcp(addr, connect_timeout)?)
+    }
+
+    /// Connects to `addr` over TLS: the server's certificate must chain to the config's CA
+    /// and carry its server name; the client presents its own certificate if the config has
+    /// one. The handshake completes here (within the connect timeout), so a server that does
+    /// not speak TLS or whose certificate does not verify fails now, not at the first command.
+    /// (With TLS 1.3 a server that refuses the client's certificate says so only at the
+    /// first command's reply.)
+    #[cfg(feature = "tls")]
+    pub fn connect_tls(addr: &str, tls: &crate::tls::TlsClientConfig, connect_timeout: Duration) -> Result<Client> {
+        let mut socket = connect_tcp(addr, connect_timeout)?;
+        socket.set_nodelay(true)?;
+        socket.set_read_timeout(Some(connect_timeout))?;
+        socket.set_write_timeout(Some(connect_timeout))?;
+        let mut session =
+            tls.session().map_err(|e| Error::Io(io::Error::new(io::ErrorKind::InvalidInput, e.to_string())))?;
+        while session.is_handshaking() {
+            session
+                .complete_io(&mut socket)
+                .map_err(|e| Error::Io(io::Error::new(e.kind(), format!("TLS handshake with {addr}: {e}"))))?;
         }
-        Err(Error::Io(last_err))
+        Client::from_conn(Conn::Tls(Box::new(rustls::StreamOwned::new(session, socket))))
     }
 
     /// Wraps an already connected stream.
     pub fn from_stream(stream: TcpStream) -> Result<Client> {
         stream.set_nodelay(true)?;
-        let writer = stream.try_clone()?;
-        let mut client = Client { reader: BufReader::new(stream), writer, io_timeout: None };
+        Client::from_conn(Conn::Plain(stream))
+    }
+
+    fn from_conn(conn: Conn) -> Result<Client> {
+        let mut client = Client { stream: BufReader::new(conn), io_timeout: None };
         client.set_io_timeout(Some(Duration::from_secs(30)))?;
         Ok(client)
+    }
+
+    /// Whether the connection is TLS.
+    pub fn is_tls(&self) -> bool {
+        !matches!(self.stream.get_ref(), Conn::Plain(_))
     }
 
     /// Sets how long to wait for the reply to a command that should answer at once
     /// (everything but `reserve`). `None` waits forever.
     pub fn set_io_timeout(&mut self, timeout: Option<Duration>) -> Result<()> {
         self.io_timeout = timeout;
-        self.reader.get_ref().set_read_timeout(timeout)?;
-        self.writer.set_write_timeout(timeout)?;
+        self.set_read_timeout(timeout)?;
+        self.stream.get_ref().tcp().set_write_timeout(timeout)?;
+        Ok(())
+    }
+
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.stream.get_ref().tcp().set_read_timeout(timeout)
+    }
+
+    /// Writes one whole command (with its body, if any).
+    fn send(&mut self, bytes: &[u8]) -> Result<()> {
+        let conn = self.stream.get_mut();
+        conn.write_all(bytes)?;
+        conn.flush()?;
         Ok(())
     }
 
@@ -187,7 +359,7 @@ impl Client {
         let mut msg = format!("put {priority} {delay} {ttr} {}\r\n", body.len()).into_bytes();
         msg.extend_from_slice(body);
         msg.extend_from_slice(b"\r\n");
-        self.writer.write_all(&msg)?;
+        self.send(&msg)?;
         let line = self.read_line()?;
         let words: Vec<&str> = line.split(' ').collect();
         match words.as_slice() {
@@ -204,7 +376,7 @@ impl Client {
         let mut msg = format!("put {priority} {delay} {ttr} {} ttl={ttl}\r\n", body.len()).into_bytes();
         msg.extend_from_slice(body);
         msg.extend_from_slice(b"\r\n");
-        self.writer.write_all(&msg)?;
+        self.send(&msg)?;
         let line = self.read_line()?;
         match line.strip_prefix("INSERTED ") {
             Some(id) => parse_id("put", id, &line),
@@ -270,9 +442,9 @@ impl Client {
 
     /// `reserve`: waits, without limit, for a job from a watched tube.
     pub fn reserve(&mut self) -> Result<Job> {
-        self.reader.get_ref().set_read_timeout(None)?;
+        self.set_read_timeout(None)?;
         let result = self.command("reserve\r\n");
-        self.reader.get_ref().set_read_timeout(self.io_timeout)?;
+        self.set_read_timeout(self.io_timeout)?;
         self.reserved_job("reserve", result?)
     }
 
@@ -280,9 +452,9 @@ impl Client {
     pub fn reserve_with_timeout(&mut self, secs: u32) -> Result<Option<Job>> {
         // The reply may legitimately take `secs`; allow that on top of the usual I/O timeout.
         let wait = self.io_timeout.map(|t| t + Duration::from_secs(u64::from(secs)));
-        self.reader.get_ref().set_read_timeout(wait)?;
+        self.set_read_timeout(wait)?;
         let result = self.command(&format!("reserve-with-timeout {secs}\r\n"));
-        self.reader.get_ref().set_read_timeout(self.io_timeout)?;
+        self.set_read_timeout(self.io_timeout)?;
         let line = result?;
         if line == "TIMED_OUT" {
             return Ok(None);
@@ -432,13 +604,13 @@ impl Client {
 
     /// Sends `msg` and reads one reply line.
     fn command(&mut self, msg: &str) -> Result<String> {
-        self.writer.write_all(msg.as_bytes())?;
+        self.send(msg.as_bytes())?;
         self.read_line()
     }
 
     fn read_line(&mut self) -> Result<String> {
         let mut buf = Vec::with_capacity(64);
-        let n = (&mut self.reader).take(MAX_REPLY_LINE as u64).read_until(b'\n', &mut buf)?;
+        let n = (&mut self.stream).take(MAX_REPLY_LINE as u64).read_until(b'\n', &mut buf)?;
         if n == 0 {
             return Err(Error::Closed);
         }
@@ -454,7 +626,7 @@ impl Client {
 
     fn read_body(&mut self, len: usize) -> Result<Vec<u8>> {
         let mut body = vec![0u8; len + 2];
-        self.reader.read_exact(&mut body).map_err(|e| {
+        self.stream.read_exact(&mut body).map_err(|e| {
             if e.kind() == io::ErrorKind::UnexpectedEof {
                 Error::Closed
             } else {

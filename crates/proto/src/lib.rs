@@ -10,6 +10,8 @@
 //! - `decoder`: the two-phase framing [`Decoder`], its [`Limits`] and the [`Decoded`]
 //!   events it yields.
 //! - [`client`]: a small blocking client.
+//! - `tls` (feature `tls`): PEM loading and the client's TLS configuration, shared with
+//!   polarisd's TLS listener. Off by default, so the engine links no TLS.
 //!
 //! Everything but the client is a pure function of its input bytes, so it can be
 //! tested (and fuzzed) without sockets. Framing is two-phase, as in beanstalkd: a
@@ -27,6 +29,8 @@ pub mod client;
 mod command;
 mod decoder;
 pub mod reply;
+#[cfg(feature = "tls")]
+pub mod tls;
 mod tube_name;
 
 pub use command::{Command, Counted, PutOptions};

@@ -4,6 +4,7 @@
 //! also when a test panics.
 
 use crate::process::{binary, free_port, spawn_with_banner, wait_accepting, wait_until, Proc};
+use crate::tls::TestPki;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -30,8 +31,36 @@ pub fn start_queue(max_job_size: u32) -> Queue {
 /// Starts the queue on `port` (a free one when `None`), e.g. to restart it where clients
 /// expect it.
 pub fn start_queue_on_port(max_job_size: u32, port: Option<u16>) -> Queue {
+    start_queue_with(max_job_size, port, &[])
+}
+
+/// Whether the tests run against beanstalkd (`POLARIS_TEST_QUEUE=beanstalkd`) rather than
+/// polarisd.
+pub fn testing_beanstalkd() -> bool {
+    std::env::var("POLARIS_TEST_QUEUE").as_deref() == Ok("beanstalkd")
+}
+
+/// Starts polarisd (always polarisd: e.g. TLS, which beanstalkd has not) with `extra_args`
+/// on `port` (a free one when `None`).
+pub fn start_polarisd_queue(max_job_size: u32, port: Option<u16>, extra_args: &[String]) -> Queue {
+    let (proc, addr) = spawn_with_banner(
+        "polarisd",
+        Command::new(binary("polarisd"))
+            .args(["-l", "127.0.0.1", "-p", &port.unwrap_or(0).to_string(), "-z", &max_job_size.to_string()])
+            .args(extra_args)
+            .stdin(Stdio::null()),
+        Duration::from_secs(10),
+    )
+    .expect("start polarisd");
+    Queue { addr, proc }
+}
+
+/// As [`start_queue_on_port`], with extra polarisd flags (`extra_args` must be empty for
+/// beanstalkd).
+pub fn start_queue_with(max_job_size: u32, port: Option<u16>, extra_args: &[String]) -> Queue {
     let size = max_job_size.to_string();
-    if std::env::var("POLARIS_TEST_QUEUE").as_deref() == Ok("beanstalkd") {
+    if testing_beanstalkd() {
+        assert!(extra_args.is_empty(), "beanstalkd takes none of polarisd's flags {extra_args:?}");
         let port = port.unwrap_or_else(|| free_port().expect("free port"));
         let child = Command::new("/usr/bin/beanstalkd")
             .args(["-l", "127.0.0.1", "-p", &port.to_string(), "-z", &size])
@@ -43,15 +72,7 @@ pub fn start_queue_on_port(max_job_size: u32, port: Option<u16>) -> Queue {
         wait_accepting(&addr, Duration::from_secs(5));
         Queue { addr, proc }
     } else {
-        let (proc, addr) = spawn_with_banner(
-            "polarisd",
-            Command::new(binary("polarisd"))
-                .args(["-l", "127.0.0.1", "-p", &port.unwrap_or(0).to_string(), "-z", &size])
-                .stdin(Stdio::null()),
-            Duration::from_secs(10),
-        )
-        .expect("start polarisd");
-        Queue { addr, proc }
+        start_polarisd_queue(max_job_size, port, extra_args)
     }
 }
 
@@ -117,6 +138,16 @@ pub fn start_agent_with(
     Proc::new(&format!("agent {host_id}"), command.spawn().expect("start polaris-agent"))
 }
 
+/// TLS between the queue and everything that talks to it, in a [`Cluster`].
+#[derive(Debug, Clone)]
+pub struct ClusterTls {
+    /// The certificates (in the cluster's directory).
+    pub pki: TestPki,
+    /// Whether polarisd requires client certificates (`--tls-client-ca`), which the
+    /// dispatcher and the agents then present (`--queue-cert`, `--queue-key`).
+    pub client_certs: bool,
+}
+
 /// A queue, a dispatcher and one agent per host, in a temporary directory.
 pub struct Cluster {
     pub queue: Queue,
@@ -124,6 +155,8 @@ pub struct Cluster {
     pub agents: Vec<(String, Proc)>,
     pub dir: tempfile::TempDir,
     pub dispatch_args: Vec<String>,
+    /// Set when the queue serves TLS ([`Cluster::start_tls`]).
+    pub tls: Option<ClusterTls>,
 }
 
 impl Cluster {
@@ -141,23 +174,49 @@ impl Cluster {
         dispatch_args: &[&str],
         agent_env: &[(&str, &str)],
     ) -> Cluster {
+        Cluster::start_inner(hosts, max_job_size, dispatch_args, agent_env, None)
+    }
+
+    /// Starts everything with polarisd serving TLS only (certificates made now, in the
+    /// cluster's directory), and the dispatcher and the agents connecting with `--queue-ca`
+    /// (and `--queue-cert`/`--queue-key` when `client_certs`, which polarisd then requires).
+    /// Always polarisd, whatever `POLARIS_TEST_QUEUE` says.
+    pub fn start_tls(hosts: &[&str], client_certs: bool) -> Cluster {
+        Cluster::start_inner(hosts, BIG_JOB_SIZE, &[], &[], Some(client_certs))
+    }
+
+    fn start_inner(
+        hosts: &[&str],
+        max_job_size: u32,
+        dispatch_args: &[&str],
+        agent_env: &[(&str, &str)],
+        tls: Option<bool>,
+    ) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
-        let queue = start_queue(max_job_size);
-        let dispatch = start_dispatcher(&queue.addr, &dir.path().join("data"), dispatch_args);
+        let tls = tls.map(|client_certs| {
+            let pki_dir = dir.path().join("pki");
+            std::fs::create_dir_all(&pki_dir).expect("pki dir");
+            ClusterTls { pki: TestPki::generate(&pki_dir), client_certs }
+        });
+        let queue = match &tls {
+            Some(tls) => start_polarisd_queue(max_job_size, None, &tls.pki.server_args(tls.client_certs)),
+            None => start_queue(max_job_size),
+        };
+        let client_args = tls.as_ref().map(|t| t.pki.queue_client_args(t.client_certs)).unwrap_or_default();
+        let mut all_dispatch_args: Vec<String> = dispatch_args.iter().map(|s| s.to_string()).collect();
+        all_dispatch_args.extend(client_args.iter().cloned());
+        let dispatch_arg_refs: Vec<&str> = all_dispatch_args.iter().map(String::as_str).collect();
+        let dispatch = start_dispatcher(&queue.addr, &dir.path().join("data"), &dispatch_arg_refs);
+        let agent_args: Vec<&str> = client_args.iter().map(String::as_str).collect();
         let mut agents = Vec::new();
         for host in hosts {
             let workdir = dir.path().join("hosts").join(host);
             std::fs::create_dir_all(&workdir).expect("workdir");
             std::fs::write(workdir.join("README.txt"), "hello\n").expect("seed file");
-            agents.push((host.to_string(), start_agent(&queue.addr, host, &dispatch.url, &workdir, agent_env)));
+            let agent = start_agent_with(&queue.addr, host, &dispatch.url, &workdir, agent_env, &agent_args);
+            agents.push((host.to_string(), agent));
         }
-        let cluster = Cluster {
-            queue,
-            dispatch,
-            agents,
-            dir,
-            dispatch_args: dispatch_args.iter().map(|s| s.to_string()).collect(),
-        };
+        let cluster = Cluster { queue, dispatch, agents, dir, dispatch_args: all_dispatch_args, tls };
         let auth = agent_env.iter().find(|(k, _)| *k == "POLARIS_TOKEN").map(|(_, v)| v.to_string());
         wait_until(Duration::from_secs(15), "all agents registered", || {
             let (status, body) = request("GET", &cluster.url("/v1/hosts"), None, auth.as_deref());
@@ -186,16 +245,21 @@ impl Cluster {
     /// `agent(host).kill()`; the previous process is killed first if it still runs.
     pub fn respawn_agent(&mut self, host: &str, env: &[(&str, &str)]) {
         let (queue, url, workdir) = (self.queue.addr.clone(), self.dispatch.url.clone(), self.workdir(host));
+        let tls_args = self.tls.as_ref().map(|t| t.pki.queue_client_args(t.client_certs)).unwrap_or_default();
+        let tls_args: Vec<&str> = tls_args.iter().map(String::as_str).collect();
         let agent = self.agent(host);
         agent.kill();
-        *agent = start_agent(&queue, host, &url, &workdir, env);
+        *agent = start_agent_with(&queue, host, &url, &workdir, env, &tls_args);
     }
 
     /// Kills the queue and starts a new, empty one on the same address.
     pub fn restart_queue(&mut self) {
         let port: u16 = self.queue.addr.rsplit(':').next().and_then(|p| p.parse().ok()).expect("queue port");
         self.queue.proc.kill();
-        self.queue = start_queue_on_port(BIG_JOB_SIZE, Some(port));
+        self.queue = match &self.tls {
+            Some(tls) => start_polarisd_queue(BIG_JOB_SIZE, Some(port), &tls.pki.server_args(tls.client_certs)),
+            None => start_queue_on_port(BIG_JOB_SIZE, Some(port)),
+        };
     }
 
     /// Kills the queue (SIGKILL).

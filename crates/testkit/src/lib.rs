@@ -7,12 +7,14 @@
 //! - [`raw`]: a raw beanstalk connection and the reply-frame parser the differential test
 //!   compares byte for byte.
 //! - [`cluster`]: a queue, a dispatcher and agents on loopback, and HTTP/JSON calls to them.
+//! - [`tls`]: certificates made at test time (a CA, server and client certificates).
 
 #![deny(unsafe_code)]
 
 pub mod cluster;
 pub mod process;
 pub mod raw;
+pub mod tls;
 
 pub use process::{
     binary, example, free_port, pid_gone, spawn_announcing, spawn_announcing_with_env, spawn_beanstalkd,
