@@ -34,6 +34,16 @@ impl JobHeap {
         self.items.is_empty()
     }
 
+    /// The jobs in heap order (index `i` holds the job whose `heap_pos` is `i`).
+    pub(crate) fn items(&self) -> &[JobKey] {
+        &self.items
+    }
+
+    /// Whether job `a` belongs above job `b` in this heap.
+    pub(crate) fn orders_before(&self, jobs: &Slab<Job>, a: JobKey, b: JobKey) -> bool {
+        self.less(jobs, a, b)
+    }
+
     /// The first job, without removing it.
     pub(crate) fn peek(&self) -> Option<JobKey> {
         self.items.first().copied()

@@ -212,6 +212,11 @@ impl JobIndex {
         self.table.insert_unique(hash_id(id), key, |k| hash_id(jobs[k.idx()].id));
     }
 
+    /// How many ids the index holds.
+    pub(crate) fn len(&self) -> usize {
+        self.table.len()
+    }
+
     /// Removes `id`; its job must still be in `jobs`.
     pub(crate) fn remove(&mut self, id: JobId, jobs: &Slab<Job>) {
         if let Ok(entry) = self.table.find_entry(hash_id(id), |k| jobs[k.idx()].id == id) {
@@ -264,6 +269,33 @@ impl JobList {
             None => self.tail = key_of(prev),
         }
         self.len -= 1;
+    }
+
+    /// Walks the list from head to tail checking every link (each `prev` points
+    /// back, the tail is the last job, the length is right) and returns its jobs.
+    pub(crate) fn checked_keys(&self, jobs: &Slab<Job>) -> Result<Vec<JobKey>, String> {
+        let mut keys = Vec::with_capacity(self.len);
+        let mut prev: Option<JobKey> = None;
+        let mut cur = self.head;
+        while let Some(key) = cur {
+            if keys.len() > self.len {
+                return Err(format!("list walks past its length {} (a cycle?)", self.len));
+            }
+            let job = jobs.get(key.idx()).ok_or_else(|| format!("list links to a free slab slot {}", key.0))?;
+            if key_of(job.links.prev) != prev {
+                return Err(format!("job {} has a wrong prev link in its list", job.id.0));
+            }
+            keys.push(key);
+            prev = Some(key);
+            cur = key_of(job.links.next);
+        }
+        if self.tail != prev {
+            return Err("list tail is not its last job".into());
+        }
+        if keys.len() != self.len {
+            return Err(format!("list holds {} jobs but says {}", keys.len(), self.len));
+        }
+        Ok(keys)
     }
 
     /// The jobs from head to tail.

@@ -16,6 +16,8 @@
 //!   takes and restores.
 //! - `stats`: the counters behind `stats` and the YAML bodies of the `stats*` and
 //!   `list-tubes*` replies.
+//! - `invariants`: [`Engine::check_invariants`], the consistency rules the tests and
+//!   the fuzz targets check after every step.
 //! - `job`, `heap`, `tombstone`: the job record and id index, the intrusive job
 //!   heaps, and the final states of finished jobs.
 //!
@@ -36,6 +38,7 @@ mod commands;
 mod config;
 mod conn;
 mod heap;
+mod invariants;
 mod job;
 mod mechanics;
 mod persist;

@@ -12,9 +12,9 @@ use crate::{Nanos, SECOND};
 use polaris_proto::reply;
 
 /// A reserved job inside its last second makes `reserve` answer `DEADLINE_SOON`.
-const SAFETY_MARGIN: Nanos = SECOND;
+pub(crate) const SAFETY_MARGIN: Nanos = SECOND;
 /// Ready jobs with a priority below this count as urgent.
-const URGENT_THRESHOLD: u32 = 1024;
+pub(crate) const URGENT_THRESHOLD: u32 = 1024;
 
 impl Engine {
     pub(crate) fn insert_job(&mut self, job: Job) -> JobKey {

@@ -38,14 +38,23 @@ impl Harness {
     }
 
     /// Sends raw protocol bytes as `conn` and returns the outcome of the last command.
+    /// The engine's invariants are checked after every decoded event.
     fn send(&mut self, conn: ConnId, input: &str) -> Outcome {
         let mut dec = Decoder::new(Limits::default());
         let mut buf = BytesMut::from(input.as_bytes());
         let mut outcome = Outcome::Done;
         while let Some(d) = dec.decode(&mut buf) {
             outcome = self.engine.feed(conn, d, self.now, &mut self.cap);
+            self.check();
         }
         outcome
+    }
+
+    /// Panics with the broken rule if the engine is inconsistent.
+    fn check(&self) {
+        if let Err(e) = self.engine.check_invariants() {
+            panic!("engine invariant broken at {}ns: {e}", self.now);
+        }
     }
 
     /// Sends one command and returns everything `conn` was sent since the last call.
@@ -62,6 +71,9 @@ impl Harness {
     fn at(&mut self, secs: u64, nanos: u64) {
         self.now = secs * SECOND + nanos;
         self.engine.tick(self.now, &mut self.cap);
+        self.check();
+        // A tick leaves nothing due.
+        assert!(self.engine.next_deadline().map_or(true, |d| d > self.now), "a timer is still due after a tick");
     }
 
     fn put(&mut self, conn: ConnId, pri: u32, delay: u32, ttr: u32, body: &str) -> String {
@@ -199,6 +211,7 @@ fn waiters_are_served_in_beanstalkd_order() {
         h.send(w, "reserve\r\n");
     }
     h.engine.disconnect(waiters[0], 0, &mut h.cap); // [4,2,3]
+    h.check();
     let mut served = Vec::new();
     for i in 0..3 {
         h.put(p, 0, 0, 10, &format!("{i}"));
@@ -218,6 +231,7 @@ fn closing_a_connection_releases_its_jobs_to_waiters() {
     h.cmd(a, "reserve\r\n");
     assert_eq!(h.send(b, "reserve\r\n"), Outcome::Blocked);
     h.engine.disconnect(a, 0, &mut h.cap);
+    h.check();
     assert_eq!(h.take(b), "RESERVED 1 1\r\nx\r\n");
 }
 
@@ -462,6 +476,71 @@ proptest! {
         prop_assert!(stats.contains(&reserved_line));
         prop_assert!(stats.contains(&buried_line));
     }
+}
+
+#[test]
+fn the_invariant_checker_catches_corruption() {
+    // A small queue with a job in every state and a waiter.
+    let setup = || {
+        let mut h = Harness::new();
+        let c = h.conn();
+        let w = h.conn();
+        h.cmd(c, "watch other\r\n");
+        for (pri, delay) in [(1, 0), (2, 0), (3, 0), (4, 5)] {
+            h.put(c, pri, delay, 10, "x");
+        }
+        h.cmd(c, "reserve-job 1\r\n");
+        h.cmd(c, "reserve-job 2\r\n");
+        h.cmd(c, "bury 2 0\r\n");
+        h.cmd(w, "use other\r\n");
+        h.cmd(w, "watch other\r\n");
+        h.cmd(w, "ignore default\r\n");
+        assert_eq!(h.send(w, "reserve\r\n"), Outcome::Blocked);
+        h.check();
+        h
+    };
+    let broken = |corrupt: &dyn Fn(&mut Engine), expect: &str| {
+        let mut h = setup();
+        corrupt(&mut h.engine);
+        let err = h.engine.check_invariants().expect_err("corruption goes unnoticed");
+        assert!(err.contains(expect), "{expect:?} not in {err:?}");
+    };
+    broken(&|e| e.counters.ready += 1, "ready counter");
+    broken(&|e| e.counters.urgent -= 1, "urgent counter");
+    broken(&|e| e.tubes[e.default_tube.idx()].counters.reserved += 1, "reserved counter");
+    broken(&|e| e.tubes[e.default_tube.idx()].refs += 1, "refs");
+    broken(&|e| e.counters.waiting = 0, "waiting counter");
+    broken(
+        &|e| {
+            let k = e.tubes[e.default_tube.idx()].ready.peek().unwrap();
+            e.jobs[k.idx()].heap_pos = 7;
+        },
+        "heap_pos",
+    );
+    broken(
+        &|e| {
+            let k = e.tubes[e.default_tube.idx()].ready.peek().unwrap();
+            e.jobs[k.idx()].state = JobState::Buried;
+        },
+        "found in Ready",
+    );
+    broken(
+        &|e| {
+            let k = e.tubes[e.default_tube.idx()].ready.peek().unwrap();
+            e.tubes[e.default_tube.idx()].ready.remove(&mut e.jobs, k);
+        },
+        "in no queue",
+    );
+    broken(&|e| e.delay_timers.clear(), "delay timers");
+    broken(&|e| e.tubes_with_waiters.clear(), "tubes_with_waiters");
+    broken(
+        &|e| {
+            let t = e.tubes.iter().find(|(_, t)| t.name.as_str() == "other").map(|(i, _)| i).unwrap();
+            e.tubes[t].waiting = tube::Multiset::default();
+        },
+        "waiters",
+    );
+    broken(&|e| e.job_bytes += 1, "job_bytes");
 }
 
 #[test]

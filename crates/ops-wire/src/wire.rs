@@ -143,6 +143,11 @@ pub fn open<'a>(secret: &Secret, message: &'a [u8]) -> Result<&'a [u8], OpenErro
     let header = std::str::from_utf8(&message[..newline]).map_err(|_| OpenError::NotSigned)?;
     let tag_hex =
         header.strip_prefix(SIGNED_MAGIC).and_then(|rest| rest.strip_prefix(' ')).ok_or(OpenError::NotSigned)?;
+    // Only the lowercase hex that `sign` writes: `hex::decode` also takes uppercase,
+    // which would let a changed message (same tag, other case) open.
+    if tag_hex.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(OpenError::BadSignature);
+    }
     let tag = hex::decode(tag_hex).map_err(|_| OpenError::BadSignature)?;
     let payload = &message[newline + 1..];
     let mut mac = secret.mac();
@@ -363,6 +368,17 @@ mod tests {
         assert_eq!(open(&other, &sign(&secret(), b"x")), Err(OpenError::BadSignature));
         assert_eq!(open(&secret(), b"{\"cmd\":\"ls\"}"), Err(OpenError::NotSigned));
         assert_eq!(open(&secret(), b"polaris-v1 zz\n{}"), Err(OpenError::BadSignature));
+    }
+
+    #[test]
+    fn a_tag_in_uppercase_hex_is_refused() {
+        // Found by the envelope fuzz target: the same MAC in other case opened.
+        let msg = sign(&secret(), b"{}");
+        let upper: Vec<u8> =
+            msg.iter().map(|b| if b.is_ascii_hexdigit() { b.to_ascii_uppercase() } else { *b }).collect();
+        let upper = [&msg[..SIGNED_MAGIC.len()], &upper[SIGNED_MAGIC.len()..]].concat();
+        assert_ne!(upper, msg);
+        assert_eq!(open(&secret(), &upper), Err(OpenError::BadSignature));
     }
 
     #[test]
