@@ -13,6 +13,7 @@
 //! - [`exec`]: runs `bash -c` in its own process group, with a timeout, bounded output
 //!   capture, and no child left behind.
 //! - [`query`]: the host facts `sync.query` answers with, parsed from `/proc` text.
+//! - [`facts`]: what the host is (OS, CPUs, memory, addresses), sent when it registers.
 //! - [`identity`]: the host id: given, or generated once and kept in the state file.
 //! - `sys` (private): every call into the operating system (pipes, `waitid`, process-group
 //!   signals, utmpx), the only module allowed `unsafe`.
@@ -20,6 +21,7 @@
 #![deny(unsafe_code)]
 
 pub mod exec;
+pub mod facts;
 pub mod identity;
 pub mod query;
 #[allow(unsafe_code)]
@@ -135,7 +137,7 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
 fn register(url: &str, host_id: &str, token: Option<&str>, shutdown: &AtomicBool) {
     let endpoint = format!("{}/v1/hosts", url.trim_end_matches('/'));
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let body = serde_json::json!({ "id": host_id, "hostname": hostname.trim() });
+    let body = serde_json::json!({ "id": host_id, "hostname": hostname.trim(), "facts": facts::registration_facts() });
     let mut backoff = Duration::from_millis(200);
     while !shutdown.load(Ordering::SeqCst) {
         let mut request = ureq::post(&endpoint).timeout(Duration::from_secs(10));
