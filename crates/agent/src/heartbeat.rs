@@ -76,12 +76,17 @@ fn run(registration: &Registration, shutdown: &AtomicBool) {
     let Registration { url, host_id, every, .. } = registration;
     let endpoint = format!("{}/v1/hosts", url.trim_end_matches('/'));
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let body = serde_json::json!({ "id": host_id, "hostname": hostname.trim() });
     let mut registered = false;
     // Logged once per kind of trouble, not at every beat.
     let mut trouble = false;
     let mut backoff = Duration::from_millis(200);
     while !shutdown.load(Ordering::SeqCst) {
+        // Facts are read afresh at every beat: addresses and memory change.
+        let body = serde_json::json!({
+            "id": host_id,
+            "hostname": hostname.trim(),
+            "facts": crate::facts::registration_facts(),
+        });
         let wait = match send(registration, &endpoint, &body) {
             Outcome::Accepted(status) => {
                 if !registered {

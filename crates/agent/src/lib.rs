@@ -19,6 +19,7 @@
 //! - [`exec`]: runs `bash -c` in its own process group, with a timeout, bounded output
 //!   capture, and no child left behind.
 //! - [`query`]: the host facts `sync.query` answers with, parsed from `/proc` text.
+//! - [`facts`]: what the host is (OS, CPUs, memory, addresses), sent when it registers.
 //! - [`identity`]: the host id: given, or generated once and kept in the state file.
 //! - `sys` (private): every call into the operating system (pipes, `waitid`, process-group
 //!   signals, utmpx), the only module allowed `unsafe`.
@@ -26,6 +27,7 @@
 #![deny(unsafe_code)]
 
 pub mod exec;
+pub mod facts;
 pub mod heartbeat;
 pub mod identity;
 pub mod ledger;

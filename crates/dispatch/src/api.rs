@@ -1,7 +1,9 @@
-//! The REST API (axum): `/v1/jobs` and `/v1/hosts`.
+//! The REST API (axum): `/v1/jobs` and `/v1/hosts`; the fleet's routes come from
+//! [`crate::fleet::api`].
 
 use crate::auth::TokenPolicy;
 use crate::error::ApiError;
+use crate::fleet::{self, Level};
 use crate::request::{parse_host_registration, parse_job_request};
 use crate::store::{HostJobRecord, HostState, NewJob, Outcome, QueueRef, QueuedChange};
 use crate::worker::{self, TakeBack};
@@ -23,7 +25,8 @@ use std::io::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-type AppState = Arc<Dispatcher>;
+/// The state every handler gets.
+pub(crate) type AppState = Arc<Dispatcher>;
 
 /// Largest request body accepted, in bytes.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -43,7 +46,11 @@ pub fn router(dispatcher: AppState) -> Router {
         .route("/v1/jobs", post(post_job).get(list_jobs))
         .route("/v1/jobs/:id", get(get_job).delete(revoke_job))
         .route("/v1/hosts", post(register_host).get(list_hosts))
-        .route("/v1/hosts/:id", get(get_host).delete(delete_host))
+        .route(
+            "/v1/hosts/:id",
+            get(get_host).delete(delete_host).put(fleet::api::put_host).patch(fleet::api::patch_host),
+        )
+        .merge(fleet::api::routes())
         // Applies to the routes above (so it must stay below them).
         .route_layer(axum::middleware::from_fn(refuse_unknown_query_parameters))
         .method_not_allowed_fallback(method_not_allowed)
@@ -54,7 +61,8 @@ pub fn router(dispatcher: AppState) -> Router {
 }
 
 /// The query parameters each endpoint takes, by method and route. Every other parameter
-/// is refused with `0x0508`, as unknown body fields are.
+/// is refused with `0x0508`, as unknown body fields are. The fleet's endpoints declare
+/// theirs in [`fleet::api::QUERY_PARAMETERS`].
 pub const QUERY_PARAMETERS: &[(&str, &str, &[&str])] = &[("GET", "/v1/jobs", &["limit", "offset"])];
 
 /// Refuses query parameters the matched endpoint does not take, and parameters given twice.
@@ -65,6 +73,7 @@ async fn refuse_unknown_query_parameters(
 ) -> Response {
     let allowed = QUERY_PARAMETERS
         .iter()
+        .chain(fleet::api::QUERY_PARAMETERS)
         .find(|(method, path, _)| *method == request.method().as_str() && *path == matched.as_str())
         .map_or(&[][..], |(_, _, names)| *names);
     if let Err(e) = check_query(request.uri(), allowed) {
@@ -115,7 +124,7 @@ async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) ->
 
 /// The `{id}` of a route, refused in the documented shape when it cannot be read (e.g.
 /// percent-encoded bytes that are not UTF-8).
-struct IdParam(String);
+pub(crate) struct IdParam(pub(crate) String);
 
 #[axum::async_trait]
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for IdParam {
@@ -180,7 +189,7 @@ async fn shutdown_signal() {
 }
 
 /// Runs blocking work (SQLite, the beanstalk client) off the async workers.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(work)
@@ -189,7 +198,10 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// The caller's token policy; `Ok(None)` when authentication is off.
-fn authenticate<'a>(dispatcher: &'a Dispatcher, headers: &HeaderMap) -> Result<Option<&'a TokenPolicy>, ApiError> {
+pub(crate) fn authenticate<'a>(
+    dispatcher: &'a Dispatcher,
+    headers: &HeaderMap,
+) -> Result<Option<&'a TokenPolicy>, ApiError> {
     match &dispatcher.tokens {
         None => Ok(None),
         Some(tokens) => tokens.authenticate(headers).map(Some),
@@ -232,6 +244,7 @@ async fn post_job(
     let job_id = request.id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().hyphenated().to_string());
     let method = request.method;
     let timeout = Duration::from_secs(u64::from(request.timeout_secs));
+    // A host list is host-level work; a target's level is settled when it is resolved.
     let new_job = NewJob {
         id: job_id.clone(),
         method,
@@ -239,6 +252,9 @@ async fn post_job(
         timeout_secs: request.timeout_secs,
         hosts: request.hosts,
         token_name: policy.map(|p| p.name.clone()),
+        target: None,
+        level: Level::Host.as_str().to_string(),
+        priority: request.priority.unwrap_or_else(|| fleet::target::queue_priority(Level::Host, method.is_sync())),
     };
     // Register interest before the job exists so that no wake-up can be missed.
     let notify = dispatcher.waiters.register(&job_id);
@@ -246,7 +262,24 @@ async fn post_job(
     let start_by_ms = unix_now_ms().saturating_add(i64::from(new_job.timeout_secs) * 1000);
     let created = {
         let dispatcher = dispatcher.clone();
-        blocking(move || Ok(dispatcher.store.create_job(&new_job, start_by_ms)?)).await?
+        let (target, priority, id) = (request.target, request.priority, job_id.clone());
+        blocking(move || match target {
+            None => Ok(dispatcher.store.create_job(&new_job, start_by_ms)?),
+            Some(target) => {
+                let (created, resolution) =
+                    fleet::target::create_job(&dispatcher.store, new_job, &target, priority, start_by_ms)?;
+                if created {
+                    log::info!(
+                        "job {id}: target {} resolved to {} host(s), {} level",
+                        target.to_json(),
+                        resolution.hosts.len(),
+                        resolution.level.as_str()
+                    );
+                }
+                Ok(created)
+            }
+        })
+        .await?
     };
     if !created {
         return Err(ApiError::field(Code::DuplicateJobId, "id", format!("job id {job_id} was used before")));
@@ -362,6 +395,13 @@ struct JobStatus<'a> {
     timeout: u32,
     created_at_ms: i64,
     cancelled_at_ms: Option<i64>,
+    /// The level it was targeted at (`host` for a host list).
+    level: &'a str,
+    /// The queue priority its envelopes were put with.
+    priority: u32,
+    /// The target it was given, when it was given one rather than `hosts`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target: Option<Value>,
     done: bool,
     hosts: Vec<HostStatus<'a>>,
 }
@@ -434,13 +474,21 @@ async fn get_job(
         timeout: job.timeout_secs,
         created_at_ms: job.created_at_ms,
         cancelled_at_ms: job.cancelled_at_ms,
+        level: job.level.as_deref().unwrap_or(Level::Host.as_str()),
+        priority: job.priority.unwrap_or_else(|| fleet::target::queue_priority(Level::Host, job.method.is_sync())),
+        target: job.target.as_deref().and_then(|t| serde_json::from_str(t).ok()),
         done: hosts.iter().all(|h| h.state.is_final()),
         hosts: hosts.iter().zip(states).map(|(h, s)| host_status(h, s)).collect(),
     };
     Ok(Json(status).into_response())
 }
 
-fn page_param(params: &HashMap<String, String>, name: &str, default: u64, max: u64) -> Result<u64, ApiError> {
+pub(crate) fn page_param(
+    params: &HashMap<String, String>,
+    name: &str,
+    default: u64,
+    max: u64,
+) -> Result<u64, ApiError> {
     match params.get(name) {
         None => Ok(default),
         Some(raw) => match raw.parse::<u64>() {
@@ -591,7 +639,10 @@ async fn register_host(
     }
     let registration = parse_host_registration(&body_bytes(body)?)?;
     let d = dispatcher.clone();
-    let (host, created) = blocking(move || Ok(d.store.upsert_host(&registration.id, &registration.hostname)?)).await?;
+    let (host, created) = blocking(move || {
+        Ok(d.store.upsert_host_with_facts(&registration.id, &registration.hostname, registration.facts.as_deref())?)
+    })
+    .await?;
     if created {
         log::info!("host {} registered ({})", host.id, host.hostname);
     }
@@ -602,7 +653,7 @@ async fn register_host(
 async fn list_hosts(State(dispatcher): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
     authenticate(&dispatcher, &headers)?;
     let d = dispatcher.clone();
-    let hosts = blocking(move || Ok(d.store.hosts()?)).await?;
+    let hosts = blocking(move || Ok(fleet::tree::registered_hosts(&d.store)?)).await?;
     Ok(Json(json!({ "hosts": hosts })))
 }
 
@@ -613,7 +664,7 @@ async fn get_host(
 ) -> Result<Json<Value>, ApiError> {
     authenticate(&dispatcher, &headers)?;
     let d = dispatcher.clone();
-    blocking(move || Ok(d.store.host(&id)?))
+    blocking(move || Ok(fleet::tree::registered_host(&d.store, &id)?))
         .await?
         .map(|h| Json(json!(h)))
         .ok_or_else(|| ApiError::general(Code::NoSuchHost, "No such host"))

@@ -5,7 +5,8 @@
 //! ```json
 //! {"tokens": [
 //!   {"name": "ops", "token": "…", "methods": ["sync.bash", "sync.query"], "commands": ["uptime", "ls *"]},
-//!   {"name": "agents", "token": "…", "manage_hosts": true}
+//!   {"name": "agents", "token": "…", "manage_hosts": true},
+//!   {"name": "inventory", "token": "…", "methods": [], "manage_fleet": true}
 //! ]}
 //! ```
 //!
@@ -36,6 +37,8 @@ pub struct TokenPolicy {
     pub commands: Vec<String>,
     /// Whether it may register and delete hosts (what agents need).
     pub manage_hosts: bool,
+    /// Whether it may change the fleet: nodes, where hosts sit, labels, imports.
+    pub manage_fleet: bool,
 }
 
 #[derive(Deserialize)]
@@ -55,6 +58,8 @@ struct TokenEntry {
     commands: Vec<String>,
     #[serde(default)]
     manage_hosts: bool,
+    #[serde(default)]
+    manage_fleet: bool,
 }
 
 /// The loaded token table.
@@ -88,6 +93,7 @@ impl Tokens {
                 methods: entry.methods.unwrap_or_else(|| vec![Method::SyncBash, Method::AsyncBash, Method::SyncQuery]),
                 commands: entry.commands,
                 manage_hosts: entry.manage_hosts,
+                manage_fleet: entry.manage_fleet,
             };
             if by_digest.insert(digest(&entry.token), policy).is_some() {
                 anyhow::bail!("a token is listed twice");
@@ -134,6 +140,18 @@ impl TokenPolicy {
             Ok(())
         } else {
             Err(ApiError::general(Code::OperationNotAllowed, format!("token {:?} may not manage hosts", self.name)))
+        }
+    }
+
+    /// Whether this token may change the fleet (nodes, placements, labels, imports).
+    pub fn check_manage_fleet(&self) -> Result<(), ApiError> {
+        if self.manage_fleet {
+            Ok(())
+        } else {
+            Err(ApiError::general(
+                Code::OperationNotAllowed,
+                format!("token {:?} may not change the fleet (it needs manage_fleet)", self.name),
+            ))
         }
     }
 }
@@ -197,6 +215,12 @@ mod tests {
         assert_eq!(policy.check_job(Method::SyncBash, "id").map_err(|e| e.code), Err(Code::CommandNotAllowed));
         assert!(policy.check_job(Method::SyncQuery, "").is_ok());
         assert_eq!(policy.check_manage_hosts().map_err(|e| e.code), Err(Code::OperationNotAllowed));
+        assert_eq!(policy.check_manage_fleet().map_err(|e| e.code), Err(Code::OperationNotAllowed));
+        let fleet =
+            Tokens::parse(br#"{"tokens": [{"name": "inv", "token": "0123456789abcdef", "manage_fleet": true}]}"#)
+                .expect("valid");
+        headers.insert("authorization", "Bearer 0123456789abcdef".parse().expect("header"));
+        assert!(fleet.authenticate(&headers).expect("known").check_manage_fleet().is_ok());
         assert!(Tokens::parse(br#"{"tokens": [{"name": "x", "token": "short"}]}"#).is_err());
     }
 }

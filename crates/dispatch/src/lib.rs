@@ -16,6 +16,8 @@
 //! - [`request`]: validation of request bodies, field by field.
 //! - [`error`]: the API's error reply (HTTP status, JSON body naming code and field).
 //! - [`auth`]: optional bearer tokens with a per-token command allow-list.
+//! - [`fleet`]: the product tree (products, services, components) and the hosts placed in
+//!   it: nodes, placements, labels, targets, bulk import, the change log, and their routes.
 //! - [`store`]: the SQLite database (`hosts`, `jobs`, `host_job`), written before anything
 //!   is queued or answered.
 //! - `worker` (private): the two blocking threads: the enqueuer (puts and expires host
@@ -26,6 +28,7 @@
 pub mod api;
 pub mod auth;
 pub mod error;
+pub mod fleet;
 pub mod request;
 pub mod store;
 mod worker;

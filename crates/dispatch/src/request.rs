@@ -3,6 +3,7 @@
 //! would stop at the first error with a message meant for programmers).
 
 use crate::error::ApiError;
+use crate::fleet::target::{self, Target};
 use polaris_ops_wire::codes::Code;
 use polaris_ops_wire::wire::Method;
 use serde_json::{Map, Value};
@@ -23,20 +24,27 @@ pub const MAX_HOSTNAME_LEN: usize = 255;
 pub const DEFAULT_TIMEOUT_SECS: u32 = 30;
 /// Largest `timeout`, in seconds (one day).
 pub const MAX_TIMEOUT_SECS: u32 = 86_400;
+/// Largest `facts` object an agent may register with, in bytes of JSON.
+pub const MAX_FACTS_BYTES: usize = 64 * 1024;
 
 /// A validated `POST /v1/jobs` body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobRequest {
     /// The client's job id, if it chose one (a UUID, lowercase hyphenated).
     pub id: Option<String>,
-    /// Host ids in request order, without duplicates.
+    /// Host ids in request order, without duplicates; empty when `target` is given.
     pub hosts: Vec<String>,
+    /// The fleet target, when the request gave one instead of `hosts`.
+    pub target: Option<Target>,
     /// What to do.
     pub method: Method,
     /// The command (empty for `sync.query`).
     pub cmd: String,
     /// Seconds each host may run the command.
     pub timeout_secs: u32,
+    /// The queue priority the request asked for (lower runs first); `None` lets the level
+    /// the job was targeted at decide.
+    pub priority: Option<u32>,
 }
 
 /// A validated `POST /v1/hosts` body.
@@ -46,9 +54,12 @@ pub struct HostRegistration {
     pub id: String,
     /// The host's name, for people.
     pub hostname: String,
+    /// The facts its agent reported (a JSON object, as text), if it sent any.
+    pub facts: Option<String>,
 }
 
-fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+/// The body as a JSON object (`malformed_json` or `wrong_type` otherwise).
+pub(crate) fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::general(Code::MalformedJson, format!("body is not valid JSON: {e}")))?;
     match value {
@@ -59,7 +70,8 @@ fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     }
 }
 
-fn type_name(value: &Value) -> &'static str {
+/// How an error message names the JSON type of `value`.
+pub(crate) fn type_name(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -70,7 +82,8 @@ fn type_name(value: &Value) -> &'static str {
     }
 }
 
-fn reject_unknown_fields(map: &Map<String, Value>, known: &[&str]) -> Result<(), ApiError> {
+/// Refuses (`unknown_field`) a field not in `known`.
+pub(crate) fn reject_unknown_fields(map: &Map<String, Value>, known: &[&str]) -> Result<(), ApiError> {
     match map.keys().find(|k| !known.contains(&k.as_str())) {
         Some(key) => Err(ApiError::field(
             Code::UnknownField,
@@ -81,7 +94,8 @@ fn reject_unknown_fields(map: &Map<String, Value>, known: &[&str]) -> Result<(),
     }
 }
 
-fn optional_string<'a>(map: &'a Map<String, Value>, field: &str) -> Result<Option<&'a str>, ApiError> {
+/// `map[field]` as a string, `None` when absent or null.
+pub(crate) fn optional_string<'a>(map: &'a Map<String, Value>, field: &str) -> Result<Option<&'a str>, ApiError> {
     match map.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
@@ -91,7 +105,8 @@ fn optional_string<'a>(map: &'a Map<String, Value>, field: &str) -> Result<Optio
     }
 }
 
-fn required_string<'a>(map: &'a Map<String, Value>, field: &str) -> Result<&'a str, ApiError> {
+/// `map[field]` as a string, `missing_field` when absent.
+pub(crate) fn required_string<'a>(map: &'a Map<String, Value>, field: &str) -> Result<&'a str, ApiError> {
     optional_string(map, field)?
         .ok_or_else(|| ApiError::field(Code::MissingField, field, format!("{field} is required")))
 }
@@ -99,7 +114,7 @@ fn required_string<'a>(map: &'a Map<String, Value>, field: &str) -> Result<&'a s
 /// Validates a `POST /v1/jobs` body.
 pub fn parse_job_request(body: &[u8]) -> Result<JobRequest, ApiError> {
     let map = parse_object(body)?;
-    reject_unknown_fields(&map, &["id", "hosts", "method", "cmd", "timeout"])?;
+    reject_unknown_fields(&map, &["id", "hosts", "target", "method", "cmd", "timeout", "priority"])?;
 
     let id = match optional_string(&map, "id")? {
         None => None,
@@ -110,9 +125,24 @@ pub fn parse_job_request(body: &[u8]) -> Result<JobRequest, ApiError> {
         }
     };
 
+    static NO_HOSTS: Vec<Value> = Vec::new();
+    let target = match map.get("target") {
+        None | Some(Value::Null) => None,
+        Some(value) => {
+            if !matches!(map.get("hosts"), None | Some(Value::Null)) {
+                return Err(ApiError::field(
+                    Code::InvalidValue,
+                    "target",
+                    "give hosts or target, not both (a target may list hosts itself)",
+                ));
+            }
+            Some(target::parse(value, "target")?)
+        }
+    };
     let hosts = match map.get("hosts") {
+        None | Some(Value::Null) if target.is_some() => &NO_HOSTS,
         None | Some(Value::Null) => {
-            return Err(ApiError::field(Code::MissingField, "hosts", "hosts is required"));
+            return Err(ApiError::field(Code::MissingField, "hosts", "hosts (or a target) is required"));
         }
         Some(Value::Array(items)) => items,
         Some(other) => {
@@ -123,7 +153,7 @@ pub fn parse_job_request(body: &[u8]) -> Result<JobRequest, ApiError> {
             ));
         }
     };
-    if hosts.is_empty() {
+    if hosts.is_empty() && target.is_none() {
         return Err(ApiError::field(Code::EmptyHosts, "hosts", "hosts must name at least one host"));
     }
     if hosts.len() > MAX_HOSTS {
@@ -207,13 +237,34 @@ pub fn parse_job_request(body: &[u8]) -> Result<JobRequest, ApiError> {
         }
     };
 
-    Ok(JobRequest { id, hosts: host_ids, method, cmd: cmd.to_string(), timeout_secs })
+    let priority = match map.get("priority") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => match n.as_u64().and_then(|p| u32::try_from(p).ok()) {
+            Some(p) => Some(p),
+            None => {
+                return Err(ApiError::field(
+                    Code::InvalidValue,
+                    "priority",
+                    format!("priority must be a whole number from 0 (most urgent) to {}, got {n}", u32::MAX),
+                ));
+            }
+        },
+        Some(other) => {
+            return Err(ApiError::field(
+                Code::WrongType,
+                "priority",
+                format!("priority must be a number, got {}", type_name(other)),
+            ));
+        }
+    };
+
+    Ok(JobRequest { id, hosts: host_ids, target, method, cmd: cmd.to_string(), timeout_secs, priority })
 }
 
-/// Validates a `POST /v1/hosts` body: `{"id": "...", "hostname": "..."?}`.
+/// Validates a `POST /v1/hosts` body: `{"id": "...", "hostname": "..."?, "facts": {...}?}`.
 pub fn parse_host_registration(body: &[u8]) -> Result<HostRegistration, ApiError> {
     let map = parse_object(body)?;
-    reject_unknown_fields(&map, &["id", "hostname"])?;
+    reject_unknown_fields(&map, &["id", "hostname", "facts"])?;
     let id = required_string(&map, "id")?;
     if !is_valid_host_id(id) {
         return Err(ApiError::field(Code::InvalidValue, "id", format!("host id must be {}", host_id_rule())));
@@ -226,7 +277,29 @@ pub fn parse_host_registration(body: &[u8]) -> Result<HostRegistration, ApiError
             format!("hostname must be at most {MAX_HOSTNAME_LEN} bytes"),
         ));
     }
-    Ok(HostRegistration { id: id.to_string(), hostname: hostname.to_string() })
+    // The agent decides what its facts are; the dispatcher keeps them as given.
+    let facts = match map.get("facts") {
+        None | Some(Value::Null) => None,
+        Some(value @ Value::Object(_)) => {
+            let text = value.to_string();
+            if text.len() > MAX_FACTS_BYTES {
+                return Err(ApiError::field(
+                    Code::InvalidValue,
+                    "facts",
+                    format!("facts are {} bytes of JSON; at most {MAX_FACTS_BYTES} are kept", text.len()),
+                ));
+            }
+            Some(text)
+        }
+        Some(other) => {
+            return Err(ApiError::field(
+                Code::WrongType,
+                "facts",
+                format!("facts must be an object, got {}", type_name(other)),
+            ));
+        }
+    };
+    Ok(HostRegistration { id: id.to_string(), hostname: hostname.to_string(), facts })
 }
 
 #[cfg(test)]
@@ -282,6 +355,32 @@ mod tests {
             ),
             (r#"{"id": "nope", "hosts": ["a"], "method": "sync.bash", "cmd": "ls"}"#, Code::InvalidValue, Some("id")),
             (
+                r#"{"hosts": ["a"], "target": {"hosts": ["b"]}, "method": "sync.bash", "cmd": "ls"}"#,
+                Code::InvalidValue,
+                Some("target"),
+            ),
+            (r#"{"target": {}, "method": "sync.bash", "cmd": "ls"}"#, Code::EmptyTarget, Some("target")),
+            (
+                r#"{"target": {"nodes": ["/x"]}, "method": "sync.bash", "cmd": "ls"}"#,
+                Code::InvalidPath,
+                Some("target.nodes[0]"),
+            ),
+            (
+                r#"{"hosts": ["a"], "method": "sync.bash", "cmd": "ls", "priority": -1}"#,
+                Code::InvalidValue,
+                Some("priority"),
+            ),
+            (
+                r#"{"hosts": ["a"], "method": "sync.bash", "cmd": "ls", "priority": 4294967296}"#,
+                Code::InvalidValue,
+                Some("priority"),
+            ),
+            (
+                r#"{"hosts": ["a"], "method": "sync.bash", "cmd": "ls", "priority": "1"}"#,
+                Code::WrongType,
+                Some("priority"),
+            ),
+            (
                 r#"{"hosts": ["a"], "method": "sync.bash", "cmd": "ls", "timout": 3}"#,
                 Code::UnknownField,
                 Some("timout"),
@@ -306,6 +405,28 @@ mod tests {
         let long = "h".repeat(MAX_HOST_ID_LEN + 1);
         let e = err(&serde_json::json!({"hosts": [long], "method": "sync.bash", "cmd": "ls"}).to_string());
         assert_eq!((e.code, e.field.as_deref()), (Code::InvalidValue, Some("hosts[0]")));
+    }
+
+    #[test]
+    fn targets_and_priorities_are_accepted() {
+        let req = parse_job_request(
+            br#"{"target": {"nodes": ["ECS/OpenStack"], "labels": {"role": "web"}}, "method": "async.bash", "cmd": "ls", "priority": 7}"#,
+        )
+        .expect("valid");
+        assert!(req.hosts.is_empty());
+        assert_eq!(req.target.expect("target").include.nodes, ["ECS/OpenStack"]);
+        assert_eq!(req.priority, Some(7));
+        let seed = parse_job_request(br#"{"hosts": ["a"], "method": "sync.bash", "cmd": "ls"}"#).expect("valid");
+        assert_eq!((seed.target, seed.priority), (None, None));
+    }
+
+    #[test]
+    fn registrations_carry_facts_objects() {
+        let reg = parse_host_registration(br#"{"id": "a", "facts": {"cpu_count": 2}}"#).expect("valid");
+        assert_eq!(reg.facts.as_deref(), Some(r#"{"cpu_count":2}"#));
+        let e = parse_host_registration(br#"{"id": "a", "facts": [1]}"#).expect_err("not an object");
+        assert_eq!((e.code, e.field.as_deref()), (Code::WrongType, Some("facts")));
+        assert_eq!(parse_host_registration(br#"{"id": "a"}"#).expect("valid").facts, None);
     }
 
     #[test]

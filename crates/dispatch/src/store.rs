@@ -1,4 +1,6 @@
-//! The dispatcher's SQLite database: `hosts`, `jobs` and `host_job`.
+//! The dispatcher's SQLite database: `hosts`, `jobs` and `host_job`, and the fleet tables
+//! (`fleet_nodes`, `fleet_placements`, `fleet_labels`, `fleet_audit`) that
+//! [`crate::fleet`] reads and writes.
 //!
 //! Every job and its full host list are written here before anything is put on the queue
 //! or answered, so a dispatcher restart loses nothing: unfinished host jobs are found here
@@ -61,7 +63,58 @@ const MIGRATIONS: &[&str] = &[
     // 4: when `DELETE /v1/jobs/{id}` cancelled the job; the enqueuer puts none of its
     // envelopes from then on.
     "ALTER TABLE jobs ADD COLUMN cancelled_at INTEGER;",
+    // 5: the fleet: the product tree, where hosts sit in it, their labels, the log of every
+    // change to them, and the facts agents report when they register. A node keeps its
+    // `id` when it is renamed or moved, so whatever attaches to nodes later (standing
+    // tasks) references `fleet_nodes(id)`; hosts are referenced by their id, which the
+    // inventory may name before the host's agent ever registers (hence no foreign key to
+    // `hosts`, and registration never touches these tables).
+    "CREATE TABLE fleet_nodes (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        parent_id  INTEGER REFERENCES fleet_nodes(id),
+        path       TEXT NOT NULL UNIQUE,
+        level      TEXT NOT NULL CHECK (level IN ('product', 'service', 'component')),
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE INDEX fleet_nodes_parent ON fleet_nodes(parent_id);
+    CREATE TABLE fleet_placements (
+        host       TEXT NOT NULL,
+        node_id    INTEGER NOT NULL REFERENCES fleet_nodes(id),
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (host, node_id)
+    );
+    CREATE INDEX fleet_placements_node ON fleet_placements(node_id);
+    CREATE TABLE fleet_labels (
+        host  TEXT NOT NULL,
+        key   TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (host, key)
+    );
+    CREATE INDEX fleet_labels_pair ON fleet_labels(key, value);
+    CREATE TABLE fleet_audit (
+        seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+        at      INTEGER NOT NULL,
+        actor   TEXT,
+        client  TEXT,
+        action  TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        before  TEXT,
+        after   TEXT
+    );
+    CREATE INDEX fleet_audit_subject ON fleet_audit(subject, seq);
+    ALTER TABLE hosts ADD COLUMN facts TEXT;
+    ALTER TABLE hosts ADD COLUMN facts_at INTEGER;",
+    // 6: what a job was targeted at (the request's `target` as JSON, absent for a host
+    // list), the level that gives, and the queue priority its envelopes are put with.
+    // Rows from before have none of them: host-level, priority by method as before.
+    "ALTER TABLE jobs ADD COLUMN target TEXT;
+     ALTER TABLE jobs ADD COLUMN level TEXT;
+     ALTER TABLE jobs ADD COLUMN priority INTEGER;",
 ];
+
+/// The columns [`job_row`] reads, in its order.
+const JOB_COLUMNS: &str = "id, method, cmd, timeout_secs, created_at, start_by, cancelled_at, target, level, priority";
 
 /// A database failure, with what the dispatcher was doing.
 #[derive(Debug, thiserror::Error)]
@@ -87,7 +140,9 @@ pub enum StoreError {
     Corrupt(String),
 }
 
-trait Context<T> {
+/// Names what the dispatcher was doing when SQLite failed.
+pub(crate) trait Context<T> {
+    /// The result, its error wrapped with `context`.
     fn ctx(self, context: &'static str) -> Result<T, StoreError>;
 }
 
@@ -180,6 +235,14 @@ pub struct JobRecord {
     pub start_by_ms: i64,
     /// Unix milliseconds when it was cancelled (`DELETE /v1/jobs/{id}`), if it was.
     pub cancelled_at_ms: Option<i64>,
+    /// The request's `target`, as JSON text, when it was given one rather than `hosts`.
+    pub target: Option<String>,
+    /// The level it was targeted at (`host`, `component`, …); `None` for jobs stored
+    /// before levels existed (host lists).
+    pub level: Option<String>,
+    /// The queue priority of its envelopes; `None` for jobs stored before priorities were
+    /// recorded (the method decides, as it did then).
+    pub priority: Option<u32>,
 }
 
 /// One host's part of a job as stored.
@@ -256,6 +319,12 @@ pub struct NewJob {
     pub hosts: Vec<String>,
     /// The name of the token that created it, when tokens are on.
     pub token_name: Option<String>,
+    /// The request's `target` as JSON text, when it had one.
+    pub target: Option<String>,
+    /// The level it was targeted at (`host` for a host list).
+    pub level: String,
+    /// The queue priority its envelopes are put with.
+    pub priority: u32,
 }
 
 /// A host job that the enqueuer must put on the queue.
@@ -356,7 +425,8 @@ impl Store {
         Ok(Store { conn: Mutex::new(conn) })
     }
 
-    fn conn(&self) -> MutexGuard<'_, Connection> {
+    /// The connection, locked. The fleet module runs its transactions on it.
+    pub(crate) fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock leaves SQLite consistent (transactions roll back
         // on drop), so a poisoned lock is safe to keep using.
         self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -364,17 +434,31 @@ impl Store {
 
     /// Registers `id` or refreshes it; returns the record and whether it is new.
     pub fn upsert_host(&self, id: &str, hostname: &str) -> Result<(HostRecord, bool), StoreError> {
+        self.upsert_host_with_facts(id, hostname, None)
+    }
+
+    /// Registers `id` or refreshes it, with the facts its agent reported (JSON text);
+    /// `None` keeps the facts stored before. Where the host sits in the fleet tree and its
+    /// labels are never touched. Returns the record and whether it is new.
+    pub fn upsert_host_with_facts(
+        &self,
+        id: &str,
+        hostname: &str,
+        facts: Option<&str>,
+    ) -> Result<(HostRecord, bool), StoreError> {
         let now = unix_now_ms();
         let conn = self.conn();
         let existed = conn
             .prepare_cached("SELECT 1 FROM hosts WHERE id = ?1")
             .and_then(|mut s| s.exists([id]))
             .ctx("look up host")?;
+        let facts_at = facts.map(|_| now);
         conn.prepare_cached(
-            "INSERT INTO hosts (id, hostname, registered_at, last_seen) VALUES (?1, ?2, ?3, ?3)
-             ON CONFLICT (id) DO UPDATE SET hostname = excluded.hostname, last_seen = excluded.last_seen",
+            "INSERT INTO hosts (id, hostname, registered_at, last_seen, facts, facts_at) VALUES (?1, ?2, ?3, ?3, ?4, ?5)
+             ON CONFLICT (id) DO UPDATE SET hostname = excluded.hostname, last_seen = excluded.last_seen,
+                 facts = COALESCE(excluded.facts, hosts.facts), facts_at = COALESCE(excluded.facts_at, hosts.facts_at)",
         )
-        .and_then(|mut s| s.execute(params![id, hostname, now]))
+        .and_then(|mut s| s.execute(params![id, hostname, now, facts, facts_at]))
         .ctx("register host")?;
         let host = get_host(&conn, id)?.ok_or_else(|| StoreError::Corrupt(format!("host {id} vanished")))?;
         Ok((host, !existed))
@@ -409,71 +493,10 @@ impl Store {
     /// are stored as `failed` with [`Code::NoSuchHost`] at once; known ones as `pending`.
     /// Returns `Ok(false)` if the id was used before.
     pub fn create_job(&self, job: &NewJob, start_by_ms: i64) -> Result<bool, StoreError> {
-        let now = unix_now_ms();
         let mut conn = self.conn();
         let tx = conn.transaction().ctx("begin create job")?;
-        let inserted = tx
-            .prepare_cached(
-                "INSERT INTO jobs (id, method, cmd, timeout_secs, created_at, start_by, token_name)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (id) DO NOTHING",
-            )
-            .and_then(|mut s| {
-                s.execute(params![
-                    job.id,
-                    job.method.as_str(),
-                    job.cmd,
-                    job.timeout_secs,
-                    now,
-                    start_by_ms,
-                    job.token_name
-                ])
-            })
-            .ctx("insert job")?;
-        if inserted == 0 {
+        if !insert_job(&tx, job, start_by_ms)? {
             return Ok(false);
-        }
-        {
-            let mut known = tx.prepare_cached("SELECT 1 FROM hosts WHERE id = ?1").ctx("look up host")?;
-            let mut insert = tx
-                .prepare_cached(
-                    "INSERT INTO host_job (job_id, position, host, state, resp, retcode, message, data, updated_at, finished_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-                )
-                .ctx("prepare host_job insert")?;
-            for (position, host) in job.hosts.iter().enumerate() {
-                if known.exists([host]).ctx("look up host")? {
-                    insert
-                        .execute(params![
-                            job.id,
-                            position as i64,
-                            host,
-                            HostState::Pending.as_str(),
-                            None::<String>,
-                            None::<i64>,
-                            None::<String>,
-                            None::<String>,
-                            now,
-                            None::<i64>
-                        ])
-                        .ctx("insert host_job")?;
-                } else {
-                    let failed = Outcome::failed(Code::NoSuchHost, "No such host");
-                    insert
-                        .execute(params![
-                            job.id,
-                            position as i64,
-                            host,
-                            HostState::Failed.as_str(),
-                            failed.resp.as_str(),
-                            failed.retcode,
-                            failed.message,
-                            failed.data,
-                            now,
-                            now
-                        ])
-                        .ctx("insert host_job")?;
-                }
-            }
         }
         tx.commit().ctx("commit create job")?;
         Ok(true)
@@ -483,9 +506,7 @@ impl Store {
     pub fn job(&self, id: &str) -> Result<Option<(JobRecord, Vec<HostJobRecord>)>, StoreError> {
         let conn = self.conn();
         let job = conn
-            .prepare_cached(
-                "SELECT id, method, cmd, timeout_secs, created_at, start_by, cancelled_at FROM jobs WHERE id = ?1",
-            )
+            .prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"))
             .and_then(|mut s| s.query_row([id], job_row).optional())
             .ctx("read job")?;
         let Some(job) = job else { return Ok(None) };
@@ -522,10 +543,7 @@ impl Store {
         let mut jobs = Vec::new();
         {
             let mut stmt = conn
-                .prepare_cached(
-                    "SELECT id, method, cmd, timeout_secs, created_at, start_by, cancelled_at FROM jobs
-                     ORDER BY seq DESC LIMIT ?1 OFFSET ?2",
-                )
+                .prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs ORDER BY seq DESC LIMIT ?1 OFFSET ?2"))
                 .ctx("list jobs")?;
             let offset = i64::try_from(offset).unwrap_or(i64::MAX);
             let rows = stmt.query_map(params![limit, offset], job_row).ctx("list jobs")?;
@@ -553,7 +571,8 @@ impl Store {
         let conn = self.conn();
         let mut stmt = conn
             .prepare_cached(
-                "SELECT j.id, j.method, j.cmd, j.timeout_secs, j.created_at, j.start_by, j.cancelled_at, h.host
+                "SELECT j.id, j.method, j.cmd, j.timeout_secs, j.created_at, j.start_by, j.cancelled_at,
+                        j.target, j.level, j.priority, h.host
                  FROM host_job h JOIN jobs j ON j.id = h.job_id
                  WHERE h.state = 'pending' AND j.start_by > ?1 AND j.cancelled_at IS NULL
                  ORDER BY j.seq, h.position
@@ -562,7 +581,7 @@ impl Store {
             .ctx("list pending host jobs")?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = stmt
-            .query_map(params![now_ms, limit], |row| Ok((job_row(row)?, row.get::<_, String>(7)?)))
+            .query_map(params![now_ms, limit], |row| Ok((job_row(row)?, row.get::<_, String>(10)?)))
             .ctx("list pending host jobs")?;
         let mut out = Vec::new();
         for row in rows {
@@ -922,6 +941,78 @@ pub enum QueuedChange {
     Reserve,
 }
 
+/// Stores a job and one row per requested host inside the caller's transaction (see
+/// [`Store::create_job`]), so a job targeted at the fleet tree holds exactly the hosts the
+/// tree gave in that same transaction. Returns `Ok(false)` if the id was used before.
+pub(crate) fn insert_job(tx: &Connection, job: &NewJob, start_by_ms: i64) -> Result<bool, StoreError> {
+    let now = unix_now_ms();
+    let inserted = tx
+        .prepare_cached(
+            "INSERT INTO jobs (id, method, cmd, timeout_secs, created_at, start_by, token_name, target, level, priority)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (id) DO NOTHING",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                job.id,
+                job.method.as_str(),
+                job.cmd,
+                job.timeout_secs,
+                now,
+                start_by_ms,
+                job.token_name,
+                job.target,
+                job.level,
+                job.priority
+            ])
+        })
+        .ctx("insert job")?;
+    if inserted == 0 {
+        return Ok(false);
+    }
+    let mut known = tx.prepare_cached("SELECT 1 FROM hosts WHERE id = ?1").ctx("look up host")?;
+    let mut insert = tx
+        .prepare_cached(
+            "INSERT INTO host_job (job_id, position, host, state, resp, retcode, message, data, updated_at, finished_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )
+        .ctx("prepare host_job insert")?;
+    for (position, host) in job.hosts.iter().enumerate() {
+        if known.exists([host]).ctx("look up host")? {
+            insert
+                .execute(params![
+                    job.id,
+                    position as i64,
+                    host,
+                    HostState::Pending.as_str(),
+                    None::<String>,
+                    None::<i64>,
+                    None::<String>,
+                    None::<String>,
+                    now,
+                    None::<i64>
+                ])
+                .ctx("insert host_job")?;
+        } else {
+            let failed = Outcome::failed(Code::NoSuchHost, "No such host");
+            insert
+                .execute(params![
+                    job.id,
+                    position as i64,
+                    host,
+                    HostState::Failed.as_str(),
+                    failed.resp.as_str(),
+                    failed.retcode,
+                    failed.message,
+                    failed.data,
+                    now,
+                    now
+                ])
+                .ctx("insert host_job")?;
+        }
+    }
+    Ok(true)
+}
+
 fn mark_queued(conn: &Connection, job_id: &str, host: &str, queued: &QueueRef) -> Result<bool, StoreError> {
     let n = conn
         .prepare_cached(
@@ -1004,8 +1095,8 @@ fn host_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<HostRecord> {
     Ok(HostRecord { id: row.get(0)?, hostname: row.get(1)?, registered_at_ms: row.get(2)?, last_seen_ms: row.get(3)? })
 }
 
-/// Reads a job row (columns id, method, cmd, timeout_secs, created_at, start_by,
-/// cancelled_at). The inner result reports a method name this version does not know.
+/// Reads a job row (the columns of [`JOB_COLUMNS`], in that order). The inner result
+/// reports a method name this version does not know.
 fn job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<JobRecord, StoreError>> {
     let method: String = row.get(1)?;
     let Some(method) = Method::parse(&method) else {
@@ -1019,6 +1110,9 @@ fn job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<JobRecord, StoreE
         created_at_ms: row.get(4)?,
         start_by_ms: row.get(5)?,
         cancelled_at_ms: row.get(6)?,
+        target: row.get(7)?,
+        level: row.get(8)?,
+        priority: row.get(9)?,
     }))
 }
 
@@ -1075,6 +1169,9 @@ mod tests {
             timeout_secs: 30,
             hosts: hosts.iter().map(|h| h.to_string()).collect(),
             token_name: None,
+            target: None,
+            level: "host".into(),
+            priority: 100,
         }
     }
 

@@ -6,6 +6,7 @@
 //! a restart lose nothing: the enqueuer picks up what was pending, the consumer drains
 //! results that waited in the reply tube while the dispatcher was down.
 
+use crate::fleet::Level;
 use crate::store::{HostState, Outcome, PendingHostJob, QueueRef, StoreError};
 use crate::Dispatcher;
 use polaris_ops_wire::codes::Code;
@@ -24,9 +25,8 @@ const ENQUEUE_BATCH: usize = 100;
 const ENQUEUER_TICK: Duration = Duration::from_millis(500);
 /// Extra TTR on top of the job's timeout; the agent also touches long jobs.
 const TTR_MARGIN_SECS: u32 = 60;
-/// Priority of jobs somebody waits for (sync) and of async jobs; lower runs first.
-const SYNC_PRIORITY: u32 = 100;
-const ASYNC_PRIORITY: u32 = 1024;
+/// Priority a result that could not be recorded goes back to the reply tube with.
+const RESULT_RETRY_PRIORITY: u32 = 1024;
 /// Priority for burying a result that cannot be read.
 const BURY_PRIORITY: u32 = 0;
 
@@ -241,7 +241,9 @@ fn put_envelope(dispatcher: &Dispatcher, pending: &PendingHostJob) -> Result<Opt
     let payload = serde_json::to_vec(&envelope).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let body = wire::sign(&dispatcher.secret, &payload);
     let mac = wire::signature_of(&body).map(str::to_string);
-    let priority = if job.method.is_sync() { SYNC_PRIORITY } else { ASYNC_PRIORITY };
+    // Jobs stored before priorities were recorded were all host lists.
+    let priority =
+        job.priority.unwrap_or_else(|| crate::fleet::target::queue_priority(Level::Host, job.method.is_sync()));
     let kill_grace_secs = u32::try_from(dispatcher.kill_grace.as_millis().div_ceil(1000)).unwrap_or(u32::MAX);
     let ttr = job.timeout_secs.saturating_add(kill_grace_secs).saturating_add(TTR_MARGIN_SECS);
     let tube = host_tube(&pending.host);
@@ -547,7 +549,7 @@ fn handle_result(dispatcher: &Dispatcher, conn: &mut Client, job: client::Job) -
         Err(e) => {
             // Keep the result on the queue; it is retried after a short delay.
             log::error!("cannot record result {}: {e}", job.id);
-            conn.release(job.id, ASYNC_PRIORITY, 1)
+            conn.release(job.id, RESULT_RETRY_PRIORITY, 1)
         }
     }
 }

@@ -76,6 +76,8 @@ codes! {
     StorageError = 0x0206, Dispatch, "storage_error", 500;
     /// The signed job envelope is larger than the queue's max job size.
     EnvelopeTooBig = 0x0207, Dispatch, "envelope_too_big", 200;
+    /// No node of the fleet tree has this path.
+    NoSuchNode = 0x0208, Dispatch, "no_such_node", 404;
 
     /// The agent could not parse the job envelope.
     MalformedEnvelope = 0x0301, Host, "malformed_envelope", 200;
@@ -127,6 +129,19 @@ codes! {
     NoSuchEndpoint = 0x050B, Validation, "no_such_endpoint", 404;
     /// The endpoint exists but does not take this HTTP method.
     MethodNotAllowed = 0x050C, Validation, "method_not_allowed", 405;
+    /// A node path is malformed (empty segment, bad character, too deep).
+    InvalidPath = 0x050D, Validation, "invalid_path", 400;
+    /// A node's level does not fit where it sits in the tree (a root that is not a
+    /// product, a child not below its parent).
+    LevelOutOfOrder = 0x050E, Validation, "level_out_of_order", 400;
+    /// The request names a node (a parent, a host's node, a target's node) that does not exist.
+    UnknownNode = 0x050F, Validation, "unknown_node", 400;
+    /// The target names nothing, or selects no host.
+    EmptyTarget = 0x0510, Validation, "empty_target", 400;
+    /// A node already has this path.
+    NodeExists = 0x0511, Validation, "node_exists", 409;
+    /// The node still has children or hosts, and the delete did not ask to cascade.
+    NodeNotEmpty = 0x0512, Validation, "node_not_empty", 409;
 }
 
 impl Code {
