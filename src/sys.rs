@@ -105,6 +105,10 @@ pub fn become_user(user: &str) -> anyhow::Result<()> {
         Err(e) => bail!("no such user: {user} ({e})"),
     };
     let (uid, gid) = (pw.uid, pw.gid);
+    // The user's own supplementary groups, not root's, as beanstalkd's -u does
+    // (initgroups, then setgid, then setuid).
+    let name = std::ffi::CString::new(user).context("user name")?;
+    nix::unistd::initgroups(&name, gid).map_err(io::Error::from).with_context(|| format!("initgroups({user})"))?;
     setgid(gid).map_err(io::Error::from).with_context(|| format!("setgid({gid})"))?;
     setuid(uid).map_err(io::Error::from).with_context(|| format!("setuid({uid})"))?;
     Ok(())

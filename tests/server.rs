@@ -297,3 +297,28 @@ fn the_listen_queue_is_beanstalkds_1024() -> Result<()> {
     assert_eq!(send_q.get(2).copied(), Some("1024"), "ss says: {text}");
     Ok(())
 }
+
+/// `-u USER` drops to the user's own ids and groups, root's supplementary groups included,
+/// as beanstalkd does (initgroups, setgid, setuid).
+#[test]
+fn dropping_privileges_takes_the_users_groups() -> Result<()> {
+    let status = |pid: &str| std::fs::read_to_string(format!("/proc/{pid}/status"));
+    let field = |text: &str, name: &str| {
+        text.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+    };
+    if field(&status("self")?, "Uid:").as_deref() != Some("0 0 0 0") {
+        polaris_testkit::skip_unless_ci("dropping privileges needs root");
+        return Ok(());
+    }
+    let groups = Command::new("id").args(["-G", "nobody"]).output()?;
+    let mut want: Vec<String> = String::from_utf8_lossy(&groups.stdout).split_whitespace().map(String::from).collect();
+    want.sort();
+    let server = spawn_polarisd(&["-u", "nobody"])?;
+    let text = status(&server.pid().to_string())?;
+    assert_eq!(field(&text, "Uid:").as_deref(), Some("65534 65534 65534 65534"), "{text}");
+    let mut got: Vec<String> =
+        field(&text, "Groups:").unwrap_or_default().split_whitespace().map(String::from).collect();
+    got.sort();
+    assert_eq!(got, want, "supplementary groups after -u nobody");
+    Ok(())
+}
