@@ -24,21 +24,8 @@ use std::time::Duration;
                   See docs/DISPATCH.md."
 )]
 struct Args {
-    /// Queue (polarisd or beanstalkd) address.
-    #[arg(long, default_value = "127.0.0.1:11300")]
-    queue: String,
-    /// Connect to the queue over TLS, verifying its certificate with this CA bundle (PEM).
-    #[arg(long, value_name = "FILE")]
-    queue_ca: Option<PathBuf>,
-    /// Client certificate (PEM) for a queue that requires one (polarisd --tls-client-ca).
-    #[arg(long, value_name = "FILE", requires_all = ["queue_ca", "queue_key"])]
-    queue_cert: Option<PathBuf>,
-    /// The private key of --queue-cert (PEM).
-    #[arg(long, value_name = "FILE", requires = "queue_cert")]
-    queue_key: Option<PathBuf>,
-    /// The name the queue's certificate must carry (default: the host part of --queue).
-    #[arg(long, value_name = "NAME", requires = "queue_ca")]
-    queue_server_name: Option<String>,
+    #[command(flatten)]
+    queue: polaris_ops_wire::queue_flags::QueueFlags,
     /// This host's id (its tube is host.<id>); generated and kept in --state-file if absent.
     #[arg(long)]
     host_id: Option<String>,
@@ -69,14 +56,10 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
+    let (queue, queue_tls) = args.queue.into_parts();
     polaris_agent::run(polaris_agent::AgentConfig {
-        queue: args.queue,
-        queue_tls: args.queue_ca.map(|ca| polaris_proto::client::TlsClientFiles {
-            ca,
-            cert: args.queue_cert,
-            key: args.queue_key,
-            server_name: args.queue_server_name,
-        }),
+        queue,
+        queue_tls,
         host_id: args.host_id,
         state_file: args.state_file,
         dispatch_url: args.dispatch,

@@ -23,21 +23,8 @@ struct Args {
     /// HTTP listen address (port 0 picks a free port; the first stdout line names it).
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: String,
-    /// Queue (polarisd or beanstalkd) address.
-    #[arg(long, default_value = "127.0.0.1:11300")]
-    queue: String,
-    /// Connect to the queue over TLS, verifying its certificate with this CA bundle (PEM).
-    #[arg(long, value_name = "FILE")]
-    queue_ca: Option<PathBuf>,
-    /// Client certificate (PEM) for a queue that requires one (polarisd --tls-client-ca).
-    #[arg(long, value_name = "FILE", requires_all = ["queue_ca", "queue_key"])]
-    queue_cert: Option<PathBuf>,
-    /// The private key of --queue-cert (PEM).
-    #[arg(long, value_name = "FILE", requires = "queue_cert")]
-    queue_key: Option<PathBuf>,
-    /// The name the queue's certificate must carry (default: the host part of --queue).
-    #[arg(long, value_name = "NAME", requires = "queue_ca")]
-    queue_server_name: Option<String>,
+    #[command(flatten)]
+    queue: polaris_ops_wire::queue_flags::QueueFlags,
     /// Directory of the SQLite database (created if missing).
     #[arg(long, default_value = "polaris-dispatch-data")]
     data: PathBuf,
@@ -75,15 +62,11 @@ fn parse_client_net(s: &str) -> Result<ipnet::IpNet, String> {
 fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
+    let (queue, queue_tls) = args.queue.into_parts();
     polaris_dispatch::run(polaris_dispatch::DispatchConfig {
         listen: args.listen,
-        queue: args.queue,
-        queue_tls: args.queue_ca.map(|ca| polaris_proto::client::TlsClientFiles {
-            ca,
-            cert: args.queue_cert,
-            key: args.queue_key,
-            server_name: args.queue_server_name,
-        }),
+        queue,
+        queue_tls,
         data_dir: args.data,
         secret_file: args.secret_file,
         tokens_file: args.tokens,

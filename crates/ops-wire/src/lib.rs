@@ -5,10 +5,12 @@
 //! # Layout
 //! - [`wire`]: job envelopes and host results, HMAC-signed, and the tube names they travel on.
 //! - [`codes`]: the result and error codes (`(type << 8) | code`).
+//! - [`queue_flags`]: `--queue` and its TLS flags, as both programs take them.
 //! - [`host_id`]: what a host id may be (so that `host.<id>` is always a valid tube name).
 
 #![deny(unsafe_code)]
 
 pub mod codes;
 pub mod host_id;
+pub mod queue_flags;
 pub mod wire;
