@@ -266,31 +266,15 @@ impl Agent {
         };
         if envelope.host != self.host_id {
             log::warn!("burying job {}: it is for host {:?}, not {:?}", job.id, envelope.host, self.host_id);
-            conn.bury(job.id, RESULT_PRIORITY)?;
             let message = format!("Refused: envelope is for host {:?}, delivered to {:?}", envelope.host, self.host_id);
-            return self.report_refusal(
-                conn,
-                &envelope.job_id,
-                &envelope.reply_tube,
-                Code::WrongHost,
-                message,
-                max_job_size,
-            );
+            return self.refuse(conn, job.id, &envelope, Code::WrongHost, message, max_job_size);
         }
         let now = wire::unix_now();
         if now > envelope.expires_at {
             let late = now - envelope.expires_at;
             log::warn!("burying job {} (dispatch job {}): expired {late}s ago", job.id, envelope.job_id);
-            conn.bury(job.id, RESULT_PRIORITY)?;
             let message = format!("Refused: envelope expired {late}s before the agent took it; job buried, not run");
-            return self.report_refusal(
-                conn,
-                &envelope.job_id,
-                &envelope.reply_tube,
-                Code::EnvelopeExpired,
-                message,
-                max_job_size,
-            );
+            return self.refuse(conn, job.id, &envelope, Code::EnvelopeExpired, message, max_job_size);
         }
 
         let prior = self.ledger.borrow().find(&envelope.job_id, &envelope.host).cloned();
@@ -302,21 +286,13 @@ impl Agent {
                 now.saturating_sub(prior.ran_at),
                 prior.queue_job_id
             );
-            conn.bury(job.id, RESULT_PRIORITY)?;
             let message = format!(
                 "Refused: this envelope already ran on this host ({}s ago, as queue job {}); the copy is buried, \
                  not run",
                 now.saturating_sub(prior.ran_at),
                 prior.queue_job_id
             );
-            return self.report_refusal(
-                conn,
-                &envelope.job_id,
-                &envelope.reply_tube,
-                Code::EnvelopeReplayed,
-                message,
-                max_job_size,
-            );
+            return self.refuse(conn, job.id, &envelope, Code::EnvelopeReplayed, message, max_job_size);
         }
         // Recorded (fsynced) before it runs, so that it never runs twice.
         let run_id = uuid::Uuid::new_v4().simple().to_string();
@@ -332,16 +308,8 @@ impl Agent {
         };
         if let Err(e) = self.ledger.borrow_mut().begin(entry) {
             log::error!("burying job {} (dispatch job {}): cannot write the ledger: {e}", job.id, envelope.job_id);
-            conn.bury(job.id, RESULT_PRIORITY)?;
             let message = format!("Not run: the agent cannot record it in its ledger ({e}); job buried");
-            return self.report_refusal(
-                conn,
-                &envelope.job_id,
-                &envelope.reply_tube,
-                Code::ExecError,
-                message,
-                max_job_size,
-            );
+            return self.refuse(conn, job.id, &envelope, Code::ExecError, message, max_job_size);
         }
 
         log::info!("job {} ({}): {} {:?}", envelope.job_id, job.id, envelope.method.as_str(), envelope.cmd);
@@ -409,19 +377,22 @@ impl Agent {
         if !client::is_valid_tube_name(reply_tube) {
             return Ok(());
         }
-        let result = HostResult {
-            v: 1,
-            job_id: job_id.to_string(),
-            host: self.host_id.clone(),
-            resp: Resp::Failed,
-            retcode: u32::from(code.value()),
-            message,
-            data: String::new(),
-            encoding: None,
-            truncated: false,
-            output_bytes: 0,
-        };
+        let result = failure(job_id, &self.host_id, code, message);
         put_result(conn, &self.secret, reply_tube, result, max_job_size)
+    }
+
+    /// Buries a verified envelope's queue job, never to run, and reports why on its reply tube.
+    fn refuse(
+        &self,
+        conn: &mut Client,
+        queue_job_id: u64,
+        envelope: &JobEnvelope,
+        code: Code,
+        message: String,
+        max_job_size: usize,
+    ) -> client::Result<()> {
+        conn.bury(queue_job_id, RESULT_PRIORITY)?;
+        self.report_refusal(conn, &envelope.job_id, &envelope.reply_tube, code, message, max_job_size)
     }
 
     /// Runs the envelope's command, touching the queue job as it runs, and records its
