@@ -50,6 +50,7 @@ pub fn router(dispatcher: AppState) -> Router {
             "/v1/hosts/:id",
             get(get_host).delete(delete_host).put(fleet::api::put_host).patch(fleet::api::patch_host),
         )
+        .route("/v1/hosts/:id/tasks", get(fleet::api::host_tasks))
         .merge(fleet::api::routes())
         // Applies to the routes above (so it must stay below them).
         .route_layer(axum::middleware::from_fn(refuse_unknown_query_parameters))

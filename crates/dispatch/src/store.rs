@@ -111,6 +111,21 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE jobs ADD COLUMN target TEXT;
      ALTER TABLE jobs ADD COLUMN level TEXT;
      ALTER TABLE jobs ADD COLUMN priority INTEGER;",
+    // 7: standing tasks, keyed by name and attach point (a node, or one host by id). A
+    // deleted node takes its tasks with it.
+    "CREATE TABLE fleet_tasks (
+        name       TEXT NOT NULL,
+        node_id    INTEGER REFERENCES fleet_nodes(id) ON DELETE CASCADE,
+        host       TEXT,
+        kind       TEXT NOT NULL,
+        spec       TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        CHECK ((node_id IS NULL) <> (host IS NULL))
+    );
+    CREATE UNIQUE INDEX fleet_tasks_node ON fleet_tasks(name, node_id) WHERE node_id IS NOT NULL;
+    CREATE UNIQUE INDEX fleet_tasks_host ON fleet_tasks(name, host) WHERE host IS NOT NULL;
+    CREATE INDEX fleet_tasks_by_node ON fleet_tasks(node_id);",
 ];
 
 /// The columns [`job_row`] reads, in its order.

@@ -78,6 +78,8 @@ codes! {
     EnvelopeTooBig = 0x0207, Dispatch, "envelope_too_big", 200;
     /// No node of the fleet tree has this path.
     NoSuchNode = 0x0208, Dispatch, "no_such_node", 404;
+    /// No standing task has this name (at this attach point).
+    NoSuchTask = 0x0209, Dispatch, "no_such_task", 404;
 
     /// The agent could not parse the job envelope.
     MalformedEnvelope = 0x0301, Host, "malformed_envelope", 200;
@@ -142,6 +144,9 @@ codes! {
     NodeExists = 0x0511, Validation, "node_exists", 409;
     /// The node still has children or hosts, and the delete did not ask to cascade.
     NodeNotEmpty = 0x0512, Validation, "node_not_empty", 409;
+    /// A standing task is invalid: its name, kind, attach point, schedule (`every`, `cron`,
+    /// both or neither) or command.
+    InvalidTask = 0x0513, Validation, "invalid_task", 400;
 }
 
 impl Code {

@@ -8,6 +8,7 @@
 
 use super::import::{self, ImportOptions};
 use super::target;
+use super::tasks;
 use super::tree::{self, HostChange, NodeUpdate};
 use super::{valid_path, Actor, Level};
 use crate::api::{authenticate, blocking, page_param, AppState, IdParam, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
@@ -43,6 +44,8 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/fleet", get(export_fleet))
         .route("/v1/fleet/import", post(import_fleet).layer(DefaultBodyLimit::max(MAX_IMPORT_BYTES)))
         .route("/v1/fleet/audit", get(list_audit))
+        .route("/v1/tasks", get(list_tasks))
+        .route("/v1/tasks/:name", get(show_task).put(put_task).delete(delete_task))
 }
 
 /// The query parameters the fleet's endpoints take (see [`crate::api::QUERY_PARAMETERS`]).
@@ -50,6 +53,7 @@ pub const QUERY_PARAMETERS: &[(&str, &str, &[&str])] = &[
     ("DELETE", "/v1/nodes/*path", &["cascade"]),
     ("POST", "/v1/fleet/import", &["dry_run", "prune"]),
     ("GET", "/v1/fleet/audit", &["limit", "offset", "subject"]),
+    ("DELETE", "/v1/tasks/:name", &["node", "host"]),
 ];
 
 /// The node path of a `/v1/nodes/{path}` URL, checked.
@@ -408,4 +412,117 @@ async fn list_audit(
     let count = entries.len() as u64;
     let next_offset = if offset + count < total { Some(offset + count) } else { None };
     Ok(Json(AuditPage { changes: entries, total, limit, offset, next_offset }).into_response())
+}
+
+#[derive(Serialize)]
+struct TasksReply {
+    tasks: Vec<Value>,
+}
+
+#[derive(Serialize)]
+struct TaskReply {
+    name: String,
+    attachments: Vec<Value>,
+}
+
+#[derive(Serialize)]
+struct DeletedTasks {
+    deleted: Vec<Value>,
+}
+
+/// The `{name}` of a `/v1/tasks/{name}` URL, checked.
+struct TaskName(String);
+
+#[axum::async_trait]
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for TaskName {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path(name) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::field(Code::InvalidTask, "name", format!("cannot read the name in the URL: {e}")))?;
+        tasks::check_name(&name)?;
+        Ok(TaskName(name))
+    }
+}
+
+/// `GET /v1/tasks`: every task at every attach point.
+async fn list_tasks(State(dispatcher): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authenticate(&dispatcher, &headers)?;
+    let d = dispatcher.clone();
+    let all = blocking(move || Ok(tasks::list(&d.store.conn())?)).await?;
+    Ok(Json(TasksReply { tasks: all.iter().map(tasks::Task::to_json).collect() }).into_response())
+}
+
+/// `GET /v1/tasks/{name}`: the task at each of its attach points.
+async fn show_task(
+    State(dispatcher): State<AppState>,
+    headers: HeaderMap,
+    TaskName(name): TaskName,
+) -> Result<Response, ApiError> {
+    authenticate(&dispatcher, &headers)?;
+    let d = dispatcher.clone();
+    let n = name.clone();
+    let found = blocking(move || tasks::show(&d.store, &n)).await?;
+    Ok(Json(TaskReply { name, attachments: found.iter().map(tasks::Task::to_json).collect() }).into_response())
+}
+
+/// `PUT /v1/tasks/{name}` `{"attach_to": {"node": …} | {"host": …}, "kind": …, …}`:
+/// creates (201) or replaces (200) the task at that attach point.
+async fn put_task(
+    State(dispatcher): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    TaskName(name): TaskName,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let actor = fleet_writer(&dispatcher, &headers, peer)?;
+    let map = parse_object(&body(raw, crate::api::MAX_BODY_BYTES)?)?;
+    let at = tasks::parse_attach_point(map.get("attach_to"), "attach_to")?;
+    let (kind, spec) = tasks::parse_spec(&map)?;
+    let d = dispatcher.clone();
+    let (task, created) = blocking(move || tasks::put(&d.store, &name, &at, &kind, &spec, &actor)).await?;
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(task.to_json())).into_response())
+}
+
+/// `DELETE /v1/tasks/{name}[?node=PATH|host=ID]`: at one attach point, or at all of them.
+async fn delete_task(
+    State(dispatcher): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    TaskName(name): TaskName,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let actor = fleet_writer(&dispatcher, &headers, peer)?;
+    let at = match (params.get("node"), params.get("host")) {
+        (None, None) => None,
+        (Some(path), None) => {
+            valid_path(path, "node")?;
+            Some(tasks::AttachPoint::Node(path.clone()))
+        }
+        (None, Some(id)) => {
+            host_id(id).map_err(|e| ApiError { field: Some("host".into()), ..e })?;
+            Some(tasks::AttachPoint::Host(id.clone()))
+        }
+        (Some(_), Some(_)) => {
+            return Err(ApiError::field(Code::InvalidValue, "host", "give node or host, not both"));
+        }
+    };
+    let d = dispatcher.clone();
+    let deleted = blocking(move || tasks::delete(&d.store, &name, at.as_ref(), &actor)).await?;
+    Ok(Json(DeletedTasks { deleted: deleted.iter().map(tasks::Task::to_json).collect() }).into_response())
+}
+
+/// `GET /v1/hosts/{id}/tasks`: the host's effective tasks and its conflicts.
+pub(crate) async fn host_tasks(
+    State(dispatcher): State<AppState>,
+    headers: HeaderMap,
+    IdParam(id): IdParam,
+) -> Result<Response, ApiError> {
+    authenticate(&dispatcher, &headers)?;
+    host_id(&id)?;
+    let d = dispatcher.clone();
+    let effective = blocking(move || Ok(tasks::effective(&d.store, &id)?)).await?;
+    Ok(Json(effective).into_response())
 }

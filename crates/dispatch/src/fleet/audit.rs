@@ -20,6 +20,10 @@ pub enum Action {
     NodeDelete,
     /// A host's nodes or labels changed (attach, detach, labels, removal from the inventory).
     HostUpdate,
+    /// A standing task was created or changed at one attach point.
+    TaskSet,
+    /// A standing task was deleted from one attach point.
+    TaskDelete,
 }
 
 impl Action {
@@ -30,6 +34,8 @@ impl Action {
             Action::NodeUpdate => "node.update",
             Action::NodeDelete => "node.delete",
             Action::HostUpdate => "host.update",
+            Action::TaskSet => "task.set",
+            Action::TaskDelete => "task.delete",
         }
     }
 }
@@ -136,6 +142,8 @@ pub fn list(
             "node.update" => Action::NodeUpdate,
             "node.delete" => Action::NodeDelete,
             "host.update" => Action::HostUpdate,
+            "task.set" => Action::TaskSet,
+            "task.delete" => Action::TaskDelete,
             other => return Err(StoreError::Corrupt(format!("fleet_audit row {seq}: unknown action {other:?}"))),
         };
         let json = |text: Option<String>, column: &str| -> Result<Option<Value>, StoreError> {

@@ -33,6 +33,7 @@ pub mod api;
 pub mod audit;
 pub mod import;
 pub mod target;
+pub mod tasks;
 pub mod tree;
 
 use crate::error::ApiError;
