@@ -553,3 +553,60 @@ fn host_level_work_runs_before_product_level_work_on_a_busy_agent() {
     let urgent = submit(json!({"target": {"nodes": ["ECS"]}, "method": "async.bash", "cmd": "true", "priority": 5}));
     assert_eq!((job(&urgent)["level"].clone(), job(&urgent)["priority"].clone()), (json!("product"), json!(5)));
 }
+
+/// Standing tasks inherit down the tree, the lowest level wins and says what it hides, and
+/// two sibling components defining the same name are reported as a conflict, not resolved.
+#[test]
+fn standing_tasks_inherit_with_the_lowest_level_winning_and_conflicts_reported() {
+    let cluster = Cluster::start(&["c1", "c2", "d1", "r1"]);
+    let url = cluster.url("");
+    build_tree(&url);
+    let set = |name: &str, attach: Value, cmd: &str| {
+        let task = json!({"attach_to": attach, "kind": "schedule", "every": 60, "method": "async.bash", "cmd": cmd});
+        ok(&url, "PUT", &format!("/v1/tasks/{name}"), Some(task));
+    };
+    set("uptime", json!({"node": "ECS"}), "uptime");
+    set("uptime", json!({"node": "ECS/OpenStack/Console"}), "uptime -p");
+    set("uptime", json!({"host": "c1"}), "uptime -s");
+    set("disk", json!({"node": "ECS/OpenStack"}), "df -h");
+    let effective = |host: &str| ok(&url, "GET", &format!("/v1/hosts/{host}/tasks"), None);
+    let task = |reply: &Value, name: &str| -> Value {
+        reply["tasks"].as_array().and_then(|t| t.iter().find(|t| t["name"] == name)).cloned().unwrap_or(Value::Null)
+    };
+
+    // c1: its own definition hides the component's and the product's.
+    let c1 = effective("c1");
+    assert_eq!(task(&c1, "uptime")["from"], "host", "{c1}");
+    assert_eq!(task(&c1, "uptime")["cmd"], "uptime -s", "{c1}");
+    assert_eq!(task(&c1, "uptime")["overrides"], json!(["ECS", "ECS/OpenStack/Console"]), "{c1}");
+    assert_eq!(task(&c1, "disk")["from"], "ECS/OpenStack", "{c1}");
+    // c2: the component's wins over the product's.
+    let c2 = effective("c2");
+    assert_eq!(task(&c2, "uptime")["from"], "ECS/OpenStack/Console", "{c2}");
+    assert_eq!(task(&c2, "uptime")["overrides"], json!(["ECS"]), "{c2}");
+    // d1: only the product's and the service's reach it; r1 (another product): nothing.
+    let d1 = effective("d1");
+    assert_eq!(task(&d1, "uptime")["from"], "ECS", "{d1}");
+    assert_eq!(task(&d1, "disk")["from"], "ECS/OpenStack", "{d1}");
+    assert_eq!(effective("r1")["tasks"], json!([]));
+
+    // d1 attached to Console as well: two components define `uptime` (Console) and, once
+    // DB has one too, neither wins: the conflict is reported and no task of that name runs.
+    ok(&url, "PATCH", "/v1/hosts/d1", Some(json!({"attach": ["ECS/OpenStack/Console"]})));
+    set("uptime", json!({"node": "ECS/OpenStack/DB"}), "uptime --since");
+    let d1 = effective("d1");
+    assert_eq!(task(&d1, "uptime"), Value::Null, "a conflict was resolved silently: {d1}");
+    let conflict = d1["conflicts"].as_array().and_then(|c| c.iter().find(|c| c["name"] == "uptime")).cloned();
+    let conflict = conflict.unwrap_or_else(|| panic!("no conflict reported: {d1}"));
+    let mut paths: Vec<String> =
+        conflict["paths"].as_array().expect("paths").iter().map(|p| p.as_str().unwrap_or("").to_string()).collect();
+    paths.sort();
+    assert_eq!(paths, ["ECS/OpenStack/Console", "ECS/OpenStack/DB"], "{d1}");
+    // A host-level definition settles it.
+    set("uptime", json!({"host": "d1"}), "uptime");
+    let d1 = effective("d1");
+    assert_eq!(task(&d1, "uptime")["from"], "host", "{d1}");
+    assert!(d1["conflicts"].as_array().is_none_or(|c| c.is_empty()), "{d1}");
+    let (status, reply) = call(&url, "GET", "/v1/tasks/nope", None, None);
+    assert_error("unknown task", status, &reply, Code::NoSuchTask, Value::Null);
+}
