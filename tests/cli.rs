@@ -1,40 +1,31 @@
-//! The three programs' command lines: polarisd keeps beanstalkd's flags (`-v` version,
-//! `-V` verbosity) and also takes `--version`; every `-h` says which program it is, the
-//! environment it reads and the signals it handles.
+//! polarisd's command line: beanstalkd's flags (`-v` version, `-V` verbosity) plus
+//! `--version`; `-h` says what the program is, the environment it reads and the signals it
+//! handles. (The other programs' command lines are tested in their own crates, which also
+//! makes `cargo test` build their binaries for the tests that start them.)
 
 use anyhow::{ensure, Result};
-use polaris_testkit::binary;
 use std::process::Command;
 
-fn run(program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(binary(program)).args(args).output()?;
-    ensure!(out.status.success(), "{program} {args:?} failed: {out:?}");
+fn run(args: &[&str]) -> Result<String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_polarisd")).args(args).output()?;
+    ensure!(out.status.success(), "polarisd {args:?} failed: {out:?}");
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[test]
-fn every_program_answers_version_both_ways() -> Result<()> {
-    let short = run("polarisd", &["-v"])?;
+fn version_both_ways() -> Result<()> {
+    let short = run(&["-v"])?;
     assert!(short.starts_with("polarisd "), "{short}");
-    assert_eq!(run("polarisd", &["--version"])?, short);
-    for program in ["polaris-dispatch", "polaris-agent"] {
-        let long = run(program, &["--version"])?;
-        assert!(long.starts_with(&format!("{program} ")), "{long}");
-        assert_eq!(run(program, &["-V"])?, long);
-    }
+    assert_eq!(run(&["--version"])?, short);
     Ok(())
 }
 
 #[test]
-fn every_help_names_its_program_environment_and_signals() -> Result<()> {
-    for (program, env) in
-        [("polarisd", "RUST_LOG"), ("polaris-dispatch", "POLARIS_SECRET"), ("polaris-agent", "POLARIS_TOKEN")]
-    {
-        let help = run(program, &["-h"])?;
-        assert!(help.starts_with(&format!("{program}: ")), "{program} -h opens with {:?}", help.lines().next());
-        for word in [env, "RUST_LOG", "SIGTERM"] {
-            assert!(help.contains(word), "{program} -h does not mention {word}:\n{help}");
-        }
+fn help_names_the_program_its_environment_and_signals() -> Result<()> {
+    let help = run(&["-h"])?;
+    assert!(help.starts_with("polarisd: "), "-h opens with {:?}", help.lines().next());
+    for word in ["RUST_LOG", "SIGTERM"] {
+        assert!(help.contains(word), "-h does not mention {word}:\n{help}");
     }
     Ok(())
 }
@@ -42,7 +33,7 @@ fn every_help_names_its_program_environment_and_signals() -> Result<()> {
 #[test]
 fn polarisd_keeps_beanstalkds_verbosity_flag() -> Result<()> {
     // -V is beanstalkd's "more logging", not a version flag: with -v it still prints the version.
-    let out = run("polarisd", &["-V", "-V", "-v"])?;
+    let out = run(&["-V", "-V", "-v"])?;
     assert!(out.starts_with("polarisd "), "{out}");
     Ok(())
 }

@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 /// same profile as the running test.
 ///
 /// A test binary lives in `target/<profile>/deps/`, the workspace's binaries one level up.
-/// `cargo test` builds every binary of the packages it tests, and the workspace's default
-/// members are all of them, so a plain `cargo test` has them all in place.
+/// `cargo test` builds a package's binaries only for that package's own integration tests,
+/// so every package whose binary another crate's tests start has one (`tests/cli.rs`): a
+/// plain `cargo test` in the workspace root then has them all in place before any test runs.
 pub fn binary(name: &str) -> PathBuf {
     built_artifact(Path::new(name))
 }
