@@ -94,8 +94,8 @@ fn docs_inner() -> Result<()> {
         return Ok(());
     }
     run(Command::new("ip").args(["link", "set", "lo", "up"]))?;
-    run(Command::new("mount").args(["-t", "tmpfs", "tmpfs", "/tmp"]))?;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    private_tmp(&[root, &profile_dir()?])?;
     let scratch = tempfile::tempdir()?;
     let shim = write_cargo_shim(scratch.path())?;
     let mut ran = 0;
@@ -111,6 +111,35 @@ fn docs_inner() -> Result<()> {
     let per_doc: Vec<String> = per_doc.iter().map(|(doc, n)| format!("{doc} {n}")).collect();
     eprintln!("docs: {ran} blocks run ({})", per_doc.join(", "));
     Ok(())
+}
+
+/// Mounts an empty tmpfs on `/tmp` (the docs write `/tmp/web-01` and the like), keeping
+/// `keep` — the checkout and the built binaries — where they are if they live under `/tmp`:
+/// each is opened before the mount and bound back onto its own path after it.
+fn private_tmp(keep: &[&Path]) -> Result<()> {
+    let mut hidden: Vec<&Path> = keep.iter().copied().filter(|p| p.starts_with("/tmp")).collect();
+    hidden.sort();
+    hidden.dedup_by(|inner, outer| inner.starts_with(&**outer));
+    let mut script = String::from("set -e\n");
+    for (n, path) in hidden.iter().enumerate() {
+        script += &format!("exec {}<'{}'\n", n + 3, path.display());
+    }
+    script += "mount -t tmpfs tmpfs /tmp\n";
+    for (n, path) in hidden.iter().enumerate() {
+        // --no-canonicalize: the /proc/self/fd link would otherwise resolve to the new, empty path.
+        script += &format!(
+            "mkdir -p '{p}'\nmount --no-canonicalize --bind /proc/self/fd/{fd} '{p}'\n",
+            p = path.display(),
+            fd = n + 3
+        );
+    }
+    run(Command::new("sh").arg("-c").arg(script))
+}
+
+/// `target/<profile>`, where this test binary and the workspace's binaries are.
+fn profile_dir() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    Ok(exe.parent().and_then(Path::parent).context("test binaries live in target/<profile>/deps")?.to_path_buf())
 }
 
 fn run(command: &mut Command) -> Result<()> {
