@@ -249,7 +249,7 @@ fn run_doc(root: &Path, doc: &str, blocks: &[Block], scratch: &Path, shim: &Path
             }
         };
         if let Some(addr) = block.note.get("wait") {
-            wait_accepting(addr).with_context(|| format!("{at}: waiting for {addr}"))?;
+            polaris_testkit::wait_accepting(addr, Duration::from_secs(30));
         }
         ran += 1;
     }
@@ -533,15 +533,6 @@ esac
     std::fs::write(&path, script)?;
     run(Command::new("chmod").arg("755").arg(&path))?;
     Ok(dir)
-}
-
-fn wait_accepting(addr: &str) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(addr).is_err() {
-        ensure!(Instant::now() < deadline, "{addr} does not accept connections");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
 }
 
 #[test]

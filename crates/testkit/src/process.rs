@@ -417,3 +417,24 @@ pub fn pid_gone(pid: i32) -> bool {
         Err(_) => true,
     }
 }
+
+/// Runs `program` with `args`, asserts it succeeded, and returns its stdout.
+pub fn run_ok(program: &Path, args: &[&str]) -> String {
+    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{}: {e}", program.display()));
+    assert!(out.status.success(), "{} {args:?} failed: {out:?}", program.display());
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The command-line promises of the ops programs: `-V` and `--version` agree and name the
+/// program, and `-h` opens with the program's name and mentions each of `words` (the
+/// environment it reads, the signals it handles).
+pub fn assert_version_and_help(program: &Path, name: &str, words: &[&str]) {
+    let long = run_ok(program, &["--version"]);
+    assert!(long.starts_with(&format!("{name} ")), "{long}");
+    assert_eq!(run_ok(program, &["-V"]), long);
+    let help = run_ok(program, &["-h"]);
+    assert!(help.starts_with(&format!("{name}: ")), "-h opens with {:?}", help.lines().next());
+    for word in words {
+        assert!(help.contains(word), "-h does not mention {word}:\n{help}");
+    }
+}
