@@ -256,6 +256,7 @@ async fn post_job(
         target: None,
         level: Level::Host.as_str().to_string(),
         priority: request.priority.unwrap_or_else(|| fleet::target::queue_priority(Level::Host, method.is_sync())),
+        task: None,
     };
     // Register interest before the job exists so that no wake-up can be missed.
     let notify = dispatcher.waiters.register(&job_id);
@@ -403,6 +404,9 @@ struct JobStatus<'a> {
     /// The target it was given, when it was given one rather than `hosts`.
     #[serde(skip_serializing_if = "Option::is_none")]
     target: Option<Value>,
+    /// The standing task it was fired for, when the scheduler made it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    task: Option<&'a crate::store::TaskOrigin>,
     done: bool,
     hosts: Vec<HostStatus<'a>>,
 }
@@ -478,6 +482,7 @@ async fn get_job(
         level: job.level.as_deref().unwrap_or(Level::Host.as_str()),
         priority: job.priority.unwrap_or_else(|| fleet::target::queue_priority(Level::Host, job.method.is_sync())),
         target: job.target.as_deref().and_then(|t| serde_json::from_str(t).ok()),
+        task: job.task.as_ref(),
         done: hosts.iter().all(|h| h.state.is_final()),
         hosts: hosts.iter().zip(states).map(|(h, s)| host_status(h, s)).collect(),
     };
@@ -519,7 +524,7 @@ async fn list_jobs(
             let hosts: u64 = s.state_counts.iter().map(|(_, n)| n).sum();
             let states: serde_json::Map<String, Value> =
                 s.state_counts.into_iter().map(|(state, n)| (state, json!(n))).collect();
-            json!({
+            let mut entry = json!({
                 "id": s.job.id,
                 "method": s.job.method.as_str(),
                 "cmd": s.job.cmd,
@@ -528,7 +533,11 @@ async fn list_jobs(
                 "cancelled_at_ms": s.job.cancelled_at_ms,
                 "hosts": hosts,
                 "states": states,
-            })
+            });
+            if let Some(task) = &s.job.task {
+                entry["task"] = json!(task);
+            }
+            entry
         })
         .collect();
     let next_offset = if offset + count < total { Some(offset + count) } else { None };

@@ -126,10 +126,31 @@ const MIGRATIONS: &[&str] = &[
     CREATE UNIQUE INDEX fleet_tasks_node ON fleet_tasks(name, node_id) WHERE node_id IS NOT NULL;
     CREATE UNIQUE INDEX fleet_tasks_host ON fleet_tasks(name, host) WHERE host IS NOT NULL;
     CREATE INDEX fleet_tasks_by_node ON fleet_tasks(node_id);",
+    // 8: the scheduler. A `schedule` task's next due slot (NULL: not planned yet, or its
+    // spec changed, so the next slot is counted from now); the history of its firings,
+    // one row each, with the job it became (NULL when it fired for no host or the slot
+    // was skipped); and the task a job was fired for (its name and the attach point it
+    // came from: a node path or `host`).
+    "ALTER TABLE fleet_tasks ADD COLUMN next_due_at INTEGER;
+    CREATE TABLE fleet_task_runs (
+        seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+        name     TEXT NOT NULL,
+        origin   TEXT NOT NULL,
+        due_at   INTEGER NOT NULL,
+        fired_at INTEGER NOT NULL,
+        job_id   TEXT,
+        hosts    INTEGER NOT NULL,
+        missed   INTEGER NOT NULL DEFAULT 0,
+        outcome  TEXT NOT NULL
+    );
+    CREATE INDEX fleet_task_runs_name ON fleet_task_runs(name, seq);
+    ALTER TABLE jobs ADD COLUMN task_name TEXT;
+    ALTER TABLE jobs ADD COLUMN task_from TEXT;",
 ];
 
 /// The columns [`job_row`] reads, in its order.
-const JOB_COLUMNS: &str = "id, method, cmd, timeout_secs, created_at, start_by, cancelled_at, target, level, priority";
+const JOB_COLUMNS: &str =
+    "id, method, cmd, timeout_secs, created_at, start_by, cancelled_at, target, level, priority, task_name, task_from";
 
 /// A database failure, with what the dispatcher was doing.
 #[derive(Debug, thiserror::Error)]
@@ -258,6 +279,17 @@ pub struct JobRecord {
     /// The queue priority of its envelopes; `None` for jobs stored before priorities were
     /// recorded (the method decides, as it did then).
     pub priority: Option<u32>,
+    /// The standing task it was fired for, if the scheduler made it.
+    pub task: Option<TaskOrigin>,
+}
+
+/// The standing task a scheduled job was fired for.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TaskOrigin {
+    /// The task's name.
+    pub name: String,
+    /// Where the definition that fired sits: a node path, or `host`.
+    pub from: String,
 }
 
 /// One host's part of a job as stored.
@@ -340,6 +372,8 @@ pub struct NewJob {
     pub level: String,
     /// The queue priority its envelopes are put with.
     pub priority: u32,
+    /// The standing task it is fired for, if the scheduler makes it.
+    pub task: Option<TaskOrigin>,
 }
 
 /// A host job that the enqueuer must put on the queue.
@@ -587,7 +621,7 @@ impl Store {
         let mut stmt = conn
             .prepare_cached(
                 "SELECT j.id, j.method, j.cmd, j.timeout_secs, j.created_at, j.start_by, j.cancelled_at,
-                        j.target, j.level, j.priority, h.host
+                        j.target, j.level, j.priority, j.task_name, j.task_from, h.host
                  FROM host_job h JOIN jobs j ON j.id = h.job_id
                  WHERE h.state = 'pending' AND j.start_by > ?1 AND j.cancelled_at IS NULL
                  ORDER BY j.seq, h.position
@@ -596,7 +630,7 @@ impl Store {
             .ctx("list pending host jobs")?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = stmt
-            .query_map(params![now_ms, limit], |row| Ok((job_row(row)?, row.get::<_, String>(10)?)))
+            .query_map(params![now_ms, limit], |row| Ok((job_row(row)?, row.get::<_, String>(12)?)))
             .ctx("list pending host jobs")?;
         let mut out = Vec::new();
         for row in rows {
@@ -963,8 +997,9 @@ pub(crate) fn insert_job(tx: &Connection, job: &NewJob, start_by_ms: i64) -> Res
     let now = unix_now_ms();
     let inserted = tx
         .prepare_cached(
-            "INSERT INTO jobs (id, method, cmd, timeout_secs, created_at, start_by, token_name, target, level, priority)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO jobs (id, method, cmd, timeout_secs, created_at, start_by, token_name, target, level, priority,
+                               task_name, task_from)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) ON CONFLICT (id) DO NOTHING",
         )
         .and_then(|mut s| {
             s.execute(params![
@@ -977,7 +1012,9 @@ pub(crate) fn insert_job(tx: &Connection, job: &NewJob, start_by_ms: i64) -> Res
                 job.token_name,
                 job.target,
                 job.level,
-                job.priority
+                job.priority,
+                job.task.as_ref().map(|t| &t.name),
+                job.task.as_ref().map(|t| &t.from)
             ])
         })
         .ctx("insert job")?;
@@ -1128,6 +1165,10 @@ fn job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<JobRecord, StoreE
         target: row.get(7)?,
         level: row.get(8)?,
         priority: row.get(9)?,
+        task: match (row.get::<_, Option<String>>(10)?, row.get::<_, Option<String>>(11)?) {
+            (Some(name), Some(from)) => Some(TaskOrigin { name, from }),
+            _ => None,
+        },
     }))
 }
 
@@ -1187,6 +1228,7 @@ mod tests {
             target: None,
             level: "host".into(),
             priority: 100,
+            task: None,
         }
     }
 

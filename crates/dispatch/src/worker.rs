@@ -1,6 +1,7 @@
-//! The dispatcher's two blocking threads:
+//! The dispatcher's three blocking threads:
 //! - the enqueuer puts pending host jobs on the queue and expires overdue ones;
-//! - the results consumer records agents' results from the reply tube.
+//! - the results consumer records agents' results from the reply tube;
+//! - the scheduler fires due `schedule` tasks as jobs ([`crate::fleet::schedule`]).
 //!
 //! Both read their work from SQLite and the queue, never from memory, which is what makes
 //! a restart lose nothing: the enqueuer picks up what was pending, the consumer drains
@@ -30,7 +31,10 @@ const RESULT_RETRY_PRIORITY: u32 = 1024;
 /// Priority for burying a result that cannot be read.
 const BURY_PRIORITY: u32 = 0;
 
-/// Starts both threads.
+/// How often the scheduler looks for due schedules.
+const SCHEDULER_TICK: Duration = Duration::from_millis(500);
+
+/// Starts the three threads.
 pub(crate) fn spawn(
     dispatcher: &Arc<Dispatcher>,
     queue: Endpoint,
@@ -49,7 +53,48 @@ pub(crate) fn spawn(
             .name("results".into())
             .spawn(move || run_results_consumer(&dispatcher, &queue, &stop))?
     };
-    Ok(vec![enqueuer, consumer])
+    let scheduler = {
+        let dispatcher = dispatcher.clone();
+        let stop = stop.clone();
+        std::thread::Builder::new().name("scheduler".into()).spawn(move || run_scheduler(&dispatcher, &stop))?
+    };
+    Ok(vec![enqueuer, consumer, scheduler])
+}
+
+fn run_scheduler(dispatcher: &Dispatcher, stop: &AtomicBool) {
+    let mut failing = false;
+    while !stop.load(Ordering::SeqCst) {
+        match crate::fleet::schedule::tick(&dispatcher.store, unix_now_ms()) {
+            Ok(runs) => {
+                failing = false;
+                for run in &runs {
+                    log::info!(
+                        "schedule {} at {}: {} ({} host(s), {} missed slot(s)){}",
+                        run.name,
+                        run.from,
+                        run.outcome,
+                        run.hosts,
+                        run.missed,
+                        run.job_id.as_deref().map(|id| format!(", job {id}")).unwrap_or_default()
+                    );
+                }
+                if runs.iter().any(|r| r.job_id.is_some()) {
+                    dispatcher.wake_enqueuer();
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    log::error!("scheduler: {e}");
+                }
+                failing = true;
+            }
+        }
+        // Short sleeps, so a stop is noticed at once.
+        let end = std::time::Instant::now() + SCHEDULER_TICK;
+        while !stop.load(Ordering::SeqCst) && std::time::Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 fn run_enqueuer(dispatcher: &Dispatcher, wake: &mpsc::Receiver<()>, stop: &AtomicBool) {

@@ -46,6 +46,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/fleet/audit", get(list_audit))
         .route("/v1/tasks", get(list_tasks))
         .route("/v1/tasks/:name", get(show_task).put(put_task).delete(delete_task))
+        .route("/v1/tasks/:name/runs", get(task_runs))
 }
 
 /// The query parameters the fleet's endpoints take (see [`crate::api::QUERY_PARAMETERS`]).
@@ -54,6 +55,7 @@ pub const QUERY_PARAMETERS: &[(&str, &str, &[&str])] = &[
     ("POST", "/v1/fleet/import", &["dry_run", "prune"]),
     ("GET", "/v1/fleet/audit", &["limit", "offset", "subject"]),
     ("DELETE", "/v1/tasks/:name", &["node", "host"]),
+    ("GET", "/v1/tasks/:name/runs", &["limit", "offset"]),
 ];
 
 /// The node path of a `/v1/nodes/{path}` URL, checked.
@@ -465,6 +467,59 @@ async fn show_task(
     let n = name.clone();
     let found = blocking(move || tasks::show(&d.store, &n)).await?;
     Ok(Json(TaskReply { name, attachments: found.iter().map(tasks::Task::to_json).collect() }).into_response())
+}
+
+#[derive(Serialize)]
+struct RunsPage {
+    name: String,
+    /// The next slot of each schedule definition of the name, by origin.
+    next_due: Vec<NextDue>,
+    runs: Vec<super::schedule::Run>,
+    total: u64,
+    limit: u32,
+    offset: u64,
+    next_offset: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct NextDue {
+    from: String,
+    next_due_at_ms: Option<i64>,
+}
+
+/// `GET /v1/tasks/{name}/runs`: the schedule's firings, newest first. Runs outlive the
+/// task, so a deleted schedule's history stays readable; a name that never existed and
+/// never ran is 404.
+async fn task_runs(
+    State(dispatcher): State<AppState>,
+    headers: HeaderMap,
+    TaskName(name): TaskName,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    authenticate(&dispatcher, &headers)?;
+    let limit = page_param(&params, "limit", u64::from(DEFAULT_PAGE_SIZE), u64::from(MAX_PAGE_SIZE))? as u32;
+    if limit == 0 {
+        return Err(ApiError::field(Code::InvalidValue, "limit", "limit must be at least 1"));
+    }
+    let offset = page_param(&params, "offset", 0, i64::MAX as u64)?;
+    let d = dispatcher.clone();
+    let n = name.clone();
+    let (next_due, runs, total) = blocking(move || {
+        let conn = d.store.conn();
+        if tasks::by_name(&conn, &n)?.is_empty() && !super::schedule::has_runs(&conn, &n)? {
+            return Err(ApiError::general(Code::NoSuchTask, format!("no task {n}")));
+        }
+        let next_due = super::schedule::next_due(&conn, &n)?
+            .into_iter()
+            .map(|(from, next_due_at_ms)| NextDue { from, next_due_at_ms })
+            .collect();
+        let (runs, total) = super::schedule::runs(&conn, &n, limit, offset)?;
+        Ok((next_due, runs, total))
+    })
+    .await?;
+    let count = runs.len() as u64;
+    let next_offset = if offset + count < total { Some(offset + count) } else { None };
+    Ok(Json(RunsPage { name, next_due, runs, total, limit, offset, next_offset }).into_response())
 }
 
 /// `PUT /v1/tasks/{name}` `{"attach_to": {"node": …} | {"host": …}, "kind": …, …}`:

@@ -18,6 +18,9 @@
 //! - [`import`]: the whole inventory as one document: export, and an idempotent import
 //!   with a dry run.
 //! - [`audit`]: the log of every change to the tree (who, when, before, after).
+//! - [`tasks`]: standing tasks attached to nodes and hosts, and a host's effective set.
+//! - [`schedule`]: the scheduler that turns due `schedule` tasks into jobs, and their
+//!   history.
 //! - [`api`]: the REST routes (`/v1/nodes`, `/v1/targets/resolve`, `/v1/fleet…`, and
 //!   `PUT`/`PATCH /v1/hosts/{id}`).
 //!
@@ -32,6 +35,7 @@
 pub mod api;
 pub mod audit;
 pub mod import;
+pub mod schedule;
 pub mod target;
 pub mod tasks;
 pub mod tree;

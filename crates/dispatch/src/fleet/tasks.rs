@@ -168,7 +168,7 @@ pub fn parse_spec(map: &Map<String, Value>) -> Result<(String, Map<String, Value
         "schedule" => {
             crate::request::reject_unknown_fields(
                 map,
-                &["attach_to", "kind", "every", "cron", "method", "cmd", "timeout"],
+                &["attach_to", "kind", "every", "cron", "method", "cmd", "timeout", "missed"],
             )?;
             match (map.get("every"), map.get("cron")) {
                 (Some(every), None) => {
@@ -250,6 +250,18 @@ pub fn parse_spec(map: &Map<String, Value>) -> Result<(String, Map<String, Value
                         )
                     })?;
                     spec.insert("timeout".into(), json!(secs));
+                }
+            }
+            match map.get("missed") {
+                None | Some(Value::Null) => {}
+                Some(Value::String(policy)) if super::schedule::MissedPolicy::parse(policy).is_some() => {
+                    spec.insert("missed".into(), json!(policy));
+                }
+                Some(other) => {
+                    return Err(invalid(
+                        "missed",
+                        format!("missed must be \"run_once\" or \"skip\", got {other}"),
+                    ))
                 }
             }
         }
@@ -374,7 +386,9 @@ pub fn put(
     let spec_text = Value::Object(spec.clone()).to_string();
     if before.is_some() {
         tx.prepare_cached(
-            "UPDATE fleet_tasks SET kind = ?4, spec = ?5, updated_at = ?6
+            "UPDATE fleet_tasks SET kind = ?4, spec = ?5, updated_at = ?6,
+                 -- A changed schedule counts its next slot from now; an unchanged one keeps it.
+                 next_due_at = CASE WHEN kind = ?4 AND spec = ?5 THEN next_due_at ELSE NULL END
              WHERE name = ?1 AND node_id IS ?2 AND host IS ?3",
         )
         .and_then(|mut s| s.execute(params![name, node_id, host, kind, spec_text, now]))
