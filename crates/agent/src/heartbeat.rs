@@ -7,6 +7,9 @@
 //! database): it is registered again. With `--heartbeat 0` it registers once, as before
 //! heartbeats existed. A refusal (4xx other than 429) ends registration without heartbeats;
 //! with them it is retried at the next beat, so a fixed token file takes effect.
+//!
+//! Each beat also says which standing task set the agent holds (`tasks_digest`, see
+//! [`crate::standing`]), and a change of that set brings the next beat forward.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -29,6 +32,8 @@ pub struct Registration {
     pub token: Option<String>,
     /// Time between heartbeats; zero registers once.
     pub every: Duration,
+    /// The standing tasks held, whose digest each beat reports.
+    pub standing: Option<Arc<crate::standing::Standing>>,
 }
 
 enum Outcome {
@@ -59,12 +64,13 @@ fn send(registration: &Registration, endpoint: &str, body: &serde_json::Value) -
     }
 }
 
-/// Sleeps `duration`, waking early on shutdown; false if shutting down.
-fn pause(duration: Duration, shutdown: &AtomicBool) -> bool {
+/// Sleeps `duration`, waking early on shutdown, and when `standing` changed; false if
+/// shutting down.
+pub(crate) fn pause(duration: Duration, shutdown: &AtomicBool, standing: Option<&crate::standing::Standing>) -> bool {
     let end = Instant::now() + duration;
     while !shutdown.load(Ordering::SeqCst) {
         let left = end.saturating_duration_since(Instant::now());
-        if left.is_zero() {
+        if left.is_zero() || standing.is_some_and(|s| s.take_changed()) {
             return true;
         }
         std::thread::sleep(left.min(SHUTDOWN_POLL));
@@ -82,11 +88,14 @@ fn run(registration: &Registration, shutdown: &AtomicBool) {
     let mut backoff = Duration::from_millis(200);
     while !shutdown.load(Ordering::SeqCst) {
         // Facts are read afresh at every beat: addresses and memory change.
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "id": host_id,
             "hostname": hostname.trim(),
             "facts": crate::facts::registration_facts(),
         });
+        if let Some(digest) = registration.standing.as_ref().and_then(|s| s.digest()) {
+            body["tasks_digest"] = serde_json::json!(digest);
+        }
         let wait = match send(registration, &endpoint, &body) {
             Outcome::Accepted(status) => {
                 if !registered {
@@ -129,7 +138,7 @@ fn run(registration: &Registration, shutdown: &AtomicBool) {
                 }
             }
         };
-        if !pause(wait, shutdown) {
+        if !pause(wait, shutdown, registration.standing.as_deref()) {
             return;
         }
     }

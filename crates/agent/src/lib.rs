@@ -16,6 +16,8 @@
 //! - [`ledger`]: the append-only file of envelopes run and runs unfinished.
 //! - [`orphans`]: at start, ends what a dead predecessor left running, and says so.
 //! - [`heartbeat`]: registration with the dispatcher, then a heartbeat every `--heartbeat`.
+//! - [`standing`]: the host's standing tasks, fetched signed from the dispatcher, verified,
+//!   cached, and followed every `--tasks-poll`.
 //! - [`exec`]: runs `bash -c` in its own process group, with a timeout, bounded output
 //!   capture, and no child left behind.
 //! - [`query`]: the host facts `sync.query` answers with, parsed from `/proc` text.
@@ -33,6 +35,7 @@ pub mod identity;
 pub mod ledger;
 pub mod orphans;
 pub mod query;
+pub mod standing;
 #[allow(unsafe_code)]
 mod sys;
 
@@ -84,6 +87,8 @@ pub struct AgentConfig {
     pub drain_timeout: Duration,
     /// Time between heartbeats to the dispatcher; zero registers once.
     pub heartbeat: Duration,
+    /// Time between fetches of the host's standing tasks; zero fetches none.
+    pub tasks_poll: Duration,
 }
 
 impl Default for AgentConfig {
@@ -99,6 +104,7 @@ impl Default for AgentConfig {
             kill_grace: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(30),
             heartbeat: Duration::from_secs(30),
+            tasks_poll: Duration::from_secs(5),
         }
     }
 }
@@ -124,6 +130,9 @@ struct Agent {
     ledger: RefCell<Ledger>,
     /// Runs of a dead predecessor, ended, whose results are still to be put.
     adopted: RefCell<Vec<Adopted>>,
+    /// The standing tasks this host holds (see [`standing`]).
+    #[allow(dead_code)] // read by the runners of agent-side tasks
+    standing: Arc<standing::Standing>,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -147,9 +156,28 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, shutdown.clone()).context("installing signal handlers")?;
     }
+    let standing = Arc::new(standing::Standing::default());
     if let Some(url) = &config.dispatch_url {
-        let registration =
-            heartbeat::Registration { url: url.clone(), host_id: host_id.clone(), token, every: config.heartbeat };
+        let follows = !config.tasks_poll.is_zero();
+        if follows {
+            let follow = standing::Follow {
+                url: url.clone(),
+                host_id: host_id.clone(),
+                token: token.clone(),
+                secret: secret.clone(),
+                every: config.tasks_poll,
+                cache: standing::cache_path(&config.state_file),
+            };
+            standing::load_cache(&follow, &standing);
+            standing::spawn(follow, standing.clone(), shutdown.clone()).context("starting the task follower")?;
+        }
+        let registration = heartbeat::Registration {
+            url: url.clone(),
+            host_id: host_id.clone(),
+            token,
+            every: config.heartbeat,
+            standing: follows.then(|| standing.clone()),
+        };
         heartbeat::spawn(registration, shutdown.clone()).context("starting the heartbeat thread")?;
     }
     log::info!("polaris-agent {host_id} serving tube {} on {queue}", host_tube(&host_id));
@@ -161,6 +189,7 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
         shutdown,
         ledger: RefCell::new(ledger),
         adopted: RefCell::new(adopted),
+        standing,
     };
     agent.serve();
     log::info!("polaris-agent {} stopped", agent.host_id);

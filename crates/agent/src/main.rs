@@ -19,8 +19,9 @@ use std::time::Duration;
                   Signals: SIGTERM and SIGINT stop taking jobs; a running command may finish within \
                   --drain-timeout, else it is killed and reported (agent_restarted), not run again.\n\
                   Files next to --state-file: <name>.ledger (the envelopes run here, so none runs twice, \
-                  and the running command's process group, ended by the next start if the agent dies) \
-                  and <name>.lock (one agent per state file).\n\
+                  and the running command's process group, ended by the next start if the agent dies), \
+                  <name>.lock (one agent per state file) and <name>.tasks (the last signed set of standing \
+                  tasks, used until the dispatcher answers).\n\
                   See docs/DISPATCH.md."
 )]
 struct Args {
@@ -51,6 +52,10 @@ struct Args {
     /// last_seen_ms); 0 registers once.
     #[arg(long, default_value_t = 30, value_name = "SECS")]
     heartbeat: u64,
+    /// Seconds between fetches of this host's standing tasks from --dispatch (a 304 when
+    /// nothing changed); 0 fetches none.
+    #[arg(long, default_value_t = 5, value_name = "SECS")]
+    tasks_poll: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -68,5 +73,6 @@ fn main() -> anyhow::Result<()> {
         kill_grace: Duration::from_millis(args.kill_grace_ms),
         drain_timeout: Duration::from_secs(args.drain_timeout),
         heartbeat: Duration::from_secs(args.heartbeat),
+        tasks_poll: Duration::from_secs(args.tasks_poll),
     })
 }

@@ -51,6 +51,7 @@ pub fn router(dispatcher: AppState) -> Router {
             get(get_host).delete(delete_host).put(fleet::api::put_host).patch(fleet::api::patch_host),
         )
         .route("/v1/hosts/:id/tasks", get(fleet::api::host_tasks))
+        .route("/v1/hosts/:id/tasks/signed", get(fleet::api::signed_host_tasks))
         .merge(fleet::api::routes())
         // Applies to the routes above (so it must stay below them).
         .route_layer(axum::middleware::from_fn(refuse_unknown_query_parameters))
@@ -650,7 +651,12 @@ async fn register_host(
     let registration = parse_host_registration(&body_bytes(body)?)?;
     let d = dispatcher.clone();
     let (host, created) = blocking(move || {
-        Ok(d.store.upsert_host_with_facts(&registration.id, &registration.hostname, registration.facts.as_deref())?)
+        let registered =
+            d.store.upsert_host_with_facts(&registration.id, &registration.hostname, registration.facts.as_deref())?;
+        if let Some(digest) = &registration.tasks_digest {
+            d.store.record_tasks_digest(&registration.id, digest)?;
+        }
+        Ok(registered)
     })
     .await?;
     if created {
@@ -674,10 +680,18 @@ async fn get_host(
 ) -> Result<Json<Value>, ApiError> {
     authenticate(&dispatcher, &headers)?;
     let d = dispatcher.clone();
-    blocking(move || Ok(fleet::tree::registered_host(&d.store, &id)?))
-        .await?
-        .map(|h| Json(json!(h)))
-        .ok_or_else(|| ApiError::general(Code::NoSuchHost, "No such host"))
+    blocking(move || {
+        let Some(mut host) = fleet::tree::registered_host(&d.store, &id)? else { return Ok(None) };
+        // Whether the agent runs the task set the tree gives it now.
+        if let Some(applied) = host.tasks_applied.as_mut() {
+            let current = fleet::tasks::digest(&fleet::tasks::effective(&d.store, &id)?);
+            applied.current = Some(applied.digest == current);
+        }
+        Ok(Some(host))
+    })
+    .await?
+    .map(|h| Json(json!(h)))
+    .ok_or_else(|| ApiError::general(Code::NoSuchHost, "No such host"))
 }
 
 async fn delete_host(

@@ -56,6 +56,8 @@ pub struct HostRegistration {
     pub hostname: String,
     /// The facts its agent reported (a JSON object, as text), if it sent any.
     pub facts: Option<String>,
+    /// The digest of the effective task set the agent applied, if it has one.
+    pub tasks_digest: Option<String>,
 }
 
 /// The body as a JSON object (`malformed_json` or `wrong_type` otherwise).
@@ -264,7 +266,7 @@ pub fn parse_job_request(body: &[u8]) -> Result<JobRequest, ApiError> {
 /// Validates a `POST /v1/hosts` body: `{"id": "...", "hostname": "..."?, "facts": {...}?}`.
 pub fn parse_host_registration(body: &[u8]) -> Result<HostRegistration, ApiError> {
     let map = parse_object(body)?;
-    reject_unknown_fields(&map, &["id", "hostname", "facts"])?;
+    reject_unknown_fields(&map, &["id", "hostname", "facts", "tasks_digest"])?;
     let id = required_string(&map, "id")?;
     if !is_valid_host_id(id) {
         return Err(ApiError::field(Code::InvalidValue, "id", format!("host id must be {}", host_id_rule())));
@@ -299,7 +301,22 @@ pub fn parse_host_registration(body: &[u8]) -> Result<HostRegistration, ApiError
             ));
         }
     };
-    Ok(HostRegistration { id: id.to_string(), hostname: hostname.to_string(), facts })
+    let tasks_digest = optional_string(&map, "tasks_digest")?;
+    if let Some(digest) = tasks_digest {
+        if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return Err(ApiError::field(
+                Code::InvalidValue,
+                "tasks_digest",
+                "tasks_digest must be 64 lowercase hex digits (a SHA-256)",
+            ));
+        }
+    }
+    Ok(HostRegistration {
+        id: id.to_string(),
+        hostname: hostname.to_string(),
+        facts,
+        tasks_digest: tasks_digest.map(str::to_string),
+    })
 }
 
 #[cfg(test)]

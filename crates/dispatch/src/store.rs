@@ -145,7 +145,9 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX fleet_task_runs_name ON fleet_task_runs(name, seq);
     ALTER TABLE jobs ADD COLUMN task_name TEXT;
-    ALTER TABLE jobs ADD COLUMN task_from TEXT;",
+    ALTER TABLE jobs ADD COLUMN task_from TEXT;
+    ALTER TABLE hosts ADD COLUMN tasks_digest TEXT;
+    ALTER TABLE hosts ADD COLUMN tasks_digest_at INTEGER;",
 ];
 
 /// The columns [`job_row`] reads, in its order.
@@ -511,6 +513,21 @@ impl Store {
         .ctx("register host")?;
         let host = get_host(&conn, id)?.ok_or_else(|| StoreError::Corrupt(format!("host {id} vanished")))?;
         Ok((host, !existed))
+    }
+
+    /// Records the digest of the effective task set the agent of `id` says it applied
+    /// (sent with its heartbeats); false if the host is not registered.
+    pub fn record_tasks_digest(&self, id: &str, digest: &str) -> Result<bool, StoreError> {
+        let changed = self
+            .conn()
+            .prepare_cached(
+                "UPDATE hosts SET tasks_digest = ?2,
+                     tasks_digest_at = CASE WHEN tasks_digest IS ?2 THEN tasks_digest_at ELSE ?3 END
+                 WHERE id = ?1",
+            )
+            .and_then(|mut s| s.execute(params![id, digest, unix_now_ms()]))
+            .ctx("record tasks digest")?;
+        Ok(changed == 1)
     }
 
     /// The host `id`, if registered.

@@ -610,3 +610,138 @@ fn standing_tasks_inherit_with_the_lowest_level_winning_and_conflicts_reported()
     let (status, reply) = call(&url, "GET", "/v1/tasks/nope", None, None);
     assert_error("unknown task", status, &reply, Code::NoSuchTask, Value::Null);
 }
+
+/// The `fired` runs of task `name` from definition `from`, oldest first.
+fn fired_runs(url: &str, name: &str, from: &str) -> Vec<Value> {
+    let page = ok(url, "GET", &format!("/v1/tasks/{name}/runs?limit=500"), None);
+    let mut runs: Vec<Value> = page["runs"]
+        .as_array()
+        .expect("runs")
+        .iter()
+        .filter(|r| r["from"] == from && r["outcome"] == "fired")
+        .cloned()
+        .collect();
+    runs.reverse();
+    runs
+}
+
+/// A schedule with a one-second interval fires on every host that inherits it: each
+/// firing is an ordinary job, listed with the task's name and path, whose hosts are those
+/// below the node minus the one that overrides it (which gets jobs of its own definition);
+/// the agents run them. A dispatcher that was down for several slots fires one job when
+/// it is back, with the missed slots counted, never one per missed slot.
+#[test]
+fn a_schedule_fires_jobs_on_every_inheriting_host_and_an_outage_is_no_burst() {
+    let mut cluster = Cluster::start(&["c1", "c2", "d1", "r1"]);
+    let url = cluster.url("");
+    build_tree(&url);
+    let beat = |attach: Value, cmd: &str| json!({"attach_to": attach, "kind": "schedule", "every": 1, "method": "async.bash", "cmd": cmd, "timeout": 10});
+    ok(&url, "PUT", "/v1/tasks/beat", Some(beat(json!({"node": "ECS/OpenStack"}), "basename $PWD")));
+    ok(&url, "PUT", "/v1/tasks/beat", Some(beat(json!({"host": "d1"}), "echo own-$(basename $PWD)")));
+
+    wait_until(Duration::from_secs(20), "two firings of each definition", || {
+        fired_runs(&url, "beat", "ECS/OpenStack").len() >= 2 && fired_runs(&url, "beat", "host:d1").len() >= 2
+    });
+    let runs = fired_runs(&url, "beat", "ECS/OpenStack");
+    let first = &runs[0];
+    assert_eq!(first["hosts"], 2, "{first}");
+    assert_eq!(first["due_at_ms"].as_i64().expect("due") % 1000, 0, "slots are whole seconds: {first}");
+    let job_id = first["job_id"].as_str().expect("job id").to_string();
+    wait_until(Duration::from_secs(20), "the scheduled job finished", || {
+        ok(&url, "GET", &format!("/v1/jobs/{job_id}"), None)["done"] == true
+    });
+    let job = ok(&url, "GET", &format!("/v1/jobs/{job_id}"), None);
+    assert_eq!(job["task"], json!({"name": "beat", "from": "ECS/OpenStack"}), "{job}");
+    assert_eq!(job["level"], "service", "{job}");
+    assert_eq!(job["target"], json!({"nodes": ["ECS/OpenStack"]}), "{job}");
+    let hosts: Vec<(&str, &str)> = job["hosts"]
+        .as_array()
+        .expect("hosts")
+        .iter()
+        .map(|h| (h["host"].as_str().unwrap_or(""), h["data"].as_str().unwrap_or("")))
+        .collect();
+    // d1 overrides the service's definition; r1 is under another product.
+    assert_eq!(hosts, [("c1", "c1\n"), ("c2", "c2\n")], "{job}");
+    // The host's own definition runs on it alone.
+    let own = fired_runs(&url, "beat", "host:d1");
+    let own_job = own[0]["job_id"].as_str().expect("job id").to_string();
+    wait_until(Duration::from_secs(20), "d1's scheduled job finished", || {
+        ok(&url, "GET", &format!("/v1/jobs/{own_job}"), None)["done"] == true
+    });
+    let own_job = ok(&url, "GET", &format!("/v1/jobs/{own_job}"), None);
+    assert_eq!(own_job["task"], json!({"name": "beat", "from": "host"}), "{own_job}");
+    assert_eq!(own_job["hosts"][0]["host"], "d1", "{own_job}");
+    assert_eq!(own_job["hosts"][0]["data"], "own-d1\n", "{own_job}");
+    // The job list names the task too.
+    let listed = ok(&url, "GET", "/v1/jobs?limit=500", None);
+    assert!(
+        listed["jobs"].as_array().expect("jobs").iter().any(|j| j["id"] == job_id && j["task"]["name"] == "beat"),
+        "{listed}"
+    );
+
+    // Down for about eight slots: when it is back, one firing covers them all.
+    ok(&url, "DELETE", "/v1/tasks/beat?host=d1", None);
+    cluster.crash_dispatcher();
+    let down_at = polaris_ops_wire::wire::unix_now_ms();
+    std::thread::sleep(Duration::from_secs(8));
+    cluster.restart_dispatcher();
+    let url = cluster.url("");
+    wait_until(Duration::from_secs(20), "a firing after the restart", || {
+        fired_runs(&url, "beat", "ECS/OpenStack").iter().any(|r| r["fired_at_ms"].as_i64() > Some(down_at))
+    });
+    let after: Vec<Value> = fired_runs(&url, "beat", "ECS/OpenStack")
+        .into_iter()
+        .filter(|r| r["fired_at_ms"].as_i64() > Some(down_at))
+        .collect();
+    let back = &after[0];
+    assert!(back["missed"].as_u64() >= Some(5), "the outage's slots are counted as missed: {back}");
+    // No burst: firings after the restart are one per slot, each for a distinct slot, and
+    // none is for a slot from the outage other than the latest.
+    let restarted_at = back["fired_at_ms"].as_i64().expect("fired");
+    for pair in after.windows(2) {
+        assert!(pair[1]["due_at_ms"].as_i64() > pair[0]["due_at_ms"].as_i64(), "{after:?}");
+    }
+    let during_outage = after.iter().filter(|r| r["due_at_ms"].as_i64() < Some(restarted_at - 1000)).count();
+    assert!(during_outage <= 1, "missed slots were fired one by one: {after:?}");
+}
+
+/// An agent fetches the signed set of its host's effective tasks and follows changes
+/// without a restart: its heartbeat reports the digest of the set it holds, and
+/// `GET /v1/hosts/{id}` says whether that is the set the tree gives it now.
+#[test]
+fn an_agent_picks_up_a_changed_task_without_restarting() {
+    let cluster = Cluster::start(&["c1", "c2", "d1", "r1"]);
+    let url = cluster.url("");
+    build_tree(&url);
+    let integrity = |paths: Value| json!({"attach_to": {"node": "ECS/OpenStack/Console"}, "kind": "integrity", "spec": {"paths": paths}});
+    ok(&url, "PUT", "/v1/tasks/etc", Some(integrity(json!(["/etc"]))));
+    let signed = |host: &str| request_text("GET", &format!("{url}/v1/hosts/{host}/tasks/signed"), None, None);
+    let (status, message) = signed("c1");
+    assert_eq!(status, 200, "{message}");
+    assert!(message.starts_with("polaris-v1 "), "{message}");
+    let payload: Value = serde_json::from_str(message.split_once('\n').expect("signed message").1).expect("json");
+    assert_eq!(payload["host"], "c1");
+    assert_eq!(payload["tasks"][0]["name"], "etc");
+    let first = payload["digest"].as_str().expect("digest").to_string();
+    let applied = |host: &str| ok(&url, "GET", &format!("/v1/hosts/{host}"), None)["tasks_applied"].clone();
+    wait_until(Duration::from_secs(30), "c1's agent holds the set", || {
+        let a = applied("c1");
+        a["digest"] == first.as_str() && a["current"] == true
+    });
+
+    // A change reaches the agent without a restart.
+    ok(&url, "PUT", "/v1/tasks/etc", Some(integrity(json!(["/etc", "/usr/bin"]))));
+    assert_eq!(applied("c1")["current"], false, "the change is not applied yet");
+    wait_until(Duration::from_secs(30), "c1's agent follows the change", || applied("c1")["current"] == true);
+    let second = applied("c1")["digest"].as_str().expect("digest").to_string();
+    assert_ne!(first, second);
+    // r1 is elsewhere in the tree: its set is empty, and it holds that.
+    wait_until(Duration::from_secs(30), "r1's agent holds its (empty) set", || applied("r1")["current"] == true);
+
+    // An unchanged set costs a 304.
+    let response = ureq::get(&format!("{url}/v1/hosts/c1/tasks/signed"))
+        .set("If-None-Match", &format!("\"{second}\""))
+        .call()
+        .expect("304");
+    assert_eq!(response.status(), 304);
+}

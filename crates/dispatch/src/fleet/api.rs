@@ -581,3 +581,45 @@ pub(crate) async fn host_tasks(
     let effective = blocking(move || Ok(tasks::effective(&d.store, &id)?)).await?;
     Ok(Json(effective).into_response())
 }
+
+/// `GET /v1/hosts/{id}/tasks/signed`: the host's effective tasks as its agent fetches
+/// them: a signed message (`polaris-v1 <mac>\n<payload>`, as envelopes are) whose payload
+/// names the host, the time it was issued and its digest, with the digest as `ETag`. An
+/// `If-None-Match` with the current digest answers 304 and no body, so agents can poll
+/// every few seconds for almost nothing.
+pub(crate) async fn signed_host_tasks(
+    State(dispatcher): State<AppState>,
+    headers: HeaderMap,
+    IdParam(id): IdParam,
+) -> Result<Response, ApiError> {
+    authenticate(&dispatcher, &headers)?;
+    host_id(&id)?;
+    let d = dispatcher.clone();
+    let host = id.clone();
+    let effective = blocking(move || Ok(tasks::effective(&d.store, &host)?)).await?;
+    let digest = tasks::digest(&effective);
+    let etag = format!("\"{digest}\"");
+    let unchanged = headers
+        .get(axum::http::header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|tag| tag.trim() == etag));
+    if unchanged {
+        return Ok((StatusCode::NOT_MODIFIED, [(axum::http::header::ETAG, etag)]).into_response());
+    }
+    let set = tasks::SignedSet {
+        v: 1,
+        host: &id,
+        issued_at: polaris_ops_wire::wire::unix_now(),
+        digest: &digest,
+        effective: &effective,
+    };
+    let payload = serde_json::to_vec(&set)
+        .map_err(|e| ApiError::general(Code::StorageError, format!("cannot encode the task set: {e}")))?;
+    let body = polaris_ops_wire::wire::sign(&dispatcher.secret, &payload);
+    Ok((
+        StatusCode::OK,
+        [(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8".to_string()), (axum::http::header::ETAG, etag)],
+        body,
+    )
+        .into_response())
+}

@@ -199,7 +199,8 @@ fn scheduled(conn: &Connection) -> Result<Vec<Scheduled>, StoreError> {
         rows.collect::<rusqlite::Result<_>>().ctx("list schedules")?
     };
     let all = tasks::list(conn)?;
-    let nodes: std::collections::HashMap<i64, String> = tree::nodes(conn)?.into_iter().map(|n| (n.id, n.path)).collect();
+    let nodes: std::collections::HashMap<i64, String> =
+        tree::nodes(conn)?.into_iter().map(|n| (n.id, n.path)).collect();
     let mut out = Vec::new();
     for (name, node_id, host, next_due_at) in ids {
         let at = match (node_id.and_then(|id| nodes.get(&id)), host) {

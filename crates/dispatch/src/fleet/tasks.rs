@@ -258,10 +258,7 @@ pub fn parse_spec(map: &Map<String, Value>) -> Result<(String, Map<String, Value
                     spec.insert("missed".into(), json!(policy));
                 }
                 Some(other) => {
-                    return Err(invalid(
-                        "missed",
-                        format!("missed must be \"run_once\" or \"skip\", got {other}"),
-                    ))
+                    return Err(invalid("missed", format!("missed must be \"run_once\" or \"skip\", got {other}")))
                 }
             }
         }
@@ -573,6 +570,33 @@ pub fn inherited(conn: &Connection, host: &str) -> Result<Vec<Inherited>, StoreE
         out.push(Inherited { task, level });
     }
     Ok(out)
+}
+
+/// The SHA-256 (hex) of an effective task set as JSON: what an agent reports it applied,
+/// and the `ETag` of the signed set.
+pub fn digest(effective: &EffectiveTasks) -> String {
+    use sha2::Digest as _;
+    // Serialising a struct of strings, vectors and JSON maps cannot fail.
+    let text = serde_json::to_vec(effective).unwrap_or_default();
+    hex::encode(sha2::Sha256::digest(&text))
+}
+
+/// The signed task set an agent fetches: `host`, when it was issued, the digest and the
+/// set itself, as a JSON payload the agent verifies before it uses any of it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SignedSet<'a> {
+    /// Format version.
+    pub v: u32,
+    /// The host it is for.
+    pub host: &'a str,
+    /// Unix seconds when the dispatcher issued it (agents refuse sets older than one they
+    /// hold, and sets issued too far from their clock).
+    pub issued_at: u64,
+    /// [`digest`] of the set.
+    pub digest: &'a str,
+    /// The set.
+    #[serde(flatten)]
+    pub effective: &'a EffectiveTasks,
 }
 
 /// The effective tasks of `host`.

@@ -717,12 +717,26 @@ pub struct HostView {
     pub nodes: BTreeSet<String>,
     /// Its labels.
     pub labels: BTreeMap<String, String>,
+    /// The effective task set its agent last said it applied.
+    pub tasks_applied: Option<AppliedTasks>,
+}
+
+/// What an agent reported of its standing tasks.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AppliedTasks {
+    /// The digest of the signed set it runs (see `GET /v1/hosts/{id}/tasks/signed`).
+    pub digest: String,
+    /// Unix milliseconds when it first reported this digest.
+    pub since_ms: Option<i64>,
+    /// Whether that is the set the tree gives it now (only in `GET /v1/hosts/{id}`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub current: Option<bool>,
 }
 
 fn host_views(conn: &Connection, only: Option<&str>) -> Result<Vec<HostView>, StoreError> {
     let mut stmt = conn
         .prepare_cached(
-            "SELECT id, hostname, registered_at, last_seen, facts, facts_at FROM hosts
+            "SELECT id, hostname, registered_at, last_seen, facts, facts_at, tasks_digest, tasks_digest_at FROM hosts
              WHERE ?1 IS NULL OR id = ?1 ORDER BY id",
         )
         .ctx("list hosts")?;
@@ -735,6 +749,8 @@ fn host_views(conn: &Connection, only: Option<&str>) -> Result<Vec<HostView>, St
                 row.get::<_, i64>(3)?,
                 row.get::<_, Option<String>>(4)?,
                 row.get::<_, Option<i64>>(5)?,
+                row.get::<_, Option<String>>(6)?,
+                row.get::<_, Option<i64>>(7)?,
             ))
         })
         .ctx("list hosts")?;
@@ -744,13 +760,25 @@ fn host_views(conn: &Connection, only: Option<&str>) -> Result<Vec<HostView>, St
     };
     let mut out = Vec::new();
     for row in rows {
-        let (id, hostname, registered_at_ms, last_seen_ms, facts, facts_at_ms) = row.ctx("list hosts")?;
+        let (id, hostname, registered_at_ms, last_seen_ms, facts, facts_at_ms, digest, since_ms) =
+            row.ctx("list hosts")?;
+        let tasks_applied = digest.map(|digest| AppliedTasks { digest, since_ms, current: None });
         let facts = facts
             .map(|text| serde_json::from_str(&text))
             .transpose()
             .map_err(|e| StoreError::Corrupt(format!("hosts {id}: facts: {e}")))?;
         let Placement { nodes, labels } = all.remove(&id).unwrap_or_default();
-        out.push(HostView { id, hostname, registered_at_ms, last_seen_ms, facts, facts_at_ms, nodes, labels });
+        out.push(HostView {
+            id,
+            hostname,
+            registered_at_ms,
+            last_seen_ms,
+            facts,
+            facts_at_ms,
+            nodes,
+            labels,
+            tasks_applied,
+        });
     }
     Ok(out)
 }
