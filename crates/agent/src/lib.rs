@@ -483,6 +483,7 @@ impl Agent {
             encoding: None,
             truncated: false,
             output_bytes: 0,
+            attempt: None,
         };
         let outcome = match outcome {
             Ok(outcome) => outcome,
@@ -550,6 +551,7 @@ pub(crate) fn failure(job_id: &str, host: &str, code: Code, message: String) -> 
         encoding: None,
         truncated: false,
         output_bytes: 0,
+        attempt: None,
     }
 }
 
@@ -582,6 +584,7 @@ fn query_result(envelope: &JobEnvelope) -> HostResult {
         encoding: None,
         truncated: false,
         output_bytes,
+        attempt: None,
     }
 }
 
@@ -686,6 +689,9 @@ mod tests {
             issued_at: 0,
             expires_at: 0,
             kill_grace_ms: None,
+            attempt: None,
+            memory_max: None,
+            cpu_max_milli: None,
         };
         let own = Duration::from_secs(5);
         assert_eq!(kill_grace(own, &envelope), own);

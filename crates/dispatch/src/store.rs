@@ -1281,6 +1281,7 @@ mod tests {
             encoding: None,
             truncated: false,
             output_bytes: 1,
+            attempt: None,
         };
         let expired = Outcome::failed(Code::HostNoAnswer, "late");
         assert!(store.finish("j", "a", HostState::Pending, HostState::Expired, &expired).expect("expire"));
@@ -1307,6 +1308,7 @@ mod tests {
             encoding: Some(Encoding::Base64),
             truncated: false,
             output_bytes: 3,
+            attempt: None,
         };
         assert_eq!(store.record_result(&result).expect("record"), RecordOutcome::Recorded);
         let (_, hosts) = store.job("j").expect("read").expect("exists");

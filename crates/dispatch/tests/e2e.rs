@@ -330,6 +330,9 @@ fn forged_or_expired_envelopes_are_buried_not_run() {
         issued_at: wire::unix_now(),
         expires_at,
         kill_grace_ms: None,
+        attempt: None,
+        memory_max: None,
+        cpu_max_milli: None,
     };
     let forged_secret = Secret::new(b"not-the-real-secret-at-all".to_vec()).expect("secret");
     let forged =
@@ -528,6 +531,7 @@ fn result_put_recovers_from_job_too_big() {
         encoding: None,
         truncated: false,
         output_bytes: 60_000,
+        attempt: None,
     };
     // usize::MAX: the agent has not learnt the real limit, so the first put is refused.
     polaris_agent::put_result(&mut conn, &test_secret(), "results.small", result, usize::MAX)
@@ -559,6 +563,9 @@ fn long_command_is_touched_past_its_ttr() {
         issued_at: wire::unix_now(),
         expires_at: wire::unix_now() + 60,
         kill_grace_ms: None,
+        attempt: None,
+        memory_max: None,
+        cpu_max_milli: None,
     };
     let body = wire::sign(&test_secret(), &serde_json::to_vec(&envelope).expect("json"));
     queue.use_tube("host.alpha").expect("use");
@@ -1208,6 +1215,9 @@ fn replayed_envelope_runs_once_even_across_agent_restart() {
         issued_at: wire::unix_now(),
         expires_at: wire::unix_now() + 60,
         kill_grace_ms: None,
+        attempt: None,
+        memory_max: None,
+        cpu_max_milli: None,
     };
     let signed = wire::sign(&test_secret(), &serde_json::to_vec(&envelope).expect("json"));
     let mut replies = queue_client(&cluster.queue);

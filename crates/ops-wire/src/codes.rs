@@ -61,6 +61,11 @@ codes! {
     /// The agent stopped or died while the command ran; its process group was killed (at
     /// once, or by the next agent to start) and the job is not run again.
     AgentRestarted = 0x0103, Execution, "agent_restarted", 200;
+    /// The job was cancelled (`DELETE /v1/jobs/{id}`) while the command ran: everything it
+    /// started was killed; `data` holds its output so far.
+    Cancelled = 0x0104, Execution, "cancelled", 200;
+    /// The command went past its `memory_max` and was killed by the kernel.
+    MemoryLimit = 0x0105, Execution, "memory_limit", 200;
 
     /// The host is not registered with the dispatcher.
     NoSuchHost = 0x0201, Dispatch, "no_such_host", 404;
@@ -80,6 +85,9 @@ codes! {
     NoSuchNode = 0x0208, Dispatch, "no_such_node", 404;
     /// No standing task has this name (at this attach point).
     NoSuchTask = 0x0209, Dispatch, "no_such_task", 404;
+    /// Never started: an earlier batch crossed the job's failure threshold, or the job
+    /// was cancelled before its turn came.
+    Skipped = 0x020A, Dispatch, "skipped", 200;
 
     /// The agent could not parse the job envelope.
     MalformedEnvelope = 0x0301, Host, "malformed_envelope", 200;

@@ -28,6 +28,12 @@ pub fn host_tube(host_id: &str) -> String {
     format!("host.{host_id}")
 }
 
+/// The tube of signed [`ControlMessage`]s for `host_id`'s agent, which it watches on a
+/// connection of its own, so it hears a cancel while it runs a command.
+pub fn control_tube(host_id: &str) -> String {
+    format!("control.{host_id}")
+}
+
 /// Seconds since the Unix epoch, now.
 pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
@@ -228,6 +234,52 @@ pub struct JobEnvelope {
     /// Absent (an older dispatcher): the agent's own setting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kill_grace_ms: Option<u64>,
+    /// Which attempt this is, from 1, when the job retries failed hosts; absent means 1.
+    /// A retry is a new envelope with the next attempt: the agent's ledger keys runs by
+    /// job, host and attempt, so a retry runs and a copy of one attempt never does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// Most memory the command and everything it starts may use, in bytes (a cgroup's
+    /// memory limit); the agent refuses a limit above its own ceiling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_max: Option<u64>,
+    /// Most CPU time the command may use, in thousandths of a CPU (500: half a CPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_max_milli: Option<u32>,
+}
+
+impl JobEnvelope {
+    /// The attempt, from 1.
+    pub fn attempt(&self) -> u32 {
+        self.attempt.unwrap_or(1)
+    }
+}
+
+/// What a [`ControlMessage`] asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ControlKind {
+    /// Stop the job's command if it runs (its whole containment unit is killed and the
+    /// result says `cancelled` with the output so far), and never start it if it has not.
+    Cancel,
+}
+
+/// A signed order to an agent about a job, put on [`control_tube`] by the dispatcher.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlMessage {
+    /// Format version (1).
+    pub v: u32,
+    /// What to do.
+    pub kind: ControlKind,
+    /// The dispatch job id.
+    pub job_id: String,
+    /// The host it is for; an agent ignores messages for other hosts.
+    pub host: String,
+    /// The attempt it is about; absent means every attempt of the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// Unix seconds when the dispatcher issued it.
+    pub issued_at: u64,
 }
 
 /// `success` or `failed`, as in the REST reply.
@@ -276,6 +328,10 @@ pub struct HostResult {
     pub truncated: bool,
     /// How many bytes the command printed in all.
     pub output_bytes: u64,
+    /// The envelope's attempt, echoed (absent for attempt 1 and from older agents), so a
+    /// late answer to an attempt that was retried is not taken for the retry's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
 }
 
 /// How a result's `data` holds output that is not UTF-8 text.
@@ -425,6 +481,7 @@ mod tests {
             encoding: None,
             truncated: false,
             output_bytes: 1,
+            attempt: None,
         };
         let json = serde_json::to_value(&result).expect("json");
         assert!(json.get("encoding").is_none(), "{json}");
