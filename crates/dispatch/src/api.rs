@@ -45,6 +45,7 @@ pub fn router(dispatcher: AppState) -> Router {
     Router::new()
         .route("/v1/jobs", post(post_job).get(list_jobs))
         .route("/v1/jobs/:id", get(get_job).delete(revoke_job))
+        .route("/v1/jobs/:id/hosts/:host", axum::routing::delete(cancel_host))
         .route("/v1/hosts", post(register_host).get(list_hosts))
         .route(
             "/v1/hosts/:id",
@@ -258,11 +259,16 @@ async fn post_job(
         level: Level::Host.as_str().to_string(),
         priority: request.priority.unwrap_or_else(|| fleet::target::queue_priority(Level::Host, method.is_sync())),
         task: None,
+        policy: request.policy,
     };
     // Register interest before the job exists so that no wake-up can be missed.
     let notify = dispatcher.waiters.register(&job_id);
     let _guard = WaiterGuard { dispatcher: &dispatcher, job_id: &job_id };
-    let start_by_ms = unix_now_ms().saturating_add(i64::from(new_job.timeout_secs) * 1000);
+    // How long a host may wait to start: `ttl`, or the timeout; counted from the start time.
+    let window_secs = new_job.policy.ttl_secs.unwrap_or(new_job.timeout_secs);
+    let retry = new_job.policy.retry.clone();
+    let start_by_ms =
+        new_job.policy.start_at_ms.unwrap_or_else(unix_now_ms).saturating_add(i64::from(window_secs) * 1000);
     let created = {
         let dispatcher = dispatcher.clone();
         let (target, priority, id) = (request.target, request.priority, job_id.clone());
@@ -294,8 +300,14 @@ async fn post_job(
     }
 
     // The agent may take the kill grace past the timeout to kill a command that ignores
-    // SIGTERM; its result then still needs a moment to arrive (the sync grace).
-    let deadline = tokio::time::Instant::now() + timeout + dispatcher.kill_grace + dispatcher.sync_grace;
+    // SIGTERM; its result then still needs a moment to arrive (the sync grace). Each retry
+    // adds its delay, its start window and the same again.
+    let one_attempt = timeout + dispatcher.kill_grace + dispatcher.sync_grace;
+    let retries = retry.as_ref().map_or(Duration::ZERO, |r| {
+        let each = Duration::from_secs(u64::from(r.delay_secs) + u64::from(window_secs)) + one_attempt;
+        each * r.max
+    });
+    let deadline = tokio::time::Instant::now() + one_attempt + retries;
     loop {
         let notified = notify.notified();
         tokio::pin!(notified);
@@ -388,6 +400,27 @@ struct HostStatus<'a> {
     data_base64: Option<&'a str>,
     truncated: Option<bool>,
     updated_at_ms: i64,
+    /// The attempt it is at, from 1.
+    attempt: u32,
+    /// Whether it was tried more than once.
+    retried: bool,
+    /// Its batch, from 1, in a batched job.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    batch: Option<u32>,
+    /// Every finished attempt, in a job that retries (the last is its result).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attempts: Option<&'a [crate::store::Attempt]>,
+}
+
+/// Which batch of a batched job runs.
+#[derive(Serialize)]
+struct BatchStatus {
+    /// The batch running, from 1 (0 before the first starts).
+    current: u32,
+    /// How many batches there are.
+    count: u32,
+    /// Hosts per batch.
+    size: u32,
 }
 
 #[derive(Serialize)]
@@ -408,11 +441,42 @@ struct JobStatus<'a> {
     /// The standing task it was fired for, when the scheduler made it.
     #[serde(skip_serializing_if = "Option::is_none")]
     task: Option<&'a crate::store::TaskOrigin>,
+    /// `scheduled` (before its start time), `running`, `done` or `cancelled`.
+    state: &'static str,
+    /// How it runs, when the request asked for more than the defaults.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    policy: Option<&'a crate::policy::Policy>,
+    /// Hosts by state.
+    summary: std::collections::BTreeMap<&'static str, u64>,
+    /// The batch running, in a batched job.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    batch: Option<BatchStatus>,
+    /// Why no further host starts, once its failure threshold was crossed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    halted: Option<&'a str>,
     done: bool,
     hosts: Vec<HostStatus<'a>>,
 }
 
-fn host_status(h: &HostJobRecord, state: HostState) -> HostStatus<'_> {
+/// A job's state for people: `cancelled`, `done`, `scheduled` before its start time,
+/// else `running`.
+fn job_state(job: &crate::store::JobRecord, done: bool) -> &'static str {
+    if job.cancelled_at_ms.is_some() {
+        "cancelled"
+    } else if done {
+        "done"
+    } else if job.not_before_ms.is_some_and(|t| t > unix_now_ms()) {
+        "scheduled"
+    } else {
+        "running"
+    }
+}
+
+fn host_status<'a>(
+    h: &'a HostJobRecord,
+    state: HostState,
+    attempts: Option<&'a [crate::store::Attempt]>,
+) -> HostStatus<'a> {
     let outcome = h.outcome.as_ref();
     let (data, encoding, data_base64) = match outcome {
         Some(o) => {
@@ -432,6 +496,10 @@ fn host_status(h: &HostJobRecord, state: HostState) -> HostStatus<'_> {
         data_base64,
         truncated: outcome.map(|o| o.truncated),
         updated_at_ms: h.updated_at_ms,
+        attempt: h.attempt,
+        retried: h.attempt > 1,
+        batch: h.batch.map(|b| b + 1),
+        attempts,
     }
 }
 
@@ -469,10 +537,28 @@ async fn get_job(
                 (state, _) => state,
             })
             .collect();
-        Ok(Some((job, hosts, states)))
+        let attempts = if job.policy.retry.is_some() { d.store.attempts_of_job(&job.id)? } else { Default::default() };
+        Ok(Some((job, hosts, states, attempts)))
     })
     .await?;
-    let (job, hosts, states) = found.ok_or_else(|| ApiError::general(Code::NoSuchJob, "no job with this id"))?;
+    let (job, hosts, states, attempts) =
+        found.ok_or_else(|| ApiError::general(Code::NoSuchJob, "no job with this id"))?;
+    // A final answer of a job that retries is not the end until the rollout has decided
+    // against another attempt.
+    let done = hosts.iter().all(|h| h.state.is_final() && h.settled);
+    let mut summary = std::collections::BTreeMap::new();
+    for state in &states {
+        *summary.entry(state.as_str()).or_insert(0u64) += 1;
+    }
+    let batch = job.policy.batch.as_ref().map(|b| {
+        let size = b.size_for(hosts.len()) as u32;
+        BatchStatus {
+            current: job.current_batch.map_or(0, |c| c + 1),
+            count: (hosts.len() as u32).div_ceil(size.max(1)),
+            size,
+        }
+    });
+    let no_attempts: &[crate::store::Attempt] = &[];
     let status = JobStatus {
         id: &job.id,
         method: job.method.as_str(),
@@ -484,8 +570,21 @@ async fn get_job(
         priority: job.priority.unwrap_or_else(|| fleet::target::queue_priority(Level::Host, job.method.is_sync())),
         target: job.target.as_deref().and_then(|t| serde_json::from_str(t).ok()),
         task: job.task.as_ref(),
-        done: hosts.iter().all(|h| h.state.is_final()),
-        hosts: hosts.iter().zip(states).map(|(h, s)| host_status(h, s)).collect(),
+        state: job_state(&job, done),
+        policy: (!job.policy.is_default()).then_some(&job.policy),
+        summary,
+        batch,
+        halted: job.halted.as_deref(),
+        done,
+        hosts: hosts
+            .iter()
+            .zip(states)
+            .map(|(h, s)| {
+                let tried =
+                    job.policy.retry.is_some().then(|| attempts.get(&h.host).map_or(no_attempts, Vec::as_slice));
+                host_status(h, s, tried)
+            })
+            .collect(),
     };
     Ok(Json(status).into_response())
 }
@@ -523,6 +622,10 @@ async fn list_jobs(
         .into_iter()
         .map(|s| {
             let hosts: u64 = s.state_counts.iter().map(|(_, n)| n).sum();
+            let open = s
+                .state_counts
+                .iter()
+                .any(|(state, n)| *n > 0 && matches!(state.as_str(), "pending" | "ready" | "reserved" | "waiting"));
             let states: serde_json::Map<String, Value> =
                 s.state_counts.into_iter().map(|(state, n)| (state, json!(n))).collect();
             let mut entry = json!({
@@ -534,6 +637,7 @@ async fn list_jobs(
                 "cancelled_at_ms": s.job.cancelled_at_ms,
                 "hosts": hosts,
                 "states": states,
+                "state": job_state(&s.job, !open),
             });
             if let Some(task) = &s.job.task {
                 entry["task"] = json!(task);
@@ -590,6 +694,8 @@ async fn revoke_job(
             break; // the queue is down: the rest stay `ready` (and expire at their deadline)
         }
     }
+    // Hosts an agent runs are told to stop by the enqueuer (see worker::send_cancels).
+    dispatcher.wake_enqueuer();
     let d = dispatcher.clone();
     blocking(move || {
         // Host jobs a restarted queue made `pending` again meanwhile are revoked too.
@@ -598,6 +704,44 @@ async fn revoke_job(
         let (_, hosts) = d.store.job(&id)?.ok_or_else(|| ApiError::general(Code::NoSuchJob, "no job with this id"))?;
         let entries: Vec<Value> = hosts.iter().map(|h| json!({ "host": h.host, "state": h.state.as_str() })).collect();
         Ok(Json(json!({ "id": id, "hosts": entries })))
+    })
+    .await
+}
+
+/// `DELETE /v1/jobs/{id}/hosts/{host}`: cancels one host of a job: revoked if it has not
+/// started (and never retried), taken back off the queue if its envelope waits there, and
+/// its agent told to stop if it runs the command.
+async fn cancel_host(
+    State(dispatcher): State<AppState>,
+    headers: HeaderMap,
+    Path((id, host)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    authenticate(&dispatcher, &headers)?;
+    let (d, job_id, h) = (dispatcher.clone(), id.clone(), host.clone());
+    let queued = blocking(move || {
+        if d.store.job(&job_id)?.is_none() {
+            return Err(ApiError::general(Code::NoSuchJob, "no job with this id"));
+        }
+        match d.store.cancel_host(&job_id, &h, &revoked_outcome())? {
+            None => Err(ApiError::field(Code::NoSuchHost, "host", format!("job {job_id} has no host {h}"))),
+            Some(HostState::Ready) => {
+                Ok(d.store.ready_of_job(&job_id)?.into_iter().filter(|(host, _)| *host == h).collect::<Vec<_>>())
+            }
+            Some(_) => Ok(Vec::new()),
+        }
+    })
+    .await?;
+    if !queued.is_empty() {
+        let (d, job_id) = (dispatcher.clone(), id.clone());
+        blocking(move || revoke_queued(&d, &job_id, &queued)).await?;
+    }
+    dispatcher.wake_enqueuer();
+    dispatcher.waiters.notify(&id);
+    let d = dispatcher.clone();
+    blocking(move || {
+        let (_, hosts) = d.store.job(&id)?.ok_or_else(|| ApiError::general(Code::NoSuchJob, "no job with this id"))?;
+        let state = hosts.iter().find(|h| h.host == host).map_or("unknown", |h| h.state.as_str());
+        Ok(Json(json!({ "id": id, "host": host, "state": state })))
     })
     .await
 }

@@ -14,6 +14,9 @@
 //!   [`run`], which starts the threads and serves the API.
 //! - [`api`]: the REST API (axum): `/v1/jobs` and `/v1/hosts`.
 //! - [`request`]: validation of request bodies, field by field.
+//! - [`policy`]: a job's execution policy (start time, TTL, retries, batches or a
+//!   concurrency cap with a failure threshold, resource limits), parsed and stored.
+//! - [`rollout`]: which held-back hosts start now and what a finished attempt leads to.
 //! - [`error`]: the API's error reply (HTTP status, JSON body naming code and field).
 //! - [`auth`]: optional bearer tokens with a per-token command allow-list.
 //! - [`fleet`]: the product tree (products, services, components) and the hosts placed in
@@ -29,7 +32,9 @@ pub mod api;
 pub mod auth;
 pub mod error;
 pub mod fleet;
+pub mod policy;
 pub mod request;
+pub mod rollout;
 pub mod store;
 mod worker;
 

@@ -45,6 +45,8 @@ pub struct JobRequest {
     /// The queue priority the request asked for (lower runs first); `None` lets the level
     /// the job was targeted at decide.
     pub priority: Option<u32>,
+    /// How it runs: start time, TTL, retries, batches, limits.
+    pub policy: crate::policy::Policy,
 }
 
 /// A validated `POST /v1/hosts` body.
@@ -116,7 +118,11 @@ pub(crate) fn required_string<'a>(map: &'a Map<String, Value>, field: &str) -> R
 /// Validates a `POST /v1/jobs` body.
 pub fn parse_job_request(body: &[u8]) -> Result<JobRequest, ApiError> {
     let map = parse_object(body)?;
-    reject_unknown_fields(&map, &["id", "hosts", "target", "method", "cmd", "timeout", "priority"])?;
+    let known: Vec<&str> = ["id", "hosts", "target", "method", "cmd", "timeout", "priority"]
+        .into_iter()
+        .chain(crate::policy::FIELDS.iter().copied())
+        .collect();
+    reject_unknown_fields(&map, &known)?;
 
     let id = match optional_string(&map, "id")? {
         None => None,
@@ -260,7 +266,8 @@ pub fn parse_job_request(body: &[u8]) -> Result<JobRequest, ApiError> {
         }
     };
 
-    Ok(JobRequest { id, hosts: host_ids, target, method, cmd: cmd.to_string(), timeout_secs, priority })
+    let policy = crate::policy::parse(&map, polaris_ops_wire::wire::unix_now_ms(), method.is_sync())?;
+    Ok(JobRequest { id, hosts: host_ids, target, method, cmd: cmd.to_string(), timeout_secs, priority, policy })
 }
 
 /// Validates a `POST /v1/hosts` body: `{"id": "...", "hostname": "..."?, "facts": {...}?}`.

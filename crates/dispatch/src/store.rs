@@ -148,11 +148,47 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE jobs ADD COLUMN task_from TEXT;
     ALTER TABLE hosts ADD COLUMN tasks_digest TEXT;
     ALTER TABLE hosts ADD COLUMN tasks_digest_at INTEGER;",
+    // 9: execution control. A job's policy (JSON, NULL for none), the time before which
+    // no host starts, the batch running and when it ended, and why no further host starts
+    // (a crossed failure threshold). A host job's own start deadline (NULL: the job's),
+    // its attempt, batch, when a retry may start, whether the rollout has looked at its
+    // final answer (0 only for jobs that retry), when its envelope was put, and when it
+    // alone was cancelled. `waiting` hosts are held back by the policy; `skipped` and
+    // `cancelled` are final. Every finished attempt of a retrying job is kept.
+    "ALTER TABLE jobs ADD COLUMN policy TEXT;
+    ALTER TABLE jobs ADD COLUMN not_before INTEGER;
+    ALTER TABLE jobs ADD COLUMN current_batch INTEGER;
+    ALTER TABLE jobs ADD COLUMN batch_done_at INTEGER;
+    ALTER TABLE jobs ADD COLUMN halted TEXT;
+    ALTER TABLE host_job ADD COLUMN start_by INTEGER;
+    ALTER TABLE host_job ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE host_job ADD COLUMN batch INTEGER;
+    ALTER TABLE host_job ADD COLUMN retry_at INTEGER;
+    ALTER TABLE host_job ADD COLUMN settled INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE host_job ADD COLUMN queued_at INTEGER;
+    ALTER TABLE host_job ADD COLUMN cancelled_at INTEGER;
+    ALTER TABLE host_job ADD COLUMN cancel_sent_at INTEGER;
+    CREATE TABLE host_attempts (
+        job_id      TEXT NOT NULL,
+        host        TEXT NOT NULL,
+        attempt     INTEGER NOT NULL,
+        queued_at   INTEGER,
+        finished_at INTEGER NOT NULL,
+        state       TEXT NOT NULL,
+        resp        TEXT,
+        retcode     INTEGER,
+        message     TEXT,
+        PRIMARY KEY (job_id, host, attempt)
+    );
+    DROP INDEX host_job_open;
+    CREATE INDEX host_job_open ON host_job(state) WHERE state IN ('pending', 'ready', 'reserved', 'waiting');
+    CREATE INDEX host_job_unsettled ON host_job(job_id) WHERE settled = 0;",
 ];
 
 /// The columns [`job_row`] reads, in its order.
 const JOB_COLUMNS: &str =
-    "id, method, cmd, timeout_secs, created_at, start_by, cancelled_at, target, level, priority, task_name, task_from";
+    "id, method, cmd, timeout_secs, created_at, start_by, cancelled_at, target, level, priority, \
+     task_name, task_from, policy, not_before, current_batch, halted";
 
 /// A database failure, with what the dispatcher was doing.
 #[derive(Debug, thiserror::Error)]
@@ -207,6 +243,13 @@ pub enum HostState {
     Revoked,
     /// No answer before the deadline.
     Expired,
+    /// Held back by the job's policy: its start time, its batch, the concurrency cap, or
+    /// the delay before a retry.
+    Waiting,
+    /// Never started: the job's failure threshold was crossed first (`0x020A`).
+    Skipped,
+    /// Cancelled while it ran; the agent killed the command (`0x0104`).
+    Cancelled,
 }
 
 impl HostState {
@@ -220,10 +263,14 @@ impl HostState {
             HostState::Failed => "failed",
             HostState::Revoked => "revoked",
             HostState::Expired => "expired",
+            HostState::Waiting => "waiting",
+            HostState::Skipped => "skipped",
+            HostState::Cancelled => "cancelled",
         }
     }
 
-    fn parse(name: &str) -> Result<HostState, StoreError> {
+    /// Parses a state name as stored.
+    pub(crate) fn parse(name: &str) -> Result<HostState, StoreError> {
         Ok(match name {
             "pending" => HostState::Pending,
             "ready" => HostState::Ready,
@@ -232,6 +279,9 @@ impl HostState {
             "failed" => HostState::Failed,
             "revoked" => HostState::Revoked,
             "expired" => HostState::Expired,
+            "waiting" => HostState::Waiting,
+            "skipped" => HostState::Skipped,
+            "cancelled" => HostState::Cancelled,
             other => return Err(StoreError::Corrupt(format!("unknown host_job state {other:?}"))),
         })
     }
@@ -239,7 +289,15 @@ impl HostState {
     /// Whether the host has its final answer (a late agent result may still replace
     /// `expired`, since it is better information than "no answer").
     pub fn is_final(self) -> bool {
-        matches!(self, HostState::Success | HostState::Failed | HostState::Revoked | HostState::Expired)
+        matches!(
+            self,
+            HostState::Success
+                | HostState::Failed
+                | HostState::Revoked
+                | HostState::Expired
+                | HostState::Skipped
+                | HostState::Cancelled
+        )
     }
 }
 
@@ -283,6 +341,14 @@ pub struct JobRecord {
     pub priority: Option<u32>,
     /// The standing task it was fired for, if the scheduler made it.
     pub task: Option<TaskOrigin>,
+    /// How it runs (start time, retries, batches, limits); default for none.
+    pub policy: crate::policy::Policy,
+    /// Unix milliseconds before which no host starts.
+    pub not_before_ms: Option<i64>,
+    /// The batch running (from 0), for a batched job that started.
+    pub current_batch: Option<u32>,
+    /// Why no further host starts, once the failure threshold was crossed.
+    pub halted: Option<String>,
 }
 
 /// The standing task a scheduled job was fired for.
@@ -307,6 +373,31 @@ pub struct HostJobRecord {
     pub outcome: Option<Outcome>,
     /// Unix milliseconds of the last change.
     pub updated_at_ms: i64,
+    /// Its attempt, from 1.
+    pub attempt: u32,
+    /// Its batch, from 0, in a batched job.
+    pub batch: Option<u32>,
+    /// False while the rollout has yet to decide whether a final answer is retried.
+    pub settled: bool,
+}
+
+/// One finished attempt of a host in a job that retries.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Attempt {
+    /// From 1.
+    pub attempt: u32,
+    /// Unix milliseconds when its envelope was put on the queue (none if it never was).
+    pub queued_at_ms: Option<i64>,
+    /// When it ended.
+    pub finished_at_ms: i64,
+    /// How it ended.
+    pub state: String,
+    /// `success` or `failed`.
+    pub resp: Option<String>,
+    /// Exit status or code.
+    pub retcode: Option<u32>,
+    /// What happened.
+    pub message: Option<String>,
 }
 
 /// Where a host job's envelope was put. A queue job id alone proves nothing: a queue
@@ -376,6 +467,8 @@ pub struct NewJob {
     pub priority: u32,
     /// The standing task it is fired for, if the scheduler makes it.
     pub task: Option<TaskOrigin>,
+    /// How it runs.
+    pub policy: crate::policy::Policy,
 }
 
 /// A host job that the enqueuer must put on the queue.
@@ -385,6 +478,10 @@ pub struct PendingHostJob {
     pub job: JobRecord,
     /// The host.
     pub host: String,
+    /// Unix milliseconds after which no agent may start this host's attempt.
+    pub start_by_ms: i64,
+    /// The attempt, from 1.
+    pub attempt: u32,
 }
 
 /// A host job past one of its deadlines.
@@ -449,8 +546,8 @@ impl std::fmt::Debug for Store {
     }
 }
 
-const HOST_JOB_COLUMNS: &str =
-    "host, state, queue_job_id, resp, retcode, message, data, truncated, updated_at, encoding, queue_instance, envelope_mac";
+const HOST_JOB_COLUMNS: &str = "host, state, queue_job_id, resp, retcode, message, data, truncated, updated_at, \
+     encoding, queue_instance, envelope_mac, attempt, batch, settled";
 
 impl Store {
     /// Opens (creating if needed) `dir/dispatch.db` and brings its schema up to date.
@@ -592,7 +689,8 @@ impl Store {
         let open: i64 = self
             .conn()
             .prepare_cached(
-                "SELECT COUNT(*) FROM host_job WHERE job_id = ?1 AND state IN ('pending', 'ready', 'reserved')",
+                "SELECT COUNT(*) FROM host_job
+                 WHERE job_id = ?1 AND (state IN ('pending', 'ready', 'reserved', 'waiting') OR settled = 0)",
             )
             .and_then(|mut s| s.query_row([id], |row| row.get(0)))
             .ctx("count open host jobs")?;
@@ -638,21 +736,24 @@ impl Store {
         let mut stmt = conn
             .prepare_cached(
                 "SELECT j.id, j.method, j.cmd, j.timeout_secs, j.created_at, j.start_by, j.cancelled_at,
-                        j.target, j.level, j.priority, j.task_name, j.task_from, h.host
+                        j.target, j.level, j.priority, j.task_name, j.task_from, j.policy, j.not_before,
+                        j.current_batch, j.halted, h.host, COALESCE(h.start_by, j.start_by), h.attempt
                  FROM host_job h JOIN jobs j ON j.id = h.job_id
-                 WHERE h.state = 'pending' AND j.start_by > ?1 AND j.cancelled_at IS NULL
+                 WHERE h.state = 'pending' AND COALESCE(h.start_by, j.start_by) > ?1 AND j.cancelled_at IS NULL
                  ORDER BY j.seq, h.position
                  LIMIT ?2",
             )
             .ctx("list pending host jobs")?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = stmt
-            .query_map(params![now_ms, limit], |row| Ok((job_row(row)?, row.get::<_, String>(12)?)))
+            .query_map(params![now_ms, limit], |row| {
+                Ok((job_row(row)?, row.get::<_, String>(16)?, row.get::<_, i64>(17)?, row.get::<_, u32>(18)?))
+            })
             .ctx("list pending host jobs")?;
         let mut out = Vec::new();
         for row in rows {
-            let (job, host) = row.ctx("list pending host jobs")?;
-            out.push(PendingHostJob { job: job?, host });
+            let (job, host, start_by_ms, attempt) = row.ctx("list pending host jobs")?;
+            out.push(PendingHostJob { job: job?, host, start_by_ms, attempt });
         }
         Ok(out)
     }
@@ -741,7 +842,8 @@ impl Store {
     }
 
     /// Cancels job `id` in one transaction: marks it cancelled, so the enqueuer puts none of
-    /// its envelopes any more, and gives every `pending` host job `revoked`. Host jobs already
+    /// its envelopes any more and no batch or retry starts, and gives every `pending` or
+    /// `waiting` host job `revoked`. Host jobs already
     /// on the queue are left to the caller. Returns false if there is no such job.
     pub fn cancel_job(&self, id: &str, revoked: &Outcome) -> Result<bool, StoreError> {
         let now = unix_now_ms();
@@ -757,7 +859,7 @@ impl Store {
         tx.prepare_cached(
             "UPDATE host_job SET state = 'revoked', resp = ?2, retcode = ?3, message = ?4, data = ?5,
                     truncated = ?6, encoding = NULL, updated_at = ?7, finished_at = ?7
-             WHERE job_id = ?1 AND state = 'pending'",
+             WHERE job_id = ?1 AND state IN ('pending', 'waiting')",
         )
         .and_then(|mut s| {
             s.execute(params![
@@ -773,6 +875,96 @@ impl Store {
         .ctx("revoke pending host jobs")?;
         tx.commit().ctx("commit cancel job")?;
         Ok(true)
+    }
+
+    /// Cancels one host of job `id`: marks it cancelled (no retry, no later batch starts
+    /// it), and revokes it if it has not been queued yet. Answers its state afterwards, or
+    /// `None` if the job has no such host.
+    pub fn cancel_host(&self, id: &str, host: &str, revoked: &Outcome) -> Result<Option<HostState>, StoreError> {
+        let now = unix_now_ms();
+        let mut conn = self.conn();
+        let tx = conn.transaction().ctx("begin cancel host")?;
+        let found = tx
+            .prepare_cached(
+                "UPDATE host_job SET cancelled_at = COALESCE(cancelled_at, ?3) WHERE job_id = ?1 AND host = ?2",
+            )
+            .and_then(|mut s| s.execute(params![id, host, now]))
+            .ctx("cancel host job")?;
+        if found == 0 {
+            return Ok(None);
+        }
+        tx.prepare_cached(
+            "UPDATE host_job SET state = 'revoked', resp = ?3, retcode = ?4, message = ?5, data = '',
+                    truncated = 0, encoding = NULL, updated_at = ?6, finished_at = ?6
+             WHERE job_id = ?1 AND host = ?2 AND state IN ('pending', 'waiting')",
+        )
+        .and_then(|mut s| s.execute(params![id, host, revoked.resp.as_str(), revoked.retcode, revoked.message, now]))
+        .ctx("revoke host job")?;
+        let state: String = tx
+            .prepare_cached("SELECT state FROM host_job WHERE job_id = ?1 AND host = ?2")
+            .and_then(|mut s| s.query_row(params![id, host], |r| r.get(0)))
+            .ctx("read host job state")?;
+        tx.commit().ctx("commit cancel host")?;
+        Ok(Some(HostState::parse(&state)?))
+    }
+
+    /// Hosts an agent is running for a job (or a host) that was cancelled, whose agent has
+    /// not been told yet: `(job id, host, attempt)`.
+    pub fn cancels_to_send(&self) -> Result<Vec<(String, String, u32)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT h.job_id, h.host, h.attempt FROM host_job h JOIN jobs j ON j.id = h.job_id
+                 WHERE h.state = 'reserved' AND h.cancel_sent_at IS NULL
+                   AND (j.cancelled_at IS NOT NULL OR h.cancelled_at IS NOT NULL)
+                 ORDER BY j.seq, h.position LIMIT 500",
+            )
+            .ctx("list cancels to send")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).ctx("list cancels to send")?;
+        rows.collect::<rusqlite::Result<_>>().ctx("list cancels to send")
+    }
+
+    /// Records that the agent of `host` was told to cancel `attempt` of job `job_id`.
+    pub fn mark_cancel_sent(&self, job_id: &str, host: &str, attempt: u32) -> Result<(), StoreError> {
+        self.conn()
+            .prepare_cached("UPDATE host_job SET cancel_sent_at = ?4 WHERE job_id = ?1 AND host = ?2 AND attempt = ?3")
+            .and_then(|mut s| s.execute(params![job_id, host, attempt, unix_now_ms()]))
+            .ctx("record a cancel sent")?;
+        Ok(())
+    }
+
+    /// Every finished attempt of job `id`'s hosts that the rollout archived, by host,
+    /// oldest first.
+    pub fn attempts_of_job(&self, id: &str) -> Result<std::collections::BTreeMap<String, Vec<Attempt>>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT host, attempt, queued_at, finished_at, state, resp, retcode, message FROM host_attempts
+                 WHERE job_id = ?1 ORDER BY host, attempt",
+            )
+            .ctx("list attempts")?;
+        let rows = stmt
+            .query_map([id], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    Attempt {
+                        attempt: r.get(1)?,
+                        queued_at_ms: r.get(2)?,
+                        finished_at_ms: r.get(3)?,
+                        state: r.get(4)?,
+                        resp: r.get(5)?,
+                        retcode: r.get(6)?,
+                        message: r.get(7)?,
+                    },
+                ))
+            })
+            .ctx("list attempts")?;
+        let mut out: std::collections::BTreeMap<String, Vec<Attempt>> = std::collections::BTreeMap::new();
+        for row in rows {
+            let (host, attempt) = row.ctx("list attempts")?;
+            out.entry(host).or_default().push(attempt);
+        }
+        Ok(out)
     }
 
     /// Whether job `id` was cancelled.
@@ -829,8 +1021,8 @@ impl Store {
         let conn = self.conn();
         let mut stmt = conn
             .prepare_cached(
-                "SELECT h.job_id, h.host, h.queue_job_id, h.queue_instance, h.envelope_mac, j.start_by,
-                        j.cancelled_at IS NOT NULL
+                "SELECT h.job_id, h.host, h.queue_job_id, h.queue_instance, h.envelope_mac,
+                        COALESCE(h.start_by, j.start_by), j.cancelled_at IS NOT NULL OR h.cancelled_at IS NOT NULL
                  FROM host_job h JOIN jobs j ON j.id = h.job_id
                  WHERE h.state = 'ready' AND h.queue_job_id IS NOT NULL
                    AND (h.queue_instance IS NULL OR h.queue_instance != ?1)
@@ -928,15 +1120,19 @@ impl Store {
     pub fn record_result(&self, result: &HostResult) -> Result<RecordOutcome, StoreError> {
         let state = match result.resp {
             Resp::Success => HostState::Success,
+            Resp::Failed if result.retcode == u32::from(Code::Cancelled.value()) => HostState::Cancelled,
             Resp::Failed => HostState::Failed,
         };
         let now = unix_now_ms();
         let conn = self.conn();
+        // Only the attempt the host is at: a late answer to an attempt that was retried
+        // must not be taken for the retry's (it is in that attempt's history already).
         let n = conn
             .prepare_cached(
                 "UPDATE host_job SET state = ?3, resp = ?4, retcode = ?5, message = ?6, data = ?7,
                         truncated = ?8, output_bytes = ?9, updated_at = ?10, finished_at = ?10, encoding = ?11
-                 WHERE job_id = ?1 AND host = ?2 AND state NOT IN ('success', 'failed', 'revoked')",
+                 WHERE job_id = ?1 AND host = ?2 AND attempt = ?12
+                   AND state NOT IN ('success', 'failed', 'revoked', 'skipped', 'cancelled', 'waiting')",
             )
             .and_then(|mut s| {
                 s.execute(params![
@@ -950,7 +1146,8 @@ impl Store {
                     result.truncated,
                     i64::try_from(result.output_bytes).unwrap_or(i64::MAX),
                     now,
-                    result.encoding.map(Encoding::as_str)
+                    result.encoding.map(Encoding::as_str),
+                    result.attempt.unwrap_or(1)
                 ])
             })
             .ctx("record result")?;
@@ -972,8 +1169,8 @@ impl Store {
             .prepare_cached(
                 "SELECT h.job_id, h.host, h.state, h.queue_job_id, j.timeout_secs, h.queue_instance, h.envelope_mac
                  FROM host_job h JOIN jobs j ON j.id = h.job_id
-                 WHERE (h.state IN ('pending', 'ready') AND j.start_by <= ?1)
-                    OR (h.state = 'reserved' AND j.start_by + j.timeout_secs * 1000 + ?2 <= ?1)
+                 WHERE (h.state IN ('pending', 'ready') AND COALESCE(h.start_by, j.start_by) <= ?1)
+                    OR (h.state = 'reserved' AND COALESCE(h.start_by, j.start_by) + j.timeout_secs * 1000 + ?2 <= ?1)
                  ORDER BY j.seq, h.position",
             )
             .ctx("list overdue host jobs")?;
@@ -1012,11 +1209,21 @@ pub enum QueuedChange {
 /// tree gave in that same transaction. Returns `Ok(false)` if the id was used before.
 pub(crate) fn insert_job(tx: &Connection, job: &NewJob, start_by_ms: i64) -> Result<bool, StoreError> {
     let now = unix_now_ms();
+    let policy_text = if job.policy.is_default() {
+        None
+    } else {
+        Some(serde_json::to_string(&job.policy).map_err(|e| StoreError::Corrupt(format!("job policy: {e}")))?)
+    };
+    // Hosts held back by the policy wait for the rollout to release them; a job that
+    // retries keeps each final answer open until the rollout has looked at it.
+    let first_state = if job.policy.gates_start() { HostState::Waiting } else { HostState::Pending };
+    let settled = job.policy.retry.is_none();
+    let batch_size = job.policy.batch.as_ref().map(|b| b.size_for(job.hosts.len()));
     let inserted = tx
         .prepare_cached(
             "INSERT INTO jobs (id, method, cmd, timeout_secs, created_at, start_by, token_name, target, level, priority,
-                               task_name, task_from)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) ON CONFLICT (id) DO NOTHING",
+                               task_name, task_from, policy, not_before)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) ON CONFLICT (id) DO NOTHING",
         )
         .and_then(|mut s| {
             s.execute(params![
@@ -1031,7 +1238,9 @@ pub(crate) fn insert_job(tx: &Connection, job: &NewJob, start_by_ms: i64) -> Res
                 job.level,
                 job.priority,
                 job.task.as_ref().map(|t| &t.name),
-                job.task.as_ref().map(|t| &t.from)
+                job.task.as_ref().map(|t| &t.from),
+                policy_text,
+                job.policy.start_at_ms
             ])
         })
         .ctx("insert job")?;
@@ -1041,24 +1250,28 @@ pub(crate) fn insert_job(tx: &Connection, job: &NewJob, start_by_ms: i64) -> Res
     let mut known = tx.prepare_cached("SELECT 1 FROM hosts WHERE id = ?1").ctx("look up host")?;
     let mut insert = tx
         .prepare_cached(
-            "INSERT INTO host_job (job_id, position, host, state, resp, retcode, message, data, updated_at, finished_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            "INSERT INTO host_job (job_id, position, host, state, resp, retcode, message, data, updated_at, finished_at,
+                                   batch, settled)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
         )
         .ctx("prepare host_job insert")?;
     for (position, host) in job.hosts.iter().enumerate() {
+        let batch = batch_size.map(|size| (position / size) as i64);
         if known.exists([host]).ctx("look up host")? {
             insert
                 .execute(params![
                     job.id,
                     position as i64,
                     host,
-                    HostState::Pending.as_str(),
+                    first_state.as_str(),
                     None::<String>,
                     None::<i64>,
                     None::<String>,
                     None::<String>,
                     now,
-                    None::<i64>
+                    None::<i64>,
+                    batch,
+                    settled
                 ])
                 .ctx("insert host_job")?;
         } else {
@@ -1074,7 +1287,9 @@ pub(crate) fn insert_job(tx: &Connection, job: &NewJob, start_by_ms: i64) -> Res
                     failed.message,
                     failed.data,
                     now,
-                    now
+                    now,
+                    batch,
+                    true
                 ])
                 .ctx("insert host_job")?;
         }
@@ -1086,7 +1301,7 @@ fn mark_queued(conn: &Connection, job_id: &str, host: &str, queued: &QueueRef) -
     let n = conn
         .prepare_cached(
             "UPDATE host_job SET state = 'ready', queue_job_id = ?3, queue_instance = ?4, envelope_mac = ?5,
-                    updated_at = ?6
+                    updated_at = ?6, queued_at = ?6
              WHERE job_id = ?1 AND host = ?2 AND state = 'pending'",
         )
         .and_then(|mut s| {
@@ -1186,6 +1401,16 @@ fn job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<JobRecord, StoreE
             (Some(name), Some(from)) => Some(TaskOrigin { name, from }),
             _ => None,
         },
+        policy: match row.get::<_, Option<String>>(12)? {
+            None => crate::policy::Policy::default(),
+            Some(text) => match serde_json::from_str(&text) {
+                Ok(policy) => policy,
+                Err(e) => return Ok(Err(StoreError::Corrupt(format!("job policy {text:?}: {e}")))),
+            },
+        },
+        not_before_ms: row.get(13)?,
+        current_batch: row.get(14)?,
+        halted: row.get(15)?,
     }))
 }
 
@@ -1227,6 +1452,9 @@ fn host_job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<HostJobRecor
         queued: queue_ref(row.get(2)?, row.get(10)?, row.get(11)?),
         outcome,
         updated_at_ms: row.get(8)?,
+        attempt: row.get(12)?,
+        batch: row.get(13)?,
+        settled: row.get(14)?,
     }))
 }
 
@@ -1246,6 +1474,7 @@ mod tests {
             level: "host".into(),
             priority: 100,
             task: None,
+            policy: crate::policy::Policy::default(),
         }
     }
 

@@ -103,7 +103,9 @@ fn run_enqueuer(dispatcher: &Dispatcher, wake: &mpsc::Receiver<()>, stop: &Atomi
     let mut checked_instance: Option<String> = None;
     while !stop.load(Ordering::SeqCst) {
         let step = check_queue_instance(dispatcher, &mut checked_instance)
+            .and_then(|()| advance_rollouts(dispatcher))
             .and_then(|()| enqueue_pending(dispatcher))
+            .and_then(|()| send_cancels(dispatcher))
             .and_then(|()| expire_overdue(dispatcher));
         match step {
             Ok(()) => {
@@ -127,6 +129,57 @@ fn run_enqueuer(dispatcher: &Dispatcher, wake: &mpsc::Receiver<()>, stop: &Atomi
         }
     }
 }
+
+/// Releases held-back hosts and settles finished attempts ([`crate::rollout`]), and wakes
+/// the sync calls of the jobs that changed.
+fn advance_rollouts(dispatcher: &Dispatcher) -> Result<(), StepError> {
+    let (touched, _released) = crate::rollout::step(&dispatcher.store, unix_now_ms())?;
+    for job_id in &touched {
+        dispatcher.waiters.notify(job_id);
+    }
+    Ok(())
+}
+
+/// Priority of control messages: ahead of everything else on the control tube.
+const CONTROL_PRIORITY: u32 = 0;
+/// TTL of a control message on polarisd: an agent that was away that long restarted, and
+/// its ledger already keeps what it ran.
+const CONTROL_TTL_SECS: u32 = 3600;
+
+/// Tells the agents running hosts of cancelled jobs (or cancelled hosts) to stop: a
+/// signed [`wire::ControlMessage`] on `control.<host>`, which the agent watches on a
+/// connection of its own while it runs a command. Sent once per attempt; the host stays
+/// `reserved` until the agent's result (`0x0104`, with the output so far) arrives, or
+/// expires like any host whose agent went silent.
+fn send_cancels(dispatcher: &Dispatcher) -> Result<(), StepError> {
+    for (job_id, host, attempt) in dispatcher.store.cancels_to_send()? {
+        let message = wire::ControlMessage {
+            v: 1,
+            kind: wire::ControlKind::Cancel,
+            job_id: job_id.clone(),
+            host: host.clone(),
+            attempt: (attempt > 1).then_some(attempt),
+            issued_at: wire::unix_now(),
+        };
+        let payload = serde_json::to_vec(&message).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let body = wire::sign(&dispatcher.secret, &payload);
+        let tube = wire::control_tube(&host);
+        dispatcher.queue.with_conn(|c, info| {
+            c.use_tube(&tube)?;
+            if info.extensions {
+                c.put_with_ttl(CONTROL_PRIORITY, 0, RESULT_TTR_FOR_CONTROL, CONTROL_TTL_SECS, &body)
+            } else {
+                c.put(CONTROL_PRIORITY, 0, RESULT_TTR_FOR_CONTROL, &body)
+            }
+        })?;
+        dispatcher.store.mark_cancel_sent(&job_id, &host, attempt)?;
+        log::info!("job {job_id} host {host}: told the agent to cancel attempt {attempt}");
+    }
+    Ok(())
+}
+
+/// TTR of a control message: the agent handles one in milliseconds.
+const RESULT_TTR_FOR_CONTROL: u32 = 60;
 
 /// A worker step failed on the queue (retried later) or on the database.
 #[derive(Debug, thiserror::Error)]
@@ -280,11 +333,13 @@ fn put_envelope(dispatcher: &Dispatcher, pending: &PendingHostJob) -> Result<Opt
         timeout: job.timeout_secs,
         reply_tube: dispatcher.reply_tube.clone(),
         issued_at: wire::unix_now(),
-        expires_at: u64::try_from(job.start_by_ms / 1000).unwrap_or(0),
+        expires_at: u64::try_from(pending.start_by_ms / 1000).unwrap_or(0),
         kill_grace_ms: Some(u64::try_from(dispatcher.kill_grace.as_millis()).unwrap_or(u64::MAX)),
-        attempt: None,
-        memory_max: None,
-        cpu_max_milli: None,
+        // Attempt 1 leaves the field out, so envelopes of jobs that never retry are as
+        // they always were.
+        attempt: (pending.attempt > 1).then_some(pending.attempt),
+        memory_max: job.policy.memory_max,
+        cpu_max_milli: job.policy.cpu_max_milli,
     };
     let payload = serde_json::to_vec(&envelope).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let body = wire::sign(&dispatcher.secret, &payload);
@@ -297,7 +352,7 @@ fn put_envelope(dispatcher: &Dispatcher, pending: &PendingHostJob) -> Result<Opt
     let tube = host_tube(&pending.host);
     // On polarisd the job also carries a TTL up to its start deadline, so
     // the queue itself drops it if no agent takes it in time.
-    let left_ms = (job.start_by_ms - wire::unix_now_ms()).max(1000);
+    let left_ms = (pending.start_by_ms - wire::unix_now_ms()).max(1000);
     let ttl = u32::try_from((left_ms + 999) / 1000).unwrap_or(u32::MAX);
     let put = dispatcher.queue.with_conn(|c, info| {
         c.use_tube(&tube)?;

@@ -367,6 +367,7 @@ fn create_job(tx: &Connection, task: &Task, hosts: &[String]) -> Result<String, 
         level: level.as_str().to_string(),
         priority: super::target::queue_priority(level, method.is_sync()),
         task: Some(TaskOrigin { name: task.name.clone(), from }),
+        policy: crate::policy::Policy::default(),
     };
     let start_by_ms = unix_now_ms().saturating_add(i64::from(timeout_secs) * 1000);
     if !store::insert_job(tx, &job, start_by_ms)? {
