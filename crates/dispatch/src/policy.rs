@@ -261,31 +261,32 @@ pub fn parse(map: &Map<String, Value>, now_ms: i64, sync: bool) -> Result<Policy
         let max = whole(retry, "max", "retry.max", 1, MAX_RETRIES, "retries")?
             .ok_or_else(|| ApiError::field(Code::MissingField, "retry.max", "retry.max is required"))?;
         let delay_secs = whole(retry, "delay", "retry.delay", 0, MAX_WAIT_SECS, "seconds")?.unwrap_or(0);
-        let on =
-            match retry.get("on") {
-                None | Some(Value::Null) => vec![RetryOn::Nonzero, RetryOn::Timeout, RetryOn::NoAnswer],
-                Some(Value::Array(items)) if !items.is_empty() => {
-                    let mut on = Vec::new();
-                    for (i, item) in items.iter().enumerate() {
-                        let kind = item.as_str().and_then(RetryOn::parse).ok_or_else(|| {
-                            invalid(
-                                &format!("retry.on[{i}]"),
-                                format!("retry.on[{i}] must be \"nonzero\", \"timeout\" or \"no_answer\", got {item}"),
-                            )
-                        })?;
-                        if !on.contains(&kind) {
-                            on.push(kind);
-                        }
+        let on = match retry.get("on") {
+            None | Some(Value::Null) => vec![RetryOn::Nonzero, RetryOn::Timeout, RetryOn::NoAnswer],
+            Some(Value::Array(items)) if !items.is_empty() => {
+                let mut on = Vec::new();
+                for (i, item) in items.iter().enumerate() {
+                    let kind = item.as_str().and_then(RetryOn::parse).ok_or_else(|| {
+                        invalid(
+                            &format!("retry.on[{i}]"),
+                            format!("retry.on[{i}] must be \"nonzero\", \"timeout\" or \"no_answer\", got {item}"),
+                        )
+                    })?;
+                    if !on.contains(&kind) {
+                        on.push(kind);
                     }
-                    on
                 }
-                Some(other) => return Err(invalid(
+                on
+            }
+            Some(other) => {
+                return Err(invalid(
                     "retry.on",
                     format!(
                         "retry.on must be a non-empty array of \"nonzero\", \"timeout\", \"no_answer\", got {other}"
                     ),
-                )),
-            };
+                ))
+            }
+        };
         policy.retry = Some(Retry { max: max as u32, delay_secs: delay_secs as u32, on });
     }
 

@@ -355,6 +355,10 @@ fn create_job(tx: &Connection, task: &Task, hosts: &[String]) -> Result<String, 
         AttachPoint::Node(path) => path.clone(),
         AttachPoint::Host(_) => "host".to_string(),
     };
+    // The task's policy fields were checked when it was saved; a `delay` counts from now.
+    let policy = crate::policy::parse(&task.spec, unix_now_ms(), method.is_sync())
+        .map_err(|e| StoreError::Corrupt(format!("task {} policy: {}", task.name, e.message)))?;
+    let window_secs = policy.ttl_secs.unwrap_or(timeout_secs);
     let id = uuid::Uuid::new_v4().hyphenated().to_string();
     let job = NewJob {
         id: id.clone(),
@@ -367,9 +371,9 @@ fn create_job(tx: &Connection, task: &Task, hosts: &[String]) -> Result<String, 
         level: level.as_str().to_string(),
         priority: super::target::queue_priority(level, method.is_sync()),
         task: Some(TaskOrigin { name: task.name.clone(), from }),
-        policy: crate::policy::Policy::default(),
+        policy,
     };
-    let start_by_ms = unix_now_ms().saturating_add(i64::from(timeout_secs) * 1000);
+    let start_by_ms = job.policy.start_at_ms.unwrap_or_else(unix_now_ms).saturating_add(i64::from(window_secs) * 1000);
     if !store::insert_job(tx, &job, start_by_ms)? {
         return Err(StoreError::Corrupt(format!("a fresh job id {id} was used before")));
     }

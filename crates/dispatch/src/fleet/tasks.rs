@@ -166,10 +166,11 @@ pub fn parse_spec(map: &Map<String, Value>) -> Result<(String, Map<String, Value
     let mut spec = Map::new();
     match kind {
         "schedule" => {
-            crate::request::reject_unknown_fields(
-                map,
-                &["attach_to", "kind", "every", "cron", "method", "cmd", "timeout", "missed"],
-            )?;
+            let known: Vec<&str> = ["attach_to", "kind", "every", "cron", "method", "cmd", "timeout", "missed"]
+                .into_iter()
+                .chain(crate::policy::FIELDS.iter().copied().filter(|f| *f != "start_at"))
+                .collect();
+            crate::request::reject_unknown_fields(map, &known)?;
             match (map.get("every"), map.get("cron")) {
                 (Some(every), None) => {
                     let secs =
@@ -250,6 +251,14 @@ pub fn parse_spec(map: &Map<String, Value>) -> Result<(String, Map<String, Value
                         )
                     })?;
                     spec.insert("timeout".into(), json!(secs));
+                }
+            }
+            // The execution policy each firing's job gets (batches, retries, limits, …),
+            // kept as given and checked now as a job request would be.
+            crate::policy::parse(map, unix_now_ms(), method.is_sync())?;
+            for field in crate::policy::FIELDS {
+                if let Some(value) = map.get(*field).filter(|v| !v.is_null()) {
+                    spec.insert((*field).to_string(), value.clone());
                 }
             }
             match map.get("missed") {
@@ -706,6 +715,20 @@ mod tests {
         assert!(parse(json!({"kind": "integrity", "spec": {"paths": ["/etc"]}})).is_ok());
         assert_eq!(parse(json!({"kind": "log", "spec": 3})).unwrap_err().0, Code::WrongType);
         assert_eq!(parse(json!({"kind": "log", "spec": {}, "cmd": "x"})).unwrap_err().0, Code::UnknownField);
+        let (_, rolling) =
+            parse(json!({"kind": "schedule", "every": 60, "cmd": "x", "batch": {"size": 1, "max_failures": 0}}))
+                .unwrap();
+        assert_eq!(rolling["batch"], json!({"size": 1, "max_failures": 0}));
+        assert_eq!(
+            parse(json!({"kind": "schedule", "every": 60, "cmd": "x", "start_at": "2026-01-01T00:00:00Z"}))
+                .unwrap_err()
+                .0,
+            Code::UnknownField
+        );
+        assert_eq!(
+            parse(json!({"kind": "schedule", "every": 60, "cmd": "x", "batch": {"size": 0}})).unwrap_err(),
+            (Code::InvalidValue, Some("batch.size".to_string()))
+        );
         assert!(check_name("nightly.backup-1").is_ok());
         for bad in ["", "-x", "a/b", "a b"] {
             assert!(check_name(bad).is_err(), "{bad:?}");
