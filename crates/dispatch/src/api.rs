@@ -46,6 +46,7 @@ pub fn router(dispatcher: AppState) -> Router {
         .route("/v1/jobs", post(post_job).get(list_jobs))
         .route("/v1/jobs/:id", get(get_job).delete(revoke_job))
         .route("/v1/jobs/:id/hosts/:host", axum::routing::delete(cancel_host))
+        .route("/v1/jobs/:id/events", get(crate::events::job_events))
         .route("/v1/hosts", post(register_host).get(list_hosts))
         .route(
             "/v1/hosts/:id",

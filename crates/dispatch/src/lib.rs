@@ -17,6 +17,7 @@
 //! - [`policy`]: a job's execution policy (start time, TTL, retries, batches or a
 //!   concurrency cap with a failure threshold, resource limits), parsed and stored.
 //! - [`rollout`]: which held-back hosts start now and what a finished attempt leads to.
+//! - [`events`]: `GET /v1/jobs/{id}/events`, a job as a resumable Server-Sent Events stream.
 //! - [`error`]: the API's error reply (HTTP status, JSON body naming code and field).
 //! - [`auth`]: optional bearer tokens with a per-token command allow-list.
 //! - [`fleet`]: the product tree (products, services, components) and the hosts placed in
@@ -31,6 +32,7 @@
 pub mod api;
 pub mod auth;
 pub mod error;
+pub mod events;
 pub mod fleet;
 pub mod policy;
 pub mod request;

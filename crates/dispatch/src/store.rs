@@ -183,6 +183,54 @@ const MIGRATIONS: &[&str] = &[
     DROP INDEX host_job_open;
     CREATE INDEX host_job_open ON host_job(state) WHERE state IN ('pending', 'ready', 'reserved', 'waiting');
     CREATE INDEX host_job_unsettled ON host_job(job_id) WHERE settled = 0;",
+    // 10: the events of each job, for `GET /v1/jobs/{id}/events`: every host's state
+    // (and attempt) as it changes, the batch that starts, a crossed threshold, a cancel.
+    // Triggers write them in the transaction of the change itself, so no code path that
+    // moves a host can forget one. Jobs from before get one event per host, as they stand.
+    "CREATE TABLE job_events (
+        seq    INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id TEXT NOT NULL,
+        at     INTEGER NOT NULL,
+        kind   TEXT NOT NULL,
+        host   TEXT,
+        body   TEXT NOT NULL
+    );
+    CREATE INDEX job_events_job ON job_events(job_id, seq);
+    CREATE TRIGGER job_events_host_new AFTER INSERT ON host_job BEGIN
+        INSERT INTO job_events (job_id, at, kind, host, body) VALUES (NEW.job_id, NEW.updated_at, 'host', NEW.host,
+            json_object('host', NEW.host, 'state', NEW.state, 'attempt', NEW.attempt, 'batch', NEW.batch + 1,
+                        'resp', NEW.resp, 'retcode', NEW.retcode, 'message', NEW.message));
+    END;
+    CREATE TRIGGER job_events_host_state AFTER UPDATE OF state, attempt ON host_job
+    WHEN OLD.state IS NOT NEW.state OR OLD.attempt IS NOT NEW.attempt BEGIN
+        INSERT INTO job_events (job_id, at, kind, host, body) VALUES (NEW.job_id, NEW.updated_at, 'host', NEW.host,
+            json_object('host', NEW.host, 'state', NEW.state, 'attempt', NEW.attempt, 'batch', NEW.batch + 1,
+                        'resp', NEW.resp, 'retcode', NEW.retcode, 'message', NEW.message, 'data', NEW.data,
+                        'encoding', NEW.encoding, 'truncated', NEW.truncated));
+    END;
+    CREATE TRIGGER job_events_batch AFTER UPDATE OF current_batch ON jobs
+    WHEN OLD.current_batch IS NOT NEW.current_batch BEGIN
+        INSERT INTO job_events (job_id, at, kind, body)
+        VALUES (NEW.id, CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER), 'batch',
+                json_object('current', NEW.current_batch + 1));
+    END;
+    CREATE TRIGGER job_events_halted AFTER UPDATE OF halted ON jobs
+    WHEN OLD.halted IS NOT NEW.halted BEGIN
+        INSERT INTO job_events (job_id, at, kind, body)
+        VALUES (NEW.id, CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER), 'halted',
+                json_object('reason', NEW.halted));
+    END;
+    CREATE TRIGGER job_events_cancelled AFTER UPDATE OF cancelled_at ON jobs
+    WHEN OLD.cancelled_at IS NULL AND NEW.cancelled_at IS NOT NULL BEGIN
+        INSERT INTO job_events (job_id, at, kind, body)
+        VALUES (NEW.id, NEW.cancelled_at, 'cancelled', json_object('at_ms', NEW.cancelled_at));
+    END;
+    INSERT INTO job_events (job_id, at, kind, host, body)
+        SELECT job_id, updated_at, 'host', host,
+               json_object('host', host, 'state', state, 'attempt', attempt, 'batch', batch + 1, 'resp', resp,
+                           'retcode', retcode, 'message', message, 'data', data, 'encoding', encoding,
+                           'truncated', truncated)
+        FROM host_job ORDER BY rowid;",
 ];
 
 /// The columns [`job_row`] reads, in its order.
@@ -379,6 +427,21 @@ pub struct HostJobRecord {
     pub batch: Option<u32>,
     /// False while the rollout has yet to decide whether a final answer is retried.
     pub settled: bool,
+}
+
+/// One event of a job (see migration 10).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobEvent {
+    /// Its place in the database's sequence: the SSE event id.
+    pub seq: i64,
+    /// Unix milliseconds.
+    pub at_ms: i64,
+    /// `host`, `batch`, `halted` or `cancelled`.
+    pub kind: String,
+    /// The host, for `host` events.
+    pub host: Option<String>,
+    /// The event's JSON.
+    pub body: String,
 }
 
 /// One finished attempt of a host in a job that retries.
@@ -965,6 +1028,22 @@ impl Store {
             out.entry(host).or_default().push(attempt);
         }
         Ok(out)
+    }
+
+    /// Up to `limit` events of job `id` after event `after`, oldest first.
+    pub fn events_after(&self, id: &str, after: i64, limit: u32) -> Result<Vec<JobEvent>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT seq, at, kind, host, body FROM job_events WHERE job_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+            )
+            .ctx("list job events")?;
+        let rows = stmt
+            .query_map(params![id, after, limit], |r| {
+                Ok(JobEvent { seq: r.get(0)?, at_ms: r.get(1)?, kind: r.get(2)?, host: r.get(3)?, body: r.get(4)? })
+            })
+            .ctx("list job events")?;
+        rows.collect::<rusqlite::Result<_>>().ctx("list job events")
     }
 
     /// Whether job `id` was cancelled.
