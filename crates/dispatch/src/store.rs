@@ -233,6 +233,12 @@ const MIGRATIONS: &[&str] = &[
         FROM host_job ORDER BY rowid;",
 ];
 
+/// Most live output kept per host attempt as `output` events, in bytes of output (the
+/// result's own cap: beyond it the agent keeps no output either).
+pub const MAX_LIVE_OUTPUT_BYTES: u64 = 64 * 1024;
+/// Largest `data` of one chunk accepted, in bytes (base64 of 16 KiB, with room).
+pub const MAX_CHUNK_DATA_BYTES: usize = 24 * 1024;
+
 /// The columns [`job_row`] reads, in its order.
 const JOB_COLUMNS: &str =
     "id, method, cmd, timeout_secs, created_at, start_by, cancelled_at, target, level, priority, \
@@ -1028,6 +1034,35 @@ impl Store {
             out.entry(host).or_default().push(attempt);
         }
         Ok(out)
+    }
+
+    /// Records a chunk of a running command's output as an `output` event of its job, if
+    /// the host still runs that attempt and the chunks kept stay within
+    /// [`MAX_LIVE_OUTPUT_BYTES`] per attempt; answers whether it was kept.
+    pub fn record_output(&self, chunk: &polaris_ops_wire::wire::OutputChunk) -> Result<bool, StoreError> {
+        if chunk.offset >= MAX_LIVE_OUTPUT_BYTES || chunk.data.len() > MAX_CHUNK_DATA_BYTES {
+            return Ok(false);
+        }
+        let body = serde_json::json!({
+            "host": chunk.host,
+            "attempt": chunk.attempt.unwrap_or(1),
+            "offset": chunk.offset,
+            "data": chunk.data,
+            "encoding": chunk.encoding.map(Encoding::as_str),
+        })
+        .to_string();
+        let n = self
+            .conn()
+            .prepare_cached(
+                "INSERT INTO job_events (job_id, at, kind, host, body)
+                 SELECT ?1, ?2, 'output', ?3, ?4 FROM host_job
+                 WHERE job_id = ?1 AND host = ?3 AND attempt = ?5 AND state IN ('ready', 'reserved')",
+            )
+            .and_then(|mut s| {
+                s.execute(params![chunk.job_id, unix_now_ms(), chunk.host, body, chunk.attempt.unwrap_or(1)])
+            })
+            .ctx("record output chunk")?;
+        Ok(n > 0)
     }
 
     /// Up to `limit` events of job `id` after event `after`, oldest first.

@@ -11,7 +11,7 @@ use crate::fleet::Level;
 use crate::store::{HostState, Outcome, PendingHostJob, QueueRef, StoreError};
 use crate::Dispatcher;
 use polaris_ops_wire::codes::Code;
-use polaris_ops_wire::wire::{self, host_tube, unix_now_ms, HostResult, JobEnvelope};
+use polaris_ops_wire::wire::{self, host_tube, unix_now_ms, JobEnvelope};
 use polaris_proto::client::{self, Client, Endpoint};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -619,11 +619,19 @@ fn run_results_consumer(dispatcher: &Dispatcher, addr: &Endpoint, stop: &AtomicB
 /// Records one result and then deletes it from the queue (record first: a crash in between
 /// re-records the same result, which is harmless; the other order could lose it).
 fn handle_result(dispatcher: &Dispatcher, conn: &mut Client, job: client::Job) -> client::Result<()> {
-    let result = wire::open(&dispatcher.secret, &job.body)
+    let reply = wire::open(&dispatcher.secret, &job.body)
         .map_err(|e| e.to_string())
-        .and_then(|payload| serde_json::from_slice::<HostResult>(payload).map_err(|e| format!("bad result JSON: {e}")));
-    let result = match result {
-        Ok(result) => result,
+        .and_then(|payload| wire::Reply::parse(payload).map_err(|e| format!("bad result JSON: {e}")));
+    let result = match reply {
+        Ok(wire::Reply::Result(result)) => result,
+        Ok(wire::Reply::Output(chunk)) => {
+            // Liveness only (the result carries the whole output): a chunk that cannot be
+            // recorded is dropped, never retried ahead of results.
+            if let Err(e) = dispatcher.store.record_output(&chunk) {
+                log::warn!("job {} host {}: output chunk dropped: {e}", chunk.job_id, chunk.host);
+            }
+            return conn.delete(job.id);
+        }
         Err(reason) => {
             log::warn!("burying unreadable result {} on {}: {reason}", job.id, dispatcher.reply_tube);
             return conn.bury(job.id, BURY_PRIORITY);

@@ -334,6 +334,60 @@ pub struct HostResult {
     pub attempt: Option<u32>,
 }
 
+/// A piece of a running command's output, put on the reply tube by its agent as the
+/// command prints it, so people can watch a rollout as it happens. Chunks are bounded in
+/// size and rate by the agent, and in all to the result's cap; the result still carries
+/// the whole (capped) output, so a lost chunk loses nothing but liveness.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputChunk {
+    /// Format version (1).
+    pub v: u32,
+    /// Always `output`: what tells a chunk from a [`HostResult`] on the reply tube.
+    pub kind: String,
+    /// The dispatch job id from the envelope.
+    pub job_id: String,
+    /// The host running it.
+    pub host: String,
+    /// The envelope's attempt, echoed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// Where in the output this chunk starts, in bytes.
+    pub offset: u64,
+    /// The bytes: text, or base64 when `encoding` says so.
+    pub data: String,
+    /// As in [`HostResult::encoding`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoding: Option<Encoding>,
+}
+
+/// The `kind` of an [`OutputChunk`].
+pub const OUTPUT_CHUNK_KIND: &str = "output";
+
+/// What an agent puts on the reply tube.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// A host's final answer.
+    Result(HostResult),
+    /// A piece of a running command's output.
+    Output(OutputChunk),
+}
+
+impl Reply {
+    /// Parses a verified payload: a chunk when it says `"kind": "output"`, else a result.
+    pub fn parse(payload: &[u8]) -> Result<Reply, serde_json::Error> {
+        #[derive(Deserialize)]
+        struct Kind {
+            #[serde(default)]
+            kind: Option<String>,
+        }
+        let kind: Kind = serde_json::from_slice(payload)?;
+        match kind.kind.as_deref() {
+            Some(OUTPUT_CHUNK_KIND) => serde_json::from_slice(payload).map(Reply::Output),
+            _ => serde_json::from_slice(payload).map(Reply::Result),
+        }
+    }
+}
+
 /// How a result's `data` holds output that is not UTF-8 text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
