@@ -17,7 +17,8 @@ use std::time::Duration;
                   POLARIS_TOKEN the registration token unless --token-file is given; RUST_LOG sets the log level \
                   (env_logger syntax; default info).\n\
                   Signals: SIGTERM and SIGINT stop taking jobs; a running command may finish within \
-                  --drain-timeout, else it is killed and reported (agent_restarted), not run again.\n\
+                  --drain-timeout, else it is killed and reported (agent_restarted), not run again. \
+                  SIGHUP re-reads --config (a bad file keeps the old one in force).\n\
                   Files next to --state-file: <name>.ledger (the envelopes run here, so none runs twice, \
                   and the running command's process group, ended by the next start if the agent dies) \
                   and <name>.lock (one agent per state file).\n\
@@ -51,6 +52,10 @@ struct Args {
     /// last_seen_ms); 0 registers once.
     #[arg(long, default_value_t = 30, value_name = "SECS")]
     heartbeat: u64,
+    /// TOML file configuring the integrity.* and log.* methods (integrity rules in
+    /// aide.conf syntax, log roots, caps); re-read on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -68,5 +73,6 @@ fn main() -> anyhow::Result<()> {
         kill_grace: Duration::from_millis(args.kill_grace_ms),
         drain_timeout: Duration::from_secs(args.drain_timeout),
         heartbeat: Duration::from_secs(args.heartbeat),
+        config_file: args.config,
     })
 }
