@@ -130,6 +130,16 @@ fn type_bit(ft: std::fs::FileType) -> u8 {
 /// The attributes of `meta` that `attrs` selects.
 fn entry_of(path: &Path, meta: &std::fs::Metadata, attrs: Attrs, warnings: &mut Vec<String>) -> Entry {
     let bit = type_bit(meta.file_type());
+    // As AIDE, an attribute a type does not have is not recorded for it (hashes of a
+    // directory, the target of a file), so a file that became a directory is reported
+    // for its type, not for a hash that vanished.
+    let mut attrs = attrs;
+    if bit != ftype::FILE {
+        attrs = attrs.without(Attrs::HASHES);
+    }
+    if bit != ftype::LINK {
+        attrs = attrs.without(Attrs::LNAME);
+    }
     let pick = |a: Attrs| attrs.contains(a);
     let link_name = if pick(Attrs::LNAME) && bit == ftype::LINK {
         match std::fs::read_link(path) {
@@ -212,8 +222,9 @@ pub fn scan(selection: &mut Selection, options: &ScanOptions) -> Scan {
             record(selection, &path, &meta, decision, &mut scan, &mut jobs);
             let descend = bit == ftype::DIR
                 && match decision {
-                    Decision::Selective(_) | Decision::Partial => true,
-                    Decision::Equal(_) => false,
+                    // An equals match is walked too (AIDE 0.18.5's fix, in Debian's 0.18.3):
+                    // what is below it is selected by the rules of its own, if any.
+                    Decision::Selective(_) | Decision::Equal(_) | Decision::Partial => true,
                     Decision::None => selection.is_node(bytes),
                 };
             if !descend {

@@ -9,7 +9,8 @@
 //! then vetoed by any negative rule of those nodes matching the path (or, unrestricted,
 //! one of its parent directories). A regex is anchored at the start of the path only, so
 //! `/etc` also selects `/etcetera` and `/etc/passwd`, as in AIDE. A directory is
-//! descended into when it is selected by a selective rule, when the path could still
+//! descended into when it is selected (by any rule, as AIDE since 0.18.5 and Debian's
+//! 0.18.3, which carries that fix), when the path could still
 //! become a match of some rule (a partial match: PCRE2's `PARTIAL_SOFT`, computed here on
 //! the lazy DFA), or when it is a node of the tree.
 
@@ -25,7 +26,8 @@ use std::collections::{HashMap, HashSet};
 pub enum Decision {
     /// Selected by a selective rule (index into the rules): recorded, and descended into.
     Selective(usize),
-    /// Selected by an equals rule: recorded, not descended into.
+    /// Selected by an equals rule: recorded, and descended into (the equals rule itself
+    /// selects nothing deeper than its directory's own entries).
     Equal(usize),
     /// Not selected, but a rule could match below it: descended into.
     Partial,
