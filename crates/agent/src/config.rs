@@ -189,8 +189,8 @@ mod tests {
         let e = parse("colour = 1\n", &config, Path::new("a.json")).expect_err("unknown key");
         assert!(e.to_string().contains("colour"), "{e}");
         // The default state dir is the state file's.
-        let s = parse("[integrity]\nrules = \"aide.conf\"\n", &config, Path::new("/var/lib/pa/agent.json"))
-            .expect("valid");
+        let s =
+            parse("[integrity]\nrules = \"aide.conf\"\n", &config, Path::new("/var/lib/pa/agent.json")).expect("valid");
         assert_eq!(s.integrity.expect("integrity").baseline, Path::new("/var/lib/pa").join(BASELINE_FILE));
         // A rules file that does not parse is refused with its line.
         std::fs::write(dir.path().join("bad.conf"), "/etc p\n/usr nope\n").expect("rules");

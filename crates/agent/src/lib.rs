@@ -550,7 +550,9 @@ impl Agent {
         });
         let output = match outcome {
             Ok(Ok(output)) => output,
-            Ok(Err((code, message))) => return failure(&envelope.job_id, &self.host_id, code, format!("Refused: {message}")),
+            Ok(Err((code, message))) => {
+                return failure(&envelope.job_id, &self.host_id, code, format!("Refused: {message}"))
+            }
             Err(e) => return failure(&envelope.job_id, &self.host_id, Code::LogReadFailed, e),
         };
         let data = OutputData::new(&output.output, output.truncated);

@@ -158,7 +158,8 @@ pub fn tail(args: &Value, settings: &LogSettings) -> Result<LogOutput, LogError>
         output.drain(..line_start);
         byte_capped = true;
     }
-    let shown = output.iter().filter(|&&b| b == b'\n').count() + usize::from(output.last().is_some_and(|&b| b != b'\n'));
+    let shown =
+        output.iter().filter(|&&b| b == b'\n').count() + usize::from(output.last().is_some_and(|&b| b != b'\n'));
     let mut message = format!("Last {shown} lines of {}", path.display());
     let line_capped = wanted > settings.max_lines;
     if line_capped {
@@ -324,7 +325,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let logs = dir.path().join("log");
         std::fs::create_dir(&logs).expect("mkdir");
-        let text: String = (1..=300).map(|i| format!("line {i}{}\n", if i % 50 == 0 { " ERROR" } else { "" })).collect();
+        let text: String =
+            (1..=300).map(|i| format!("line {i}{}\n", if i % 50 == 0 { " ERROR" } else { "" })).collect();
         std::fs::write(logs.join("app.log"), text).expect("write");
         std::fs::write(dir.path().join("secret"), "top secret\n").expect("write");
         std::os::unix::fs::symlink(dir.path().join("secret"), logs.join("escape")).expect("symlink");

@@ -43,9 +43,7 @@ fn aide_findings(report: &Value) -> Findings {
 }
 
 fn paths(list: &Value) -> BTreeSet<String> {
-    list.as_array()
-        .map(|a| a.iter().filter_map(|e| e["path"].as_str().map(String::from)).collect())
-        .unwrap_or_default()
+    list.as_array().map(|a| a.iter().filter_map(|e| e["path"].as_str().map(String::from)).collect()).unwrap_or_default()
 }
 
 fn our_findings(report: &Value) -> Findings {

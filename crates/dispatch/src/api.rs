@@ -256,6 +256,7 @@ async fn post_job(
         target: None,
         level: Level::Host.as_str().to_string(),
         priority: request.priority.unwrap_or_else(|| fleet::target::queue_priority(Level::Host, method.is_sync())),
+        args: request.args.as_ref().map(Value::to_string),
     };
     // Register interest before the job exists so that no wake-up can be missed.
     let notify = dispatcher.waiters.register(&job_id);
@@ -403,6 +404,9 @@ struct JobStatus<'a> {
     /// The target it was given, when it was given one rather than `hosts`.
     #[serde(skip_serializing_if = "Option::is_none")]
     target: Option<Value>,
+    /// The method's arguments (`log.*` jobs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    args: Option<Value>,
     done: bool,
     hosts: Vec<HostStatus<'a>>,
 }
@@ -478,6 +482,7 @@ async fn get_job(
         level: job.level.as_deref().unwrap_or(Level::Host.as_str()),
         priority: job.priority.unwrap_or_else(|| fleet::target::queue_priority(Level::Host, job.method.is_sync())),
         target: job.target.as_deref().and_then(|t| serde_json::from_str(t).ok()),
+        args: job.args.as_deref().and_then(|a| serde_json::from_str(a).ok()),
         done: hosts.iter().all(|h| h.state.is_final()),
         hosts: hosts.iter().zip(states).map(|(h, s)| host_status(h, s)).collect(),
     };

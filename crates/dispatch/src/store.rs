@@ -126,10 +126,14 @@ const MIGRATIONS: &[&str] = &[
     CREATE UNIQUE INDEX fleet_tasks_node ON fleet_tasks(name, node_id) WHERE node_id IS NOT NULL;
     CREATE UNIQUE INDEX fleet_tasks_host ON fleet_tasks(name, host) WHERE host IS NOT NULL;
     CREATE INDEX fleet_tasks_by_node ON fleet_tasks(node_id);",
+    // 8: a job's `args` (the `log.*` methods' arguments) as JSON text; absent for every
+    // other method and for jobs stored before.
+    "ALTER TABLE jobs ADD COLUMN args TEXT;",
 ];
 
 /// The columns [`job_row`] reads, in its order.
-const JOB_COLUMNS: &str = "id, method, cmd, timeout_secs, created_at, start_by, cancelled_at, target, level, priority";
+const JOB_COLUMNS: &str =
+    "id, method, cmd, timeout_secs, created_at, start_by, cancelled_at, target, level, priority, args";
 
 /// A database failure, with what the dispatcher was doing.
 #[derive(Debug, thiserror::Error)]
@@ -258,6 +262,8 @@ pub struct JobRecord {
     /// The queue priority of its envelopes; `None` for jobs stored before priorities were
     /// recorded (the method decides, as it did then).
     pub priority: Option<u32>,
+    /// The method's arguments as JSON text (`log.tail`, `log.grep`); `None` otherwise.
+    pub args: Option<String>,
 }
 
 /// One host's part of a job as stored.
@@ -340,6 +346,8 @@ pub struct NewJob {
     pub level: String,
     /// The queue priority its envelopes are put with.
     pub priority: u32,
+    /// The method's arguments as JSON text (`log.tail`, `log.grep`); `None` otherwise.
+    pub args: Option<String>,
 }
 
 /// A host job that the enqueuer must put on the queue.
@@ -587,7 +595,7 @@ impl Store {
         let mut stmt = conn
             .prepare_cached(
                 "SELECT j.id, j.method, j.cmd, j.timeout_secs, j.created_at, j.start_by, j.cancelled_at,
-                        j.target, j.level, j.priority, h.host
+                        j.target, j.level, j.priority, j.args, h.host
                  FROM host_job h JOIN jobs j ON j.id = h.job_id
                  WHERE h.state = 'pending' AND j.start_by > ?1 AND j.cancelled_at IS NULL
                  ORDER BY j.seq, h.position
@@ -596,7 +604,7 @@ impl Store {
             .ctx("list pending host jobs")?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = stmt
-            .query_map(params![now_ms, limit], |row| Ok((job_row(row)?, row.get::<_, String>(10)?)))
+            .query_map(params![now_ms, limit], |row| Ok((job_row(row)?, row.get::<_, String>(11)?)))
             .ctx("list pending host jobs")?;
         let mut out = Vec::new();
         for row in rows {
@@ -963,8 +971,9 @@ pub(crate) fn insert_job(tx: &Connection, job: &NewJob, start_by_ms: i64) -> Res
     let now = unix_now_ms();
     let inserted = tx
         .prepare_cached(
-            "INSERT INTO jobs (id, method, cmd, timeout_secs, created_at, start_by, token_name, target, level, priority)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO jobs (id, method, cmd, timeout_secs, created_at, start_by, token_name, target, level, priority,
+                               args)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) ON CONFLICT (id) DO NOTHING",
         )
         .and_then(|mut s| {
             s.execute(params![
@@ -977,7 +986,8 @@ pub(crate) fn insert_job(tx: &Connection, job: &NewJob, start_by_ms: i64) -> Res
                 job.token_name,
                 job.target,
                 job.level,
-                job.priority
+                job.priority,
+                job.args
             ])
         })
         .ctx("insert job")?;
@@ -1128,6 +1138,7 @@ fn job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<JobRecord, StoreE
         target: row.get(7)?,
         level: row.get(8)?,
         priority: row.get(9)?,
+        args: row.get(10)?,
     }))
 }
 
@@ -1187,6 +1198,7 @@ mod tests {
             target: None,
             level: "host".into(),
             priority: 100,
+            args: None,
         }
     }
 

@@ -237,6 +237,12 @@ fn put_envelope(dispatcher: &Dispatcher, pending: &PendingHostJob) -> Result<Opt
         issued_at: wire::unix_now(),
         expires_at: u64::try_from(job.start_by_ms / 1000).unwrap_or(0),
         kill_grace_ms: Some(u64::try_from(dispatcher.kill_grace.as_millis()).unwrap_or(u64::MAX)),
+        args: job
+            .args
+            .as_deref()
+            .map(serde_json::from_str)
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("job args: {e}")))?,
     };
     let payload = serde_json::to_vec(&envelope).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let body = wire::sign(&dispatcher.secret, &payload);

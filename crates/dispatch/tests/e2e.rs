@@ -330,6 +330,7 @@ fn forged_or_expired_envelopes_are_buried_not_run() {
         issued_at: wire::unix_now(),
         expires_at,
         kill_grace_ms: None,
+        args: None,
     };
     let forged_secret = Secret::new(b"not-the-real-secret-at-all".to_vec()).expect("secret");
     let forged =
@@ -559,6 +560,7 @@ fn long_command_is_touched_past_its_ttr() {
         issued_at: wire::unix_now(),
         expires_at: wire::unix_now() + 60,
         kill_grace_ms: None,
+        args: None,
     };
     let body = wire::sign(&test_secret(), &serde_json::to_vec(&envelope).expect("json"));
     queue.use_tube("host.alpha").expect("use");
@@ -1208,6 +1210,7 @@ fn replayed_envelope_runs_once_even_across_agent_restart() {
         issued_at: wire::unix_now(),
         expires_at: wire::unix_now() + 60,
         kill_grace_ms: None,
+        args: None,
     };
     let signed = wire::sign(&test_secret(), &serde_json::to_vec(&envelope).expect("json"));
     let mut replies = queue_client(&cluster.queue);

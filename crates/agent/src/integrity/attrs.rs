@@ -131,7 +131,19 @@ pub fn builtin(name: &str) -> Option<Attrs> {
     use Attrs as A;
     Some(match name {
         // AIDE's R includes md5, which is replaced by SHA-256 here.
-        "R" => a(&[A::PERM, A::FTYPE, A::INODE, A::LNAME, A::LCOUNT, A::UID, A::GID, A::SIZE, A::MTIME, A::CTIME, A::SHA256]),
+        "R" => a(&[
+            A::PERM,
+            A::FTYPE,
+            A::INODE,
+            A::LNAME,
+            A::LCOUNT,
+            A::UID,
+            A::GID,
+            A::SIZE,
+            A::MTIME,
+            A::CTIME,
+            A::SHA256,
+        ]),
         "L" => a(&[A::PERM, A::FTYPE, A::INODE, A::LNAME, A::LCOUNT, A::UID, A::GID]),
         ">" => a(&[A::PERM, A::FTYPE, A::LNAME, A::UID, A::GID, A::INODE, A::LCOUNT, A::SIZE, A::GROWING]),
         "H" => Attrs::HASHES,

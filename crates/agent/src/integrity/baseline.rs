@@ -73,7 +73,8 @@ pub fn read(path: &Path, secret: &Secret, host: &str) -> Result<Baseline, Baseli
         Err(source) => return Err(BaselineError::Io { path: shown, source }),
     };
     let tampered = |reason: String| BaselineError::Tampered { path: shown.clone(), reason };
-    let payload = wire::open(secret, &bytes).map_err(|e| tampered(format!("{e} (HMAC-SHA256 under the shared secret)")))?;
+    let payload =
+        wire::open(secret, &bytes).map_err(|e| tampered(format!("{e} (HMAC-SHA256 under the shared secret)")))?;
     let baseline: Baseline =
         serde_json::from_slice(payload).map_err(|e| tampered(format!("signed, but not a baseline: {e}")))?;
     if baseline.kind != KIND {

@@ -82,7 +82,13 @@ fn failed(code: Code, message: String) -> Outcome {
 }
 
 /// Runs `operation` for `host` with `settings`; the report, escaped, fits `max_bytes`.
-pub fn run(operation: Operation, settings: &IntegritySettings, secret: &Secret, host: &str, max_bytes: usize) -> Outcome {
+pub fn run(
+    operation: Operation,
+    settings: &IntegritySettings,
+    secret: &Secret,
+    host: &str,
+    max_bytes: usize,
+) -> Outcome {
     let text = match std::fs::read_to_string(&settings.rules) {
         Ok(text) => text,
         Err(e) => {

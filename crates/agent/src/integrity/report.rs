@@ -33,7 +33,9 @@ pub struct Diff {
 impl Diff {
     /// AIDE's exit status bits: 1 added, 2 removed, 4 changed; 0 when clean.
     pub fn status_bits(&self) -> u32 {
-        u32::from(!self.added.is_empty()) | u32::from(!self.removed.is_empty()) << 1 | u32::from(!self.changed.is_empty()) << 2
+        u32::from(!self.added.is_empty())
+            | u32::from(!self.removed.is_empty()) << 1
+            | u32::from(!self.changed.is_empty()) << 2
     }
 
     /// Whether nothing differs.
@@ -210,7 +212,8 @@ fn render_with(head: &ReportHead, diff: &Diff, shown: [usize; 3]) -> String {
         });
     }
     if !head.warnings.is_empty() {
-        let mut warnings: Vec<Value> = head.warnings.iter().take(MAX_WARNINGS).map(|w| Value::from(w.as_str())).collect();
+        let mut warnings: Vec<Value> =
+            head.warnings.iter().take(MAX_WARNINGS).map(|w| Value::from(w.as_str())).collect();
         if head.warnings.len() > MAX_WARNINGS {
             warnings.push(Value::from(format!("{} more warnings not listed", head.warnings.len() - MAX_WARNINGS)));
         }

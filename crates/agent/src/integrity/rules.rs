@@ -321,16 +321,18 @@ impl Parser {
         match parts.as_slice() {
             [file] => {
                 let path = resolve(file);
-                let text = std::fs::read_to_string(&path)
-                    .map_err(|source| IncludeError::Rules(RulesError::Read { file: path.display().to_string(), source }))?;
+                let text = std::fs::read_to_string(&path).map_err(|source| {
+                    IncludeError::Rules(RulesError::Read { file: path.display().to_string(), source })
+                })?;
                 self.parse_text(&text, &path.display().to_string(), depth + 1).map_err(IncludeError::Rules)
             }
             [dir, pattern] => {
                 let dir = resolve(dir);
                 let regex = regex::Regex::new(&format!("^(?:{pattern})"))
                     .map_err(|e| IncludeError::Other(format!("bad include regex: {e}")))?;
-                let entries = std::fs::read_dir(&dir)
-                    .map_err(|source| IncludeError::Rules(RulesError::Read { file: dir.display().to_string(), source }))?;
+                let entries = std::fs::read_dir(&dir).map_err(|source| {
+                    IncludeError::Rules(RulesError::Read { file: dir.display().to_string(), source })
+                })?;
                 let mut files: Vec<PathBuf> = entries
                     .filter_map(Result::ok)
                     .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
@@ -611,14 +613,18 @@ mod tests {
              /usr R-c\n",
         );
         assert_eq!(rules.rules.len(), 5);
-        let mine = Attrs::PERM.with(Attrs::UID).with(Attrs::GID).with(Attrs::SIZE).with(Attrs::MTIME).with(Attrs::SHA256);
+        let mine =
+            Attrs::PERM.with(Attrs::UID).with(Attrs::GID).with(Attrs::SIZE).with(Attrs::MTIME).with(Attrs::SHA256);
         assert_eq!(rules.rules[0].attrs, mine);
         assert_eq!(rules.rules[0].kind, RuleKind::Selective);
         assert_eq!(rules.rules[1].kind, RuleKind::Negative);
         assert_eq!(rules.rules[1].regex, "/etc/mtab$");
         assert_eq!(rules.rules[2].kind, RuleKind::Equals);
         assert_eq!(rules.rules[2].restriction, ftype::DIR | ftype::FILE);
-        assert_eq!(rules.rules[2].attrs, Attrs::PERM.with(Attrs::UID).with(Attrs::GID).with(Attrs::SHA256).with(Attrs::INODE));
+        assert_eq!(
+            rules.rules[2].attrs,
+            Attrs::PERM.with(Attrs::UID).with(Attrs::GID).with(Attrs::SHA256).with(Attrs::INODE)
+        );
         assert!(rules.rules[3].attrs.contains(Attrs::GROWING));
         assert!(!rules.rules[4].attrs.contains(Attrs::CTIME));
         assert_eq!(rules.rules[4].origin, "t.conf:8");

@@ -292,9 +292,8 @@ impl Selection {
         let dfa = &self.dfas[index];
         let cache = &mut self.caches[index];
         let step = |cache: &mut Cache| -> Result<Prefix, String> {
-            let mut state: LazyStateID = dfa
-                .start_state(cache, &start::Config::new().anchored(Anchored::Yes))
-                .map_err(|e| e.to_string())?;
+            let mut state: LazyStateID =
+                dfa.start_state(cache, &start::Config::new().anchored(Anchored::Yes)).map_err(|e| e.to_string())?;
             for &byte in text {
                 state = dfa.next_state(cache, state, byte).map_err(|e| e.to_string())?;
                 // Match states are delayed by one byte: this one says a match ended
