@@ -59,9 +59,10 @@ pub fn resolve(requested: &str, roots: &[PathBuf]) -> Result<PathBuf, LogError> 
     let under_a_root = |p: &Path| roots.iter().any(|root| p.starts_with(root));
     match std::fs::canonicalize(path) {
         Ok(canonical) if under_a_root(&canonical) => Ok(canonical),
-        Ok(canonical) => Err((
+        // Where it leads is not said: that would tell the caller about files it may not read.
+        Ok(_) => Err((
             Code::PathNotAllowed,
-            format!("{requested:?} resolves to {}, outside the agent's log roots", canonical.display()),
+            format!("{requested:?} leads outside the agent's log roots (after resolving .. and symlinks)"),
         )),
         // Say "missing" only where the agent may look, so probing outside learns nothing.
         Err(e) if under_a_root(&lexically_normal(path)) => Err((Code::LogReadFailed, format!("{requested:?}: {e}"))),
