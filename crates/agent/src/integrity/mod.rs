@@ -168,3 +168,74 @@ pub fn run(
     };
     Outcome { status: Ok(bits), message, data }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn setup(rules: &str) -> (tempfile::TempDir, IntegritySettings, Secret) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = std::fs::canonicalize(dir.path()).expect("canonical");
+        std::fs::create_dir(root.join("tree")).expect("mkdir");
+        let rules_path = root.join("aide.conf");
+        std::fs::write(&rules_path, rules.replace("TREE", &root.join("tree").display().to_string())).expect("rules");
+        let settings = IntegritySettings {
+            rules: rules_path,
+            baseline: root.join("state").join(BASELINE_FILE),
+            report_max_entries: 10,
+            hash_threads: 2,
+            pseudo_filesystems: false,
+        };
+        (dir, settings, Secret::new(b"unit-test-secret-0123456".to_vec()).expect("long enough"))
+    }
+
+    fn tree(settings: &IntegritySettings) -> PathBuf {
+        settings.rules.with_file_name("tree")
+    }
+
+    #[test]
+    fn missing_tampered_and_invalid_have_their_codes() {
+        let (_dir, settings, secret) = setup("TREE p+sha256\n");
+        std::fs::write(tree(&settings).join("f"), "x").expect("write");
+        assert_eq!(run(Operation::Check, &settings, &secret, "h", 60_000).status.err(), Some(Code::BaselineMissing));
+        assert_eq!(run(Operation::Init, &settings, &secret, "h", 60_000).status.ok(), Some(0));
+        assert_eq!(run(Operation::Check, &settings, &secret, "h", 60_000).status.ok(), Some(0));
+        // Another host (same secret) may not use this baseline.
+        assert_eq!(run(Operation::Check, &settings, &secret, "h2", 60_000).status.err(), Some(Code::BaselineTampered));
+        let text = std::fs::read(&settings.baseline).expect("baseline");
+        let mut edited = text.clone();
+        let last = edited.len() - 2;
+        edited[last] ^= 1;
+        std::fs::write(&settings.baseline, edited).expect("edit");
+        let outcome = run(Operation::Check, &settings, &secret, "h", 60_000);
+        assert_eq!(outcome.status.err(), Some(Code::BaselineTampered), "{}", outcome.message);
+        // Update refuses to build on a tampered baseline too.
+        assert_eq!(run(Operation::Update, &settings, &secret, "h", 60_000).status.err(), Some(Code::BaselineTampered));
+        std::fs::write(&settings.rules, "TREE p+nonsense\n").expect("rules");
+        let outcome = run(Operation::Check, &settings, &secret, "h", 60_000);
+        assert_eq!(outcome.status.err(), Some(Code::RulesInvalid));
+        assert!(outcome.message.contains("aide.conf:1"), "{}", outcome.message);
+    }
+
+    #[test]
+    fn reports_are_capped_with_a_marker() {
+        // Files only (the directory is walked, not recorded), so only additions show.
+        let (_dir, settings, secret) = setup("TREE f p+s+sha256\n");
+        run(Operation::Init, &settings, &secret, "h", 60_000).status.expect("init");
+        for i in 0..40 {
+            std::fs::write(tree(&settings).join(format!("new{i:02}")), "x").expect("write");
+        }
+        let outcome = run(Operation::Check, &settings, &secret, "h", 60_000);
+        assert_eq!(outcome.status.ok(), Some(1), "{}", outcome.message);
+        let report: Value = serde_json::from_str(&outcome.data).expect("json");
+        assert_eq!(report["summary"]["added"], 40);
+        assert_eq!(report["added"].as_array().map(Vec::len), Some(10));
+        assert_eq!(report["omitted"]["added"], 30);
+        assert_eq!(report["omitted"]["more"], "30 more entries not listed");
+        // Update accepts all 40 (and says so), then the tree is clean.
+        let update = run(Operation::Update, &settings, &secret, "h", 60_000);
+        assert!(update.message.contains("40 added"), "{}", update.message);
+        assert_eq!(run(Operation::Check, &settings, &secret, "h", 60_000).status.ok(), Some(0));
+    }
+}

@@ -8,7 +8,6 @@ use super::select::{Decision, Selection};
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 use std::collections::BTreeMap;
-use std::ffi::OsStr;
 use std::io::Read as _;
 use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
@@ -279,7 +278,7 @@ struct Hashes {
 
 fn hash_all(mut jobs: Vec<HashJob>, threads: usize, scan: &mut Scan) {
     // Largest first, so one big file does not start last and finish alone.
-    jobs.sort_by(|a, b| b.size.cmp(&a.size));
+    jobs.sort_by_key(|job| std::cmp::Reverse(job.size));
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<(usize, Result<Hashes, String>)>> = Mutex::new(Vec::with_capacity(jobs.len()));
     let threads = threads.min(jobs.len().max(1));
@@ -344,11 +343,6 @@ fn hash_file(job: &HashJob, buffer: &mut [u8]) -> Result<Hashes, String> {
         sha512: sha512.map(|h| hex::encode(h.finalize())),
         blake3: blake3.map(|h| h.finalize().to_hex().to_string()),
     })
-}
-
-/// A path given as text (a rules regex root, a log path) as the bytes the OS uses.
-pub fn os_bytes(path: &Path) -> &[u8] {
-    OsStr::as_bytes(path.as_os_str())
 }
 
 #[cfg(test)]

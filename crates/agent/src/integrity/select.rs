@@ -178,12 +178,6 @@ impl Selection {
         self.tree.contains(path)
     }
 
-    /// The paths the walk starts from: the shallowest rule directories. AIDE walks from
-    /// `/`; starting below it skips only directories no rule can reach.
-    pub fn roots(&self) -> Vec<Vec<u8>> {
-        vec![b"/".to_vec()]
-    }
-
     /// What the rules say about `path`, a file of type `ftype` (a bit of
     /// [`super::rules::ftype`]).
     pub fn classify(&mut self, path: &[u8], ftype: u8) -> Decision {
