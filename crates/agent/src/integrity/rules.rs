@@ -6,7 +6,8 @@
 //! (`/run d,f R`), attribute expressions over attributes and groups (`p+u+g-m`), group
 //! definitions (`Mine = p+u+g+sha256`), `@@define`/`@@undef`/`@@{VAR}` (with `HOSTNAME`
 //! predefined), `@@if`/`@@ifdef`/`@@ifndef`/`@@ifhost`/`@@ifnhost`/`@@else`/`@@endif`,
-//! `@@include FILE` and `@@include DIR REGEX`, and AIDE's options: the ones that change
+//! `@@include FILE` and `@@include DIR REGEX` (and `@@x_include` of files that are not
+//! executable: the agent runs no programs), and AIDE's options: the ones that change
 //! what is compared (`report_ignore_changed_attrs`, `num_workers`) are used, the others
 //! (databases, report URLs and formats, logging, gzip) are accepted and ignored, because
 //! the agent keeps its own signed baseline and answers in JSON. Anything else is an error
@@ -256,16 +257,15 @@ impl Parser {
                     "undef" => {
                         self.vars.remove(rest.trim());
                     }
-                    "include" => {
+                    "include" | "x_include" => {
                         let args = self.substitute(rest).map_err(err)?;
-                        self.include(&args, depth).map_err(|e| match e {
+                        self.include(&args, depth, word == "x_include").map_err(|e| match e {
                             IncludeError::Rules(e) => e,
                             IncludeError::Other(reason) => err(reason),
                         })?;
                     }
-                    "x_include" | "x_include_setenv" => {
-                        return Err(err("@@x_include runs programs; the agent does not".into()));
-                    }
+                    // Only the environment of executable config files, which are refused.
+                    "x_include_setenv" => {}
                     _ if word.starts_with('{') => self.line(line, file, number).map_err(err)?,
                     _ => return Err(err(format!("unknown directive @@{word}"))),
                 }
@@ -309,7 +309,10 @@ impl Parser {
         }
     }
 
-    fn include(&mut self, args: &str, depth: usize) -> Result<(), IncludeError> {
+    /// `@@include`; `@@x_include` when `executable_refused`: AIDE runs an executable file
+    /// and reads its output, the agent runs nothing, so such a file is an error (plain
+    /// files are read as by `@@include`, which is what Debian's aide.conf.d holds).
+    fn include(&mut self, args: &str, depth: usize, executable_refused: bool) -> Result<(), IncludeError> {
         if depth + 1 >= MAX_INCLUDE_DEPTH {
             return Err(IncludeError::Other(format!("includes nested deeper than {MAX_INCLUDE_DEPTH}")));
         }
@@ -318,9 +321,21 @@ impl Parser {
             Some(base) if Path::new(p).is_relative() => base.join(p),
             _ => PathBuf::from(p),
         };
+        let refuse_executable = |path: &Path| -> Result<(), IncludeError> {
+            use std::os::unix::fs::PermissionsExt as _;
+            let executable = std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o111 != 0);
+            if executable_refused && executable {
+                return Err(IncludeError::Other(format!(
+                    "@@x_include of {}: it is executable, and the agent runs no programs to make its rules",
+                    path.display()
+                )));
+            }
+            Ok(())
+        };
         match parts.as_slice() {
             [file] => {
                 let path = resolve(file);
+                refuse_executable(&path)?;
                 let text = std::fs::read_to_string(&path).map_err(|source| {
                     IncludeError::Rules(RulesError::Read { file: path.display().to_string(), source })
                 })?;
@@ -341,6 +356,7 @@ impl Parser {
                     .collect();
                 files.sort();
                 for path in files {
+                    refuse_executable(&path)?;
                     let text = std::fs::read_to_string(&path).map_err(|source| {
                         IncludeError::Rules(RulesError::Read { file: path.display().to_string(), source })
                     })?;
@@ -684,6 +700,47 @@ mod tests {
         assert_eq!(rules.num_workers, Some(4));
         assert!(rules.rules[0].attrs.contains(Attrs::SHA512.with(Attrs::SHA256)));
         assert_eq!(rules.notes.len(), 3, "{:?}", rules.notes);
+    }
+
+    #[test]
+    fn a_debian_style_config_with_includes_parses() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path().join("aide.conf.d");
+        std::fs::create_dir(&d).expect("mkdir");
+        std::fs::write(d.join("10_aide_etc"), "/etc Full\n!/etc/mtab$\n").expect("write");
+        std::fs::write(d.join("31_aide_apt"), "/var/lib/apt/lists VarDir\n").expect("write");
+        std::fs::write(d.join("README.txt"), "not matched by the include regex\n").expect("write");
+        let main = format!(
+            "@@define DBDIR /var/lib/aide\n\
+             @@define LOGDIR /var/log/aide\n\
+             database_in=file:@@{{DBDIR}}/aide.db\n\
+             database_out=file:@@{{DBDIR}}/aide.db.new\n\
+             database_new=file:@@{{DBDIR}}/aide.db.new\n\
+             gzip_dbout=yes\n\
+             report_url=file:@@{{LOGDIR}}/aide.log\n\
+             report_url=stdout\n\
+             Checksums = H\n\
+             OwnerMode = p+u+g+ftype\n\
+             Size = s+b\n\
+             InodeData = OwnerMode+n+i+Size+l+X\n\
+             StaticFile = m+c+Checksums\n\
+             Full = InodeData+StaticFile\n\
+             VarDir = OwnerMode+n+i+X\n\
+             @@x_include_setenv UPAC_settingsd /etc/aide/settings.d\n\
+             @@x_include {} ^[a-zA-Z0-9_-]+$\n",
+            d.display()
+        );
+        let rules = parse(&main, "aide.conf", Some(dir.path())).expect("parses");
+        let regexes: Vec<&str> = rules.rules.iter().map(|r| r.regex.as_str()).collect();
+        assert_eq!(regexes, ["/etc", "/etc/mtab$", "/var/lib/apt/lists"]);
+        assert!(rules.rules[0].attrs.contains(Attrs::HASHES.with(Attrs::BCOUNT).with(Attrs::LNAME)));
+        assert!(rules.rules[1].origin.ends_with("10_aide_etc:2"), "{}", rules.rules[1].origin);
+        // An executable include would be run by AIDE: refused, by name.
+        let script = d.join("50_script");
+        std::fs::write(&script, "#!/bin/sh\necho /x p\n").expect("write");
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+        let e = parse(&main, "aide.conf", Some(dir.path())).expect_err("executable").to_string();
+        assert!(e.contains("50_script") && e.contains("aide.conf:17"), "{e}");
     }
 
     #[test]
