@@ -21,7 +21,8 @@ use std::time::Duration;
                   SIGHUP re-reads --config (a bad file keeps the old one in force).\n\
                   Files next to --state-file: <name>.ledger (the envelopes run here, so none runs twice, \
                   and the running command's process group, ended by the next start if the agent dies) \
-                  and <name>.lock (one agent per state file).\n\
+                  and <name>.lock (one agent per state file); integrity.baseline (the signed baseline of \
+                  integrity.init) in --config's state_dir, by default the same directory.\n\
                   See docs/DISPATCH.md."
 )]
 struct Args {

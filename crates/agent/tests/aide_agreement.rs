@@ -110,7 +110,7 @@ fn set_mtime(path: &Path, secs: u64) {
 }
 
 fn build_tree(tree: &Path) {
-    for dir in ["", "etc", "bin", "eq", "eq/sub", "logs", "logs/old", "ignored", "var"] {
+    for dir in ["", "etc", "bin", "eq", "eq/sub", "logs", "logs/old", "ignored", "var", "grow"] {
         fs::create_dir_all(tree.join(dir)).expect("mkdir");
     }
     write(&tree.join("etc/passwd"), "root:x:0:0::/root:/bin/sh\n", 0o644);
@@ -129,6 +129,9 @@ fn build_tree(tree: &Path) {
     write(&tree.join("logs/old/app.log"), "old\n", 0o644);
     write(&tree.join("ignored/noise"), "ignored\n", 0o644);
     write(&tree.join("var/data"), "data\n", 0o600);
+    write(&tree.join("grow/appended.log"), "first line\n", 0o644);
+    write(&tree.join("grow/rewritten.log"), "first line\n", 0o644);
+    write(&tree.join("grow/shrunk.log"), "first line\n", 0o644);
     symlink("passwd", tree.join("etc/link")).expect("symlink");
     symlink("/nonexistent/target", tree.join("etc/dangling")).expect("symlink");
     let fifo = Command::new("mkfifo").arg(tree.join("var/fifo")).status().expect("mkfifo");
@@ -140,7 +143,17 @@ fn build_tree(tree: &Path) {
     chown(tree.join("var/data"), Some(1), Some(1)).expect("chown");
     chown(tree.join("bin/tool"), Some(2), Some(3)).expect("chown");
     // Past mtimes, so "now" differs from them in the check.
-    for file in ["etc/passwd", "etc/hosts", "etc/motd", "etc/issue", "bin/tool", "var/data"] {
+    for file in [
+        "etc/passwd",
+        "etc/hosts",
+        "etc/motd",
+        "etc/issue",
+        "bin/tool",
+        "var/data",
+        "grow/appended.log",
+        "grow/rewritten.log",
+        "grow/shrunk.log",
+    ] {
         set_mtime(&tree.join(file), 1_000_000_000);
     }
 }
@@ -178,6 +191,11 @@ fn change_tree(tree: &Path) {
     fs::write(tree.join("logs/old/app.log"), "rewritten\n").expect("write");
     fs::write(tree.join("ignored/noise"), "more noise\n").expect("write");
     write(&tree.join("ignored/new"), "x\n", 0o644);
+    // Growing files: an append is not a change; a rewrite or a shrink is.
+    let mut log = fs::OpenOptions::new().append(true).open(tree.join("grow/appended.log")).expect("open");
+    std::io::Write::write_all(&mut log, b"second line\n").expect("append");
+    fs::write(tree.join("grow/rewritten.log"), "FIRST LINE\nsecond line\n").expect("write");
+    fs::write(tree.join("grow/shrunk.log"), "first\n").expect("write");
 }
 
 #[test]
@@ -208,7 +226,8 @@ fn aide_and_the_agent_find_the_same_changes() {
          /@@{{TREE}}/logs/.*\\.log$ f Light+s+sha256\n\
          /@@{{TREE}}/logs d Light\n\
          !/@@{{TREE}}/logs/old\n\
-         /@@{{TREE}}/var/fifo p Light\n",
+         /@@{{TREE}}/var/fifo p Light\n\
+         /@@{{TREE}}/grow f p+u+g+s+m+c+sha256+growing\n",
         d = dir.display(),
         // AIDE wants a rule line to start with `/`, so the variable holds the rest.
         rel = dir.display().to_string().trim_start_matches('/'),
@@ -271,6 +290,9 @@ fn aide_and_the_agent_find_the_same_changes() {
     assert!(attrs("etc/retyped").contains("file_type"));
     assert!(ours.added.contains(&t("bin/backdoor")) && ours.removed.contains(&t("var/fifo")));
     assert!(!ours.changed.contains_key(&t("ignored/noise")));
+    assert!(!ours.changed.contains_key(&t("grow/appended.log")), "an append to a growing file");
+    assert_eq!(attrs("grow/rewritten.log").into_iter().collect::<Vec<_>>(), ["sha256"]);
+    assert!(attrs("grow/shrunk.log").contains("size") && attrs("grow/shrunk.log").contains("sha256"));
 
     // update accepts it all: both are clean again afterwards.
     let (update_bits, accepted) = bench.ours(Operation::Update);

@@ -119,7 +119,15 @@ fn integrity_and_log_jobs_through_the_dispatcher() {
     let app = logs.join("app.log").display().to_string();
     let tail = run(&cluster, json!({"method": "log.tail", "args": {"path": app, "lines": 2}}));
     assert_eq!((tail["resp"].clone(), tail["data"].clone()), (json!("success"), json!("error: again\nend\n")));
-    let grep = run(&cluster, json!({"method": "log.grep", "args": {"path": app, "pattern": "^error", "context": 1}}));
+    let (status, reply) = post(
+        &cluster.url("/v1/jobs"),
+        &json!({"hosts": [HOST], "method": "log.grep", "args": {"path": app, "pattern": "^error", "context": 1}}),
+    );
+    assert_eq!(status, 200, "{reply}");
+    let grep = reply["response"][0].clone();
+    // The job keeps its args.
+    let (_, job) = get(&cluster.url(&format!("/v1/jobs/{}", reply["id"].as_str().unwrap_or(""))));
+    assert_eq!(job["args"], json!({"path": app, "pattern": "^error", "context": 1}), "{job}");
     assert_eq!(grep["data"], "1-start\n2:error: disk full\n3-ok\n4:error: again\n5-end\n", "{grep}");
     let sneaky = logs.join("sneaky.log").display().to_string();
     failed_with(&run(&cluster, json!({"method": "log.tail", "args": {"path": sneaky}})), Code::PathNotAllowed);

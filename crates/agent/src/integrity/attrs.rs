@@ -42,7 +42,7 @@ impl Attrs {
     /// BLAKE3 of the content (`blake3`).
     pub const BLAKE3: Attrs = Attrs(1 << 14);
     /// Growing file (`growing`, or `S` = `s+growing`): a larger size and later times are
-    /// not changes.
+    /// not changes, nor is a hash whose first old-size bytes hash as before.
     pub const GROWING: Attrs = Attrs(1 << 15);
     /// Allow new files (`ANF`): added entries are not reported.
     pub const ANF: Attrs = Attrs(1 << 16);

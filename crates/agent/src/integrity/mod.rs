@@ -129,7 +129,13 @@ pub fn run(
         0 => rules.num_workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         n => n,
     };
-    let options = scan::ScanOptions { threads, pseudo_filesystems: settings.pseudo_filesystems };
+    let growing = old
+        .iter()
+        .flat_map(|b| &b.entries)
+        .filter(|(_, e)| e.attrs.contains(attrs::Attrs::GROWING) && e.attrs.intersects(attrs::Attrs::HASHES))
+        .filter_map(|(path, e)| Some((path.clone(), e.size?)))
+        .collect();
+    let options = scan::ScanOptions { threads, pseudo_filesystems: settings.pseudo_filesystems, growing };
     let found = scan::scan(&mut selection, &options);
     let mut warnings: Vec<String> = rules.notes.clone();
     warnings.extend(found.skipped_pseudo.iter().map(|p| format!("{p}: a kernel pseudo-filesystem, not walked into")));
@@ -139,7 +145,7 @@ pub fn run(
     let old_entries = old.as_ref().map_or(&empty, |b| &b.entries);
     let diff = match operation {
         Operation::Init => report::Diff::default(),
-        _ => report::diff(old_entries, &found.entries, rules.ignore_changed),
+        _ => report::diff(old_entries, &found.entries, rules.ignore_changed, &found.prefix_hashes),
     };
     let mut baseline_facts = match &old {
         Some(b) => json!({
@@ -216,6 +222,23 @@ mod tests {
         let outcome = run(Operation::Check, &settings, &secret, "h", 60_000);
         assert_eq!(outcome.status.err(), Some(Code::RulesInvalid));
         assert!(outcome.message.contains("aide.conf:1"), "{}", outcome.message);
+    }
+
+    #[test]
+    fn growing_files_may_be_appended_to_not_rewritten() {
+        let (_dir, settings, secret) = setup("TREE f p+s+sha256+growing\n");
+        let log = tree(&settings).join("app.log");
+        std::fs::write(&log, "one\n").expect("write");
+        run(Operation::Init, &settings, &secret, "h", 60_000).status.expect("init");
+        std::fs::write(&log, "one\ntwo\n").expect("append");
+        assert_eq!(run(Operation::Check, &settings, &secret, "h", 60_000).status.ok(), Some(0));
+        std::fs::write(&log, "ONE\ntwo\n").expect("rewrite");
+        let outcome = run(Operation::Check, &settings, &secret, "h", 60_000);
+        assert_eq!(outcome.status.ok(), Some(4), "{}", outcome.message);
+        assert!(outcome.data.contains("\"sha256\""), "{}", outcome.data);
+        std::fs::write(&log, "on").expect("shrink");
+        let outcome = run(Operation::Check, &settings, &secret, "h", 60_000);
+        assert!(outcome.data.contains("\"size\""), "{}", outcome.data);
     }
 
     #[test]

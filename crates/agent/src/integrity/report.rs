@@ -4,9 +4,9 @@
 //! count of what was left out.
 
 use super::attrs::Attrs;
-use super::scan::Entry;
+use super::scan::{Entry, Hashes};
 use serde_json::{json, Map, Value};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// One changed attribute.
 #[derive(Debug, Clone, PartialEq)]
@@ -76,7 +76,9 @@ fn attribute_values(entry: &Entry) -> [(&'static str, Attrs, Value); 15] {
 const GROWS: &[&str] = &["size", "block_count", "access_time", "modify_time", "change_time"];
 
 /// The attribute changes between `old` and `new` of one path, `ignore` left out.
-pub fn changes(old: &Entry, new: &Entry, ignore: Attrs) -> Vec<AttrChange> {
+/// `prefix` holds the hashes of `new`'s first `old.size` bytes when it is a growing file
+/// that grew: a hash whose prefix equals the old one is an append, not a change.
+pub fn changes(old: &Entry, new: &Entry, ignore: Attrs, prefix: Option<&Hashes>) -> Vec<AttrChange> {
     // Compared: what both rules select (as AIDE, a rule edited to drop an attribute
     // stops comparing it).
     let both = old.attrs.and(new.attrs).without(ignore);
@@ -93,20 +95,37 @@ pub fn changes(old: &Entry, new: &Entry, ignore: Attrs) -> Vec<AttrChange> {
                 }
             }
         }
+        if growing {
+            let head = prefix.and_then(|p| match name {
+                "sha256" => p.sha256.as_deref(),
+                "sha512" => p.sha512.as_deref(),
+                "blake3" => p.blake3.as_deref(),
+                _ => None,
+            });
+            if head.is_some() && head == old_value.as_str() {
+                continue;
+            }
+        }
         out.push(AttrChange { name, old: old_value, new: new_value });
     }
     out
 }
 
-/// Compares `old` (the baseline) with `new` (the scan).
-pub fn diff(old: &BTreeMap<String, Entry>, new: &BTreeMap<String, Entry>, ignore: Attrs) -> Diff {
+/// Compares `old` (the baseline) with `new` (the scan); `prefixes` are the scan's
+/// prefix hashes of growing files that grew.
+pub fn diff(
+    old: &BTreeMap<String, Entry>,
+    new: &BTreeMap<String, Entry>,
+    ignore: Attrs,
+    prefixes: &HashMap<String, Hashes>,
+) -> Diff {
     let mut d = Diff::default();
     for (path, entry) in new {
         match old.get(path) {
             None if !entry.attrs.contains(Attrs::ANF) => d.added.push((path.clone(), entry.clone())),
             None => {}
             Some(before) => {
-                let c = changes(before, entry, ignore);
+                let c = changes(before, entry, ignore, prefixes.get(path));
                 if !c.is_empty() {
                     d.changed.push((path.clone(), c));
                 }
@@ -251,19 +270,19 @@ mod tests {
     fn each_changed_attribute_is_named() {
         let old = BTreeMap::from([("/a".to_string(), file(0o644, "x")), ("/gone".to_string(), file(0o644, "y"))]);
         let new = BTreeMap::from([("/a".to_string(), file(0o600, "z")), ("/new".to_string(), file(0o644, "y"))]);
-        let d = diff(&old, &new, Attrs::EMPTY);
+        let d = diff(&old, &new, Attrs::EMPTY, &HashMap::new());
         assert_eq!(d.status_bits(), 7);
         let names: Vec<&str> = d.changed[0].1.iter().map(|c| c.name).collect();
         assert_eq!(names, ["perm", "sha256"]);
         assert_eq!(d.changed[0].1[0].old, Value::from("0644"));
-        assert!(diff(&old, &new, Attrs::PERM).changed[0].1.iter().all(|c| c.name != "perm"));
+        assert!(diff(&old, &new, Attrs::PERM, &HashMap::new()).changed[0].1.iter().all(|c| c.name != "perm"));
     }
 
     #[test]
     fn the_cap_says_how_many_more() {
         let old = BTreeMap::new();
         let new: BTreeMap<String, Entry> = (0..5000).map(|i| (format!("/f{i:05}"), file(0o644, "x"))).collect();
-        let d = diff(&old, &new, Attrs::EMPTY);
+        let d = diff(&old, &new, Attrs::EMPTY, &HashMap::new());
         let head = ReportHead { method: "integrity.check", total: 5000, baseline: Value::Null, warnings: vec![] };
         let report: Value = serde_json::from_str(&render(&head, &d, 100, 60_000)).expect("json");
         assert_eq!(report["added"].as_array().map(Vec::len), Some(100));

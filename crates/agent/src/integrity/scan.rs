@@ -70,12 +70,16 @@ pub struct Entry {
 }
 
 /// How to scan.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ScanOptions {
     /// Hashing threads (at least 1).
     pub threads: usize,
     /// Whether to walk into proc, sysfs and the other kernel pseudo-filesystems.
     pub pseudo_filesystems: bool,
+    /// Growing files of the baseline, by escaped path, with their size then: a file now
+    /// larger is also hashed over that many first bytes, so an append is told from a
+    /// rewrite (AIDE's `growing`).
+    pub growing: std::collections::HashMap<String, u64>,
 }
 
 /// What a scan found.
@@ -87,6 +91,9 @@ pub struct Scan {
     pub warnings: Vec<String>,
     /// Mount points of pseudo-filesystems not walked into.
     pub skipped_pseudo: Vec<String>,
+    /// For growing files now larger than in the baseline: the hashes of their first
+    /// baseline-size bytes.
+    pub prefix_hashes: std::collections::HashMap<String, Hashes>,
 }
 
 /// A path as text: UTF-8 as it is, except `\` written `\\` and bytes that are not UTF-8
@@ -179,6 +186,8 @@ struct HashJob {
     size: u64,
     dev: u64,
     ino: u64,
+    /// Also hash the first this many bytes (a growing file that grew).
+    prefix: Option<u64>,
 }
 
 /// Walks from `/` as AIDE does, recording what `selection` selects, then hashes.
@@ -190,7 +199,7 @@ pub fn scan(selection: &mut Selection, options: &ScanOptions) -> Scan {
     match std::fs::symlink_metadata(root) {
         Ok(meta) => {
             let decision = selection.classify(b"/", ftype::DIR);
-            record(selection, root, &meta, decision, &mut scan, &mut jobs);
+            record(selection, root, &meta, decision, options, &mut scan, &mut jobs);
             stack.push((root.to_path_buf(), meta.dev()));
         }
         Err(e) => scan.warnings.push(format!("/: {e}")),
@@ -218,7 +227,7 @@ pub fn scan(selection: &mut Selection, options: &ScanOptions) -> Scan {
             let bytes = path.as_os_str().as_bytes();
             let bit = type_bit(meta.file_type());
             let decision = selection.classify(bytes, bit);
-            record(selection, &path, &meta, decision, &mut scan, &mut jobs);
+            record(selection, &path, &meta, decision, options, &mut scan, &mut jobs);
             let descend = bit == ftype::DIR
                 && match decision {
                     // An equals match is walked too (AIDE 0.18.5's fix, in Debian's 0.18.3):
@@ -248,6 +257,7 @@ fn record(
     path: &Path,
     meta: &std::fs::Metadata,
     decision: Decision,
+    options: &ScanOptions,
     scan: &mut Scan,
     jobs: &mut Vec<HashJob>,
 ) {
@@ -263,24 +273,67 @@ fn record(
             size: meta.size(),
             dev: meta.dev(),
             ino: meta.ino(),
+            prefix: options.growing.get(&key).copied().filter(|&old| meta.size() > old),
         });
     }
     scan.entries.insert(key, entry);
 }
 
-/// The hashes of one file.
-#[derive(Default)]
-struct Hashes {
-    sha256: Option<String>,
-    sha512: Option<String>,
-    blake3: Option<String>,
+/// The hashes of one file (those its rule asks for).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Hashes {
+    /// Hex SHA-256.
+    pub sha256: Option<String>,
+    /// Hex SHA-512.
+    pub sha512: Option<String>,
+    /// Hex BLAKE3.
+    pub blake3: Option<String>,
+}
+
+/// The hashers a rule asks for, fed together.
+#[derive(Clone)]
+struct Hashers {
+    sha256: Option<sha2::Sha256>,
+    sha512: Option<sha2::Sha512>,
+    blake3: Option<blake3::Hasher>,
+}
+
+impl Hashers {
+    fn new(attrs: Attrs) -> Hashers {
+        Hashers {
+            sha256: attrs.contains(Attrs::SHA256).then(sha2::Sha256::new),
+            sha512: attrs.contains(Attrs::SHA512).then(sha2::Sha512::new),
+            blake3: attrs.contains(Attrs::BLAKE3).then(blake3::Hasher::new),
+        }
+    }
+
+    fn update(&mut self, chunk: &[u8]) {
+        if let Some(h) = self.sha256.as_mut() {
+            h.update(chunk);
+        }
+        if let Some(h) = self.sha512.as_mut() {
+            h.update(chunk);
+        }
+        if let Some(h) = self.blake3.as_mut() {
+            h.update(chunk);
+        }
+    }
+
+    fn finish(self) -> Hashes {
+        Hashes {
+            sha256: self.sha256.map(|h| hex::encode(h.finalize())),
+            sha512: self.sha512.map(|h| hex::encode(h.finalize())),
+            blake3: self.blake3.map(|h| h.finalize().to_hex().to_string()),
+        }
+    }
 }
 
 fn hash_all(mut jobs: Vec<HashJob>, threads: usize, scan: &mut Scan) {
     // Largest first, so one big file does not start last and finish alone.
     jobs.sort_by_key(|job| std::cmp::Reverse(job.size));
     let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<(usize, Result<Hashes, String>)>> = Mutex::new(Vec::with_capacity(jobs.len()));
+    type Hashed = Result<(Hashes, Option<Hashes>), String>;
+    let results: Mutex<Vec<(usize, Hashed)>> = Mutex::new(Vec::with_capacity(jobs.len()));
     let threads = threads.min(jobs.len().max(1));
     std::thread::scope(|s| {
         for _ in 0..threads {
@@ -299,11 +352,14 @@ fn hash_all(mut jobs: Vec<HashJob>, threads: usize, scan: &mut Scan) {
     for (index, result) in results.into_inner().unwrap_or_else(|p| p.into_inner()) {
         let job = &jobs[index];
         match result {
-            Ok(h) => {
+            Ok((h, prefix)) => {
                 if let Some(entry) = scan.entries.get_mut(&job.key) {
                     entry.sha256 = h.sha256;
                     entry.sha512 = h.sha512;
                     entry.blake3 = h.blake3;
+                }
+                if let Some(prefix) = prefix {
+                    scan.prefix_hashes.insert(job.key.clone(), prefix);
                 }
             }
             Err(e) => scan.warnings.push(format!("{}: cannot hash: {e}", job.key)),
@@ -311,15 +367,16 @@ fn hash_all(mut jobs: Vec<HashJob>, threads: usize, scan: &mut Scan) {
     }
 }
 
-fn hash_file(job: &HashJob, buffer: &mut [u8]) -> Result<Hashes, String> {
+/// The file's hashes, and those of its first `job.prefix` bytes when asked.
+fn hash_file(job: &HashJob, buffer: &mut [u8]) -> Result<(Hashes, Option<Hashes>), String> {
     let mut file = crate::sys::open_read_nofollow(&job.path).map_err(|e| e.to_string())?;
     let meta = file.metadata().map_err(|e| e.to_string())?;
     if !meta.is_file() || meta.dev() != job.dev || meta.ino() != job.ino {
         return Err("replaced while the scan ran".into());
     }
-    let mut sha256 = job.attrs.contains(Attrs::SHA256).then(sha2::Sha256::new);
-    let mut sha512 = job.attrs.contains(Attrs::SHA512).then(sha2::Sha512::new);
-    let mut blake3 = job.attrs.contains(Attrs::BLAKE3).then(blake3::Hasher::new);
+    let mut hashers = Hashers::new(job.attrs);
+    let mut prefix_left = job.prefix;
+    let mut prefix = None;
     loop {
         let n = match file.read(buffer) {
             Ok(0) => break,
@@ -327,22 +384,21 @@ fn hash_file(job: &HashJob, buffer: &mut [u8]) -> Result<Hashes, String> {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e.to_string()),
         };
-        let chunk = &buffer[..n];
-        if let Some(h) = sha256.as_mut() {
-            h.update(chunk);
+        let mut chunk = &buffer[..n];
+        if let Some(left) = prefix_left {
+            let head = usize::try_from(left).unwrap_or(usize::MAX).min(chunk.len());
+            hashers.update(&chunk[..head]);
+            chunk = &chunk[head..];
+            let left = left - head as u64;
+            prefix_left = Some(left);
+            if left == 0 {
+                prefix = Some(hashers.clone().finish());
+                prefix_left = None;
+            }
         }
-        if let Some(h) = sha512.as_mut() {
-            h.update(chunk);
-        }
-        if let Some(h) = blake3.as_mut() {
-            h.update(chunk);
-        }
+        hashers.update(chunk);
     }
-    Ok(Hashes {
-        sha256: sha256.map(|h| hex::encode(h.finalize())),
-        sha512: sha512.map(|h| hex::encode(h.finalize())),
-        blake3: blake3.map(|h| h.finalize().to_hex().to_string()),
-    })
+    Ok((hashers.finish(), prefix))
 }
 
 #[cfg(test)]
