@@ -7,6 +7,8 @@ use crate::integrity::{IntegritySettings, BASELINE_FILE, DEFAULT_REPORT_MAX_ENTR
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
+/// Most hashing threads `[integrity] hash_threads` may ask for.
+pub const MAX_HASH_THREADS: usize = 256;
 /// `log.tail` lines when the job asks for none.
 pub const DEFAULT_TAIL_LINES: u64 = 100;
 /// Most lines `log.tail` returns when the config does not say.
@@ -120,6 +122,9 @@ pub fn parse(text: &str, path: &Path, state_file: &Path) -> Result<Settings, Con
     let integrity = match file.integrity {
         None => None,
         Some(section) => {
+            if section.hash_threads.is_some_and(|n| n > MAX_HASH_THREADS) {
+                return Err(invalid(format!("[integrity] hash_threads is at most {MAX_HASH_THREADS}")));
+            }
             let rules = resolve(&section.rules);
             // Parsed now so a broken rules file is reported at start (or on SIGHUP); it is
             // read again for each job, so edits need no reload.

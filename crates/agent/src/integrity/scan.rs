@@ -196,10 +196,14 @@ pub fn scan(selection: &mut Selection, options: &ScanOptions) -> Scan {
     let mut jobs: Vec<HashJob> = Vec::new();
     let root = Path::new("/");
     let mut stack: Vec<(std::path::PathBuf, u64)> = Vec::new();
+    // Directories walked, by device and inode: a bind mount of an ancestor inside its own
+    // tree is walked once, not forever.
+    let mut walked: std::collections::HashSet<(u64, u64)> = std::collections::HashSet::new();
     match std::fs::symlink_metadata(root) {
         Ok(meta) => {
             let decision = selection.classify(b"/", ftype::DIR);
             record(selection, root, &meta, decision, options, &mut scan, &mut jobs);
+            walked.insert((meta.dev(), meta.ino()));
             stack.push((root.to_path_buf(), meta.dev()));
         }
         Err(e) => scan.warnings.push(format!("/: {e}")),
@@ -243,6 +247,13 @@ pub fn scan(selection: &mut Selection, options: &ScanOptions) -> Scan {
                 && crate::sys::is_pseudo_filesystem(&path).unwrap_or(false)
             {
                 scan.skipped_pseudo.push(escape_path(bytes));
+                continue;
+            }
+            if !walked.insert((meta.dev(), meta.ino())) {
+                scan.warnings.push(format!(
+                    "{}: a directory already walked (a bind mount?), not walked again",
+                    escape_path(bytes)
+                ));
                 continue;
             }
             stack.push((path, meta.dev()));
