@@ -8,7 +8,8 @@
 //! on the queue again is buried and reported, never run. On SIGTERM or SIGINT it stops
 //! reserving; a running command may finish within the drain timeout, else it is killed and
 //! reported (`agent_restarted`). A command left running by an agent that died is ended by
-//! the next one to start ([`orphans`]).
+//! the next one to start ([`orphans`]). `integrity.*` and `log.*` jobs run the agent's own
+//! code, on its own configuration ([`config`]), never a command.
 //!
 //! # Layout
 //! - this file: the configuration, the serve loop (reserve, verify, run, report, delete) and
@@ -21,6 +22,11 @@
 //! - [`exec`]: runs `bash -c` in its own process group, with a timeout, bounded output
 //!   capture, and no child left behind.
 //! - [`query`]: the host facts `sync.query` answers with, parsed from `/proc` text.
+//! - [`integrity`]: `integrity.init`/`check`/`update`: aide.conf rules, the scan, the
+//!   signed baseline, the capped JSON report.
+//! - [`logs`]: `log.tail` and `log.grep`, confined to the configured log roots.
+//! - [`config`]: the `--config` TOML file (integrity rules, log roots, caps), reloaded on
+//!   SIGHUP.
 //! - [`facts`]: what the host is (OS, CPUs, memory, addresses), sent when it registers.
 //! - [`identity`]: the host id: given, or generated once and kept in the state file.
 //! - `sys` (private): every call into the operating system (pipes, `waitid`, process-group
@@ -28,11 +34,14 @@
 
 #![deny(unsafe_code)]
 
+pub mod config;
 pub mod exec;
 pub mod facts;
 pub mod heartbeat;
 pub mod identity;
+pub mod integrity;
 pub mod ledger;
+pub mod logs;
 pub mod orphans;
 pub mod query;
 pub mod standing;
@@ -89,6 +98,9 @@ pub struct AgentConfig {
     pub heartbeat: Duration,
     /// Time between fetches of the host's standing tasks; zero fetches none.
     pub tasks_poll: Duration,
+    /// The `--config` TOML file (integrity rules, log roots); `None`: those methods are
+    /// refused as not configured.
+    pub config_file: Option<PathBuf>,
 }
 
 impl Default for AgentConfig {
@@ -105,6 +117,7 @@ impl Default for AgentConfig {
             drain_timeout: Duration::from_secs(30),
             heartbeat: Duration::from_secs(30),
             tasks_poll: Duration::from_secs(5),
+            config_file: None,
         }
     }
 }
@@ -133,6 +146,10 @@ struct Agent {
     /// The standing tasks this host holds (see [`standing`]).
     #[allow(dead_code)] // read by the runners of agent-side tasks
     standing: Arc<standing::Standing>,
+    /// The `--config` file's settings in force.
+    settings: RefCell<config::Settings>,
+    /// Set by SIGHUP: read the config file again.
+    reload: Arc<AtomicBool>,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -149,6 +166,10 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
         ),
         None => std::env::var(TOKEN_ENV).ok(),
     };
+    let settings = match &config.config_file {
+        Some(path) => config::load(path, &config.state_file)?,
+        None => config::Settings::default(),
+    };
     let ledger = Ledger::open(&config.state_file, wire::unix_now())?;
     // Before anything else: end what a predecessor that died left running.
     let adopted: Vec<Adopted> = ledger.unfinished().iter().map(|run| orphans::adopt(run, &host_id)).collect();
@@ -157,6 +178,8 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
         signal_hook::flag::register(signal, shutdown.clone()).context("installing signal handlers")?;
     }
     let standing = Arc::new(standing::Standing::default());
+    let reload = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone()).context("installing signal handlers")?;
     if let Some(url) = &config.dispatch_url {
         let follows = !config.tasks_poll.is_zero();
         if follows {
@@ -190,6 +213,8 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
         ledger: RefCell::new(ledger),
         adopted: RefCell::new(adopted),
         standing,
+        settings: RefCell::new(settings),
+        reload,
     };
     agent.serve();
     log::info!("polaris-agent {} stopped", agent.host_id);
@@ -210,10 +235,29 @@ impl Agent {
         Ok((conn, max_job_size))
     }
 
+    /// Reads the config file again after a SIGHUP; a bad one leaves the old in force.
+    fn reload_if_asked(&self) {
+        if !self.reload.swap(false, Ordering::SeqCst) {
+            return;
+        }
+        let Some(path) = &self.config.config_file else {
+            log::info!("SIGHUP: no --config file to reload");
+            return;
+        };
+        match config::load(path, &self.config.state_file) {
+            Ok(settings) => {
+                *self.settings.borrow_mut() = settings;
+                log::info!("SIGHUP: reloaded {}", path.display());
+            }
+            Err(e) => log::error!("SIGHUP: keeping the configuration in force: {e}"),
+        }
+    }
+
     fn serve(&self) {
         let mut conn: Option<(Client, usize)> = None;
         let mut queue_was_down = false;
         while !self.stopping() {
+            self.reload_if_asked();
             let (client, max_job_size) = match conn.as_mut() {
                 Some((client, max)) => (client, *max),
                 None => match self.connect() {
@@ -345,6 +389,10 @@ impl Agent {
         let result = match envelope.method {
             Method::SyncQuery => query_result(&envelope),
             Method::SyncBash | Method::AsyncBash => self.run_command(conn, job.id, &envelope, &run_id),
+            Method::IntegrityInit | Method::IntegrityCheck | Method::IntegrityUpdate => {
+                self.run_integrity(conn, job.id, &envelope, max_job_size)
+            }
+            Method::LogTail | Method::LogGrep => self.run_log(conn, job.id, &envelope),
         };
         put_result(conn, &self.secret, &envelope.reply_tube, result, max_job_size)?;
         conn.delete(job.id)?;
@@ -422,6 +470,135 @@ impl Agent {
     ) -> client::Result<()> {
         conn.bury(queue_job_id, RESULT_PRIORITY)?;
         self.report_refusal(conn, &envelope.job_id, &envelope.reply_tube, code, message, max_job_size)
+    }
+
+    /// Runs `work` on a thread of its own, touching the queue job meanwhile so a long scan
+    /// does not see it released to run again.
+    fn run_touching<T: Send + 'static>(
+        &self,
+        conn: &mut Client,
+        queue_job_id: u64,
+        envelope: &JobEnvelope,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, String> {
+        let ttr = conn
+            .stats_job(queue_job_id)
+            .ok()
+            .and_then(|s| s.get_u64("ttr"))
+            .unwrap_or(u64::from(envelope.timeout) + 60);
+        let touch_every = Duration::from_millis(ttr * 500).max(MIN_TOUCH_INTERVAL);
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let worker = std::thread::Builder::new()
+            .name(envelope.method.as_str().to_string())
+            .spawn(move || {
+                let _ = done_tx.send(work());
+            })
+            .map_err(|e| format!("cannot start a thread: {e}"))?;
+        loop {
+            match done_rx.recv_timeout(touch_every) {
+                Ok(value) => {
+                    let _ = worker.join();
+                    return Ok(value);
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if let Err(e) = conn.touch(queue_job_id) {
+                        log::warn!("cannot touch job {queue_job_id}: {e}");
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err("the worker thread panicked".into());
+                }
+            }
+        }
+    }
+
+    /// `integrity.init`, `integrity.check`, `integrity.update`, on the agent's own rules.
+    fn run_integrity(
+        &self,
+        conn: &mut Client,
+        queue_job_id: u64,
+        envelope: &JobEnvelope,
+        max_job_size: usize,
+    ) -> HostResult {
+        let Some(settings) = self.settings.borrow().integrity.clone() else {
+            let message = match &self.config.config_file {
+                Some(path) => format!("Not configured: {} has no [integrity] section", path.display()),
+                None => "Not configured: the agent runs without --config, so it has no integrity rules".into(),
+            };
+            return failure(&envelope.job_id, &self.host_id, Code::IntegrityNotConfigured, message);
+        };
+        let operation = match envelope.method {
+            Method::IntegrityInit => integrity::Operation::Init,
+            Method::IntegrityUpdate => integrity::Operation::Update,
+            _ => integrity::Operation::Check,
+        };
+        // Room for the report inside the signed result: the queue's limit less the other
+        // fields and the signature.
+        let max_bytes = max_job_size.saturating_sub(4096).max(1024);
+        let (secret, host) = (self.secret.clone(), self.host_id.clone());
+        let outcome = self.run_touching(conn, queue_job_id, envelope, move || {
+            integrity::run(operation, &settings, &secret, &host, max_bytes)
+        });
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(e) => return failure(&envelope.job_id, &self.host_id, Code::IntegrityFailed, e),
+        };
+        log::info!("job {}: {}", envelope.job_id, outcome.message);
+        let (resp, retcode) = match outcome.status {
+            Ok(bits) => (Resp::Success, bits),
+            Err(code) => (Resp::Failed, u32::from(code.value())),
+        };
+        HostResult {
+            v: 1,
+            job_id: envelope.job_id.clone(),
+            host: self.host_id.clone(),
+            resp,
+            retcode,
+            message: outcome.message,
+            output_bytes: outcome.data.len() as u64,
+            data: outcome.data,
+            encoding: None,
+            truncated: false,
+            attempt: envelope.attempt,
+        }
+    }
+
+    /// `log.tail` and `log.grep`, within the configured log roots.
+    fn run_log(&self, conn: &mut Client, queue_job_id: u64, envelope: &JobEnvelope) -> HostResult {
+        let Some(settings) = self.settings.borrow().log.clone() else {
+            let message = match &self.config.config_file {
+                Some(path) => format!("Not configured: {} has no [log] section", path.display()),
+                None => "Not configured: the agent runs without --config, so it has no log roots".into(),
+            };
+            return failure(&envelope.job_id, &self.host_id, Code::LogsNotConfigured, message);
+        };
+        let args = envelope.args.clone().unwrap_or(serde_json::Value::Null);
+        let method = envelope.method;
+        let outcome = self.run_touching(conn, queue_job_id, envelope, move || match method {
+            Method::LogTail => logs::tail(&args, &settings),
+            _ => logs::grep(&args, &settings),
+        });
+        let output = match outcome {
+            Ok(Ok(output)) => output,
+            Ok(Err((code, message))) => {
+                return failure(&envelope.job_id, &self.host_id, code, format!("Refused: {message}"))
+            }
+            Err(e) => return failure(&envelope.job_id, &self.host_id, Code::LogReadFailed, e),
+        };
+        let data = OutputData::new(&output.output, output.truncated);
+        HostResult {
+            v: 1,
+            job_id: envelope.job_id.clone(),
+            host: self.host_id.clone(),
+            resp: Resp::Success,
+            retcode: output.retcode,
+            message: output.message,
+            data: data.data,
+            encoding: data.encoding,
+            truncated: output.truncated,
+            output_bytes: output.output.len() as u64,
+            attempt: envelope.attempt,
+        }
     }
 
     /// Runs the envelope's command, touching the queue job as it runs, and records its
@@ -692,6 +869,7 @@ mod tests {
             attempt: None,
             memory_max: None,
             cpu_max_milli: None,
+            args: None,
         };
         let own = Duration::from_secs(5);
         assert_eq!(kill_grace(own, &envelope), own);

@@ -17,11 +17,13 @@ use std::time::Duration;
                   POLARIS_TOKEN the registration token unless --token-file is given; RUST_LOG sets the log level \
                   (env_logger syntax; default info).\n\
                   Signals: SIGTERM and SIGINT stop taking jobs; a running command may finish within \
-                  --drain-timeout, else it is killed and reported (agent_restarted), not run again.\n\
+                  --drain-timeout, else it is killed and reported (agent_restarted), not run again. \
+                  SIGHUP re-reads --config (a bad file keeps the old one in force).\n\
                   Files next to --state-file: <name>.ledger (the envelopes run here, so none runs twice, \
                   and the running command's process group, ended by the next start if the agent dies), \
-                  <name>.lock (one agent per state file) and <name>.tasks (the last signed set of standing \
-                  tasks, used until the dispatcher answers).\n\
+                  <name>.lock (one agent per state file), <name>.tasks (the last signed set of standing \
+                  tasks, used until the dispatcher answers); integrity.baseline (the signed baseline of \
+                  integrity.init) in --config's state_dir, by default the same directory.\n\
                   See docs/DISPATCH.md."
 )]
 struct Args {
@@ -56,6 +58,10 @@ struct Args {
     /// nothing changed); 0 fetches none.
     #[arg(long, default_value_t = 5, value_name = "SECS")]
     tasks_poll: u64,
+    /// TOML file configuring the integrity.* and log.* methods (integrity rules in
+    /// aide.conf syntax, log roots, caps); re-read on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -74,5 +80,6 @@ fn main() -> anyhow::Result<()> {
         drain_timeout: Duration::from_secs(args.drain_timeout),
         heartbeat: Duration::from_secs(args.heartbeat),
         tasks_poll: Duration::from_secs(args.tasks_poll),
+        config_file: args.config,
     })
 }

@@ -105,3 +105,48 @@ pub fn logged_in_users() -> Vec<String> {
     }
     users
 }
+
+/// Opens `path` for reading without following a symlink in its last component
+/// (`O_NOFOLLOW`), without blocking on a FIFO swapped in for a file (`O_NONBLOCK`), and
+/// without moving its access time where the kernel allows (`O_NOATIME`, refused with
+/// EPERM on files of other owners unless root: then opened without it).
+pub fn open_read_nofollow(path: &std::path::Path) -> io::Result<File> {
+    use rustix::fs::{open, Mode, OFlags};
+    let base = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    let fd = match open(path, base | OFlags::NOATIME, Mode::empty()) {
+        Err(rustix::io::Errno::PERM) => open(path, base, Mode::empty())?,
+        other => other?,
+    };
+    Ok(File::from(fd))
+}
+
+/// Whether the filesystem holding `path` is a kernel pseudo-filesystem (proc, sysfs,
+/// devtmpfs, cgroup, debugfs, ...) whose "files" are views of kernel state: an integrity
+/// scan walking into one would report noise and could block reading it.
+pub fn is_pseudo_filesystem(path: &std::path::Path) -> io::Result<bool> {
+    let stat = rustix::fs::statfs(path)?;
+    // Magic numbers of linux/magic.h (configfs and fusectl are not listed there).
+    const PSEUDO: &[i64] = &[
+        0x9fa0,      // proc
+        0x6265_6572, // sysfs
+        0x1cd1,      // devpts
+        0x0027_e0eb, // cgroup
+        0x6367_7270, // cgroup2
+        0x6462_6720, // debugfs
+        0x7472_6163, // tracefs
+        0x7363_6673, // securityfs
+        0xf97c_ff8c, // selinuxfs
+        0x6165_676c, // pstore
+        0xcafe_4a11, // bpf
+        0x6265_6570, // configfs
+        0x6573_5546, // fusectl
+        0x4249_4e4d, // binfmt_misc
+        0x0187,      // autofs
+        0xde5e_81e4, // efivarfs
+        0x9fa2,      // usbdevfs
+        0x6e73_6673, // nsfs
+    ];
+    #[allow(clippy::unnecessary_cast)]
+    let magic = stat.f_type as i64;
+    Ok(PSEUDO.contains(&magic))
+}

@@ -261,6 +261,7 @@ async fn post_job(
         priority: request.priority.unwrap_or_else(|| fleet::target::queue_priority(Level::Host, method.is_sync())),
         task: None,
         policy: request.policy,
+        args: request.args.as_ref().map(Value::to_string),
     };
     // Register interest before the job exists so that no wake-up can be missed.
     let notify = dispatcher.waiters.register(&job_id);
@@ -455,6 +456,9 @@ struct JobStatus<'a> {
     /// Why no further host starts, once its failure threshold was crossed.
     #[serde(skip_serializing_if = "Option::is_none")]
     halted: Option<&'a str>,
+    /// The method's arguments (`log.*` jobs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    args: Option<Value>,
     done: bool,
     hosts: Vec<HostStatus<'a>>,
 }
@@ -586,6 +590,7 @@ async fn get_job(
                 host_status(h, s, tried)
             })
             .collect(),
+        args: job.args.as_deref().and_then(|a| serde_json::from_str(a).ok()),
     };
     Ok(Json(status).into_response())
 }

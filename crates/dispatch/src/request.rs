@@ -26,6 +26,18 @@ pub const DEFAULT_TIMEOUT_SECS: u32 = 30;
 pub const MAX_TIMEOUT_SECS: u32 = 86_400;
 /// Largest `facts` object an agent may register with, in bytes of JSON.
 pub const MAX_FACTS_BYTES: usize = 64 * 1024;
+/// Longest `args.path` of a `log.*` job, in bytes (Linux's PATH_MAX).
+pub const MAX_LOG_PATH_BYTES: usize = 4096;
+/// Most `args.lines` of a `log.tail` job (the agent holds it to its own cap too).
+pub const MAX_TAIL_LINES: u64 = 100_000;
+/// Most `args.bytes` of a `log.tail` job.
+pub const MAX_TAIL_BYTES: u64 = 1 << 20;
+/// Longest `args.pattern` of a `log.grep` job, in bytes.
+pub const MAX_PATTERN_BYTES: usize = 1024;
+/// Most context lines (`args.context`, `before`, `after`) of a `log.grep` job.
+pub const MAX_CONTEXT_LINES: u64 = 100;
+/// Most `args.max_matches` of a `log.grep` job.
+pub const MAX_GREP_MATCHES: u64 = 100_000;
 
 /// A validated `POST /v1/jobs` body.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +59,8 @@ pub struct JobRequest {
     pub priority: Option<u32>,
     /// How it runs: start time, TTL, retries, batches, limits.
     pub policy: crate::policy::Policy,
+    /// The method's arguments (`log.tail`, `log.grep`), validated; `None` for the others.
+    pub args: Option<Value>,
 }
 
 /// A validated `POST /v1/hosts` body.
@@ -118,7 +132,7 @@ pub(crate) fn required_string<'a>(map: &'a Map<String, Value>, field: &str) -> R
 /// Validates a `POST /v1/jobs` body.
 pub fn parse_job_request(body: &[u8]) -> Result<JobRequest, ApiError> {
     let map = parse_object(body)?;
-    let known: Vec<&str> = ["id", "hosts", "target", "method", "cmd", "timeout", "priority"]
+    let known: Vec<&str> = ["id", "hosts", "target", "method", "cmd", "timeout", "priority", "args"]
         .into_iter()
         .chain(crate::policy::FIELDS.iter().copied())
         .collect();
@@ -203,7 +217,10 @@ pub fn parse_job_request(body: &[u8]) -> Result<JobRequest, ApiError> {
         ApiError::field(
             Code::UnknownMethod,
             "method",
-            format!("unknown method {method_name:?}; use sync.bash, async.bash or sync.query"),
+            format!(
+                "unknown method {method_name:?}; use one of {}",
+                Method::ALL.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", ")
+            ),
         )
     })?;
 
@@ -213,8 +230,19 @@ pub fn parse_job_request(body: &[u8]) -> Result<JobRequest, ApiError> {
             return Err(ApiError::field(Code::InvalidValue, "cmd", "cmd must not be empty"));
         }
         cmd
-    } else {
+    } else if method == Method::SyncQuery {
         optional_string(&map, "cmd")?.unwrap_or("")
+    } else {
+        // What these do is the agent's own code on the agent's own configuration: a
+        // command here would be ignored, so it is refused rather than silently dropped.
+        if !matches!(map.get("cmd"), None | Some(Value::Null)) {
+            return Err(ApiError::field(
+                Code::InvalidValue,
+                "cmd",
+                format!("{} takes no cmd: it runs the agent's own code on the agent's configuration", method.as_str()),
+            ));
+        }
+        ""
     };
     if cmd.len() > MAX_CMD_BYTES {
         return Err(ApiError::field(
@@ -266,8 +294,143 @@ pub fn parse_job_request(body: &[u8]) -> Result<JobRequest, ApiError> {
         }
     };
 
+    let args = parse_args(method, map.get("args"))?;
     let policy = crate::policy::parse(&map, polaris_ops_wire::wire::unix_now_ms(), method.is_sync())?;
-    Ok(JobRequest { id, hosts: host_ids, target, method, cmd: cmd.to_string(), timeout_secs, priority, policy })
+
+    Ok(JobRequest { id, hosts: host_ids, target, method, cmd: cmd.to_string(), timeout_secs, priority, args, policy })
+}
+
+/// Validates `args` for `method`: required (an object) for the `log.*` methods, refused
+/// for the others.
+pub fn parse_args(method: Method, args: Option<&Value>) -> Result<Option<Value>, ApiError> {
+    let args = match args {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(map)) => Some(map),
+        Some(other) => {
+            return Err(ApiError::field(
+                Code::WrongType,
+                "args",
+                format!("args must be an object, got {}", type_name(other)),
+            ))
+        }
+    };
+    if !method.takes_args() {
+        return match args {
+            None => Ok(None),
+            Some(_) => Err(ApiError::field(
+                Code::InvalidValue,
+                "args",
+                format!("{} takes no args; only log.tail and log.grep do", method.as_str()),
+            )),
+        };
+    }
+    let Some(args) = args else {
+        return Err(ApiError::field(
+            Code::MissingField,
+            "args",
+            format!("{} needs args, e.g. {}", method.as_str(), args_example(method)),
+        ));
+    };
+    let known: &[&str] = match method {
+        Method::LogTail => &["path", "lines", "bytes"],
+        _ => &["path", "pattern", "context", "before", "after", "max_matches", "ignore_case"],
+    };
+    if let Some(key) = args.keys().find(|k| !known.contains(&k.as_str())) {
+        return Err(ApiError::field(
+            Code::UnknownField,
+            format!("args.{key}"),
+            format!("unknown field args.{key}; {} takes {}", method.as_str(), known.join(", ")),
+        ));
+    }
+    let path = required_string(args, "path").map_err(|e| prefix_field(e, "args."))?;
+    if !path.starts_with('/') || path.len() > MAX_LOG_PATH_BYTES || path.contains('\0') {
+        return Err(ApiError::field(
+            Code::InvalidValue,
+            "args.path",
+            format!("args.path must be an absolute path of at most {MAX_LOG_PATH_BYTES} bytes"),
+        ));
+    }
+    let count = |name: &str, min: u64, max: u64| -> Result<Option<u64>, ApiError> {
+        let field = format!("args.{name}");
+        match args.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(n)) => match n.as_u64() {
+                Some(v) if (min..=max).contains(&v) => Ok(Some(v)),
+                _ => Err(ApiError::field(
+                    Code::InvalidValue,
+                    field.clone(),
+                    format!("{field} must be a whole number from {min} to {max}, got {n}"),
+                )),
+            },
+            Some(other) => Err(ApiError::field(
+                Code::WrongType,
+                field.clone(),
+                format!("{field} must be a number, got {}", type_name(other)),
+            )),
+        }
+    };
+    match method {
+        Method::LogTail => {
+            let lines = count("lines", 1, MAX_TAIL_LINES)?;
+            let bytes = count("bytes", 1, MAX_TAIL_BYTES)?;
+            if lines.is_some() && bytes.is_some() {
+                return Err(ApiError::field(
+                    Code::InvalidValue,
+                    "args.bytes",
+                    "give args.lines or args.bytes, not both",
+                ));
+            }
+        }
+        _ => {
+            let pattern = required_string(args, "pattern").map_err(|e| prefix_field(e, "args."))?;
+            if pattern.is_empty() || pattern.len() > MAX_PATTERN_BYTES {
+                return Err(ApiError::field(
+                    Code::InvalidValue,
+                    "args.pattern",
+                    format!("args.pattern must be 1 to {MAX_PATTERN_BYTES} bytes"),
+                ));
+            }
+            // The agents use the same regex engine, so what passes here compiles there.
+            if let Err(e) = regex::bytes::RegexBuilder::new(pattern).size_limit(1 << 20).build() {
+                return Err(ApiError::field(
+                    Code::InvalidValue,
+                    "args.pattern",
+                    format!("args.pattern is not a valid regex: {e}"),
+                ));
+            }
+            for name in ["context", "before", "after"] {
+                count(name, 0, MAX_CONTEXT_LINES)?;
+            }
+            count("max_matches", 1, MAX_GREP_MATCHES)?;
+            match args.get("ignore_case") {
+                None | Some(Value::Null) | Some(Value::Bool(_)) => {}
+                Some(other) => {
+                    return Err(ApiError::field(
+                        Code::WrongType,
+                        "args.ignore_case",
+                        format!("args.ignore_case must be a boolean, got {}", type_name(other)),
+                    ))
+                }
+            }
+        }
+    }
+    Ok(Some(Value::Object(args.clone())))
+}
+
+fn args_example(method: Method) -> &'static str {
+    match method {
+        Method::LogTail => r#"{"path": "/var/log/syslog", "lines": 100}"#,
+        _ => r#"{"path": "/var/log/syslog", "pattern": "error", "context": 2, "max_matches": 100}"#,
+    }
+}
+
+/// `e` with its field named inside `prefix` (`path` becomes `args.path`).
+fn prefix_field(mut e: ApiError, prefix: &str) -> ApiError {
+    if let Some(field) = e.field.take() {
+        e.message = format!("{prefix}{}", e.message);
+        e.field = Some(format!("{prefix}{field}"));
+    }
+    e
 }
 
 /// Validates a `POST /v1/hosts` body: `{"id": "...", "hostname": "..."?, "facts": {...}?}`.
@@ -417,6 +580,67 @@ mod tests {
         let big = format!(r#"{{"hosts": ["a"], "method": "sync.bash", "cmd": "{}"}}"#, "x".repeat(MAX_CMD_BYTES + 1));
         let e = err(&big);
         assert_eq!((e.code, e.field.as_deref()), (Code::CmdTooLarge, Some("cmd")));
+    }
+
+    #[test]
+    fn integrity_methods_take_no_cmd_and_log_methods_need_args() {
+        for method in ["integrity.init", "integrity.check", "integrity.update"] {
+            let req =
+                parse_job_request(format!(r#"{{"hosts": ["a"], "method": "{method}"}}"#).as_bytes()).expect("valid");
+            assert!(req.method.is_sync() && req.cmd.is_empty() && req.args.is_none());
+            let e = err(&format!(r#"{{"hosts": ["a"], "method": "{method}", "cmd": "rm -rf /"}}"#));
+            assert_eq!((e.code, e.field.as_deref()), (Code::InvalidValue, Some("cmd")), "{}", e.message);
+            let e = err(&format!(r#"{{"hosts": ["a"], "method": "{method}", "args": {{"path": "/"}}}}"#));
+            assert_eq!((e.code, e.field.as_deref()), (Code::InvalidValue, Some("args")), "{}", e.message);
+        }
+        let tail = parse_job_request(
+            br#"{"hosts": ["a"], "method": "log.tail", "args": {"path": "/var/log/syslog", "lines": 100}}"#,
+        )
+        .expect("valid");
+        assert_eq!(tail.args, Some(serde_json::json!({"path": "/var/log/syslog", "lines": 100})));
+        parse_job_request(br#"{"hosts": ["a"], "method": "log.tail", "args": {"path": "/var/log/x", "bytes": 4096}}"#)
+            .expect("valid");
+        parse_job_request(
+            br#"{"hosts": ["a"], "method": "log.grep", "args": {"path": "/var/log/x", "pattern": "err(or)?", "context": 2, "max_matches": 100}}"#,
+        )
+        .expect("valid");
+        let cases: &[(&str, Code, &str)] = &[
+            (r#""method": "log.tail""#, Code::MissingField, "args"),
+            (r#""method": "log.tail", "args": []"#, Code::WrongType, "args"),
+            (r#""method": "log.tail", "args": {"lines": 3}"#, Code::MissingField, "args.path"),
+            (r#""method": "log.tail", "args": {"path": "var/log/x"}"#, Code::InvalidValue, "args.path"),
+            (r#""method": "log.tail", "args": {"path": "/x", "lines": 0}"#, Code::InvalidValue, "args.lines"),
+            (r#""method": "log.tail", "args": {"path": "/x", "lines": "3"}"#, Code::WrongType, "args.lines"),
+            (
+                r#""method": "log.tail", "args": {"path": "/x", "lines": 1, "bytes": 1}"#,
+                Code::InvalidValue,
+                "args.bytes",
+            ),
+            (r#""method": "log.tail", "args": {"path": "/x", "pattern": "a"}"#, Code::UnknownField, "args.pattern"),
+            (r#""method": "log.tail", "cmd": "ls", "args": {"path": "/x"}"#, Code::InvalidValue, "cmd"),
+            (r#""method": "log.grep", "args": {"path": "/x"}"#, Code::MissingField, "args.pattern"),
+            (r#""method": "log.grep", "args": {"path": "/x", "pattern": "("}"#, Code::InvalidValue, "args.pattern"),
+            (
+                r#""method": "log.grep", "args": {"path": "/x", "pattern": "a", "context": 101}"#,
+                Code::InvalidValue,
+                "args.context",
+            ),
+            (
+                r#""method": "log.grep", "args": {"path": "/x", "pattern": "a", "max_matches": 0}"#,
+                Code::InvalidValue,
+                "args.max_matches",
+            ),
+            (
+                r#""method": "log.grep", "args": {"path": "/x", "pattern": "a", "ignore_case": 1}"#,
+                Code::WrongType,
+                "args.ignore_case",
+            ),
+            (r#""method": "sync.bash", "cmd": "ls", "args": {"path": "/x"}"#, Code::InvalidValue, "args"),
+        ];
+        for (fields, code, field) in cases {
+            let e = err(&format!(r#"{{"hosts": ["a"], {fields}}}"#));
+            assert_eq!((e.code, e.field.as_deref()), (*code, Some(*field)), "{fields}: {}", e.message);
+        }
     }
 
     #[test]

@@ -231,6 +231,9 @@ const MIGRATIONS: &[&str] = &[
                            'retcode', retcode, 'message', message, 'data', data, 'encoding', encoding,
                            'truncated', truncated)
         FROM host_job ORDER BY rowid;",
+    // 11: a job's `args` (the `log.*` methods' arguments) as JSON text; absent for every
+    // other method and for jobs stored before.
+    "ALTER TABLE jobs ADD COLUMN args TEXT;",
 ];
 
 /// Most live output kept per host attempt as `output` events, in bytes of output (the
@@ -242,7 +245,7 @@ pub const MAX_CHUNK_DATA_BYTES: usize = 24 * 1024;
 /// The columns [`job_row`] reads, in its order.
 const JOB_COLUMNS: &str =
     "id, method, cmd, timeout_secs, created_at, start_by, cancelled_at, target, level, priority, \
-     task_name, task_from, policy, not_before, current_batch, halted";
+     task_name, task_from, policy, not_before, current_batch, halted, args";
 
 /// A database failure, with what the dispatcher was doing.
 #[derive(Debug, thiserror::Error)]
@@ -403,6 +406,8 @@ pub struct JobRecord {
     pub current_batch: Option<u32>,
     /// Why no further host starts, once the failure threshold was crossed.
     pub halted: Option<String>,
+    /// The method's arguments as JSON text (`log.tail`, `log.grep`); `None` otherwise.
+    pub args: Option<String>,
 }
 
 /// The standing task a scheduled job was fired for.
@@ -538,6 +543,8 @@ pub struct NewJob {
     pub task: Option<TaskOrigin>,
     /// How it runs.
     pub policy: crate::policy::Policy,
+    /// The method's arguments as JSON text (`log.tail`, `log.grep`); `None` otherwise.
+    pub args: Option<String>,
 }
 
 /// A host job that the enqueuer must put on the queue.
@@ -806,7 +813,7 @@ impl Store {
             .prepare_cached(
                 "SELECT j.id, j.method, j.cmd, j.timeout_secs, j.created_at, j.start_by, j.cancelled_at,
                         j.target, j.level, j.priority, j.task_name, j.task_from, j.policy, j.not_before,
-                        j.current_batch, j.halted, h.host, COALESCE(h.start_by, j.start_by), h.attempt
+                        j.current_batch, j.halted, j.args, h.host, COALESCE(h.start_by, j.start_by), h.attempt
                  FROM host_job h JOIN jobs j ON j.id = h.job_id
                  WHERE h.state = 'pending' AND COALESCE(h.start_by, j.start_by) > ?1 AND j.cancelled_at IS NULL
                  ORDER BY j.seq, h.position
@@ -816,7 +823,7 @@ impl Store {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = stmt
             .query_map(params![now_ms, limit], |row| {
-                Ok((job_row(row)?, row.get::<_, String>(16)?, row.get::<_, i64>(17)?, row.get::<_, u32>(18)?))
+                Ok((job_row(row)?, row.get::<_, String>(17)?, row.get::<_, i64>(18)?, row.get::<_, u32>(19)?))
             })
             .ctx("list pending host jobs")?;
         let mut out = Vec::new();
@@ -1336,8 +1343,8 @@ pub(crate) fn insert_job(tx: &Connection, job: &NewJob, start_by_ms: i64) -> Res
     let inserted = tx
         .prepare_cached(
             "INSERT INTO jobs (id, method, cmd, timeout_secs, created_at, start_by, token_name, target, level, priority,
-                               task_name, task_from, policy, not_before)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) ON CONFLICT (id) DO NOTHING",
+                               task_name, task_from, policy, not_before, args)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) ON CONFLICT (id) DO NOTHING",
         )
         .and_then(|mut s| {
             s.execute(params![
@@ -1354,7 +1361,8 @@ pub(crate) fn insert_job(tx: &Connection, job: &NewJob, start_by_ms: i64) -> Res
                 job.task.as_ref().map(|t| &t.name),
                 job.task.as_ref().map(|t| &t.from),
                 policy_text,
-                job.policy.start_at_ms
+                job.policy.start_at_ms,
+                job.args
             ])
         })
         .ctx("insert job")?;
@@ -1525,6 +1533,7 @@ fn job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<JobRecord, StoreE
         not_before_ms: row.get(13)?,
         current_batch: row.get(14)?,
         halted: row.get(15)?,
+        args: row.get(16)?,
     }))
 }
 
@@ -1589,6 +1598,7 @@ mod tests {
             priority: 100,
             task: None,
             policy: crate::policy::Policy::default(),
+            args: None,
         }
     }
 

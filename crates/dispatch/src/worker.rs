@@ -340,6 +340,12 @@ fn put_envelope(dispatcher: &Dispatcher, pending: &PendingHostJob) -> Result<Opt
         attempt: (pending.attempt > 1).then_some(pending.attempt),
         memory_max: job.policy.memory_max,
         cpu_max_milli: job.policy.cpu_max_milli,
+        args: job
+            .args
+            .as_deref()
+            .map(serde_json::from_str)
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("job args: {e}")))?,
     };
     let payload = serde_json::to_vec(&envelope).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let body = wire::sign(&dispatcher.secret, &payload);

@@ -333,6 +333,7 @@ fn forged_or_expired_envelopes_are_buried_not_run() {
         attempt: None,
         memory_max: None,
         cpu_max_milli: None,
+        args: None,
     };
     let forged_secret = Secret::new(b"not-the-real-secret-at-all".to_vec()).expect("secret");
     let forged =
@@ -566,6 +567,7 @@ fn long_command_is_touched_past_its_ttr() {
         attempt: None,
         memory_max: None,
         cpu_max_milli: None,
+        args: None,
     };
     let body = wire::sign(&test_secret(), &serde_json::to_vec(&envelope).expect("json"));
     queue.use_tube("host.alpha").expect("use");
@@ -1218,6 +1220,7 @@ fn replayed_envelope_runs_once_even_across_agent_restart() {
         attempt: None,
         memory_max: None,
         cpu_max_milli: None,
+        args: None,
     };
     let signed = wire::sign(&test_secret(), &serde_json::to_vec(&envelope).expect("json"));
     let mut replies = queue_client(&cluster.queue);

@@ -97,6 +97,24 @@ codes! {
     UnsupportedMethod = 0x0303, Host, "unsupported_method", 200;
     /// `sync.query` could not read the host facts.
     QueryFailed = 0x0304, Host, "query_failed", 200;
+    /// An `integrity.*` job reached an agent with no `[integrity] rules` in its config.
+    IntegrityNotConfigured = 0x0310, Host, "integrity_not_configured", 200;
+    /// `integrity.check` or `integrity.update` found no baseline: run `integrity.init`.
+    BaselineMissing = 0x0311, Host, "baseline_missing", 200;
+    /// A `log.*` job named a path outside the agent's log roots (after resolving `..`
+    /// and symlinks), or a file that is not a regular file.
+    PathNotAllowed = 0x0312, Host, "path_not_allowed", 200;
+    /// The agent's integrity rules file (aide.conf syntax) does not parse; the message
+    /// names the line.
+    RulesInvalid = 0x0313, Host, "rules_invalid", 200;
+    /// The integrity scan or the baseline write failed (I/O error on the state dir).
+    IntegrityFailed = 0x0314, Host, "integrity_failed", 200;
+    /// A `log.*` job reached an agent with no `[log] roots` in its config.
+    LogsNotConfigured = 0x0315, Host, "logs_not_configured", 200;
+    /// A `log.*` file could not be read (missing, unreadable, I/O error).
+    LogReadFailed = 0x0316, Host, "log_read_failed", 200;
+    /// The agent refused the job's `args` (bad pattern, over its own caps).
+    InvalidArgs = 0x0317, Host, "invalid_args", 200;
 
     /// The request carries no bearer token but the dispatcher requires one.
     MissingToken = 0x0401, Auth, "missing_token", 401;
@@ -114,6 +132,9 @@ codes! {
     ClientNotAllowed = 0x0407, Auth, "client_not_allowed", 403;
     /// The agent had already run this envelope; the copy was buried, never run.
     EnvelopeReplayed = 0x0408, Auth, "envelope_replayed", 200;
+    /// The integrity baseline on the host fails its HMAC (or is another host's): it was
+    /// edited, so nothing it says is trusted and no comparison is reported.
+    BaselineTampered = 0x0409, Auth, "baseline_tampered", 200;
 
     /// The body is not well-formed JSON.
     MalformedJson = 0x0501, Validation, "malformed_json", 400;
@@ -123,7 +144,8 @@ codes! {
     WrongType = 0x0503, Validation, "wrong_type", 400;
     /// `hosts` is empty.
     EmptyHosts = 0x0504, Validation, "empty_hosts", 400;
-    /// `method` is not one of `sync.bash`, `async.bash`, `sync.query`.
+    /// `method` is not one the dispatcher knows (`sync.bash`, `async.bash`, `sync.query`,
+    /// `integrity.*`, `log.*`).
     UnknownMethod = 0x0505, Validation, "unknown_method", 400;
     /// `cmd` is longer than the dispatcher accepts.
     CmdTooLarge = 0x0506, Validation, "cmd_too_large", 400;

@@ -174,6 +174,21 @@ pub enum Method {
     /// Report host facts from `/proc`; the REST call waits for the results.
     #[serde(rename = "sync.query")]
     SyncQuery,
+    /// Build the file-integrity baseline from the agent's own rules (aide.conf syntax).
+    #[serde(rename = "integrity.init")]
+    IntegrityInit,
+    /// Compare the files with the baseline and report what was added, removed, changed.
+    #[serde(rename = "integrity.check")]
+    IntegrityCheck,
+    /// Check, then accept what is found as the new baseline.
+    #[serde(rename = "integrity.update")]
+    IntegrityUpdate,
+    /// The last lines (or bytes) of a file under the agent's log roots; needs `args`.
+    #[serde(rename = "log.tail")]
+    LogTail,
+    /// The lines of a file under the agent's log roots matching a regex; needs `args`.
+    #[serde(rename = "log.grep")]
+    LogGrep,
 }
 
 impl Method {
@@ -183,6 +198,11 @@ impl Method {
             Method::SyncBash => "sync.bash",
             Method::AsyncBash => "async.bash",
             Method::SyncQuery => "sync.query",
+            Method::IntegrityInit => "integrity.init",
+            Method::IntegrityCheck => "integrity.check",
+            Method::IntegrityUpdate => "integrity.update",
+            Method::LogTail => "log.tail",
+            Method::LogGrep => "log.grep",
         }
     }
 
@@ -192,6 +212,11 @@ impl Method {
             "sync.bash" => Some(Method::SyncBash),
             "async.bash" => Some(Method::AsyncBash),
             "sync.query" => Some(Method::SyncQuery),
+            "integrity.init" => Some(Method::IntegrityInit),
+            "integrity.check" => Some(Method::IntegrityCheck),
+            "integrity.update" => Some(Method::IntegrityUpdate),
+            "log.tail" => Some(Method::LogTail),
+            "log.grep" => Some(Method::LogGrep),
             _ => None,
         }
     }
@@ -201,9 +226,26 @@ impl Method {
         !matches!(self, Method::AsyncBash)
     }
 
-    /// Whether the method runs `cmd` (as opposed to answering a query).
+    /// Every method, in the order the docs list them.
+    pub const ALL: &'static [Method] = &[
+        Method::SyncBash,
+        Method::AsyncBash,
+        Method::SyncQuery,
+        Method::IntegrityInit,
+        Method::IntegrityCheck,
+        Method::IntegrityUpdate,
+        Method::LogTail,
+        Method::LogGrep,
+    ];
+
+    /// Whether the method runs `cmd` (as opposed to answering from the agent's own code).
     pub fn runs_command(self) -> bool {
-        !matches!(self, Method::SyncQuery)
+        matches!(self, Method::SyncBash | Method::AsyncBash)
+    }
+
+    /// Whether the method needs an `args` object (and only these may carry one).
+    pub fn takes_args(self) -> bool {
+        matches!(self, Method::LogTail | Method::LogGrep)
     }
 }
 
@@ -246,6 +288,11 @@ pub struct JobEnvelope {
     /// Most CPU time the command may use, in thousandths of a CPU (500: half a CPU).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_max_milli: Option<u32>,
+    /// The method's arguments (`log.tail`, `log.grep`), as validated by the dispatcher;
+    /// the agent checks them again against its own limits. Absent for other methods, so
+    /// their envelopes are as they always were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<serde_json::Value>,
 }
 
 impl JobEnvelope {
@@ -498,7 +545,7 @@ mod tests {
 
     #[test]
     fn methods_use_their_wire_names() {
-        for m in [Method::SyncBash, Method::AsyncBash, Method::SyncQuery] {
+        for &m in Method::ALL {
             assert_eq!(Method::parse(m.as_str()), Some(m));
             assert_eq!(serde_json::to_string(&m).ok(), Some(format!("\"{}\"", m.as_str())));
         }

@@ -356,7 +356,7 @@ fn create_job(tx: &Connection, task: &Task, hosts: &[String]) -> Result<String, 
         AttachPoint::Host(_) => "host".to_string(),
     };
     // The task's policy fields were checked when it was saved; a `delay` counts from now.
-    let policy = crate::policy::parse(&task.spec, unix_now_ms(), method.is_sync())
+    let policy = crate::policy::parse(&task.spec, unix_now_ms(), false)
         .map_err(|e| StoreError::Corrupt(format!("task {} policy: {}", task.name, e.message)))?;
     let window_secs = policy.ttl_secs.unwrap_or(timeout_secs);
     let id = uuid::Uuid::new_v4().hyphenated().to_string();
@@ -372,6 +372,7 @@ fn create_job(tx: &Connection, task: &Task, hosts: &[String]) -> Result<String, 
         priority: super::target::queue_priority(level, method.is_sync()),
         task: Some(TaskOrigin { name: task.name.clone(), from }),
         policy,
+        args: task.spec.get("args").map(Value::to_string),
     };
     let start_by_ms = job.policy.start_at_ms.unwrap_or_else(unix_now_ms).saturating_add(i64::from(window_secs) * 1000);
     if !store::insert_job(tx, &job, start_by_ms)? {

@@ -166,7 +166,7 @@ pub fn parse_spec(map: &Map<String, Value>) -> Result<(String, Map<String, Value
     let mut spec = Map::new();
     match kind {
         "schedule" => {
-            let known: Vec<&str> = ["attach_to", "kind", "every", "cron", "method", "cmd", "timeout", "missed"]
+            let known: Vec<&str> = ["attach_to", "kind", "every", "cron", "method", "cmd", "timeout", "missed", "args"]
                 .into_iter()
                 .chain(crate::policy::FIELDS.iter().copied().filter(|f| *f != "start_at"))
                 .collect();
@@ -255,7 +255,11 @@ pub fn parse_spec(map: &Map<String, Value>) -> Result<(String, Map<String, Value
             }
             // The execution policy each firing's job gets (batches, retries, limits, …),
             // kept as given and checked now as a job request would be.
-            crate::policy::parse(map, unix_now_ms(), method.is_sync())?;
+            // Nobody waits for a scheduled job, so a sync method may roll out too.
+            crate::policy::parse(map, unix_now_ms(), false)?;
+            if let Some(args) = crate::request::parse_args(method, map.get("args"))? {
+                spec.insert("args".into(), args);
+            }
             for field in crate::policy::FIELDS {
                 if let Some(value) = map.get(*field).filter(|v| !v.is_null()) {
                     spec.insert((*field).to_string(), value.clone());
