@@ -28,6 +28,8 @@
 
 #![deny(unsafe_code)]
 
+pub mod contain;
+pub mod control;
 pub mod exec;
 pub mod facts;
 pub mod heartbeat;
@@ -46,6 +48,8 @@ use orphans::Adopted;
 use polaris_ops_wire::codes::Code;
 use polaris_ops_wire::wire::{self, host_tube, Encoding, HostResult, JobEnvelope, Method, OutputData, Resp, Secret};
 use polaris_proto::client::{self, Client, Endpoint, TlsClientFiles};
+use contain::{Containment, UnitLimits};
+use control::{RunningJob, Shared};
 use std::cell::RefCell;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -63,6 +67,9 @@ const RESULT_PRIORITY: u32 = 100;
 const RESULT_TTR: u32 = 60;
 /// Shortest interval between touches of a running job.
 const MIN_TOUCH_INTERVAL: Duration = Duration::from_millis(500);
+/// The smallest `memory_max` the agent takes: below it not even `bash` starts, and the
+/// command would only be killed at once for its limit.
+pub const MIN_MEMORY_MAX: u64 = 4 * 1024 * 1024;
 
 /// Everything `polaris-agent` is configured with.
 #[derive(Debug, Clone)]
@@ -89,6 +96,13 @@ pub struct AgentConfig {
     pub heartbeat: Duration,
     /// Time between fetches of the host's standing tasks; zero fetches none.
     pub tasks_poll: Duration,
+    /// The largest `memory_max` an envelope may ask for (bytes); `None`: the host's total
+    /// memory.
+    pub max_memory: Option<u64>,
+    /// The largest `cpu_max_milli` an envelope may ask for; `None`: 1000 per CPU.
+    pub max_cpu_milli: Option<u32>,
+    /// Containment to use instead of detecting it (tests); `None` detects.
+    pub containment: Option<Containment>,
 }
 
 impl Default for AgentConfig {
@@ -105,6 +119,9 @@ impl Default for AgentConfig {
             drain_timeout: Duration::from_secs(30),
             heartbeat: Duration::from_secs(30),
             tasks_poll: Duration::from_secs(5),
+            max_memory: None,
+            max_cpu_milli: None,
+            containment: None,
         }
     }
 }
@@ -126,8 +143,13 @@ struct Agent {
     secret: Secret,
     config: AgentConfig,
     shutdown: Arc<AtomicBool>,
-    /// What ran here; see [`ledger`].
-    ledger: RefCell<Ledger>,
+    /// What ran here ([`ledger`]) and what runs now, shared with the control thread.
+    shared: Arc<Shared>,
+    /// The cgroups commands run in ([`contain`]).
+    containment: Containment,
+    /// The largest `memory_max` and `cpu_max_milli` envelopes may ask for.
+    max_memory: u64,
+    max_cpu_milli: u32,
     /// Runs of a dead predecessor, ended, whose results are still to be put.
     adopted: RefCell<Vec<Adopted>>,
     /// The standing tasks this host holds (see [`standing`]).
@@ -150,8 +172,20 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
         None => std::env::var(TOKEN_ENV).ok(),
     };
     let ledger = Ledger::open(&config.state_file, wire::unix_now())?;
+    let containment = config.containment.clone().unwrap_or_else(Containment::detect);
+    log::info!("containment: {}", containment.describe());
     // Before anything else: end what a predecessor that died left running.
-    let adopted: Vec<Adopted> = ledger.unfinished().iter().map(|run| orphans::adopt(run, &host_id)).collect();
+    let adopted: Vec<Adopted> =
+        ledger.unfinished().iter().map(|run| orphans::adopt(run, &host_id, &containment)).collect();
+    let max_memory = config.max_memory.unwrap_or_else(|| {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        query::parse_meminfo(&meminfo).total_kib.saturating_mul(1024)
+    });
+    let max_cpu_milli = config.max_cpu_milli.unwrap_or_else(|| {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        u32::try_from(cpus).unwrap_or(u32::MAX / 1000).saturating_mul(1000)
+    });
+    log::info!("ceilings: memory_max up to {max_memory} bytes, cpu_max_milli up to {max_cpu_milli}");
     let shutdown = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, shutdown.clone()).context("installing signal handlers")?;
@@ -180,6 +214,15 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
         };
         heartbeat::spawn(registration, shutdown.clone()).context("starting the heartbeat thread")?;
     }
+    let shared = Arc::new(Shared::new(ledger));
+    control::spawn(control::Control {
+        queue: queue.clone(),
+        host_id: host_id.clone(),
+        secret: secret.clone(),
+        shared: shared.clone(),
+        shutdown: shutdown.clone(),
+    })
+    .context("starting the control thread")?;
     log::info!("polaris-agent {host_id} serving tube {} on {queue}", host_tube(&host_id));
     let agent = Agent {
         host_id,
@@ -187,7 +230,10 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
         secret,
         config,
         shutdown,
-        ledger: RefCell::new(ledger),
+        shared,
+        containment,
+        max_memory,
+        max_cpu_milli,
         adopted: RefCell::new(adopted),
         standing,
     };
@@ -306,7 +352,8 @@ impl Agent {
             return self.refuse(conn, job.id, &envelope, Code::EnvelopeExpired, message, max_job_size);
         }
 
-        let prior = self.ledger.borrow().find(&envelope.job_id, &envelope.host).cloned();
+        let attempt = envelope.attempt();
+        let prior = self.shared.ledger().find(&envelope.job_id, &envelope.host, attempt).cloned();
         if let Some(prior) = prior {
             log::warn!(
                 "burying job {} (dispatch job {}): a copy of an envelope that ran here {}s ago as queue job {}",
@@ -323,11 +370,16 @@ impl Agent {
             );
             return self.refuse(conn, job.id, &envelope, Code::EnvelopeReplayed, message, max_job_size);
         }
+        if let Err((code, message)) = self.check_limits(&envelope) {
+            log::warn!("burying job {} (dispatch job {}): {message}", job.id, envelope.job_id);
+            return self.refuse(conn, job.id, &envelope, code, message, max_job_size);
+        }
         // Recorded (fsynced) before it runs, so that it never runs twice.
         let run_id = uuid::Uuid::new_v4().simple().to_string();
         let entry = ledger::Ran {
             job_id: envelope.job_id.clone(),
             host: envelope.host.clone(),
+            attempt,
             method: envelope.method.as_str().to_string(),
             expires_at: envelope.expires_at,
             ran_at: now,
@@ -335,17 +387,54 @@ impl Agent {
             queue_job_id: job.id,
             reply_tube: envelope.reply_tube.clone(),
         };
-        if let Err(e) = self.ledger.borrow_mut().begin(entry) {
-            log::error!("burying job {} (dispatch job {}): cannot write the ledger: {e}", job.id, envelope.job_id);
-            let message = format!("Not run: the agent cannot record it in its ledger ({e}); job buried");
-            return self.refuse(conn, job.id, &envelope, Code::ExecError, message, max_job_size);
+        let running = RunningJob {
+            job_id: envelope.job_id.clone(),
+            host: envelope.host.clone(),
+            attempt,
+            cancel: Arc::new(AtomicBool::new(false)),
+            cancel_heard: Arc::default(),
+        };
+        {
+            // Running slot, then ledger: the control thread's order (see `control`).
+            let mut slot = self.shared.running();
+            let mut ledger = self.shared.ledger();
+            if let Some(cancel) = ledger.cancelled(&envelope.job_id, &envelope.host, attempt).cloned() {
+                drop(ledger);
+                drop(slot);
+                log::warn!(
+                    "burying job {} (dispatch job {} attempt {attempt}): cancelled before it started; it will not run",
+                    job.id,
+                    envelope.job_id
+                );
+                let message = format!(
+                    "Cancelled before it started (the cancel was issued {}s ago); job buried, not run",
+                    now.saturating_sub(cancel.issued_at)
+                );
+                return self.refuse(conn, job.id, &envelope, Code::Cancelled, message, max_job_size);
+            }
+            if let Err(e) = ledger.begin(entry) {
+                drop(ledger);
+                drop(slot);
+                log::error!("burying job {} (dispatch job {}): cannot write the ledger: {e}", job.id, envelope.job_id);
+                let message = format!("Not run: the agent cannot record it in its ledger ({e}); job buried");
+                return self.refuse(conn, job.id, &envelope, Code::ExecError, message, max_job_size);
+            }
+            *slot = Some(running.clone());
         }
 
-        log::info!("job {} ({}): {} {:?}", envelope.job_id, job.id, envelope.method.as_str(), envelope.cmd);
-        let result = match envelope.method {
+        log::info!(
+            "job {} ({}) attempt {attempt}: {} {:?}",
+            envelope.job_id,
+            job.id,
+            envelope.method.as_str(),
+            envelope.cmd
+        );
+        let mut result = match envelope.method {
             Method::SyncQuery => query_result(&envelope),
-            Method::SyncBash | Method::AsyncBash => self.run_command(conn, job.id, &envelope, &run_id),
+            Method::SyncBash | Method::AsyncBash => self.run_command(conn, job.id, &envelope, &run_id, &running),
         };
+        *self.shared.running() = None;
+        result.attempt = envelope.attempt;
         put_result(conn, &self.secret, &envelope.reply_tube, result, max_job_size)?;
         conn.delete(job.id)?;
         self.finish_run(&run_id);
@@ -354,7 +443,7 @@ impl Agent {
 
     /// Closes a run in the ledger once its result is out and its job deleted.
     fn finish_run(&self, run_id: &str) {
-        if let Err(e) = self.ledger.borrow_mut().done(run_id, wire::unix_now()) {
+        if let Err(e) = self.shared.ledger().done(run_id, wire::unix_now()) {
             // Harmless: the next start reports the run again, and the real result wins.
             log::warn!("cannot close run {run_id} in the ledger: {e}");
         }
@@ -421,16 +510,128 @@ impl Agent {
         max_job_size: usize,
     ) -> client::Result<()> {
         conn.bury(queue_job_id, RESULT_PRIORITY)?;
-        self.report_refusal(conn, &envelope.job_id, &envelope.reply_tube, code, message, max_job_size)
+        if !client::is_valid_tube_name(&envelope.reply_tube) {
+            return Ok(());
+        }
+        let result = HostResult { attempt: envelope.attempt, ..failure(&envelope.job_id, &self.host_id, code, message) };
+        put_result(conn, &self.secret, &envelope.reply_tube, result, max_job_size)
+    }
+
+    /// Whether the envelope's limits can be honoured here: within the agent's ceilings,
+    /// and with a controller to enforce each. Never run with a limit left unenforced.
+    fn check_limits(&self, envelope: &JobEnvelope) -> Result<(), (Code, String)> {
+        if !envelope.method.runs_command() {
+            return Ok(());
+        }
+        if let Some(bytes) = envelope.memory_max {
+            if bytes < MIN_MEMORY_MAX {
+                return Err((
+                    Code::MalformedEnvelope,
+                    format!("Refused: memory_max {bytes} is below the {MIN_MEMORY_MAX} bytes a command needs; job buried, not run"),
+                ));
+            }
+            if bytes > self.max_memory {
+                return Err((
+                    Code::LimitAboveCeiling,
+                    format!(
+                        "Refused: memory_max {bytes} is above this agent's ceiling of {} bytes (--max-memory); job \
+                         buried, not run",
+                        self.max_memory
+                    ),
+                ));
+            }
+            if !self.containment.limits_memory() {
+                return Err((
+                    Code::LimitUnavailable,
+                    format!(
+                        "Refused: memory_max cannot be enforced on this host ({}); job buried, not run",
+                        self.containment.describe()
+                    ),
+                ));
+            }
+        }
+        if let Some(milli) = envelope.cpu_max_milli {
+            if milli == 0 {
+                return Err((Code::MalformedEnvelope, "Refused: cpu_max_milli is 0; job buried, not run".to_string()));
+            }
+            if milli > self.max_cpu_milli {
+                return Err((
+                    Code::LimitAboveCeiling,
+                    format!(
+                        "Refused: cpu_max_milli {milli} is above this agent's ceiling of {} (--max-cpu-milli); job \
+                         buried, not run",
+                        self.max_cpu_milli
+                    ),
+                ));
+            }
+            if !self.containment.limits_cpu() {
+                return Err((
+                    Code::LimitUnavailable,
+                    format!(
+                        "Refused: cpu_max_milli cannot be enforced on this host ({}); job buried, not run",
+                        self.containment.describe()
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Runs the envelope's command, touching the queue job as it runs, and records its
     /// process group in the ledger. Killed (and reported so) if the agent is shutting down
     /// and the command outlives the drain timeout.
-    fn run_command(&self, conn: &mut Client, queue_job_id: u64, envelope: &JobEnvelope, run_id: &str) -> HostResult {
+    fn run_command(
+        &self,
+        conn: &mut Client,
+        queue_job_id: u64,
+        envelope: &JobEnvelope,
+        run_id: &str,
+        running: &RunningJob,
+    ) -> HostResult {
+        let base = HostResult {
+            v: 1,
+            job_id: envelope.job_id.clone(),
+            host: self.host_id.clone(),
+            resp: Resp::Success,
+            retcode: 0,
+            message: String::new(),
+            data: String::new(),
+            encoding: None,
+            truncated: false,
+            output_bytes: 0,
+            attempt: None,
+        };
+        let unit_limits = UnitLimits { memory_max: envelope.memory_max, cpu_max_milli: envelope.cpu_max_milli };
+        let unit = match self.containment.create(run_id, &unit_limits) {
+            Ok(unit) => unit,
+            Err(contain::ContainError::Unavailable(why)) => {
+                return HostResult {
+                    resp: Resp::Failed,
+                    retcode: u32::from(Code::LimitUnavailable.value()),
+                    message: format!("Not run: {why}"),
+                    ..base
+                };
+            }
+            Err(e) if unit_limits != UnitLimits::default() => {
+                return HostResult {
+                    resp: Resp::Failed,
+                    retcode: u32::from(Code::ExecError.value()),
+                    message: format!("Not run: cannot create the cgroup that enforces its limits: {e}"),
+                    ..base
+                };
+            }
+            Err(e) => {
+                // No limit depends on it: run it in a process group, as without cgroups.
+                log::warn!("job {}: cannot create its cgroup ({e}); running it in a process group only", envelope.job_id);
+                None
+            }
+        };
         let record_group = |pid: u32| {
             let recorded = match orphans::describe(run_id, pid) {
-                Some(started) => self.ledger.borrow_mut().started(started).map_err(|e| e.to_string()),
+                Some(mut started) => {
+                    started.cgroups = unit.as_ref().map(|u| u.dirs()).unwrap_or_default();
+                    self.shared.ledger().started(started).map_err(|e| e.to_string())
+                }
                 None => Err("its /proc entry is unreadable".to_string()),
             };
             if let Err(e) = recorded {
@@ -453,8 +654,11 @@ impl Agent {
             kill_grace: kill_grace(self.config.kill_grace, envelope),
             max_output: exec::MAX_OUTPUT_BYTES,
         };
-        let outcome = exec::run_bash_with(&envelope.cmd, &limits, &env, record_group, || {
+        let outcome = exec::run_bash_with(&envelope.cmd, &limits, &env, unit.as_ref(), record_group, || {
             let now = Instant::now();
+            if running.cancel.load(Ordering::SeqCst) {
+                return Tick::Cancel;
+            }
             if now >= next_touch {
                 if let Err(e) = conn.touch(queue_job_id) {
                     log::warn!("cannot touch job {queue_job_id}: {e}");
@@ -472,19 +676,11 @@ impl Agent {
             }
             Tick::Continue
         });
-        let base = HostResult {
-            v: 1,
-            job_id: envelope.job_id.clone(),
-            host: self.host_id.clone(),
-            resp: Resp::Success,
-            retcode: 0,
-            message: String::new(),
-            data: String::new(),
-            encoding: None,
-            truncated: false,
-            output_bytes: 0,
-            attempt: None,
-        };
+        if let Some(unit) = &unit {
+            if let Err(e) = unit.remove() {
+                log::warn!("job {}: cannot remove its cgroup: {e}", envelope.job_id);
+            }
+        }
         let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(e) => {
@@ -496,7 +692,36 @@ impl Agent {
                 };
             }
         };
-        let (resp, retcode, mut message) = match outcome.termination {
+        let (resp, retcode, mut message) = match outcome.termination.clone() {
+            Termination::Cancelled { killed } => {
+                let heard = *running.cancel_heard.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(heard) = heard {
+                    log::info!(
+                        "job {}: cancelled; {killed} process(es) killed and gone {} ms after the cancel was heard",
+                        envelope.job_id,
+                        heard.elapsed().as_millis()
+                    );
+                }
+                (
+                    Resp::Failed,
+                    u32::from(Code::Cancelled.value()),
+                    format!("Cancelled while it ran (DELETE /v1/jobs/{}); killed {killed} process(es)", envelope.job_id),
+                )
+            }
+            Termination::OutputFailed(error) => (
+                Resp::Failed,
+                u32::from(Code::ExecError.value()),
+                format!("Killed with SIGKILL: reading its output failed ({error})"),
+            ),
+            _ if outcome.oom_kills > 0 => (
+                Resp::Failed,
+                u32::from(Code::MemoryLimit.value()),
+                format!(
+                    "Killed by its memory limit (memory_max {} bytes): the kernel killed {} process(es) of it",
+                    envelope.memory_max.unwrap_or(0),
+                    outcome.oom_kills
+                ),
+            ),
             Termination::Aborted => (
                 Resp::Failed,
                 u32::from(Code::AgentRestarted.value()),

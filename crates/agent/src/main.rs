@@ -56,6 +56,14 @@ struct Args {
     /// nothing changed); 0 fetches none.
     #[arg(long, default_value_t = 5, value_name = "SECS")]
     tasks_poll: u64,
+    /// The largest memory_max (bytes) an envelope may ask for; above it the job is refused
+    /// (limit_above_ceiling). Default: the host's total memory.
+    #[arg(long, value_name = "BYTES")]
+    max_memory: Option<u64>,
+    /// The largest cpu_max_milli (thousandths of a CPU) an envelope may ask for; above it
+    /// the job is refused (limit_above_ceiling). Default: 1000 per CPU.
+    #[arg(long, value_name = "N")]
+    max_cpu_milli: Option<u32>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -74,5 +82,8 @@ fn main() -> anyhow::Result<()> {
         drain_timeout: Duration::from_secs(args.drain_timeout),
         heartbeat: Duration::from_secs(args.heartbeat),
         tasks_poll: Duration::from_secs(args.tasks_poll),
+        max_memory: args.max_memory,
+        max_cpu_milli: args.max_cpu_milli,
+        containment: None,
     })
 }
