@@ -447,4 +447,87 @@ mod tests {
         .expect("run");
         assert_eq!(out.termination, Termination::Aborted);
     }
+
+    /// A fresh cgroup unit, or `None` (SKIP, or a failure under CI) where there are none.
+    fn test_unit(limits: &crate::contain::UnitLimits) -> Option<Unit> {
+        let containment = crate::contain::Containment::detect();
+        if !containment.uses_cgroups() || (limits.memory_max.is_some() && !containment.limits_memory()) {
+            polaris_testkit::skip_unless_ci(&format!("no cgroups for this test: {}", containment.describe()));
+            return None;
+        }
+        let run_id = uuid::Uuid::new_v4().simple().to_string();
+        Some(containment.create(&run_id, limits).expect("create the unit").expect("a unit"))
+    }
+
+    fn wait_gone(pid: i32) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pid_alive(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!pid_alive(pid), "process {pid} survived");
+    }
+
+    #[test]
+    fn a_setsid_child_dies_with_its_cgroup_at_timeout_and_at_cancel() {
+        let Some(unit) = test_unit(&Default::default()) else { return };
+        let cmd = "setsid sleep 600 > /dev/null 2>&1 & echo $!; sleep 600";
+        let out = run_bash_with(cmd, &limits(1000), &[], Some(&unit), |_| {}, || Tick::Continue).expect("run");
+        assert!(matches!(out.termination, Termination::TimedOut { .. }), "{:?}", out.termination);
+        let escaped: i32 = String::from_utf8_lossy(&out.output).trim().parse().expect("the setsid child's pid");
+        wait_gone(escaped);
+        assert!(unit.is_empty());
+        unit.remove().expect("remove the unit");
+        assert!(unit.dirs().iter().all(|d| !std::path::Path::new(d).exists()));
+
+        let Some(unit) = test_unit(&Default::default()) else { return };
+        let mut ticks = 0;
+        let out = run_bash_with(cmd, &limits(60_000), &[], Some(&unit), |_| {}, || {
+            ticks += 1;
+            if ticks > 25 {
+                Tick::Cancel
+            } else {
+                Tick::Continue
+            }
+        })
+        .expect("run");
+        // The setsid sleep, and the foreground one (bash execs a last simple command).
+        assert_eq!(out.termination, Termination::Cancelled { killed: 2 });
+        let escaped: i32 = String::from_utf8_lossy(&out.output).trim().parse().expect("the setsid child's pid");
+        wait_gone(escaped);
+        unit.remove().expect("remove the unit");
+    }
+
+    #[test]
+    fn the_memory_limit_kills_and_is_counted() {
+        let limits64 = crate::contain::UnitLimits { memory_max: Some(64 << 20), cpu_max_milli: None };
+        let Some(unit) = test_unit(&limits64) else { return };
+        let cmd = "echo before; head -c 600M /dev/zero | tail > /dev/null; echo after $?";
+        let out = run_bash_with(cmd, &limits(60_000), &[], Some(&unit), |_| {}, || Tick::Continue).expect("run");
+        assert!(out.oom_kills > 0, "{out:?}");
+        assert!(String::from_utf8_lossy(&out.output).starts_with("before\n"), "{out:?}");
+        unit.remove().expect("remove the unit");
+        // Without the limit the same command is fine.
+        let Some(unit) = test_unit(&Default::default()) else { return };
+        let out = run_bash_with("head -c 100M /dev/zero | tail > /dev/null", &limits(60_000), &[], Some(&unit), |_| {}, || Tick::Continue)
+            .expect("run");
+        assert_eq!((out.termination, out.oom_kills), (Termination::Exited(0), 0));
+        unit.remove().expect("remove the unit");
+    }
+
+    #[test]
+    fn cancel_without_a_cgroup_kills_the_process_group_at_once() {
+        let mut ticks = 0;
+        let out = run_bash("echo started; sleep 30", &limits(60_000), || {
+            ticks += 1;
+            if ticks > 25 {
+                Tick::Cancel
+            } else {
+                Tick::Continue
+            }
+        })
+        .expect("run");
+        // bash became the sleep (it execs a last simple command).
+        assert_eq!(out.termination, Termination::Cancelled { killed: 1 });
+        assert_eq!(String::from_utf8_lossy(&out.output), "started\n");
+    }
 }
