@@ -249,10 +249,7 @@ mod tests {
         // Another attempt of the running job: kept, the running one goes on.
         assert_eq!(apply(&shared, "h", &message("run", Some(1), 1000), 1000).expect("apply"), Handled::Recorded);
         assert!(!cancel.load(Ordering::SeqCst));
-        assert_eq!(
-            apply(&shared, "h", &message("run", None, 1000), 1000).expect("apply"),
-            Handled::CancelledRunning
-        );
+        assert_eq!(apply(&shared, "h", &message("run", None, 1000), 1000).expect("apply"), Handled::CancelledRunning);
         assert!(cancel.load(Ordering::SeqCst));
         assert_eq!(apply(&shared, "h", &message("later", Some(1), 1000), 1000).expect("apply"), Handled::Recorded);
         assert!(shared.ledger().cancelled("later", "h", 1).is_some());

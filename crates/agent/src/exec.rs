@@ -481,14 +481,21 @@ mod tests {
 
         let Some(unit) = test_unit(&Default::default()) else { return };
         let mut ticks = 0;
-        let out = run_bash_with(cmd, &limits(60_000), &[], Some(&unit), |_| {}, || {
-            ticks += 1;
-            if ticks > 25 {
-                Tick::Cancel
-            } else {
-                Tick::Continue
-            }
-        })
+        let out = run_bash_with(
+            cmd,
+            &limits(60_000),
+            &[],
+            Some(&unit),
+            |_| {},
+            || {
+                ticks += 1;
+                if ticks > 25 {
+                    Tick::Cancel
+                } else {
+                    Tick::Continue
+                }
+            },
+        )
         .expect("run");
         // The setsid sleep, and the foreground one (bash execs a last simple command).
         assert_eq!(out.termination, Termination::Cancelled { killed: 2 });
@@ -508,8 +515,15 @@ mod tests {
         unit.remove().expect("remove the unit");
         // Without the limit the same command is fine.
         let Some(unit) = test_unit(&Default::default()) else { return };
-        let out = run_bash_with("head -c 100M /dev/zero | tail > /dev/null", &limits(60_000), &[], Some(&unit), |_| {}, || Tick::Continue)
-            .expect("run");
+        let out = run_bash_with(
+            "head -c 100M /dev/zero | tail > /dev/null",
+            &limits(60_000),
+            &[],
+            Some(&unit),
+            |_| {},
+            || Tick::Continue,
+        )
+        .expect("run");
         assert_eq!((out.termination, out.oom_kills), (Termination::Exited(0), 0));
         unit.remove().expect("remove the unit");
     }

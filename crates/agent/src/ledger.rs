@@ -115,10 +115,12 @@ pub struct Cancelled {
 impl Cancelled {
     /// Whether this cancel covers the envelope with this job id, host and attempt.
     pub fn covers(&self, job_id: &str, host: &str, attempt: u32) -> bool {
-        self.job_id == job_id && self.host == host && match self.attempt {
-            Some(cancelled) => cancelled == attempt,
-            None => true,
-        }
+        self.job_id == job_id
+            && self.host == host
+            && match self.attempt {
+                Some(cancelled) => cancelled == attempt,
+                None => true,
+            }
     }
 }
 

@@ -42,14 +42,14 @@ pub mod standing;
 mod sys;
 
 use anyhow::Context as _;
+use contain::{Containment, UnitLimits};
+use control::{RunningJob, Shared};
 use exec::{ExecLimits, Termination, Tick};
 use ledger::Ledger;
 use orphans::Adopted;
 use polaris_ops_wire::codes::Code;
 use polaris_ops_wire::wire::{self, host_tube, Encoding, HostResult, JobEnvelope, Method, OutputData, Resp, Secret};
 use polaris_proto::client::{self, Client, Endpoint, TlsClientFiles};
-use contain::{Containment, UnitLimits};
-use control::{RunningJob, Shared};
 use std::cell::RefCell;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -513,7 +513,8 @@ impl Agent {
         if !client::is_valid_tube_name(&envelope.reply_tube) {
             return Ok(());
         }
-        let result = HostResult { attempt: envelope.attempt, ..failure(&envelope.job_id, &self.host_id, code, message) };
+        let result =
+            HostResult { attempt: envelope.attempt, ..failure(&envelope.job_id, &self.host_id, code, message) };
         put_result(conn, &self.secret, &envelope.reply_tube, result, max_job_size)
     }
 
@@ -622,7 +623,10 @@ impl Agent {
             }
             Err(e) => {
                 // No limit depends on it: run it in a process group, as without cgroups.
-                log::warn!("job {}: cannot create its cgroup ({e}); running it in a process group only", envelope.job_id);
+                log::warn!(
+                    "job {}: cannot create its cgroup ({e}); running it in a process group only",
+                    envelope.job_id
+                );
                 None
             }
         };
@@ -705,7 +709,10 @@ impl Agent {
                 (
                     Resp::Failed,
                     u32::from(Code::Cancelled.value()),
-                    format!("Cancelled while it ran (DELETE /v1/jobs/{}); killed {killed} process(es)", envelope.job_id),
+                    format!(
+                        "Cancelled while it ran (DELETE /v1/jobs/{}); killed {killed} process(es)",
+                        envelope.job_id
+                    ),
                 )
             }
             Termination::OutputFailed(error) => (

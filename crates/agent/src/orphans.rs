@@ -83,7 +83,13 @@ pub fn boot_id() -> String {
 pub fn describe(run_id: &str, pid: u32) -> Option<Started> {
     let pgid = i32::try_from(pid).ok()?;
     let stat = read_stat(pgid)?;
-    Some(Started { run_id: run_id.to_string(), pgid, start_ticks: stat.start_ticks, boot_id: boot_id(), cgroups: Vec::new() })
+    Some(Started {
+        run_id: run_id.to_string(),
+        pgid,
+        start_ticks: stat.start_ticks,
+        boot_id: boot_id(),
+        cgroups: Vec::new(),
+    })
 }
 
 fn marker(run_id: &str) -> Vec<u8> {

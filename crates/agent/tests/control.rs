@@ -41,8 +41,7 @@ impl Rig {
 
     fn with_queue(queue: polaris_testkit::cluster::Queue, endpoint: Endpoint, host: &str, args: Vec<String>) -> Rig {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut rig =
-            Rig { endpoint, host: host.to_string(), dir, agent_args: args, agent: None, _queue: queue };
+        let mut rig = Rig { endpoint, host: host.to_string(), dir, agent_args: args, agent: None, _queue: queue };
         rig.spawn_agent();
         rig
     }
@@ -103,7 +102,7 @@ impl Rig {
         let mut conn = self.client();
         conn.use_tube(&wire::host_tube(&self.host)).expect("use");
         let body = wire::sign(&secret(), &serde_json::to_vec(envelope).expect("json"));
-        conn.put(10, 0, u32::from(envelope.timeout) + 60, &body).expect("put the envelope");
+        conn.put(10, 0, envelope.timeout + 60, &body).expect("put the envelope");
     }
 
     fn put_cancel(&self, job_id: &str, attempt: Option<u32>) {
@@ -215,7 +214,8 @@ fn a_setsid_child_is_gone_after_cancel_and_after_timeout() {
     let rig = Rig::start("web-setsid", &[]);
     for (job_id, timeout, cancel) in [("s-cancel", 300, true), ("s-timeout", 2, false)] {
         let pid_file = rig.path(&format!("{job_id}.pid"));
-        let cmd = format!("setsid sleep 600 > /dev/null 2>&1 & echo $! > {}; echo forked; sleep 600", pid_file.display());
+        let cmd =
+            format!("setsid sleep 600 > /dev/null 2>&1 & echo $! > {}; echo forked; sleep 600", pid_file.display());
         rig.put_envelope(&rig.envelope(job_id, &cmd, timeout));
         let escaped = rig.wait_pid(&pid_file);
         // It really left the process group: only the cgroup holds it.
