@@ -2,29 +2,39 @@
 //!
 //! It watches `host.<id>`, verifies each envelope's signature and expiry (bad ones are
 //! buried, never run, and reported when their reply tube is known), runs `bash -c` through
-//! [`exec`] or answers `sync.query` through [`query`], puts the signed result on the reply
-//! tube (cutting output further if the queue refuses it as too big), then deletes the job.
-//! Each envelope runs at most once: [`ledger`] remembers, durably, what ran, and a copy put
-//! on the queue again is buried and reported, never run. On SIGTERM or SIGINT it stops
-//! reserving; a running command may finish within the drain timeout, else it is killed and
-//! reported (`agent_restarted`). A command left running by an agent that died is ended by
-//! the next one to start ([`orphans`]).
+//! [`exec`] — in a cgroup of its own where the agent can make one ([`contain`]), with the
+//! envelope's memory and CPU limits — or answers `sync.query` through [`query`], puts the
+//! signed result on the reply tube (cutting output further if the queue refuses it as too
+//! big), then deletes the job. Each envelope (job, host and attempt) runs at most once:
+//! [`ledger`] remembers, durably, what ran, and a copy put on the queue again is buried
+//! and reported, never run. A second connection watches `control.<id>` ([`control`]): a
+//! signed cancel kills the running command's whole unit at once, or keeps its envelope
+//! from ever running. On SIGTERM or SIGINT it stops reserving; a running command may
+//! finish within the drain timeout, else it is killed and reported (`agent_restarted`). A
+//! command left running by an agent that died is ended, with its whole cgroup, by the next
+//! one to start ([`orphans`]).
 //!
 //! # Layout
-//! - this file: the configuration, the serve loop (reserve, verify, run, report, delete) and
-//!   the steps that keep the ledger.
-//! - [`ledger`]: the append-only file of envelopes run and runs unfinished.
+//! - this file: the configuration, the serve loop (reserve, verify, check limits and
+//!   cancels, run, report, delete) and the steps that keep the ledger.
+//! - [`ledger`]: the append-only file of envelopes run, runs unfinished (with their
+//!   cgroups) and jobs cancelled before they started.
+//! - [`control`]: the control thread (signed cancels on `control.<id>`, its own queue
+//!   connection) and the state it shares with the serve loop.
+//! - [`contain`]: cgroup discovery (`/proc/self/mountinfo`, `/proc/self/cgroup`), per-run
+//!   cgroups (v2 unit, v1 memory/cpu limits), killing a whole unit, OOM-kill counts.
 //! - [`orphans`]: at start, ends what a dead predecessor left running, and says so.
 //! - [`heartbeat`]: registration with the dispatcher, then a heartbeat every `--heartbeat`.
 //! - [`standing`]: the host's standing tasks, fetched signed from the dispatcher, verified,
 //!   cached, and followed every `--tasks-poll`.
-//! - [`exec`]: runs `bash -c` in its own process group, with a timeout, bounded output
-//!   capture, and no child left behind.
+//! - [`exec`]: runs `bash -c` in its own process group (and cgroup unit, entered through a
+//!   gate before it runs anything), with a timeout, cancel, bounded output capture, and no
+//!   child left behind.
 //! - [`query`]: the host facts `sync.query` answers with, parsed from `/proc` text.
 //! - [`facts`]: what the host is (OS, CPUs, memory, addresses), sent when it registers.
 //! - [`identity`]: the host id: given, or generated once and kept in the state file.
-//! - `sys` (private): every call into the operating system (pipes, `waitid`, process-group
-//!   signals, utmpx), the only module allowed `unsafe`.
+//! - `sys` (private): every call into the operating system (pipes, `waitid`, process and
+//!   process-group signals, utmpx), the only module allowed `unsafe`.
 
 #![deny(unsafe_code)]
 

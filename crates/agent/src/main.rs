@@ -18,8 +18,14 @@ use std::time::Duration;
                   (env_logger syntax; default info).\n\
                   Signals: SIGTERM and SIGINT stop taking jobs; a running command may finish within \
                   --drain-timeout, else it is killed and reported (agent_restarted), not run again.\n\
+                  Containment: each command runs in a cgroup of its own where the agent can make one \
+                  (root, cgroupfs), so children that leave its process group (setsid) are killed with it \
+                  and memory_max/cpu_max_milli are enforced; else in a process group only (logged at \
+                  start).\n\
+                  Control: a second queue connection watches control.<host-id> for signed cancels.\n\
                   Files next to --state-file: <name>.ledger (the envelopes run here, so none runs twice, \
-                  and the running command's process group, ended by the next start if the agent dies), \
+                  cancels of jobs not started yet, and the running command's process group and cgroup, \
+                  ended by the next start if the agent dies), \
                   <name>.lock (one agent per state file) and <name>.tasks (the last signed set of standing \
                   tasks, used until the dispatcher answers).\n\
                   See docs/DISPATCH.md."
