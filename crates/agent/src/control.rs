@@ -92,7 +92,7 @@ pub struct Control {
     pub secret: Secret,
     /// State shared with the serve loop.
     pub shared: Arc<Shared>,
-    /// Set on SIGTERM/SIGINT.
+    /// Set once the serve loop has stopped (after SIGTERM/SIGINT and the drain).
     pub shutdown: Arc<AtomicBool>,
 }
 

@@ -505,6 +505,19 @@ mod tests {
     }
 
     #[test]
+    fn a_unit_that_ignores_sigterm_still_ends_at_timeout() {
+        let Some(unit) = test_unit(&Default::default()) else { return };
+        let cmd =
+            "trap '' TERM INT; setsid bash -c 'trap \"\" TERM INT; sleep 600' > /dev/null 2>&1 & echo $!; sleep 600";
+        let out = run_bash_with(cmd, &limits(500), &[], Some(&unit), |_| {}, || Tick::Continue).expect("run");
+        // Ignored signals survive exec: SIGTERM did nothing, SIGKILL after the grace did.
+        assert_eq!(out.termination, Termination::TimedOut { killed_by: libc::SIGKILL });
+        let escaped: i32 = String::from_utf8_lossy(&out.output).trim().parse().expect("the setsid child's pid");
+        wait_gone(escaped);
+        unit.remove().expect("remove the unit");
+    }
+
+    #[test]
     fn the_memory_limit_kills_and_is_counted() {
         let limits64 = crate::contain::UnitLimits { memory_max: Some(64 << 20), cpu_max_milli: None };
         let Some(unit) = test_unit(&limits64) else { return };

@@ -225,12 +225,15 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
         heartbeat::spawn(registration, shutdown.clone()).context("starting the heartbeat thread")?;
     }
     let shared = Arc::new(Shared::new(ledger));
-    control::spawn(control::Control {
+    // Not `shutdown`: a command draining after SIGTERM can still be cancelled, so the
+    // control thread stops only once the serve loop has.
+    let serving_done = Arc::new(AtomicBool::new(false));
+    let control = control::spawn(control::Control {
         queue: queue.clone(),
         host_id: host_id.clone(),
         secret: secret.clone(),
         shared: shared.clone(),
-        shutdown: shutdown.clone(),
+        shutdown: serving_done.clone(),
     })
     .context("starting the control thread")?;
     log::info!("polaris-agent {host_id} serving tube {} on {queue}", host_tube(&host_id));
@@ -248,6 +251,11 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
         standing,
     };
     agent.serve();
+    serving_done.store(true, Ordering::SeqCst);
+    // It notices within its one-second reserve timeout (or its connect timeout).
+    if control.join().is_err() {
+        log::warn!("the control thread panicked");
+    }
     log::info!("polaris-agent {} stopped", agent.host_id);
     Ok(())
 }

@@ -146,7 +146,13 @@ fn find_cgroups(run: &UnfinishedRun, containment: &Containment) -> Vec<String> {
             dirs.push(dir);
         }
     }
-    dirs.retain(|d| std::path::Path::new(d).is_dir());
+    // Only a run's own cgroup (`…/polaris-agent/<run id>`), whatever the ledger says.
+    dirs.retain(|d| {
+        let path = std::path::Path::new(d);
+        let named = path.file_name().is_some_and(|n| n == run.ran.run_id.as_str());
+        let under = path.parent().and_then(|p| p.file_name()).is_some_and(|n| n == crate::contain::BASE_NAME);
+        named && under && !run.ran.run_id.contains(['/', '.']) && !run.ran.run_id.is_empty() && path.is_dir()
+    });
     dirs
 }
 
