@@ -23,6 +23,10 @@
 //!   `cpu.cfs_quota_us` over a 100 ms `cpu.cfs_period_us`. A kill by the memory limit is
 //!   read back from v2 `memory.events` (`oom_kill`) or v1 `memory.oom_control`
 //!   (`oom_kill`, else `memory.failcnt`).
+//! - **Controllers on pure v2.** A non-root cgroup may hand controllers to its children
+//!   only while it holds no process itself, so an agent that is alone in its cgroup (a
+//!   systemd service with `Delegate=yes`) moves itself into `<own>/polaris-agent-self`
+//!   first; it never moves other processes.
 //! - **None.** Not root, no cgroupfs, or a hierarchy the agent cannot write: the agent
 //!   says so once at start and runs commands in process groups only (a `setsid` child can
 //!   then escape), and refuses envelopes that ask for limits.
@@ -440,24 +444,65 @@ pub fn cpu_quota_us(milli: u32) -> u64 {
     (u64::from(milli) * CPU_PERIOD_US / 1000).max(MIN_CPU_QUOTA_US)
 }
 
+/// Where the agent moves itself, beside the runs' base, when its own cgroup must hand
+/// controllers down (cgroup v2 lets a non-root cgroup do so only while it holds no
+/// process itself).
+pub const SELF_LEAF_NAME: &str = "polaris-agent-self";
+
 /// Makes `controller` available to the children of `base`: enabled in `base`'s
-/// `cgroup.subtree_control`, after enabling it in the parent's if `base` lacks it. Fails
-/// (false) where the parent holds processes and is not the root (the "no internal
-/// processes" rule), e.g. a systemd service without its own delegated subtree.
+/// `cgroup.subtree_control`, after enabling it in the parent's (the agent's own cgroup)
+/// if `base` lacks it. cgroup v2's "no internal processes" rule refuses that (EBUSY) while
+/// the agent's own cgroup holds processes and is not the root — the usual case of a
+/// systemd service. Then, if the agent is the only process there (a delegated service,
+/// `Delegate=yes`), it moves itself into `<own>/polaris-agent-self` and tries again; it
+/// never moves processes that are not its own. False if the controller stays unavailable.
 fn enable_v2_controller(base: &Path, controller: &str) -> bool {
     let enable = format!("+{controller}");
     if !contains_word(&base.join("cgroup.controllers"), controller) {
-        let Some(parent) = base.parent() else { return false };
-        if !contains_word(&parent.join("cgroup.controllers"), controller) {
+        let Some(own) = base.parent() else { return false };
+        if !contains_word(&own.join("cgroup.controllers"), controller) {
             return false;
         }
-        let _ = fs::write(parent.join("cgroup.subtree_control"), &enable);
+        if let Err(e) = fs::write(own.join("cgroup.subtree_control"), &enable) {
+            // The root cgroup (no cgroup.events) is exempt from the rule: EBUSY is not that.
+            let busy = e.raw_os_error() == Some(libc::EBUSY) && own.join("cgroup.events").exists();
+            if !busy || !move_self_to_leaf(own) {
+                return false;
+            }
+            let _ = fs::write(own.join("cgroup.subtree_control"), &enable);
+        }
     }
     if !contains_word(&base.join("cgroup.controllers"), controller) {
         return false;
     }
     let _ = fs::write(base.join("cgroup.subtree_control"), &enable);
     contains_word(&base.join("cgroup.subtree_control"), controller)
+}
+
+/// Moves this process (all its threads) from cgroup `own` into `own/polaris-agent-self`,
+/// if it is the only process in `own`. Whether it moved.
+fn move_self_to_leaf(own: &Path) -> bool {
+    let procs = fs::read_to_string(own.join("cgroup.procs")).unwrap_or_default();
+    let pids: Vec<&str> = procs.split_whitespace().collect();
+    if pids != [std::process::id().to_string().as_str()] {
+        log::warn!(
+            "cgroup {} holds other processes than this agent ({pids:?}); not moving them to enable controllers",
+            own.display()
+        );
+        return false;
+    }
+    let leaf = own.join(SELF_LEAF_NAME);
+    // "0" names the writing process; its threads move with it.
+    match make_dir(&leaf).and_then(|()| fs::write(leaf.join("cgroup.procs"), "0")) {
+        Ok(()) => {
+            log::info!("moved this agent into {} so that its cgroup can hand controllers to the runs", leaf.display());
+            true
+        }
+        Err(e) => {
+            log::warn!("cannot move this agent into {}: {e}", leaf.display());
+            false
+        }
+    }
 }
 
 fn write_file(path: &Path, value: &str) -> Result<(), ContainError> {
