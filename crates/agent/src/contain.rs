@@ -48,6 +48,9 @@ pub const CPU_PERIOD_US: u64 = 100_000;
 /// The smallest CFS quota the kernel takes, in microseconds.
 const MIN_CPU_QUOTA_US: u64 = 1_000;
 
+/// How old an empty run cgroup must be before a starting agent removes it as stale.
+const STALE_UNIT_AGE: Duration = Duration::from_secs(60);
+
 /// How many rounds of "SIGKILL every pid" a unit without `cgroup.kill` gets.
 const KILL_ROUNDS: usize = 200;
 
@@ -307,7 +310,33 @@ impl Containment {
         if !found.v2_cpu {
             found.v1_cpu = v1(&bases.v1_cpu, &mut found.notes);
         }
+        found.sweep_stale(STALE_UNIT_AGE);
         found
+    }
+
+    /// Removes run cgroups that are empty and older than `age`: left by an agent killed
+    /// after its command ended, and not restarted with the same state file (a restarted
+    /// one removes its predecessor's through the ledger). A live run's cgroup holds its
+    /// command within milliseconds of being made, and its agent removes it as soon as the
+    /// command is over, so `age` keeps this from racing another agent on the host.
+    fn sweep_stale(&self, age: Duration) {
+        let mut removed = 0;
+        for base in [&self.v2, &self.v1_memory, &self.v1_cpu].into_iter().flatten() {
+            let Ok(entries) = fs::read_dir(base) else { continue };
+            for entry in entries.flatten() {
+                let dir = entry.path();
+                let old = entry.metadata().ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok());
+                let empty = fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|t| t.trim().is_empty());
+                let is_run =
+                    dir.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.bytes().all(|b| b.is_ascii_hexdigit()));
+                if is_run && empty && old.is_some_and(|o| o >= age) && fs::remove_dir(&dir).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        if removed > 0 {
+            log::info!("removed {removed} empty run cgroup(s) left by agents that died");
+        }
     }
 
     /// Whether commands run in cgroups (else in process groups only).

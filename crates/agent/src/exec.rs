@@ -526,6 +526,22 @@ mod tests {
         assert!(out.oom_kills > 0, "{out:?}");
         assert!(String::from_utf8_lossy(&out.output).starts_with("before\n"), "{out:?}");
         unit.remove().expect("remove the unit");
+        // A CPU limit is written where the kernel enforces it, and the command runs there.
+        let quarter = crate::contain::UnitLimits { memory_max: None, cpu_max_milli: Some(250) };
+        let Some(unit) = test_unit(&quarter) else { return };
+        let quota: Vec<String> = unit
+            .dirs()
+            .iter()
+            .filter_map(|dir| {
+                let v1 = std::fs::read_to_string(format!("{dir}/cpu.cfs_quota_us"));
+                let v2 = std::fs::read_to_string(format!("{dir}/cpu.max"));
+                v1.or(v2).ok().map(|text| text.split_whitespace().next().unwrap_or_default().to_string())
+            })
+            .collect();
+        assert_eq!(quota, ["25000"], "{unit:?}");
+        let out = run_bash_with("echo ok", &limits(10_000), &[], Some(&unit), |_| {}, || Tick::Continue).expect("run");
+        assert_eq!(String::from_utf8_lossy(&out.output), "ok\n");
+        unit.remove().expect("remove the unit");
         // Without the limit the same command is fine.
         let Some(unit) = test_unit(&Default::default()) else { return };
         let out = run_bash_with(
