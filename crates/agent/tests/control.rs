@@ -394,3 +394,60 @@ fn a_restarted_agent_kills_the_whole_cgroup_its_dead_predecessor_left() {
     wait_gone(escaped, "the setsid child of the dead agent's command is gone");
     wait_until(Duration::from_secs(10), "the dead run's cgroup is removed", || !unit.exists());
 }
+
+#[test]
+fn forged_and_stale_control_messages_are_not_acted_on() {
+    let rig = Rig::start("web-forged", &[]);
+    let pid_file = rig.path("pid");
+    rig.put_envelope(&rig.envelope("f1", &format!("echo $$ > {}; exec sleep 600", pid_file.display()), 300));
+    let pid = rig.wait_pid(&pid_file);
+    let cancel = |issued_at: u64| ControlMessage {
+        v: 1,
+        kind: ControlKind::Cancel,
+        job_id: "f1".into(),
+        host: rig.host.clone(),
+        attempt: None,
+        issued_at,
+    };
+    let forger = Secret::new(b"not-the-shared-secret-at-all".to_vec()).expect("secret");
+    let mut conn = rig.client();
+    conn.use_tube(&wire::control_tube(&rig.host)).expect("use");
+    let forged = wire::sign(&forger, &serde_json::to_vec(&cancel(wire::unix_now())).expect("json"));
+    conn.put(0, 0, 60, &forged).expect("put");
+    let stale = wire::sign(&secret(), &serde_json::to_vec(&cancel(wire::unix_now() - 7200)).expect("json"));
+    conn.put(0, 0, 60, &stale).expect("put");
+    let mut other_host = cancel(wire::unix_now());
+    other_host.host = "web-other".into();
+    conn.put(0, 0, 60, &wire::sign(&secret(), &serde_json::to_vec(&other_host).expect("json"))).expect("put");
+    // The forged one is buried; the stale one and the one for another host are deleted.
+    wait_until(Duration::from_secs(10), "the control messages were handled", || {
+        let stats = rig.client().stats_tube(&wire::control_tube(&rig.host)).expect("stats-tube");
+        stats.get_u64("current-jobs-buried") == Some(1)
+            && stats.get_u64("current-jobs-ready") == Some(0)
+            && stats.get_u64("current-jobs-reserved") == Some(0)
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!pid_gone(pid), "the command was stopped by a message that should not count");
+    // A real one still works.
+    rig.put_cancel("f1", None);
+    let result = rig.result(30);
+    assert_eq!(result.retcode, u32::from(Code::Cancelled.value()), "{result:?}");
+    wait_gone(pid, "the cancelled command is gone");
+}
+
+#[test]
+fn a_command_draining_after_sigterm_can_still_be_cancelled() {
+    let mut rig = Rig::start("web-drain", &["--drain-timeout", "300"]);
+    let pid_file = rig.path("pid");
+    rig.put_envelope(&rig.envelope("d1", &format!("echo $$ > {}; exec sleep 600", pid_file.display()), 300));
+    let pid = rig.wait_pid(&pid_file);
+    rig.agent.as_ref().expect("agent").signal("TERM").expect("SIGTERM the agent");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!pid_gone(pid), "the command drains");
+    rig.put_cancel("d1", None);
+    let result = rig.result(30);
+    assert_eq!(result.retcode, u32::from(Code::Cancelled.value()), "{result:?}");
+    wait_gone(pid, "the cancelled command is gone");
+    let agent = rig.agent.as_mut().expect("agent");
+    assert_eq!(agent.wait_exit(Duration::from_secs(20)), Some(true), "the agent stops once the command is over");
+}
