@@ -260,6 +260,15 @@ fn make_dir(dir: &Path) -> io::Result<()> {
     }
 }
 
+/// Creates base directory `base` unless it exists, and proves that runs' cgroups can be
+/// made in it (another agent, e.g. root's, may have made it for itself).
+fn make_base(base: &Path) -> io::Result<()> {
+    make_dir(base)?;
+    let probe = base.join(format!("probe-{}", std::process::id()));
+    fs::create_dir(&probe)?;
+    fs::remove_dir(&probe)
+}
+
 impl Containment {
     /// No cgroups: process groups only, for `why`.
     pub fn none(why: impl Into<String>) -> Containment {
@@ -285,8 +294,8 @@ impl Containment {
         let mut found = Containment::default();
         match &bases.v2 {
             None => found.notes.push("no cgroup v2 hierarchy holds this process".into()),
-            Some(base) => match make_dir(base) {
-                Err(e) => found.notes.push(format!("cannot create {}: {e}", base.display())),
+            Some(base) => match make_base(base) {
+                Err(e) => found.notes.push(format!("cannot create cgroups in {}: {e}", base.display())),
                 Ok(()) => {
                     found.v2_memory = enable_v2_controller(base, "memory");
                     found.v2_cpu = enable_v2_controller(base, "cpu");
@@ -296,10 +305,10 @@ impl Containment {
         }
         let v1 = |base: &Option<PathBuf>, notes: &mut Vec<String>| {
             let base = base.as_ref()?;
-            match make_dir(base) {
+            match make_base(base) {
                 Ok(()) => Some(base.clone()),
                 Err(e) => {
-                    notes.push(format!("cannot create {}: {e}", base.display()));
+                    notes.push(format!("cannot create cgroups in {}: {e}", base.display()));
                     None
                 }
             }

@@ -28,20 +28,38 @@ struct Rig {
     host: String,
     dir: tempfile::TempDir,
     agent_args: Vec<String>,
+    /// Run the agent as this uid and gid (root tests use `nobody`); `None`: as the test.
+    run_as: Option<u32>,
     agent: Option<Proc>,
     _queue: polaris_testkit::cluster::Queue,
 }
 
 impl Rig {
     fn start(host: &str, agent_args: &[&str]) -> Rig {
+        Rig::start_as(host, agent_args, None)
+    }
+
+    fn start_as(host: &str, agent_args: &[&str], run_as: Option<u32>) -> Rig {
         let queue = start_queue(BIG_JOB_SIZE);
         let endpoint = Endpoint::plain(&queue.addr);
-        Rig::with_queue(queue, endpoint, host, agent_args.iter().map(|s| s.to_string()).collect())
+        let args = agent_args.iter().map(|s| s.to_string()).collect();
+        Rig::with_queue_as(queue, endpoint, host, args, run_as)
     }
 
     fn with_queue(queue: polaris_testkit::cluster::Queue, endpoint: Endpoint, host: &str, args: Vec<String>) -> Rig {
+        Rig::with_queue_as(queue, endpoint, host, args, None)
+    }
+
+    fn with_queue_as(
+        queue: polaris_testkit::cluster::Queue,
+        endpoint: Endpoint,
+        host: &str,
+        args: Vec<String>,
+        run_as: Option<u32>,
+    ) -> Rig {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut rig = Rig { endpoint, host: host.to_string(), dir, agent_args: args, agent: None, _queue: queue };
+        let mut rig =
+            Rig { endpoint, host: host.to_string(), dir, agent_args: args, run_as, agent: None, _queue: queue };
         rig.spawn_agent();
         rig
     }
@@ -49,7 +67,15 @@ impl Rig {
     fn spawn_agent(&mut self) {
         let work = self.dir.path().join("work");
         std::fs::create_dir_all(&work).expect("workdir");
-        let child = Command::new(binary("polaris-agent"))
+        let mut command = Command::new(binary("polaris-agent"));
+        if let Some(id) = self.run_as {
+            for dir in [self.dir.path(), &work] {
+                std::os::unix::fs::chown(dir, Some(id), Some(id)).expect("chown to the agent's user");
+            }
+            std::os::unix::process::CommandExt::uid(&mut command, id);
+            std::os::unix::process::CommandExt::gid(&mut command, id);
+        }
+        let child = command
             .args(["--queue", self.endpoint.addr(), "--host-id", &self.host, "--kill-grace-ms", "500"])
             .arg("--state-file")
             .arg(self.dir.path().join("state/agent.json"))
@@ -58,6 +84,7 @@ impl Rig {
             .env("POLARIS_SECRET", TEST_SECRET)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("start polaris-agent");
         self.agent = Some(Proc::new(&format!("agent {}", self.host), child));
@@ -202,8 +229,10 @@ fn cancel_kills_the_running_command_and_reports_its_output() {
     log_measure("cancel put → result on the reply tube", answered);
     log_measure("cancel put → process gone", gone);
     // Nothing is left of it on the queue.
-    let stats = rig.client().stats_tube(&wire::host_tube(&rig.host)).expect("stats-tube");
-    assert_eq!(stats.get_u64("current-jobs-reserved"), Some(0));
+    wait_until(Duration::from_secs(10), "the job is deleted", || {
+        let stats = rig.client().stats_tube(&wire::host_tube(&rig.host)).expect("stats-tube");
+        stats.get_u64("current-jobs-reserved") == Some(0) && stats.get_u64("current-jobs-buried") == Some(0)
+    });
 }
 
 #[test]
@@ -450,4 +479,36 @@ fn a_command_draining_after_sigterm_can_still_be_cancelled() {
     wait_gone(pid, "the cancelled command is gone");
     let agent = rig.agent.as_mut().expect("agent");
     assert_eq!(agent.wait_exit(Duration::from_secs(20)), Some(true), "the agent stops once the command is over");
+}
+
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .is_ok_and(|status| status.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+}
+
+/// The uid of `nobody`: an agent running as it cannot write cgroupfs.
+const NOBODY: u32 = 65_534;
+
+#[test]
+fn without_cgroups_the_agent_says_so_refuses_limits_and_still_cancels() {
+    // As root, the agent runs as nobody, who cannot make cgroups; otherwise as the test's
+    // own user, who cannot either.
+    let rig = Rig::start_as("web-plain", &[], running_as_root().then_some(NOBODY));
+    let mut limited = rig.envelope("p1", "echo ran", 30);
+    limited.memory_max = Some(64 << 20);
+    rig.put_envelope(&limited);
+    let result = rig.result(30);
+    assert_eq!((result.resp, result.retcode), (Resp::Failed, u32::from(Code::LimitUnavailable.value())), "{result:?}");
+    assert!(result.message.contains("process groups only: "), "{result:?}");
+    let log = rig.agent_log();
+    assert!(log.contains("containment: process groups only: "), "{log}");
+    // Cancel does not need cgroups: the process group is killed.
+    let pid_file = rig.path("work/pid");
+    rig.put_envelope(&rig.envelope("p2", &format!("echo $$ > {}; exec sleep 600", pid_file.display()), 300));
+    let pid = rig.wait_pid(&pid_file);
+    rig.put_cancel("p2", None);
+    let result = rig.result(30);
+    assert_eq!(result.retcode, u32::from(Code::Cancelled.value()), "{result:?}");
+    assert!(result.message.ends_with("killed 1 process(es)"), "{result:?}");
+    wait_gone(pid, "the cancelled command is gone");
 }
