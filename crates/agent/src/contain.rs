@@ -784,6 +784,26 @@ mod tests {
     }
 
     #[test]
+    fn v1_only_hosts_use_the_memory_hierarchy_for_the_unit() {
+        let mounts = parse_mountinfo(
+            "32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct\n\
+             35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n",
+        );
+        assert_eq!(mounts.v2, None);
+        assert_eq!(mounts.v1[0].controllers, ["cpu", "cpuacct"]);
+        let own = parse_proc_cgroup("4:memory:/user.slice\n2:cpu,cpuacct:/user.slice\n");
+        assert_eq!(own.v2, None);
+        assert_eq!(
+            bases(&mounts, &own),
+            Bases {
+                v2: None,
+                v1_memory: Some("/sys/fs/cgroup/memory/user.slice/polaris-agent".into()),
+                v1_cpu: Some("/sys/fs/cgroup/cpu,cpuacct/user.slice/polaris-agent".into()),
+            }
+        );
+    }
+
+    #[test]
     fn paths_outside_the_mount_are_refused_and_escapes_undone() {
         let mount = Path::new("/sys/fs/cgroup");
         assert_eq!(cgroup_dir(mount, "/", "/a/b"), Some(PathBuf::from("/sys/fs/cgroup/a/b")));
