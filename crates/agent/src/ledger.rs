@@ -2,14 +2,20 @@
 //! append-only file next to the state file (`<state file>.ledger`, e.g.
 //! `polaris-agent.ledger`) so that both survive restarts.
 //!
-//! - Before a command starts, a `ran` line (the envelope's job id and host, its expiry, the
-//!   queue job id and reply tube, and a fresh run id) is appended and fsynced. An envelope
-//!   whose job id and host are in the ledger is a replay: it is never run again. Both
-//!   fields are covered by the envelope's signature, so only the dispatcher can make a new
-//!   key, and the dispatcher issues one job id per job (`409` on reuse) and one row per host.
+//! - Before a command starts, a `ran` line (the envelope's job id, host and attempt, its
+//!   expiry, the queue job id and reply tube, and a fresh run id) is appended and fsynced.
+//!   An envelope whose job id, host and attempt are in the ledger is a replay: it is never
+//!   run again; a retry (the next attempt) is a new key and runs. All three fields are
+//!   covered by the envelope's signature, so only the dispatcher can make a new key, and
+//!   the dispatcher issues one job id per job (`409` on reuse) and one row per host. Lines
+//!   written before attempts existed have none, and read as attempt 1.
+//! - A `cancel` line records a signed cancel (see [`crate::control`]) for a job, or one
+//!   attempt of it, so that its envelope, if it comes later, is refused and never run;
+//!   it is kept until its `until` (two days), then pruned.
 //! - Right after the command's process group exists, a `started` line records its id, the
-//!   leader's start time (clock ticks since boot, from `/proc/<pid>/stat`) and the boot id,
-//!   so that the next agent can tell the group is really that command's.
+//!   leader's start time (clock ticks since boot, from `/proc/<pid>/stat`), the boot id
+//!   and the command's cgroups, so that the next agent can tell the group is really that
+//!   command's, and kill its whole cgroup.
 //! - Once the result is on the queue and the job deleted, a `done` line closes the run. A
 //!   run without `done` at start is one the previous agent did not finish: the next start
 //!   ends and reports it (`orphans.rs`).
