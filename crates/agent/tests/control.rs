@@ -512,3 +512,29 @@ fn without_cgroups_the_agent_says_so_refuses_limits_and_still_cancels() {
     assert!(result.message.ends_with("killed 1 process(es)"), "{result:?}");
     wait_gone(pid, "the cancelled command is gone");
 }
+
+#[test]
+fn agent_shutdown_kills_a_double_forked_setsid_child() {
+    if !cgroups_here(false) {
+        return;
+    }
+    let mut rig = Rig::start("web-shutdown", &["--drain-timeout", "1"]);
+    let pid_file = rig.path("pid");
+    // Double fork: the grandchild's parent exits at once, so it is reparented, and setsid
+    // takes it out of the process group as well.
+    let cmd = format!(
+        "( setsid sleep 600 > /dev/null 2>&1 & echo $! > {}.tmp; mv {0}.tmp {0} ) & wait; echo detached; sleep 600",
+        pid_file.display()
+    );
+    rig.put_envelope(&rig.envelope("x1", &cmd, 300));
+    let escaped = rig.wait_pid(&pid_file);
+    let unit = unit_of(escaped);
+    rig.agent.as_ref().expect("agent").signal("TERM").expect("SIGTERM the agent");
+    let result = rig.result(30);
+    assert_eq!(result.retcode, u32::from(Code::AgentRestarted.value()), "{result:?}");
+    assert_eq!(result.data, "detached\n");
+    wait_gone(escaped, "the double-forked setsid child is gone");
+    wait_until(Duration::from_secs(10), "the run's cgroup is removed", || !unit.exists());
+    let agent = rig.agent.as_mut().expect("agent");
+    assert_eq!(agent.wait_exit(Duration::from_secs(20)), Some(true), "the agent stops");
+}
