@@ -518,7 +518,7 @@ mod tests {
     }
 
     #[test]
-    fn the_memory_limit_kills_and_is_counted() {
+    fn the_memory_limit_kills_and_the_cpu_limit_throttles() {
         let limits64 = crate::contain::UnitLimits { memory_max: Some(64 << 20), cpu_max_milli: None };
         let Some(unit) = test_unit(&limits64) else { return };
         let cmd = "echo before; head -c 600M /dev/zero | tail > /dev/null; echo after $?";
@@ -539,8 +539,17 @@ mod tests {
             })
             .collect();
         assert_eq!(quota, ["25000"], "{unit:?}");
-        let out = run_bash_with("echo ok", &limits(10_000), &[], Some(&unit), |_| {}, || Tick::Continue).expect("run");
+        // A busy loop for a second is throttled by the kernel: the limit is enforced.
+        let busy = "timeout 1 bash -c 'while :; do :; done'; echo ok";
+        let out = run_bash_with(busy, &limits(10_000), &[], Some(&unit), |_| {}, || Tick::Continue).expect("run");
         assert_eq!(String::from_utf8_lossy(&out.output), "ok\n");
+        let throttled: u64 = unit
+            .dirs()
+            .iter()
+            .filter_map(|dir| std::fs::read_to_string(format!("{dir}/cpu.stat")).ok())
+            .filter_map(|stat| stat.lines().find_map(|l| l.strip_prefix("nr_throttled ")?.trim().parse::<u64>().ok()))
+            .sum();
+        assert!(throttled > 0, "no throttling under a quarter CPU: {unit:?}");
         unit.remove().expect("remove the unit");
         // Without the limit the same command is fine.
         let Some(unit) = test_unit(&Default::default()) else { return };
