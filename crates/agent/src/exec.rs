@@ -179,6 +179,22 @@ pub fn run_bash_with(
     env: &[(&str, &str)],
     unit: Option<&Unit>,
     on_spawn: impl FnOnce(u32),
+    on_tick: impl FnMut() -> Tick,
+) -> io::Result<ExecOutcome> {
+    run_reading(cmd, limits, env, unit, |pipe| Box::new(pipe), on_spawn, on_tick)
+}
+
+/// The reader of the output pipe (tests wrap it to make reading fail).
+type OutputReader = Box<dyn Read + Send>;
+
+/// [`run_bash_with`], reading the output through `reader` made from the pipe.
+fn run_reading(
+    cmd: &str,
+    limits: &ExecLimits,
+    env: &[(&str, &str)],
+    unit: Option<&Unit>,
+    reader: impl FnOnce(File) -> OutputReader,
+    on_spawn: impl FnOnce(u32),
     mut on_tick: impl FnMut() -> Tick,
 ) -> io::Result<ExecOutcome> {
     // Both ends are close-on-exec: the child gets the write end through dup2, which
@@ -224,7 +240,7 @@ pub fn run_bash_with(
     {
         let capture = capture.clone();
         let max_output = limits.max_output;
-        let mut pipe = File::from(read_end);
+        let mut pipe = reader(File::from(read_end));
         std::thread::Builder::new().name("output".into()).spawn(move || {
             let mut buf = [0u8; 16 * 1024];
             loop {
@@ -564,6 +580,44 @@ mod tests {
         .expect("run");
         assert_eq!((out.termination, out.oom_kills), (Termination::Exited(0), 0));
         unit.remove().expect("remove the unit");
+    }
+
+    /// Reads the first chunk, then fails as a broken device would.
+    struct FailingReader {
+        pipe: File,
+        reads: usize,
+    }
+
+    impl Read for FailingReader {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.reads += 1;
+            if self.reads > 1 {
+                return Err(io::Error::other("injected read failure"));
+            }
+            self.pipe.read(buf)
+        }
+    }
+
+    #[test]
+    fn a_failed_output_read_kills_the_command() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pid_file = dir.path().join("pid");
+        let cmd = format!("echo $$ > {}; echo first; sleep 1; echo second; exec sleep 600", pid_file.display());
+        let begun = Instant::now();
+        let out = run_reading(
+            &cmd,
+            &limits(60_000),
+            &[],
+            None,
+            |pipe| Box::new(FailingReader { pipe, reads: 0 }),
+            |_| {},
+            || Tick::Continue,
+        )
+        .expect("run");
+        assert_eq!(out.termination, Termination::OutputFailed("injected read failure".into()));
+        assert!(begun.elapsed() < Duration::from_secs(30), "killed, not waited for");
+        let pid: i32 = std::fs::read_to_string(&pid_file).expect("pid").trim().parse().expect("pid");
+        assert!(!pid_alive(pid), "process {pid} survived");
     }
 
     #[test]
