@@ -430,7 +430,7 @@ impl Containment {
         if !self.uses_cgroups() {
             return Ok(None);
         }
-        let mut unit = Unit { dirs: Vec::new(), v2: self.v2.is_some(), memory: None };
+        let mut unit = Unit { dirs: Vec::new(), v2: self.v2.is_some(), memory: None, cgroup_kill: true };
         // The unit's first directory holds every process: the v2 cgroup when there is one.
         if let Some(base) = &self.v2 {
             let dir = base.join(run_id);
@@ -563,6 +563,8 @@ pub struct Unit {
     /// Whether the first directory is a v2 cgroup (`cgroup.kill`, `cgroup.freeze`).
     v2: bool,
     memory: Option<MemoryWatch>,
+    /// Whether to try `cgroup.kill` (tests turn it off to exercise the fallback).
+    cgroup_kill: bool,
 }
 
 /// The value of `key` in a `key value` per line cgroup file.
@@ -575,7 +577,7 @@ impl Unit {
     pub fn from_dirs(dirs: &[String]) -> Unit {
         let dirs: Vec<PathBuf> = dirs.iter().map(PathBuf::from).collect();
         let v2 = dirs.first().is_some_and(|d| d.join("cgroup.events").exists());
-        Unit { dirs, v2, memory: None }
+        Unit { dirs, v2, memory: None, cgroup_kill: true }
     }
 
     /// Its directories, the one holding the processes first.
@@ -622,7 +624,7 @@ impl Unit {
     pub fn kill(&self) -> usize {
         let Some(dir) = self.dirs.first() else { return 0 };
         let count = self.pids().len();
-        if self.v2 && fs::write(dir.join("cgroup.kill"), "1").is_ok() {
+        if self.v2 && self.cgroup_kill && fs::write(dir.join("cgroup.kill"), "1").is_ok() {
             return count;
         }
         // No cgroup.kill (before Linux 5.14, or v1): freeze so nothing forks, then kill
@@ -823,5 +825,40 @@ mod tests {
         assert_eq!(keyed_value("populated 1\nfrozen 0\n", "frozen"), Some(0));
         assert_eq!(keyed_value("low 0\noom_kill 3\n", "oom_kill"), Some(3));
         assert_eq!(keyed_value("oom_kill_disable 0\n", "oom_kill"), None);
+    }
+
+    /// Runs a process in `unit`, kills the unit, and checks that it is gone and the unit
+    /// removed.
+    fn kill_unit_with_a_child(unit: &Unit) {
+        let mut child = std::process::Command::new("sleep").arg("600").spawn().expect("spawn sleep");
+        unit.place(child.id()).expect("place");
+        assert_eq!(unit.pids(), [child.id() as i32]);
+        assert_eq!(unit.kill(), 1);
+        let status = child.wait().expect("wait");
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL));
+        assert!(unit.wait_empty(Duration::from_secs(5)));
+        unit.remove().expect("remove");
+        assert!(unit.dirs.iter().all(|d| !d.exists()));
+    }
+
+    #[test]
+    fn without_cgroup_kill_a_unit_is_frozen_and_killed_pid_by_pid() {
+        let containment = Containment::detect();
+        let Some(base) = containment.v2.clone().or(containment.v1_memory.clone()) else {
+            polaris_testkit::skip_unless_ci(&format!("no cgroups: {}", containment.describe()));
+            return;
+        };
+        // The v2 fallback (freeze, SIGKILL each pid) and, where there is a v1 memory
+        // hierarchy, the v1-only one (SIGKILL each pid, round after round).
+        let mut units = vec![(base, containment.v2.is_some())];
+        if let (Some(v1), true) = (containment.v1_memory.clone(), containment.v2.is_some()) {
+            units.push((v1, false));
+        }
+        for (base, v2) in units {
+            let dir = base.join(uuid::Uuid::new_v4().simple().to_string());
+            fs::create_dir(&dir).expect("mkdir");
+            let unit = Unit { dirs: vec![dir], v2, memory: None, cgroup_kill: false };
+            kill_unit_with_a_child(&unit);
+        }
     }
 }
