@@ -28,7 +28,7 @@ pub enum ServeError {
         reason: String,
     },
     /// Binding the address failed (in use, not a local address, no permission).
-    #[error("cannot listen for metrics on {addr}: {source}")]
+    #[error("cannot listen for metrics on {addr}")]
     Bind {
         /// The resolved address.
         addr: SocketAddr,
@@ -63,33 +63,58 @@ pub fn parse_addr(addr: &str) -> Result<SocketAddr, ServeError> {
     addr.to_socket_addrs().map_err(|e| bad(e.to_string()))?.next().ok_or_else(|| bad("it resolves to nothing".into()))
 }
 
-/// Binds `addr` and answers `GET /metrics` with `render()` from a thread named
-/// `metrics-http`. Fails at once, naming the address, when it cannot listen.
-pub fn serve(addr: &str, render: impl Fn() -> String + Send + 'static) -> Result<MetricsServer, ServeError> {
+/// A bound metrics socket, not yet answering: bind early (before a program drops its
+/// privileges, and so a bad address fails its start at once), serve once the values exist.
+#[derive(Debug)]
+pub struct BoundListener {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+}
+
+impl BoundListener {
+    /// The address it listens on (the real port when the port given was 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Answers `GET /metrics` with `render()` from a thread named `metrics-http`.
+    pub fn serve(self, render: impl Fn() -> String + Send + 'static) -> Result<MetricsServer, ServeError> {
+        let BoundListener { listener, local_addr } = self;
+        std::thread::Builder::new()
+            .name("metrics-http".into())
+            .spawn(move || {
+                for stream in listener.incoming() {
+                    match stream {
+                        Ok(stream) => {
+                            if let Err(e) = answer(stream, &render) {
+                                log::debug!("metrics connection: {e}");
+                            }
+                        }
+                        // E.g. out of descriptors: the program's own work matters more;
+                        // try again a little later.
+                        Err(e) => {
+                            log::warn!("metrics accept failed: {e}");
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                    }
+                }
+            })
+            .map_err(ServeError::Thread)?;
+        Ok(MetricsServer { local_addr })
+    }
+}
+
+/// Binds `addr` (`HOST:PORT`). Fails naming the address when it cannot listen.
+pub fn bind(addr: &str) -> Result<BoundListener, ServeError> {
     let resolved = parse_addr(addr)?;
     let listener = TcpListener::bind(resolved).map_err(|source| ServeError::Bind { addr: resolved, source })?;
     let local_addr = listener.local_addr().map_err(|source| ServeError::Bind { addr: resolved, source })?;
-    std::thread::Builder::new()
-        .name("metrics-http".into())
-        .spawn(move || {
-            for stream in listener.incoming() {
-                match stream {
-                    Ok(stream) => {
-                        if let Err(e) = answer(stream, &render) {
-                            log::debug!("metrics connection: {e}");
-                        }
-                    }
-                    // E.g. out of descriptors: the program's own work matters more;
-                    // try again a little later.
-                    Err(e) => {
-                        log::warn!("metrics accept failed: {e}");
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                }
-            }
-        })
-        .map_err(ServeError::Thread)?;
-    Ok(MetricsServer { local_addr })
+    Ok(BoundListener { listener, local_addr })
+}
+
+/// [`bind`], then [`BoundListener::serve`].
+pub fn serve(addr: &str, render: impl Fn() -> String + Send + 'static) -> Result<MetricsServer, ServeError> {
+    bind(addr)?.serve(render)
 }
 
 /// What a request asked for, as far as this responder cares.

@@ -19,5 +19,5 @@ pub mod buckets;
 pub mod http;
 pub mod render;
 
-pub use http::{serve, MetricsServer, ServeError};
+pub use http::{bind, serve, BoundListener, MetricsServer, ServeError};
 pub use render::{render, CONTENT_TYPE};
