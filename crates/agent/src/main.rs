@@ -51,6 +51,10 @@ struct Args {
     /// last_seen_ms); 0 registers once.
     #[arg(long, default_value_t = 30, value_name = "SECS")]
     heartbeat: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (HOST:PORT): jobs by method and
+    /// outcome, durations, timeouts, refusals. Off by default. See docs/METRICS.md.
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -68,5 +72,6 @@ fn main() -> anyhow::Result<()> {
         kill_grace: Duration::from_millis(args.kill_grace_ms),
         drain_timeout: Duration::from_secs(args.drain_timeout),
         heartbeat: Duration::from_secs(args.heartbeat),
+        metrics: args.metrics,
     })
 }
