@@ -112,10 +112,8 @@ fn fresh_snapshot(exchange: &Exchange) -> Option<(MetricsSnapshot, Instant)> {
         log::warn!("cannot wake the event loop for a metrics snapshot: {e}");
     }
     let latest = exchange.latest.lock().unwrap_or_else(|p| p.into_inner());
-    let (latest, _) = exchange
-        .fresh
-        .wait_timeout_while(latest, SNAPSHOT_WAIT, |p| p.seq == seen)
-        .unwrap_or_else(|p| p.into_inner());
+    let (latest, _) =
+        exchange.fresh.wait_timeout_while(latest, SNAPSHOT_WAIT, |p| p.seq == seen).unwrap_or_else(|p| p.into_inner());
     latest.snapshot.clone()
 }
 
@@ -186,7 +184,10 @@ struct Families {
 impl Families {
     fn new(store: Option<StoreView>) -> anyhow::Result<Families> {
         let registry = Registry::new();
-        fn registered<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> prometheus::Result<T> {
+        fn registered<T: prometheus::core::Collector + Clone + 'static>(
+            registry: &Registry,
+            metric: T,
+        ) -> prometheus::Result<T> {
             registry.register(Box::new(metric.clone()))?;
             Ok(metric)
         }

@@ -176,8 +176,9 @@ impl StoreMetrics {
             )
             .expect("constant histogram options are valid")
         };
-        let counter =
-            |name: &str, help: &str| prometheus::IntCounter::new(name, help).expect("constant counter options are valid");
+        let counter = |name: &str, help: &str| {
+            prometheus::IntCounter::new(name, help).expect("constant counter options are valid")
+        };
         StoreMetrics {
             commits: counter("polarisd_store_commits_total", "Transactions committed to the store."),
             commit_failures: counter("polarisd_store_commit_failures_total", "Store commits that failed."),
@@ -404,7 +405,8 @@ impl Store {
             FsyncPolicy::Interval(every) => Some(every),
             FsyncPolicy::Always | FsyncPolicy::Never => None,
         };
-        store.maintainer = Some(Maintainer::start(&store.path, fsync_every, wal_size, store.metrics.fsync_seconds.clone())?);
+        store.maintainer =
+            Some(Maintainer::start(&store.path, fsync_every, wal_size, store.metrics.fsync_seconds.clone())?);
         Ok(store)
     }
 

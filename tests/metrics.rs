@@ -67,10 +67,8 @@ fn metrics_follow_the_queue() {
 
 #[test]
 fn a_bad_metrics_address_stops_the_start() {
-    let out = Command::new(binary("polarisd"))
-        .args(["-p", "0", "--metrics", "no-port-here"])
-        .output()
-        .expect("run polarisd");
+    let out =
+        Command::new(binary("polarisd")).args(["-p", "0", "--metrics", "no-port-here"]).output().expect("run polarisd");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--metrics \"no-port-here\""), "{stderr}");
@@ -83,6 +81,7 @@ fn other_paths_are_not_metrics() {
     let _server = spawn_polarisd(&["--metrics", &listen]).expect("polarisd");
     let (status, _) = polaris_testkit::cluster::request_text("GET", &format!("http://{listen}/nope"), None, None);
     assert_eq!(status, 404);
-    let (status, _) = polaris_testkit::cluster::request_text("POST", &format!("http://{listen}/metrics"), Some("{}"), None);
+    let (status, _) =
+        polaris_testkit::cluster::request_text("POST", &format!("http://{listen}/metrics"), Some("{}"), None);
     assert_eq!(status, 405);
 }

@@ -508,14 +508,14 @@ impl Agent {
             Termination::TimedOut { killed_by } => {
                 self.metrics.timed_out(&exec::signal_name(killed_by));
                 (
-                Resp::Failed,
-                u32::from(Code::ExecTimeout.value()),
-                format!(
-                    "Timed out after {}s: process group killed with {}",
-                    envelope.timeout,
-                    exec::signal_name(killed_by)
-                ),
-            )
+                    Resp::Failed,
+                    u32::from(Code::ExecTimeout.value()),
+                    format!(
+                        "Timed out after {}s: process group killed with {}",
+                        envelope.timeout,
+                        exec::signal_name(killed_by)
+                    ),
+                )
             }
         };
         // The bytes as printed: text when they are UTF-8, else base64 (never U+FFFD).

@@ -48,8 +48,11 @@ impl AgentMetrics {
             &["method", "outcome"],
         )?;
         let duration = HistogramVec::new(
-            HistogramOpts::new("polaris_agent_job_duration_seconds", "Time from start to result of each job run, by method.")
-                .buckets(polaris_metrics::buckets::JOB_SECONDS.to_vec()),
+            HistogramOpts::new(
+                "polaris_agent_job_duration_seconds",
+                "Time from start to result of each job run, by method.",
+            )
+            .buckets(polaris_metrics::buckets::JOB_SECONDS.to_vec()),
             &["method"],
         )?;
         let timeouts = IntCounterVec::new(
@@ -69,8 +72,10 @@ impl AgentMetrics {
         let running = IntGauge::new("polaris_agent_running_jobs", "Jobs running now (0 or 1).")?;
         let queue_connected =
             IntGauge::new("polaris_agent_queue_connected", "1 while the agent holds a queue connection, else 0.")?;
-        let queue_connects =
-            IntCounter::new("polaris_agent_queue_connects_total", "Queue connections made (the first, then reconnects).")?;
+        let queue_connects = IntCounter::new(
+            "polaris_agent_queue_connects_total",
+            "Queue connections made (the first, then reconnects).",
+        )?;
         registry.register(Box::new(jobs.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(timeouts.clone()))?;

@@ -97,7 +97,8 @@ impl Client {
             Err(ureq::Error::Transport(t)) => return Err(ApiError::Transport { url, reason: t.to_string() }),
         };
         let status = response.status();
-        let text = response.into_string().map_err(|e| ApiError::Transport { url: url.clone(), reason: e.to_string() })?;
+        let text =
+            response.into_string().map_err(|e| ApiError::Transport { url: url.clone(), reason: e.to_string() })?;
         let not_the_api = |text: &str| ApiError::NotTheApi {
             url: url.clone(),
             status,

@@ -88,7 +88,10 @@ fn run(client: &Client, args: &RunArgs, json: bool, colour: bool) -> anyhow::Res
         anyhow::bail!("the dispatcher accepted the job but named no id: {accepted}");
     }
     if !json {
-        eprintln!("{}", paint(&format!("job {id}"), Tone::Strong, colour && std::io::IsTerminal::is_terminal(&std::io::stderr())));
+        eprintln!(
+            "{}",
+            paint(&format!("job {id}"), Tone::Strong, colour && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        );
     }
     follow_job(client, &id, FollowOptions { group: args.group, json, colour })
 }
@@ -195,7 +198,9 @@ fn hosts(client: &Client, json: bool, colour: bool) -> anyhow::Result<Exit> {
         let labels = h
             .get("labels")
             .and_then(Value::as_object)
-            .map(|m| m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default())).collect::<Vec<_>>().join(","))
+            .map(|m| {
+                m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default())).collect::<Vec<_>>().join(",")
+            })
             .unwrap_or_default();
         table.row(vec![
             str_of(h, "id").to_string(),
@@ -216,7 +221,8 @@ pub fn render_tree(nodes: &[Value]) -> String {
             let last = i + 1 == nodes.len();
             let hosts = node.get("host_count").and_then(Value::as_u64).unwrap_or(0);
             let direct = node.get("direct_host_count").and_then(Value::as_u64).unwrap_or(0);
-            let direct = if direct > 0 && direct != hosts { format!(", {direct} attached here") } else { String::new() };
+            let direct =
+                if direct > 0 && direct != hosts { format!(", {direct} attached here") } else { String::new() };
             out.push_str(&format!(
                 "{prefix}{}{} ({}, {hosts} host{}{direct})\n",
                 if last { "└── " } else { "├── " },
@@ -260,13 +266,20 @@ fn tasks(client: &Client, host: &str, json: bool, colour: bool) -> anyhow::Resul
                     .get("cron")
                     .and_then(Value::as_str)
                     .map(|c| format!("cron {c}"))
-                    .or_else(|| t.get("every").map(|e| format!("every {}", e.as_str().map_or(e.to_string(), str::to_string))))
+                    .or_else(|| {
+                        t.get("every").map(|e| format!("every {}", e.as_str().map_or(e.to_string(), str::to_string)))
+                    })
                     .unwrap_or_default();
                 format!("{when}: {}", str_of(t, "cmd"))
             }
             _ => t.get("spec").map(Value::to_string).unwrap_or_default(),
         };
-        table.row(vec![str_of(t, "name").to_string(), str_of(t, "from").to_string(), str_of(t, "kind").to_string(), what]);
+        table.row(vec![
+            str_of(t, "name").to_string(),
+            str_of(t, "from").to_string(),
+            str_of(t, "kind").to_string(),
+            what,
+        ]);
     }
     let mut text = if table.is_empty() { format!("host {host} has no standing tasks\n") } else { table.render(colour) };
     let conflicts = reply.get("conflicts").and_then(Value::as_array).cloned().unwrap_or_default();
@@ -298,8 +311,12 @@ mod tests {
     #[test]
     fn run_sends_hosts_or_a_target() {
         let args = run_args(&["polaris", "run", "--hosts", "a,b", "--timeout", "5", "--", "echo", "hi"]);
-        assert_eq!(run_request(&args), json!({"hosts": ["a", "b"], "method": "async.bash", "cmd": "echo hi", "timeout": 5}));
-        let args = run_args(&["polaris", "run", "--target-node", "ECS/DB", "--label", "dc=hz1", "--hosts", "x", "--", "ls"]);
+        assert_eq!(
+            run_request(&args),
+            json!({"hosts": ["a", "b"], "method": "async.bash", "cmd": "echo hi", "timeout": 5})
+        );
+        let args =
+            run_args(&["polaris", "run", "--target-node", "ECS/DB", "--label", "dc=hz1", "--hosts", "x", "--", "ls"]);
         assert_eq!(
             run_request(&args),
             json!({"target": {"nodes": ["ECS/DB"], "labels": {"dc": "hz1"}, "hosts": ["x"]}, "method": "async.bash", "cmd": "ls"})
@@ -310,7 +327,8 @@ mod tests {
 
     #[test]
     fn the_tree_is_drawn() {
-        let nodes = vec![json!({"name": "ECS", "level": "product", "host_count": 3, "direct_host_count": 0, "children": [
+        let nodes =
+            vec![json!({"name": "ECS", "level": "product", "host_count": 3, "direct_host_count": 0, "children": [
             {"name": "DB", "level": "service", "host_count": 1, "direct_host_count": 1, "children": []},
             {"name": "Web", "level": "service", "host_count": 2, "direct_host_count": 2, "children": []}]})];
         assert_eq!(

@@ -64,12 +64,15 @@ pub fn default_path() -> Option<PathBuf> {
     if let Some(dir) = std::env::var_os("XDG_CONFIG_HOME").filter(|d| !d.is_empty()) {
         return Some(PathBuf::from(dir).join("polaris/config.toml"));
     }
-    std::env::var_os("HOME").filter(|h| !h.is_empty()).map(|home| PathBuf::from(home).join(".config/polaris/config.toml"))
+    std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(|home| PathBuf::from(home).join(".config/polaris/config.toml"))
 }
 
 /// Reads a config file.
 pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
     toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })
 }
 
@@ -107,7 +110,10 @@ mod tests {
         assert_eq!(resolve(None, None, Some(&path)).expect("resolve").url, DEFAULT_URL);
         std::fs::write(&path, "uri = 1").expect("write");
         assert!(matches!(resolve(None, None, Some(&path)), Err(ConfigError::Parse { .. })));
-        assert!(matches!(resolve(Some("ftp://x".into()), None, Some(&path)), Err(ConfigError::Parse { .. } | ConfigError::BadUrl(_))));
+        assert!(matches!(
+            resolve(Some("ftp://x".into()), None, Some(&path)),
+            Err(ConfigError::Parse { .. } | ConfigError::BadUrl(_))
+        ));
         assert!(matches!(resolve(None, None, Some(&dir.path().join("missing"))), Err(ConfigError::Read { .. })));
     }
 }

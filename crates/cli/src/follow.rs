@@ -171,8 +171,12 @@ mod tests {
     #[test]
     fn following_ends_with_the_exit_of_the_hosts() {
         let polls = vec![
-            JobView::from_document(json!({"done": false, "hosts": [host("a", "reserved", None, ""), host("b", "ready", None, "")]})),
-            JobView::from_document(json!({"done": true, "hosts": [host("a", "success", Some(0), "x"), host("b", "failed", Some(256), "")]})),
+            JobView::from_document(
+                json!({"done": false, "hosts": [host("a", "reserved", None, ""), host("b", "ready", None, "")]}),
+            ),
+            JobView::from_document(
+                json!({"done": true, "hosts": [host("a", "success", Some(0), "x"), host("b", "failed", Some(256), "")]}),
+            ),
         ];
         let (view, exit) = follow(&mut Scripted(polls), FollowOptions::default()).expect("follow");
         assert_eq!(exit, Exit::HostsFailed);

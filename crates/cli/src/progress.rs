@@ -43,7 +43,9 @@ impl HostView {
     pub fn output(&self) -> Vec<u8> {
         use base64::Engine as _;
         match &self.data_base64 {
-            Some(b64) => base64::engine::general_purpose::STANDARD.decode(b64).unwrap_or_else(|_| b64.as_bytes().to_vec()),
+            Some(b64) => {
+                base64::engine::general_purpose::STANDARD.decode(b64).unwrap_or_else(|_| b64.as_bytes().to_vec())
+            }
             None => self.data.clone().unwrap_or_default().into_bytes(),
         }
     }
@@ -82,7 +84,8 @@ impl JobView {
                     .collect()
             })
             .unwrap_or_default();
-        let done = document.get("done").and_then(Value::as_bool).unwrap_or_else(|| hosts.iter().all(HostView::is_final));
+        let done =
+            document.get("done").and_then(Value::as_bool).unwrap_or_else(|| hosts.iter().all(HostView::is_final));
         JobView { document, hosts, done }
     }
 }

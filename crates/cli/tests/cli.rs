@@ -127,7 +127,8 @@ fn hosts_tree_tasks_and_targets() {
     let cluster = Cluster::start(&["web-01", "web-02"]);
     let url = cluster.dispatch.url.as_str();
     for (path, level) in [("Demo", "product"), ("Demo/API", "service"), ("Demo/DB", "service")] {
-        let (status, body) = request("POST", &cluster.url("/v1/nodes"), Some(&json!({"path": path, "level": level}).to_string()), None);
+        let (status, body) =
+            request("POST", &cluster.url("/v1/nodes"), Some(&json!({"path": path, "level": level}).to_string()), None);
         assert_eq!(status, 201, "{body}");
     }
     let place = |host: &str, node: &str, role: &str| {
@@ -182,7 +183,10 @@ fn hosts_tree_tasks_and_targets() {
     let (status, accepted) = request(
         "POST",
         &cluster.url("/v1/jobs"),
-        Some(&json!({"target": {"hosts": ["web-01"], "nodes": ["Demo/DB"]}, "method": "async.bash", "cmd": "sleep 30"}).to_string()),
+        Some(
+            &json!({"target": {"hosts": ["web-01"], "nodes": ["Demo/DB"]}, "method": "async.bash", "cmd": "sleep 30"})
+                .to_string(),
+        ),
         None,
     );
     assert_eq!(status, 202, "{accepted}");

@@ -78,8 +78,11 @@ pub struct DispatchMetrics {
     queue_reconnects: IntCounterVec,
     fanned_out: Mutex<Remembered>,
     completed: Mutex<Remembered>,
-    final_counts: Mutex<Option<(Instant, Vec<(String, u64)>)>>,
+    final_counts: Mutex<Option<FinalCounts>>,
 }
+
+/// The last count of final host jobs by state, and when it was taken.
+type FinalCounts = (Instant, Vec<(String, u64)>);
 
 impl Default for DispatchMetrics {
     fn default() -> Self {

@@ -16,7 +16,8 @@ fn cluster_with_metrics_agent(host: &str) -> (Cluster, String) {
     let mut cluster = Cluster::start(&[]);
     let listen = format!("127.0.0.1:{}", free_port().expect("free port"));
     let workdir = cluster.dir.path().join("hosts").join(host);
-    let agent = start_agent_with(&cluster.queue.addr, host, &cluster.dispatch.url, &workdir, &[], &["--metrics", &listen]);
+    let agent =
+        start_agent_with(&cluster.queue.addr, host, &cluster.dispatch.url, &workdir, &[], &["--metrics", &listen]);
     cluster.agents.push((host.to_string(), agent));
     let host_url = cluster.url(&format!("/v1/hosts/{host}"));
     wait_until(Duration::from_secs(15), "the agent registered", || get(&host_url).0 == 200);
@@ -24,8 +25,10 @@ fn cluster_with_metrics_agent(host: &str) -> (Cluster, String) {
 }
 
 fn sync_job(cluster: &Cluster, host: &str, cmd: &str, timeout: u32) -> serde_json::Value {
-    let (status, body) =
-        post(&cluster.url("/v1/jobs"), &json!({"hosts": [host], "method": "sync.bash", "cmd": cmd, "timeout": timeout}));
+    let (status, body) = post(
+        &cluster.url("/v1/jobs"),
+        &json!({"hosts": [host], "method": "sync.bash", "cmd": cmd, "timeout": timeout}),
+    );
     assert_eq!(status, 200, "{body}");
     body
 }
@@ -55,7 +58,8 @@ fn agent_and_dispatcher_metrics_follow_the_jobs() {
     let ok = sync_job(&cluster, "web-01", "echo hi", 30);
     assert_eq!(ok["response"][0]["data"], "hi\n", "{ok}");
     let after = scrape(&agent_url, None);
-    let jobs = |s: &Scrape, outcome: &str| s.get("polaris_agent_jobs_total", &[("method", "sync.bash"), ("outcome", outcome)]);
+    let jobs =
+        |s: &Scrape, outcome: &str| s.get("polaris_agent_jobs_total", &[("method", "sync.bash"), ("outcome", outcome)]);
     assert_eq!(jobs(&after, "succeeded"), 1.0, "{}", after.text);
     assert_eq!(after.get("polaris_agent_job_duration_seconds_count", &[("method", "sync.bash")]), 1.0);
     assert_eq!(after.get("polaris_agent_running_jobs", &[]), 0.0);
@@ -111,8 +115,11 @@ fn scraping_the_dispatcher_needs_a_token_when_tokens_are_on() {
     let dir = tempfile::tempdir().expect("tempdir");
     let tokens = dir.path().join("tokens.json");
     let scrape_token = "scrape-token-0123456789";
-    std::fs::write(&tokens, json!({"tokens": [{"name": "prometheus", "token": scrape_token, "methods": []}]}).to_string())
-        .expect("write tokens");
+    std::fs::write(
+        &tokens,
+        json!({"tokens": [{"name": "prometheus", "token": scrape_token, "methods": []}]}).to_string(),
+    )
+    .expect("write tokens");
     let tokens_arg = tokens.to_str().expect("utf-8 path");
     let queue = start_queue(BIG_JOB_SIZE);
     let guarded = start_dispatcher(&queue.addr, &dir.path().join("a"), &["--tokens", tokens_arg]);
@@ -123,16 +130,25 @@ fn scraping_the_dispatcher_needs_a_token_when_tokens_are_on() {
     let scraped = scrape(&url, Some(scrape_token));
     assert!(scraped.value("polaris_dispatch_build_info", &[]).is_some());
     // The scrape-only token may not do anything else.
-    let (status, _) = request("POST", &format!("{}/v1/jobs", guarded.url), Some(r#"{"hosts":["h"],"method":"sync.bash","cmd":"ls"}"#), Some(scrape_token));
+    let (status, _) = request(
+        "POST",
+        &format!("{}/v1/jobs", guarded.url),
+        Some(r#"{"hosts":["h"],"method":"sync.bash","cmd":"ls"}"#),
+        Some(scrape_token),
+    );
     assert_eq!(status, 403);
 
-    let open = start_dispatcher(&queue.addr, &dir.path().join("b"), &["--tokens", tokens_arg, "--metrics-without-token"]);
+    let open =
+        start_dispatcher(&queue.addr, &dir.path().join("b"), &["--tokens", tokens_arg, "--metrics-without-token"]);
     scrape(&format!("{}/metrics", open.url), None);
     let (status, _) = request("GET", &format!("{}/v1/jobs", open.url), None, None);
     assert_eq!(status, 401, "only /metrics is opened");
 
-    let elsewhere =
-        start_dispatcher(&queue.addr, &dir.path().join("c"), &["--metrics-without-token", "--allow-client", "10.1.2.3"]);
+    let elsewhere = start_dispatcher(
+        &queue.addr,
+        &dir.path().join("c"),
+        &["--metrics-without-token", "--allow-client", "10.1.2.3"],
+    );
     let (status, _) = request("GET", &format!("{}/metrics", elsewhere.url), None, None);
     assert_eq!(status, 403, "--allow-client applies to /metrics");
 }

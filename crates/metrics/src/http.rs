@@ -181,7 +181,9 @@ fn answer(mut stream: TcpStream, render: &dyn Fn() -> String) -> std::io::Result
         Request::Index { head_only } => {
             ("200 OK", "text/plain; charset=utf-8", "Metrics are at /metrics\n".to_string(), head_only, "")
         }
-        Request::NotFound => ("404 Not Found", "text/plain; charset=utf-8", "Not found; try /metrics\n".into(), false, ""),
+        Request::NotFound => {
+            ("404 Not Found", "text/plain; charset=utf-8", "Not found; try /metrics\n".into(), false, "")
+        }
         Request::MethodNotAllowed => (
             "405 Method Not Allowed",
             "text/plain; charset=utf-8",
