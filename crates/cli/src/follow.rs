@@ -30,12 +30,13 @@ pub fn state_counts(hosts: &[HostView]) -> String {
     counts.iter().map(|(state, n)| format!("{n} {state}")).collect::<Vec<_>>().join(", ")
 }
 
-fn progress_bar(json: bool) -> ProgressBar {
+/// The bar for a job of `hosts` hosts; made once the first look at the job tells how many.
+fn progress_bar(json: bool, hosts: u64) -> ProgressBar {
     // Drawn only on a terminal (stderr), so pipes and files get the output alone.
     if json || !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
-    let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+    let bar = ProgressBar::with_draw_target(Some(hosts), ProgressDrawTarget::stderr());
     let style = ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} hosts done  {msg}  ({elapsed})")
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> ");
@@ -93,9 +94,9 @@ pub fn summary(view: &JobView, colour: bool) -> String {
     }
     let ok = view.hosts.iter().filter(|h| h.succeeded()).count();
     let failed = view.hosts.len() - ok;
-    let total = format!("{} hosts: {ok} succeeded, {failed} failed\n", view.hosts.len());
+    let total = format!("{} hosts: {ok} succeeded, {failed} failed", view.hosts.len());
     let tone = if failed == 0 { Tone::Good } else { Tone::Bad };
-    format!("{}{}", table.render(colour), paint(&total, tone, colour))
+    format!("{}{}\n", table.render(colour), paint(&total, tone, colour))
 }
 
 /// The exit code of a finished job: [`Exit::HostsFailed`] unless every host succeeded.
@@ -109,11 +110,12 @@ pub fn exit_of(view: &JobView) -> Exit {
 
 /// Follows a job from `source` to its end, showing it as `options` say.
 pub fn follow(source: &mut dyn ProgressSource, options: FollowOptions) -> anyhow::Result<(JobView, Exit)> {
-    let bar = progress_bar(options.json);
+    let mut bar: Option<ProgressBar> = None;
     let mut shown: HashSet<String> = HashSet::new();
     let mut stdout = std::io::stdout();
     loop {
         let view = source.next()?;
+        let bar = bar.get_or_insert_with(|| progress_bar(options.json, view.hosts.len() as u64));
         bar.set_length(view.hosts.len() as u64);
         bar.set_position(view.hosts.iter().filter(|h| h.is_final()).count() as u64);
         bar.set_message(state_counts(&view.hosts));
