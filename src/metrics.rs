@@ -84,15 +84,16 @@ pub struct StoreView {
 }
 
 impl BoundMetrics {
-    /// Starts answering scrapes; `waker` wakes the event loop for a snapshot.
-    pub fn start(self, waker: mio::Waker, store: Option<StoreView>) -> anyhow::Result<Metrics> {
+    /// Starts answering scrapes; `waker` wakes the event loop for a snapshot, `started` is
+    /// when the server started (the uptime counts from there, restoring the store included).
+    pub fn start(self, waker: mio::Waker, store: Option<StoreView>, started: Instant) -> anyhow::Result<Metrics> {
         let exchange = Arc::new(Exchange {
             requested: AtomicBool::new(false),
             latest: Mutex::new(Published::default()),
             fresh: Condvar::new(),
             waker,
         });
-        let families = Families::new(store)?;
+        let families = Families::new(store, started)?;
         let shared = Arc::clone(&exchange);
         let server = self.listener.serve(move || {
             let snapshot = fresh_snapshot(&shared);
@@ -182,7 +183,7 @@ struct Families {
 }
 
 impl Families {
-    fn new(store: Option<StoreView>) -> anyhow::Result<Families> {
+    fn new(store: Option<StoreView>, started: Instant) -> anyhow::Result<Families> {
         let registry = Registry::new();
         fn registered<T: prometheus::core::Collector + Clone + 'static>(
             registry: &Registry,
@@ -262,7 +263,7 @@ impl Families {
                 )?,
             )?,
             store_files,
-            started: Instant::now(),
+            started,
             registry,
         })
     }

@@ -383,7 +383,7 @@ impl Server {
                     db: s.path().to_path_buf(),
                     wal: s.wal_path(),
                 });
-                Some(bound.start(waker, view)?)
+                Some(bound.start(waker, view, started)?)
             }
             None => None,
         };
