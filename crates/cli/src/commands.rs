@@ -202,17 +202,27 @@ fn hosts(client: &Client, json: bool, colour: bool) -> anyhow::Result<Exit> {
                 m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default())).collect::<Vec<_>>().join(",")
             })
             .unwrap_or_default();
-        table.row(vec![
-            str_of(h, "id").to_string(),
-            str_of(h, "hostname").to_string(),
-            h.get("last_seen_ms").and_then(Value::as_i64).map(|ms| ago(ms, now)).unwrap_or_default(),
-            nodes,
-            labels,
+        let last_seen = h.get("last_seen_ms").and_then(Value::as_i64);
+        // Three missed heartbeats (at the agent's default of 30 s): probably gone.
+        let seen_tone = match last_seen {
+            Some(ms) if now - ms > STALE_AFTER_MS => Tone::Warn,
+            _ => Tone::Plain,
+        };
+        table.toned_row(vec![
+            (str_of(h, "id").to_string(), Tone::Plain),
+            (str_of(h, "hostname").to_string(), Tone::Plain),
+            (last_seen.map(|ms| ago(ms, now)).unwrap_or_default(), seen_tone),
+            (nodes, Tone::Plain),
+            (labels, Tone::Plain),
         ]);
     }
     print(&format!("{}{} hosts\n", table.render(colour), list.len()))?;
     Ok(Exit::Ok)
 }
+
+/// A host not seen for this long is shown in warning colour: three heartbeats at the
+/// agent's default `--heartbeat 30`.
+pub const STALE_AFTER_MS: i64 = 90_000;
 
 /// The tree as indented text, one node a line: `name (level, N hosts)`.
 pub fn render_tree(nodes: &[Value]) -> String {

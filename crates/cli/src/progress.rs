@@ -8,6 +8,9 @@ use std::time::Duration;
 
 /// How often [`Polling`] asks.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// Polls in a row that may fail to reach the dispatcher (a restart, a network blip)
+/// before following gives up: 30 s at [`POLL_INTERVAL`].
+pub const UNREACHABLE_POLLS: u32 = 60;
 
 /// One host's part of a job, as `GET /v1/jobs/{id}` shows it.
 #[derive(Debug, Clone, PartialEq)]
@@ -104,6 +107,15 @@ pub struct Polling<'a> {
     first: bool,
 }
 
+/// Whether a failed poll is worth repeating: the dispatcher could not be reached, or
+/// answered 5xx (e.g. while it restarts). Refusals (4xx) are final.
+fn transient(e: &ApiError) -> bool {
+    match e {
+        ApiError::Transport { .. } => true,
+        ApiError::NotTheApi { status, .. } | ApiError::Api { status, .. } => *status >= 500,
+    }
+}
+
 impl<'a> Polling<'a> {
     /// Follows job `id` on `client`'s dispatcher.
     pub fn new(client: &'a Client, id: &str) -> Polling<'a> {
@@ -116,7 +128,17 @@ impl ProgressSource for Polling<'_> {
         if !std::mem::take(&mut self.first) {
             std::thread::sleep(self.interval);
         }
-        self.client.get(&self.path).map(JobView::from_document)
+        let mut failures = 0;
+        loop {
+            match self.client.get(&self.path) {
+                Ok(document) => return Ok(JobView::from_document(document)),
+                Err(e) if transient(&e) && failures < UNREACHABLE_POLLS => {
+                    failures += 1;
+                    std::thread::sleep(self.interval);
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 }
 
