@@ -112,20 +112,23 @@ impl Engine {
     /// bounded number of series. Costs time linear in the tubes; meant for a scrape, not
     /// for every command.
     pub fn metrics_snapshot(&self, top: usize) -> MetricsSnapshot {
-        let mut tubes: Vec<TubeJobs> = self.tube_order.iter().map(|t| self.tube_jobs(t)).collect();
-        let order = |a: &TubeJobs, b: &TubeJobs| b.total().cmp(&a.total()).then_with(|| a.name.cmp(&b.name));
-        if tubes.len() > top && top > 0 {
-            tubes.select_nth_unstable_by(top - 1, order);
+        // Runs on the event loop: rank by count first and copy names for the top only.
+        let mut ranked: Vec<(u64, TubeKey)> = self.tube_order.iter().map(|t| (self.tube_total(t), t)).collect();
+        let name = |t: TubeKey| self.tubes[t.idx()].name.as_str();
+        let order = |a: &(u64, TubeKey), b: &(u64, TubeKey)| b.0.cmp(&a.0).then_with(|| name(a.1).cmp(name(b.1)));
+        if ranked.len() > top && top > 0 {
+            ranked.select_nth_unstable_by(top - 1, order);
         }
-        let rest = if tubes.len() > top { tubes.split_off(top) } else { Vec::new() };
-        tubes.sort_unstable_by(order);
+        let rest = if ranked.len() > top { ranked.split_off(top) } else { Vec::new() };
+        ranked.sort_unstable_by(order);
+        let top_tubes: Vec<TubeJobs> = ranked.iter().map(|(_, t)| self.tube_jobs(*t)).collect();
         let mut other_tubes = TubeJobs::default();
-        for tube in &rest {
-            other_tubes.add(tube);
+        for (_, t) in &rest {
+            other_tubes.add(&self.tube_counts(*t));
         }
         let c = &self.counters;
         MetricsSnapshot {
-            top_tubes: tubes,
+            top_tubes,
             other_tubes,
             other_tube_count: rest.len() as u64,
             tubes: self.tube_order.len() as u64,
@@ -146,10 +149,20 @@ impl Engine {
         }
     }
 
+    fn tube_total(&self, t: TubeKey) -> u64 {
+        let tube = &self.tubes[t.idx()];
+        (tube.ready.len() + tube.delayed.len() + tube.buried.len()) as u64 + u64::from(tube.counters.reserved)
+    }
+
     fn tube_jobs(&self, t: TubeKey) -> TubeJobs {
+        TubeJobs { name: self.tubes[t.idx()].name.as_str().to_string(), ..self.tube_counts(t) }
+    }
+
+    /// A tube's jobs by state, without its name.
+    fn tube_counts(&self, t: TubeKey) -> TubeJobs {
         let tube = &self.tubes[t.idx()];
         TubeJobs {
-            name: tube.name.as_str().to_string(),
+            name: String::new(),
             ready: tube.ready.len() as u64,
             urgent: u64::from(tube.counters.urgent),
             reserved: u64::from(tube.counters.reserved),
