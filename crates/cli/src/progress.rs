@@ -148,6 +148,21 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn only_unreachable_or_failing_dispatchers_are_asked_again() {
+        let transport = ApiError::Transport { url: "u".into(), reason: "refused".into() };
+        let api = |status| ApiError::Api {
+            status,
+            code: 0,
+            hex: String::new(),
+            name: String::new(),
+            field: None,
+            message: String::new(),
+        };
+        assert!(transient(&transport) && transient(&api(503)));
+        assert!(!transient(&api(404)) && !transient(&api(401)));
+    }
+
+    #[test]
     fn a_job_document_is_read() {
         let view = JobView::from_document(json!({"id": "j", "done": false, "hosts": [
             {"host": "a", "state": "success", "retcode": 0, "message": "Normal termination", "data": "hi\n"},
