@@ -85,11 +85,12 @@ pub fn resolve(url: Option<String>, token: Option<String>, config: Option<&Path>
             _ => FileConfig::default(),
         },
     };
-    let url = url.or(file.url).unwrap_or_else(|| DEFAULT_URL.to_string());
+    // An empty variable (`POLARIS_URL=`) counts as unset, as shells make it easy to leave one.
+    let url = url.filter(|u| !u.is_empty()).or(file.url).unwrap_or_else(|| DEFAULT_URL.to_string());
     if !(url.starts_with("http://") || url.starts_with("https://")) {
         return Err(ConfigError::BadUrl(url));
     }
-    let token = token.or(file.token).filter(|t| !t.is_empty());
+    let token = token.filter(|t| !t.is_empty()).or(file.token).filter(|t| !t.is_empty());
     Ok(Settings { url: url.trim_end_matches('/').to_string(), token })
 }
 
@@ -106,6 +107,7 @@ mod tests {
         assert_eq!(s, Settings { url: "http://file:1".into(), token: Some("from-file".into()) });
         let s = resolve(Some("http://flag:2".into()), Some("t".into()), Some(&path)).expect("resolve");
         assert_eq!(s, Settings { url: "http://flag:2".into(), token: Some("t".into()) });
+        assert_eq!(resolve(Some(String::new()), None, Some(&path)).expect("resolve").url, "http://file:1");
         std::fs::write(&path, "").expect("write");
         assert_eq!(resolve(None, None, Some(&path)).expect("resolve").url, DEFAULT_URL);
         std::fs::write(&path, "uri = 1").expect("write");
