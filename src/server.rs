@@ -498,9 +498,10 @@ impl Server {
         // Round up so a timer is never woken for a fraction too early.
         let timeout = timeout.map(|t| t + Duration::from_micros(100));
         // A snapshot the metrics thread is waiting for could not be published yet.
-        let timeout = match self.metrics.as_ref().is_some_and(Metrics::wants_retry) {
-            true => Some(timeout.map_or(crate::metrics::PUBLISH_RETRY, |t| t.min(crate::metrics::PUBLISH_RETRY))),
-            false => timeout,
+        let timeout = if self.metrics.as_ref().is_some_and(Metrics::wants_retry) {
+            Some(timeout.map_or(crate::metrics::PUBLISH_RETRY, |t| t.min(crate::metrics::PUBLISH_RETRY)))
+        } else {
+            timeout
         };
         // Replies waiting for a commit, or connections waiting for a descriptor: try again
         // soon even if nothing else happens.
