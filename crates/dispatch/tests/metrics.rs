@@ -152,3 +152,28 @@ fn scraping_the_dispatcher_needs_a_token_when_tokens_are_on() {
     let (status, _) = request("GET", &format!("{}/metrics", elsewhere.url), None, None);
     assert_eq!(status, 403, "--allow-client applies to /metrics");
 }
+
+#[test]
+fn the_queue_connection_is_shown_and_reconnections_counted() {
+    if !parser_available() {
+        return;
+    }
+    let mut cluster = Cluster::start(&[]);
+    let url = cluster.url("/metrics");
+    let connected = |s: &Scrape, worker: &str| s.value("polaris_dispatch_queue_connected", &[("worker", worker)]);
+    let reconnects = |s: &Scrape, worker: &str| s.get("polaris_dispatch_queue_reconnects_total", &[("worker", worker)]);
+    let up = wait_for(&url, "both workers on the queue", |s| {
+        connected(s, "enqueuer") == Some(1.0) && connected(s, "results") == Some(1.0)
+    });
+    assert_eq!((reconnects(&up, "enqueuer"), reconnects(&up, "results")), (0.0, 0.0));
+
+    cluster.stop_queue();
+    wait_for(&url, "both workers see the queue gone", |s| {
+        connected(s, "enqueuer") == Some(0.0) && connected(s, "results") == Some(0.0)
+    });
+    cluster.restart_queue();
+    let back = wait_for(&url, "both workers back on the queue", |s| {
+        connected(s, "enqueuer") == Some(1.0) && connected(s, "results") == Some(1.0)
+    });
+    assert_eq!((reconnects(&back, "enqueuer"), reconnects(&back, "results")), (1.0, 1.0), "{}", back.text);
+}
