@@ -113,6 +113,14 @@ pub struct Args {
     /// free one (the second stdout line is `listening for TLS on ADDR`).
     #[arg(long, value_name = "HOST:PORT", requires = "tls_cert", value_parser = parse_host_port)]
     pub tls_listen: Option<(String, u16)>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (HOST:PORT; port 0 picks a free one,
+    /// printed as `metrics on URL`). Off by default. See docs/METRICS.md.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics: Option<String>,
+    /// Tubes shown by name in polarisd_jobs, those holding the most jobs; the rest are added
+    /// up under tube="*other*", so a tube per host still gives a bounded number of series.
+    #[arg(long, value_name = "N", default_value_t = 20, requires = "metrics")]
+    pub metrics_top_tubes: usize,
 }
 
 fn parse_host_port(s: &str) -> Result<(String, u16), String> {
@@ -179,6 +187,10 @@ impl Args {
                 binlog_max_size: self.binlog_size,
                 ..engine::Config::default()
             },
+            metrics: self
+                .metrics
+                .clone()
+                .map(|listen| crate::metrics::MetricsConfig { listen, top_tubes: self.metrics_top_tubes }),
         }
     }
 }

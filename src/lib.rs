@@ -7,6 +7,8 @@
 //! - [`server`]: the `mio` event loop that owns sockets and feeds the engine.
 //! - [`store`]: durability in SQLite: one transaction per loop turn (group commit).
 //! - [`wal`]: reads SQLite's write-ahead log before SQLite does, to refuse hidden damage.
+//! - [`metrics`]: `--metrics`: Prometheus metrics from a thread of their own, fed by
+//!   snapshots the event loop publishes when a scrape asks (it never waits for one).
 //! - [`config`]: the command line (beanstalkd's flags plus our own).
 //! - [`tls`]: TLS on a listener (rustls): the server configuration and one connection's
 //!   session over its non-blocking socket.
@@ -17,6 +19,7 @@
 #![deny(unsafe_code)]
 
 pub mod config;
+pub mod metrics;
 pub mod server;
 pub mod store;
 #[allow(unsafe_code)]

@@ -11,6 +11,7 @@
 //! 3. commit the turn's changes in one transaction (group commit);
 //! 4. write out every connection's pending replies.
 
+use crate::metrics::{Metrics, MetricsConfig, StoreView};
 use crate::store::{Durability, Store, StoreError};
 use crate::sys;
 use crate::tls::{TlsSettings, TlsStream};
@@ -74,11 +75,15 @@ pub struct ServerConfig {
     pub user: Option<String>,
     /// Queue settings.
     pub engine: engine::Config,
+    /// Prometheus metrics (`--metrics`); `None` serves none.
+    pub metrics: Option<MetricsConfig>,
 }
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const SIGNALS: Token = Token(usize::MAX - 2);
 const TLS_LISTENER: Token = Token(usize::MAX - 3);
+/// The metrics thread wakes the loop for a snapshot.
+const METRICS: Token = Token(usize::MAX - 4);
 /// How much to read from a socket at a time.
 const READ_CHUNK: usize = 64 * 1024;
 /// Connection buffers that grew past this (for a big job) are given back once empty.
@@ -304,6 +309,8 @@ pub struct Server {
     failing_since: Option<Instant>,
     /// The last `accept` ran out of descriptors: connections wait in the listen queue.
     accept_stalled: bool,
+    /// `--metrics`: snapshots for the metrics thread.
+    metrics: Option<Metrics>,
 }
 
 impl Server {
@@ -341,6 +348,8 @@ impl Server {
             }
             (None, None) => (Bound { listener, tls: None }, None, None),
         };
+        // Bound with the listeners, before privileges are dropped; served once the store is open.
+        let metrics = cfg.metrics.as_ref().map(crate::metrics::bind).transpose()?;
         if let Some(user) = &cfg.user {
             sys::become_user(user)?;
         }
@@ -366,6 +375,18 @@ impl Server {
             None => None,
         };
         let signals = install_signals(poll.registry())?;
+        let metrics = match metrics {
+            Some(bound) => {
+                let waker = mio::Waker::new(poll.registry(), METRICS).context("creating the metrics waker")?;
+                let view = store.as_ref().map(|s| StoreView {
+                    metrics: s.metrics().clone(),
+                    db: s.path().to_path_buf(),
+                    wal: s.wal_path(),
+                });
+                Some(bound.start(waker, view, started)?)
+            }
+            None => None,
+        };
         Ok(Server {
             poll,
             listener,
@@ -388,6 +409,7 @@ impl Server {
             frozen: Vec::new(),
             failing_since: None,
             accept_stalled: false,
+            metrics,
         })
     }
 
@@ -399,6 +421,11 @@ impl Server {
     /// The address of the second, TLS, listener (`--tls-listen`), if there is one.
     pub fn tls_local_addr(&self) -> Option<&str> {
         self.tls_local_addr.as_deref()
+    }
+
+    /// The address `/metrics` is served on (`--metrics`), if it is.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().map(Metrics::local_addr)
     }
 
     fn now(&self) -> Nanos {
@@ -426,6 +453,8 @@ impl Server {
                     LISTENER => self.accept_from(LISTENER),
                     TLS_LISTENER => self.accept_from(TLS_LISTENER),
                     SIGNALS => self.drain_signal_pipe(),
+                    // A scrape: answered at the end of the turn.
+                    METRICS => {}
                     Token(token) => {
                         if event.is_read_closed() || event.is_error() {
                             if let Some(c) = self.conns.get_mut(token) {
@@ -445,6 +474,9 @@ impl Server {
             self.commit(now);
             self.flush_all();
             self.close_pending(now);
+            if let Some(metrics) = &mut self.metrics {
+                metrics.publish_if_asked(&self.engine);
+            }
             if self.signals.shutdown.load(Ordering::Relaxed) {
                 log::info!("shutting down");
                 self.commit(self.now());
@@ -465,6 +497,12 @@ impl Server {
         let timeout = self.engine.next_deadline().map(|d| Duration::from_nanos(d.saturating_sub(now)));
         // Round up so a timer is never woken for a fraction too early.
         let timeout = timeout.map(|t| t + Duration::from_micros(100));
+        // A snapshot the metrics thread is waiting for could not be published yet.
+        let timeout = if self.metrics.as_ref().is_some_and(Metrics::wants_retry) {
+            Some(timeout.map_or(crate::metrics::PUBLISH_RETRY, |t| t.min(crate::metrics::PUBLISH_RETRY)))
+        } else {
+            timeout
+        };
         // Replies waiting for a commit, or connections waiting for a descriptor: try again
         // soon even if nothing else happens.
         let retry = match (self.frozen.is_empty(), self.accept_stalled) {
@@ -1068,6 +1106,9 @@ pub fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     println!("listening on {}", server.local_addr());
     if let Some(addr) = server.tls_local_addr() {
         println!("listening for TLS on {addr}");
+    }
+    if let Some(addr) = server.metrics_addr() {
+        println!("metrics on http://{addr}/metrics");
     }
     let _ = io::stdout().flush();
     log::info!("listening on {}", server.local_addr());

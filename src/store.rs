@@ -152,6 +152,48 @@ impl From<StoreStats> for polaris_engine::BinlogStats {
     }
 }
 
+/// The store's commit and fsync figures for `--metrics`: prometheus types, lock-free and
+/// shared with the metrics thread, so recording one costs the event loop a few atomic adds.
+#[derive(Clone, Debug)]
+pub struct StoreMetrics {
+    /// Transactions committed (turns that changed something durable).
+    pub commits: prometheus::IntCounter,
+    /// Commits that failed (and were retried or refused; see `ARCHITECTURE.md` § 4).
+    pub commit_failures: prometheus::IntCounter,
+    /// How long each committed transaction took on the event loop; under `-f 0` this
+    /// includes the fsync SQLite does in the commit.
+    pub commit_seconds: prometheus::Histogram,
+    /// How long each fsync of the write-ahead log by the background thread took (`-f MS`,
+    /// and the last one at shutdown).
+    pub fsync_seconds: prometheus::Histogram,
+}
+
+impl StoreMetrics {
+    fn new() -> StoreMetrics {
+        let histogram = |name: &str, help: &str| {
+            prometheus::Histogram::with_opts(
+                prometheus::HistogramOpts::new(name, help).buckets(polaris_metrics::buckets::STORAGE_SECONDS.to_vec()),
+            )
+            .expect("constant histogram options are valid")
+        };
+        let counter = |name: &str, help: &str| {
+            prometheus::IntCounter::new(name, help).expect("constant counter options are valid")
+        };
+        StoreMetrics {
+            commits: counter("polarisd_store_commits_total", "Transactions committed to the store."),
+            commit_failures: counter("polarisd_store_commit_failures_total", "Store commits that failed."),
+            commit_seconds: histogram(
+                "polarisd_store_commit_seconds",
+                "Time one commit took on the event loop (with -f 0 it includes the fsync).",
+            ),
+            fsync_seconds: histogram(
+                "polarisd_store_fsync_seconds",
+                "Time one background fsync of the write-ahead log took (-f MS).",
+            ),
+        }
+    }
+}
+
 /// The open database.
 pub struct Store {
     conn: Connection,
@@ -166,6 +208,7 @@ pub struct Store {
     /// Fault injection for tests (see [`FAIL_COMMITS_ENV`]).
     fail_while: Option<PathBuf>,
     stats: StoreStats,
+    metrics: StoreMetrics,
 }
 
 fn wall_now() -> i64 {
@@ -354,6 +397,7 @@ impl Store {
             maintainer: None,
             fail_while: std::env::var_os(FAIL_COMMITS_ENV).map(PathBuf::from),
             stats: StoreStats::default(),
+            metrics: StoreMetrics::new(),
         };
         store.migrate(version)?;
         store.last_id_written = store.read_last_id()?;
@@ -361,7 +405,8 @@ impl Store {
             FsyncPolicy::Interval(every) => Some(every),
             FsyncPolicy::Always | FsyncPolicy::Never => None,
         };
-        store.maintainer = Some(Maintainer::start(&store.path, fsync_every, wal_size)?);
+        store.maintainer =
+            Some(Maintainer::start(&store.path, fsync_every, wal_size, store.metrics.fsync_seconds.clone())?);
         Ok(store)
     }
 
@@ -373,6 +418,16 @@ impl Store {
     /// Counters for `stats`.
     pub fn stats(&self) -> polaris_engine::BinlogStats {
         self.stats.into()
+    }
+
+    /// Commit and fsync figures for `--metrics`.
+    pub fn metrics(&self) -> &StoreMetrics {
+        &self.metrics
+    }
+
+    /// The write-ahead log file next to [`Store::path`].
+    pub fn wal_path(&self) -> PathBuf {
+        wal_path(&self.path)
     }
 
     /// A row that cannot be read, named by table, row id and column, so that whoever
@@ -485,9 +540,15 @@ impl Store {
             path: self.path.clone(),
             source: std::io::Error::other(format!("injected failure: {} exists", flag.display())),
         });
+        let started = std::time::Instant::now();
         let written = match injected.map_or_else(|| self.write(engine, now, last_id), Err) {
-            Ok(n) => n,
+            Ok(n) => {
+                self.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
+                self.metrics.commits.inc();
+                n
+            }
             Err(e) => {
+                self.metrics.commit_failures.inc();
                 let _ = self.conn.execute_batch("ROLLBACK");
                 // The server drops jobs created in the failed turn; only the
                 // changes to jobs acknowledged earlier are retried.
@@ -652,7 +713,12 @@ fn reclaim_free_pages(conn: &Connection, db: &Path) {
 const CHECKPOINT_POLL: Duration = Duration::from_millis(100);
 
 impl Maintainer {
-    fn start(db: &Path, fsync_every: Option<Duration>, wal_size: u64) -> Result<Maintainer, StoreError> {
+    fn start(
+        db: &Path,
+        fsync_every: Option<Duration>,
+        wal_size: u64,
+        fsync_seconds: prometheus::Histogram,
+    ) -> Result<Maintainer, StoreError> {
         let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
             .map_err(|source| StoreError::Sqlite { path: db.to_path_buf(), source })?;
         conn.execute_batch("PRAGMA busy_timeout = 10000")
@@ -677,7 +743,9 @@ impl Maintainer {
                         if worker.dirty.load(Ordering::Acquire) && (stopping || last_sync.elapsed() >= every) {
                             worker.dirty.store(false, Ordering::Release);
                             last_sync = std::time::Instant::now();
-                            if let Err(e) = fsync_file(&wal) {
+                            let synced = fsync_file(&wal);
+                            fsync_seconds.observe(last_sync.elapsed().as_secs_f64());
+                            if let Err(e) = synced {
                                 log::error!("periodic fsync failed: {e}");
                                 if stopping {
                                     return Err(e);

@@ -38,6 +38,8 @@
 //! - [`config`]: the `--config` TOML file (integrity rules, log roots, caps), reloaded on
 //!   SIGHUP.
 //! - [`facts`]: what the host is (OS, CPUs, memory, addresses), sent when it registers.
+//! - [`metrics`]: `--metrics`: jobs by method and outcome, durations, timeouts, refusals,
+//!   the queue connection; served by [`polaris_metrics`]'s one-thread responder.
 //! - [`identity`]: the host id: given, or generated once and kept in the state file.
 //! - `sys` (private): every call into the operating system (pipes, `waitid`, process and
 //!   process-group signals, utmpx), the only module allowed `unsafe`.
@@ -54,6 +56,7 @@ pub mod identity;
 pub mod integrity;
 pub mod ledger;
 pub mod logs;
+pub mod metrics;
 pub mod orphans;
 pub mod query;
 pub mod standing;
@@ -125,6 +128,8 @@ pub struct AgentConfig {
     pub max_cpu_milli: Option<u32>,
     /// Containment to use instead of detecting it (tests); `None` detects.
     pub containment: Option<Containment>,
+    /// Where to serve Prometheus metrics (`--metrics HOST:PORT`); `None` serves none.
+    pub metrics: Option<String>,
 }
 
 impl Default for AgentConfig {
@@ -145,6 +150,7 @@ impl Default for AgentConfig {
             max_memory: None,
             max_cpu_milli: None,
             containment: None,
+            metrics: None,
         }
     }
 }
@@ -182,12 +188,20 @@ struct Agent {
     settings: RefCell<config::Settings>,
     /// Set by SIGHUP: read the config file again.
     reload: Arc<AtomicBool>,
+    /// What it did, for `--metrics`.
+    metrics: metrics::AgentMetrics,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn run(config: AgentConfig) -> anyhow::Result<()> {
     let secret = Secret::load(config.secret_file.as_deref())?;
     let queue = Endpoint::from_flags(&config.queue, config.queue_tls.as_ref())?;
+    let agent_metrics = metrics::AgentMetrics::new();
+    if let Some(addr) = &config.metrics {
+        let served = agent_metrics.clone();
+        let server = polaris_metrics::serve(addr, move || served.render())?;
+        log::info!("metrics on http://{}/metrics", server.local_addr());
+    }
     let host_id = identity::resolve_host_id(config.host_id.as_deref(), &config.state_file)?;
     let token = match &config.token_file {
         Some(path) => Some(
@@ -274,6 +288,7 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
         standing,
         settings: RefCell::new(settings),
         reload,
+        metrics: agent_metrics,
     };
     agent.serve();
     serving_done.store(true, Ordering::SeqCst);
@@ -327,6 +342,7 @@ impl Agent {
                 None => match self.connect() {
                     Ok(c) => {
                         log::info!("connected to the queue at {} (max job size {})", self.queue, c.1);
+                        self.metrics.queue_connection(true);
                         queue_was_down = false;
                         let (client, max) = conn.insert(c);
                         (client, *max)
@@ -344,6 +360,7 @@ impl Agent {
             if !self.adopted.borrow().is_empty() {
                 if let Err(e) = self.report_adopted(client, max_job_size) {
                     log::warn!("queue connection lost: {e}");
+                    self.metrics.queue_connection(false);
                     conn = None;
                     continue;
                 }
@@ -355,6 +372,7 @@ impl Agent {
             };
             if let Err(e) = outcome {
                 log::warn!("queue connection lost: {e}");
+                self.metrics.queue_connection(false);
                 conn = None;
             }
         }
@@ -366,6 +384,7 @@ impl Agent {
             Ok(payload) => payload,
             Err(e) => {
                 log::warn!("burying job {}: {e}; it will not run", job.id);
+                self.metrics.refused(Code::BadSignature);
                 conn.bury(job.id, RESULT_PRIORITY)?;
                 // The envelope cannot be trusted, but if it names a reply tube, saying
                 // "refused" there lets its job show `failed` instead of waiting.
@@ -392,11 +411,13 @@ impl Agent {
                 conn.bury(job.id, RESULT_PRIORITY)?;
                 // Signed but unreadable (e.g. a newer dispatcher's method): report it if
                 // the envelope still says where to.
-                let Ok(header) = serde_json::from_slice::<EnvelopeHeader>(payload) else { return Ok(()) };
-                let code = match header.method.as_deref().map(Method::parse) {
+                let header = serde_json::from_slice::<EnvelopeHeader>(payload).ok();
+                let code = match header.as_ref().and_then(|h| h.method.as_deref()).map(Method::parse) {
                     Some(None) => Code::UnsupportedMethod,
                     _ => Code::MalformedEnvelope,
                 };
+                self.metrics.refused(code);
+                let Some(header) = header else { return Ok(()) };
                 let message = format!("Refused: cannot read the envelope ({e}); job buried, not run");
                 return self.report_refusal(conn, &header.job_id, &header.reply_tube, code, message, max_job_size);
             }
@@ -491,6 +512,8 @@ impl Agent {
             envelope.method.as_str(),
             envelope.cmd
         );
+        let started = Instant::now();
+        self.metrics.started();
         let mut result = match envelope.method {
             Method::SyncQuery => query_result(&envelope),
             Method::SyncBash | Method::AsyncBash => self.run_command(conn, job.id, &envelope, &run_id, &running),
@@ -501,6 +524,7 @@ impl Agent {
         };
         *self.shared.running() = None;
         result.attempt = envelope.attempt;
+        self.metrics.finished(envelope.method, &result, started.elapsed());
         put_result(conn, &self.secret, &envelope.reply_tube, result, max_job_size)?;
         conn.delete(job.id)?;
         self.finish_run(&run_id);
@@ -575,6 +599,7 @@ impl Agent {
         message: String,
         max_job_size: usize,
     ) -> client::Result<()> {
+        self.metrics.refused(code);
         conn.bury(queue_job_id, RESULT_PRIORITY)?;
         if !client::is_valid_tube_name(&envelope.reply_tube) {
             return Ok(());
@@ -937,15 +962,18 @@ impl Agent {
             Termination::Signaled(sig) => {
                 (Resp::Success, 128 + sig as u32, format!("Terminated by signal {sig} ({})", exec::signal_name(sig)))
             }
-            Termination::TimedOut { killed_by } => (
-                Resp::Failed,
-                u32::from(Code::ExecTimeout.value()),
-                format!(
-                    "Timed out after {}s: process group killed with {}",
-                    envelope.timeout,
-                    exec::signal_name(killed_by)
-                ),
-            ),
+            Termination::TimedOut { killed_by } => {
+                self.metrics.timed_out(&exec::signal_name(killed_by));
+                (
+                    Resp::Failed,
+                    u32::from(Code::ExecTimeout.value()),
+                    format!(
+                        "Timed out after {}s: process group killed with {}",
+                        envelope.timeout,
+                        exec::signal_name(killed_by)
+                    ),
+                )
+            }
         };
         // The bytes as printed: text when they are UTF-8, else base64 (never U+FFFD).
         let output = OutputData::new(&outcome.output, outcome.truncated);

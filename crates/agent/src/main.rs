@@ -76,6 +76,10 @@ struct Args {
     /// the job is refused (limit_above_ceiling). Default: 1000 per CPU.
     #[arg(long, value_name = "N")]
     max_cpu_milli: Option<u32>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (HOST:PORT): jobs by method and
+    /// outcome, durations, timeouts, refusals. Off by default. See docs/METRICS.md.
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -98,5 +102,6 @@ fn main() -> anyhow::Result<()> {
         max_memory: args.max_memory,
         max_cpu_milli: args.max_cpu_milli,
         containment: None,
+        metrics: args.metrics,
     })
 }

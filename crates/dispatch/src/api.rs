@@ -1,5 +1,5 @@
-//! The REST API (axum): `/v1/jobs` and `/v1/hosts`; the fleet's routes come from
-//! [`crate::fleet::api`].
+//! The REST API (axum): `/v1/jobs` and `/v1/hosts`, and `/metrics`; the fleet's routes
+//! come from [`crate::fleet::api`].
 
 use crate::auth::TokenPolicy;
 use crate::error::ApiError;
@@ -54,6 +54,7 @@ pub fn router(dispatcher: AppState) -> Router {
         )
         .route("/v1/hosts/:id/tasks", get(fleet::api::host_tasks))
         .route("/v1/hosts/:id/tasks/signed", get(fleet::api::signed_host_tasks))
+        .route("/metrics", get(metrics))
         .merge(fleet::api::routes())
         // Applies to the routes above (so it must stay below them).
         .route_layer(axum::middleware::from_fn(refuse_unknown_query_parameters))
@@ -61,7 +62,35 @@ pub fn router(dispatcher: AppState) -> Router {
         .fallback(no_such_endpoint)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(dispatcher.clone(), allow_client))
+        // Outermost, so that refusals of every kind are counted too.
+        .layer(axum::middleware::from_fn_with_state(dispatcher.clone(), count_request))
         .with_state(dispatcher)
+}
+
+/// Counts every request by method, matched route template (not the raw path: the
+/// series stay bounded) and status, and times it.
+async fn count_request(
+    State(dispatcher): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let started = std::time::Instant::now();
+    let method = request.method().clone();
+    let route = request.extensions().get::<axum::extract::MatchedPath>().map(|m| m.as_str().to_string());
+    let response = next.run(request).await;
+    dispatcher.metrics.http_request(method.as_str(), route.as_deref(), response.status().as_u16(), started.elapsed());
+    response
+}
+
+/// `GET /metrics`: the Prometheus text format. `--allow-client` applies; with tokens on,
+/// any valid token may scrape unless `--metrics-without-token` (see [`crate::metrics`]).
+async fn metrics(State(dispatcher): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    if !dispatcher.metrics_without_token {
+        authenticate(&dispatcher, &headers)?;
+    }
+    let d = dispatcher.clone();
+    let text = blocking(move || Ok(d.metrics.render(&d.store)?)).await?;
+    Ok(([(axum::http::header::CONTENT_TYPE, polaris_metrics::CONTENT_TYPE)], text).into_response())
 }
 
 /// The query parameters each endpoint takes, by method and route. Every other parameter
@@ -296,6 +325,11 @@ async fn post_job(
         return Err(ApiError::field(Code::DuplicateJobId, "id", format!("job id {job_id} was used before")));
     }
     dispatcher.wake_enqueuer();
+    {
+        // A job none of whose hosts can be reached (unknown hosts) is complete at once.
+        let (d, id) = (dispatcher.clone(), job_id.clone());
+        blocking(move || Ok(d.metrics.host_job_final(&d.store, &id)?)).await?;
+    }
     log::info!("job {job_id}: {} stored", method.as_str());
     if !method.is_sync() {
         return Ok((StatusCode::ACCEPTED, Json(json!({ "id": job_id }))).into_response());
@@ -686,7 +720,7 @@ async fn revoke_job(
                 return Ok(None);
             }
             d.cancellations.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            d.waiters.notify(&id);
+            d.host_jobs_changed(&id);
             log::info!("job {id}: cancelled");
             Ok(Some(d.store.ready_of_job(&id)?))
         })
@@ -706,7 +740,7 @@ async fn revoke_job(
     blocking(move || {
         // Host jobs a restarted queue made `pending` again meanwhile are revoked too.
         d.store.cancel_job(&id, &revoked_outcome())?;
-        d.waiters.notify(&id);
+        d.host_jobs_changed(&id);
         let (_, hosts) = d.store.job(&id)?.ok_or_else(|| ApiError::general(Code::NoSuchJob, "no job with this id"))?;
         let entries: Vec<Value> = hosts.iter().map(|h| json!({ "host": h.host, "state": h.state.as_str() })).collect();
         Ok(Json(json!({ "id": id, "hosts": entries })))
@@ -742,7 +776,7 @@ async fn cancel_host(
         blocking(move || revoke_queued(&d, &job_id, &queued)).await?;
     }
     dispatcher.wake_enqueuer();
-    dispatcher.waiters.notify(&id);
+    dispatcher.host_jobs_changed(&id);
     let d = dispatcher.clone();
     blocking(move || {
         let (_, hosts) = d.store.job(&id)?.ok_or_else(|| ApiError::general(Code::NoSuchJob, "no job with this id"))?;
@@ -786,7 +820,7 @@ fn revoke_queued(d: &Dispatcher, job_id: &str, batch: &[(String, QueueRef)]) -> 
         changes.push((host.clone(), queued.id, change));
     }
     d.store.apply_queued_batch(job_id, &changes)?;
-    d.waiters.notify(job_id);
+    d.host_jobs_changed(job_id);
     Ok(reachable)
 }
 

@@ -20,6 +20,8 @@
 //! - [`events`]: `GET /v1/jobs/{id}/events`, a job as a resumable Server-Sent Events stream.
 //! - [`error`]: the API's error reply (HTTP status, JSON body naming code and field).
 //! - [`auth`]: optional bearer tokens with a per-token command allow-list.
+//! - [`metrics`]: `GET /metrics` (Prometheus): requests by route template and status,
+//!   host jobs by state, fan-out and completion latencies, the queue connection.
 //! - [`fleet`]: the product tree (products, services, components) and the hosts placed in
 //!   it: nodes, placements, labels, targets, bulk import, the change log, and their routes.
 //! - [`store`]: the SQLite database (`hosts`, `jobs`, `host_job`), written before anything
@@ -34,6 +36,7 @@ pub mod auth;
 pub mod error;
 pub mod events;
 pub mod fleet;
+pub mod metrics;
 pub mod policy;
 pub mod request;
 pub mod rollout;
@@ -80,6 +83,9 @@ pub struct DispatchConfig {
     pub result_grace: Duration,
     /// Client networks allowed to call the API; empty allows every client.
     pub allowed_clients: Vec<ipnet::IpNet>,
+    /// Serve `GET /metrics` without a token even when tokens are on
+    /// (`--metrics-without-token`); `--allow-client` still applies.
+    pub metrics_without_token: bool,
 }
 
 impl Default for DispatchConfig {
@@ -96,6 +102,7 @@ impl Default for DispatchConfig {
             kill_grace: Duration::from_secs(5),
             result_grace: Duration::from_secs(30),
             allowed_clients: Vec::new(),
+            metrics_without_token: false,
         }
     }
 }
@@ -243,10 +250,23 @@ pub struct Dispatcher {
     /// Counts cancellations, so the enqueuer asks the database whether a job was cancelled
     /// only when one happened since it last asked.
     pub cancellations: std::sync::atomic::AtomicU64,
+    /// `GET /metrics`.
+    pub metrics: metrics::DispatchMetrics,
+    /// See [`DispatchConfig::metrics_without_token`].
+    pub metrics_without_token: bool,
     wake_enqueuer: mpsc::SyncSender<()>,
 }
 
 impl Dispatcher {
+    /// Some host jobs of `job_id` changed state: wakes the sync calls waiting for it, and
+    /// observes its completion once every host is final (blocking: reads the database).
+    pub fn host_jobs_changed(&self, job_id: &str) {
+        self.waiters.notify(job_id);
+        if let Err(e) = self.metrics.host_job_final(&self.store, job_id) {
+            log::warn!("job {job_id}: cannot check its completion for the metrics: {e}");
+        }
+    }
+
     /// Asks the enqueuer thread to look for pending host jobs now rather than at its next tick.
     pub fn wake_enqueuer(&self) {
         // A full channel means a wake-up is already queued; that one will do.
@@ -281,6 +301,8 @@ pub fn run(config: DispatchConfig) -> anyhow::Result<()> {
         result_grace: config.result_grace,
         allowed_clients: config.allowed_clients.clone(),
         cancellations: std::sync::atomic::AtomicU64::new(0),
+        metrics: metrics::DispatchMetrics::new(),
+        metrics_without_token: config.metrics_without_token,
         wake_enqueuer: wake_tx,
     });
     let stop = Arc::new(AtomicBool::new(false));

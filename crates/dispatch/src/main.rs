@@ -51,6 +51,10 @@ struct Args {
     /// every client may call it (tokens, if configured, still apply).
     #[arg(long = "allow-client", value_name = "IP|CIDR", value_parser = parse_client_net)]
     allow_client: Vec<ipnet::IpNet>,
+    /// Serve GET /metrics without a bearer token even when --tokens is given (by default any
+    /// valid token may scrape); --allow-client still applies. See docs/METRICS.md.
+    #[arg(long)]
+    metrics_without_token: bool,
 }
 
 fn parse_client_net(s: &str) -> Result<ipnet::IpNet, String> {
@@ -75,5 +79,6 @@ fn main() -> anyhow::Result<()> {
         kill_grace: Duration::from_millis(args.kill_grace_ms),
         result_grace: Duration::from_secs(args.result_grace),
         allowed_clients: args.allow_client,
+        metrics_without_token: args.metrics_without_token,
     })
 }

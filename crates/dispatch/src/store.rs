@@ -760,6 +760,52 @@ impl Store {
         Ok(Some((job, hosts)))
     }
 
+    /// Host jobs by state, for `/metrics`: the open states (`pending`, `ready`, `reserved`)
+    /// only, which the partial index `host_job_open` counts without reading the table; with
+    /// `final_states`, every state, which reads the whole table.
+    pub fn host_job_counts(&self, final_states: bool) -> Result<Vec<(String, u64)>, StoreError> {
+        let sql = if final_states {
+            "SELECT state, COUNT(*) FROM host_job GROUP BY state"
+        } else {
+            "SELECT state, COUNT(*) FROM host_job WHERE state IN ('pending', 'ready', 'reserved') GROUP BY state"
+        };
+        let conn = self.conn();
+        let mut statement = conn.prepare_cached(sql).ctx("prepare host job counts")?;
+        let rows = statement
+            .query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)))
+            .ctx("count host jobs by state")?;
+        let mut counts = Vec::new();
+        for row in rows {
+            let (state, n) = row.ctx("read a host job count")?;
+            counts.push((state, u64::try_from(n).unwrap_or(0)));
+        }
+        Ok(counts)
+    }
+
+    /// When job `id` was stored (Unix milliseconds), and whether it has host jobs not yet
+    /// put on the queue (`pending`); `None` for an unknown job.
+    pub fn job_fanout_state(&self, id: &str) -> Result<Option<(i64, bool)>, StoreError> {
+        self.conn()
+            .prepare_cached(
+                "SELECT created_at, EXISTS (SELECT 1 FROM host_job WHERE job_id = ?1 AND state = 'pending') \
+                 FROM jobs WHERE id = ?1",
+            )
+            .and_then(|mut s| s.query_row([id], |row| Ok((row.get::<_, i64>(0)?, row.get::<_, bool>(1)?))).optional())
+            .ctx("read a job's fan-out state")
+    }
+
+    /// When job `id` was stored (Unix milliseconds), if every host job of it is final;
+    /// `None` while some are open (or for an unknown job).
+    pub fn job_completed_since(&self, id: &str) -> Result<Option<i64>, StoreError> {
+        self.conn()
+            .prepare_cached(
+                "SELECT created_at FROM jobs WHERE id = ?1 AND NOT EXISTS \
+                 (SELECT 1 FROM host_job WHERE job_id = ?1 AND state IN ('pending', 'ready', 'reserved'))",
+            )
+            .and_then(|mut s| s.query_row([id], |row| row.get::<_, i64>(0)).optional())
+            .ctx("read a job's completion")
+    }
+
     /// Whether every host of job `id` has a final answer.
     pub fn job_is_final(&self, id: &str) -> Result<bool, StoreError> {
         let open: i64 = self

@@ -8,6 +8,7 @@
 //! results that waited in the reply tube while the dispatcher was down.
 
 use crate::fleet::Level;
+use crate::metrics::QueueUser;
 use crate::store::{HostState, Outcome, PendingHostJob, QueueRef, StoreError};
 use crate::Dispatcher;
 use polaris_ops_wire::codes::Code;
@@ -109,12 +110,14 @@ fn run_enqueuer(dispatcher: &Dispatcher, wake: &mpsc::Receiver<()>, stop: &Atomi
             .and_then(|()| expire_overdue(dispatcher));
         match step {
             Ok(()) => {
+                dispatcher.metrics.queue_state(QueueUser::Enqueuer, true, queue_was_down);
                 if queue_was_down {
                     log::info!("queue reachable again");
                     queue_was_down = false;
                 }
             }
             Err(StepError::Queue(e)) => {
+                dispatcher.metrics.queue_state(QueueUser::Enqueuer, false, false);
                 // Logged once per outage, not every tick.
                 if !queue_was_down {
                     log::warn!("queue unavailable, will retry: {e}");
@@ -135,7 +138,7 @@ fn run_enqueuer(dispatcher: &Dispatcher, wake: &mpsc::Receiver<()>, stop: &Atomi
 fn advance_rollouts(dispatcher: &Dispatcher) -> Result<(), StepError> {
     let (touched, _released) = crate::rollout::step(&dispatcher.store, unix_now_ms())?;
     for job_id in &touched {
-        dispatcher.waiters.notify(job_id);
+        dispatcher.host_jobs_changed(job_id);
     }
     Ok(())
 }
@@ -230,14 +233,14 @@ fn check_queue_instance(dispatcher: &Dispatcher, checked: &mut Option<String>) -
                     let outcome =
                         Outcome::failed(Code::Revoked, format!("Revoked; {}", LOST_BEFORE_TAKEN.to_lowercase()));
                     if dispatcher.store.finish_queued(job_id, host, queued.id, HostState::Revoked, &outcome)? {
-                        dispatcher.waiters.notify(job_id);
+                        dispatcher.host_jobs_changed(job_id);
                     }
                 } else if row.start_by_ms > unix_now_ms() {
                     dispatcher.store.requeue(job_id, host, queued.id)?;
                 } else {
                     let outcome = Outcome::failed(Code::HostNoAnswer, LOST_BEFORE_TAKEN);
                     if dispatcher.store.finish_queued(job_id, host, queued.id, HostState::Expired, &outcome)? {
-                        dispatcher.waiters.notify(job_id);
+                        dispatcher.host_jobs_changed(job_id);
                     }
                 }
             }
@@ -310,6 +313,11 @@ fn enqueue_pending(dispatcher: &Dispatcher) -> Result<(), StepError> {
                 log::warn!("job {job_id} host {host}: an agent took queue job {} before it was revoked", place.id);
                 dispatcher.store.revoked_but_taken(job_id, host, place)?;
             }
+        }
+        let mut put_for: Vec<&str> = queued.iter().map(|(job_id, _, _)| job_id.as_str()).collect();
+        put_for.dedup();
+        for job_id in put_for {
+            dispatcher.metrics.envelopes_put(&dispatcher.store, job_id)?;
         }
         if let Some(e) = failure {
             return Err(e);
@@ -531,7 +539,7 @@ fn take_back(
     let Some(queued) = queued else {
         let done = dispatcher.store.finish(job_id, host, HostState::Ready, to, outcome)?;
         if done {
-            dispatcher.waiters.notify(job_id);
+            dispatcher.host_jobs_changed(job_id);
         }
         return Ok(done.then_some(to));
     };
@@ -555,7 +563,7 @@ fn take_back(
     let done = dispatcher.store.finish_queued(job_id, host, queued.id, state, &outcome)?;
     if done {
         log::info!("job {job_id} host {host}: {} ({})", state.as_str(), outcome.message);
-        dispatcher.waiters.notify(job_id);
+        dispatcher.host_jobs_changed(job_id);
     }
     Ok(done.then_some(state))
 }
@@ -570,7 +578,7 @@ fn finish(
 ) -> Result<(), StoreError> {
     if dispatcher.store.finish(job_id, host, from, to, outcome)? {
         log::info!("job {job_id} host {host}: {} ({})", to.as_str(), outcome.message);
-        dispatcher.waiters.notify(job_id);
+        dispatcher.host_jobs_changed(job_id);
     }
     Ok(())
 }
@@ -585,6 +593,8 @@ fn connect_reply_consumer(queue: &Endpoint, reply_tube: &str) -> client::Result<
 fn run_results_consumer(dispatcher: &Dispatcher, addr: &Endpoint, stop: &AtomicBool) {
     let mut conn: Option<Client> = None;
     let mut queue_was_down = false;
+    // A connection was lost since the last one was made (for the reconnect counter).
+    let mut lost = false;
     while !stop.load(Ordering::SeqCst) {
         let client = match conn.as_mut() {
             Some(client) => client,
@@ -593,10 +603,13 @@ fn run_results_consumer(dispatcher: &Dispatcher, addr: &Endpoint, stop: &AtomicB
                     if queue_was_down {
                         log::info!("results consumer reconnected to {addr}");
                     }
+                    dispatcher.metrics.queue_state(QueueUser::Results, true, queue_was_down || lost);
                     queue_was_down = false;
+                    lost = false;
                     conn.insert(client)
                 }
                 Err(e) => {
+                    dispatcher.metrics.queue_state(QueueUser::Results, false, false);
                     if !queue_was_down {
                         log::warn!("results consumer cannot reach the queue at {addr}, will retry: {e}");
                         queue_was_down = true;
@@ -611,11 +624,15 @@ fn run_results_consumer(dispatcher: &Dispatcher, addr: &Endpoint, stop: &AtomicB
             Ok(Some(job)) => {
                 if let Err(e) = handle_result(dispatcher, client, job) {
                     log::warn!("results consumer: {e}");
+                    dispatcher.metrics.queue_state(QueueUser::Results, false, false);
+                    lost = true;
                     conn = None;
                 }
             }
             Err(e) => {
                 log::warn!("results consumer lost the queue: {e}");
+                dispatcher.metrics.queue_state(QueueUser::Results, false, false);
+                lost = true;
                 conn = None;
             }
         }
@@ -656,7 +673,7 @@ fn handle_result(dispatcher: &Dispatcher, conn: &mut Client, job: client::Job) -
                         result.retcode,
                         result.message
                     );
-                    dispatcher.waiters.notify(&result.job_id);
+                    dispatcher.host_jobs_changed(&result.job_id);
                 }
                 AlreadyFinal => log::debug!("job {} host {}: duplicate result ignored", result.job_id, result.host),
                 Unknown => log::warn!("result for unknown job {} host {} dropped", result.job_id, result.host),

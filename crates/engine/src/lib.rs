@@ -16,6 +16,8 @@
 //!   takes and restores.
 //! - `stats`: the counters behind `stats` and the YAML bodies of the `stats*` and
 //!   `list-tubes*` replies.
+//! - `metrics`: [`Engine::metrics_snapshot`], the gauges and counters a scrape shows
+//!   ([`MetricsSnapshot`]), with jobs by tube for the busiest tubes only.
 //! - `invariants`: [`Engine::check_invariants`], the consistency rules the tests and
 //!   the fuzz targets check after every step.
 //! - `job`, `heap`, `tombstone`: the job record and id index, the intrusive job
@@ -41,6 +43,7 @@ mod heap;
 mod invariants;
 mod job;
 mod mechanics;
+mod metrics;
 mod persist;
 mod sink;
 mod state;
@@ -52,6 +55,7 @@ mod tube;
 pub use config::{Config, Instance, Nanos, Rusage, SECOND};
 pub use conn::ConnId;
 pub use job::{IdHashBuilder, JobCounters, JobId, JobState};
+pub use metrics::{MetricsSnapshot, TubeJobs};
 pub use persist::{BinlogStats, Changes, JobRecord};
 pub use sink::{Outcome, ReplySink};
 pub use state::Engine;

@@ -7,6 +7,8 @@
 //! - [`raw`]: a raw beanstalk connection and the reply-frame parser the differential test
 //!   compares byte for byte.
 //! - [`cluster`]: a queue, a dispatcher and agents on loopback, and HTTP/JSON calls to them.
+//! - [`scrape`]: `/metrics` scraped and read with a real Prometheus parser (Python's
+//!   `prometheus_client`).
 //! - [`tls`]: certificates made at test time (a CA, server and client certificates).
 
 #![deny(unsafe_code)]
@@ -14,6 +16,7 @@
 pub mod cluster;
 pub mod process;
 pub mod raw;
+pub mod scrape;
 pub mod tls;
 
 pub use process::{
