@@ -141,6 +141,9 @@ pub fn run(
     warnings.extend(found.skipped_pseudo.iter().map(|p| format!("{p}: a kernel pseudo-filesystem, not walked into")));
     warnings.extend(found.warnings.iter().cloned());
     let total = found.entries.len();
+    if total == 0 {
+        warnings.insert(0, format!("the rules of {shown} select no entry on this host"));
+    }
     let empty = std::collections::BTreeMap::new();
     let old_entries = old.as_ref().map_or(&empty, |b| &b.entries);
     let diff = match operation {
