@@ -356,7 +356,10 @@ impl Agent {
             return self.refuse(conn, job.id, &envelope, Code::ExecError, message, max_job_size);
         }
 
-        log::info!("job {} ({}): {} {:?}", envelope.job_id, job.id, envelope.method.as_str(), envelope.cmd);
+        match &envelope.args {
+            Some(args) => log::info!("job {} ({}): {} {args}", envelope.job_id, job.id, envelope.method.as_str()),
+            None => log::info!("job {} ({}): {} {:?}", envelope.job_id, job.id, envelope.method.as_str(), envelope.cmd),
+        }
         let result = match envelope.method {
             Method::SyncQuery => query_result(&envelope),
             Method::SyncBash | Method::AsyncBash => self.run_command(conn, job.id, &envelope, &run_id),
