@@ -505,13 +505,23 @@ impl Agent {
             *slot = Some(running.clone());
         }
 
-        log::info!(
-            "job {} ({}) attempt {attempt}: {} {:?}",
-            envelope.job_id,
-            job.id,
-            envelope.method.as_str(),
-            envelope.cmd
-        );
+        match &envelope.args {
+            Some(args) => {
+                log::info!(
+                    "job {} ({}) attempt {attempt}: {} {args}",
+                    envelope.job_id,
+                    job.id,
+                    envelope.method.as_str()
+                )
+            }
+            None => log::info!(
+                "job {} ({}) attempt {attempt}: {} {:?}",
+                envelope.job_id,
+                job.id,
+                envelope.method.as_str(),
+                envelope.cmd
+            ),
+        }
         let started = Instant::now();
         self.metrics.started();
         let mut result = match envelope.method {
@@ -670,40 +680,64 @@ impl Agent {
     }
 
     /// Runs `work` on a thread of its own, touching the queue job meanwhile so a long scan
-    /// does not see it released to run again.
+    /// does not see it released to run again. If the agent is asked to stop, `work` may
+    /// go on for the drain timeout; then it is abandoned (it ends with the process) and
+    /// reported `agent_restarted`, as a command would be.
     fn run_touching<T: Send + 'static>(
         &self,
         conn: &mut Client,
         queue_job_id: u64,
         envelope: &JobEnvelope,
         work: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, String> {
+    ) -> Result<T, (Code, String)> {
         let ttr = conn
             .stats_job(queue_job_id)
             .ok()
             .and_then(|s| s.get_u64("ttr"))
             .unwrap_or(u64::from(envelope.timeout) + 60);
         let touch_every = Duration::from_millis(ttr * 500).max(MIN_TOUCH_INTERVAL);
+        // Woken often enough to notice a stop request.
+        let tick = touch_every.min(Duration::from_millis(500));
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         let worker = std::thread::Builder::new()
             .name(envelope.method.as_str().to_string())
             .spawn(move || {
                 let _ = done_tx.send(work());
             })
-            .map_err(|e| format!("cannot start a thread: {e}"))?;
+            .map_err(|e| (Code::IntegrityFailed, format!("cannot start a thread: {e}")))?;
+        let mut next_touch = Instant::now() + touch_every;
+        let mut drain_deadline: Option<Instant> = None;
         loop {
-            match done_rx.recv_timeout(touch_every) {
+            match done_rx.recv_timeout(tick) {
                 Ok(value) => {
                     let _ = worker.join();
                     return Ok(value);
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                    if let Err(e) = conn.touch(queue_job_id) {
-                        log::warn!("cannot touch job {queue_job_id}: {e}");
+                    let now = Instant::now();
+                    if now >= next_touch {
+                        if let Err(e) = conn.touch(queue_job_id) {
+                            log::warn!("cannot touch job {queue_job_id}: {e}");
+                        }
+                        next_touch = now + touch_every;
+                    }
+                    if self.stopping() {
+                        let deadline = *drain_deadline.get_or_insert(now + self.config.drain_timeout);
+                        if now >= deadline {
+                            return Err((
+                                Code::AgentRestarted,
+                                format!(
+                                    "Stopped: the agent was stopped while {} ran (still running {}s after SIGTERM \
+                                     reached the agent)",
+                                    envelope.method.as_str(),
+                                    self.config.drain_timeout.as_secs()
+                                ),
+                            ));
+                        }
                     }
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err("the worker thread panicked".into());
+                    return Err((Code::IntegrityFailed, "the worker thread panicked".into()));
                 }
             }
         }
@@ -738,7 +772,7 @@ impl Agent {
         });
         let outcome = match outcome {
             Ok(outcome) => outcome,
-            Err(e) => return failure(&envelope.job_id, &self.host_id, Code::IntegrityFailed, e),
+            Err((code, message)) => return failure(&envelope.job_id, &self.host_id, code, message),
         };
         log::info!("job {}: {}", envelope.job_id, outcome.message);
         let (resp, retcode) = match outcome.status {
@@ -780,7 +814,7 @@ impl Agent {
             Ok(Err((code, message))) => {
                 return failure(&envelope.job_id, &self.host_id, code, format!("Refused: {message}"))
             }
-            Err(e) => return failure(&envelope.job_id, &self.host_id, Code::LogReadFailed, e),
+            Err((code, message)) => return failure(&envelope.job_id, &self.host_id, code, message),
         };
         let data = OutputData::new(&output.output, output.truncated);
         HostResult {

@@ -176,7 +176,9 @@ pub fn adopt(run: &UnfinishedRun, host_id: &str, containment: &Containment) -> A
             Err(e) => log::warn!("cannot kill process group {pgid} of job {}: {e}", run.ran.job_id),
         }
     }
-    let is_query = Method::parse(&run.ran.method) == Some(Method::SyncQuery);
+    // Methods that run the agent's own code (a query, an integrity scan, a log read)
+    // leave no command behind.
+    let own_code = Method::parse(&run.ran.method).is_some_and(|m| !m.runs_command());
     let message = if !killed.is_empty() || unit_killed > 0 {
         log::warn!(
             "job {} (queue job {}): the previous agent died while it ran; killed its process group {killed:?} and \
@@ -185,8 +187,8 @@ pub fn adopt(run: &UnfinishedRun, host_id: &str, containment: &Containment) -> A
             run.ran.queue_job_id
         );
         KILLED_MESSAGE.to_string()
-    } else if is_query {
-        "The agent was restarted while it answered the query; it is not answered again".to_string()
+    } else if own_code {
+        format!("The agent was restarted while it answered {}; it is not answered again", run.ran.method)
     } else {
         log::warn!(
             "job {} (queue job {}): the previous agent died while it ran; the command is no longer running",

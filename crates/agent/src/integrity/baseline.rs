@@ -97,7 +97,12 @@ pub fn write(path: &Path, secret: &Secret, baseline: &Baseline) -> Result<(), Ba
     name.push(".tmp");
     let tmp = dir.join(name);
     {
-        let mut file = std::fs::File::create(&tmp).map_err(io)?;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        // Owner only: it holds the hashes of every selected file, /etc/shadow's too. A
+        // leftover of a crash is removed first, so the mode is this one.
+        let _ = std::fs::remove_file(&tmp);
+        let mut file =
+            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io)?;
         file.write_all(&signed).map_err(io)?;
         file.sync_all().map_err(io)?;
     }
@@ -143,6 +148,8 @@ mod tests {
         );
         write(&path, &secret(), &Baseline::new("h1", String::new(), entries)).expect("written");
         assert_eq!(read(&path, &secret(), "h1").expect("verifies").entries.len(), 1);
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(std::fs::metadata(&path).expect("stat").permissions().mode() & 0o777, 0o600);
         // Another host's baseline, even correctly signed, is not this one's.
         assert!(matches!(read(&path, &secret(), "h2"), Err(BaselineError::Tampered { .. })));
         // An attacker who changed a file and then its hash in the baseline.

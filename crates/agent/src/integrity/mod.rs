@@ -141,6 +141,17 @@ pub fn run(
     warnings.extend(found.skipped_pseudo.iter().map(|p| format!("{p}: a kernel pseudo-filesystem, not walked into")));
     warnings.extend(found.warnings.iter().cloned());
     let total = found.entries.len();
+    if old.as_ref().is_some_and(|b| b.rules_sha256 != rules_sha256) {
+        warnings.insert(
+            0,
+            format!(
+                "{shown} changed since the baseline was made: entries it selects differently show as added or removed"
+            ),
+        );
+    }
+    if total == 0 {
+        warnings.insert(0, format!("the rules of {shown} select no entry on this host"));
+    }
     let empty = std::collections::BTreeMap::new();
     let old_entries = old.as_ref().map_or(&empty, |b| &b.entries);
     let diff = match operation {
@@ -222,6 +233,20 @@ mod tests {
         let outcome = run(Operation::Check, &settings, &secret, "h", 60_000);
         assert_eq!(outcome.status.err(), Some(Code::RulesInvalid));
         assert!(outcome.message.contains("aide.conf:1"), "{}", outcome.message);
+    }
+
+    #[test]
+    fn a_rules_change_since_the_baseline_is_said() {
+        let (_dir, settings, secret) = setup("TREE p\n");
+        run(Operation::Init, &settings, &secret, "h", 60_000).status.expect("init");
+        let unchanged = run(Operation::Check, &settings, &secret, "h", 60_000);
+        assert!(!unchanged.data.contains("changed since the baseline"), "{}", unchanged.data);
+        let text = std::fs::read_to_string(&settings.rules).expect("rules");
+        std::fs::write(&settings.rules, format!("# edited\n{text}")).expect("rules");
+        let report: serde_json::Value =
+            serde_json::from_str(&run(Operation::Check, &settings, &secret, "h", 60_000).data).expect("json");
+        assert_eq!(report["baseline"]["rules_changed"], true);
+        assert!(report["warnings"][0].as_str().is_some_and(|w| w.contains("changed since the baseline")), "{report}");
     }
 
     #[test]
