@@ -107,12 +107,35 @@ pub enum Tick {
     Cancel,
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Capture {
     kept: Vec<u8>,
     total: u64,
     /// Why reading the output failed, if it did.
     error: Option<String>,
+}
+
+/// The output a running command has printed so far, shared between the thread that
+/// drains its pipe and the caller (which sends it on as live output chunks).
+#[derive(Debug, Clone, Default)]
+pub struct LiveOutput(Arc<Mutex<Capture>>);
+
+impl LiveOutput {
+    /// Up to `max` kept output bytes from `from` on, ending at a UTF-8 character boundary
+    /// when the bytes are text (so a character is never split between two chunks).
+    pub fn since(&self, from: usize, max: usize) -> Vec<u8> {
+        let c = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(rest) = c.kept.get(from..) else { return Vec::new() };
+        let mut piece = &rest[..rest.len().min(max)];
+        if let Err(e) = std::str::from_utf8(piece) {
+            // An incomplete character at the end waits for the next chunk; anything else
+            // is not text and goes as it is (the receiver gets it as base64).
+            if e.error_len().is_none() && e.valid_up_to() > 0 {
+                piece = &piece[..e.valid_up_to()];
+            }
+        }
+        piece.to_vec()
+    }
 }
 
 /// Runs `bash -c cmd` under `limits`, calling `on_tick` about every 20 ms while it runs
@@ -181,7 +204,20 @@ pub fn run_bash_with(
     on_spawn: impl FnOnce(u32),
     on_tick: impl FnMut() -> Tick,
 ) -> io::Result<ExecOutcome> {
-    run_reading(cmd, limits, env, unit, |pipe| Box::new(pipe), on_spawn, on_tick)
+    run_reading(cmd, limits, env, unit, &LiveOutput::default(), |pipe| Box::new(pipe), on_spawn, on_tick)
+}
+
+/// [`run_bash_with`], sharing the output as it is printed through `live`.
+pub fn run_bash_live(
+    cmd: &str,
+    limits: &ExecLimits,
+    env: &[(&str, &str)],
+    unit: Option<&Unit>,
+    live: &LiveOutput,
+    on_spawn: impl FnOnce(u32),
+    on_tick: impl FnMut() -> Tick,
+) -> io::Result<ExecOutcome> {
+    run_reading(cmd, limits, env, unit, live, |pipe| Box::new(pipe), on_spawn, on_tick)
 }
 
 /// The reader of the output pipe (tests wrap it to make reading fail).
@@ -193,6 +229,7 @@ fn run_reading(
     limits: &ExecLimits,
     env: &[(&str, &str)],
     unit: Option<&Unit>,
+    live: &LiveOutput,
     reader: impl FnOnce(File) -> OutputReader,
     on_spawn: impl FnOnce(u32),
     mut on_tick: impl FnMut() -> Tick,
@@ -235,7 +272,7 @@ fn run_reading(
         }
     }
 
-    let capture = Arc::new(Mutex::new(Capture::default()));
+    let capture = live.0.clone();
     let (drained_tx, drained_rx) = mpsc::channel::<()>();
     {
         let capture = capture.clone();
@@ -385,6 +422,31 @@ mod tests {
             Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
             Err(_) => false,
         }
+    }
+
+    #[test]
+    fn live_output_is_shared_as_printed_and_never_splits_a_character() {
+        let live = LiveOutput::default();
+        let mut seen = Vec::new();
+        let cmd = "printf 'h\\303\\251llo'; sleep 0.3; echo ' done'";
+        let out = run_bash_live(
+            cmd,
+            &limits(5000),
+            &[],
+            None,
+            &live,
+            |_| {},
+            || {
+                let piece = live.since(seen.len(), 2);
+                assert!(std::str::from_utf8(&piece).is_ok(), "{piece:?}");
+                seen.extend_from_slice(&piece);
+                Tick::Continue
+            },
+        )
+        .expect("run");
+        seen.extend_from_slice(&live.since(seen.len(), usize::MAX));
+        assert_eq!(seen, out.output);
+        assert_eq!(String::from_utf8(seen).expect("text"), "h\u{e9}llo done\n");
     }
 
     #[test]
@@ -609,6 +671,7 @@ mod tests {
             &limits(60_000),
             &[],
             None,
+            &LiveOutput::default(),
             |pipe| Box::new(FailingReader { pipe, reads: 0 }),
             |_| {},
             || Tick::Continue,

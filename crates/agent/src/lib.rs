@@ -87,6 +87,10 @@ const DEFAULT_MAX_JOB_SIZE: usize = 65_535;
 const RESULT_PRIORITY: u32 = 100;
 /// TTR of result jobs; the dispatcher handles one in milliseconds.
 const RESULT_TTR: u32 = 60;
+/// Largest live output chunk, in bytes of output.
+const LIVE_CHUNK_BYTES: usize = 16 * 1024;
+/// Priority of live output chunks: behind results, which someone may be waiting for.
+const LIVE_OUTPUT_PRIORITY: u32 = RESULT_PRIORITY + 100;
 /// Shortest interval between touches of a running job.
 const MIN_TOUCH_INTERVAL: Duration = Duration::from_millis(500);
 /// The smallest `memory_max` the agent takes: below it not even `bash` starts, and the
@@ -118,6 +122,8 @@ pub struct AgentConfig {
     pub heartbeat: Duration,
     /// Time between fetches of the host's standing tasks; zero fetches none.
     pub tasks_poll: Duration,
+    /// Time between live output chunks of a running command; zero sends none.
+    pub live_output: Duration,
     /// The `--config` TOML file (integrity rules, log roots); `None`: those methods are
     /// refused as not configured.
     pub config_file: Option<PathBuf>,
@@ -146,6 +152,7 @@ impl Default for AgentConfig {
             drain_timeout: Duration::from_secs(30),
             heartbeat: Duration::from_secs(30),
             tasks_poll: Duration::from_secs(5),
+            live_output: Duration::from_millis(500),
             config_file: None,
             max_memory: None,
             max_cpu_milli: None,
@@ -835,6 +842,48 @@ impl Agent {
     /// Runs the envelope's command, touching the queue job as it runs, and records its
     /// process group in the ledger. Killed (and reported so) if the agent is shutting down
     /// and the command outlives the drain timeout.
+    /// Puts the output printed since `sent` bytes on the reply tube as one
+    /// [`wire::OutputChunk`] (so people can watch it as it happens); answers how many
+    /// bytes it sent. A chunk that cannot be put is only logged: the result carries the
+    /// whole output anyway.
+    fn send_live_output(
+        &self,
+        conn: &mut Client,
+        envelope: &JobEnvelope,
+        live: &exec::LiveOutput,
+        sent: usize,
+    ) -> usize {
+        let piece = live.since(sent, LIVE_CHUNK_BYTES);
+        if piece.is_empty() {
+            return 0;
+        }
+        let data = OutputData::new(&piece, false);
+        let chunk = wire::OutputChunk {
+            v: 1,
+            kind: wire::OUTPUT_CHUNK_KIND.to_string(),
+            job_id: envelope.job_id.clone(),
+            host: self.host_id.clone(),
+            attempt: envelope.attempt,
+            offset: sent as u64,
+            data: data.data,
+            encoding: data.encoding,
+        };
+        let put = serde_json::to_vec(&chunk)
+            .map_err(|e| client::Error::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
+            .and_then(|payload| {
+                let body = wire::sign(&self.secret, &payload);
+                conn.use_tube(&envelope.reply_tube)?;
+                conn.put(LIVE_OUTPUT_PRIORITY, 0, RESULT_TTR, &body)
+            });
+        match put {
+            Ok(_) => piece.len(),
+            Err(e) => {
+                log::warn!("job {}: cannot send live output: {e}", envelope.job_id);
+                0
+            }
+        }
+    }
+
     fn run_command(
         &self,
         conn: &mut Client,
@@ -912,10 +961,20 @@ impl Agent {
             kill_grace: kill_grace(self.config.kill_grace, envelope),
             max_output: exec::MAX_OUTPUT_BYTES,
         };
-        let outcome = exec::run_bash_with(&envelope.cmd, &limits, &env, unit.as_ref(), record_group, || {
+        // Output is sent on as it is printed (see `send_live_output`), at most every
+        // `--live-output-ms`, in chunks of at most LIVE_CHUNK_BYTES.
+        let live = exec::LiveOutput::default();
+        let mut live_sent = 0usize;
+        let live_every = self.config.live_output;
+        let mut next_live = Instant::now() + live_every;
+        let outcome = exec::run_bash_live(&envelope.cmd, &limits, &env, unit.as_ref(), &live, record_group, || {
             let now = Instant::now();
             if running.cancel.load(Ordering::SeqCst) {
                 return Tick::Cancel;
+            }
+            if !live_every.is_zero() && now >= next_live {
+                live_sent += self.send_live_output(conn, envelope, &live, live_sent);
+                next_live = now + live_every;
             }
             if now >= next_touch {
                 if let Err(e) = conn.touch(queue_job_id) {

@@ -64,6 +64,10 @@ struct Args {
     /// nothing changed); 0 fetches none.
     #[arg(long, default_value_t = 5, value_name = "SECS")]
     tasks_poll: u64,
+    /// Milliseconds between chunks of a running command's output sent to the dispatcher as
+    /// it is printed (each at most 16 KiB, 64 KiB in all); 0 sends none.
+    #[arg(long, default_value_t = 500, value_name = "MS")]
+    live_output_ms: u64,
     /// TOML file configuring the integrity.* and log.* methods (integrity rules in
     /// aide.conf syntax, log roots, caps); re-read on SIGHUP.
     #[arg(long, value_name = "FILE")]
@@ -98,6 +102,7 @@ fn main() -> anyhow::Result<()> {
         drain_timeout: Duration::from_secs(args.drain_timeout),
         heartbeat: Duration::from_secs(args.heartbeat),
         tasks_poll: Duration::from_secs(args.tasks_poll),
+        live_output: Duration::from_millis(args.live_output_ms),
         config_file: args.config,
         max_memory: args.max_memory,
         max_cpu_milli: args.max_cpu_milli,

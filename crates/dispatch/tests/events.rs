@@ -103,3 +103,28 @@ fn a_job_streams_its_changes_resumes_and_replays() {
     let (status, reply) = get(&cluster.url("/v1/jobs/00000000-0000-4000-8000-000000000000/events"));
     assert_eq!(status, 404, "{reply}");
 }
+
+/// A running command's output reaches the stream as it is printed, before the host's
+/// final answer.
+#[test]
+fn output_streams_while_the_command_runs() {
+    let cluster = Cluster::start(&["o1"]);
+    let (status, reply) = post(
+        &cluster.url("/v1/jobs"),
+        &json!({"hosts": ["o1"], "method": "async.bash", "cmd": "echo first; sleep 3; echo second"}),
+    );
+    assert_eq!(status, 202, "{reply}");
+    let id = reply["id"].as_str().expect("id").to_string();
+    let events = read_stream(&cluster.url(&format!("/v1/jobs/{id}/events")), None);
+    let output: Vec<&Sse> = events.iter().filter(|e| e.event == "output").collect();
+    let first = output.first().unwrap_or_else(|| panic!("no output event: {events:?}"));
+    assert_eq!((first.data["offset"].as_u64(), first.data["data"].as_str()), (Some(0), Some("first\n")), "{events:?}");
+    assert_eq!(first.data["host"], "o1");
+    let final_at = events.iter().position(|e| e.event == "host" && e.data["state"] == "success").expect("final");
+    let first_at = events.iter().position(|e| e.event == "output").expect("output");
+    assert!(first_at < final_at, "{events:?}");
+    // The chunks add up to a prefix of the output; the result has all of it.
+    let streamed: String = output.iter().map(|e| e.data["data"].as_str().unwrap_or("")).collect();
+    assert!("first\nsecond\n".starts_with(&streamed), "{streamed:?}");
+    assert_eq!(events[final_at].data["data"], "first\nsecond\n");
+}
