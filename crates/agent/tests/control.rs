@@ -147,17 +147,22 @@ impl Rig {
         conn.put(0, 0, 60, &wire::sign(&secret(), &serde_json::to_vec(&message).expect("json"))).expect("put");
     }
 
-    /// The next result on the reply tube, within `secs`.
+    /// The next result on the reply tube, within `secs` (live output chunks are skipped).
     fn result(&self, secs: u32) -> HostResult {
         let mut conn = self.client();
         conn.watch(REPLY_TUBE).expect("watch");
         conn.ignore("default").expect("ignore");
-        let job = conn.reserve_with_timeout(secs).expect("reserve").unwrap_or_else(|| {
-            panic!("no result within {secs}s; agent log:\n{}", self.agent_log());
-        });
-        conn.delete(job.id).expect("delete");
-        let payload = wire::open(&secret(), &job.body).expect("a signed result");
-        serde_json::from_slice(payload).expect("a result")
+        loop {
+            let job = conn.reserve_with_timeout(secs).expect("reserve").unwrap_or_else(|| {
+                panic!("no result within {secs}s; agent log:\n{}", self.agent_log());
+            });
+            conn.delete(job.id).expect("delete");
+            let payload = wire::open(&secret(), &job.body).expect("a signed result");
+            match wire::Reply::parse(payload).expect("a result") {
+                wire::Reply::Result(result) => return result,
+                wire::Reply::Output(_) => continue,
+            }
+        }
     }
 
     fn agent_log(&self) -> String {

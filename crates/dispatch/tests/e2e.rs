@@ -421,15 +421,16 @@ fn tokens_enforce_command_allow_lists() {
     assert_eq!(status, 200, "{reply}");
 }
 
-/// DELETE revokes host jobs that no agent has taken; the queue job is gone.
+/// DELETE revokes host jobs that no agent has taken (the queue job is gone) and has the
+/// running ones cancelled by their agents.
 #[test]
-fn revoke_removes_jobs_no_agent_took() {
+fn revoke_removes_jobs_no_agent_took_and_cancels_running_ones() {
     let cluster = Cluster::start(&["alpha", "beta", "gamma"]);
     let (status, _) = post(&cluster.url("/v1/hosts"), &json!({"id": "offline"}));
     assert_eq!(status, 201);
     let (status, body) = post(
         &cluster.url("/v1/jobs"),
-        &json!({"hosts": ["offline", "alpha"], "method": "async.bash", "cmd": "sleep 1; echo ran", "timeout": 30}),
+        &json!({"hosts": ["offline", "alpha"], "method": "async.bash", "cmd": "echo started; sleep 5; echo ran", "timeout": 30}),
     );
     assert_eq!(status, 202);
     let url = cluster.url(&format!("/v1/jobs/{}", body["id"].as_str().expect("id")));
@@ -443,10 +444,12 @@ fn revoke_removes_jobs_no_agent_took() {
         reply["hosts"],
         json!([{"host": "offline", "state": "revoked"}, {"host": "alpha", "state": "reserved"}])
     );
-    wait_until(Duration::from_secs(10), "alpha finished", || get(&url).1["done"] == true);
+    wait_until(Duration::from_secs(10), "alpha cancelled", || get(&url).1["done"] == true);
     let job = get(&url).1;
     assert_eq!(job["hosts"][0]["retcode"], code(Code::Revoked));
-    assert_eq!(job["hosts"][1]["data"], "ran\n");
+    assert_eq!(job["hosts"][1]["state"], "cancelled", "{job}");
+    assert_eq!(job["hosts"][1]["retcode"], code(Code::Cancelled), "{job}");
+    assert_eq!(job["hosts"][1]["data"], "started\n", "the output so far is kept: {job}");
     let stats = queue_client(&cluster.queue).stats_tube("host.offline").map(|s| s.get_u64("current-jobs-ready"));
     assert!(matches!(stats, Ok(Some(0)) | Err(client::Error::NotFound)), "{stats:?}");
 }
