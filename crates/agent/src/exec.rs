@@ -204,7 +204,8 @@ pub fn run_bash_with(
     on_spawn: impl FnOnce(u32),
     on_tick: impl FnMut() -> Tick,
 ) -> io::Result<ExecOutcome> {
-    run_reading(cmd, limits, env, unit, &LiveOutput::default(), |pipe| Box::new(pipe), on_spawn, on_tick)
+    let live = LiveOutput::default();
+    run_reading(cmd, limits, Where { env, unit, live: &live }, |pipe| Box::new(pipe), on_spawn, on_tick)
 }
 
 /// [`run_bash_with`], sharing the output as it is printed through `live`.
@@ -217,7 +218,15 @@ pub fn run_bash_live(
     on_spawn: impl FnOnce(u32),
     on_tick: impl FnMut() -> Tick,
 ) -> io::Result<ExecOutcome> {
-    run_reading(cmd, limits, env, unit, live, |pipe| Box::new(pipe), on_spawn, on_tick)
+    run_reading(cmd, limits, Where { env, unit, live }, |pipe| Box::new(pipe), on_spawn, on_tick)
+}
+
+/// Where a command runs and where its output goes: its extra environment, its cgroup, the
+/// output shared as it is printed.
+struct Where<'a> {
+    env: &'a [(&'a str, &'a str)],
+    unit: Option<&'a Unit>,
+    live: &'a LiveOutput,
 }
 
 /// The reader of the output pipe (tests wrap it to make reading fail).
@@ -227,9 +236,7 @@ type OutputReader = Box<dyn Read + Send>;
 fn run_reading(
     cmd: &str,
     limits: &ExecLimits,
-    env: &[(&str, &str)],
-    unit: Option<&Unit>,
-    live: &LiveOutput,
+    Where { env, unit, live }: Where<'_>,
     reader: impl FnOnce(File) -> OutputReader,
     on_spawn: impl FnOnce(u32),
     mut on_tick: impl FnMut() -> Tick,
@@ -669,9 +676,7 @@ mod tests {
         let out = run_reading(
             &cmd,
             &limits(60_000),
-            &[],
-            None,
-            &LiveOutput::default(),
+            Where { env: &[], unit: None, live: &LiveOutput::default() },
             |pipe| Box::new(FailingReader { pipe, reads: 0 }),
             |_| {},
             || Tick::Continue,
