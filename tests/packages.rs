@@ -79,6 +79,12 @@ fn packages_install_run_upgrade_remove_and_purge() -> Result<()> {
             let (status, body) = request("GET", &hosts_url, None, Some(&admin_token));
             status == 200 && body.to_string().contains("pkg-test")
         });
+        // `systemctl reload polaris-agent`: the unit's ExecReload with $MAINPID; the agent
+        // re-reads agent.toml and goes on serving (the job below is its proof).
+        reload_unit("polaris-agent", agent.pid())?;
+        wait_until(Duration::from_secs(20), "the agent re-reads /etc/polaris/agent.toml", || {
+            agent.output().contains("SIGHUP: reloaded /etc/polaris/agent.toml")
+        });
         // A job through the whole chain: the dispatcher and the agent share the generated secret.
         let job = r#"{"hosts": ["pkg-test"], "method": "sync.bash", "cmd": "id -u", "timeout": 30}"#;
         let (status, body) = request("POST", &format!("http://{dispatch_addr}/v1/jobs"), Some(job), Some(&admin_token));
@@ -474,6 +480,17 @@ fn start_unit_unannounced(package: &str) -> Result<Proc> {
     let child =
         as_unit_user(&argv, &settings).stdout(Stdio::null()).spawn().with_context(|| format!("starting {argv:?}"))?;
     Ok(Proc::new(package, child))
+}
+
+/// Runs a unit's `ExecReload` as systemd would for the main process `pid`.
+fn reload_unit(package: &str, pid: u32) -> Result<()> {
+    let unit = format!("{package}.service");
+    let settings = unit_settings(&unit)?;
+    let reload = settings.get("ExecReload").ok_or_else(|| anyhow!("{unit} has no ExecReload"))?;
+    let argv: Vec<String> = reload.split_whitespace().map(|w| w.replace("$MAINPID", &pid.to_string())).collect();
+    let status = Command::new(&argv[0]).args(&argv[1..]).status().with_context(|| format!("running {argv:?}"))?;
+    ensure!(status.success(), "{unit}'s ExecReload {argv:?} failed: {status}");
+    Ok(())
 }
 
 /// SIGTERM, as `systemctl stop` sends it, and a clean exit.
