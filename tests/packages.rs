@@ -33,6 +33,21 @@ fn packages_install_run_upgrade_remove_and_purge() -> Result<()> {
     if !prerequisites_met()? {
         return Ok(());
     }
+    // One run at a time on this machine (other worktrees run this test too): a second run
+    // would see the first one's packages, or purge them when it ends.
+    let lock_path = if Path::new("/run/lock").is_dir() {
+        "/run/lock/polaris-packages-test.lock"
+    } else {
+        "/tmp/polaris-packages-test.lock"
+    };
+    let lock = std::fs::File::create(lock_path)?;
+    if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+        skip_unless_ci(&format!("another run of the packages test holds {lock_path}"));
+        return Ok(());
+    }
+    if !nothing_installed()? {
+        return Ok(());
+    }
     let target_dir = profile_dir()?;
     let out = tempfile::tempdir()?;
     let first = build_packages(&target_dir, out.path(), "1")?;
@@ -174,7 +189,7 @@ fn prerequisites_met() -> Result<bool> {
         skip_unless_ci("the packages test installs Debian packages (run as root)");
         return Ok(false);
     }
-    let has_cargo_deb = Command::new("cargo")
+    let has_cargo_deb = Command::new(cargo())
         .args(["deb", "--version"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -196,6 +211,12 @@ fn prerequisites_met() -> Result<bool> {
             return Ok(false);
         }
     }
+    Ok(true)
+}
+
+/// Neither the packages nor their user are on this machine, so the purge at the end removes
+/// only what the test installed.
+fn nothing_installed() -> Result<bool> {
     for package in PACKAGES {
         let status = dpkg_query("${db:Status-Status}", package).unwrap_or_default();
         if !status.is_empty() && status != "not-installed" {
@@ -210,6 +231,11 @@ fn prerequisites_met() -> Result<bool> {
         return Ok(false);
     }
     Ok(true)
+}
+
+/// The cargo running this test (cargo sets `CARGO`), whose `deb` subcommand is cargo-deb.
+fn cargo() -> std::ffi::OsString {
+    std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
 }
 
 fn on_path(tool: &str) -> bool {
@@ -235,7 +261,7 @@ fn build_packages(profile_dir: &Path, out: &Path, revision: &str) -> Result<Vec<
     let mut debs = Vec::new();
     for package in PACKAGES {
         let deb = out.join(format!("{package}_{VERSION}-{revision}.deb"));
-        let output = Command::new("cargo")
+        let output = Command::new(cargo())
             .args(["deb", "--no-build", "--fast", "--profile", profile, "-p", package, "--deb-revision", revision])
             .arg("--output")
             .arg(&deb)
