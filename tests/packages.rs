@@ -492,11 +492,32 @@ fn as_unit_user(argv: &[String], settings: &BTreeMap<String, String>) -> Command
 }
 
 /// Starts a unit's program that announces `listening on ADDR`; returns it and the address.
+/// A `Type=notify` unit's program must also send `READY=1` to `$NOTIFY_SOCKET`, which is
+/// here an abstract socket, so the unit's user can reach it without file permissions.
 fn start_unit(package: &str) -> Result<(Proc, String)> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
     let unit = format!("{package}.service");
     let (argv, settings) = exec_start_argv(&unit)?;
-    spawn_with_banner(package, &mut as_unit_user(&argv, &settings), Duration::from_secs(20))
-        .with_context(|| format!("starting {argv:?} as {unit} would"))
+    let mut command = as_unit_user(&argv, &settings);
+    let notify = if settings.get("Type").is_some_and(|t| t == "notify") {
+        let name = format!("polaris-packages-test-{}-{package}", std::process::id());
+        let socket = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes())?)?;
+        socket.set_read_timeout(Some(Duration::from_secs(20)))?;
+        command.env("NOTIFY_SOCKET", format!("@{name}"));
+        Some(socket)
+    } else {
+        None
+    };
+    let (proc, addr) = spawn_with_banner(package, &mut command, Duration::from_secs(20))
+        .with_context(|| format!("starting {argv:?} as {unit} would"))?;
+    if let Some(socket) = notify {
+        let mut message = [0u8; 64];
+        let n =
+            socket.recv(&mut message).with_context(|| format!("{unit} is Type=notify, but {package} sent nothing"))?;
+        ensure!(message[..n] == *b"READY=1\n", "{package} notified {:?}", String::from_utf8_lossy(&message[..n]));
+    }
+    Ok((proc, addr))
 }
 
 /// Starts a unit's program that prints no banner (the agent).
