@@ -2,14 +2,20 @@
 //! append-only file next to the state file (`<state file>.ledger`, e.g.
 //! `polaris-agent.ledger`) so that both survive restarts.
 //!
-//! - Before a command starts, a `ran` line (the envelope's job id and host, its expiry, the
-//!   queue job id and reply tube, and a fresh run id) is appended and fsynced. An envelope
-//!   whose job id and host are in the ledger is a replay: it is never run again. Both
-//!   fields are covered by the envelope's signature, so only the dispatcher can make a new
-//!   key, and the dispatcher issues one job id per job (`409` on reuse) and one row per host.
+//! - Before a command starts, a `ran` line (the envelope's job id, host and attempt, its
+//!   expiry, the queue job id and reply tube, and a fresh run id) is appended and fsynced.
+//!   An envelope whose job id, host and attempt are in the ledger is a replay: it is never
+//!   run again; a retry (the next attempt) is a new key and runs. All three fields are
+//!   covered by the envelope's signature, so only the dispatcher can make a new key, and
+//!   the dispatcher issues one job id per job (`409` on reuse) and one row per host. Lines
+//!   written before attempts existed have none, and read as attempt 1.
+//! - A `cancel` line records a signed cancel (see [`crate::control`]) for a job, or one
+//!   attempt of it, so that its envelope, if it comes later, is refused and never run;
+//!   it is kept until its `until` (two days), then pruned.
 //! - Right after the command's process group exists, a `started` line records its id, the
-//!   leader's start time (clock ticks since boot, from `/proc/<pid>/stat`) and the boot id,
-//!   so that the next agent can tell the group is really that command's.
+//!   leader's start time (clock ticks since boot, from `/proc/<pid>/stat`), the boot id
+//!   and the command's cgroups, so that the next agent can tell the group is really that
+//!   command's, and kill its whole cgroup.
 //! - Once the result is on the queue and the job deleted, a `done` line closes the run. A
 //!   run without `done` at start is one the previous agent did not finish: the next start
 //!   ends and reports it (`orphans.rs`).
@@ -47,6 +53,10 @@ pub struct Ran {
     pub job_id: String,
     /// The envelope's host.
     pub host: String,
+    /// The envelope's attempt (from 1); ledgers written before attempts existed have
+    /// none, which reads as 1.
+    #[serde(default = "first_attempt")]
+    pub attempt: u32,
     /// The envelope's method (wire name).
     pub method: String,
     /// The envelope's `expires_at` (Unix seconds).
@@ -61,6 +71,17 @@ pub struct Ran {
     pub reply_tube: String,
 }
 
+fn first_attempt() -> u32 {
+    1
+}
+
+/// The key of a run: one envelope is one (job id, host, attempt).
+type RunKey = (String, String, u32);
+
+fn key_of(entry: &Ran) -> RunKey {
+    (entry.job_id.clone(), entry.host.clone(), entry.attempt)
+}
+
 /// The process group of a running command.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Started {
@@ -72,6 +93,41 @@ pub struct Started {
     pub start_ticks: u64,
     /// `/proc/sys/kernel/random/boot_id` when it started.
     pub boot_id: String,
+    /// The cgroup directories holding the command (its containment unit first, then the
+    /// cgroup v1 directories of its limits), so that the next agent kills and removes the
+    /// whole unit; empty when it ran in a process group only (and in older ledgers).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cgroups: Vec<String>,
+}
+
+/// A cancel for a job that had not started here when it came: an envelope it names is
+/// refused, never run, until `until`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cancelled {
+    /// The dispatch job id.
+    pub job_id: String,
+    /// The host.
+    pub host: String,
+    /// The attempt cancelled; `None` cancels every attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// Unix seconds when the dispatcher issued the cancel.
+    pub issued_at: u64,
+    /// Unix seconds after which the entry is dropped: by then every envelope of the job
+    /// has expired, and an expired envelope is refused anyway.
+    pub until: u64,
+}
+
+impl Cancelled {
+    /// Whether this cancel covers the envelope with this job id, host and attempt.
+    pub fn covers(&self, job_id: &str, host: &str, attempt: u32) -> bool {
+        self.job_id == job_id
+            && self.host == host
+            && match self.attempt {
+                Some(cancelled) => cancelled == attempt,
+                None => true,
+            }
+    }
 }
 
 /// A run without a `done` line.
@@ -94,6 +150,8 @@ enum Line {
     Done { run_id: String },
     /// A finished run's entry, as a rewrite carries it over.
     Kept(Ran),
+    /// A job cancelled before it started here.
+    Cancel(Cancelled),
 }
 
 /// The ledger file, loaded.
@@ -101,8 +159,9 @@ enum Line {
 pub struct Ledger {
     path: PathBuf,
     file: File,
-    ran: HashMap<(String, String), Ran>,
+    ran: HashMap<RunKey, Ran>,
     unfinished: Vec<UnfinishedRun>,
+    cancels: Vec<Cancelled>,
     lines: usize,
     last_prune: u64,
     _lock: File,
@@ -141,6 +200,7 @@ impl Ledger {
         };
         let mut ran = HashMap::new();
         let mut unfinished: Vec<UnfinishedRun> = Vec::new();
+        let mut cancels: Vec<Cancelled> = Vec::new();
         let complete = match text.iter().rposition(|&b| b == b'\n') {
             Some(end) => &text[..end + 1],
             None => &[][..],
@@ -152,7 +212,7 @@ impl Ledger {
             match serde_json::from_slice::<Line>(line) {
                 Ok(Line::Ran(entry)) => {
                     unfinished.push(UnfinishedRun { ran: entry.clone(), started: None });
-                    ran.insert((entry.job_id.clone(), entry.host.clone()), entry);
+                    ran.insert(key_of(&entry), entry);
                 }
                 Ok(Line::Started(started)) => {
                     if let Some(run) = unfinished.iter_mut().find(|r| r.ran.run_id == started.run_id) {
@@ -161,21 +221,42 @@ impl Ledger {
                 }
                 Ok(Line::Done { run_id }) => unfinished.retain(|r| r.ran.run_id != run_id),
                 Ok(Line::Kept(entry)) => {
-                    ran.insert((entry.job_id.clone(), entry.host.clone()), entry);
+                    ran.insert(key_of(&entry), entry);
                 }
+                Ok(Line::Cancel(cancel)) => cancels.push(cancel),
                 Err(e) => log::warn!("{} line {}: unreadable, ignored: {e}", path.display(), number + 1),
             }
         }
         let file = open_append(&path).with_context(|| format!("opening {}", path.display()))?;
-        let mut ledger = Ledger { path, file, ran, unfinished, lines: 0, last_prune: now, _lock: lock };
+        let mut ledger = Ledger { path, file, ran, unfinished, cancels, lines: 0, last_prune: now, _lock: lock };
         ledger.prune(now);
         ledger.compact().with_context(|| format!("rewriting {}", ledger.path.display()))?;
         Ok(ledger)
     }
 
-    /// The entry of the envelope with this job id and host, if it ran here.
-    pub fn find(&self, job_id: &str, host: &str) -> Option<&Ran> {
-        self.ran.get(&(job_id.to_string(), host.to_string()))
+    /// The entry of the envelope with this job id, host and attempt, if it ran here.
+    pub fn find(&self, job_id: &str, host: &str, attempt: u32) -> Option<&Ran> {
+        self.ran.get(&(job_id.to_string(), host.to_string(), attempt))
+    }
+
+    /// The cancel that covers the envelope with this job id, host and attempt, if one came.
+    pub fn cancelled(&self, job_id: &str, host: &str, attempt: u32) -> Option<&Cancelled> {
+        self.cancels.iter().find(|c| c.covers(job_id, host, attempt))
+    }
+
+    /// Records, durably, a cancel for a job that has not started here.
+    pub fn cancel(&mut self, cancel: Cancelled) -> io::Result<()> {
+        // The same message again (a redelivery) adds nothing.
+        let same = |c: &Cancelled| {
+            (&c.job_id, &c.host, c.attempt, c.issued_at)
+                == (&cancel.job_id, &cancel.host, cancel.attempt, cancel.issued_at)
+        };
+        if self.cancels.iter().any(same) {
+            return Ok(());
+        }
+        self.append(&Line::Cancel(cancel.clone()))?;
+        self.cancels.push(cancel);
+        Ok(())
     }
 
     /// The runs the previous agent left without a `done` line.
@@ -197,7 +278,7 @@ impl Ledger {
     pub fn begin(&mut self, entry: Ran) -> io::Result<()> {
         self.append(&Line::Ran(entry.clone()))?;
         self.unfinished.push(UnfinishedRun { ran: entry.clone(), started: None });
-        self.ran.insert((entry.job_id.clone(), entry.host.clone()), entry);
+        self.ran.insert(key_of(&entry), entry);
         Ok(())
     }
 
@@ -225,11 +306,13 @@ impl Ledger {
     }
 
     fn live_lines(&self) -> usize {
-        self.ran.len() + self.unfinished.iter().filter(|r| r.started.is_some()).count()
+        self.ran.len() + self.cancels.len() + self.unfinished.iter().filter(|r| r.started.is_some()).count()
     }
 
-    /// Forgets envelopes expired more than [`PRUNE_MARGIN_SECS`] ago (not unfinished ones).
+    /// Forgets envelopes expired more than [`PRUNE_MARGIN_SECS`] ago (not unfinished ones),
+    /// and cancels past their `until`.
     fn prune(&mut self, now: u64) {
+        self.cancels.retain(|c| c.until >= now);
         let unfinished = &self.unfinished;
         self.ran.retain(|_, entry| {
             entry.expires_at.saturating_add(PRUNE_MARGIN_SECS) >= now
@@ -249,6 +332,10 @@ impl Ledger {
             let unfinished = self.unfinished.iter().any(|r| r.ran.run_id == entry.run_id);
             let line = if unfinished { Line::Ran(entry.clone()) } else { Line::Kept(entry.clone()) };
             text.extend_from_slice(&line_bytes(&line)?);
+            lines += 1;
+        }
+        for cancel in &self.cancels {
+            text.extend_from_slice(&line_bytes(&Line::Cancel(cancel.clone()))?);
             lines += 1;
         }
         for started in self.unfinished.iter().filter_map(|r| r.started.clone()) {
@@ -296,6 +383,7 @@ mod tests {
         Ran {
             job_id: job_id.into(),
             host: "web-01".into(),
+            attempt: 1,
             method: "sync.bash".into(),
             expires_at,
             ran_at: 1000,
@@ -314,19 +402,27 @@ mod tests {
             ledger.begin(entry("a", "r1", 2000)).expect("begin");
             ledger.done("r1", 1001).expect("done");
             ledger.begin(entry("b", "r2", 2000)).expect("begin");
-            let started = Started { run_id: "r2".into(), pgid: 4242, start_ticks: 99, boot_id: "boot".into() };
+            let started = Started {
+                run_id: "r2".into(),
+                pgid: 4242,
+                start_ticks: 99,
+                boot_id: "boot".into(),
+                cgroups: vec!["/sys/fs/cgroup/polaris-agent/r2".into()],
+            };
             ledger.started(started).expect("started");
             // Dropped without `done` for r2, as if the agent died.
         }
         // Twice: the first open rewrites the file, the second reads the rewritten one.
         for _ in 0..2 {
             let ledger = Ledger::open(&state, 1002).expect("reopen");
-            assert!(ledger.find("a", "web-01").is_some());
-            assert!(ledger.find("b", "web-01").is_some());
-            assert!(ledger.find("a", "web-02").is_none());
+            assert!(ledger.find("a", "web-01", 1).is_some());
+            assert!(ledger.find("b", "web-01", 1).is_some());
+            assert!(ledger.find("a", "web-02", 1).is_none());
             assert_eq!(ledger.unfinished().len(), 1);
             assert_eq!(ledger.unfinished()[0].ran.run_id, "r2");
             assert_eq!(ledger.unfinished()[0].started.as_ref().map(|s| s.pgid), Some(4242));
+            let cgroups = ledger.unfinished()[0].started.as_ref().map(|s| s.cgroups.clone()).unwrap_or_default();
+            assert_eq!(cgroups, ["/sys/fs/cgroup/polaris-agent/r2"]);
         }
         let mut ledger = Ledger::open(&state, 1002).expect("reopen");
         ledger.done("r2", 1003).expect("done");
@@ -357,13 +453,13 @@ mod tests {
             ledger.done(&run_id, 1000 + n).expect("done");
         }
         // Entries expired more than the margin ago are gone; recent ones are kept.
-        assert!(ledger.find("j0", "web-01").is_none());
-        assert!(ledger.find("j1199", "web-01").is_some());
+        assert!(ledger.find("j0", "web-01", 1).is_none());
+        assert!(ledger.find("j1199", "web-01", 1).is_some());
         let lines = std::fs::read_to_string(Ledger::path_for(&state)).expect("read").lines().count();
         assert!(lines <= 2 * ledger.len() + COMPACT_SLACK, "{lines} lines for {} entries", ledger.len());
         drop(ledger);
         let ledger = Ledger::open(&state, 2000).expect("reopen");
-        assert!(ledger.find("j1199", "web-01").is_some());
+        assert!(ledger.find("j1199", "web-01", 1).is_some());
         assert!(ledger.unfinished().is_empty());
         drop(ledger);
         let ledger = Ledger::open(&state, 5000 + PRUNE_MARGIN_SECS).expect("reopen");
@@ -385,13 +481,71 @@ mod tests {
         file.write_all(br#"{"entry":"ran","job_id":"b","ho"#).expect("torn write");
         drop(file);
         let mut ledger = Ledger::open(&state, 1000).expect("reopen");
-        assert!(ledger.find("a", "web-01").is_some());
-        assert!(ledger.find("b", "web-01").is_none());
+        assert!(ledger.find("a", "web-01", 1).is_some());
+        assert!(ledger.find("b", "web-01", 1).is_none());
         assert!(ledger.unfinished().is_empty());
         // The torn tail is gone, so the next line is whole.
         ledger.begin(entry("c", "r3", 2000)).expect("begin");
         drop(ledger);
         let ledger = Ledger::open(&state, 1000).expect("reopen");
-        assert!(ledger.find("c", "web-01").is_some());
+        assert!(ledger.find("c", "web-01", 1).is_some());
+    }
+
+    #[test]
+    fn attempts_are_separate_runs_and_old_lines_read_as_attempt_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("agent.json");
+        // A line as agents wrote it before attempts existed.
+        std::fs::write(
+            Ledger::path_for(&state),
+            concat!(
+                r#"{"entry":"kept","job_id":"old","host":"web-01","method":"sync.bash","expires_at":2000,"#,
+                r#""ran_at":1000,"run_id":"r0","queue_job_id":3,"reply_tube":"polaris.results"}"#,
+                "\n"
+            ),
+        )
+        .expect("write old ledger");
+        let mut ledger = Ledger::open(&state, 1000).expect("open");
+        assert!(ledger.find("old", "web-01", 1).is_some());
+        assert!(ledger.find("old", "web-01", 2).is_none());
+        ledger.begin(Ran { attempt: 2, ..entry("old", "r1", 2000) }).expect("begin");
+        ledger.done("r1", 1000).expect("done");
+        drop(ledger);
+        let ledger = Ledger::open(&state, 1000).expect("reopen");
+        assert_eq!(ledger.find("old", "web-01", 1).map(|r| r.run_id.as_str()), Some("r0"));
+        assert_eq!(ledger.find("old", "web-01", 2).map(|r| r.run_id.as_str()), Some("r1"));
+        assert_eq!(ledger.len(), 2);
+    }
+
+    #[test]
+    fn cancels_are_kept_across_restarts_until_they_lapse() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("agent.json");
+        let cancel = |job_id: &str, attempt: Option<u32>| Cancelled {
+            job_id: job_id.into(),
+            host: "web-01".into(),
+            attempt,
+            issued_at: 1000,
+            until: 3000,
+        };
+        {
+            let mut ledger = Ledger::open(&state, 1000).expect("open");
+            ledger.cancel(cancel("every", None)).expect("cancel");
+            ledger.cancel(cancel("second", Some(2))).expect("cancel");
+            let again = Cancelled { until: 3500, ..cancel("second", Some(2)) };
+            ledger.cancel(again).expect("the same cancel again, heard later");
+        }
+        for _ in 0..2 {
+            let ledger = Ledger::open(&state, 1500).expect("reopen");
+            assert!(ledger.cancelled("every", "web-01", 1).is_some());
+            assert!(ledger.cancelled("every", "web-01", 7).is_some());
+            assert!(ledger.cancelled("every", "web-02", 1).is_none());
+            assert!(ledger.cancelled("second", "web-01", 2).is_some());
+            assert!(ledger.cancelled("second", "web-01", 1).is_none());
+        }
+        let lines = std::fs::read_to_string(Ledger::path_for(&state)).expect("read").lines().count();
+        assert_eq!(lines, 2);
+        let ledger = Ledger::open(&state, 3001).expect("reopen later");
+        assert!(ledger.cancelled("every", "web-01", 1).is_none());
     }
 }

@@ -2,25 +2,35 @@
 //!
 //! It watches `host.<id>`, verifies each envelope's signature and expiry (bad ones are
 //! buried, never run, and reported when their reply tube is known), runs `bash -c` through
-//! [`exec`] or answers `sync.query` through [`query`], puts the signed result on the reply
-//! tube (cutting output further if the queue refuses it as too big), then deletes the job.
-//! Each envelope runs at most once: [`ledger`] remembers, durably, what ran, and a copy put
-//! on the queue again is buried and reported, never run. On SIGTERM or SIGINT it stops
-//! reserving; a running command may finish within the drain timeout, else it is killed and
-//! reported (`agent_restarted`). A command left running by an agent that died is ended by
-//! the next one to start ([`orphans`]). `integrity.*` and `log.*` jobs run the agent's own
-//! code, on its own configuration ([`config`]), never a command.
+//! [`exec`] — in a cgroup of its own where the agent can make one ([`contain`]), with the
+//! envelope's memory and CPU limits — or answers `sync.query` through [`query`], puts the
+//! signed result on the reply tube (cutting output further if the queue refuses it as too
+//! big), then deletes the job. Each envelope (job, host and attempt) runs at most once:
+//! [`ledger`] remembers, durably, what ran, and a copy put on the queue again is buried
+//! and reported, never run. A second connection watches `control.<id>` ([`control`]): a
+//! signed cancel kills the running command's whole unit at once, or keeps its envelope
+//! from ever running. On SIGTERM or SIGINT it stops reserving; a running command may
+//! finish within the drain timeout, else it is killed and reported (`agent_restarted`). A
+//! command left running by an agent that died is ended, with its whole cgroup, by the next
+//! one to start ([`orphans`]). `integrity.*` and `log.*` jobs run the agent's own code, on
+//! its own configuration ([`config`]), never a command.
 //!
 //! # Layout
-//! - this file: the configuration, the serve loop (reserve, verify, run, report, delete) and
-//!   the steps that keep the ledger.
-//! - [`ledger`]: the append-only file of envelopes run and runs unfinished.
+//! - this file: the configuration, the serve loop (reserve, verify, check limits and
+//!   cancels, run, report, delete) and the steps that keep the ledger.
+//! - [`ledger`]: the append-only file of envelopes run, runs unfinished (with their
+//!   cgroups) and jobs cancelled before they started.
+//! - [`control`]: the control thread (signed cancels on `control.<id>`, its own queue
+//!   connection) and the state it shares with the serve loop.
+//! - [`contain`]: cgroup discovery (`/proc/self/mountinfo`, `/proc/self/cgroup`), per-run
+//!   cgroups (v2 unit, v1 memory/cpu limits), killing a whole unit, OOM-kill counts.
 //! - [`orphans`]: at start, ends what a dead predecessor left running, and says so.
 //! - [`heartbeat`]: registration with the dispatcher, then a heartbeat every `--heartbeat`.
 //! - [`standing`]: the host's standing tasks, fetched signed from the dispatcher, verified,
 //!   cached, and followed every `--tasks-poll`.
-//! - [`exec`]: runs `bash -c` in its own process group, with a timeout, bounded output
-//!   capture, and no child left behind.
+//! - [`exec`]: runs `bash -c` in its own process group (and cgroup unit, entered through a
+//!   gate before it runs anything), with a timeout, cancel, bounded output capture, and no
+//!   child left behind.
 //! - [`query`]: the host facts `sync.query` answers with, parsed from `/proc` text.
 //! - [`integrity`]: `integrity.init`/`check`/`update`: aide.conf rules, the scan, the
 //!   signed baseline, the capped JSON report.
@@ -29,12 +39,14 @@
 //!   SIGHUP.
 //! - [`facts`]: what the host is (OS, CPUs, memory, addresses), sent when it registers.
 //! - [`identity`]: the host id: given, or generated once and kept in the state file.
-//! - `sys` (private): every call into the operating system (pipes, `waitid`, process-group
-//!   signals, utmpx), the only module allowed `unsafe`.
+//! - `sys` (private): every call into the operating system (pipes, `waitid`, process and
+//!   process-group signals, utmpx), the only module allowed `unsafe`.
 
 #![deny(unsafe_code)]
 
 pub mod config;
+pub mod contain;
+pub mod control;
 pub mod exec;
 pub mod facts;
 pub mod heartbeat;
@@ -49,6 +61,8 @@ pub mod standing;
 mod sys;
 
 use anyhow::Context as _;
+use contain::{Containment, UnitLimits};
+use control::{RunningJob, Shared};
 use exec::{ExecLimits, Termination, Tick};
 use ledger::Ledger;
 use orphans::Adopted;
@@ -72,6 +86,9 @@ const RESULT_PRIORITY: u32 = 100;
 const RESULT_TTR: u32 = 60;
 /// Shortest interval between touches of a running job.
 const MIN_TOUCH_INTERVAL: Duration = Duration::from_millis(500);
+/// The smallest `memory_max` the agent takes: below it not even `bash` starts, and the
+/// command would only be killed at once for its limit.
+pub const MIN_MEMORY_MAX: u64 = 4 * 1024 * 1024;
 
 /// Everything `polaris-agent` is configured with.
 #[derive(Debug, Clone)]
@@ -101,6 +118,13 @@ pub struct AgentConfig {
     /// The `--config` TOML file (integrity rules, log roots); `None`: those methods are
     /// refused as not configured.
     pub config_file: Option<PathBuf>,
+    /// The largest `memory_max` an envelope may ask for (bytes); `None`: the host's total
+    /// memory.
+    pub max_memory: Option<u64>,
+    /// The largest `cpu_max_milli` an envelope may ask for; `None`: 1000 per CPU.
+    pub max_cpu_milli: Option<u32>,
+    /// Containment to use instead of detecting it (tests); `None` detects.
+    pub containment: Option<Containment>,
 }
 
 impl Default for AgentConfig {
@@ -118,6 +142,9 @@ impl Default for AgentConfig {
             heartbeat: Duration::from_secs(30),
             tasks_poll: Duration::from_secs(5),
             config_file: None,
+            max_memory: None,
+            max_cpu_milli: None,
+            containment: None,
         }
     }
 }
@@ -139,8 +166,13 @@ struct Agent {
     secret: Secret,
     config: AgentConfig,
     shutdown: Arc<AtomicBool>,
-    /// What ran here; see [`ledger`].
-    ledger: RefCell<Ledger>,
+    /// What ran here ([`ledger`]) and what runs now, shared with the control thread.
+    shared: Arc<Shared>,
+    /// The cgroups commands run in ([`contain`]).
+    containment: Containment,
+    /// The largest `memory_max` and `cpu_max_milli` envelopes may ask for.
+    max_memory: u64,
+    max_cpu_milli: u32,
     /// Runs of a dead predecessor, ended, whose results are still to be put.
     adopted: RefCell<Vec<Adopted>>,
     /// The standing tasks this host holds (see [`standing`]).
@@ -171,8 +203,20 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
         None => config::Settings::default(),
     };
     let ledger = Ledger::open(&config.state_file, wire::unix_now())?;
+    let containment = config.containment.clone().unwrap_or_else(Containment::detect);
+    log::info!("containment: {}", containment.describe());
     // Before anything else: end what a predecessor that died left running.
-    let adopted: Vec<Adopted> = ledger.unfinished().iter().map(|run| orphans::adopt(run, &host_id)).collect();
+    let adopted: Vec<Adopted> =
+        ledger.unfinished().iter().map(|run| orphans::adopt(run, &host_id, &containment)).collect();
+    let max_memory = config.max_memory.unwrap_or_else(|| {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        query::parse_meminfo(&meminfo).total_kib.saturating_mul(1024)
+    });
+    let max_cpu_milli = config.max_cpu_milli.unwrap_or_else(|| {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        u32::try_from(cpus).unwrap_or(u32::MAX / 1000).saturating_mul(1000)
+    });
+    log::info!("ceilings: memory_max up to {max_memory} bytes, cpu_max_milli up to {max_cpu_milli}");
     let shutdown = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, shutdown.clone()).context("installing signal handlers")?;
@@ -203,6 +247,18 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
         };
         heartbeat::spawn(registration, shutdown.clone()).context("starting the heartbeat thread")?;
     }
+    let shared = Arc::new(Shared::new(ledger));
+    // Not `shutdown`: a command draining after SIGTERM can still be cancelled, so the
+    // control thread stops only once the serve loop has.
+    let serving_done = Arc::new(AtomicBool::new(false));
+    let control = control::spawn(control::Control {
+        queue: queue.clone(),
+        host_id: host_id.clone(),
+        secret: secret.clone(),
+        shared: shared.clone(),
+        shutdown: serving_done.clone(),
+    })
+    .context("starting the control thread")?;
     log::info!("polaris-agent {host_id} serving tube {} on {queue}", host_tube(&host_id));
     let agent = Agent {
         host_id,
@@ -210,13 +266,21 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
         secret,
         config,
         shutdown,
-        ledger: RefCell::new(ledger),
+        shared,
+        containment,
+        max_memory,
+        max_cpu_milli,
         adopted: RefCell::new(adopted),
         standing,
         settings: RefCell::new(settings),
         reload,
     };
     agent.serve();
+    serving_done.store(true, Ordering::SeqCst);
+    // It notices within its one-second reserve timeout (or its connect timeout).
+    if control.join().is_err() {
+        log::warn!("the control thread panicked");
+    }
     log::info!("polaris-agent {} stopped", agent.host_id);
     Ok(())
 }
@@ -350,7 +414,8 @@ impl Agent {
             return self.refuse(conn, job.id, &envelope, Code::EnvelopeExpired, message, max_job_size);
         }
 
-        let prior = self.ledger.borrow().find(&envelope.job_id, &envelope.host).cloned();
+        let attempt = envelope.attempt();
+        let prior = self.shared.ledger().find(&envelope.job_id, &envelope.host, attempt).cloned();
         if let Some(prior) = prior {
             log::warn!(
                 "burying job {} (dispatch job {}): a copy of an envelope that ran here {}s ago as queue job {}",
@@ -367,11 +432,16 @@ impl Agent {
             );
             return self.refuse(conn, job.id, &envelope, Code::EnvelopeReplayed, message, max_job_size);
         }
+        if let Err((code, message)) = self.check_limits(&envelope) {
+            log::warn!("burying job {} (dispatch job {}): {message}", job.id, envelope.job_id);
+            return self.refuse(conn, job.id, &envelope, code, message, max_job_size);
+        }
         // Recorded (fsynced) before it runs, so that it never runs twice.
         let run_id = uuid::Uuid::new_v4().simple().to_string();
         let entry = ledger::Ran {
             job_id: envelope.job_id.clone(),
             host: envelope.host.clone(),
+            attempt,
             method: envelope.method.as_str().to_string(),
             expires_at: envelope.expires_at,
             ran_at: now,
@@ -379,21 +449,58 @@ impl Agent {
             queue_job_id: job.id,
             reply_tube: envelope.reply_tube.clone(),
         };
-        if let Err(e) = self.ledger.borrow_mut().begin(entry) {
-            log::error!("burying job {} (dispatch job {}): cannot write the ledger: {e}", job.id, envelope.job_id);
-            let message = format!("Not run: the agent cannot record it in its ledger ({e}); job buried");
-            return self.refuse(conn, job.id, &envelope, Code::ExecError, message, max_job_size);
+        let running = RunningJob {
+            job_id: envelope.job_id.clone(),
+            host: envelope.host.clone(),
+            attempt,
+            cancel: Arc::new(AtomicBool::new(false)),
+            cancel_heard: Arc::default(),
+        };
+        {
+            // Running slot, then ledger: the control thread's order (see `control`).
+            let mut slot = self.shared.running();
+            let mut ledger = self.shared.ledger();
+            if let Some(cancel) = ledger.cancelled(&envelope.job_id, &envelope.host, attempt).cloned() {
+                drop(ledger);
+                drop(slot);
+                log::warn!(
+                    "burying job {} (dispatch job {} attempt {attempt}): cancelled before it started; it will not run",
+                    job.id,
+                    envelope.job_id
+                );
+                let message = format!(
+                    "Cancelled before it started (the cancel was issued {}s ago); job buried, not run",
+                    now.saturating_sub(cancel.issued_at)
+                );
+                return self.refuse(conn, job.id, &envelope, Code::Cancelled, message, max_job_size);
+            }
+            if let Err(e) = ledger.begin(entry) {
+                drop(ledger);
+                drop(slot);
+                log::error!("burying job {} (dispatch job {}): cannot write the ledger: {e}", job.id, envelope.job_id);
+                let message = format!("Not run: the agent cannot record it in its ledger ({e}); job buried");
+                return self.refuse(conn, job.id, &envelope, Code::ExecError, message, max_job_size);
+            }
+            *slot = Some(running.clone());
         }
 
-        log::info!("job {} ({}): {} {:?}", envelope.job_id, job.id, envelope.method.as_str(), envelope.cmd);
-        let result = match envelope.method {
+        log::info!(
+            "job {} ({}) attempt {attempt}: {} {:?}",
+            envelope.job_id,
+            job.id,
+            envelope.method.as_str(),
+            envelope.cmd
+        );
+        let mut result = match envelope.method {
             Method::SyncQuery => query_result(&envelope),
-            Method::SyncBash | Method::AsyncBash => self.run_command(conn, job.id, &envelope, &run_id),
+            Method::SyncBash | Method::AsyncBash => self.run_command(conn, job.id, &envelope, &run_id, &running),
             Method::IntegrityInit | Method::IntegrityCheck | Method::IntegrityUpdate => {
                 self.run_integrity(conn, job.id, &envelope, max_job_size)
             }
             Method::LogTail | Method::LogGrep => self.run_log(conn, job.id, &envelope),
         };
+        *self.shared.running() = None;
+        result.attempt = envelope.attempt;
         put_result(conn, &self.secret, &envelope.reply_tube, result, max_job_size)?;
         conn.delete(job.id)?;
         self.finish_run(&run_id);
@@ -402,7 +509,7 @@ impl Agent {
 
     /// Closes a run in the ledger once its result is out and its job deleted.
     fn finish_run(&self, run_id: &str) {
-        if let Err(e) = self.ledger.borrow_mut().done(run_id, wire::unix_now()) {
+        if let Err(e) = self.shared.ledger().done(run_id, wire::unix_now()) {
             // Harmless: the next start reports the run again, and the real result wins.
             log::warn!("cannot close run {run_id} in the ledger: {e}");
         }
@@ -469,7 +576,72 @@ impl Agent {
         max_job_size: usize,
     ) -> client::Result<()> {
         conn.bury(queue_job_id, RESULT_PRIORITY)?;
-        self.report_refusal(conn, &envelope.job_id, &envelope.reply_tube, code, message, max_job_size)
+        if !client::is_valid_tube_name(&envelope.reply_tube) {
+            return Ok(());
+        }
+        let result =
+            HostResult { attempt: envelope.attempt, ..failure(&envelope.job_id, &self.host_id, code, message) };
+        put_result(conn, &self.secret, &envelope.reply_tube, result, max_job_size)
+    }
+
+    /// Whether the envelope's limits can be honoured here: within the agent's ceilings,
+    /// and with a controller to enforce each. Never run with a limit left unenforced.
+    fn check_limits(&self, envelope: &JobEnvelope) -> Result<(), (Code, String)> {
+        if !envelope.method.runs_command() {
+            return Ok(());
+        }
+        if let Some(bytes) = envelope.memory_max {
+            if bytes < MIN_MEMORY_MAX {
+                return Err((
+                    Code::MalformedEnvelope,
+                    format!("Refused: memory_max {bytes} is below the {MIN_MEMORY_MAX} bytes a command needs; job buried, not run"),
+                ));
+            }
+            if bytes > self.max_memory {
+                return Err((
+                    Code::LimitAboveCeiling,
+                    format!(
+                        "Refused: memory_max {bytes} is above this agent's ceiling of {} bytes (--max-memory); job \
+                         buried, not run",
+                        self.max_memory
+                    ),
+                ));
+            }
+            if !self.containment.limits_memory() {
+                return Err((
+                    Code::LimitUnavailable,
+                    format!(
+                        "Refused: memory_max cannot be enforced on this host ({}); job buried, not run",
+                        self.containment.describe()
+                    ),
+                ));
+            }
+        }
+        if let Some(milli) = envelope.cpu_max_milli {
+            if milli == 0 {
+                return Err((Code::MalformedEnvelope, "Refused: cpu_max_milli is 0; job buried, not run".to_string()));
+            }
+            if milli > self.max_cpu_milli {
+                return Err((
+                    Code::LimitAboveCeiling,
+                    format!(
+                        "Refused: cpu_max_milli {milli} is above this agent's ceiling of {} (--max-cpu-milli); job \
+                         buried, not run",
+                        self.max_cpu_milli
+                    ),
+                ));
+            }
+            if !self.containment.limits_cpu() {
+                return Err((
+                    Code::LimitUnavailable,
+                    format!(
+                        "Refused: cpu_max_milli cannot be enforced on this host ({}); job buried, not run",
+                        self.containment.describe()
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Runs `work` on a thread of its own, touching the queue job meanwhile so a long scan
@@ -604,10 +776,61 @@ impl Agent {
     /// Runs the envelope's command, touching the queue job as it runs, and records its
     /// process group in the ledger. Killed (and reported so) if the agent is shutting down
     /// and the command outlives the drain timeout.
-    fn run_command(&self, conn: &mut Client, queue_job_id: u64, envelope: &JobEnvelope, run_id: &str) -> HostResult {
+    fn run_command(
+        &self,
+        conn: &mut Client,
+        queue_job_id: u64,
+        envelope: &JobEnvelope,
+        run_id: &str,
+        running: &RunningJob,
+    ) -> HostResult {
+        let base = HostResult {
+            v: 1,
+            job_id: envelope.job_id.clone(),
+            host: self.host_id.clone(),
+            resp: Resp::Success,
+            retcode: 0,
+            message: String::new(),
+            data: String::new(),
+            encoding: None,
+            truncated: false,
+            output_bytes: 0,
+            attempt: None,
+        };
+        let unit_limits = UnitLimits { memory_max: envelope.memory_max, cpu_max_milli: envelope.cpu_max_milli };
+        let unit = match self.containment.create(run_id, &unit_limits) {
+            Ok(unit) => unit,
+            Err(contain::ContainError::Unavailable(why)) => {
+                return HostResult {
+                    resp: Resp::Failed,
+                    retcode: u32::from(Code::LimitUnavailable.value()),
+                    message: format!("Not run: {why}"),
+                    ..base
+                };
+            }
+            Err(e) if unit_limits != UnitLimits::default() => {
+                return HostResult {
+                    resp: Resp::Failed,
+                    retcode: u32::from(Code::ExecError.value()),
+                    message: format!("Not run: cannot create the cgroup that enforces its limits: {e}"),
+                    ..base
+                };
+            }
+            Err(e) => {
+                // No limit depends on it: run it in a process group, as without cgroups.
+                log::warn!(
+                    "job {}: cannot create its cgroup ({e}); running it in a process group only",
+                    envelope.job_id
+                );
+                None
+            }
+        };
         let record_group = |pid: u32| {
             let recorded = match orphans::describe(run_id, pid) {
-                Some(started) => self.ledger.borrow_mut().started(started).map_err(|e| e.to_string()),
+                Some(mut started) => {
+                    started.cgroups = unit.as_ref().map(|u| u.dirs()).unwrap_or_default();
+                    self.shared.ledger().started(started).map_err(|e| e.to_string())
+                }
                 None => Err("its /proc entry is unreadable".to_string()),
             };
             if let Err(e) = recorded {
@@ -630,8 +853,11 @@ impl Agent {
             kill_grace: kill_grace(self.config.kill_grace, envelope),
             max_output: exec::MAX_OUTPUT_BYTES,
         };
-        let outcome = exec::run_bash_with(&envelope.cmd, &limits, &env, record_group, || {
+        let outcome = exec::run_bash_with(&envelope.cmd, &limits, &env, unit.as_ref(), record_group, || {
             let now = Instant::now();
+            if running.cancel.load(Ordering::SeqCst) {
+                return Tick::Cancel;
+            }
             if now >= next_touch {
                 if let Err(e) = conn.touch(queue_job_id) {
                     log::warn!("cannot touch job {queue_job_id}: {e}");
@@ -649,19 +875,11 @@ impl Agent {
             }
             Tick::Continue
         });
-        let base = HostResult {
-            v: 1,
-            job_id: envelope.job_id.clone(),
-            host: self.host_id.clone(),
-            resp: Resp::Success,
-            retcode: 0,
-            message: String::new(),
-            data: String::new(),
-            encoding: None,
-            truncated: false,
-            output_bytes: 0,
-            attempt: None,
-        };
+        if let Some(unit) = &unit {
+            if let Err(e) = unit.remove() {
+                log::warn!("job {}: cannot remove its cgroup: {e}", envelope.job_id);
+            }
+        }
         let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(e) => {
@@ -673,7 +891,39 @@ impl Agent {
                 };
             }
         };
-        let (resp, retcode, mut message) = match outcome.termination {
+        let (resp, retcode, mut message) = match outcome.termination.clone() {
+            Termination::Cancelled { killed } => {
+                let heard = *running.cancel_heard.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(heard) = heard {
+                    log::info!(
+                        "job {}: cancelled; {killed} process(es) killed and gone {} ms after the cancel was heard",
+                        envelope.job_id,
+                        heard.elapsed().as_millis()
+                    );
+                }
+                (
+                    Resp::Failed,
+                    u32::from(Code::Cancelled.value()),
+                    format!(
+                        "Cancelled while it ran (DELETE /v1/jobs/{}); killed {killed} process(es)",
+                        envelope.job_id
+                    ),
+                )
+            }
+            Termination::OutputFailed(error) => (
+                Resp::Failed,
+                u32::from(Code::ExecError.value()),
+                format!("Killed with SIGKILL: reading its output failed ({error})"),
+            ),
+            _ if outcome.oom_kills > 0 => (
+                Resp::Failed,
+                u32::from(Code::MemoryLimit.value()),
+                format!(
+                    "Killed by its memory limit (memory_max {} bytes): the kernel killed {} process(es) of it",
+                    envelope.memory_max.unwrap_or(0),
+                    outcome.oom_kills
+                ),
+            ),
             Termination::Aborted => (
                 Resp::Failed,
                 u32::from(Code::AgentRestarted.value()),

@@ -19,8 +19,14 @@ use std::time::Duration;
                   Signals: SIGTERM and SIGINT stop taking jobs; a running command may finish within \
                   --drain-timeout, else it is killed and reported (agent_restarted), not run again. \
                   SIGHUP re-reads --config (a bad file keeps the old one in force).\n\
+                  Containment: each command runs in a cgroup of its own where the agent can make one \
+                  (root, cgroupfs), so children that leave its process group (setsid) are killed with it \
+                  and memory_max/cpu_max_milli are enforced; else in a process group only (logged at \
+                  start).\n\
+                  Control: a second queue connection watches control.<host-id> for signed cancels.\n\
                   Files next to --state-file: <name>.ledger (the envelopes run here, so none runs twice, \
-                  and the running command's process group, ended by the next start if the agent dies), \
+                  cancels of jobs not started yet, and the running command's process group and cgroup, \
+                  ended by the next start if the agent dies), \
                   <name>.lock (one agent per state file), <name>.tasks (the last signed set of standing \
                   tasks, used until the dispatcher answers); integrity.baseline (the signed baseline of \
                   integrity.init) in --config's state_dir, by default the same directory.\n\
@@ -62,6 +68,14 @@ struct Args {
     /// aide.conf syntax, log roots, caps); re-read on SIGHUP.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// The largest memory_max (bytes) an envelope may ask for; above it the job is refused
+    /// (limit_above_ceiling). Default: the host's total memory.
+    #[arg(long, value_name = "BYTES")]
+    max_memory: Option<u64>,
+    /// The largest cpu_max_milli (thousandths of a CPU) an envelope may ask for; above it
+    /// the job is refused (limit_above_ceiling). Default: 1000 per CPU.
+    #[arg(long, value_name = "N")]
+    max_cpu_milli: Option<u32>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -81,5 +95,8 @@ fn main() -> anyhow::Result<()> {
         heartbeat: Duration::from_secs(args.heartbeat),
         tasks_poll: Duration::from_secs(args.tasks_poll),
         config_file: args.config,
+        max_memory: args.max_memory,
+        max_cpu_milli: args.max_cpu_milli,
+        containment: None,
     })
 }

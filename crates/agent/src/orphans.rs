@@ -13,7 +13,9 @@
 //!      variable is in, when that group's leader carries it too or is gone. This covers the
 //!      moment between the command's start and its `started` line, and a leader that
 //!      exited before its children;
-//! 2. kills them with SIGKILL;
+//! 2. kills them with SIGKILL, and first every process in the run's cgroups (the ones its
+//!    `started` line recorded, or the ones this agent would make for its run id), which
+//!    holds what left the process group, then removes those cgroups;
 //! 3. (in the serve loop, once the queue is reachable) puts a `failed` result with
 //!    [`Code::AgentRestarted`] on the run's reply tube, deletes the queue job if it still
 //!    carries that envelope, and closes the run in the ledger. The envelope stays in the
@@ -22,6 +24,7 @@
 //! The result goes first to the dispatcher, so if the command had already reported (the
 //! agent died between putting its result and deleting the job), the real result wins.
 
+use crate::contain::{Containment, Unit};
 use crate::ledger::{Started, UnfinishedRun};
 use crate::sys::{self, Signal};
 use polaris_ops_wire::codes::Code;
@@ -80,7 +83,13 @@ pub fn boot_id() -> String {
 pub fn describe(run_id: &str, pid: u32) -> Option<Started> {
     let pgid = i32::try_from(pid).ok()?;
     let stat = read_stat(pgid)?;
-    Some(Started { run_id: run_id.to_string(), pgid, start_ticks: stat.start_ticks, boot_id: boot_id() })
+    Some(Started {
+        run_id: run_id.to_string(),
+        pgid,
+        start_ticks: stat.start_ticks,
+        boot_id: boot_id(),
+        cgroups: Vec::new(),
+    })
 }
 
 fn marker(run_id: &str) -> Vec<u8> {
@@ -126,8 +135,39 @@ pub fn find_groups(run: &UnfinishedRun) -> BTreeSet<i32> {
     groups
 }
 
+/// The cgroup directories of `run` that still exist: the ones its `started` line
+/// recorded, and the ones `containment` would have made for it (the agent may have died
+/// before the line was written).
+fn find_cgroups(run: &UnfinishedRun, containment: &Containment) -> Vec<String> {
+    let mut dirs: Vec<String> = run.started.as_ref().map(|s| s.cgroups.clone()).unwrap_or_default();
+    for dir in containment.unit_dirs(&run.ran.run_id) {
+        let dir = dir.display().to_string();
+        if !dirs.contains(&dir) {
+            dirs.push(dir);
+        }
+    }
+    // Only a run's own cgroup (`…/polaris-agent/<run id>`), whatever the ledger says.
+    dirs.retain(|d| {
+        let path = std::path::Path::new(d);
+        let named = path.file_name().is_some_and(|n| n == run.ran.run_id.as_str());
+        let under = path.parent().and_then(|p| p.file_name()).is_some_and(|n| n == crate::contain::BASE_NAME);
+        named && under && !run.ran.run_id.contains(['/', '.']) && !run.ran.run_id.is_empty() && path.is_dir()
+    });
+    dirs
+}
+
 /// Kills what `run` left running and says what happened, as the result to report.
-pub fn adopt(run: &UnfinishedRun, host_id: &str) -> Adopted {
+pub fn adopt(run: &UnfinishedRun, host_id: &str, containment: &Containment) -> Adopted {
+    // Its cgroups first: they hold what left the process group (setsid, double fork).
+    let mut unit_killed = 0;
+    let cgroups = find_cgroups(run, containment);
+    if !cgroups.is_empty() {
+        let unit = Unit::from_dirs(&cgroups);
+        unit_killed = unit.kill();
+        if let Err(e) = unit.remove() {
+            log::warn!("cannot remove the cgroups {cgroups:?} of job {}: {e}", run.ran.job_id);
+        }
+    }
     let groups = find_groups(run);
     let mut killed = Vec::new();
     for &pgid in &groups {
@@ -137,9 +177,10 @@ pub fn adopt(run: &UnfinishedRun, host_id: &str) -> Adopted {
         }
     }
     let is_query = Method::parse(&run.ran.method) == Some(Method::SyncQuery);
-    let message = if !killed.is_empty() {
+    let message = if !killed.is_empty() || unit_killed > 0 {
         log::warn!(
-            "job {} (queue job {}): the previous agent died while it ran; killed its process group {killed:?}",
+            "job {} (queue job {}): the previous agent died while it ran; killed its process group {killed:?} and \
+             {unit_killed} process(es) of its cgroups {cgroups:?}",
             run.ran.job_id,
             run.ran.queue_job_id
         );
@@ -156,7 +197,9 @@ pub fn adopt(run: &UnfinishedRun, host_id: &str) -> Adopted {
          or never started), so its exit status and output are lost"
             .to_string()
     };
-    let result = crate::failure(&run.ran.job_id, host_id, Code::AgentRestarted, message);
+    let mut result = crate::failure(&run.ran.job_id, host_id, Code::AgentRestarted, message);
+    // Attempt 1 reads the same absent or present; a ledger keeps only the number.
+    result.attempt = Some(run.ran.attempt).filter(|&attempt| attempt != 1);
     Adopted { run: run.clone(), result }
 }
 
@@ -180,6 +223,7 @@ mod tests {
             ran: Ran {
                 job_id: "j".into(),
                 host: "h".into(),
+                attempt: 1,
                 method: "async.bash".into(),
                 expires_at: 0,
                 ran_at: 0,
@@ -210,13 +254,13 @@ mod tests {
         let mut other = unfinished("another-run");
         other.started = run.started.clone().map(|s| Started { start_ticks: s.start_ticks + 1, ..s });
         assert!(find_groups(&other).is_empty());
-        let adopted = adopt(&run, "h");
+        let adopted = adopt(&run, "h", &Containment::none("test"));
         assert_eq!(adopted.result.message, KILLED_MESSAGE);
         assert_eq!(adopted.result.retcode, u32::from(Code::AgentRestarted.value()));
         let status = child.wait().expect("wait");
         assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL));
         // Nothing left: the run is reported as no longer running.
         assert!(find_groups(&run).is_empty());
-        assert!(adopt(&run, "h").result.message.contains("no longer running"));
+        assert!(adopt(&run, "h", &Containment::none("test")).result.message.contains("no longer running"));
     }
 }

@@ -1,14 +1,14 @@
 //! Every call the agent makes into the operating system, in one place.
 //!
-//! Pipes, `waitid`, process-group signals and file locks go through `rustix`, which is
-//! safe to call.
+//! Pipes, `waitid`, process and process-group signals and file locks go through `rustix`,
+//! which is safe to call. (cgroupfs, in `contain`, is plain file I/O.)
 //! Only the utmpx database (logged-in users) stays `libc`: neither rustix nor nix reads
 //! it, and glibc's `getutxent` hands out a pointer into a static buffer, so the one
 //! `unsafe` block below says why reading it is sound.
 
 use rustix::fs::{flock, FlockOperation};
 pub use rustix::process::Signal;
-use rustix::process::{kill_process_group, waitid, Pid, WaitId, WaitIdOptions};
+use rustix::process::{kill_process, kill_process_group, waitid, Pid, WaitId, WaitIdOptions};
 use std::fs::File;
 use std::io;
 use std::os::fd::OwnedFd;
@@ -38,6 +38,14 @@ pub fn kill_group(leader: &Child, signal: Signal) {
 pub fn kill_group_id(pgid: i32, signal: Signal) -> io::Result<()> {
     let pid = Pid::from_raw(pgid).filter(|_| pgid > 1).ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
     Ok(kill_process_group(pid, signal)?)
+}
+
+/// Sends `signal` to process `pid`, a member of a cgroup this agent made (read from its
+/// `cgroup.procs`). A process that has exited meanwhile (ESRCH) is not an error.
+pub fn kill_pid(pid: i32, signal: Signal) {
+    if let Some(pid) = Pid::from_raw(pid).filter(|_| pid > 1) {
+        let _ = kill_process(pid, signal);
+    }
 }
 
 /// Takes an exclusive `flock` on `file` without waiting; false if another process holds

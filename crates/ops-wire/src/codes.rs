@@ -97,6 +97,12 @@ codes! {
     UnsupportedMethod = 0x0303, Host, "unsupported_method", 200;
     /// `sync.query` could not read the host facts.
     QueryFailed = 0x0304, Host, "query_failed", 200;
+    /// The envelope's `memory_max` or `cpu_max_milli` is above the agent's ceiling
+    /// (`--max-memory`, `--max-cpu-milli`); the job was buried, never run.
+    LimitAboveCeiling = 0x0305, Host, "limit_above_ceiling", 200;
+    /// The envelope asks for a limit the host has no cgroup controller to enforce; the job
+    /// was buried, never run (a limit is never silently left unenforced).
+    LimitUnavailable = 0x0306, Host, "limit_unavailable", 200;
     /// An `integrity.*` job reached an agent with no `[integrity] rules` in its config.
     IntegrityNotConfigured = 0x0310, Host, "integrity_not_configured", 200;
     /// `integrity.check` or `integrity.update` found no baseline: run `integrity.init`.
