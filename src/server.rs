@@ -1100,7 +1100,7 @@ fn rusage() -> engine::Rusage {
 }
 
 /// Runs `polarisd` with `cfg`: binds, prints `listening on ADDR` first on
-/// stdout, serves until SIGTERM/SIGINT.
+/// stdout, tells systemd it is ready (`$NOTIFY_SOCKET`), serves until SIGTERM/SIGINT.
 pub fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     let mut server = Server::bind(cfg)?;
     println!("listening on {}", server.local_addr());
@@ -1112,5 +1112,10 @@ pub fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     }
     let _ = io::stdout().flush();
     log::info!("listening on {}", server.local_addr());
+    // Ready once the listener is bound and the store loaded (Type=notify units); a service
+    // manager that cannot be told is no reason to stop serving.
+    if let Err(e) = sys::notify_ready() {
+        log::warn!("could not notify the service manager ($NOTIFY_SOCKET): {e}");
+    }
     server.run()
 }

@@ -149,3 +149,27 @@ pub fn try_lock_exclusive(file: &File) -> io::Result<()> {
     use rustix::fs::{flock, FlockOperation};
     Ok(flock(file, FlockOperation::NonBlockingLockExclusive)?)
 }
+
+/// Tells the service manager that polarisd is ready (`READY=1`, the sd_notify protocol of
+/// `Type=notify` units): one datagram to the Unix socket named by `$NOTIFY_SOCKET`, a path
+/// or, with a leading `@`, an abstract name. Without `$NOTIFY_SOCKET` (not started by
+/// systemd, or not `Type=notify`) it does nothing. polarisd starts no child processes, so
+/// the variable is left in place.
+pub fn notify_ready() -> io::Result<()> {
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else { return Ok(()) };
+    let target = target.into_encoded_bytes();
+    let addr = match target.strip_prefix(b"@") {
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            SocketAddr::from_abstract_name(name)?
+        }
+        None => {
+            use std::os::unix::ffi::OsStrExt;
+            SocketAddr::from_pathname(std::ffi::OsStr::from_bytes(&target))?
+        }
+    };
+    let socket = UnixDatagram::unbound()?;
+    socket.send_to_addr(b"READY=1\n", &addr)?;
+    Ok(())
+}

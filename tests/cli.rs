@@ -37,3 +37,35 @@ fn polarisd_keeps_beanstalkds_verbosity_flag() -> Result<()> {
     assert!(out.starts_with("polarisd "), "{out}");
     Ok(())
 }
+
+/// Under a `Type=notify` unit systemd names a datagram socket in `$NOTIFY_SOCKET`; polarisd
+/// sends `READY=1` there once it is bound, both for a path and for an abstract name.
+#[test]
+fn polarisd_tells_the_service_manager_it_is_ready() -> Result<()> {
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("notify");
+    let by_path = UnixDatagram::bind(&path)?;
+    let abstract_name = format!("polaris-test-notify-{}", std::process::id());
+    let by_name = {
+        use std::os::linux::net::SocketAddrExt;
+        UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(abstract_name.as_bytes())?)?
+    };
+    for (socket, value) in [(&by_path, path.display().to_string()), (&by_name, format!("@{abstract_name}"))] {
+        socket.set_read_timeout(Some(polaris_testkit::IO_TIMEOUT))?;
+        let server = polaris_testkit::spawn_announcing_with_env(
+            std::path::Path::new(env!("CARGO_BIN_EXE_polarisd")),
+            &[],
+            &[("NOTIFY_SOCKET", &value)],
+        )?;
+        let mut message = [0u8; 64];
+        let n = socket.recv(&mut message)?;
+        ensure!(
+            &message[..n] == b"READY=1\n",
+            "NOTIFY_SOCKET={value}: got {:?}",
+            String::from_utf8_lossy(&message[..n])
+        );
+        drop(server);
+    }
+    Ok(())
+}

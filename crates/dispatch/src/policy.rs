@@ -329,7 +329,7 @@ pub fn parse(map: &Map<String, Value>, now_ms: i64, sync: bool) -> Result<Policy
     policy.cpu_max_milli = match map.get("cpu_max") {
         None | Some(Value::Null) => None,
         Some(Value::Number(n)) => match n.as_f64() {
-            Some(cpus) if cpus >= 0.001 && cpus <= MAX_CPUS => Some((cpus * 1000.0).round() as u32),
+            Some(cpus) if (0.001..=MAX_CPUS).contains(&cpus) => Some((cpus * 1000.0).round() as u32),
             _ => {
                 return Err(invalid(
                     "cpu_max",

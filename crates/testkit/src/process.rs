@@ -120,7 +120,7 @@ impl Proc {
 
     /// Reads the first line of the child's piped stdout within `timeout` (`""` if stdout
     /// closes first), then keeps draining stdout into the output buffer.
-    fn first_stdout_line(&mut self, timeout: Duration) -> Result<String> {
+    pub fn first_stdout_line(&mut self, timeout: Duration) -> Result<String> {
         let stdout = self
             .child
             .as_mut()

@@ -190,8 +190,11 @@ struct Scheduled {
     next_due_at: Option<i64>,
 }
 
+/// A `fleet_tasks` row of a schedule: name, node id, host, next due time.
+type ScheduleRow = (String, Option<i64>, Option<String>, Option<i64>);
+
 fn scheduled(conn: &Connection) -> Result<Vec<Scheduled>, StoreError> {
-    let ids: Vec<(String, Option<i64>, Option<String>, Option<i64>)> = {
+    let ids: Vec<ScheduleRow> = {
         let mut stmt = conn
             .prepare_cached("SELECT name, node_id, host, next_due_at FROM fleet_tasks WHERE kind = 'schedule'")
             .ctx("list schedules")?;
