@@ -22,7 +22,16 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 /// The packages, in the order they are built and installed.
-const PACKAGES: [&str; 3] = ["polarisd", "polaris-dispatch", "polaris-agent"];
+const PACKAGES: [&str; 4] = ["polarisd", "polaris-dispatch", "polaris-agent", "polaris"];
+
+/// The workspace package a Debian package is built from (the CLI's crate is `polaris-cli`,
+/// its package and binary `polaris`).
+fn crate_of(package: &str) -> &str {
+    match package {
+        "polaris" => "polaris-cli",
+        other => other,
+    }
+}
 /// Where the packages put their units (cargo-deb's, as debhelper's).
 const UNIT_DIR: &str = "/usr/lib/systemd/system";
 /// The workspace version, which the first build has as `VERSION-1` and the upgrade as `VERSION-2`.
@@ -148,7 +157,7 @@ fn packages_install_run_upgrade_remove_and_purge() -> Result<()> {
 
     // remove: programs and units go, configuration, data and the user stay.
     dpkg(&["-r"], &PACKAGES.map(PathBuf::from))?;
-    for gone in ["/usr/bin/polarisd", "/usr/bin/polaris-dispatch", "/usr/bin/polaris-agent"] {
+    for gone in ["/usr/bin/polarisd", "/usr/bin/polaris-dispatch", "/usr/bin/polaris-agent", "/usr/bin/polaris"] {
         ensure!(!Path::new(gone).exists(), "{gone} is still there after dpkg -r");
     }
     for kept in [
@@ -262,7 +271,17 @@ fn build_packages(profile_dir: &Path, out: &Path, revision: &str) -> Result<Vec<
     for package in PACKAGES {
         let deb = out.join(format!("{package}_{VERSION}-{revision}.deb"));
         let output = Command::new(cargo())
-            .args(["deb", "--no-build", "--fast", "--profile", profile, "-p", package, "--deb-revision", revision])
+            .args([
+                "deb",
+                "--no-build",
+                "--fast",
+                "--profile",
+                profile,
+                "-p",
+                crate_of(package),
+                "--deb-revision",
+                revision,
+            ])
             .arg("--output")
             .arg(&deb)
             .env("CARGO_TARGET_DIR", target_dir)
@@ -354,6 +373,16 @@ fn check_installed_files() -> Result<()> {
     ensure!(fields.len() == 7, "no polaris user: {entry:?}");
     let uid: u32 = fields[2].parse()?;
     ensure!(uid < 1000 && fields[6] == "/usr/sbin/nologin", "polaris is not a system user without a login: {entry}");
+    // The CLI is installed and runs: its version and its completions.
+    let cli = Command::new("/usr/bin/polaris").arg("--version").output().context("running /usr/bin/polaris")?;
+    ensure!(
+        cli.status.success() && String::from_utf8_lossy(&cli.stdout).starts_with("polaris "),
+        "polaris --version: {cli:?}"
+    );
+    ensure!(
+        Path::new("/usr/share/bash-completion/completions/polaris").is_file(),
+        "the CLI's bash completion is not installed"
+    );
     check_mode("/var/lib/polarisd", "polaris", "polaris", 0o750)?;
     check_mode("/var/lib/polaris-dispatch", "polaris", "polaris", 0o750)?;
     check_mode("/var/lib/polaris-agent", "root", "root", 0o750)?;
