@@ -71,6 +71,26 @@ impl Client {
         self.call("GET", path, None)
     }
 
+    /// `GET path` as a stream (`text/event-stream`), without the call timeout: the body is
+    /// read as it comes, for as long as the dispatcher keeps the stream open.
+    pub fn stream(&self, path: &str) -> Result<Box<dyn std::io::Read + Send>, ApiError> {
+        let url = format!("{}{path}", self.settings.url);
+        let agent = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(10)).build();
+        let mut request = agent.get(&url).set("Accept", "text/event-stream");
+        if let Some(token) = &self.settings.token {
+            request = request.set("Authorization", &format!("Bearer {token}"));
+        }
+        match request.call() {
+            Ok(response) => Ok(Box::new(response.into_reader())),
+            Err(ureq::Error::Status(status, response)) => Err(ApiError::NotTheApi {
+                url,
+                status,
+                body: response.into_string().unwrap_or_default().chars().take(200).collect(),
+            }),
+            Err(ureq::Error::Transport(t)) => Err(ApiError::Transport { url, reason: t.to_string() }),
+        }
+    }
+
     /// `POST path` with a JSON body.
     pub fn post(&self, path: &str, body: &Value) -> Result<Value, ApiError> {
         self.call("POST", path, Some(body))

@@ -4,7 +4,7 @@ use crate::api::{segment, Client};
 use crate::cli::{Cli, Command, Global, RunArgs};
 use crate::exit::Exit;
 use crate::follow::{follow, FollowOptions};
-use crate::progress::{JobView, Polling};
+use crate::progress::{JobView, Polling, Streaming};
 use crate::table::{ago, colour_enabled, now_ms, paint, state_tone, Table, Tone};
 use clap::CommandFactory;
 use serde_json::{json, Map, Value};
@@ -97,8 +97,11 @@ fn run(client: &Client, args: &RunArgs, json: bool, colour: bool) -> anyhow::Res
 }
 
 fn follow_job(client: &Client, id: &str, options: FollowOptions) -> anyhow::Result<Exit> {
-    let mut source = Polling::new(client, id);
-    let (_, exit) = follow(&mut source, options)?;
+    // The event stream when the dispatcher has one (output as it is printed), else polls.
+    let (_, exit) = match Streaming::new(client, id) {
+        Some(mut stream) => follow(&mut stream, options)?,
+        None => follow(&mut Polling::new(client, id), options)?,
+    };
     Ok(exit)
 }
 

@@ -1,7 +1,8 @@
 //! Following a job to its end (`run`, `job --follow`): a live progress bar on a terminal
-//! (hosts done of all, counts by state), each host's output as soon as it is final —
-//! every line prefixed with the host's name, or grouped under a header per host with
-//! `--group` — then a summary table; or with `--json`, only the final job document.
+//! (hosts done of all, counts by state), each host's output — line by line as it is
+//! printed, every line prefixed with the host's name (from the event stream; the rest
+//! when the host is final), or grouped under a header per host with `--group` once it is
+//! final — then a summary table; or with `--json`, only the final job document.
 
 use crate::exit::Exit;
 use crate::progress::{HostView, JobView, ProgressSource};
@@ -45,23 +46,51 @@ fn progress_bar(json: bool, hosts: u64) -> ProgressBar {
     bar
 }
 
-/// The text printed for one host that became final.
+/// Live output printed so far, per host: the bytes shown and a line not yet complete.
+#[derive(Debug, Default)]
+struct LiveLines {
+    shown: usize,
+    partial: String,
+}
+
+/// The complete lines of `text` for `host` (prefixed), keeping an unfinished last line
+/// for later.
+fn live_lines(host: &str, text: &str, state: &mut LiveLines, colour: bool) -> Vec<u8> {
+    state.shown += text.len();
+    state.partial.push_str(text);
+    let mut out = Vec::new();
+    while let Some(end) = state.partial.find('\n') {
+        let line: String = state.partial.drain(..=end).collect();
+        out.extend_from_slice(format!("{} | {}", paint(host, Tone::Plain, colour), line).as_bytes());
+    }
+    out
+}
+
+/// The text printed for one host that became final, `already` bytes of whose output were
+/// shown live (line by line mode only).
 pub fn host_block(host: &HostView, group: bool, colour: bool) -> Vec<u8> {
+    host_block_after(host, group, colour, 0)
+}
+
+fn host_block_after(host: &HostView, group: bool, colour: bool, already: usize) -> Vec<u8> {
     let tone = if host.succeeded() { Tone::Good } else { Tone::Bad };
-    let output = host.output();
+    let full = host.output();
+    // What was shown live is a prefix of the output, unless it went past what the result
+    // kept; the unfinished line shown live is printed again in full, with the rest.
+    let output = if group { &full[..] } else { full.get(already..).unwrap_or_default() };
     let mut out = Vec::new();
     if group {
         let exit = host.retcode.map(|r| format!(", exit {r}")).unwrap_or_default();
         let header = format!("== {} ({}{exit}) ==", host.host, host.state);
         out.extend_from_slice(paint(&header, tone, colour).as_bytes());
         out.push(b'\n');
-        out.extend_from_slice(&output);
+        out.extend_from_slice(output);
         if !output.is_empty() && !output.ends_with(b"\n") {
             out.push(b'\n');
         }
     } else {
         let prefix = paint(&host.host, tone, colour);
-        let text = String::from_utf8_lossy(&output);
+        let text = String::from_utf8_lossy(output);
         for line in text.lines() {
             out.extend_from_slice(format!("{prefix} | {line}\n").as_bytes());
         }
@@ -112,6 +141,7 @@ pub fn exit_of(view: &JobView) -> Exit {
 pub fn follow(source: &mut dyn ProgressSource, options: FollowOptions) -> anyhow::Result<(JobView, Exit)> {
     let mut bar: Option<ProgressBar> = None;
     let mut shown: HashSet<String> = HashSet::new();
+    let mut live: BTreeMap<String, LiveLines> = BTreeMap::new();
     let mut stdout = std::io::stdout();
     loop {
         let view = source.next()?;
@@ -119,10 +149,23 @@ pub fn follow(source: &mut dyn ProgressSource, options: FollowOptions) -> anyhow
         bar.set_length(view.hosts.len() as u64);
         bar.set_position(view.hosts.iter().filter(|h| h.is_final()).count() as u64);
         bar.set_message(state_counts(&view.hosts));
+        if !options.json && !options.group {
+            for (host, text) in &view.live {
+                if shown.contains(host) {
+                    continue;
+                }
+                let lines = live_lines(host, text, live.entry(host.clone()).or_default(), options.colour);
+                if !lines.is_empty() {
+                    bar.suspend(|| stdout.write_all(&lines).and_then(|()| stdout.flush()))?;
+                }
+            }
+        }
         if !options.json {
             for host in view.hosts.iter().filter(|h| h.is_final()) {
                 if shown.insert(host.host.clone()) {
-                    let block = host_block(host, options.group, options.colour);
+                    // Complete lines already shown live are not shown again.
+                    let already = live.get(&host.host).map_or(0, |l| l.shown - l.partial.len());
+                    let block = host_block_after(host, options.group, options.colour, already);
                     bar.suspend(|| stdout.write_all(&block).and_then(|()| stdout.flush()))?;
                 }
             }

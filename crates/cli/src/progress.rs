@@ -1,6 +1,8 @@
-//! Where a followed job's state comes from. [`ProgressSource`] is the one seam: today
-//! [`Polling`] asks `GET /v1/jobs/{id}` every [`POLL_INTERVAL`]; an event stream
-//! (`GET /v1/jobs/{id}/events`) can replace it without touching [`crate::follow`].
+//! Where a followed job's state comes from. [`ProgressSource`] is the one seam:
+//! [`Streaming`] follows the job's event stream (`GET /v1/jobs/{id}/events`), reading the
+//! job again whenever a host changes and handing on running commands' output as it is
+//! printed; [`Polling`] asks `GET /v1/jobs/{id}` every [`POLL_INTERVAL`], for dispatchers
+//! without the stream (and when the stream breaks).
 
 use crate::api::{segment, ApiError, Client};
 use serde_json::Value;
@@ -34,7 +36,7 @@ pub struct HostView {
 impl HostView {
     /// Whether the host has its final answer.
     pub fn is_final(&self) -> bool {
-        matches!(self.state.as_str(), "success" | "failed" | "revoked" | "expired")
+        matches!(self.state.as_str(), "success" | "failed" | "revoked" | "expired" | "skipped" | "cancelled")
     }
 
     /// Whether it succeeded: final `success` with exit status 0.
@@ -63,6 +65,9 @@ pub struct JobView {
     pub hosts: Vec<HostView>,
     /// Every host is final.
     pub done: bool,
+    /// Output printed by running commands since the previous look: `(host, text)`, in the
+    /// order it was printed (only from [`Streaming`]).
+    pub live: Vec<(String, String)>,
 }
 
 impl JobView {
@@ -89,7 +94,7 @@ impl JobView {
             .unwrap_or_default();
         let done =
             document.get("done").and_then(Value::as_bool).unwrap_or_else(|| hosts.iter().all(HostView::is_final));
-        JobView { document, hosts, done }
+        JobView { document, hosts, done, live: Vec::new() }
     }
 }
 
@@ -142,6 +147,115 @@ impl ProgressSource for Polling<'_> {
     }
 }
 
+/// One event of the job's stream.
+#[derive(Debug, Clone, PartialEq)]
+enum StreamEvent {
+    /// A host changed, a batch started, …: the job is worth reading again.
+    Changed,
+    /// A piece of a running command's output.
+    Output { host: String, text: String },
+    /// The job is done.
+    Done,
+    /// The stream ended or failed.
+    Closed,
+}
+
+/// Parses one SSE event (`event:` and `data:` lines) into what following needs.
+fn parse_event(event: &str, data: &str) -> Option<StreamEvent> {
+    match event {
+        "output" => {
+            use base64::Engine as _;
+            let value: Value = serde_json::from_str(data).ok()?;
+            let host = value.get("host")?.as_str()?.to_string();
+            let raw = value.get("data")?.as_str()?;
+            let text = match value.get("encoding").and_then(Value::as_str) {
+                Some("base64") => base64::engine::general_purpose::STANDARD
+                    .decode(raw)
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_default(),
+                _ => raw.to_string(),
+            };
+            Some(StreamEvent::Output { host, text })
+        }
+        "done" => Some(StreamEvent::Done),
+        _ => Some(StreamEvent::Changed),
+    }
+}
+
+/// Follows `GET /v1/jobs/{id}/events` on a thread of its own (see the module's docs).
+pub struct Streaming<'a> {
+    client: &'a Client,
+    path: String,
+    events: std::sync::mpsc::Receiver<StreamEvent>,
+    fallback: Option<Polling<'a>>,
+    done: bool,
+}
+
+impl<'a> Streaming<'a> {
+    /// Follows job `id`; `None` when the dispatcher has no event stream (then poll).
+    pub fn new(client: &'a Client, id: &str) -> Option<Streaming<'a>> {
+        let reader = client.stream(&format!("/v1/jobs/{}/events", segment(id))).ok()?;
+        let (tx, events) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("events".into())
+            .spawn(move || {
+                use std::io::BufRead as _;
+                let (mut event, mut data) = (String::new(), String::new());
+                for line in std::io::BufReader::new(reader).lines() {
+                    let Ok(line) = line else { break };
+                    if line.is_empty() {
+                        if let Some(parsed) = parse_event(&event, &data) {
+                            let done = parsed == StreamEvent::Done;
+                            if tx.send(parsed).is_err() || done {
+                                return;
+                            }
+                        }
+                        event.clear();
+                        data.clear();
+                    } else if let Some(v) = line.strip_prefix("event:") {
+                        event = v.trim().to_string();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data = v.strip_prefix(' ').unwrap_or(v).to_string();
+                    }
+                }
+                let _ = tx.send(StreamEvent::Closed);
+            })
+            .ok()?;
+        Some(Streaming { client, path: format!("/v1/jobs/{}", segment(id)), events, fallback: None, done: false })
+    }
+}
+
+impl ProgressSource for Streaming<'_> {
+    fn next(&mut self) -> Result<JobView, ApiError> {
+        if let Some(polling) = self.fallback.as_mut() {
+            return polling.next();
+        }
+        let mut live = Vec::new();
+        // Wait for news (at most a second, so the bar's counts stay fresh even when events
+        // are few), take everything that is there, then read the job as it stands.
+        if !self.done {
+            if let Ok(first) = self.events.recv_timeout(Duration::from_secs(1)) {
+                for event in std::iter::once(first).chain(self.events.try_iter()) {
+                    match event {
+                        StreamEvent::Output { host, text } => live.push((host, text)),
+                        StreamEvent::Changed => {}
+                        StreamEvent::Done => self.done = true,
+                        StreamEvent::Closed if !self.done => {
+                            // The stream broke (a dispatcher restart): go on by polling.
+                            let id = self.path.trim_start_matches("/v1/jobs/").to_string();
+                            self.fallback = Some(Polling::new(self.client, &id));
+                        }
+                        StreamEvent::Closed => {}
+                    }
+                }
+            }
+        }
+        let mut view = JobView::from_document(self.client.get(&self.path)?);
+        view.live = live;
+        Ok(view)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,6 +274,20 @@ mod tests {
         };
         assert!(transient(&transport) && transient(&api(503)));
         assert!(!transient(&api(404)) && !transient(&api(401)));
+    }
+
+    #[test]
+    fn stream_events_are_read() {
+        assert_eq!(
+            parse_event("output", r#"{"host":"a","data":"hi\n","offset":0}"#),
+            Some(StreamEvent::Output { host: "a".into(), text: "hi\n".into() })
+        );
+        assert_eq!(
+            parse_event("output", r#"{"host":"a","data":"/w==","encoding":"base64"}"#),
+            Some(StreamEvent::Output { host: "a".into(), text: "\u{fffd}".into() })
+        );
+        assert_eq!(parse_event("host", r#"{"host":"a","state":"ready"}"#), Some(StreamEvent::Changed));
+        assert_eq!(parse_event("done", "{}"), Some(StreamEvent::Done));
     }
 
     #[test]

@@ -224,3 +224,33 @@ fn a_config_file_names_the_dispatcher() {
     assert_exit(&out, 2);
     assert!(stderr(&out).contains("config.toml"), "{}", stderr(&out));
 }
+
+/// `polaris run` shows a running command's output as it is printed: the first line is on
+/// its stdout while the command still waits (for a file this test creates only once it
+/// has read that line), each line once.
+#[test]
+fn run_streams_output_while_the_command_runs() {
+    use std::io::{BufRead, BufReader};
+    let cluster = Cluster::start(&["s1"]);
+    let gate = cluster.dir.path().join("gate");
+    let cmd = format!("echo first; while [ ! -e {} ]; do sleep 0.1; done; echo second", gate.display());
+    let home = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new(POLARIS)
+        .args(["--url", &cluster.url(""), "run", "--hosts", "s1", "--timeout", "60", "--", &cmd])
+        .env("HOME", home.path())
+        .env_remove("POLARIS_TOKEN")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run polaris");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let first = lines.next().expect("a line").expect("utf-8");
+    assert_eq!(first, "s1 | first");
+    // Only now may the command go on: the line above came while it ran.
+    std::fs::write(&gate, "").expect("open the gate");
+    let rest: Vec<String> = lines.map(|l| l.expect("utf-8")).collect();
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "{rest:?}");
+    assert_eq!(rest.iter().filter(|l| l.contains("| first")).count(), 0, "first printed twice: {rest:?}");
+    assert_eq!(rest.iter().filter(|l| *l == "s1 | second").count(), 1, "{rest:?}");
+}
