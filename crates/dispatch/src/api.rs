@@ -629,6 +629,16 @@ async fn get_job(
     Ok(Json(status).into_response())
 }
 
+/// The `limit` (1 to [`MAX_PAGE_SIZE`], default [`DEFAULT_PAGE_SIZE`]) and `offset` of a
+/// listing.
+pub(crate) fn page(params: &HashMap<String, String>) -> Result<(u32, u64), ApiError> {
+    let limit = page_param(params, "limit", u64::from(DEFAULT_PAGE_SIZE), u64::from(MAX_PAGE_SIZE))? as u32;
+    if limit == 0 {
+        return Err(ApiError::field(Code::InvalidValue, "limit", "limit must be at least 1"));
+    }
+    Ok((limit, page_param(params, "offset", 0, i64::MAX as u64)?))
+}
+
 pub(crate) fn page_param(
     params: &HashMap<String, String>,
     name: &str,
@@ -650,11 +660,7 @@ async fn list_jobs(
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     authenticate(&dispatcher, &headers)?;
-    let limit = page_param(&params, "limit", u64::from(DEFAULT_PAGE_SIZE), u64::from(MAX_PAGE_SIZE))? as u32;
-    if limit == 0 {
-        return Err(ApiError::field(Code::InvalidValue, "limit", "limit must be at least 1"));
-    }
-    let offset = page_param(&params, "offset", 0, i64::MAX as u64)?;
+    let (limit, offset) = page(&params)?;
     let d = dispatcher.clone();
     let (jobs, total) = blocking(move || Ok(d.store.list_jobs(limit, offset)?)).await?;
     let count = jobs.len() as u64;

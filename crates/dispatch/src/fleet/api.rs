@@ -11,7 +11,7 @@ use super::target;
 use super::tasks;
 use super::tree::{self, HostChange, NodeUpdate};
 use super::{valid_path, Actor, Level};
-use crate::api::{authenticate, blocking, page_param, AppState, IdParam, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
+use crate::api::{authenticate, blocking, page, AppState, IdParam};
 use crate::error::ApiError;
 use crate::request::{parse_object, reject_unknown_fields, required_string, type_name};
 use crate::Dispatcher;
@@ -402,11 +402,7 @@ async fn list_audit(
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     authenticate(&dispatcher, &headers)?;
-    let limit = page_param(&params, "limit", u64::from(DEFAULT_PAGE_SIZE), u64::from(MAX_PAGE_SIZE))? as u32;
-    if limit == 0 {
-        return Err(ApiError::field(Code::InvalidValue, "limit", "limit must be at least 1"));
-    }
-    let offset = page_param(&params, "offset", 0, i64::MAX as u64)?;
+    let (limit, offset) = page(&params)?;
     let subject = params.get("subject").cloned();
     let d = dispatcher.clone();
     let (entries, total) =
@@ -497,11 +493,7 @@ async fn task_runs(
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     authenticate(&dispatcher, &headers)?;
-    let limit = page_param(&params, "limit", u64::from(DEFAULT_PAGE_SIZE), u64::from(MAX_PAGE_SIZE))? as u32;
-    if limit == 0 {
-        return Err(ApiError::field(Code::InvalidValue, "limit", "limit must be at least 1"));
-    }
-    let offset = page_param(&params, "offset", 0, i64::MAX as u64)?;
+    let (limit, offset) = page(&params)?;
     let d = dispatcher.clone();
     let n = name.clone();
     let (next_due, runs, total) = blocking(move || {
