@@ -34,6 +34,7 @@
 pub mod api;
 pub mod auth;
 pub mod error;
+pub mod console;
 pub mod events;
 pub mod fleet;
 pub mod metrics;
