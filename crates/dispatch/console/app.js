@@ -6,6 +6,8 @@ import { readEvents } from "./sse.js";
 const main = document.getElementById("main");
 const errorBox = document.getElementById("error");
 const FINAL = ["success", "failed", "revoked", "expired", "skipped", "cancelled"];
+const WAITING_FOR_AGENT = ["pending", "ready"];
+const RESERVED_POLL_MS = 3000;
 let pageAbort = new AbortController();
 
 // Builds an element: el("td", {class: "x"}, "text", child, ...).
@@ -151,6 +153,31 @@ async function jobPage(id, signal) {
   refreshSummary(job.summary);
   if (job.hosts.length) select(job.hosts[0].host);
 
+  // Events carry the stored states; `reserved` (an agent took it) is read live from the
+  // queue by GET /v1/jobs/{id}, so that is asked again now and then until the job is done.
+  let finished = job.done;
+  const poll = async () => {
+    while (!finished && !signal.aborted) {
+      await new Promise((resolve) => setTimeout(resolve, RESERVED_POLL_MS));
+      if (finished || signal.aborted) return;
+      try {
+        const now = await api("GET", `/v1/jobs/${encodeURIComponent(id)}`);
+        let changed = false;
+        for (const r of now.hosts) {
+          const h = hosts.get(r.host);
+          if (h && r.state === "reserved" && WAITING_FOR_AGENT.includes(h.state)) {
+            update(r.host, { state: "reserved" });
+            changed = true;
+          }
+        }
+        if (changed) refreshSummary();
+      } catch (_) {
+        // The event stream reports what is wrong; this is only a refinement.
+      }
+    }
+  };
+  poll();
+
   const seen = new Map();
   readEvents(`/v1/jobs/${encodeURIComponent(id)}/events`, (event) => {
     let body;
@@ -180,8 +207,13 @@ async function jobPage(id, signal) {
       if (body.offset < seen.get(key)) return;
       seen.set(key, body.offset + 1);
       const chunk = body.encoding === "base64" ? `[${atob(body.data).length} bytes of binary output]\n` : body.data;
-      update(body.host, { text: h.text + chunk, live: true });
+      // The stored row stays `ready` while an agent runs it (the API reads `reserved` live
+      // from the queue): output is proof that it runs.
+      const running = WAITING_FOR_AGENT.includes(h.state) ? { state: "reserved" } : {};
+      update(body.host, { text: h.text + chunk, live: true, ...running });
+      if (running.state) refreshSummary();
     } else if (event.type === "done") {
+      finished = true;
       stateLine.replaceChildren(stateBadge(body.cancelled ? "cancelled" : "done"));
       refreshSummary(body.summary);
     } else if (event.type === "cancelled" || event.type === "halted") {

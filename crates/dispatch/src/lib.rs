@@ -33,8 +33,8 @@
 
 pub mod api;
 pub mod auth;
-pub mod error;
 pub mod console;
+pub mod error;
 pub mod events;
 pub mod fleet;
 pub mod metrics;

@@ -63,7 +63,8 @@ impl Browser {
         let file = profile.path().join("DevToolsActivePort");
         let deadline = Instant::now() + WAIT;
         let port = loop {
-            if let Some(port) = std::fs::read_to_string(&file).ok().and_then(|t| t.lines().next()?.parse::<u16>().ok()) {
+            if let Some(port) = std::fs::read_to_string(&file).ok().and_then(|t| t.lines().next()?.parse::<u16>().ok())
+            {
                 break port;
             }
             if let Some(status) = proc.try_exit_status() {
@@ -134,10 +135,8 @@ impl Cdp {
 
     /// Evaluates `expression` in the page (awaiting a promise) and returns its value.
     fn eval(&mut self, expression: &str) -> Value {
-        let result = self.call(
-            "Runtime.evaluate",
-            json!({"expression": expression, "returnByValue": true, "awaitPromise": true}),
-        );
+        let result = self
+            .call("Runtime.evaluate", json!({"expression": expression, "returnByValue": true, "awaitPromise": true}));
         if let Some(exception) = result.get("exceptionDetails") {
             panic!("{expression}: {exception}");
         }
@@ -169,7 +168,7 @@ fn header<'a>(response: &'a ureq::Response, name: &str) -> &'a str {
 fn write_tokens(dir: &Path) -> PathBuf {
     let tokens = dir.join("tokens.json");
     let body = json!({"tokens": [
-        {"name": "ops", "token": OPS_TOKEN, "methods": ["async.bash"], "commands": ["echo console says hello; sleep 1; echo and bye", "true"]},
+        {"name": "ops", "token": OPS_TOKEN, "methods": ["async.bash"], "commands": ["echo console says hello; sleep 1; echo and bye", "echo started; sleep 60", "true"]},
         {"name": "agents", "token": AGENT_TOKEN, "methods": [], "manage_hosts": true},
         {"name": "fleet", "token": FLEET_TOKEN, "methods": [], "manage_fleet": true}
     ]});
@@ -228,7 +227,8 @@ fn console_runs_a_command_and_shows_hosts_turn_success() {
     }
     for host in HOSTS {
         let body = json!({"nodes": ["Shop/Web"], "labels": {"role": "web"}}).to_string();
-        let (status, reply) = request("PUT", &cluster.url(&format!("/v1/hosts/{host}")), Some(&body), Some(FLEET_TOKEN));
+        let (status, reply) =
+            request("PUT", &cluster.url(&format!("/v1/hosts/{host}")), Some(&body), Some(FLEET_TOKEN));
         assert_eq!(status, 200, "{reply}");
     }
     check_routes(&cluster);
@@ -310,13 +310,20 @@ fn console_runs_a_command_and_shows_hosts_turn_success() {
     assert_eq!(status, 200, "{job}");
     assert_eq!(job["target"]["nodes"], json!(["Shop/Web"]));
     assert_eq!(job["timeout"], 20);
-    page.wait_for("the job done", "document.getElementById('job-state').textContent.includes('done')", "document.body.innerText");
+    page.wait_for(
+        "the job done",
+        "document.getElementById('job-state').textContent.includes('done')",
+        "document.body.innerText",
+    );
 
     if std::env::var_os("POLARIS_UPDATE_SCREENSHOT").is_some_and(|v| v == "1") {
         page.eval("document.activeElement && document.activeElement.blur(); window.scrollTo(0, 0); true");
         let shot = page.call("Page.captureScreenshot", json!({"format": "png"}));
-        let png = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, shot["data"].as_str().expect("png data"))
-            .expect("base64 png");
+        let png = base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            shot["data"].as_str().expect("png data"),
+        )
+        .expect("base64 png");
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/console.png");
         std::fs::write(&path, png).expect("write docs/console.png");
         eprintln!("wrote {}", path.display());
@@ -329,7 +336,10 @@ fn console_runs_a_command_and_shows_hosts_turn_success() {
         &format!("document.querySelector('a[href=\"#/jobs/{job_id}\"]') !== null"),
         "document.body.innerText",
     );
-    assert!(page.eval("document.getElementById('job-counts').textContent").as_str().is_some_and(|t| t.contains("done 1")));
+    assert!(page
+        .eval("document.getElementById('job-counts').textContent")
+        .as_str()
+        .is_some_and(|t| t.contains("done 1")));
     page.eval("location.hash = '#/hosts'; true");
     page.wait_for(
         "the hosts",
@@ -337,11 +347,40 @@ fn console_runs_a_command_and_shows_hosts_turn_success() {
         "document.body.innerText",
     );
     let hosts_text = page.eval("document.getElementById('hosts').innerText");
-    assert!(hosts_text.as_str().is_some_and(|t| t.contains("web-02") && t.contains("Shop/Web") && t.contains("role=web")), "{hosts_text}");
+    assert!(
+        hosts_text.as_str().is_some_and(|t| t.contains("web-02") && t.contains("Shop/Web") && t.contains("role=web")),
+        "{hosts_text}"
+    );
     page.eval("location.hash = '#/tree'; true");
     page.wait_for("the tree", "document.querySelector('.tree') !== null", "document.body.innerText");
     let tree = page.eval("document.querySelector('.tree').innerText");
     assert!(tree.as_str().is_some_and(|t| t.contains("Shop") && t.contains("Web") && t.contains("3 hosts")), "{tree}");
+
+    // A long command on one host: its output arrives live while it runs, and the button
+    // cancels it.
+    page.eval("location.hash = '#/run'; true");
+    page.wait_for("the run form", "document.getElementById('run-form') !== null", "document.body.innerText");
+    page.eval(
+        "document.getElementById('run-target').value = 'web-02'; \
+         document.getElementById('run-cmd').value = 'echo started; sleep 60'; \
+         document.getElementById('run-timeout').value = '120'; \
+         document.getElementById('run-submit').click(); true",
+    );
+    page.wait_for(
+        "the live output of the running command",
+        "location.hash.startsWith('#/jobs/') && document.getElementById('host-output')?.textContent === 'started\\n' && \
+         document.querySelector('#host-grid [data-host=\"web-02\"]').dataset.state === 'reserved'",
+        "document.body.innerText",
+    );
+    page.eval("document.getElementById('cancel-job').click(); true");
+    page.wait_for(
+        "web-02 cancelled",
+        "document.querySelector('#host-grid [data-host=\"web-02\"]').dataset.state === 'cancelled' && \
+         document.getElementById('job-state').textContent.includes('cancelled')",
+        "document.body.innerText",
+    );
+    let output = page.eval("document.getElementById('host-output').textContent");
+    assert!(output.as_str().is_some_and(|t| t.starts_with("started\n")), "{output}");
 
     let _ = page.socket.send(tungstenite::Message::text(json!({"id": 0, "method": "Browser.close"}).to_string()));
     let mut browser = browser;
