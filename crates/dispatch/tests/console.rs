@@ -200,9 +200,26 @@ fn check_routes(cluster: &Cluster) {
         let (status, body) = request("GET", &cluster.url(path), None, Some(OPS_TOKEN));
         assert_eq!((status, body["error"]["hex"].as_str()), (404, Some("0x050B")), "{path}: {body}");
     }
+    // Like every endpoint, the pages take no query parameter they do not know.
+    let (status, body) = request("GET", &cluster.url("/?lang=en"), None, None);
+    assert_eq!((status, body["error"]["hex"].as_str()), (400, Some("0x0508")), "{body}");
     // The pages carry no data and need no token; the API still does.
     let (status, _) = request_text("GET", &cluster.url("/v1/jobs"), None, None);
     assert_eq!(status, 401);
+}
+
+/// The routes need no browser, so they are checked wherever the queue runs.
+#[test]
+fn console_routes_have_types_caching_csp_and_keep_the_api_404() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tokens = write_tokens(dir.path());
+    let cluster = Cluster::start_with(
+        &["web-01"],
+        BIG_JOB_SIZE,
+        &["--tokens", tokens.to_str().expect("utf-8 path")],
+        &[("POLARIS_TOKEN", AGENT_TOKEN)],
+    );
+    check_routes(&cluster);
 }
 
 #[test]
@@ -231,7 +248,6 @@ fn console_runs_a_command_and_shows_hosts_turn_success() {
             request("PUT", &cluster.url(&format!("/v1/hosts/{host}")), Some(&body), Some(FLEET_TOKEN));
         assert_eq!(status, 200, "{reply}");
     }
-    check_routes(&cluster);
 
     let browser = Browser::start();
     let mut page = browser.page();
