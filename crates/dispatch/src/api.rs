@@ -56,6 +56,8 @@ pub fn router(dispatcher: AppState) -> Router {
         .route("/v1/hosts/:id/tasks/signed", get(fleet::api::signed_host_tasks))
         .route("/metrics", get(metrics))
         .merge(fleet::api::routes())
+        // The web console at `/` (see docs/CONSOLE.md); nothing under `/v1`.
+        .merge(crate::console::routes())
         // Applies to the routes above (so it must stay below them).
         .route_layer(axum::middleware::from_fn(refuse_unknown_query_parameters))
         .method_not_allowed_fallback(method_not_allowed)

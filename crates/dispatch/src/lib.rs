@@ -33,6 +33,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod console;
 pub mod error;
 pub mod events;
 pub mod fleet;
