@@ -54,6 +54,8 @@ pub fn router(dispatcher: AppState) -> Router {
         )
         .route("/v1/hosts/:id/tasks", get(fleet::api::host_tasks))
         .route("/v1/hosts/:id/tasks/signed", get(fleet::api::signed_host_tasks))
+        .route("/v1/hosts/:id/integrity", get(fleet::api::host_integrity))
+        .route("/v1/hosts/:id/logs", get(fleet::api::host_logs))
         .route("/metrics", get(metrics))
         .merge(fleet::api::routes())
         // Applies to the routes above (so it must stay below them).
