@@ -62,9 +62,9 @@ pub mod metrics;
 pub mod orphans;
 pub mod query;
 pub mod standing;
-pub mod watch;
 #[allow(unsafe_code)]
 mod sys;
+pub mod watch;
 
 use anyhow::Context as _;
 use contain::{Containment, UnitLimits};

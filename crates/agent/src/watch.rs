@@ -354,7 +354,8 @@ pub fn changes_since(
         return None;
     }
     let count = |l: &str| counts.get(l).copied().unwrap_or(0);
-    let bits = u32::from(count("added") > 0) | u32::from(count("removed") > 0) << 1 | u32::from(count("changed") > 0) << 2;
+    let bits =
+        u32::from(count("added") > 0) | u32::from(count("removed") > 0) << 1 | u32::from(count("changed") > 0) << 2;
     let mut report = json!({
         "method": "integrity.watch",
         "since_last_report": {
@@ -536,8 +537,7 @@ fn read_lines(file: &std::fs::File, offset: u64, to_eof: bool) -> std::io::Resul
             };
             let text = String::from_utf8_lossy(line).into_owned();
             let escaped = serde_json::to_string(&text).map_or(text.len(), |s| s.len()) + 8;
-            if !piece.lines.is_empty() && (piece.lines.len() >= MAX_BATCH_LINES || bytes + escaped > MAX_BATCH_BYTES)
-            {
+            if !piece.lines.is_empty() && (piece.lines.len() >= MAX_BATCH_LINES || bytes + escaped > MAX_BATCH_BYTES) {
                 return Ok(piece);
             }
             bytes += escaped;
@@ -712,7 +712,9 @@ fn look(
         }
         keep(&tracked.pos);
     } else if meta.size() < tracked.pos.offset
-        || (tracked.pos.offset > 0 && !tracked.pos.check.is_empty() && check_bytes(&file, tracked.pos.offset) != tracked.pos.check)
+        || (tracked.pos.offset > 0
+            && !tracked.pos.check.is_empty()
+            && check_bytes(&file, tracked.pos.offset) != tracked.pos.check)
     {
         log::info!("log task {task}: {path} was truncated; reading it from the start");
         tracked.pos.generation += 1;

@@ -1908,6 +1908,48 @@ fn host_job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<HostJobRecor
 mod tests {
     use super::*;
 
+    fn batch(file: &str, offset: u64, lines: &[&str]) -> polaris_ops_wire::wire::LogBatch {
+        polaris_ops_wire::wire::LogBatch {
+            v: 1,
+            kind: "log".into(),
+            host: "h".into(),
+            task: "t".into(),
+            path: "/var/log/x".into(),
+            file: file.into(),
+            offset,
+            lines: lines.iter().map(|l| l.to_string()).collect(),
+            lengths: lines.iter().map(|l| l.len() as u64 + 1).collect(),
+            refused: None,
+        }
+    }
+
+    #[test]
+    fn log_lines_are_kept_once_and_within_retention() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let keep = LogRetention { max_lines: 3, max_age_ms: 86_400_000 };
+        assert_eq!(store.record_log_batch(&batch("1:2:0", 0, &["a", "b"]), keep).expect("record"), 2);
+        // Sent again (with one more line) after a crash: only the new line is added.
+        assert_eq!(store.record_log_batch(&batch("1:2:0", 0, &["a", "b", "c"]), keep).expect("record"), 1);
+        // Same offsets in the next incarnation (after a truncation) are other lines.
+        assert_eq!(store.record_log_batch(&batch("1:2:1", 0, &["d"]), keep).expect("record"), 1);
+        let lines = store.log_lines("h", "/var/log/x", 0, 100).expect("list");
+        let texts: Vec<&str> = lines.iter().map(|l| l.line.as_str()).collect();
+        assert_eq!(texts, ["b", "c", "d"], "at most max_lines are kept, the oldest go");
+        assert_eq!(store.log_lines("h", "/var/log/x", lines[1].seq, 100).expect("list").len(), 1);
+        let old = LogRetention { max_lines: 100, max_age_ms: -1 };
+        store.record_log_batch(&batch("1:2:1", 2, &["e"]), old).expect("record");
+        assert!(store.log_lines("h", "/var/log/x", 0, 100).expect("list").is_empty(), "all older than max age");
+        let mut bad = batch("1:2:1", 4, &["f"]);
+        bad.lengths.clear();
+        assert!(matches!(store.record_log_batch(&bad, keep), Err(StoreError::Corrupt(_))));
+        let mut refused = batch("", 0, &[]);
+        refused.refused =
+            Some(polaris_ops_wire::wire::Refusal { code: "path_not_allowed".into(), message: "outside".into() });
+        store.record_log_batch(&refused, keep).expect("record");
+        assert_eq!(store.log_refusal("h", "/var/log/x").expect("read").map(|r| r.0), Some("path_not_allowed".into()));
+    }
+
     fn new_job(id: &str, hosts: &[&str]) -> NewJob {
         NewJob {
             id: id.to_string(),
