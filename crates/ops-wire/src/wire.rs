@@ -646,6 +646,38 @@ mod tests {
     }
 
     #[test]
+    fn standing_task_messages_parse_by_kind() {
+        let log = LogBatch {
+            v: 1,
+            kind: LOG_BATCH_KIND.into(),
+            host: "h".into(),
+            task: "t".into(),
+            path: "/var/log/x".into(),
+            file: "1:2:0".into(),
+            offset: 0,
+            lines: vec!["a".into()],
+            lengths: vec![2],
+            refused: None,
+        };
+        let json = serde_json::to_vec(&log).expect("json");
+        assert!(!String::from_utf8_lossy(&json).contains("refused"));
+        assert_eq!(Reply::parse(&json).expect("parse"), Reply::Log(log));
+        let report = IntegrityReport {
+            v: 1,
+            kind: INTEGRITY_REPORT_KIND.into(),
+            host: "h".into(),
+            task: "t".into(),
+            seq: 1,
+            at_ms: 5,
+            retcode: 4,
+            message: "m".into(),
+            report: serde_json::json!({"changed": []}),
+        };
+        let json = serde_json::to_vec(&report).expect("json");
+        assert_eq!(Reply::parse(&json).expect("parse"), Reply::Integrity(report));
+    }
+
+    #[test]
     fn text_results_keep_their_shape() {
         let result = HostResult {
             v: 1,

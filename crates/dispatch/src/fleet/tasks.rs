@@ -168,18 +168,18 @@ fn every_within(spec: &Map<String, Value>, (low, high): (u64, u64), required: bo
     match spec.get("every") {
         None if !required => Ok(()),
         None | Some(Value::Null) => {
-            Err(ApiError::field(Code::MissingField, &spec_field("every"), "spec.every (seconds) is required"))
+            Err(ApiError::field(Code::MissingField, spec_field("every"), "spec.every (seconds) is required"))
         }
         Some(v) => match v.as_u64() {
             Some(n) if (low..=high).contains(&n) => Ok(()),
             Some(n) => Err(ApiError::field(
                 Code::InvalidValue,
-                &spec_field("every"),
+                spec_field("every"),
                 format!("spec.every must be from {low} to {high} seconds, got {n}"),
             )),
             None => Err(ApiError::field(
                 Code::WrongType,
-                &spec_field("every"),
+                spec_field("every"),
                 format!("spec.every must be a whole number of seconds, got {v}"),
             )),
         },
@@ -190,7 +190,7 @@ fn reject_unknown_spec_fields(spec: &Map<String, Value>, known: &[&str]) -> Resu
     match spec.keys().find(|k| !known.contains(&k.as_str())) {
         Some(unknown) => Err(ApiError::field(
             Code::UnknownField,
-            &spec_field(unknown),
+            spec_field(unknown),
             format!("unknown field spec.{unknown}; the spec takes {}", known.join(", ")),
         )),
         None => Ok(()),
@@ -211,13 +211,13 @@ pub fn check_log_spec(spec: &Map<String, Value>) -> Result<(), ApiError> {
     every_within(spec, LOG_EVERY, false)?;
     let paths = match spec.get("paths") {
         None | Some(Value::Null) => {
-            return Err(ApiError::field(Code::MissingField, &spec_field("paths"), "spec.paths is required"))
+            return Err(ApiError::field(Code::MissingField, spec_field("paths"), "spec.paths is required"))
         }
         Some(Value::Array(paths)) => paths,
         Some(other) => {
             return Err(ApiError::field(
                 Code::WrongType,
-                &spec_field("paths"),
+                spec_field("paths"),
                 format!("spec.paths must be an array of paths, got {}", type_name(other)),
             ))
         }
@@ -225,7 +225,7 @@ pub fn check_log_spec(spec: &Map<String, Value>) -> Result<(), ApiError> {
     if paths.is_empty() || paths.len() > MAX_LOG_PATHS {
         return Err(ApiError::field(
             Code::InvalidValue,
-            &spec_field("paths"),
+            spec_field("paths"),
             format!("spec.paths must name 1 to {MAX_LOG_PATHS} files, got {}", paths.len()),
         ));
     }
@@ -234,7 +234,7 @@ pub fn check_log_spec(spec: &Map<String, Value>) -> Result<(), ApiError> {
         let Some(text) = path.as_str() else {
             return Err(ApiError::field(
                 Code::WrongType,
-                &spec_field("paths"),
+                spec_field("paths"),
                 format!("spec.paths must hold strings, got {}", type_name(path)),
             ));
         };
@@ -250,7 +250,7 @@ pub fn check_log_spec(spec: &Map<String, Value>) -> Result<(), ApiError> {
             None
         };
         if let Some(bad) = bad {
-            return Err(ApiError::field(Code::InvalidValue, &spec_field("paths"), format!("{text:?} {bad}")));
+            return Err(ApiError::field(Code::InvalidValue, spec_field("paths"), format!("{text:?} {bad}")));
         }
     }
     Ok(())
