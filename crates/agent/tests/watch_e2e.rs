@@ -196,6 +196,14 @@ fn standing_log_and_integrity_tasks() {
     assert_eq!(newest["changed"], json!([]), "{newest}");
     assert_eq!(reports().len(), 2);
 
+    // The endpoints take only their parameters.
+    let status = |path: &str| get(&cluster.url(path)).0;
+    assert_eq!(status(&format!("/v1/hosts/{HOST}/logs")), 400, "path is required");
+    assert_eq!(status(&format!("/v1/hosts/{HOST}/logs?path=/x&offset=1")), 400);
+    assert_eq!(status(&format!("/v1/hosts/{HOST}/integrity?limit=0")), 400);
+    assert_eq!(status(&format!("/v1/hosts/{HOST}/integrity?path=/x")), 400);
+    assert_eq!(get(&cluster.url(&format!("/v1/hosts/{HOST}/integrity"))).1["total"], 2);
+
     // Removing a task stops its runner; the lines stay readable.
     let (status, _) = request("DELETE", &cluster.url("/v1/tasks/applog"), None, None);
     assert_eq!(status, 200);
