@@ -157,7 +157,7 @@ fn standing_log_and_integrity_tasks() {
     std::fs::rename(&app, logs.join("app.log.2")).expect("rename");
     append(&logs.join("app.log.2"), 15..=15);
     append(&app, 16..=17);
-    let agent = start_agent(&cluster, &config, &state_file);
+    let mut agent = start_agent(&cluster, &config, &state_file);
     has_exactly(&cluster, &app, 17);
     let log_text = agent.output();
     assert!(!log_text.contains("never to be read"), "{log_text}");
@@ -196,13 +196,36 @@ fn standing_log_and_integrity_tasks() {
     assert_eq!(newest["changed"], json!([]), "{newest}");
     assert_eq!(reports().len(), 2);
 
+    // A changed interval applies without a restart: a long one holds the next change back,
+    // a short one again lets it through.
+    let pid = agent.pid();
+    let applied = || get(&cluster.url(&format!("/v1/hosts/{HOST}"))).1["tasks_applied"]["current"] == true;
+    put_task(&cluster, "tree", json!({"attach_to": {"host": HOST}, "kind": "integrity", "spec": {"every": 3600}}));
+    wait_until(Duration::from_secs(15), "the agent holds the long interval", applied);
+    std::thread::sleep(Duration::from_secs(3));
+    std::fs::write(
+        tree.join("passwd"),
+        "root:x:0:0
+mallory:x:0:0
+",
+    )
+    .expect("change");
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(reports().len(), 2, "no scan within the long interval: {:?}", reports());
+    put_task(&cluster, "tree", json!({"attach_to": {"host": HOST}, "kind": "integrity", "spec": {"every": 2}}));
+    wait_until(Duration::from_secs(30), "the short interval applies", || reports().len() >= 3);
+    let newest = &reports()[0]["report"];
+    assert_eq!(newest["changed"][0]["path"], tree.join("passwd").display().to_string(), "{newest}");
+    assert_eq!(agent.pid(), pid, "the same agent");
+    assert!(agent.try_exit_status().is_none(), "the agent still runs");
+
     // The endpoints take only their parameters.
     let status = |path: &str| get(&cluster.url(path)).0;
     assert_eq!(status(&format!("/v1/hosts/{HOST}/logs")), 400, "path is required");
     assert_eq!(status(&format!("/v1/hosts/{HOST}/logs?path=/x&offset=1")), 400);
     assert_eq!(status(&format!("/v1/hosts/{HOST}/integrity?limit=0")), 400);
     assert_eq!(status(&format!("/v1/hosts/{HOST}/integrity?path=/x")), 400);
-    assert_eq!(get(&cluster.url(&format!("/v1/hosts/{HOST}/integrity"))).1["total"], 2);
+    assert_eq!(get(&cluster.url(&format!("/v1/hosts/{HOST}/integrity"))).1["total"], 3);
 
     // Removing a task stops its runner; the lines stay readable.
     let (status, _) = request("DELETE", &cluster.url("/v1/tasks/applog"), None, None);
