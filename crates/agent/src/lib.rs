@@ -28,6 +28,8 @@
 //! - [`heartbeat`]: registration with the dispatcher, then a heartbeat every `--heartbeat`.
 //! - [`standing`]: the host's standing tasks, fetched signed from the dispatcher, verified,
 //!   cached, and followed every `--tasks-poll`.
+//! - [`watch`]: the runners of agent-side standing tasks (continuous integrity, log
+//!   watch), each a thread with its own queue connection, reporting on `--reply-tube`.
 //! - [`exec`]: runs `bash -c` in its own process group (and cgroup unit, entered through a
 //!   gate before it runs anything), with a timeout, cancel, bounded output capture, and no
 //!   child left behind.
@@ -62,6 +64,7 @@ pub mod query;
 pub mod standing;
 #[allow(unsafe_code)]
 mod sys;
+pub mod watch;
 
 use anyhow::Context as _;
 use contain::{Containment, UnitLimits};
@@ -136,6 +139,8 @@ pub struct AgentConfig {
     pub containment: Option<Containment>,
     /// Where to serve Prometheus metrics (`--metrics HOST:PORT`); `None` serves none.
     pub metrics: Option<String>,
+    /// The tube standing tasks report on (`--reply-tube`: the dispatcher's).
+    pub reply_tube: String,
 }
 
 impl Default for AgentConfig {
@@ -158,6 +163,7 @@ impl Default for AgentConfig {
             max_cpu_milli: None,
             containment: None,
             metrics: None,
+            reply_tube: wire::DEFAULT_REPLY_TUBE.into(),
         }
     }
 }
@@ -188,11 +194,10 @@ struct Agent {
     max_cpu_milli: u32,
     /// Runs of a dead predecessor, ended, whose results are still to be put.
     adopted: RefCell<Vec<Adopted>>,
-    /// The standing tasks this host holds (see [`standing`]).
-    #[allow(dead_code)] // read by the runners of agent-side tasks
-    standing: Arc<standing::Standing>,
     /// The `--config` file's settings in force.
     settings: RefCell<config::Settings>,
+    /// The same, for the runners of agent-side standing tasks ([`watch`]).
+    watch_settings: Arc<std::sync::Mutex<config::Settings>>,
     /// Set by SIGHUP: read the config file again.
     reload: Arc<AtomicBool>,
     /// What it did, for `--metrics`.
@@ -280,6 +285,23 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
         shutdown: serving_done.clone(),
     })
     .context("starting the control thread")?;
+    if !client::is_valid_tube_name(&config.reply_tube) {
+        anyhow::bail!("--reply-tube {:?} is not a valid tube name", config.reply_tube);
+    }
+    let watch_settings = Arc::new(std::sync::Mutex::new(settings.clone()));
+    let watcher = watch::spawn(
+        watch::Watch {
+            host_id: host_id.clone(),
+            queue: queue.clone(),
+            reply_tube: config.reply_tube.clone(),
+            secret: secret.clone(),
+            state_file: config.state_file.clone(),
+            settings: watch_settings.clone(),
+            shutdown: shutdown.clone(),
+        },
+        standing.clone(),
+    )
+    .context("starting the standing task runners")?;
     log::info!("polaris-agent {host_id} serving tube {} on {queue}", host_tube(&host_id));
     let agent = Agent {
         host_id,
@@ -292,8 +314,8 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
         max_memory,
         max_cpu_milli,
         adopted: RefCell::new(adopted),
-        standing,
         settings: RefCell::new(settings),
+        watch_settings,
         reload,
         metrics: agent_metrics,
     };
@@ -302,6 +324,9 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
     // It notices within its one-second reserve timeout (or its connect timeout).
     if control.join().is_err() {
         log::warn!("the control thread panicked");
+    }
+    if watcher.join().is_err() {
+        log::warn!("the standing task runners panicked");
     }
     log::info!("polaris-agent {} stopped", agent.host_id);
     Ok(())
@@ -332,6 +357,7 @@ impl Agent {
         };
         match config::load(path, &self.config.state_file) {
             Ok(settings) => {
+                *self.watch_settings.lock().unwrap_or_else(|p| p.into_inner()) = settings.clone();
                 *self.settings.borrow_mut() = settings;
                 log::info!("SIGHUP: reloaded {}", path.display());
             }

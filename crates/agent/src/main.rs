@@ -84,6 +84,10 @@ struct Args {
     /// outcome, durations, timeouts, refusals. Off by default. See docs/METRICS.md.
     #[arg(long, value_name = "HOST:PORT")]
     metrics: Option<String>,
+    /// Tube for what standing tasks report (continuous integrity, watched log lines): the
+    /// dispatcher's --reply-tube. Job results go where each envelope says.
+    #[arg(long, default_value = polaris_ops_wire::wire::DEFAULT_REPLY_TUBE, value_name = "TUBE")]
+    reply_tube: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -108,5 +112,6 @@ fn main() -> anyhow::Result<()> {
         max_cpu_milli: args.max_cpu_milli,
         containment: None,
         metrics: args.metrics,
+        reply_tube: args.reply_tube,
     })
 }

@@ -160,7 +160,7 @@ impl Rig {
             let payload = wire::open(&secret(), &job.body).expect("a signed result");
             match wire::Reply::parse(payload).expect("a result") {
                 wire::Reply::Result(result) => return result,
-                wire::Reply::Output(_) => continue,
+                wire::Reply::Output(_) | wire::Reply::Integrity(_) | wire::Reply::Log(_) => continue,
             }
         }
     }

@@ -54,6 +54,8 @@ pub fn router(dispatcher: AppState) -> Router {
         )
         .route("/v1/hosts/:id/tasks", get(fleet::api::host_tasks))
         .route("/v1/hosts/:id/tasks/signed", get(fleet::api::signed_host_tasks))
+        .route("/v1/hosts/:id/integrity", get(fleet::api::host_integrity))
+        .route("/v1/hosts/:id/logs", get(fleet::api::host_logs))
         .route("/metrics", get(metrics))
         .merge(fleet::api::routes())
         // The web console at `/` (see docs/CONSOLE.md); nothing under `/v1`.
@@ -634,11 +636,16 @@ async fn get_job(
 /// The `limit` (1 to [`MAX_PAGE_SIZE`], default [`DEFAULT_PAGE_SIZE`]) and `offset` of a
 /// listing.
 pub(crate) fn page(params: &HashMap<String, String>) -> Result<(u32, u64), ApiError> {
+    Ok((page_limit(params)?, page_param(params, "offset", 0, i64::MAX as u64)?))
+}
+
+/// The `limit` of a listing: 1 to [`MAX_PAGE_SIZE`], default [`DEFAULT_PAGE_SIZE`].
+pub(crate) fn page_limit(params: &HashMap<String, String>) -> Result<u32, ApiError> {
     let limit = page_param(params, "limit", u64::from(DEFAULT_PAGE_SIZE), u64::from(MAX_PAGE_SIZE))? as u32;
     if limit == 0 {
         return Err(ApiError::field(Code::InvalidValue, "limit", "limit must be at least 1"));
     }
-    Ok((limit, page_param(params, "offset", 0, i64::MAX as u64)?))
+    Ok(limit)
 }
 
 pub(crate) fn page_param(

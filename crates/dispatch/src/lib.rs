@@ -87,6 +87,9 @@ pub struct DispatchConfig {
     /// Serve `GET /metrics` without a token even when tokens are on
     /// (`--metrics-without-token`); `--allow-client` still applies.
     pub metrics_without_token: bool,
+    /// How many lines of agents' watched logs are kept, and for how long
+    /// (`--log-retention-lines`, `--log-retention-age`).
+    pub log_retention: store::LogRetention,
 }
 
 impl Default for DispatchConfig {
@@ -104,6 +107,7 @@ impl Default for DispatchConfig {
             result_grace: Duration::from_secs(30),
             allowed_clients: Vec::new(),
             metrics_without_token: false,
+            log_retention: store::LogRetention::default(),
         }
     }
 }
@@ -255,6 +259,8 @@ pub struct Dispatcher {
     pub metrics: metrics::DispatchMetrics,
     /// See [`DispatchConfig::metrics_without_token`].
     pub metrics_without_token: bool,
+    /// See [`DispatchConfig::log_retention`].
+    pub log_retention: store::LogRetention,
     wake_enqueuer: mpsc::SyncSender<()>,
 }
 
@@ -304,6 +310,7 @@ pub fn run(config: DispatchConfig) -> anyhow::Result<()> {
         cancellations: std::sync::atomic::AtomicU64::new(0),
         metrics: metrics::DispatchMetrics::new(),
         metrics_without_token: config.metrics_without_token,
+        log_retention: config.log_retention,
         wake_enqueuer: wake_tx,
     });
     let stop = Arc::new(AtomicBool::new(false));

@@ -55,6 +55,13 @@ struct Args {
     /// valid token may scrape); --allow-client still applies. See docs/METRICS.md.
     #[arg(long)]
     metrics_without_token: bool,
+    /// Most lines of an agent's watched log file kept per host and path (older ones are
+    /// dropped as new ones arrive).
+    #[arg(long, default_value_t = 10_000)]
+    log_retention_lines: u64,
+    /// Seconds a watched log line is kept after it is received.
+    #[arg(long, default_value_t = 7 * 86_400)]
+    log_retention_age: u64,
 }
 
 fn parse_client_net(s: &str) -> Result<ipnet::IpNet, String> {
@@ -80,5 +87,9 @@ fn main() -> anyhow::Result<()> {
         result_grace: Duration::from_secs(args.result_grace),
         allowed_clients: args.allow_client,
         metrics_without_token: args.metrics_without_token,
+        log_retention: polaris_dispatch::store::LogRetention {
+            max_lines: args.log_retention_lines.max(1),
+            max_age_ms: i64::try_from(args.log_retention_age.saturating_mul(1000)).unwrap_or(i64::MAX),
+        },
     })
 }

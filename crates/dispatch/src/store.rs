@@ -234,7 +234,101 @@ const MIGRATIONS: &[&str] = &[
     // 11: a job's `args` (the `log.*` methods' arguments) as JSON text; absent for every
     // other method and for jobs stored before.
     "ALTER TABLE jobs ADD COLUMN args TEXT;",
+    // 12: what the agents' standing tasks report. Continuous-integrity reports (only
+    // changes since the task's last report; `seq` is the agent's number for it) and the
+    // lines of watched log files, each named once by its file incarnation and offset, so
+    // a batch an agent sends again after a crash adds nothing.
+    "CREATE TABLE integrity_reports (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        host        TEXT NOT NULL,
+        task        TEXT NOT NULL,
+        seq         INTEGER NOT NULL,
+        at          INTEGER NOT NULL,
+        received_at INTEGER NOT NULL,
+        retcode     INTEGER NOT NULL,
+        message     TEXT NOT NULL,
+        report      TEXT NOT NULL,
+        UNIQUE (host, task, seq, at)
+    );
+    CREATE INDEX integrity_reports_by_task ON integrity_reports (host, task, id);
+    CREATE TABLE log_lines (
+        seq    INTEGER PRIMARY KEY AUTOINCREMENT,
+        host   TEXT NOT NULL,
+        path   TEXT NOT NULL,
+        file   TEXT NOT NULL,
+        offset INTEGER NOT NULL,
+        at     INTEGER NOT NULL,
+        line   TEXT NOT NULL,
+        UNIQUE (host, path, file, offset)
+    );
+    CREATE INDEX log_lines_by_path ON log_lines (host, path, seq);
+    CREATE INDEX log_lines_by_age ON log_lines (at);
+    CREATE TABLE log_refusals (
+        host    TEXT NOT NULL,
+        path    TEXT NOT NULL,
+        task    TEXT NOT NULL,
+        code    TEXT NOT NULL,
+        message TEXT NOT NULL,
+        at      INTEGER NOT NULL,
+        PRIMARY KEY (host, path)
+    );",
 ];
+
+/// How many log lines the dispatcher keeps, per host and path, and for how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogRetention {
+    /// Most lines kept per host and path; older ones are dropped as new ones arrive.
+    pub max_lines: u64,
+    /// Lines older than this (milliseconds since they were received) are dropped.
+    pub max_age_ms: i64,
+}
+
+impl Default for LogRetention {
+    fn default() -> Self {
+        LogRetention { max_lines: 10_000, max_age_ms: 7 * 86_400_000 }
+    }
+}
+
+/// Most continuous-integrity reports kept per host and task (the oldest go first).
+pub const MAX_INTEGRITY_REPORTS: i64 = 1000;
+/// Largest stored integrity report, in bytes of JSON (agents cap theirs well below).
+pub const MAX_INTEGRITY_REPORT_BYTES: usize = 1 << 20;
+/// Longest log line stored, in bytes (agents cut theirs at their own, smaller, cap).
+pub const MAX_LOG_LINE_BYTES: usize = 64 * 1024;
+
+/// A stored continuous-integrity report.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct StoredIntegrityReport {
+    /// The dispatcher's number for it.
+    pub id: i64,
+    /// The task's name.
+    pub task: String,
+    /// The agent's number for it.
+    pub seq: i64,
+    /// When the agent scanned (Unix ms).
+    pub at_ms: i64,
+    /// When the dispatcher received it (Unix ms).
+    pub received_at_ms: i64,
+    /// AIDE's bits of what changed.
+    pub retcode: i64,
+    /// One line for people.
+    pub message: String,
+    /// The report JSON.
+    pub report: serde_json::Value,
+}
+
+/// A stored log line.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StoredLogLine {
+    /// Its number, growing in the order lines were received.
+    pub seq: i64,
+    /// When the dispatcher received it (Unix ms).
+    pub at_ms: i64,
+    /// The path, as the task names it.
+    pub path: String,
+    /// The line, without its newline.
+    pub line: String,
+}
 
 /// Most live output kept per host attempt as `output` events, in bytes of output (the
 /// result's own cap: beyond it the agent keeps no output either).
@@ -1118,6 +1212,189 @@ impl Store {
         Ok(n > 0)
     }
 
+    /// Records a continuous-integrity report (a copy of one already held adds nothing)
+    /// and drops the task's oldest beyond [`MAX_INTEGRITY_REPORTS`]; false if it was a copy.
+    pub fn record_integrity_report(&self, r: &polaris_ops_wire::wire::IntegrityReport) -> Result<bool, StoreError> {
+        let report = r.report.to_string();
+        if report.len() > MAX_INTEGRITY_REPORT_BYTES {
+            return Ok(false);
+        }
+        let mut conn = self.conn();
+        let tx = conn.transaction().ctx("record integrity report")?;
+        let n = tx
+            .execute(
+                "INSERT OR IGNORE INTO integrity_reports (host, task, seq, at, received_at, retcode, message, report)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    r.host,
+                    r.task,
+                    i64::try_from(r.seq).unwrap_or(i64::MAX),
+                    i64::try_from(r.at_ms).unwrap_or(i64::MAX),
+                    unix_now_ms(),
+                    r.retcode,
+                    r.message,
+                    report
+                ],
+            )
+            .ctx("record integrity report")?;
+        tx.execute(
+            "DELETE FROM integrity_reports WHERE host = ?1 AND task = ?2 AND id <= (
+                 SELECT id FROM integrity_reports WHERE host = ?1 AND task = ?2 ORDER BY id DESC LIMIT 1 OFFSET ?3)",
+            params![r.host, r.task, MAX_INTEGRITY_REPORTS],
+        )
+        .ctx("trim integrity reports")?;
+        tx.commit().ctx("record integrity report")?;
+        Ok(n > 0)
+    }
+
+    /// The continuous-integrity reports of `host` (of `task` only, when given), newest
+    /// first, and how many there are in all.
+    pub fn integrity_reports(
+        &self,
+        host: &str,
+        task: Option<&str>,
+        limit: u32,
+        offset: u64,
+    ) -> Result<(Vec<StoredIntegrityReport>, u64), StoreError> {
+        let conn = self.conn();
+        let offset = i64::try_from(offset).unwrap_or(i64::MAX);
+        let total: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM integrity_reports WHERE host = ?1 AND (?2 IS NULL OR task = ?2)",
+                params![host, task],
+                |r| r.get(0),
+            )
+            .ctx("count integrity reports")?;
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT id, task, seq, at, received_at, retcode, message, report FROM integrity_reports
+                 WHERE host = ?1 AND (?2 IS NULL OR task = ?2) ORDER BY id DESC LIMIT ?3 OFFSET ?4",
+            )
+            .ctx("list integrity reports")?;
+        let rows = stmt
+            .query_map(params![host, task, limit, offset], |r| {
+                let report: String = r.get(7)?;
+                Ok(StoredIntegrityReport {
+                    id: r.get(0)?,
+                    task: r.get(1)?,
+                    seq: r.get(2)?,
+                    at_ms: r.get(3)?,
+                    received_at_ms: r.get(4)?,
+                    retcode: r.get(5)?,
+                    message: r.get(6)?,
+                    report: serde_json::from_str(&report).unwrap_or(serde_json::Value::String(report)),
+                })
+            })
+            .ctx("list integrity reports")?;
+        let reports = rows.collect::<rusqlite::Result<_>>().ctx("list integrity reports")?;
+        Ok((reports, u64::try_from(total).unwrap_or(0)))
+    }
+
+    /// Records a batch of log lines, each once (a line already held, by its file and
+    /// offset, is skipped), then applies `retention` to the batch's host and path.
+    /// Answers how many lines were new.
+    pub fn record_log_batch(
+        &self,
+        batch: &polaris_ops_wire::wire::LogBatch,
+        retention: LogRetention,
+    ) -> Result<usize, StoreError> {
+        let now = unix_now_ms();
+        let mut conn = self.conn();
+        if let Some(refused) = &batch.refused {
+            conn.execute(
+                "INSERT OR REPLACE INTO log_refusals (host, path, task, code, message, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![batch.host, batch.path, batch.task, refused.code, refused.message, now],
+            )
+            .ctx("record log refusal")?;
+            return Ok(0);
+        }
+        let tx = conn.transaction().ctx("record log lines")?;
+        // A path read now is no longer refused.
+        tx.execute("DELETE FROM log_refusals WHERE host = ?1 AND path = ?2", params![batch.host, batch.path])
+            .ctx("record log lines")?;
+        let mut added = 0;
+        {
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO log_lines (host, path, file, offset, at, line)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .ctx("record log lines")?;
+            if batch.lengths.len() != batch.lines.len() {
+                return Err(StoreError::Corrupt(format!(
+                    "log batch from {}: {} lines but {} lengths",
+                    batch.host,
+                    batch.lines.len(),
+                    batch.lengths.len()
+                )));
+            }
+            let mut offset = batch.offset;
+            for (line, length) in batch.lines.iter().zip(&batch.lengths) {
+                let mut kept = line.as_str();
+                if kept.len() > MAX_LOG_LINE_BYTES {
+                    let mut end = MAX_LOG_LINE_BYTES;
+                    while !kept.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    kept = &kept[..end];
+                }
+                added += insert
+                    .execute(params![
+                        batch.host,
+                        batch.path,
+                        batch.file,
+                        i64::try_from(offset).unwrap_or(i64::MAX),
+                        now,
+                        kept
+                    ])
+                    .ctx("record log lines")?;
+                offset = offset.saturating_add(*length);
+            }
+        }
+        tx.execute(
+            "DELETE FROM log_lines WHERE host = ?1 AND path = ?2 AND (at < ?3 OR seq <= (
+                 SELECT seq FROM log_lines WHERE host = ?1 AND path = ?2 ORDER BY seq DESC LIMIT 1 OFFSET ?4))",
+            params![
+                batch.host,
+                batch.path,
+                now.saturating_sub(retention.max_age_ms),
+                i64::try_from(retention.max_lines).unwrap_or(i64::MAX)
+            ],
+        )
+        .ctx("trim log lines")?;
+        tx.commit().ctx("record log lines")?;
+        Ok(added)
+    }
+
+    /// Why `host`'s agent refuses to follow `path`, if it does: code, message, when (ms).
+    pub fn log_refusal(&self, host: &str, path: &str) -> Result<Option<(String, String, i64)>, StoreError> {
+        self.conn()
+            .query_row(
+                "SELECT code, message, at FROM log_refusals WHERE host = ?1 AND path = ?2",
+                params![host, path],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .ctx("read log refusal")
+    }
+
+    /// Up to `limit` log lines of `host` and `path` after line `after`, oldest first.
+    pub fn log_lines(&self, host: &str, path: &str, after: i64, limit: u32) -> Result<Vec<StoredLogLine>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT seq, at, path, line FROM log_lines WHERE host = ?1 AND path = ?2 AND seq > ?3
+                 ORDER BY seq LIMIT ?4",
+            )
+            .ctx("list log lines")?;
+        let rows = stmt
+            .query_map(params![host, path, after, limit], |r| {
+                Ok(StoredLogLine { seq: r.get(0)?, at_ms: r.get(1)?, path: r.get(2)?, line: r.get(3)? })
+            })
+            .ctx("list log lines")?;
+        rows.collect::<rusqlite::Result<_>>().ctx("list log lines")
+    }
+
     /// Up to `limit` events of job `id` after event `after`, oldest first.
     pub fn events_after(&self, id: &str, after: i64, limit: u32) -> Result<Vec<JobEvent>, StoreError> {
         let conn = self.conn();
@@ -1630,6 +1907,48 @@ fn host_job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<HostJobRecor
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn batch(file: &str, offset: u64, lines: &[&str]) -> polaris_ops_wire::wire::LogBatch {
+        polaris_ops_wire::wire::LogBatch {
+            v: 1,
+            kind: "log".into(),
+            host: "h".into(),
+            task: "t".into(),
+            path: "/var/log/x".into(),
+            file: file.into(),
+            offset,
+            lines: lines.iter().map(|l| l.to_string()).collect(),
+            lengths: lines.iter().map(|l| l.len() as u64 + 1).collect(),
+            refused: None,
+        }
+    }
+
+    #[test]
+    fn log_lines_are_kept_once_and_within_retention() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let keep = LogRetention { max_lines: 3, max_age_ms: 86_400_000 };
+        assert_eq!(store.record_log_batch(&batch("1:2:0", 0, &["a", "b"]), keep).expect("record"), 2);
+        // Sent again (with one more line) after a crash: only the new line is added.
+        assert_eq!(store.record_log_batch(&batch("1:2:0", 0, &["a", "b", "c"]), keep).expect("record"), 1);
+        // Same offsets in the next incarnation (after a truncation) are other lines.
+        assert_eq!(store.record_log_batch(&batch("1:2:1", 0, &["d"]), keep).expect("record"), 1);
+        let lines = store.log_lines("h", "/var/log/x", 0, 100).expect("list");
+        let texts: Vec<&str> = lines.iter().map(|l| l.line.as_str()).collect();
+        assert_eq!(texts, ["b", "c", "d"], "at most max_lines are kept, the oldest go");
+        assert_eq!(store.log_lines("h", "/var/log/x", lines[1].seq, 100).expect("list").len(), 1);
+        let old = LogRetention { max_lines: 100, max_age_ms: -1 };
+        store.record_log_batch(&batch("1:2:1", 2, &["e"]), old).expect("record");
+        assert!(store.log_lines("h", "/var/log/x", 0, 100).expect("list").is_empty(), "all older than max age");
+        let mut bad = batch("1:2:1", 4, &["f"]);
+        bad.lengths.clear();
+        assert!(matches!(store.record_log_batch(&bad, keep), Err(StoreError::Corrupt(_))));
+        let mut refused = batch("", 0, &[]);
+        refused.refused =
+            Some(polaris_ops_wire::wire::Refusal { code: "path_not_allowed".into(), message: "outside".into() });
+        store.record_log_batch(&refused, keep).expect("record");
+        assert_eq!(store.log_refusal("h", "/var/log/x").expect("read").map(|r| r.0), Some("path_not_allowed".into()));
+    }
 
     fn new_job(id: &str, hosts: &[&str]) -> NewJob {
         NewJob {

@@ -655,6 +655,40 @@ fn handle_result(dispatcher: &Dispatcher, conn: &mut Client, job: client::Job) -
             }
             return conn.delete(job.id);
         }
+        Ok(wire::Reply::Integrity(report)) => {
+            // Recorded first, then deleted: a crash in between records a copy, which the
+            // store recognises and skips. A store failure leaves it on the queue (released
+            // by TTR) to be tried again.
+            match dispatcher.store.record_integrity_report(&report) {
+                Ok(true) => log::info!(
+                    "host {} integrity task {}: report {}: {}",
+                    report.host,
+                    report.task,
+                    report.seq,
+                    report.message
+                ),
+                Ok(false) => log::debug!("host {} integrity task {}: copy ignored", report.host, report.task),
+                Err(e) => {
+                    log::warn!("host {} integrity task {}: cannot record the report: {e}", report.host, report.task);
+                    return Ok(());
+                }
+            }
+            return conn.delete(job.id);
+        }
+        Ok(wire::Reply::Log(batch)) => {
+            match dispatcher.store.record_log_batch(&batch, dispatcher.log_retention) {
+                Ok(added) => log::debug!("host {} log {}: {added} new line(s)", batch.host, batch.path),
+                Err(crate::store::StoreError::Corrupt(e)) => {
+                    log::warn!("burying log batch {}: {e}", job.id);
+                    return conn.bury(job.id, BURY_PRIORITY);
+                }
+                Err(e) => {
+                    log::warn!("host {} log {}: cannot record lines: {e}", batch.host, batch.path);
+                    return Ok(());
+                }
+            }
+            return conn.delete(job.id);
+        }
         Err(reason) => {
             log::warn!("burying unreadable result {} on {}: {reason}", job.id, dispatcher.reply_tube);
             return conn.bury(job.id, BURY_PRIORITY);

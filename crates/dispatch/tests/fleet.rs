@@ -713,8 +713,8 @@ fn an_agent_picks_up_a_changed_task_without_restarting() {
     let cluster = Cluster::start(&["c1", "c2", "d1", "r1"]);
     let url = cluster.url("");
     build_tree(&url);
-    let integrity = |paths: Value| json!({"attach_to": {"node": "ECS/OpenStack/Console"}, "kind": "integrity", "spec": {"paths": paths}});
-    ok(&url, "PUT", "/v1/tasks/etc", Some(integrity(json!(["/etc"]))));
+    let integrity = |every: Value| json!({"attach_to": {"node": "ECS/OpenStack/Console"}, "kind": "integrity", "spec": {"every": every}});
+    ok(&url, "PUT", "/v1/tasks/etc", Some(integrity(json!(300))));
     let signed = |host: &str| request_text("GET", &format!("{url}/v1/hosts/{host}/tasks/signed"), None, None);
     let (status, message) = signed("c1");
     assert_eq!(status, 200, "{message}");
@@ -730,7 +730,7 @@ fn an_agent_picks_up_a_changed_task_without_restarting() {
     });
 
     // A change reaches the agent without a restart.
-    ok(&url, "PUT", "/v1/tasks/etc", Some(integrity(json!(["/etc", "/usr/bin"]))));
+    ok(&url, "PUT", "/v1/tasks/etc", Some(integrity(json!(600))));
     assert_eq!(applied("c1")["current"], false, "the change is not applied yet");
     wait_until(Duration::from_secs(30), "c1's agent follows the change", || applied("c1")["current"] == true);
     let second = applied("c1")["digest"].as_str().expect("digest").to_string();

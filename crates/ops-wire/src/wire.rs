@@ -410,6 +410,75 @@ pub struct OutputChunk {
 /// The `kind` of an [`OutputChunk`].
 pub const OUTPUT_CHUNK_KIND: &str = "output";
 
+/// What changed under a continuous-integrity standing task since the agent's last report
+/// for it, put on the reply tube by the agent's runner of that task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IntegrityReport {
+    /// Format version (1).
+    pub v: u32,
+    /// Always `integrity`.
+    pub kind: String,
+    /// The reporting host.
+    pub host: String,
+    /// The standing task's name.
+    pub task: String,
+    /// The agent's number of this report for the task, from 1 (kept in its state dir).
+    pub seq: u64,
+    /// Unix milliseconds of the scan.
+    pub at_ms: u64,
+    /// AIDE's bits for the changes reported (1 added, 2 removed, 4 changed).
+    pub retcode: u32,
+    /// One line for people.
+    pub message: String,
+    /// The integrity report JSON (as `integrity.check` renders it, capped) of the changes.
+    pub report: serde_json::Value,
+}
+
+/// The `kind` of an [`IntegrityReport`].
+pub const INTEGRITY_REPORT_KIND: &str = "integrity";
+
+/// New complete lines of a watched log file, put on the reply tube by the agent's runner
+/// of a `log` standing task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogBatch {
+    /// Format version (1).
+    pub v: u32,
+    /// Always `log`.
+    pub kind: String,
+    /// The reporting host.
+    pub host: String,
+    /// The standing task's name.
+    pub task: String,
+    /// The path as the task names it.
+    pub path: String,
+    /// Which incarnation of the file: `dev:inode:generation` (the generation grows when
+    /// the file is truncated), so a line is named by (file, offset) exactly once.
+    pub file: String,
+    /// Byte offset in that file of the first line.
+    pub offset: u64,
+    /// The lines, without their newline (bytes that are not UTF-8 replaced).
+    pub lines: Vec<String>,
+    /// How many bytes of the file each line takes, its newline included (so the next
+    /// line's offset is known even where replacement changed a line's length).
+    pub lengths: Vec<u64>,
+    /// Set (with no lines) when the agent will not read the path: outside its log roots,
+    /// or a symlink leading out of them. Sent once per agent run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<Refusal>,
+}
+
+/// Why an agent will not follow a path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    /// The code's label, e.g. `path_not_allowed`.
+    pub code: String,
+    /// What it said.
+    pub message: String,
+}
+
+/// The `kind` of a [`LogBatch`].
+pub const LOG_BATCH_KIND: &str = "log";
+
 /// What an agent puts on the reply tube.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
@@ -417,10 +486,15 @@ pub enum Reply {
     Result(HostResult),
     /// A piece of a running command's output.
     Output(OutputChunk),
+    /// Changes found by a continuous-integrity standing task.
+    Integrity(IntegrityReport),
+    /// Lines of a watched log file.
+    Log(LogBatch),
 }
 
 impl Reply {
-    /// Parses a verified payload: a chunk when it says `"kind": "output"`, else a result.
+    /// Parses a verified payload by its `kind` (`output`, `integrity`, `log`); without
+    /// one it is a result.
     pub fn parse(payload: &[u8]) -> Result<Reply, serde_json::Error> {
         #[derive(Deserialize)]
         struct Kind {
@@ -430,6 +504,8 @@ impl Reply {
         let kind: Kind = serde_json::from_slice(payload)?;
         match kind.kind.as_deref() {
             Some(OUTPUT_CHUNK_KIND) => serde_json::from_slice(payload).map(Reply::Output),
+            Some(INTEGRITY_REPORT_KIND) => serde_json::from_slice(payload).map(Reply::Integrity),
+            Some(LOG_BATCH_KIND) => serde_json::from_slice(payload).map(Reply::Log),
             _ => serde_json::from_slice(payload).map(Reply::Result),
         }
     }
@@ -567,6 +643,38 @@ mod tests {
         assert_eq!(OutputData::new(&cut, false).encoding, Some(Encoding::Base64));
         // Invalid bytes before the cut are binary whatever the cut.
         assert_eq!(OutputData::new(&[0xff, b'a', 0xc3], true).encoding, Some(Encoding::Base64));
+    }
+
+    #[test]
+    fn standing_task_messages_parse_by_kind() {
+        let log = LogBatch {
+            v: 1,
+            kind: LOG_BATCH_KIND.into(),
+            host: "h".into(),
+            task: "t".into(),
+            path: "/var/log/x".into(),
+            file: "1:2:0".into(),
+            offset: 0,
+            lines: vec!["a".into()],
+            lengths: vec![2],
+            refused: None,
+        };
+        let json = serde_json::to_vec(&log).expect("json");
+        assert!(!String::from_utf8_lossy(&json).contains("refused"));
+        assert_eq!(Reply::parse(&json).expect("parse"), Reply::Log(log));
+        let report = IntegrityReport {
+            v: 1,
+            kind: INTEGRITY_REPORT_KIND.into(),
+            host: "h".into(),
+            task: "t".into(),
+            seq: 1,
+            at_ms: 5,
+            retcode: 4,
+            message: "m".into(),
+            report: serde_json::json!({"changed": []}),
+        };
+        let json = serde_json::to_vec(&report).expect("json");
+        assert_eq!(Reply::parse(&json).expect("parse"), Reply::Integrity(report));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use super::target;
 use super::tasks;
 use super::tree::{self, HostChange, NodeUpdate};
 use super::{valid_path, Actor, Level};
-use crate::api::{authenticate, blocking, page, AppState, IdParam};
+use crate::api::{authenticate, blocking, page, page_limit, page_param, AppState, IdParam};
 use crate::error::ApiError;
 use crate::request::{parse_object, reject_unknown_fields, required_string, type_name};
 use crate::Dispatcher;
@@ -56,6 +56,8 @@ pub const QUERY_PARAMETERS: &[(&str, &str, &[&str])] = &[
     ("GET", "/v1/fleet/audit", &["limit", "offset", "subject"]),
     ("DELETE", "/v1/tasks/:name", &["node", "host"]),
     ("GET", "/v1/tasks/:name/runs", &["limit", "offset"]),
+    ("GET", "/v1/hosts/:id/integrity", &["task", "limit", "offset"]),
+    ("GET", "/v1/hosts/:id/logs", &["path", "after", "limit"]),
 ];
 
 /// The node path of a `/v1/nodes/{path}` URL, checked.
@@ -572,6 +574,70 @@ pub(crate) async fn host_tasks(
     let d = dispatcher.clone();
     let effective = blocking(move || Ok(tasks::effective(&d.store, &id)?)).await?;
     Ok(Json(effective).into_response())
+}
+
+/// `GET /v1/hosts/{id}/integrity?task=NAME&limit=&offset=`: the host's continuous-integrity
+/// reports (of one task, when named), newest first.
+pub(crate) async fn host_integrity(
+    State(dispatcher): State<AppState>,
+    headers: HeaderMap,
+    IdParam(id): IdParam,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    authenticate(&dispatcher, &headers)?;
+    host_id(&id)?;
+    let (limit, offset) = page(&params)?;
+    let task = params.get("task").cloned();
+    if let Some(name) = &task {
+        tasks::check_name(name).map_err(|mut e| {
+            e.field = Some("task".into());
+            e
+        })?;
+    }
+    let d = dispatcher.clone();
+    let host = id.clone();
+    let t = task.clone();
+    let (reports, total) = blocking(move || Ok(d.store.integrity_reports(&host, t.as_deref(), limit, offset)?)).await?;
+    let count = reports.len() as u64;
+    let next_offset = if offset + count < total { Some(offset + count) } else { None };
+    Ok(Json(serde_json::json!({
+        "host": id,
+        "task": task,
+        "reports": reports,
+        "total": total,
+        "limit": limit,
+        "offset": offset,
+        "next_offset": next_offset,
+    }))
+    .into_response())
+}
+
+/// `GET /v1/hosts/{id}/logs?path=P&after=SEQ&limit=N`: lines of the host's watched file
+/// `P` after line `SEQ` (0: from the oldest kept), oldest first, and the `after` to ask
+/// with next (the same when there is nothing new); `refused` says why the agent does not
+/// follow the path, when it does not.
+pub(crate) async fn host_logs(
+    State(dispatcher): State<AppState>,
+    headers: HeaderMap,
+    IdParam(id): IdParam,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    authenticate(&dispatcher, &headers)?;
+    host_id(&id)?;
+    let Some(path) = params.get("path").cloned() else {
+        return Err(ApiError::field(Code::MissingField, "path", "path (the watched file) is required"));
+    };
+    let limit = page_limit(&params)?;
+    let after = page_param(&params, "after", 0, i64::MAX as u64)? as i64;
+    let d = dispatcher.clone();
+    let (lines, refused) =
+        blocking(move || Ok((d.store.log_lines(&id, &path, after, limit)?, d.store.log_refusal(&id, &path)?))).await?;
+    let next_after = lines.last().map_or(after, |l| l.seq);
+    let mut body = serde_json::json!({"lines": lines, "next_after": next_after});
+    if let Some((code, message, at_ms)) = refused {
+        body["refused"] = serde_json::json!({"code": code, "message": message, "at_ms": at_ms});
+    }
+    Ok(Json(body).into_response())
 }
 
 /// `GET /v1/hosts/{id}/tasks/signed`: the host's effective tasks as its agent fetches

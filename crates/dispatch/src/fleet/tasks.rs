@@ -9,7 +9,8 @@
 //! conflict: reported, never resolved by picking one.
 //!
 //! Kinds: `schedule` (a command run every N seconds or on a cron expression), and
-//! `integrity` and `log`, whose `spec` is a free JSON object the agent interprets.
+//! `integrity` and `log`, whose `spec` the agent runs ([`check_integrity_spec`],
+//! [`check_log_spec`]).
 
 use super::audit::{self, Action, Change};
 use super::{check_path, parent_of, tree, Actor, Level};
@@ -150,6 +151,111 @@ pub fn check_cron(expr: &str) -> Result<(), String> {
     croner::Cron::new(expr).with_seconds_optional().parse().map(|_| ()).map_err(|e| format!("{e}"))
 }
 
+/// Bounds of an `integrity` task's `every`, in seconds.
+pub const INTEGRITY_EVERY: (u64, u64) = (2, 7 * 86_400);
+/// Bounds of a `log` task's `every` (how often the files are looked at), in seconds.
+pub const LOG_EVERY: (u64, u64) = (1, 3600);
+/// Most paths one `log` task follows.
+pub const MAX_LOG_PATHS: usize = 64;
+/// Longest path a `log` task may name, in bytes.
+pub const MAX_LOG_PATH_BYTES: usize = 4096;
+
+fn spec_field(name: &str) -> String {
+    format!("spec.{name}")
+}
+
+fn every_within(spec: &Map<String, Value>, (low, high): (u64, u64), required: bool) -> Result<(), ApiError> {
+    match spec.get("every") {
+        None if !required => Ok(()),
+        None | Some(Value::Null) => {
+            Err(ApiError::field(Code::MissingField, spec_field("every"), "spec.every (seconds) is required"))
+        }
+        Some(v) => match v.as_u64() {
+            Some(n) if (low..=high).contains(&n) => Ok(()),
+            Some(n) => Err(ApiError::field(
+                Code::InvalidValue,
+                spec_field("every"),
+                format!("spec.every must be from {low} to {high} seconds, got {n}"),
+            )),
+            None => Err(ApiError::field(
+                Code::WrongType,
+                spec_field("every"),
+                format!("spec.every must be a whole number of seconds, got {v}"),
+            )),
+        },
+    }
+}
+
+fn reject_unknown_spec_fields(spec: &Map<String, Value>, known: &[&str]) -> Result<(), ApiError> {
+    match spec.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(unknown) => Err(ApiError::field(
+            Code::UnknownField,
+            spec_field(unknown),
+            format!("unknown field spec.{unknown}; the spec takes {}", known.join(", ")),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// An `integrity` task's spec: `{"every": SECONDS}` and nothing else (the rules come only
+/// from each agent's own configuration).
+pub fn check_integrity_spec(spec: &Map<String, Value>) -> Result<(), ApiError> {
+    reject_unknown_spec_fields(spec, &["every"])?;
+    every_within(spec, INTEGRITY_EVERY, true)
+}
+
+/// A `log` task's spec: `{"paths": [ABSOLUTE PATH, …], "every": SECONDS}` (`every`
+/// optional, 2 by default); whether a path may be read is the agent's to say.
+pub fn check_log_spec(spec: &Map<String, Value>) -> Result<(), ApiError> {
+    reject_unknown_spec_fields(spec, &["paths", "every"])?;
+    every_within(spec, LOG_EVERY, false)?;
+    let paths = match spec.get("paths") {
+        None | Some(Value::Null) => {
+            return Err(ApiError::field(Code::MissingField, spec_field("paths"), "spec.paths is required"))
+        }
+        Some(Value::Array(paths)) => paths,
+        Some(other) => {
+            return Err(ApiError::field(
+                Code::WrongType,
+                spec_field("paths"),
+                format!("spec.paths must be an array of paths, got {}", type_name(other)),
+            ))
+        }
+    };
+    if paths.is_empty() || paths.len() > MAX_LOG_PATHS {
+        return Err(ApiError::field(
+            Code::InvalidValue,
+            spec_field("paths"),
+            format!("spec.paths must name 1 to {MAX_LOG_PATHS} files, got {}", paths.len()),
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for path in paths {
+        let Some(text) = path.as_str() else {
+            return Err(ApiError::field(
+                Code::WrongType,
+                spec_field("paths"),
+                format!("spec.paths must hold strings, got {}", type_name(path)),
+            ));
+        };
+        let bad = if !text.starts_with('/') {
+            Some("is not an absolute path")
+        } else if text.len() > MAX_LOG_PATH_BYTES {
+            Some("is too long")
+        } else if text.contains('\0') {
+            Some("holds a NUL")
+        } else if !seen.insert(text) {
+            Some("is named twice")
+        } else {
+            None
+        };
+        if let Some(bad) = bad {
+            return Err(ApiError::field(Code::InvalidValue, spec_field("paths"), format!("{text:?} {bad}")));
+        }
+    }
+    Ok(())
+}
+
 /// Parses the body of `PUT /v1/tasks/{name}` (without `attach_to`): the kind and its spec.
 pub fn parse_spec(map: &Map<String, Value>) -> Result<(String, Map<String, Value>), ApiError> {
     let kind = match map.get("kind") {
@@ -286,6 +392,11 @@ pub fn parse_spec(map: &Map<String, Value>) -> Result<(String, Map<String, Value
                     ))
                 }
                 Some(Value::Object(inner)) => {
+                    if kind == "integrity" {
+                        check_integrity_spec(inner)?;
+                    } else {
+                        check_log_spec(inner)?;
+                    }
                     spec.insert("spec".into(), Value::Object(inner.clone()));
                 }
                 Some(other) => {
@@ -716,9 +827,28 @@ mod tests {
         assert_eq!(parse(json!({"kind": "schedule", "cmd": "x"})).unwrap_err().0, Code::MissingField);
         assert_eq!(parse(json!({"kind": "schedule", "every": 0, "cmd": "x"})).unwrap_err().0, Code::InvalidTask);
         assert_eq!(parse(json!({"kind": "cleanup"})).unwrap_err().0, Code::InvalidTask);
-        assert!(parse(json!({"kind": "integrity", "spec": {"paths": ["/etc"]}})).is_ok());
+        assert!(parse(json!({"kind": "integrity", "spec": {"every": 300}})).is_ok());
+        assert_eq!(parse(json!({"kind": "integrity", "spec": {"paths": ["/etc"]}})).unwrap_err().0, Code::UnknownField);
+        assert_eq!(parse(json!({"kind": "integrity", "spec": {}})).unwrap_err().0, Code::MissingField);
+        assert_eq!(parse(json!({"kind": "integrity", "spec": {"every": 1}})).unwrap_err().0, Code::InvalidValue);
+        assert_eq!(parse(json!({"kind": "integrity", "spec": {"every": "5m"}})).unwrap_err().0, Code::WrongType);
+        assert!(parse(json!({"kind": "log", "spec": {"paths": ["/var/log/syslog"], "every": 2}})).is_ok());
+        assert!(parse(json!({"kind": "log", "spec": {"paths": ["/var/log/syslog"]}})).is_ok());
         assert_eq!(parse(json!({"kind": "log", "spec": 3})).unwrap_err().0, Code::WrongType);
         assert_eq!(parse(json!({"kind": "log", "spec": {}, "cmd": "x"})).unwrap_err().0, Code::UnknownField);
+        assert_eq!(parse(json!({"kind": "log", "spec": {}})).unwrap_err().0, Code::MissingField);
+        for bad in [json!([]), json!(["rel/x"]), json!(["/a", "/a"]), json!(["/a\u{0}b"])] {
+            assert_eq!(parse(json!({"kind": "log", "spec": {"paths": bad}})).unwrap_err().0, Code::InvalidValue);
+        }
+        assert_eq!(parse(json!({"kind": "log", "spec": {"paths": [3]}})).unwrap_err().0, Code::WrongType);
+        assert_eq!(
+            parse(json!({"kind": "log", "spec": {"paths": ["/a"], "every": 0}})).unwrap_err().0,
+            Code::InvalidValue
+        );
+        assert_eq!(
+            parse(json!({"kind": "log", "spec": {"paths": ["/a"], "grep": "x"}})).unwrap_err(),
+            (Code::UnknownField, Some("spec.grep".to_string()))
+        );
         let (_, rolling) =
             parse(json!({"kind": "schedule", "every": 60, "cmd": "x", "batch": {"size": 1, "max_failures": 0}}))
                 .unwrap();
