@@ -44,6 +44,11 @@ complete -c polaris -n "__fish_polaris_using_subcommand run" -l target-node -d '
 complete -c polaris -n "__fish_polaris_using_subcommand run" -l label -d 'Only hosts with this label (repeatable; all must match)' -r
 complete -c polaris -n "__fish_polaris_using_subcommand run" -l exclude-hosts -d 'Leave these hosts out of the target (comma-separated)' -r
 complete -c polaris -n "__fish_polaris_using_subcommand run" -l timeout -d 'Seconds the command may run on each host (the dispatcher\'s default: 30)' -r
+complete -c polaris -n "__fish_polaris_using_subcommand run" -l batch -d 'Roll out in batches of this many hosts, one batch after the other (`batch.size`)' -r
+complete -c polaris -n "__fish_polaris_using_subcommand run" -l batch-interval -d 'Seconds between one batch ending and the next starting (`batch.interval`)' -r
+complete -c polaris -n "__fish_polaris_using_subcommand run" -l concurrency -d 'At most this many hosts running at once (`concurrency`)' -r
+complete -c polaris -n "__fish_polaris_using_subcommand run" -l max-failures -d 'Stop starting hosts once more than this many failed (`max_failures`; needs --batch or --concurrency)' -r
+complete -c polaris -n "__fish_polaris_using_subcommand run" -l retries -d 'Try a failed host again, up to this many more times (`retry.max`)' -r
 complete -c polaris -n "__fish_polaris_using_subcommand run" -l url -d 'Dispatcher base URL, e.g. http://127.0.0.1:8080' -r
 complete -c polaris -n "__fish_polaris_using_subcommand run" -l token -d 'Bearer token (when the dispatcher runs with --tokens)' -r
 complete -c polaris -n "__fish_polaris_using_subcommand run" -l config -d 'Config file (TOML: url, token)' -r -F

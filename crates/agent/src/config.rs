@@ -31,6 +31,20 @@ struct FileConfig {
     integrity: Option<IntegritySection>,
     #[serde(default)]
     log: Option<LogSection>,
+    #[serde(default)]
+    limits: Limits,
+}
+
+/// `[limits]`: the largest resource limits a job may ask for (`memory_max` in bytes,
+/// `cpu_max_milli` in thousandths of a CPU); `--max-memory` and `--max-cpu-milli` win over
+/// them, and without either the host's memory and CPUs are the ceilings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// The largest `memory_max`, in bytes.
+    pub max_memory: Option<u64>,
+    /// The largest `cpu_max_milli`.
+    pub max_cpu_milli: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -77,6 +91,8 @@ pub struct Settings {
     pub integrity: Option<IntegritySettings>,
     /// The log methods' settings; `None` when the file has no `[log]`.
     pub log: Option<LogSettings>,
+    /// The resource-limit ceilings of `[limits]`.
+    pub limits: Limits,
 }
 
 /// Why a config file was refused.
@@ -164,7 +180,7 @@ pub fn parse(text: &str, path: &Path, state_file: &Path) -> Result<Settings, Con
             })
         }
     };
-    Ok(Settings { integrity, log })
+    Ok(Settings { integrity, log, limits: file.limits })
 }
 
 #[cfg(test)]
@@ -187,6 +203,11 @@ mod tests {
         assert_eq!(integrity.baseline, dir.path().join("state").join(BASELINE_FILE));
         assert_eq!((integrity.report_max_entries, integrity.hash_threads), (50, 2));
         assert_eq!(settings.log.expect("log").max_matches, 10);
+        let limited = parse("[limits]\nmax_memory = 1073741824\nmax_cpu_milli = 1500\n", &config, Path::new("a.json"))
+            .expect("valid");
+        assert_eq!(limited.limits, Limits { max_memory: Some(1 << 30), max_cpu_milli: Some(1500) });
+        let e = parse("[limits]\nmax_swap = 1\n", &config, Path::new("a.json")).expect_err("unknown key");
+        assert!(e.to_string().contains("max_swap"), "{e}");
 
         let e = parse("[integrity]\nrules = \"aide.conf\"\nreport_max = 3\n", &config, Path::new("a.json"))
             .expect_err("unknown key");

@@ -189,9 +189,13 @@ struct Agent {
     shared: Arc<Shared>,
     /// The cgroups commands run in ([`contain`]).
     containment: Containment,
-    /// The largest `memory_max` and `cpu_max_milli` envelopes may ask for.
-    max_memory: u64,
-    max_cpu_milli: u32,
+    /// The largest `memory_max` and `cpu_max_milli` envelopes may ask for, as the flags
+    /// say (they win over the config file's `[limits]`, read again on SIGHUP)...
+    max_memory: Option<u64>,
+    max_cpu_milli: Option<u32>,
+    /// ...and when neither says: the host's memory and CPUs.
+    host_memory: u64,
+    host_cpu_milli: u32,
     /// Runs of a dead predecessor, ended, whose results are still to be put.
     adopted: RefCell<Vec<Adopted>>,
     /// The `--config` file's settings in force.
@@ -234,15 +238,20 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
     // Before anything else: end what a predecessor that died left running.
     let adopted: Vec<Adopted> =
         ledger.unfinished().iter().map(|run| orphans::adopt(run, &host_id, &containment)).collect();
-    let max_memory = config.max_memory.unwrap_or_else(|| {
+    let (flag_max_memory, flag_max_cpu_milli) = (config.max_memory, config.max_cpu_milli);
+    let host_memory = {
         let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
         query::parse_meminfo(&meminfo).total_kib.saturating_mul(1024)
-    });
-    let max_cpu_milli = config.max_cpu_milli.unwrap_or_else(|| {
+    };
+    let host_cpu_milli = {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         u32::try_from(cpus).unwrap_or(u32::MAX / 1000).saturating_mul(1000)
-    });
-    log::info!("ceilings: memory_max up to {max_memory} bytes, cpu_max_milli up to {max_cpu_milli}");
+    };
+    log::info!(
+        "ceilings: memory_max up to {} bytes, cpu_max_milli up to {}",
+        config.max_memory.or(settings.limits.max_memory).unwrap_or(host_memory),
+        config.max_cpu_milli.or(settings.limits.max_cpu_milli).unwrap_or(host_cpu_milli)
+    );
     let shutdown = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, shutdown.clone()).context("installing signal handlers")?;
@@ -311,8 +320,10 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
         shutdown,
         shared,
         containment,
-        max_memory,
-        max_cpu_milli,
+        max_memory: flag_max_memory,
+        max_cpu_milli: flag_max_cpu_milli,
+        host_memory,
+        host_cpu_milli,
         adopted: RefCell::new(adopted),
         settings: RefCell::new(settings),
         watch_settings,
@@ -658,6 +669,9 @@ impl Agent {
         if !envelope.method.runs_command() {
             return Ok(());
         }
+        let limits = self.settings.borrow().limits;
+        let max_memory = self.max_memory.or(limits.max_memory).unwrap_or(self.host_memory);
+        let max_cpu_milli = self.max_cpu_milli.or(limits.max_cpu_milli).unwrap_or(self.host_cpu_milli);
         if let Some(bytes) = envelope.memory_max {
             if bytes < MIN_MEMORY_MAX {
                 return Err((
@@ -665,13 +679,12 @@ impl Agent {
                     format!("Refused: memory_max {bytes} is below the {MIN_MEMORY_MAX} bytes a command needs; job buried, not run"),
                 ));
             }
-            if bytes > self.max_memory {
+            if bytes > max_memory {
                 return Err((
                     Code::LimitAboveCeiling,
                     format!(
-                        "Refused: memory_max {bytes} is above this agent's ceiling of {} bytes (--max-memory); job \
-                         buried, not run",
-                        self.max_memory
+                        "Refused: memory_max {bytes} is above this agent's ceiling of {max_memory} bytes \
+                         (--max-memory, [limits] max_memory); job buried, not run"
                     ),
                 ));
             }
@@ -689,13 +702,12 @@ impl Agent {
             if milli == 0 {
                 return Err((Code::MalformedEnvelope, "Refused: cpu_max_milli is 0; job buried, not run".to_string()));
             }
-            if milli > self.max_cpu_milli {
+            if milli > max_cpu_milli {
                 return Err((
                     Code::LimitAboveCeiling,
                     format!(
-                        "Refused: cpu_max_milli {milli} is above this agent's ceiling of {} (--max-cpu-milli); job \
-                         buried, not run",
-                        self.max_cpu_milli
+                        "Refused: cpu_max_milli {milli} is above this agent's ceiling of {max_cpu_milli} \
+                         (--max-cpu-milli, [limits] max_cpu_milli); job buried, not run"
                     ),
                 ));
             }

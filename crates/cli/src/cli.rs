@@ -109,6 +109,22 @@ pub struct RunArgs {
     /// Seconds the command may run on each host (the dispatcher's default: 30).
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u32>,
+    /// Roll out in batches of this many hosts, one batch after the other (`batch.size`).
+    #[arg(long, value_name = "HOSTS", conflicts_with = "concurrency")]
+    pub batch: Option<u32>,
+    /// Seconds between one batch ending and the next starting (`batch.interval`).
+    #[arg(long, value_name = "SECS", requires = "batch")]
+    pub batch_interval: Option<u32>,
+    /// At most this many hosts running at once (`concurrency`).
+    #[arg(long, value_name = "HOSTS")]
+    pub concurrency: Option<u32>,
+    /// Stop starting hosts once more than this many failed (`max_failures`; needs
+    /// --batch or --concurrency).
+    #[arg(long, value_name = "HOSTS")]
+    pub max_failures: Option<u32>,
+    /// Try a failed host again, up to this many more times (`retry.max`).
+    #[arg(long, value_name = "TIMES")]
+    pub retries: Option<u32>,
     /// Print each host's output as one block under a header, not line by line.
     #[arg(long)]
     pub group: bool,

@@ -78,6 +78,24 @@ pub fn run_request(args: &RunArgs) -> Value {
     if let Some(timeout) = args.timeout {
         body.insert("timeout".into(), json!(timeout));
     }
+    // Execution policies (docs/DISPATCH.md § Execution control); the dispatcher checks them.
+    if let Some(size) = args.batch {
+        let mut batch = Map::new();
+        batch.insert("size".into(), json!(size));
+        if let Some(interval) = args.batch_interval {
+            batch.insert("interval".into(), json!(interval));
+        }
+        body.insert("batch".into(), Value::Object(batch));
+    }
+    if let Some(concurrency) = args.concurrency {
+        body.insert("concurrency".into(), json!(concurrency));
+    }
+    if let Some(max) = args.max_failures {
+        body.insert("max_failures".into(), json!(max));
+    }
+    if let Some(max) = args.retries {
+        body.insert("retry".into(), json!({"max": max}));
+    }
     Value::Object(body)
 }
 
@@ -334,6 +352,28 @@ mod tests {
             run_request(&args),
             json!({"target": {"nodes": ["ECS/DB"], "labels": {"dc": "hz1"}, "hosts": ["x"]}, "method": "async.bash", "cmd": "ls"})
         );
+        let args = run_args(&[
+            "polaris",
+            "run",
+            "--hosts",
+            "a,b",
+            "--batch",
+            "1",
+            "--batch-interval",
+            "5",
+            "--max-failures",
+            "0",
+            "--retries",
+            "2",
+            "--",
+            "true",
+        ]);
+        assert_eq!(
+            run_request(&args),
+            json!({"hosts": ["a", "b"], "method": "async.bash", "cmd": "true", "batch": {"size": 1, "interval": 5},
+                   "max_failures": 0, "retry": {"max": 2}})
+        );
+        assert!(Cli::try_parse_from(["polaris", "run", "--batch", "1", "--concurrency", "2", "--", "ls"]).is_err());
         assert!(Cli::try_parse_from(["polaris", "run", "--hosts", "a"]).is_err(), "a command is required");
         assert!(Cli::try_parse_from(["polaris", "run", "--label", "novalue", "--", "ls"]).is_err());
     }
