@@ -978,7 +978,7 @@ fn every_error_has_the_documented_shape() {
     };
     // Unknown paths.
     check("GET", "/v1/nope", None, 404, "no_such_endpoint", Value::Null);
-    check("GET", "/", None, 404, "no_such_endpoint", Value::Null);
+    check("GET", "/index.php", None, 404, "no_such_endpoint", Value::Null);
     check("POST", "/v1/jobs/x/y", Some("{}"), 404, "no_such_endpoint", Value::Null);
     // Known paths, wrong methods.
     check("PUT", "/v1/jobs", Some("{}"), 405, "method_not_allowed", Value::Null);
