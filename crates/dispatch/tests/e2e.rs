@@ -430,13 +430,17 @@ fn revoke_removes_jobs_no_agent_took_and_cancels_running_ones() {
     assert_eq!(status, 201);
     let (status, body) = post(
         &cluster.url("/v1/jobs"),
-        &json!({"hosts": ["offline", "alpha"], "method": "async.bash", "cmd": "echo started; sleep 5; echo ran", "timeout": 30}),
+        &json!({"hosts": ["offline", "alpha"], "method": "async.bash", "cmd": "echo started; touch started; sleep 5; echo ran", "timeout": 30}),
     );
     assert_eq!(status, 202);
     let url = cluster.url(&format!("/v1/jobs/{}", body["id"].as_str().expect("id")));
     wait_until(Duration::from_secs(5), "offline host queued and alpha running", || {
         let states = host_states(&get(&url).1);
         states[0].1 == "ready" && states[1].1 == "reserved"
+    });
+    // Its first line is out (the pipe holds it however soon the kill comes).
+    wait_until(Duration::from_secs(10), "alpha printed its first line", || {
+        cluster.workdir("alpha").join("started").exists()
     });
     let (status, reply) = request("DELETE", &url, None, None);
     assert_eq!(status, 200, "{reply}");
