@@ -633,6 +633,12 @@ async fn get_job(
     Ok(Json(status).into_response())
 }
 
+/// The `offset` of the page after one of `count` items from `offset`, of `total`: `None`
+/// when this page was the last.
+pub(crate) fn next_offset(offset: u64, count: u64, total: u64) -> Option<u64> {
+    (offset + count < total).then_some(offset + count)
+}
+
 /// The `limit` (1 to [`MAX_PAGE_SIZE`], default [`DEFAULT_PAGE_SIZE`]) and `offset` of a
 /// listing.
 pub(crate) fn page(params: &HashMap<String, String>) -> Result<(u32, u64), ApiError> {
@@ -700,7 +706,7 @@ async fn list_jobs(
             entry
         })
         .collect();
-    let next_offset = if offset + count < total { Some(offset + count) } else { None };
+    let next_offset = next_offset(offset, count, total);
     Ok(Json(json!({
         "jobs": jobs,
         "total": total,

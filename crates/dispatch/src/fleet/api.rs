@@ -11,7 +11,7 @@ use super::target;
 use super::tasks;
 use super::tree::{self, HostChange, NodeUpdate};
 use super::{valid_path, Actor, Level};
-use crate::api::{authenticate, blocking, page, page_limit, page_param, AppState, IdParam};
+use crate::api::{authenticate, blocking, next_offset, page, page_limit, page_param, AppState, IdParam};
 use crate::error::ApiError;
 use crate::request::{parse_object, reject_unknown_fields, required_string, type_name};
 use crate::Dispatcher;
@@ -410,7 +410,7 @@ async fn list_audit(
     let (entries, total) =
         blocking(move || Ok(super::audit::list(&d.store.conn(), limit, offset, subject.as_deref())?)).await?;
     let count = entries.len() as u64;
-    let next_offset = if offset + count < total { Some(offset + count) } else { None };
+    let next_offset = next_offset(offset, count, total);
     Ok(Json(AuditPage { changes: entries, total, limit, offset, next_offset }).into_response())
 }
 
@@ -512,7 +512,7 @@ async fn task_runs(
     })
     .await?;
     let count = runs.len() as u64;
-    let next_offset = if offset + count < total { Some(offset + count) } else { None };
+    let next_offset = next_offset(offset, count, total);
     Ok(Json(RunsPage { name, next_due, runs, total, limit, offset, next_offset }).into_response())
 }
 
@@ -599,7 +599,7 @@ pub(crate) async fn host_integrity(
     let t = task.clone();
     let (reports, total) = blocking(move || Ok(d.store.integrity_reports(&host, t.as_deref(), limit, offset)?)).await?;
     let count = reports.len() as u64;
-    let next_offset = if offset + count < total { Some(offset + count) } else { None };
+    let next_offset = next_offset(offset, count, total);
     Ok(Json(serde_json::json!({
         "host": id,
         "task": task,

@@ -228,9 +228,11 @@ pub fn inheriting_hosts(conn: &Connection, name: &str, at: &AttachPoint) -> Resu
         AttachPoint::Node(path) => path.as_str(),
         AttachPoint::Host(_) => "host",
     };
+    // The tree and the tasks once, not once per candidate host.
+    let index = tasks::TaskIndex::load(conn)?;
     let mut out = Vec::new();
     for host in candidates {
-        let effective = tasks::resolve(tasks::inherited(conn, &host)?);
+        let effective = tasks::resolve(index.inherited(conn, &host)?);
         if effective.tasks.iter().any(|t| t.name == name && t.from == want_from) {
             out.push(host);
         }

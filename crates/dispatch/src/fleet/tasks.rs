@@ -667,33 +667,53 @@ pub fn resolve(inherited: Vec<Inherited>) -> EffectiveTasks {
     out
 }
 
+/// Every task and the level of every node, read once to resolve many hosts' tasks.
+#[derive(Debug, Clone)]
+pub struct TaskIndex {
+    tasks: Vec<Task>,
+    levels: BTreeMap<String, Level>,
+}
+
+impl TaskIndex {
+    /// Reads every task and node.
+    pub fn load(conn: &Connection) -> Result<TaskIndex, StoreError> {
+        let levels = tree::nodes(conn)?.into_iter().map(|n| (n.path, n.level)).collect();
+        Ok(TaskIndex { tasks: list(conn)?, levels })
+    }
+
+    /// Every task attached to `host` or to a node it sits under, with its level.
+    pub fn inherited(&self, conn: &Connection, host: &str) -> Result<Vec<Inherited>, StoreError> {
+        let placement = tree::placement(conn, host)?;
+        let mut paths = BTreeSet::new();
+        for path in &placement.nodes {
+            let mut at = Some(path.as_str());
+            while let Some(p) = at {
+                paths.insert(p.to_string());
+                at = parent_of(p);
+            }
+        }
+        let mut out = Vec::new();
+        for task in &self.tasks {
+            let level = match &task.attach_to {
+                AttachPoint::Host(h) if h == host => Level::Host,
+                AttachPoint::Node(path) if paths.contains(path) => match self.levels.get(path) {
+                    Some(level) => *level,
+                    None => continue,
+                },
+                AttachPoint::Node(_) | AttachPoint::Host(_) => continue,
+            };
+            debug_assert!(
+                matches!(&task.attach_to, AttachPoint::Host(_)) || check_path(&from_of(&task.attach_to)).is_ok()
+            );
+            out.push(Inherited { task: task.clone(), level });
+        }
+        Ok(out)
+    }
+}
+
 /// Every task attached to `host` or to a node it sits under, with its level.
 pub fn inherited(conn: &Connection, host: &str) -> Result<Vec<Inherited>, StoreError> {
-    let placement = tree::placement(conn, host)?;
-    let mut paths = BTreeSet::new();
-    for path in &placement.nodes {
-        let mut at = Some(path.as_str());
-        while let Some(p) = at {
-            paths.insert(p.to_string());
-            at = parent_of(p);
-        }
-    }
-    let levels: BTreeMap<String, Level> =
-        tree::nodes(conn)?.into_iter().filter(|n| paths.contains(&n.path)).map(|n| (n.path, n.level)).collect();
-    let mut out = Vec::new();
-    for task in list(conn)? {
-        let level = match &task.attach_to {
-            AttachPoint::Host(h) if h == host => Level::Host,
-            AttachPoint::Node(path) => match levels.get(path) {
-                Some(level) => *level,
-                None => continue,
-            },
-            AttachPoint::Host(_) => continue,
-        };
-        debug_assert!(matches!(&task.attach_to, AttachPoint::Host(_)) || check_path(&from_of(&task.attach_to)).is_ok());
-        out.push(Inherited { task, level });
-    }
-    Ok(out)
+    TaskIndex::load(conn)?.inherited(conn, host)
 }
 
 /// The SHA-256 (hex) of an effective task set as JSON: what an agent reports it applied,
