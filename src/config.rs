@@ -84,6 +84,12 @@ pub struct Args {
     /// reading its commands until the client catches up.
     #[arg(long, default_value_t = 4 << 20)]
     pub max_output_buffer: usize,
+    /// With -b: most bytes of changes (job bodies and rows) handed to the store's writer and
+    /// not yet committed; past it polarisd reads no more commands until commits catch up,
+    /// so a disk slower than the clients slows them down instead of filling memory.
+    #[arg(long, value_name = "BYTES", default_value_t = crate::server::DEFAULT_MAX_UNCOMMITTED,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_uncommitted: usize,
     /// Seconds a final job state (success, failed, revoked, expired) is kept.
     #[arg(long, default_value_t = 3600)]
     pub retention: u64,
@@ -167,6 +173,7 @@ impl Args {
             max_connections: self.max_connections,
             limits: proto::Limits { max_line: self.max_line, max_job_size: self.max_job_size },
             max_output_buffer: self.max_output_buffer,
+            max_uncommitted: self.max_uncommitted,
             listen_backlog: self.listen_backlog,
             durability: self.binlog_dir.clone().map(|dir| Durability {
                 dir,

@@ -5,7 +5,9 @@
 //!
 //! # Layout
 //! - [`server`]: the `mio` event loop that owns sockets and feeds the engine.
-//! - [`store`]: durability in SQLite: one transaction per loop turn (group commit).
+//! - [`store`]: durability in SQLite: the turns' changes as owned batches, written in one
+//!   transaction per commit (group commit).
+//! - [`pipeline`]: the store's writer thread, which commits while the loop goes on.
 //! - [`wal`]: reads SQLite's write-ahead log before SQLite does, to refuse hidden damage.
 //! - [`metrics`]: `--metrics`: Prometheus metrics from a thread of their own, fed by
 //!   snapshots the event loop publishes when a scrape asks (it never waits for one).
@@ -20,6 +22,7 @@
 
 pub mod config;
 pub mod metrics;
+pub mod pipeline;
 pub mod server;
 pub mod store;
 #[allow(unsafe_code)]

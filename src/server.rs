@@ -8,11 +8,19 @@
 //! 2. fire due timers; accept; read every readable socket until `WouldBlock`
 //!    and run the complete commands it holds (a connection blocked in
 //!    `reserve` runs nothing more until the engine answers it);
-//! 3. commit the turn's changes in one transaction (group commit);
-//! 4. write out every connection's pending replies.
+//! 3. hand the turn's changes to the store's writer thread (`pipeline.rs`), which commits
+//!    whatever is waiting in one transaction (group commit) while the loop goes on;
+//! 4. write out every connection's replies that are durable: those of in-memory servers at
+//!    once, those of turns whose commit the writer reported.
+//!
+//! In durable mode every reply is marked with the number of its turn ([`Connection::held`]);
+//! a turn's replies are written once its batch, and so every batch before it, is durable.
+//! A turn that changed nothing still waits for the batches before it, since what it read
+//! (a `reserve` of a job put a turn earlier, a `peek`, `stats`) may show their changes.
 
 use crate::metrics::{Metrics, MetricsConfig, StoreView};
-use crate::store::{Durability, Store, StoreError};
+use crate::pipeline::{CommitPipeline, Completion, WriterGone};
+use crate::store::{Batch, Durability, Store, StoreError};
 use crate::sys;
 use crate::tls::{TlsSettings, TlsStream};
 use anyhow::{bail, Context};
@@ -23,7 +31,7 @@ use mio::{Events, Interest, Poll, Registry, Token};
 use polaris_engine::{self as engine, ConnId, Engine, IdHashBuilder, JobId, Nanos, Outcome, ReplySink};
 use polaris_proto::{reply, Decoded, Decoder, Limits};
 use slab::Slab;
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::ToSocketAddrs;
 use std::path::PathBuf;
@@ -71,6 +79,9 @@ pub struct ServerConfig {
     pub max_output_buffer: usize,
     /// Persistence; `None` keeps jobs in memory only.
     pub durability: Option<Durability>,
+    /// Most bytes of changes handed to the store's writer and not yet durable; past it no
+    /// more commands are read until commits catch up (`--max-uncommitted`).
+    pub max_uncommitted: usize,
     /// User to switch to after binding.
     pub user: Option<String>,
     /// Queue settings.
@@ -84,6 +95,8 @@ const SIGNALS: Token = Token(usize::MAX - 2);
 const TLS_LISTENER: Token = Token(usize::MAX - 3);
 /// The metrics thread wakes the loop for a snapshot.
 const METRICS: Token = Token(usize::MAX - 4);
+/// The store's writer reports a commit.
+const COMMITS: Token = Token(usize::MAX - 5);
 /// How much to read from a socket at a time.
 const READ_CHUNK: usize = 64 * 1024;
 /// Connection buffers that grew past this (for a big job) are given back once empty.
@@ -94,6 +107,8 @@ const COMMIT_RETRY: Duration = Duration::from_millis(100);
 const ACCEPT_RETRY: Duration = Duration::from_millis(250);
 /// Reply records kept allocated between turns.
 const RECORDS_KEPT: usize = 4096;
+/// Default of `--max-uncommitted`.
+pub const DEFAULT_MAX_UNCOMMITTED: usize = 64 << 20;
 
 enum Listener {
     Tcp(TcpListener),
@@ -198,6 +213,51 @@ struct Connection {
     /// Its output holds replies to changes whose commit failed: nothing of it is written
     /// until a commit succeeds (then every one of them is true).
     frozen: bool,
+    /// Unique for the life of the process (slab tokens are reused): reply records of
+    /// turns still in flight name their connection by it.
+    serial: u64,
+    /// Durable mode: the replies not yet durable, as (turn, end), `end` an absolute output
+    /// position; the bytes before the front entry's and after the previous entry's end
+    /// belong to that turn. Empty: everything in `output` may be written.
+    held: VecDeque<(u64, usize)>,
+    /// Absolute position of `output[0]`: bytes written (or dropped) before it.
+    out_base: usize,
+    /// Absolute end of the bytes that may be written, while `held` is not empty.
+    released: usize,
+}
+
+impl Connection {
+    /// How many bytes at the front of `output` may be written now.
+    fn writable(&self) -> usize {
+        if self.held.is_empty() {
+            self.output.len()
+        } else {
+            self.released.saturating_sub(self.out_base).min(self.output.len())
+        }
+    }
+
+    /// Lets the replies of every turn up to `turn` be written.
+    fn release_through(&mut self, turn: u64) {
+        while let Some(&(t, end)) = self.held.front() {
+            if t > turn {
+                break;
+            }
+            self.released = end;
+            self.held.pop_front();
+        }
+    }
+
+    /// Lets every reply be written (after a failed commit was dealt with).
+    fn release_all(&mut self) {
+        self.held.clear();
+        self.released = self.out_base + self.output.len();
+    }
+
+    /// `n` bytes of output were written (or dropped).
+    fn consumed(&mut self, n: usize) {
+        self.output.advance(n);
+        self.out_base += n;
+    }
 }
 
 /// Where one reply sits in a connection's output, for the turn's commit to rewrite if the
@@ -205,6 +265,9 @@ struct Connection {
 #[derive(Clone, Copy, Debug)]
 struct ReplyRecord {
     token: usize,
+    /// The connection's [`Connection::serial`].
+    serial: u64,
+    /// Absolute output positions (see [`Connection::out_base`]).
     start: usize,
     end: usize,
     /// The job the reply is about (from `INSERTED`/`RESERVED`/`FOUND <id>`, or the id the
@@ -233,6 +296,8 @@ struct Outbox<'a> {
     records: Option<&'a mut Vec<ReplyRecord>>,
     /// The connection whose command runs, and the job id that command names (0: none).
     caller: Option<(ConnId, u64)>,
+    /// Durable mode: the number the turn's batch will have; every reply is held under it.
+    turn: u64,
 }
 
 impl Outbox<'_> {
@@ -243,14 +308,19 @@ impl Outbox<'_> {
             c.queued_for_flush = true;
             self.flush.push(token);
         }
-        let start = c.output.len();
+        let start = c.out_base + c.output.len();
         for part in parts {
             c.output.extend_from_slice(part);
         }
         if let Some(records) = &mut self.records {
             let named = self.caller.filter(|(caller, _)| *caller == conn).map_or(0, |(_, job)| job);
             let job = parts.first().and_then(|first| reply_job_id(first)).unwrap_or(named);
-            records.push(ReplyRecord { token, start, end: c.output.len(), job, mutating: false });
+            let end = c.out_base + c.output.len();
+            records.push(ReplyRecord { token, serial: c.serial, start, end, job, mutating: false });
+            match c.held.back_mut() {
+                Some((turn, held_end)) if *turn == self.turn => *held_end = end,
+                _ => c.held.push_back((self.turn, end)),
+            }
         }
         if c.blocked {
             c.blocked = false;
@@ -267,6 +337,47 @@ impl ReplySink for Outbox<'_> {
     fn send_parts(&mut self, conn: ConnId, parts: &[&[u8]]) {
         self.append(conn, parts);
     }
+}
+
+/// A turn whose changes the writer has and has not yet reported durable.
+struct InFlight {
+    /// The batch's number.
+    turn: u64,
+    /// Its replies are written once it is durable, and so are those of the turns after it
+    /// that changed nothing, up to this one.
+    releases_through: u64,
+    /// What it changed (job ids, final states), for a failed commit to undo or redo.
+    changes: engine::Changes,
+    /// Its replies (and those of the turns up to `releases_through`).
+    records: Vec<ReplyRecord>,
+    /// What the batch holds, counted against `--max-uncommitted`.
+    bytes: usize,
+}
+
+/// Durable mode: the store's writer and the turns in flight.
+struct Durable {
+    pipeline: CommitPipeline,
+    inflight: VecDeque<InFlight>,
+    /// Sum of the in-flight batches' bytes.
+    uncommitted: usize,
+    max_uncommitted: usize,
+    /// The last batch the writer reported on (durable or failed).
+    reported: u64,
+    /// The highest job id in a batch handed over (a new id must reach `meta` even if its
+    /// job is already gone).
+    last_id_submitted: u64,
+    /// A commit failed: handled at the end of the turn (`recover`), once every batch in
+    /// flight is reported.
+    failure: Option<StoreError>,
+    /// While failing: the changes not yet committed, retried with every commit.
+    pending: engine::Changes,
+    /// When the store started failing, if it is failing (commits are then synchronous).
+    failing_since: Option<Instant>,
+    /// Connections not read from because too much is uncommitted.
+    unread: Vec<usize>,
+    records_written: u64,
+    /// Reply-record vectors of finished turns, reused.
+    spare: Vec<Vec<ReplyRecord>>,
 }
 
 /// Flags set by signal handlers.
@@ -286,7 +397,7 @@ pub struct Server {
     /// Engine connection id -> slab token.
     tokens: Vec<usize>,
     engine: Engine,
-    store: Option<Store>,
+    durable: Option<Durable>,
     cfg: ServerConfig,
     started: Instant,
     signals: Signals,
@@ -305,8 +416,10 @@ pub struct Server {
     records: Vec<ReplyRecord>,
     /// Connections whose output waits for a commit to succeed.
     frozen: Vec<usize>,
-    /// When the store started failing, if it is failing.
-    failing_since: Option<Instant>,
+    /// The next connection's [`Connection::serial`].
+    next_serial: u64,
+    /// The longest loop turn so far.
+    longest_turn: Duration,
     /// The last `accept` ran out of descriptors: connections wait in the listen queue.
     accept_stalled: bool,
     /// `--metrics`: snapshots for the metrics thread.
@@ -375,15 +488,37 @@ impl Server {
             None => None,
         };
         let signals = install_signals(poll.registry())?;
+        let view = store.as_ref().map(|s| StoreView {
+            metrics: s.metrics().clone(),
+            db: s.path().to_path_buf(),
+            wal: s.wal_path(),
+        });
         let metrics = match metrics {
             Some(bound) => {
                 let waker = mio::Waker::new(poll.registry(), METRICS).context("creating the metrics waker")?;
-                let view = store.as_ref().map(|s| StoreView {
-                    metrics: s.metrics().clone(),
-                    db: s.path().to_path_buf(),
-                    wal: s.wal_path(),
-                });
                 Some(bound.start(waker, view, started)?)
+            }
+            None => None,
+        };
+        let durable = match store {
+            Some(store) => {
+                let waker = mio::Waker::new(poll.registry(), COMMITS).context("creating the commit waker")?;
+                let pipeline =
+                    CommitPipeline::start(store, Arc::new(waker)).context("starting the store's writer thread")?;
+                Some(Durable {
+                    pipeline,
+                    inflight: VecDeque::new(),
+                    uncommitted: 0,
+                    max_uncommitted: cfg.max_uncommitted.max(1),
+                    reported: 0,
+                    last_id_submitted: engine.last_id(),
+                    failure: None,
+                    pending: engine::Changes::default(),
+                    failing_since: None,
+                    unread: Vec::new(),
+                    records_written: 0,
+                    spare: Vec::new(),
+                })
             }
             None => None,
         };
@@ -394,7 +529,7 @@ impl Server {
             conns: Slab::new(),
             tokens: Vec::new(),
             engine,
-            store,
+            durable,
             cfg,
             started,
             signals,
@@ -407,7 +542,8 @@ impl Server {
             scratch: vec![0; READ_CHUNK].into_boxed_slice(),
             records: Vec::new(),
             frozen: Vec::new(),
-            failing_since: None,
+            next_serial: 0,
+            longest_turn: Duration::ZERO,
             accept_stalled: false,
             metrics,
         })
@@ -443,7 +579,9 @@ impl Server {
                 }
                 return Err(e).context("polling");
             }
+            let turn_started = Instant::now();
             let now = self.now();
+            self.absorb_completions()?;
             if self.accept_stalled {
                 self.accept_all();
             }
@@ -453,8 +591,8 @@ impl Server {
                     LISTENER => self.accept_from(LISTENER),
                     TLS_LISTENER => self.accept_from(TLS_LISTENER),
                     SIGNALS => self.drain_signal_pipe(),
-                    // A scrape: answered at the end of the turn.
-                    METRICS => {}
+                    // A scrape: answered at the end of the turn. A commit: taken in above.
+                    METRICS | COMMITS => {}
                     Token(token) => {
                         if event.is_read_closed() || event.is_error() {
                             if let Some(c) = self.conns.get_mut(token) {
@@ -471,22 +609,42 @@ impl Server {
                 }
             }
             self.run_backlog(now);
-            self.commit(now);
+            self.commit(now)?;
             self.flush_all();
-            self.close_pending(now);
+            self.close_pending(now)?;
             if let Some(metrics) = &mut self.metrics {
                 metrics.publish_if_asked(&self.engine);
             }
+            self.longest_turn = self.longest_turn.max(turn_started.elapsed());
             if self.signals.shutdown.load(Ordering::Relaxed) {
                 log::info!("shutting down");
-                self.commit(self.now());
-                self.flush_all();
-                if let Some(store) = &mut self.store {
-                    store.sync().context("final sync")?;
-                }
-                return Ok(());
+                return self.shut_down();
             }
         }
+    }
+
+    /// Commits what is left, waits until every batch is durable, writes the replies and
+    /// stops the writer after a last fsync.
+    fn shut_down(&mut self) -> anyhow::Result<()> {
+        let now = self.now();
+        self.commit(now)?;
+        loop {
+            let Some(durable) = &mut self.durable else { break };
+            if durable.failure.is_some() {
+                self.commit(now)?;
+                continue;
+            }
+            if durable.inflight.is_empty() {
+                break;
+            }
+            let done = durable.pipeline.wait()?;
+            self.on_completion(done);
+        }
+        self.flush_all();
+        if let Some(durable) = self.durable.take() {
+            durable.pipeline.stop().context("final sync")?;
+        }
+        Ok(())
     }
 
     fn poll_timeout(&self) -> Option<Duration> {
@@ -524,7 +682,8 @@ impl Server {
         caller: Option<(ConnId, u64)>,
         f: impl FnOnce(&mut Engine, &mut Outbox<'_>) -> R,
     ) -> R {
-        let recording = self.store.is_some();
+        let recording = self.durable.is_some();
+        let turn = self.durable.as_ref().map_or(0, |d| d.pipeline.submitted() + 1);
         let (mutations, first) = (self.engine.mutation_count(), self.records.len());
         let mut out = Outbox {
             conns: &mut self.conns,
@@ -533,6 +692,7 @@ impl Server {
             resumed: &mut self.resumed,
             records: recording.then_some(&mut self.records),
             caller,
+            turn,
         };
         let result = f(&mut self.engine, &mut out);
         if recording && self.engine.mutation_count() != mutations {
@@ -626,7 +786,12 @@ impl Server {
                 peer_hup: false,
                 queued_for_flush: false,
                 frozen: false,
+                serial: self.next_serial,
+                held: VecDeque::new(),
+                out_base: 0,
+                released: 0,
             });
+            self.next_serial += 1;
         }
     }
 
@@ -636,6 +801,13 @@ impl Server {
         loop {
             let Some(c) = self.conns.get_mut(token) else { return };
             if c.closing {
+                return;
+            }
+            if let Some(durable) = self.durable.as_mut().filter(|d| d.uncommitted >= d.max_uncommitted) {
+                // The disk is behind the clients: read nothing more until commits catch
+                // up (`on_completion`), so memory stays bounded.
+                c.read_pending = true;
+                durable.unread.push(token);
                 return;
             }
             if c.blocked || c.output.len() >= self.cfg.max_output_buffer {
@@ -782,24 +954,160 @@ impl Server {
         }
     }
 
-    /// Group commit: one transaction for everything this turn changed.
-    fn commit(&mut self, now: Nanos) {
-        let Some(store) = &mut self.store else { return };
+    /// Takes in the writer's reports that are waiting.
+    fn absorb_completions(&mut self) -> Result<(), WriterGone> {
+        while let Some(done) = match &self.durable {
+            Some(durable) => durable.pipeline.try_completion()?,
+            None => None,
+        } {
+            self.on_completion(done);
+        }
+        Ok(())
+    }
+
+    /// A report from the writer: the replies of every turn it covers may be written, or
+    /// (a failure) they wait for [`Server::recover`] at the end of the turn.
+    fn on_completion(&mut self, done: Completion) {
+        let Some(durable) = &mut self.durable else { return };
+        durable.reported = done.through;
+        let written = match done.result {
+            Ok(written) => written,
+            Err(e) => {
+                // Every batch in flight after it is refused by the writer: recovery takes
+                // them all together once each one is reported.
+                if durable.failure.is_none() {
+                    durable.failure = Some(e);
+                }
+                return;
+            }
+        };
+        durable.records_written += written;
+        while durable.inflight.front().is_some_and(|f| f.turn <= done.through) {
+            let Some(mut finished) = durable.inflight.pop_front() else { break };
+            durable.uncommitted -= finished.bytes;
+            release(&mut self.conns, &mut self.flush, &finished.records, finished.releases_through);
+            finished.records.clear();
+            if finished.records.capacity() <= RECORDS_KEPT {
+                durable.spare.push(finished.records);
+            }
+        }
+        if durable.uncommitted < durable.max_uncommitted && !durable.unread.is_empty() {
+            self.backlog.append(&mut durable.unread);
+        }
+    }
+
+    /// The end of a turn, in durable mode: hands what it changed to the writer, or (if
+    /// it changed nothing) lets its replies out once the turns before it are durable.
+    fn commit(&mut self, now: Nanos) -> Result<(), WriterGone> {
+        self.absorb_completions()?;
+        if self.durable.as_ref().is_some_and(|d| d.failure.is_some()) {
+            // Wait until the writer has reported every batch in flight: none of them will
+            // be written now, so their changes and replies can be dealt with together.
+            while let Some(durable) = self.durable.as_ref().filter(|d| d.inflight.back().is_some_and(|f| f.turn > d.reported)) {
+                let done = durable.pipeline.wait()?;
+                self.on_completion(done);
+            }
+            return self.recover(now);
+        }
+        let Some(durable) = &mut self.durable else { return Ok(()) };
+        if durable.failing_since.is_some() {
+            return self.commit_while_failing(now);
+        }
         let changes = self.engine.take_changes();
-        match store.commit(&changes, &self.engine, now) {
-            Ok(()) => self.commit_succeeded(),
-            Err(e) => self.commit_failed(e, &changes.inserted, now),
+        let records = std::mem::replace(&mut self.records, durable.spare.pop().unwrap_or_default());
+        let last_id = self.engine.last_id();
+        if changes.is_empty() && last_id == durable.last_id_submitted {
+            if records.is_empty() {
+                self.records = records;
+                return Ok(());
+            }
+            let turn = durable.pipeline.number_without_batch();
+            match durable.inflight.back_mut() {
+                // What it read may come from the turns in flight: out with the last of them.
+                Some(last) => {
+                    last.releases_through = turn;
+                    last.records.extend_from_slice(&records);
+                    self.records = records;
+                    self.records.clear();
+                }
+                None => {
+                    release(&mut self.conns, &mut self.flush, &records, turn);
+                    self.records = records;
+                    self.records.clear();
+                }
+            }
+        } else {
+            let batch = Batch::snapshot(&changes, &self.engine, now);
+            let bytes = batch.bytes();
+            let turn = durable.pipeline.submit(batch)?;
+            durable.last_id_submitted = last_id;
+            durable.uncommitted += bytes;
+            durable.inflight.push_back(InFlight { turn, releases_through: turn, changes, records, bytes });
         }
-        self.records.clear();
-        if self.records.capacity() > RECORDS_KEPT {
-            self.records.shrink_to(RECORDS_KEPT);
+        self.publish_loop_stats();
+        Ok(())
+    }
+
+    /// The store fails: commits are synchronous, one per turn, with every change not yet
+    /// committed, until one succeeds.
+    fn commit_while_failing(&mut self, now: Nanos) -> Result<(), WriterGone> {
+        let Some(durable) = &mut self.durable else { return Ok(()) };
+        let mut changes = std::mem::take(&mut durable.pending);
+        merge(&mut changes, self.engine.take_changes());
+        let batch = Batch::snapshot(&changes, &self.engine, now);
+        let records = std::mem::take(&mut self.records);
+        match durable.pipeline.retry(batch)? {
+            Ok(written) => {
+                durable.records_written += written;
+                durable.last_id_submitted = self.engine.last_id();
+                release_every(&mut self.conns, &mut self.flush, &records);
+                self.commit_succeeded();
+            }
+            Err(e) => self.commit_failed(e, changes, records, now)?,
         }
-        self.engine.set_binlog_stats(self.store.as_ref().map(|s| s.stats()).unwrap_or_default());
+        self.publish_loop_stats();
+        Ok(())
+    }
+
+    /// A commit failed while others were in flight: every turn since the last durable one
+    /// (and this one) is handled as one failed turn.
+    fn recover(&mut self, now: Nanos) -> Result<(), WriterGone> {
+        let Some(durable) = &mut self.durable else { return Ok(()) };
+        let Some(error) = durable.failure.take() else { return Ok(()) };
+        let mut changes = std::mem::take(&mut durable.pending);
+        let mut records = Vec::new();
+        for turn in durable.inflight.drain(..) {
+            merge(&mut changes, turn.changes);
+            records.extend_from_slice(&turn.records);
+        }
+        durable.uncommitted = 0;
+        if !durable.unread.is_empty() {
+            self.backlog.append(&mut durable.unread);
+        }
+        merge(&mut changes, self.engine.take_changes());
+        records.append(&mut self.records);
+        self.commit_failed(error, changes, records, now)?;
+        self.publish_loop_stats();
+        Ok(())
+    }
+
+    fn publish_loop_stats(&mut self) {
+        let Some(durable) = &self.durable else { return };
+        self.engine.set_binlog_stats(engine::BinlogStats {
+            records_written: durable.records_written,
+            records_migrated: 0,
+        });
+        self.engine.set_loop_stats(engine::LoopStats {
+            longest_turn_us: u64::try_from(self.longest_turn.as_micros()).unwrap_or(u64::MAX),
+            commits_in_flight: durable.inflight.len() as u64,
+            uncommitted_bytes: durable.uncommitted as u64,
+            max_uncommitted_bytes: durable.max_uncommitted as u64,
+        });
     }
 
     /// Everything changed so far is durable: every held reply is now true.
     fn commit_succeeded(&mut self) {
-        if let Some(since) = self.failing_since.take() {
+        if let Some(since) = self.durable.as_mut().and_then(|d| d.failing_since.take()) {
             log::warn!("the store commits again, after failing for {:?}", since.elapsed());
         }
         for token in std::mem::take(&mut self.frozen) {
@@ -811,29 +1119,44 @@ impl Server {
         }
     }
 
-    /// A failed commit must leave every command with exactly one true reply:
-    /// - jobs created this turn are dropped (nobody may learn they existed), and each reply
-    ///   about one — its `INSERTED`, a `RESERVED` that handed it out, any command that named
-    ///   it — becomes `OUT_OF_MEMORY` (for a `put` refused for want of space, as beanstalkd
-    ///   answers when it cannot reserve binlog space) or `INTERNAL_ERROR`;
+    /// A failed commit (of one turn, or of several turns in flight: `changes` and
+    /// `records` are theirs) must leave every command with exactly one true reply:
+    /// - jobs created in those turns that are still live are dropped (nobody may learn they
+    ///   existed), and each reply about one — its `INSERTED`, a `RESERVED` that handed it
+    ///   out, any command that named it — becomes `OUT_OF_MEMORY` (for a `put` refused for
+    ///   want of space, as beanstalkd answers when it cannot reserve binlog space) or
+    ///   `INTERNAL_ERROR`;
     /// - the other changes are committed again at once without the new jobs (a `delete`
     ///   frees space, so on a full disk this usually succeeds) and their replies stand;
     /// - if that fails too, the connections whose replies report a change are frozen: their
     ///   replies are held (never written, never replaced) until a commit succeeds, retried
     ///   every [`COMMIT_RETRY`]. Replies that only read are written as usual.
-    fn commit_failed(&mut self, error: StoreError, inserted: &HashSet<JobId, IdHashBuilder>, now: Nanos) {
+    fn commit_failed(
+        &mut self,
+        error: StoreError,
+        mut changes: engine::Changes,
+        mut records: Vec<ReplyRecord>,
+        now: Nanos,
+    ) -> Result<(), WriterGone> {
         let refusal = if error.is_full() { reply::OUT_OF_MEMORY } else { reply::INTERNAL_ERROR };
+        // A job put and deleted within the failed turns is gone already: its replies stand,
+        // and its final state is committed with the rest.
+        let inserted: HashSet<JobId, IdHashBuilder> =
+            changes.inserted.iter().copied().filter(|&id| self.engine.job_record(id, now).is_some()).collect();
         if !inserted.is_empty() {
             let ids: Vec<JobId> = inserted.iter().copied().collect();
             self.engine.discard_jobs(&ids);
-            self.take_back_replies(inserted, refusal);
+            self.take_back_replies(&mut records, &inserted, refusal);
         }
-        let retried = match &mut self.store {
-            Some(store) => store.commit(&engine::Changes::default(), &self.engine, now),
-            None => Ok(()),
-        };
+        changes.jobs.retain(|id| !inserted.contains(id));
+        changes.inserted.clear();
+        let Some(durable) = &mut self.durable else { return Ok(()) };
+        let retried = durable.pipeline.retry(Batch::snapshot(&changes, &self.engine, now))?;
+        release_every(&mut self.conns, &mut self.flush, &records);
         match retried {
-            Ok(()) => {
+            Ok(written) => {
+                durable.records_written += written;
+                durable.last_id_submitted = self.engine.last_id();
                 log::warn!(
                     "commit failed ({error}); {} new job(s) refused, the other changes committed",
                     inserted.len()
@@ -841,14 +1164,15 @@ impl Server {
                 self.commit_succeeded();
             }
             Err(again) => {
-                if self.failing_since.is_none() {
+                if durable.failing_since.is_none() {
                     log::error!("commit failed ({error}), and again without the new jobs ({again}): replies that report a change are held until a commit succeeds");
-                    self.failing_since = Some(Instant::now());
+                    durable.failing_since = Some(Instant::now());
                 }
-                let mut tokens: Vec<usize> = self
-                    .records
+                durable.pending = changes;
+                let mut tokens: Vec<usize> = records
                     .iter()
                     .filter(|r| r.mutating && !inserted.contains(&JobId(r.job)))
+                    .filter(|r| self.conns.get(r.token).is_some_and(|c| c.serial == r.serial))
                     .map(|r| r.token)
                     .collect();
                 tokens.sort_unstable();
@@ -863,31 +1187,47 @@ impl Server {
                 }
             }
         }
+        records.clear();
+        if records.capacity() <= RECORDS_KEPT {
+            self.records = records;
+        }
+        Ok(())
     }
 
-    /// Replaces, in place, every reply of this turn about a job in `dropped`: a `put`'s
-    /// by `refusal`, any other by `INTERNAL_ERROR`.
-    fn take_back_replies(&mut self, dropped: &HashSet<JobId, IdHashBuilder>, refusal: &[u8]) {
-        let mut records = std::mem::take(&mut self.records);
+    /// Replaces, in place, every reply in `records` about a job in `dropped`: a `put`'s
+    /// by `refusal`, any other by `INTERNAL_ERROR`. The replies are all still held, so
+    /// none of them was written.
+    fn take_back_replies(
+        &mut self,
+        records: &mut [ReplyRecord],
+        dropped: &HashSet<JobId, IdHashBuilder>,
+        refusal: &[u8],
+    ) {
         // Stable: each connection's replies stay in the order they were made.
         records.sort_by_key(|r| r.token);
-        for group in records.chunk_by(|a, b| a.token == b.token) {
+        for group in records.chunk_by(|a, b| a.token == b.token && a.serial == b.serial) {
             if !group.iter().any(|r| dropped.contains(&JobId(r.job))) {
                 continue;
             }
-            let Some(c) = self.conns.get_mut(group[0].token) else { continue };
-            let old = c.output.split_off(group[0].start);
+            let Some(c) = self.conns.get_mut(group[0].token).filter(|c| c.serial == group[0].serial) else {
+                continue;
+            };
+            // Gone already if the connection failed and its output was dropped.
+            let Some(first) = group[0].start.checked_sub(c.out_base).filter(|&at| at <= c.output.len()) else {
+                continue;
+            };
+            let old = c.output.split_off(first);
             for r in group {
                 let (start, end) = (r.start - group[0].start, r.end - group[0].start);
+                let Some(bytes) = old.get(start..end) else { continue };
                 if dropped.contains(&JobId(r.job)) {
-                    let put = old[start..end].starts_with(reply::INSERTED_PREFIX);
+                    let put = bytes.starts_with(reply::INSERTED_PREFIX);
                     c.output.extend_from_slice(if put { refusal } else { reply::INTERNAL_ERROR });
                 } else {
-                    c.output.extend_from_slice(&old[start..end]);
+                    c.output.extend_from_slice(bytes);
                 }
             }
         }
-        self.records = records;
     }
 
     fn flush_all(&mut self) {
@@ -900,18 +1240,24 @@ impl Server {
                 continue;
             }
             let mut failed = false;
-            while !c.output.is_empty() {
-                match c.stream.write(&c.output) {
+            loop {
+                let writable = c.writable();
+                if writable == 0 {
+                    break;
+                }
+                match c.stream.write(&c.output[..writable]) {
                     Ok(0) => {
                         failed = true;
                         break;
                     }
-                    Ok(n) => c.output.advance(n),
+                    Ok(n) => c.consumed(n),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => {
                         log::debug!("write error on connection {token}: {e}");
-                        c.output.clear();
+                        // Nobody will read them: neither these replies nor the held ones.
+                        c.consumed(c.output.len());
+                        c.release_all();
                         failed = true;
                         break;
                     }
@@ -944,12 +1290,13 @@ impl Server {
         }
     }
 
-    fn close_pending(&mut self, now: Nanos) {
+    fn close_pending(&mut self, now: Nanos) -> Result<(), WriterGone> {
         let mut later = Vec::new();
         while let Some(token) = self.to_close.pop() {
             let Some(c) = self.conns.get(token) else { continue };
-            if c.frozen {
-                // Its replies are not written yet: close once they are.
+            if c.frozen || !c.held.is_empty() {
+                // Its replies are not durable yet, or their commit failed: close once they
+                // are written.
                 later.push(token);
                 continue;
             }
@@ -975,9 +1322,10 @@ impl Server {
         // Disconnects may have woken waiters on other connections.
         if !self.resumed.is_empty() || !self.flush.is_empty() {
             self.run_backlog(now);
-            self.commit(now);
+            self.commit(now)?;
             self.flush_all();
         }
+        Ok(())
     }
 
     fn drain_signal_pipe(&mut self) {
@@ -992,6 +1340,44 @@ impl Server {
             self.engine.set_draining();
         }
     }
+}
+
+/// Lets the replies of every turn up to `turn` out on the connections of `records`.
+fn release(conns: &mut Slab<Connection>, flush: &mut Vec<usize>, records: &[ReplyRecord], turn: u64) {
+    for r in records {
+        let Some(c) = conns.get_mut(r.token).filter(|c| c.serial == r.serial) else { continue };
+        if c.held.front().is_some_and(|&(t, _)| t <= turn) {
+            c.release_through(turn);
+            if !c.queued_for_flush {
+                c.queued_for_flush = true;
+                flush.push(r.token);
+            }
+        }
+    }
+}
+
+/// Lets every reply out on the connections of `records` (a failed commit was dealt with;
+/// frozen connections still write nothing).
+fn release_every(conns: &mut Slab<Connection>, flush: &mut Vec<usize>, records: &[ReplyRecord]) {
+    for r in records {
+        let Some(c) = conns.get_mut(r.token).filter(|c| c.serial == r.serial) else { continue };
+        if !c.held.is_empty() {
+            c.release_all();
+            if !c.queued_for_flush {
+                c.queued_for_flush = true;
+                flush.push(r.token);
+            }
+        }
+    }
+}
+
+/// Adds `from` to `into`.
+fn merge(into: &mut engine::Changes, from: engine::Changes) {
+    into.jobs.extend(from.jobs);
+    into.inserted.extend(from.inserted);
+    into.tombstones.extend(from.tombstones);
+    into.forgotten.extend(from.forgotten);
+    into.tube_ttls.extend(from.tube_ttls);
 }
 
 /// True if the peer has hung up (checked without consuming input).

@@ -86,6 +86,10 @@ pub enum StoreError {
         #[source]
         source: rusqlite::Error,
     },
+    /// Not attempted: an earlier commit failed and has not been retried yet, and changes
+    /// are only ever written after the ones before them (see `pipeline.rs`).
+    #[error("not written: an earlier commit failed")]
+    Refused,
     /// A file operation failed.
     #[error("{path}: {source}")]
     Io {
@@ -200,13 +204,13 @@ pub struct Store {
     path: PathBuf,
     /// Kept open for the life of the store: holds the directory lock.
     _lock: File,
-    /// Changes of failed commits, retried with the next one.
-    pending: Changes,
     last_id_written: u64,
     /// The background thread that checkpoints the WAL (and fsyncs it under `-f MS`).
     maintainer: Option<Maintainer>,
     /// Fault injection for tests (see [`FAIL_COMMITS_ENV`]).
     fail_while: Option<PathBuf>,
+    /// Fault injection for tests (see [`SLOW_COMMITS_ENV`]).
+    slow_commits: Option<Duration>,
     stats: StoreStats,
     metrics: StoreMetrics,
 }
@@ -218,6 +222,10 @@ fn wall_now() -> i64 {
 /// Fault injection for tests: while the file this variable names exists, every commit fails
 /// as if the disk returned an I/O error. Unset (as always outside tests), it costs nothing.
 pub const FAIL_COMMITS_ENV: &str = "POLARISD_FAIL_COMMITS_WHILE";
+
+/// Fault injection for tests: every commit first sleeps this many milliseconds, as on a
+/// disk much slower than the clients, so that commits queue up in the pipeline.
+pub const SLOW_COMMITS_ENV: &str = "POLARISD_SLOW_COMMITS_MS";
 
 /// The largest job body the store can keep: SQLite refuses a value (and a row) over
 /// 1,000,000,000 bytes, so every commit of a bigger job would fail. The rest of the row
@@ -302,6 +310,110 @@ fn state_code(state: JobState) -> i64 {
         JobState::Ready | JobState::Reserved => 0,
         JobState::Delayed => 1,
         JobState::Buried => 2,
+    }
+}
+
+/// One or more turns' changes as the store writes them: owned rows, taken from the engine
+/// when the turn ends, so that the thread that writes them needs nothing of the engine and
+/// the event loop goes on changing it meanwhile. Wall-clock deadlines are computed when the
+/// batch is taken, as the rows say where each job stood then.
+#[derive(Debug, Default)]
+pub struct Batch {
+    jobs: Vec<JobWrite>,
+    /// (id, final state, wall-clock time).
+    tombstones: Vec<(i64, &'static str, i64)>,
+    forgotten: Vec<i64>,
+    tube_ttls: Vec<(TubeName, u32)>,
+    /// The highest job id issued when the batch was taken.
+    last_id: u64,
+    /// Roughly how much memory the batch holds (bodies and rows), for the pipeline's bound.
+    bytes: usize,
+}
+
+#[derive(Debug)]
+enum JobWrite {
+    /// A job created in the batch's turn, with its body.
+    Insert(JobRow, Box<[u8]>),
+    /// A job whose row exists: its queue fields (never the body).
+    Update(JobRow),
+    /// A job no longer live.
+    Delete(i64),
+}
+
+/// The queue fields of one `jobs` row.
+#[derive(Debug)]
+struct JobRow {
+    id: i64,
+    tube: TubeName,
+    pri: u32,
+    delay_ns: i64,
+    ttr_ns: i64,
+    ttl_ns: Option<i64>,
+    ttl_at: Option<i64>,
+    state: i64,
+    ready_at: i64,
+    created_at: i64,
+    counters: JobCounters,
+}
+
+/// What one row costs in a batch besides its body (an estimate; it only bounds memory).
+const ROW_BYTES: usize = 128;
+
+impl Batch {
+    /// The rows of everything in `changes`, as the engine (whose clock reads `now`) has it now.
+    pub fn snapshot(changes: &Changes, engine: &Engine, now: Nanos) -> Batch {
+        let wall = wall_now();
+        let mut batch = Batch { last_id: engine.last_id(), ..Batch::default() };
+        batch.jobs.reserve(changes.jobs.len());
+        for &id in &changes.jobs {
+            let Some(rec) = engine.job_record(id, now) else {
+                batch.jobs.push(JobWrite::Delete(id.0 as i64));
+                continue;
+            };
+            let ready_at = wall_after(wall, rec.delay_left);
+            let ttl_at = rec.ttl_left.map(|left| wall_after(wall, left)).or(match (rec.state, rec.ttl) {
+                (JobState::Delayed, Some(ttl)) => Some(wall_after(ready_at, ttl)),
+                _ => None,
+            });
+            let row = JobRow {
+                id: id.0 as i64,
+                tube: rec.tube.clone(),
+                pri: rec.pri,
+                delay_ns: i64::from(rec.delay_secs) * SECOND as i64,
+                ttr_ns: i64::from(rec.ttr_secs) * SECOND as i64,
+                ttl_ns: rec.ttl.map(nanos_column),
+                ttl_at,
+                state: state_code(rec.state),
+                ready_at,
+                created_at: wall.saturating_sub(nanos_column(rec.age)),
+                counters: rec.counters,
+            };
+            if changes.inserted.contains(&id) {
+                batch.bytes += rec.body.len();
+                batch.jobs.push(JobWrite::Insert(row, rec.body.into()));
+            } else {
+                batch.jobs.push(JobWrite::Update(row));
+            }
+        }
+        batch.tombstones = changes
+            .tombstones
+            .iter()
+            .map(|t| (t.id.0 as i64, t.state.name(), wall.saturating_sub(nanos_column(now.saturating_sub(t.at)))))
+            .collect();
+        batch.forgotten = changes.forgotten.iter().map(|id| id.0 as i64).collect();
+        batch.tube_ttls = changes.tube_ttls.clone();
+        batch.bytes += ROW_BYTES * (batch.jobs.len() + batch.tombstones.len() + batch.forgotten.len());
+        batch
+    }
+
+    /// True when the batch writes no row (it may still carry a higher `last_id`).
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty() && self.tombstones.is_empty() && self.forgotten.is_empty() && self.tube_ttls.is_empty()
+    }
+
+    /// Roughly how many bytes of memory the batch holds.
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 }
 
@@ -392,10 +504,13 @@ impl Store {
             conn,
             path,
             _lock: lock,
-            pending: Changes::default(),
             last_id_written: 0,
             maintainer: None,
             fail_while: std::env::var_os(FAIL_COMMITS_ENV).map(PathBuf::from),
+            slow_commits: std::env::var(SLOW_COMMITS_ENV)
+                .ok()
+                .and_then(|ms| ms.parse().ok())
+                .map(Duration::from_millis),
             stats: StoreStats::default(),
             metrics: StoreMetrics::new(),
         };
@@ -527,57 +642,48 @@ impl Store {
         Ok(restored)
     }
 
-    /// Writes `changes` (and any left over from a failed commit) in one
-    /// transaction. On failure nothing is written and the changes are kept
-    /// for the next call.
-    pub fn commit(&mut self, changes: &Changes, engine: &Engine, now: Nanos) -> Result<(), StoreError> {
-        merge(&mut self.pending, changes);
-        let last_id = engine.last_id();
-        if self.pending.is_empty() && last_id == self.last_id_written {
-            return Ok(());
+    /// Writes `batches`, in order, in one transaction, and returns how many rows it wrote
+    /// or deleted. On failure nothing is written; the caller decides what to retry (see
+    /// `pipeline.rs`). Batches with nothing to write cost nothing.
+    pub fn commit_all(&mut self, batches: &[&Batch]) -> Result<u64, StoreError> {
+        let last_id = batches.iter().map(|b| b.last_id).max().unwrap_or(self.last_id_written);
+        if batches.iter().all(|b| b.is_empty()) && last_id <= self.last_id_written {
+            return Ok(0);
+        }
+        if let Some(delay) = self.slow_commits {
+            std::thread::sleep(delay);
         }
         let injected = self.fail_while.as_ref().filter(|flag| flag.exists()).map(|flag| StoreError::Io {
             path: self.path.clone(),
             source: std::io::Error::other(format!("injected failure: {} exists", flag.display())),
         });
         let started = std::time::Instant::now();
-        let written = match injected.map_or_else(|| self.write(engine, now, last_id), Err) {
-            Ok(n) => {
+        match injected.map_or_else(|| self.write(batches, last_id), Err) {
+            Ok(written) => {
                 self.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
                 self.metrics.commits.inc();
-                n
+                self.last_id_written = self.last_id_written.max(last_id);
+                self.stats.records_written += written;
+                if let Some(maintainer) = &self.maintainer {
+                    maintainer.mark_dirty();
+                }
+                Ok(written)
             }
             Err(e) => {
                 self.metrics.commit_failures.inc();
                 let _ = self.conn.execute_batch("ROLLBACK");
-                // The server drops jobs created in the failed turn; only the
-                // changes to jobs acknowledged earlier are retried.
-                for id in &changes.inserted {
-                    self.pending.jobs.remove(id);
-                }
-                self.pending.inserted.clear();
-                return Err(e);
+                Err(e)
             }
-        };
-        self.pending = Changes::default();
-        self.last_id_written = last_id;
-        self.stats.records_written += written;
-        if let Some(maintainer) = &self.maintainer {
-            maintainer.mark_dirty();
         }
-        Ok(())
     }
 
-    fn write(&mut self, engine: &Engine, now: Nanos, last_id: u64) -> Result<u64, StoreError> {
-        let wall = wall_now();
+    fn write(&mut self, batches: &[&Batch], last_id: u64) -> Result<u64, StoreError> {
         let path = self.path.clone();
         let sql = |source| StoreError::Sqlite { path: path.clone(), source };
         let tx = self.conn.unchecked_transaction().map_err(sql)?;
         let mut written = 0u64;
         {
-            // One upsert per changed job: new jobs are inserted with their body;
-            // known ones get their queue fields rewritten (never the body).
-            let mut upsert = tx
+            let mut insert = tx
                 .prepare_cached(
                     "INSERT INTO jobs (id, tube, pri, delay_ns, ttr_ns, ttl_ns, ttl_at, state, ready_at, created_at,
                                        reserves, timeouts, releases, buries, kicks, body)
@@ -589,68 +695,75 @@ impl Store {
                          releases = excluded.releases, buries = excluded.buries, kicks = excluded.kicks",
                 )
                 .map_err(sql)?;
+            // A job known before the batch has its row already (its insert was committed
+            // first, batches being written in order); its body is never rewritten. A row
+            // that is missing belonged to a job whose insert failed, and stays missing.
+            let mut update = tx
+                .prepare_cached(
+                    "UPDATE jobs SET tube = ?2, pri = ?3, delay_ns = ?4, ttr_ns = ?5, ttl_ns = ?6, ttl_at = ?7,
+                         state = ?8, ready_at = ?9, reserves = ?10, timeouts = ?11, releases = ?12,
+                         buries = ?13, kicks = ?14
+                     WHERE id = ?1",
+                )
+                .map_err(sql)?;
             let mut delete = tx.prepare_cached("DELETE FROM jobs WHERE id = ?1").map_err(sql)?;
-            for &id in &self.pending.jobs {
-                written += 1;
-                let Some(rec) = engine.job_record(id, now) else {
-                    delete.execute([id.0 as i64]).map_err(sql)?;
-                    continue;
-                };
-                let ready_at = wall_after(wall, rec.delay_left);
-                let ttl_at = rec.ttl_left.map(|left| wall_after(wall, left)).or(match (rec.state, rec.ttl) {
-                    (JobState::Delayed, Some(ttl)) => Some(wall_after(ready_at, ttl)),
-                    _ => None,
-                });
-                let c = rec.counters;
-                upsert
-                    .execute(params![
-                        id.0 as i64,
-                        rec.tube.as_str(),
-                        rec.pri,
-                        i64::from(rec.delay_secs) * SECOND as i64,
-                        i64::from(rec.ttr_secs) * SECOND as i64,
-                        rec.ttl.map(nanos_column),
-                        ttl_at,
-                        state_code(rec.state),
-                        ready_at,
-                        wall.saturating_sub(nanos_column(rec.age)),
-                        c.reserves,
-                        c.timeouts,
-                        c.releases,
-                        c.buries,
-                        c.kicks,
-                        rec.body
-                    ])
-                    .map_err(sql)?;
-            }
             let mut put_tomb = tx
                 .prepare_cached("INSERT OR REPLACE INTO tombstones (id, state, at) VALUES (?1, ?2, ?3)")
                 .map_err(sql)?;
-            for t in &self.pending.tombstones {
-                let ago = nanos_column(now.saturating_sub(t.at));
-                put_tomb.execute(params![t.id.0 as i64, t.state.name(), wall.saturating_sub(ago)]).map_err(sql)?;
-                written += 1;
-            }
             let mut forget = tx.prepare_cached("DELETE FROM tombstones WHERE id = ?1").map_err(sql)?;
-            for id in &self.pending.forgotten {
-                forget.execute([id.0 as i64]).map_err(sql)?;
-                written += 1;
-            }
-            for (tube, ttl) in &self.pending.tube_ttls {
-                if *ttl == 0 {
-                    tx.prepare_cached("DELETE FROM tube_ttls WHERE tube = ?1")
-                        .map_err(sql)?
-                        .execute([tube.as_str()])
-                        .map_err(sql)?;
-                } else {
-                    tx.prepare_cached("INSERT OR REPLACE INTO tube_ttls (tube, ttl) VALUES (?1, ?2)")
-                        .map_err(sql)?
-                        .execute(params![tube.as_str(), ttl])
-                        .map_err(sql)?;
+            for batch in batches {
+                for job in &batch.jobs {
+                    written += 1;
+                    match job {
+                        JobWrite::Delete(id) => {
+                            delete.execute([id]).map_err(sql)?;
+                        }
+                        JobWrite::Insert(row, body) => {
+                            let r = row;
+                            insert
+                                .execute(params![
+                                    r.id, r.tube.as_str(), r.pri, r.delay_ns, r.ttr_ns, r.ttl_ns, r.ttl_at, r.state,
+                                    r.ready_at, r.created_at, r.counters.reserves, r.counters.timeouts,
+                                    r.counters.releases, r.counters.buries, r.counters.kicks, body
+                                ])
+                                .map_err(sql)?;
+                        }
+                        JobWrite::Update(r) => {
+                            // `created_at` stays as the insert wrote it.
+                            update
+                                .execute(params![
+                                    r.id, r.tube.as_str(), r.pri, r.delay_ns, r.ttr_ns, r.ttl_ns, r.ttl_at, r.state,
+                                    r.ready_at, r.counters.reserves, r.counters.timeouts,
+                                    r.counters.releases, r.counters.buries, r.counters.kicks
+                                ])
+                                .map_err(sql)?;
+                        }
+                    }
                 }
-                written += 1;
+                for (id, state, at) in &batch.tombstones {
+                    put_tomb.execute(params![id, state, at]).map_err(sql)?;
+                    written += 1;
+                }
+                for id in &batch.forgotten {
+                    forget.execute([id]).map_err(sql)?;
+                    written += 1;
+                }
+                for (tube, ttl) in &batch.tube_ttls {
+                    if *ttl == 0 {
+                        tx.prepare_cached("DELETE FROM tube_ttls WHERE tube = ?1")
+                            .map_err(sql)?
+                            .execute([tube.as_str()])
+                            .map_err(sql)?;
+                    } else {
+                        tx.prepare_cached("INSERT OR REPLACE INTO tube_ttls (tube, ttl) VALUES (?1, ?2)")
+                            .map_err(sql)?
+                            .execute(params![tube.as_str(), ttl])
+                            .map_err(sql)?;
+                    }
+                    written += 1;
+                }
             }
-            if last_id != self.last_id_written {
+            if last_id > self.last_id_written {
                 tx.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'last_id'")
                     .map_err(sql)?
                     .execute([last_id as i64])
@@ -826,14 +939,6 @@ fn fsync_file(path: &Path) -> Result<(), StoreError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(source) => Err(StoreError::Io { path: path.to_path_buf(), source }),
     }
-}
-
-fn merge(into: &mut Changes, from: &Changes) {
-    into.jobs.extend(from.jobs.iter().copied());
-    into.inserted.extend(from.inserted.iter().copied());
-    into.tombstones.extend(from.tombstones.iter().copied());
-    into.forgotten.extend(from.forgotten.iter().copied());
-    into.tube_ttls.extend(from.tube_ttls.iter().cloned());
 }
 
 /// Reads one job row. `tubes` caches validated tube names: a million jobs

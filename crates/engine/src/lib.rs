@@ -56,7 +56,7 @@ pub use config::{Config, Instance, Nanos, Rusage, SECOND};
 pub use conn::ConnId;
 pub use job::{IdHashBuilder, JobCounters, JobId, JobState};
 pub use metrics::{MetricsSnapshot, TubeJobs};
-pub use persist::{BinlogStats, Changes, JobRecord};
+pub use persist::{BinlogStats, Changes, JobRecord, LoopStats};
 pub use sink::{Outcome, ReplySink};
 pub use state::Engine;
 pub use tombstone::{FinalState, Tombstone};

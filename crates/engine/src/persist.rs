@@ -19,6 +19,20 @@ pub struct BinlogStats {
     pub records_migrated: u64,
 }
 
+/// The server's own figures about its loop and commit pipeline, printed by `polaris-stats`
+/// (the engine only reports them; the server measures them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoopStats {
+    /// The longest event-loop turn since start, in microseconds.
+    pub longest_turn_us: u64,
+    /// Turns whose changes are handed to the store's writer and not yet durable.
+    pub commits_in_flight: u64,
+    /// Bytes those changes hold.
+    pub uncommitted_bytes: u64,
+    /// The bound on them (`--max-uncommitted`) past which commands are no longer read.
+    pub max_uncommitted_bytes: u64,
+}
+
 /// What changed since the last [`Engine::take_changes`], for the store.
 #[derive(Debug, Default)]
 pub struct Changes {
@@ -162,6 +176,11 @@ impl Engine {
     /// Updates the persistence counters shown by `stats`.
     pub fn set_binlog_stats(&mut self, stats: BinlogStats) {
         self.binlog = stats;
+    }
+
+    /// Sets the loop and pipeline figures `polaris-stats` prints.
+    pub fn set_loop_stats(&mut self, stats: LoopStats) {
+        self.loop_stats = stats;
     }
 
     pub(crate) fn mark_dirty(&mut self, id: JobId) {

@@ -5,7 +5,7 @@ use crate::config::{Config, Nanos, SECOND};
 use crate::conn::{Conn, ConnId};
 use crate::heap::{JobHeap, Order};
 use crate::job::{IdHashBuilder, Job, JobId, JobIndex};
-use crate::persist::{BinlogStats, Changes};
+use crate::persist::{BinlogStats, Changes, LoopStats};
 use crate::stats::Counters;
 use crate::tombstone::Tombstones;
 use crate::tube::{Multiset, Tube, TubeKey};
@@ -43,6 +43,7 @@ pub struct Engine {
     pub(crate) draining: bool,
     pub(crate) started_at: Nanos,
     pub(crate) binlog: BinlogStats,
+    pub(crate) loop_stats: LoopStats,
     pub(crate) changes: Option<Changes>,
     /// Changes recorded for the store so far (see [`Engine::mutation_count`]).
     pub(crate) mutations: u64,
@@ -79,6 +80,7 @@ impl Engine {
             draining: false,
             started_at: now,
             binlog: BinlogStats::default(),
+            loop_stats: LoopStats::default(),
             changes: persist.then(Changes::default),
             mutations: 0,
         };

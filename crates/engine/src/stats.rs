@@ -271,7 +271,11 @@ impl Engine {
              job-bytes: {}\n\
              max-job-bytes: {}\n\
              tube-ttls: {}\n\
-             max-tube-ttls: {}\n",
+             max-tube-ttls: {}\n\
+             longest-turn-us: {}\n\
+             commits-in-flight: {}\n\
+             uncommitted-bytes: {}\n\
+             max-uncommitted-bytes: {}\n",
             self.cfg.instance.server_version,
             self.counters.expired,
             self.counters.revoked,
@@ -280,6 +284,10 @@ impl Engine {
             self.cfg.max_job_bytes,
             self.tube_ttls.len(),
             self.cfg.max_tube_ttls,
+            self.loop_stats.longest_turn_us,
+            self.loop_stats.commits_in_flight,
+            self.loop_stats.uncommitted_bytes,
+            self.loop_stats.max_uncommitted_bytes,
         );
         for t in self.tube_order.iter() {
             let tube = &self.tubes[t.idx()];
