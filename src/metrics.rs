@@ -50,7 +50,7 @@ struct Exchange {
     requested: AtomicBool,
     latest: Mutex<Published>,
     fresh: Condvar,
-    waker: mio::Waker,
+    waker: std::sync::Arc<mio::Waker>,
 }
 
 /// The loop's side: owned by the server.
@@ -86,7 +86,7 @@ pub struct StoreView {
 impl BoundMetrics {
     /// Starts answering scrapes; `waker` wakes the event loop for a snapshot, `started` is
     /// when the server started (the uptime counts from there, restoring the store included).
-    pub fn start(self, waker: mio::Waker, store: Option<StoreView>, started: Instant) -> anyhow::Result<Metrics> {
+    pub fn start(self, waker: std::sync::Arc<mio::Waker>, store: Option<StoreView>, started: Instant) -> anyhow::Result<Metrics> {
         let exchange = Arc::new(Exchange {
             requested: AtomicBool::new(false),
             latest: Mutex::new(Published::default()),

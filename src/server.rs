@@ -93,10 +93,9 @@ pub struct ServerConfig {
 const LISTENER: Token = Token(usize::MAX - 1);
 const SIGNALS: Token = Token(usize::MAX - 2);
 const TLS_LISTENER: Token = Token(usize::MAX - 3);
-/// The metrics thread wakes the loop for a snapshot.
-const METRICS: Token = Token(usize::MAX - 4);
-/// The store's writer reports a commit.
-const COMMITS: Token = Token(usize::MAX - 5);
+/// Another thread of the process wakes the loop: the metrics thread for a snapshot, the
+/// store's writer after a commit (mio allows one waker per poll, so they share it).
+const WAKER: Token = Token(usize::MAX - 4);
 /// How much to read from a socket at a time.
 const READ_CHUNK: usize = 64 * 1024;
 /// Connection buffers that grew past this (for a big job) are given back once empty.
@@ -493,18 +492,15 @@ impl Server {
             db: s.path().to_path_buf(),
             wal: s.wal_path(),
         });
+        let waker = Arc::new(mio::Waker::new(poll.registry(), WAKER).context("creating the loop's waker")?);
         let metrics = match metrics {
-            Some(bound) => {
-                let waker = mio::Waker::new(poll.registry(), METRICS).context("creating the metrics waker")?;
-                Some(bound.start(waker, view, started)?)
-            }
+            Some(bound) => Some(bound.start(Arc::clone(&waker), view, started)?),
             None => None,
         };
         let durable = match store {
             Some(store) => {
-                let waker = mio::Waker::new(poll.registry(), COMMITS).context("creating the commit waker")?;
-                let pipeline =
-                    CommitPipeline::start(store, Arc::new(waker)).context("starting the store's writer thread")?;
+                let pipeline = CommitPipeline::start(store, Arc::clone(&waker))
+                    .context("starting the store's writer thread")?;
                 Some(Durable {
                     pipeline,
                     inflight: VecDeque::new(),
@@ -592,7 +588,7 @@ impl Server {
                     TLS_LISTENER => self.accept_from(TLS_LISTENER),
                     SIGNALS => self.drain_signal_pipe(),
                     // A scrape: answered at the end of the turn. A commit: taken in above.
-                    METRICS | COMMITS => {}
+                    WAKER => {}
                     Token(token) => {
                         if event.is_read_closed() || event.is_error() {
                             if let Some(c) = self.conns.get_mut(token) {
