@@ -13,14 +13,16 @@
 # target/bench-results.md (the Markdown table with ratios, also printed).
 #
 # Settings (environment variables; defaults in brackets):
-#   ROUNDS [3]        rounds of every scenario (fill/restart: FILL_ROUNDS [1])
+#   ROUNDS [3]        rounds of every scenario (fill/restart: FILL_ROUNDS [1]; latency: LAT_ROUNDS [5])
 #   DURATION [3]      measured seconds per phase;  WARMUP [0.5] seconds before it
 #   CONNS [16] DEPTH [16] SIZE [100] TUBES [1]     load shape (see polaris-bench --help)
 #   LAT_RATE [10000]  jobs/s offered in the latency scenario (LAT_RATE_FSYNC [1000] with -f 0)
 #   FILL_JOBS [1000000]  jobs for the RSS and restart scenarios
 #   IDLE [10000]      idle connections held open in the pipeline+idle scenario
 #   SYNC_CONNS [32]   connections of the `sync` scenario (pipeline without pipelining: depth 1)
-#   SCENARIOS ["put-drain pipeline sync latency idle fill"]   (fill includes restart for durable)
+#   FLEET_CONNS [1000]  connections of the `fleet` scenario (`sync` with that many, as a fleet of
+#                     agents and workers looks: each sends one command and waits)
+#   SCENARIOS ["put-drain pipeline sync fleet latency idle fill"]   (fill includes restart for durable)
 #   CONFIGS ["mem durable fsync-always"]   mem: no -b; durable: -b DIR (default fsync, -f 50);
 #                                          fsync-always: -b DIR -f 0
 #   FILL_CONFIGS ["mem durable"]  IDLE_CONFIGS ["mem"]
@@ -32,16 +34,16 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 
 if [[ "${1:-}" == "--quick" ]]; then
-    : "${ROUNDS:=1}" "${DURATION:=1}" "${WARMUP:=0.3}" "${FILL_JOBS:=200000}" "${IDLE:=2000}"
+    : "${ROUNDS:=1}" "${LAT_ROUNDS:=1}" "${DURATION:=1}" "${WARMUP:=0.3}" "${FILL_JOBS:=200000}" "${IDLE:=2000}"
     shift
 elif [[ $# -gt 0 ]]; then
     sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
     exit 2
 fi
-: "${ROUNDS:=3}" "${FILL_ROUNDS:=1}" "${DURATION:=3}" "${WARMUP:=0.5}"
+: "${ROUNDS:=3}" "${FILL_ROUNDS:=1}" "${LAT_ROUNDS:=5}" "${DURATION:=3}" "${WARMUP:=0.5}"
 : "${CONNS:=16}" "${DEPTH:=16}" "${SIZE:=100}" "${TUBES:=1}"
 : "${LAT_RATE:=10000}" "${LAT_RATE_FSYNC:=1000}" "${FILL_JOBS:=1000000}" "${IDLE:=10000}"
-: "${SCENARIOS:=put-drain pipeline sync latency idle fill}" "${SYNC_CONNS:=32}"
+: "${SCENARIOS:=put-drain pipeline sync fleet latency idle fill}" "${SYNC_CONNS:=32}" "${FLEET_CONNS:=1000}"
 : "${CONFIGS:=mem durable fsync-always}"
 : "${FILL_CONFIGS:=mem durable}" "${IDLE_CONFIGS:=mem}"
 : "${BEANSTALKD:=/usr/bin/beanstalkd}" "${SKIP_BUILD:=0}" "${KEEP_DATA:=0}"
@@ -207,6 +209,13 @@ scenario_sync() {
     stop_server
 }
 
+scenario_fleet() {
+    local srv=$1 cfg=$2
+    start_server "$srv" "$cfg"
+    bench pipeline "$cfg" --conns "$FLEET_CONNS" --depth 1 --scenario fleet
+    stop_server
+}
+
 scenario_latency() {
     local srv=$1 cfg=$2
     start_server "$srv" "$cfg"
@@ -247,9 +256,18 @@ START=$(date +%s)
 LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 log "beanstalkd: $BVERSION; polarisd: $(git rev-parse --short HEAD 2>/dev/null || echo '?'); open files: $(ulimit -n)"
 log "rounds=$ROUNDS duration=${DURATION}s conns=$CONNS depth=$DEPTH size=$SIZE tubes=$TUBES idle=$IDLE fill=$FILL_JOBS"
-for round in $(seq 1 "$ROUNDS"); do
-    log "round $round of $ROUNDS"
+# rounds_of SCENARIO: how many rounds it runs.
+rounds_of() {
+    case $1 in
+        latency) echo "$LAT_ROUNDS" ;;
+        *) echo "$ROUNDS" ;;
+    esac
+}
+ALL_ROUNDS=$(( ROUNDS > LAT_ROUNDS ? ROUNDS : LAT_ROUNDS ))
+for round in $(seq 1 "$ALL_ROUNDS"); do
+    log "round $round of $ALL_ROUNDS"
     for scenario in $SCENARIOS; do
+        (( round <= $(rounds_of "$scenario") )) || continue
         for cfg in $CONFIGS; do
             for srv in beanstalkd polarisd; do
                 "scenario_${scenario//-/_}" "$srv" "$cfg"
@@ -262,7 +280,7 @@ ELAPSED=$(( $(date +%s) - START ))
 {
     echo "Run of $(date -u '+%Y-%m-%d %H:%M UTC') (${ELAPSED} s), polarisd $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $BVERSION."
     echo "Machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), Linux $(uname -r), load average before the run: $LOAD0."
-    echo "Parameters: ROUNDS=$ROUNDS DURATION=$DURATION WARMUP=$WARMUP CONNS=$CONNS DEPTH=$DEPTH SIZE=$SIZE TUBES=$TUBES LAT_RATE=$LAT_RATE LAT_RATE_FSYNC=$LAT_RATE_FSYNC FILL_JOBS=$FILL_JOBS IDLE=$IDLE; medians over rounds."
+    echo "Parameters: ROUNDS=$ROUNDS LAT_ROUNDS=$LAT_ROUNDS FLEET_CONNS=$FLEET_CONNS DURATION=$DURATION WARMUP=$WARMUP CONNS=$CONNS DEPTH=$DEPTH SIZE=$SIZE TUBES=$TUBES LAT_RATE=$LAT_RATE LAT_RATE_FSYNC=$LAT_RATE_FSYNC FILL_JOBS=$FILL_JOBS IDLE=$IDLE; medians over rounds."
     echo
     "$BENCH" report --input "$RESULTS"
 } > "$TABLE"

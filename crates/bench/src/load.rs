@@ -345,6 +345,14 @@ impl Load {
     }
 }
 
+/// polarisd's longest loop turn so far (`polaris-stats`); `None` from a server without the
+/// extension (beanstalkd answers `UNKNOWN_COMMAND`) or when asking fails.
+fn longest_turn_us(addr: &str) -> Option<f64> {
+    let mut s = connect_std(addr).ok()?;
+    let reply = sync_cmd(&mut s, b"polaris-stats\r\n").ok()?;
+    stats_field(&reply, "longest-turn-us").map(|us| us as f64)
+}
+
 fn tube_name(i: usize) -> String {
     format!("bench{i}")
 }
@@ -571,6 +579,7 @@ pub(crate) fn run_load(mode: Mode, args: LoadArgs) -> Result<()> {
         rec.max_us = s.last().map(|&v| v as f64 / 1e3);
     }
     drop(idle);
+    rec.longest_turn_us = longest_turn_us(&args.addr);
     emit(&rec, args.out.as_ref())?;
     if let Some(err) = load.first_error {
         bail!("{} unexpected replies, the first: {err}", load.counts.errors);

@@ -60,6 +60,10 @@ pub struct Record {
     /// Largest sample, microseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_us: Option<f64>,
+    /// The longest event-loop turn the server reports since it started (polarisd's
+    /// `polaris-stats` `longest-turn-us`; beanstalkd has no such figure), microseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub longest_turn_us: Option<f64>,
     /// Server RSS at the end, KiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rss_kb: Option<u64>,

@@ -65,6 +65,7 @@ const METRICS: &[Metric] = &[
     ("p50 put→reserve", "µs", Better::Lower, |r| r.p50_us),
     ("p99 put→reserve", "µs", Better::Lower, |r| r.p99_us),
     ("p99.9 put→reserve", "µs", Better::Lower, |r| r.p999_us),
+    ("longest loop turn", "µs", Better::Info, |r| r.longest_turn_us),
     ("RSS", "MiB", Better::Lower, |r| if r.mode == "fill" { r.rss_kb.map(|k| k as f64 / 1024.0) } else { None }),
     ("fill throughput", "jobs/s", Better::Higher, |r| (r.mode == "fill").then_some(r.jobs_per_s)),
     ("restart time", "s", Better::Lower, |r| r.restart_s),
@@ -98,6 +99,17 @@ const TARGETS: &[(&str, &str, &str, f64, &str)] = &[
         "durable, fsync before every ack (-f 0): concurrent throughput ≥ 10×",
     ),
     ("latency", "mem", "p99 put→reserve", 0.75, "p99 put-to-reserve latency ≤ 0.75× (in memory)"),
+    (
+        "sync",
+        "fsync-always",
+        "throughput",
+        15.0,
+        "unpipelined clients (depth 1), fsync before every ack (-f 0): throughput ≥ 15×",
+    ),
+    ("latency", "durable", "p99 put→reserve", 1.0, "durable, default fsync: p99 put-to-reserve latency ≤ 1.0×"),
+    ("latency", "durable", "p99.9 put→reserve", 1.0, "durable, default fsync: p99.9 put-to-reserve latency ≤ 1.0×"),
+    ("latency", "fsync-always", "p99 put→reserve", 1.0, "-f 0: p99 put-to-reserve latency ≤ 1.0×"),
+    ("latency", "fsync-always", "p99.9 put→reserve", 1.0, "-f 0: p99.9 put-to-reserve latency ≤ 1.0×"),
     ("fill", "mem", "RSS", 0.8, "RSS with 1,000,000 jobs of 100 bytes ≤ 0.8× (in memory)"),
 ];
 
