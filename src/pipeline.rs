@@ -19,7 +19,7 @@
 
 use crate::store::{Batch, Store, StoreError};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 /// What the loop asks of the writer.
@@ -43,6 +43,9 @@ pub struct Completion {
 
 /// The writer thread and the loop's end of its two channels.
 pub struct CommitPipeline {
+    /// Shared with the writer, which holds it while it commits; the loop takes it (without
+    /// waiting) only to commit a small batch itself when nothing is in flight.
+    store: Arc<Mutex<Store>>,
     requests: Option<mpsc::Sender<Request>>,
     completions: mpsc::Receiver<Completion>,
     thread: Option<JoinHandle<Result<(), StoreError>>>,
@@ -57,7 +60,9 @@ pub struct WriterGone;
 
 impl CommitPipeline {
     /// Moves `store` into a new writer thread; `wake` is called after every report.
-    pub fn start(mut store: Store, wake: Arc<mio::Waker>) -> std::io::Result<CommitPipeline> {
+    pub fn start(store: Store, wake: Arc<mio::Waker>) -> std::io::Result<CommitPipeline> {
+        let store = Arc::new(Mutex::new(store));
+        let shared = Arc::clone(&store);
         let (requests, inbox) = mpsc::channel::<Request>();
         let (outbox, completions) = mpsc::channel();
         let thread = std::thread::Builder::new().name("polaris-writer".into()).spawn(move || {
@@ -69,9 +74,10 @@ impl CommitPipeline {
                     None => match inbox.recv() {
                         Ok(r) => r,
                         // The loop is done: last fsync, stop the maintenance thread.
-                        Err(_) => return store.sync(),
+                        Err(_) => return lock(&shared).sync(),
                     },
                 };
+                let mut store = lock(&shared);
                 let reports = match request {
                     Request::Retry(seq, batch) => {
                         let result = store.commit_all(&[&batch]);
@@ -101,9 +107,10 @@ impl CommitPipeline {
                         reports
                     }
                 };
+                drop(store);
                 for report in reports {
                     if outbox.send(report).is_err() {
-                        return store.sync();
+                        return lock(&shared).sync();
                     }
                 }
                 if let Err(e) = wake.wake() {
@@ -111,7 +118,22 @@ impl CommitPipeline {
                 }
             }
         })?;
-        Ok(CommitPipeline { requests: Some(requests), completions, thread: Some(thread), submitted: 0 })
+        Ok(CommitPipeline { store, requests: Some(requests), completions, thread: Some(thread), submitted: 0 })
+    }
+
+    /// Commits `batch` on the caller's thread if the writer is idle (its lock is free),
+    /// numbered like a submitted batch; `None` if the writer is busy. The caller makes sure
+    /// nothing is in flight, so the order of commits is kept.
+    pub fn commit_here(&mut self, batch: &Batch) -> Option<(u64, Result<u64, StoreError>)> {
+        let mut store = match self.store.try_lock() {
+            Ok(store) => store,
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+            Err(std::sync::TryLockError::Poisoned(_)) => return None,
+        };
+        let result = store.commit_all(&[batch]);
+        drop(store);
+        self.submitted += 1;
+        Some((self.submitted, result))
     }
 
     /// Queues `batch` behind the ones before it and returns its number.
@@ -166,6 +188,12 @@ impl CommitPipeline {
             None => Ok(()),
         }
     }
+}
+
+/// The store, even if a thread panicked while holding it: a commit either finished or
+/// rolled back, so the connection is consistent.
+fn lock(store: &Mutex<Store>) -> MutexGuard<'_, Store> {
+    store.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The number of the last of `batches`.

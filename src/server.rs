@@ -106,6 +106,10 @@ const COMMIT_RETRY: Duration = Duration::from_millis(100);
 const ACCEPT_RETRY: Duration = Duration::from_millis(250);
 /// Reply records kept allocated between turns.
 const RECORDS_KEPT: usize = 4096;
+/// Without an fsync in each commit (`-f MS`, `-F`), batches below this many bytes are
+/// committed on the loop while the writer is idle: tens of microseconds, less than the
+/// two thread wake-ups of a hand-off cost.
+const INLINE_COMMIT_BELOW: usize = 64 * 1024;
 /// Default of `--max-uncommitted`.
 pub const DEFAULT_MAX_UNCOMMITTED: usize = 64 << 20;
 
@@ -374,6 +378,10 @@ struct Durable {
     failing_since: Option<Instant>,
     /// Connections not read from because too much is uncommitted.
     unread: Vec<usize>,
+    /// A batch smaller than this is committed on the loop itself when nothing is in flight
+    /// (0: never): without an fsync in the commit, handing it to the writer costs more
+    /// than the commit (see ARCHITECTURE.md, decision 10).
+    commit_inline_below: usize,
     records_written: u64,
     /// Reply-record vectors of finished turns, reused.
     spare: Vec<Vec<ReplyRecord>>,
@@ -512,6 +520,10 @@ impl Server {
                     pending: engine::Changes::default(),
                     failing_since: None,
                     unread: Vec::new(),
+                    commit_inline_below: match cfg.durability.as_ref().map(|d| d.fsync) {
+                        Some(crate::store::FsyncPolicy::Always) | None => 0,
+                        Some(_) => INLINE_COMMIT_BELOW,
+                    },
                     records_written: 0,
                     spare: Vec::new(),
                 })
@@ -1035,6 +1047,27 @@ impl Server {
         } else {
             let batch = Batch::snapshot(&changes, &self.engine, now);
             let bytes = batch.bytes();
+            if durable.inflight.is_empty() && durable.commit_inline_below > bytes {
+                if let Some((turn, result)) = durable.pipeline.commit_here(&batch) {
+                    durable.last_id_submitted = last_id;
+                    durable.reported = turn;
+                    match result {
+                        Ok(written) => {
+                            durable.records_written += written;
+                            release(&mut self.conns, &mut self.flush, &records, turn);
+                            self.records = records;
+                            self.records.clear();
+                        }
+                        Err(e) => {
+                            durable.failure = Some(e);
+                            durable.inflight.push_back(InFlight { turn, releases_through: turn, changes, records, bytes: 0 });
+                            return self.recover(now);
+                        }
+                    }
+                    self.publish_loop_stats();
+                    return Ok(());
+                }
+            }
             let turn = durable.pipeline.submit(batch)?;
             durable.last_id_submitted = last_id;
             durable.uncommitted += bytes;
