@@ -86,7 +86,12 @@ pub struct StoreView {
 impl BoundMetrics {
     /// Starts answering scrapes; `waker` wakes the event loop for a snapshot, `started` is
     /// when the server started (the uptime counts from there, restoring the store included).
-    pub fn start(self, waker: std::sync::Arc<mio::Waker>, store: Option<StoreView>, started: Instant) -> anyhow::Result<Metrics> {
+    pub fn start(
+        self,
+        waker: std::sync::Arc<mio::Waker>,
+        store: Option<StoreView>,
+        started: Instant,
+    ) -> anyhow::Result<Metrics> {
         let exchange = Arc::new(Exchange {
             requested: AtomicBool::new(false),
             latest: Mutex::new(Published::default()),

@@ -116,6 +116,12 @@ impl CommitPipeline {
                 if let Err(e) = wake.wake() {
                     log::error!("waking the event loop failed: {e}");
                 }
+                // After the reports, so replies do not wait for it.
+                let mut store = lock(&shared);
+                if store.wal_needs_checkpoint() {
+                    store.finish_checkpoint();
+                }
+                drop(store);
             }
         })?;
         Ok(CommitPipeline { store, requests: Some(requests), completions, thread: Some(thread), submitted: 0 })
@@ -130,6 +136,10 @@ impl CommitPipeline {
             Err(std::sync::TryLockError::WouldBlock) => return None,
             Err(std::sync::TryLockError::Poisoned(_)) => return None,
         };
+        if store.wal_needs_checkpoint() {
+            // The writer commits it and then checkpoints, off the loop.
+            return None;
+        }
         let result = store.commit_all(&[batch]);
         drop(store);
         self.submitted += 1;

@@ -109,7 +109,7 @@ const RECORDS_KEPT: usize = 4096;
 /// Without an fsync in each commit (`-f MS`, `-F`), batches below this many bytes are
 /// committed on the loop while the writer is idle: tens of microseconds, less than the
 /// two thread wake-ups of a hand-off cost.
-const INLINE_COMMIT_BELOW: usize = 64 * 1024;
+const INLINE_COMMIT_BELOW: usize = 16 * 1024;
 /// Default of `--max-uncommitted`.
 pub const DEFAULT_MAX_UNCOMMITTED: usize = 64 << 20;
 
@@ -507,8 +507,8 @@ impl Server {
         };
         let durable = match store {
             Some(store) => {
-                let pipeline = CommitPipeline::start(store, Arc::clone(&waker))
-                    .context("starting the store's writer thread")?;
+                let pipeline =
+                    CommitPipeline::start(store, Arc::clone(&waker)).context("starting the store's writer thread")?;
                 Some(Durable {
                     pipeline,
                     inflight: VecDeque::new(),
@@ -623,7 +623,11 @@ impl Server {
             if let Some(metrics) = &mut self.metrics {
                 metrics.publish_if_asked(&self.engine);
             }
-            self.longest_turn = self.longest_turn.max(turn_started.elapsed());
+            let turn = turn_started.elapsed();
+            if turn > self.longest_turn {
+                self.longest_turn = turn;
+                self.publish_loop_stats();
+            }
             if self.signals.shutdown.load(Ordering::Relaxed) {
                 log::info!("shutting down");
                 return self.shut_down();
@@ -636,8 +640,7 @@ impl Server {
     fn shut_down(&mut self) -> anyhow::Result<()> {
         let now = self.now();
         self.commit(now)?;
-        loop {
-            let Some(durable) = &mut self.durable else { break };
+        while let Some(durable) = &mut self.durable {
             if durable.failure.is_some() {
                 self.commit(now)?;
                 continue;
@@ -1011,7 +1014,9 @@ impl Server {
         if self.durable.as_ref().is_some_and(|d| d.failure.is_some()) {
             // Wait until the writer has reported every batch in flight: none of them will
             // be written now, so their changes and replies can be dealt with together.
-            while let Some(durable) = self.durable.as_ref().filter(|d| d.inflight.back().is_some_and(|f| f.turn > d.reported)) {
+            while let Some(durable) =
+                self.durable.as_ref().filter(|d| d.inflight.back().is_some_and(|f| f.turn > d.reported))
+            {
                 let done = durable.pipeline.wait()?;
                 self.on_completion(done);
             }
@@ -1060,7 +1065,13 @@ impl Server {
                         }
                         Err(e) => {
                             durable.failure = Some(e);
-                            durable.inflight.push_back(InFlight { turn, releases_through: turn, changes, records, bytes: 0 });
+                            durable.inflight.push_back(InFlight {
+                                turn,
+                                releases_through: turn,
+                                changes,
+                                records,
+                                bytes: 0,
+                            });
                             return self.recover(now);
                         }
                     }
@@ -1121,13 +1132,15 @@ impl Server {
     }
 
     fn publish_loop_stats(&mut self) {
-        let Some(durable) = &self.durable else { return };
-        self.engine.set_binlog_stats(engine::BinlogStats {
-            records_written: durable.records_written,
-            records_migrated: 0,
-        });
+        let longest_turn_us = u64::try_from(self.longest_turn.as_micros()).unwrap_or(u64::MAX);
+        let Some(durable) = &self.durable else {
+            self.engine.set_loop_stats(engine::LoopStats { longest_turn_us, ..engine::LoopStats::default() });
+            return;
+        };
+        self.engine
+            .set_binlog_stats(engine::BinlogStats { records_written: durable.records_written, records_migrated: 0 });
         self.engine.set_loop_stats(engine::LoopStats {
-            longest_turn_us: u64::try_from(self.longest_turn.as_micros()).unwrap_or(u64::MAX),
+            longest_turn_us,
             commits_in_flight: durable.inflight.len() as u64,
             uncommitted_bytes: durable.uncommitted as u64,
             max_uncommitted_bytes: durable.max_uncommitted as u64,

@@ -482,14 +482,16 @@ impl Store {
         let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0)).map_err(sql)?;
         // The maintenance thread checkpoints the WAL in the background once it
         // is half the size of -s. Under a steady stream of commits such a
-        // checkpoint never catches up with the end of the WAL, so the commit
-        // that grows it past -s finishes the job itself (SQLite's
-        // autocheckpoint), with little left to copy, and the WAL restarts.
+        // checkpoint never catches up with the end of the WAL, so once it holds
+        // -s worth of frames the writer thread finishes the job itself, between
+        // two commits (`finish_checkpoint`), with little left to copy, and the
+        // WAL restarts. SQLite's own autocheckpoint is off: it would run inside
+        // whichever commit crossed the mark, and commits may run on the event loop.
         let checkpoint_pages = (wal_size as i64 / page_size.max(512)).max(16);
         conn.execute_batch(&format!(
             "PRAGMA journal_mode = WAL;
              PRAGMA synchronous = {synchronous};
-             PRAGMA wal_autocheckpoint = {checkpoint_pages};
+             PRAGMA wal_autocheckpoint = 0;
              PRAGMA journal_size_limit = {wal_size};
              PRAGMA temp_store = MEMORY;
              PRAGMA busy_timeout = 10000;
@@ -520,8 +522,13 @@ impl Store {
             FsyncPolicy::Interval(every) => Some(every),
             FsyncPolicy::Always | FsyncPolicy::Never => None,
         };
-        store.maintainer =
-            Some(Maintainer::start(&store.path, fsync_every, wal_size, store.metrics.fsync_seconds.clone())?);
+        store.maintainer = Some(Maintainer::start(
+            &store.path,
+            fsync_every,
+            wal_size,
+            checkpoint_pages,
+            store.metrics.fsync_seconds.clone(),
+        )?);
         Ok(store)
     }
 
@@ -722,9 +729,22 @@ impl Store {
                             let r = row;
                             insert
                                 .execute(params![
-                                    r.id, r.tube.as_str(), r.pri, r.delay_ns, r.ttr_ns, r.ttl_ns, r.ttl_at, r.state,
-                                    r.ready_at, r.created_at, r.counters.reserves, r.counters.timeouts,
-                                    r.counters.releases, r.counters.buries, r.counters.kicks, body
+                                    r.id,
+                                    r.tube.as_str(),
+                                    r.pri,
+                                    r.delay_ns,
+                                    r.ttr_ns,
+                                    r.ttl_ns,
+                                    r.ttl_at,
+                                    r.state,
+                                    r.ready_at,
+                                    r.created_at,
+                                    r.counters.reserves,
+                                    r.counters.timeouts,
+                                    r.counters.releases,
+                                    r.counters.buries,
+                                    r.counters.kicks,
+                                    body
                                 ])
                                 .map_err(sql)?;
                         }
@@ -732,9 +752,20 @@ impl Store {
                             // `created_at` stays as the insert wrote it.
                             update
                                 .execute(params![
-                                    r.id, r.tube.as_str(), r.pri, r.delay_ns, r.ttr_ns, r.ttl_ns, r.ttl_at, r.state,
-                                    r.ready_at, r.counters.reserves, r.counters.timeouts,
-                                    r.counters.releases, r.counters.buries, r.counters.kicks
+                                    r.id,
+                                    r.tube.as_str(),
+                                    r.pri,
+                                    r.delay_ns,
+                                    r.ttr_ns,
+                                    r.ttl_ns,
+                                    r.ttl_at,
+                                    r.state,
+                                    r.ready_at,
+                                    r.counters.reserves,
+                                    r.counters.timeouts,
+                                    r.counters.releases,
+                                    r.counters.buries,
+                                    r.counters.kicks
                                 ])
                                 .map_err(sql)?;
                         }
@@ -774,6 +805,23 @@ impl Store {
         Ok(written)
     }
 
+    /// Whether the WAL holds `-s` worth of frames, so the next commit should run on the
+    /// writer thread, which then checkpoints ([`Store::finish_checkpoint`]).
+    pub fn wal_needs_checkpoint(&self) -> bool {
+        self.maintainer.as_ref().is_some_and(|m| m.shared.wal_full.load(Ordering::Acquire))
+    }
+
+    /// Checkpoints the WAL on the store's own connection, with no commit running, so the
+    /// checkpoint reaches the WAL's end and the next commit starts the log afresh.
+    pub fn finish_checkpoint(&mut self) {
+        if let Err(e) = self.conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            log::warn!("{}: checkpoint failed: {e}", self.path.display());
+        }
+        if let Some(m) = &self.maintainer {
+            m.shared.wal_full.store(false, Ordering::Release);
+        }
+    }
+
     /// Stops the maintenance thread after a last fsync (shutdown).
     pub fn sync(&mut self) -> Result<(), StoreError> {
         match self.maintainer.take() {
@@ -805,6 +853,8 @@ struct MaintainerShared {
     stop: AtomicBool,
     /// Counts commits, so the thread can tell when the store has gone idle.
     commits: std::sync::atomic::AtomicU64,
+    /// The WAL held `-s` worth of frames at the last look: the writer should checkpoint.
+    wal_full: AtomicBool,
 }
 
 /// After this long without a commit the store counts as idle: the WAL is
@@ -830,6 +880,7 @@ impl Maintainer {
         db: &Path,
         fsync_every: Option<Duration>,
         wal_size: u64,
+        checkpoint_pages: i64,
         fsync_seconds: prometheus::Histogram,
     ) -> Result<Maintainer, StoreError> {
         let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
@@ -840,6 +891,7 @@ impl Maintainer {
             dirty: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             commits: std::sync::atomic::AtomicU64::new(0),
+            wal_full: AtomicBool::new(false),
         });
         let worker = Arc::clone(&shared);
         let (db, wal) = (db.to_path_buf(), wal_path(db));
@@ -868,8 +920,11 @@ impl Maintainer {
                     }
                     let wal_len = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
                     if wal_len > wal_size / 2 {
-                        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                            log::warn!("{}: checkpoint failed: {e}", db.display());
+                        // (busy, frames in the log, frames checkpointed)
+                        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)) {
+                            Ok(frames) if frames >= checkpoint_pages => worker.wal_full.store(true, Ordering::Release),
+                            Ok(_) => {}
+                            Err(e) => log::warn!("{}: checkpoint failed: {e}", db.display()),
                         }
                     }
                     let commits = worker.commits.load(Ordering::Acquire);
