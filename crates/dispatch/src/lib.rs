@@ -34,6 +34,7 @@
 pub mod api;
 pub mod auth;
 pub mod console;
+pub mod db;
 pub mod error;
 pub mod events;
 pub mod fleet;
