@@ -505,6 +505,16 @@ impl Store {
         Ok(Store::new(crate::db::sqlite::open_in_memory().ctx("open in-memory database")?))
     }
 
+    /// A fresh, empty database for a test: SQLite in memory, or a new PostgreSQL database
+    /// on the server env `POLARIS_TEST_DATABASE` names (`postgres://user@host:port`).
+    #[cfg(test)]
+    pub(crate) fn open_for_test() -> Store {
+        match test_database() {
+            Some(url) => Store::open_at(&DatabaseLocation::Postgres(url)).expect("open the test database"),
+            None => Store::open_in_memory().expect("open an in-memory database"),
+        }
+    }
+
     fn new(conn: Connection) -> Store {
         Store { conn: Mutex::new(conn) }
     }
@@ -1659,6 +1669,18 @@ fn host_job_row(row: &crate::db::Row) -> crate::db::Result<Result<HostJobRecord,
     }))
 }
 
+/// A new, empty PostgreSQL database on the server env `POLARIS_TEST_DATABASE` names, if
+/// it names one.
+#[cfg(test)]
+pub(crate) fn test_database() -> Option<String> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let server = polaris_testkit::postgres::test_server_url()?;
+    let name =
+        format!("polaris_unit_{}_{}_{}", std::process::id(), unix_now_ms(), NEXT.fetch_add(1, Ordering::Relaxed));
+    Some(polaris_testkit::postgres::create_database(&server, &name).expect("create a test database"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1680,8 +1702,7 @@ mod tests {
 
     #[test]
     fn log_lines_are_kept_once_and_within_retention() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("open");
+        let store = Store::open_for_test();
         let keep = LogRetention { max_lines: 3, max_age_ms: 86_400_000 };
         assert_eq!(store.record_log_batch(&batch("1:2:0", 0, &["a", "b"]), keep).expect("record"), 2);
         // Sent again (with one more line) after a crash: only the new line is added.
@@ -1724,7 +1745,7 @@ mod tests {
 
     #[test]
     fn unknown_hosts_fail_at_once_and_known_ones_wait() {
-        let store = Store::open_in_memory().expect("open");
+        let store = Store::open_for_test();
         store.upsert_host("a", "host-a").expect("register");
         assert!(store.create_job(&new_job("j1", &["a", "ghost"]), i64::MAX).expect("create"));
         let (job, hosts) = store.job("j1").expect("read").expect("exists");
@@ -1740,7 +1761,7 @@ mod tests {
 
     #[test]
     fn results_are_recorded_once_and_late_results_replace_expired() {
-        let store = Store::open_in_memory().expect("open");
+        let store = Store::open_for_test();
         store.upsert_host("a", "").expect("register");
         store.create_job(&new_job("j", &["a"]), i64::MAX).expect("create");
         let mut result = HostResult {
@@ -1767,7 +1788,7 @@ mod tests {
 
     #[test]
     fn binary_results_keep_their_encoding() {
-        let store = Store::open_in_memory().expect("open");
+        let store = Store::open_for_test();
         store.upsert_host("a", "").expect("register");
         store.create_job(&new_job("j", &["a"]), i64::MAX).expect("create");
         let result = HostResult {
@@ -1791,7 +1812,7 @@ mod tests {
 
     #[test]
     fn queue_places_are_acted_on_only_while_they_hold() {
-        let store = Store::open_in_memory().expect("open");
+        let store = Store::open_for_test();
         store.upsert_host("a", "").expect("register");
         store.create_job(&new_job("j", &["a"]), i64::MAX).expect("create");
         let place = |id, instance: &str| QueueRef { id, instance: Some(instance.into()), mac: Some("m".into()) };
@@ -1816,7 +1837,7 @@ mod tests {
 
     #[test]
     fn cancel_revokes_pending_hosts_in_one_go_and_stops_the_enqueuer() {
-        let store = Store::open_in_memory().expect("open");
+        let store = Store::open_for_test();
         for host in ["a", "b", "c"] {
             store.upsert_host(host, "").expect("register");
         }
@@ -1852,5 +1873,12 @@ mod tests {
         let store = Store::open(dir.path()).expect("second open");
         let version = crate::db::sqlite::schema_version(&store.conn()).expect("version");
         assert_eq!(version, crate::db::sqlite::MIGRATIONS.len() as i64);
+        if let Some(url) = test_database() {
+            let location = DatabaseLocation::Postgres(url);
+            drop(Store::open_at(&location).expect("first open"));
+            let store = Store::open_at(&location).expect("second open");
+            let version = crate::db::postgres::schema_version(&store.conn()).expect("version");
+            assert_eq!(version, crate::db::postgres::MIGRATIONS.len() as i64);
+        }
     }
 }

@@ -806,7 +806,7 @@ mod tests {
     }
 
     fn tree_store() -> Store {
-        let store = Store::open_in_memory().expect("open");
+        let store = Store::open_for_test();
         for (path, level) in [
             ("ECS", Level::Product),
             ("ECS/OpenStack", Level::Service),
