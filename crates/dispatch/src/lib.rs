@@ -94,6 +94,9 @@ pub struct DispatchConfig {
     /// How many lines of agents' watched logs are kept, and for how long
     /// (`--log-retention-lines`, `--log-retention-age`).
     pub log_retention: store::LogRetention,
+    /// How long a lease on the background work lasts unless renewed (`--lease-secs`): how
+    /// soon another dispatcher on the same PostgreSQL database takes over from one that died.
+    pub lease_ttl: Duration,
 }
 
 impl Default for DispatchConfig {
@@ -112,6 +115,7 @@ impl Default for DispatchConfig {
             allowed_clients: Vec::new(),
             metrics_without_token: false,
             log_retention: store::LogRetention::default(),
+            lease_ttl: Duration::from_secs(10),
         }
     }
 }
@@ -265,6 +269,11 @@ pub struct Dispatcher {
     pub metrics_without_token: bool,
     /// See [`DispatchConfig::log_retention`].
     pub log_retention: store::LogRetention,
+    /// This process among the dispatchers sharing a database: the holder name of its
+    /// leases (see [`Store::hold_lease`]).
+    pub instance_id: String,
+    /// See [`DispatchConfig::lease_ttl`].
+    pub lease_ttl: Duration,
     wake_enqueuer: mpsc::SyncSender<()>,
 }
 
@@ -315,10 +324,13 @@ pub fn run(config: DispatchConfig) -> anyhow::Result<()> {
         metrics: metrics::DispatchMetrics::new(),
         metrics_without_token: config.metrics_without_token,
         log_retention: config.log_retention,
+        instance_id: format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()),
+        lease_ttl: config.lease_ttl,
         wake_enqueuer: wake_tx,
     });
+    log::info!("dispatcher instance {} on {}", dispatcher.instance_id, config.database);
     let stop = Arc::new(AtomicBool::new(false));
-    let threads = worker::spawn(&dispatcher, queue, wake_rx, &stop)?;
+    let threads = worker::spawn(&dispatcher, queue, &config.database, wake_rx, &stop)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -334,5 +346,6 @@ pub fn run(config: DispatchConfig) -> anyhow::Result<()> {
             log::error!("a worker thread panicked");
         }
     }
+    worker::release_leases(&dispatcher);
     served
 }

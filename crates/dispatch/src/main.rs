@@ -66,6 +66,11 @@ struct Args {
     /// Seconds a watched log line is kept after it is received.
     #[arg(long, default_value_t = 7 * 86_400)]
     log_retention_age: u64,
+    /// Seconds a dispatcher's lease on the background work (enqueueing, expiring,
+    /// rollouts, cancels, schedules) lasts unless renewed: how soon another dispatcher on
+    /// the same --database takes over from one that died.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    lease_secs: u64,
 }
 
 fn parse_client_net(s: &str) -> Result<ipnet::IpNet, String> {
@@ -106,5 +111,6 @@ fn main() -> anyhow::Result<()> {
             max_lines: args.log_retention_lines.max(1),
             max_age_ms: i64::try_from(args.log_retention_age.saturating_mul(1000)).unwrap_or(i64::MAX),
         },
+        lease_ttl: Duration::from_secs(args.lease_secs),
     })
 }

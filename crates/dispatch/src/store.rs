@@ -526,6 +526,45 @@ impl Store {
         self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Which database this is.
+    pub fn backend(&self) -> crate::db::Backend {
+        self.conn().backend()
+    }
+
+    /// Takes or renews lease `name` for `holder` (a dispatcher's instance id) for the next
+    /// `ttl_ms`, and answers whether `holder` has it: it does if it held it already or the
+    /// last holder let it expire. The work one dispatcher does alone on a database
+    /// (enqueueing, expiring, rollouts, cancels, schedules) is done only by the holder of
+    /// its lease, so dispatchers sharing a PostgreSQL database never do it twice, and one
+    /// that dies hands it on when its lease runs out. The database's clock decides. An
+    /// SQLite file has one dispatcher, which always holds every lease.
+    pub fn hold_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<bool, StoreError> {
+        let conn = self.conn();
+        if conn.backend() == crate::db::Backend::Sqlite {
+            return Ok(true);
+        }
+        let held = conn
+            .execute(
+                "INSERT INTO leases (name, holder, expires_at) VALUES (?1, ?2, polaris_now_ms() + ?3)
+                 ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
+                 WHERE leases.holder = excluded.holder OR leases.expires_at < polaris_now_ms()",
+                params![name, holder, ttl_ms],
+            )
+            .ctx("take or renew a lease")?;
+        Ok(held == 1)
+    }
+
+    /// Gives lease `name` up if `holder` has it (a dispatcher that stops), so another
+    /// dispatcher takes it at once rather than when it would have run out.
+    pub fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        let conn = self.conn();
+        if conn.backend() == crate::db::Backend::Postgres {
+            conn.execute("DELETE FROM leases WHERE name = ?1 AND holder = ?2", params![name, holder])
+                .ctx("release a lease")?;
+        }
+        Ok(())
+    }
+
     /// Registers `id` or refreshes it; returns the record and whether it is new.
     pub fn upsert_host(&self, id: &str, hostname: &str) -> Result<(HostRecord, bool), StoreError> {
         self.upsert_host_with_facts(id, hostname, None)

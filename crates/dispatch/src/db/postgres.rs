@@ -8,9 +8,11 @@
 //!
 //! The schema has its own append-only history ([`MIGRATIONS`], recorded in
 //! `schema_version`), applied under an advisory lock so dispatchers that start together
-//! migrate once. The job-event triggers of SQLite's migration 10 are plpgsql functions.
+//! migrate once. The job-event triggers of SQLite's migration 10 are plpgsql functions;
+//! they also `NOTIFY` [`HOST_JOBS_CHANNEL`], which [`listen`] hears.
 
 use super::{Connection, DbError, Kind, Result, Row, Value};
+use ::postgres::fallible_iterator::FallibleIterator as _;
 use ::postgres::types::{IsNull, ToSql, Type};
 use ::postgres::{Client, NoTls, Statement};
 use std::cell::RefCell;
@@ -23,7 +25,11 @@ const MIGRATION_LOCK: i64 = 0x706f_6c61_7269_73;
 /// one row of `schema_version`). Never edit an entry that has shipped: add a new one.
 /// Version 1 is the schema SQLite reached at its migration 12.
 pub const MIGRATIONS: &[&str] = &[
-    // 1: everything SQLite's migrations 1 to 12 made, in one go, and the job-event triggers.
+    // 1: everything SQLite's migrations 1 to 12 made, in one go; the job-event triggers,
+    // which also notify channel `polaris_host_jobs` (payload: the job id) of every new host
+    // job and every host state change, so the dispatchers sharing the database hear of
+    // each other's work; and the leases that make one of them at a time do the background
+    // work (see `Store::hold_lease`).
     r#"CREATE TABLE hosts (
         id              TEXT PRIMARY KEY,
         hostname        TEXT NOT NULL DEFAULT '',
@@ -201,6 +207,11 @@ pub const MIGRATIONS: &[&str] = &[
         at      BIGINT NOT NULL,
         PRIMARY KEY (host, path)
     );
+    CREATE TABLE leases (
+        name       TEXT PRIMARY KEY,
+        holder     TEXT NOT NULL,
+        expires_at BIGINT NOT NULL
+    );
     CREATE FUNCTION polaris_now_ms() RETURNS BIGINT LANGUAGE sql VOLATILE
         AS $$ SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT $$;
     CREATE FUNCTION job_events_host_new() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -208,6 +219,7 @@ pub const MIGRATIONS: &[&str] = &[
         INSERT INTO job_events (job_id, at, kind, host, body) VALUES (NEW.job_id, NEW.updated_at, 'host', NEW.host,
             json_build_object('host', NEW.host, 'state', NEW.state, 'attempt', NEW.attempt, 'batch', NEW.batch + 1,
                               'resp', NEW.resp, 'retcode', NEW.retcode, 'message', NEW.message)::TEXT);
+        PERFORM pg_notify('polaris_host_jobs', NEW.job_id);
         RETURN NULL;
     END $$;
     CREATE TRIGGER job_events_host_new AFTER INSERT ON host_job FOR EACH ROW EXECUTE FUNCTION job_events_host_new();
@@ -217,6 +229,7 @@ pub const MIGRATIONS: &[&str] = &[
             json_build_object('host', NEW.host, 'state', NEW.state, 'attempt', NEW.attempt, 'batch', NEW.batch + 1,
                               'resp', NEW.resp, 'retcode', NEW.retcode, 'message', NEW.message, 'data', NEW.data,
                               'encoding', NEW.encoding, 'truncated', NEW.truncated)::TEXT);
+        PERFORM pg_notify('polaris_host_jobs', NEW.job_id);
         RETURN NULL;
     END $$;
     CREATE TRIGGER job_events_host_state AFTER UPDATE OF state, attempt ON host_job FOR EACH ROW
@@ -247,6 +260,57 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE TRIGGER job_events_cancelled AFTER UPDATE OF cancelled_at ON jobs FOR EACH ROW
         WHEN (OLD.cancelled_at IS NULL AND NEW.cancelled_at IS NOT NULL) EXECUTE FUNCTION job_events_cancelled();"#,
 ];
+
+/// The channel the host-job triggers notify, with the job id as payload.
+pub const HOST_JOBS_CHANNEL: &str = "polaris_host_jobs";
+
+/// Listens on [`HOST_JOBS_CHANNEL`] of the database at `url` until `stop` is set, calling
+/// `changed` with the job id of every notification (from any dispatcher, this one too).
+/// A lost session is connected again; notifications sent meanwhile are lost, which the
+/// waiters' own polling covers.
+pub fn listen(url: &str, stop: &std::sync::atomic::AtomicBool, mut changed: impl FnMut(&str)) {
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+    let mut failing = false;
+    while !stop.load(Ordering::SeqCst) {
+        let session = Client::connect(url, NoTls).and_then(|mut client| {
+            client.batch_execute(&format!("LISTEN {HOST_JOBS_CHANNEL}"))?;
+            Ok(client)
+        });
+        let mut client = match session {
+            Ok(client) => {
+                if failing {
+                    log::info!("listening for other dispatchers' changes again");
+                }
+                failing = false;
+                client
+            }
+            Err(e) => {
+                if !failing {
+                    log::warn!("cannot listen for other dispatchers' changes, will retry: {}", describe(&e));
+                }
+                failing = true;
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
+            }
+        };
+        while !stop.load(Ordering::SeqCst) {
+            let next = client.notifications().timeout_iter(Duration::from_millis(500)).next();
+            match next {
+                Ok(Some(notification)) => changed(notification.payload()),
+                Ok(None) if client.is_closed() => {
+                    log::warn!("lost the session listening for other dispatchers' changes");
+                    break;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    log::warn!("lost the session listening for other dispatchers' changes: {}", describe(&e));
+                    break;
+                }
+            }
+        }
+    }
+}
 
 /// The server's message for a PostgreSQL error (the client's own `Display` of a server
 /// error is only "db error").
