@@ -309,8 +309,8 @@ impl<T> OptionalExtension<T> for Result<T> {
 pub enum Connection {
     /// An SQLite database file (or memory).
     Sqlite(rusqlite::Connection),
-    /// A PostgreSQL session.
-    Postgres(RefCell<postgres::PgSession>),
+    /// A PostgreSQL session (boxed: it is much larger than an SQLite handle).
+    Postgres(Box<RefCell<postgres::PgSession>>),
 }
 
 impl std::fmt::Debug for Connection {

@@ -19,7 +19,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 
 /// The advisory lock key held while migrating (any fixed number; "polaris" in ASCII).
-const MIGRATION_LOCK: i64 = 0x706f_6c61_7269_73;
+const MIGRATION_LOCK: i64 = 0x0070_6f6c_6172_6973;
 
 /// Append-only schema migrations; entry `i` moves the database to version `i + 1` (the
 /// one row of `schema_version`). Never edit an entry that has shipped: add a new one.
@@ -326,7 +326,7 @@ pub fn describe(e: &::postgres::Error) -> String {
 pub fn open(url: &str) -> Result<Connection> {
     let mut session = PgSession::connect(url)?;
     session.migrate()?;
-    Ok(Connection::Postgres(RefCell::new(session)))
+    Ok(Connection::Postgres(Box::new(RefCell::new(session))))
 }
 
 /// The schema version of a PostgreSQL database (its `schema_version` row).
