@@ -1906,6 +1906,27 @@ mod tests {
     }
 
     #[test]
+    fn leases_have_one_holder_until_they_run_out() {
+        let store = Store::open_for_test();
+        if store.backend() == crate::db::Backend::Sqlite {
+            // One dispatcher per SQLite file: it holds every lease.
+            assert!(store.hold_lease("work", "a", 60_000).expect("hold"));
+            assert!(store.hold_lease("work", "b", 60_000).expect("hold"));
+            return;
+        }
+        assert!(store.hold_lease("work", "a", 60_000).expect("take"));
+        assert!(!store.hold_lease("work", "b", 60_000).expect("held by a"));
+        assert!(store.hold_lease("work", "a", 60_000).expect("renew"));
+        assert!(store.hold_lease("other", "b", 60_000).expect("another lease"));
+        store.release_lease("work", "b").expect("not b's to release");
+        assert!(!store.hold_lease("work", "b", 60_000).expect("still a's"));
+        store.release_lease("work", "a").expect("release");
+        // b takes it, and lets it run out at once; then a takes it back.
+        assert!(store.hold_lease("work", "b", -1).expect("released, so free"));
+        assert!(store.hold_lease("work", "a", 60_000).expect("run out, so free"));
+    }
+
+    #[test]
     fn migrations_are_idempotent() {
         let dir = tempfile::tempdir().expect("tempdir");
         drop(Store::open(dir.path()).expect("first open"));

@@ -25,7 +25,9 @@ const MIGRATION_LOCK: i64 = 0x0070_6f6c_6172_6973;
 /// one row of `schema_version`). Never edit an entry that has shipped: add a new one.
 /// Version 1 is the schema SQLite reached at its migration 12.
 pub const MIGRATIONS: &[&str] = &[
-    // 1: everything SQLite's migrations 1 to 12 made, in one go; the job-event triggers,
+    // 1: everything SQLite's migrations 1 to 12 made, in one go; the job-event triggers
+    // (and one numbering each job's events in commit order, which SQLite's one writer at a
+    // time gives for free),
     // which also notify channel `polaris_host_jobs` (payload: the job id) of every new host
     // job and every host state change, so the dispatchers sharing the database hear of
     // each other's work; and the leases that make one of them at a time do the background
@@ -214,6 +216,17 @@ pub const MIGRATIONS: &[&str] = &[
     );
     CREATE FUNCTION polaris_now_ms() RETURNS BIGINT LANGUAGE sql VOLATILE
         AS $$ SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT $$;
+    -- Events of one job are numbered in commit order: a transaction adding one waits for
+    -- any other adding events of the same job to end, and only then draws its number, so a
+    -- reader that saw event N never finds a smaller one committed later (which
+    -- `Last-Event-ID` would skip). Transactions of different jobs do not wait for each other.
+    CREATE FUNCTION job_events_number() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_advisory_xact_lock(hashtext('job_events'), hashtext(NEW.job_id));
+        NEW.seq := nextval(pg_get_serial_sequence('job_events', 'seq'));
+        RETURN NEW;
+    END $$;
+    CREATE TRIGGER job_events_number BEFORE INSERT ON job_events FOR EACH ROW EXECUTE FUNCTION job_events_number();
     CREATE FUNCTION job_events_host_new() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
         INSERT INTO job_events (job_id, at, kind, host, body) VALUES (NEW.job_id, NEW.updated_at, 'host', NEW.host,
