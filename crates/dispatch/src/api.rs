@@ -30,6 +30,9 @@ pub(crate) type AppState = Arc<Dispatcher>;
 
 /// Largest request body accepted, in bytes.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// How often a sync call looks at its job again when nothing woke it.
+const SYNC_LOOK_AGAIN: Duration = Duration::from_secs(2);
+
 /// `GET /v1/jobs` page size when none is given.
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
 /// Largest `limit` for `GET /v1/jobs`.
@@ -359,7 +362,14 @@ async fn post_job(
             let id = job_id.clone();
             blocking(move || Ok(dispatcher.store.job_is_final(&id)?)).await?
         };
-        if done || tokio::time::timeout_at(deadline, notified).await.is_err() {
+        if done {
+            break;
+        }
+        // Woken by a result this dispatcher recorded, or (PostgreSQL) one another
+        // dispatcher recorded and announced; looked at again now and then all the same,
+        // should an announcement be lost.
+        let look_again = std::cmp::min(deadline, tokio::time::Instant::now() + SYNC_LOOK_AGAIN);
+        if tokio::time::timeout_at(look_again, notified).await.is_err() && look_again >= deadline {
             break;
         }
     }

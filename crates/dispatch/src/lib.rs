@@ -1,10 +1,11 @@
 //! `polaris-dispatch`: the REST/JSON dispatcher.
 //!
-//! A `POST /v1/jobs` call is stored in SQLite (job and full host list) first; then an
+//! A `POST /v1/jobs` call is stored in the database (SQLite, or PostgreSQL; see [`db`]) first
+//! (job and full host list); then an
 //! enqueuer thread puts one signed envelope per known host on `host.<id>`, a consumer thread
 //! records the agents' results from the reply tube and wakes the HTTP handlers waiting for a
 //! sync job, and the same enqueuer thread expires host jobs whose deadline passed. All
-//! blocking work (SQLite, the beanstalk client) runs on those threads or in
+//! blocking work (the database, the beanstalk client) runs on those threads or in
 //! `spawn_blocking`, never on the async runtime's workers.
 //!
 //! See `docs/DISPATCH.md` for the API, the error codes and the security model.
@@ -24,8 +25,10 @@
 //!   host jobs by state, fan-out and completion latencies, the queue connection.
 //! - [`fleet`]: the product tree (products, services, components) and the hosts placed in
 //!   it: nodes, placements, labels, targets, bulk import, the change log, and their routes.
-//! - [`store`]: the SQLite database (`hosts`, `jobs`, `host_job`), written before anything
+//! - [`store`]: the database (`hosts`, `jobs`, `host_job`), written before anything
 //!   is queued or answered.
+//! - [`db`]: the database layer: one interface, SQLite and PostgreSQL behind it, each with
+//!   its own migrations.
 //! - `worker` (private): the two blocking threads: the enqueuer (puts and expires host
 //!   jobs) and the results consumer.
 
@@ -34,6 +37,7 @@
 pub mod api;
 pub mod auth;
 pub mod console;
+pub mod db;
 pub mod error;
 pub mod events;
 pub mod fleet;
@@ -66,8 +70,8 @@ pub struct DispatchConfig {
     pub queue: String,
     /// TLS to the queue (`--queue-ca` and the rest); `None` is plain TCP.
     pub queue_tls: Option<TlsClientFiles>,
-    /// Directory of the SQLite database.
-    pub data_dir: PathBuf,
+    /// The database: SQLite in a directory (the default), or PostgreSQL.
+    pub database: store::DatabaseLocation,
     /// File holding the shared envelope secret; `None` reads env `POLARIS_SECRET`.
     pub secret_file: Option<PathBuf>,
     /// JSON tokens file; `None` turns authentication off.
@@ -90,6 +94,9 @@ pub struct DispatchConfig {
     /// How many lines of agents' watched logs are kept, and for how long
     /// (`--log-retention-lines`, `--log-retention-age`).
     pub log_retention: store::LogRetention,
+    /// How long a lease on the background work lasts unless renewed (`--lease-secs`): how
+    /// soon another dispatcher on the same PostgreSQL database takes over from one that died.
+    pub lease_ttl: Duration,
 }
 
 impl Default for DispatchConfig {
@@ -98,7 +105,7 @@ impl Default for DispatchConfig {
             listen: "127.0.0.1:8080".into(),
             queue: "127.0.0.1:11300".into(),
             queue_tls: None,
-            data_dir: PathBuf::from("polaris-dispatch-data"),
+            database: store::DatabaseLocation::SqliteDir(PathBuf::from("polaris-dispatch-data")),
             secret_file: None,
             tokens_file: None,
             reply_tube: wire::DEFAULT_REPLY_TUBE.into(),
@@ -108,6 +115,7 @@ impl Default for DispatchConfig {
             allowed_clients: Vec::new(),
             metrics_without_token: false,
             log_retention: store::LogRetention::default(),
+            lease_ttl: Duration::from_secs(10),
         }
     }
 }
@@ -261,6 +269,11 @@ pub struct Dispatcher {
     pub metrics_without_token: bool,
     /// See [`DispatchConfig::log_retention`].
     pub log_retention: store::LogRetention,
+    /// This process among the dispatchers sharing a database: the holder name of its
+    /// leases (see [`Store::hold_lease`]).
+    pub instance_id: String,
+    /// See [`DispatchConfig::lease_ttl`].
+    pub lease_ttl: Duration,
     wake_enqueuer: mpsc::SyncSender<()>,
 }
 
@@ -290,8 +303,8 @@ pub fn run(config: DispatchConfig) -> anyhow::Result<()> {
         None => None,
     };
     let queue = Endpoint::from_flags(&config.queue, config.queue_tls.as_ref())?;
-    let store = Store::open(&config.data_dir)
-        .with_context(|| format!("opening the database in {}", config.data_dir.display()))?;
+    let store =
+        Store::open_at(&config.database).with_context(|| format!("opening the database {}", config.database))?;
     if !client::is_valid_tube_name(&config.reply_tube) {
         anyhow::bail!("--reply-tube {:?} is not a valid tube name", config.reply_tube);
     }
@@ -311,10 +324,13 @@ pub fn run(config: DispatchConfig) -> anyhow::Result<()> {
         metrics: metrics::DispatchMetrics::new(),
         metrics_without_token: config.metrics_without_token,
         log_retention: config.log_retention,
+        instance_id: format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()),
+        lease_ttl: config.lease_ttl,
         wake_enqueuer: wake_tx,
     });
+    log::info!("dispatcher instance {} on {}", dispatcher.instance_id, config.database);
     let stop = Arc::new(AtomicBool::new(false));
-    let threads = worker::spawn(&dispatcher, queue, wake_rx, &stop)?;
+    let threads = worker::spawn(&dispatcher, queue, &config.database, wake_rx, &stop)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -330,5 +346,6 @@ pub fn run(config: DispatchConfig) -> anyhow::Result<()> {
             log::error!("a worker thread panicked");
         }
     }
+    worker::release_leases(&dispatcher);
     served
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
     name = "polaris-dispatch",
     version,
     about = "polaris-dispatch: the Polaris REST/JSON dispatcher. Takes \"run this on these hosts\" calls, stores them \
-             in SQLite, puts one signed job per host on the queue (polarisd or beanstalkd) and collects the agents' \
+             in SQLite (or PostgreSQL, --database), puts one signed job per host on the queue (polarisd or beanstalkd) and collects the agents' \
              results.",
     after_help = "Environment: POLARIS_SECRET holds the shared envelope secret unless --secret-file is given; \
                   RUST_LOG sets the log level (env_logger syntax; default info).\n\
@@ -25,9 +25,13 @@ struct Args {
     listen: String,
     #[command(flatten)]
     queue: polaris_ops_wire::queue_flags::QueueFlags,
-    /// Directory of the SQLite database (created if missing).
+    /// Directory of the SQLite database (created if missing); unused with --database.
     #[arg(long, default_value = "polaris-dispatch-data")]
     data: PathBuf,
+    /// Store everything in this PostgreSQL database instead of SQLite
+    /// (postgres://USER[:PASSWORD]@HOST[:PORT]/DBNAME); several dispatchers may share it.
+    #[arg(long, value_name = "postgres://…", value_parser = parse_database_url)]
+    database: Option<String>,
     /// File holding the shared envelope secret (default: env POLARIS_SECRET).
     #[arg(long)]
     secret_file: Option<PathBuf>,
@@ -62,12 +66,25 @@ struct Args {
     /// Seconds a watched log line is kept after it is received.
     #[arg(long, default_value_t = 7 * 86_400)]
     log_retention_age: u64,
+    /// Seconds a dispatcher's lease on the background work (enqueueing, expiring,
+    /// rollouts, cancels, schedules) lasts unless renewed: how soon another dispatcher on
+    /// the same --database takes over from one that died.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    lease_secs: u64,
 }
 
 fn parse_client_net(s: &str) -> Result<ipnet::IpNet, String> {
     s.parse::<ipnet::IpNet>()
         .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
         .map_err(|_| format!("not an IP address or CIDR network: {s:?}"))
+}
+
+fn parse_database_url(s: &str) -> Result<String, String> {
+    if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+        Ok(s.to_string())
+    } else {
+        Err(format!("not a postgres:// URL: {s:?} (SQLite, the default, is set with --data)"))
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -78,7 +95,10 @@ fn main() -> anyhow::Result<()> {
         listen: args.listen,
         queue,
         queue_tls,
-        data_dir: args.data,
+        database: match args.database {
+            Some(url) => polaris_dispatch::store::DatabaseLocation::Postgres(url),
+            None => polaris_dispatch::store::DatabaseLocation::SqliteDir(args.data),
+        },
         secret_file: args.secret_file,
         tokens_file: args.tokens,
         reply_tube: args.reply_tube,
@@ -91,5 +111,6 @@ fn main() -> anyhow::Result<()> {
             max_lines: args.log_retention_lines.max(1),
             max_age_ms: i64::try_from(args.log_retention_age.saturating_mul(1000)).unwrap_or(i64::MAX),
         },
+        lease_ttl: Duration::from_secs(args.lease_secs),
     })
 }

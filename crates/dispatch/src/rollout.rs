@@ -18,10 +18,10 @@
 //! A released host gets its own start deadline (now plus `ttl`, or the timeout), so a
 //! late batch has as long to start as the first.
 
+use crate::db::{params, Connection};
 use crate::policy::{Policy, RetryOn};
 use crate::store::{Context as _, HostState, Outcome, Store, StoreError};
 use polaris_ops_wire::codes::Code;
-use rusqlite::{params, Connection};
 
 /// One host of a job, as the release step sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -218,7 +218,7 @@ fn settle(conn: &mut Connection, now_ms: i64) -> Result<Vec<String>, StoreError>
             )
             .ctx("list unsettled host jobs")?;
         let rows = stmt
-            .query_map([], |r| {
+            .query_map((), |r| {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, String>(1)?,
@@ -261,8 +261,11 @@ fn settle(conn: &mut Connection, now_ms: i64) -> Result<Vec<String>, StoreError>
     let mut touched = Vec::new();
     for row in &rows {
         tx.prepare_cached(
-            "INSERT OR REPLACE INTO host_attempts (job_id, host, attempt, queued_at, finished_at, state, resp, retcode, message)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            "INSERT INTO host_attempts (job_id, host, attempt, queued_at, finished_at, state, resp, retcode, message)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+             ON CONFLICT (job_id, host, attempt) DO UPDATE SET queued_at = excluded.queued_at,
+                 finished_at = excluded.finished_at, state = excluded.state, resp = excluded.resp,
+                 retcode = excluded.retcode, message = excluded.message",
         )
         .and_then(|mut s| {
             s.execute(params![
@@ -330,8 +333,8 @@ fn release(conn: &mut Connection, now_ms: i64) -> Result<(Vec<String>, bool), St
                  WHERE h.state = 'waiting' AND j.cancelled_at IS NULL",
             )
             .ctx("list waiting jobs")?;
-        let rows = stmt.query_map([], |r| r.get::<_, String>(0)).ctx("list waiting jobs")?;
-        rows.collect::<rusqlite::Result<_>>().ctx("list waiting jobs")?
+        let rows = stmt.query_map((), |r| r.get::<_, String>(0)).ctx("list waiting jobs")?;
+        rows.collect::<crate::db::Result<_>>().ctx("list waiting jobs")?
     };
     let mut touched = Vec::new();
     let mut released_any = false;
@@ -416,7 +419,7 @@ fn job_view(conn: &Connection, job_id: &str) -> Result<Option<(JobView, Vec<Stri
         });
     let (policy, not_before_ms, current_batch, batch_done_at_ms, halted, timeout_secs) = match head {
         Ok(head) => head,
-        Err(rusqlite::Error::QueryReturnedNoRows) => return Ok(None),
+        Err(crate::db::DbError::NoRows) => return Ok(None),
         Err(e) => return Err(e).ctx("read job for release"),
     };
     let policy: Policy = policy

@@ -1,4 +1,4 @@
-//! The dispatcher's SQLite database: `hosts`, `jobs` and `host_job`, and the fleet tables
+//! The dispatcher's database: `hosts`, `jobs` and `host_job`, and the fleet tables
 //! (`fleet_nodes`, `fleet_placements`, `fleet_labels`, `fleet_audit`) that
 //! [`crate::fleet`] reads and writes.
 //!
@@ -6,273 +6,14 @@
 //! or answered, so a dispatcher restart loses nothing: unfinished host jobs are found here
 //! again and results that waited in the reply tube are matched to them.
 //!
-//! The database runs in WAL mode with `synchronous=FULL` (the dispatcher writes little, and
-//! "stored" must mean "on disk"); pragmas are set outside transactions; migrations are
-//! append-only and keyed on `PRAGMA user_version`.
+//! The database is SQLite by default, or PostgreSQL (see [`crate::db`], which holds each
+//! backend's migrations); every query here is written once for both.
 
+use crate::db::{params, Connection, OptionalExtension};
 use polaris_ops_wire::codes::Code;
 use polaris_ops_wire::wire::{unix_now_ms, Encoding, HostResult, Method, Resp};
-use rusqlite::{params, Connection, OptionalExtension};
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
-
-/// Append-only schema migrations; entry `i` moves the database to `user_version = i + 1`.
-/// Never edit an entry that has shipped: add a new one.
-const MIGRATIONS: &[&str] = &[
-    // 1: the design's three tables.
-    "CREATE TABLE hosts (
-        id            TEXT PRIMARY KEY,
-        hostname      TEXT NOT NULL DEFAULT '',
-        registered_at INTEGER NOT NULL,
-        last_seen     INTEGER NOT NULL
-    );
-    CREATE TABLE jobs (
-        seq          INTEGER PRIMARY KEY AUTOINCREMENT,
-        id           TEXT NOT NULL UNIQUE,
-        method       TEXT NOT NULL,
-        cmd          TEXT NOT NULL,
-        timeout_secs INTEGER NOT NULL,
-        created_at   INTEGER NOT NULL,
-        start_by     INTEGER NOT NULL,
-        token_name   TEXT
-    );
-    CREATE TABLE host_job (
-        job_id       TEXT NOT NULL REFERENCES jobs(id),
-        position     INTEGER NOT NULL,
-        host         TEXT NOT NULL,
-        state        TEXT NOT NULL,
-        queue_job_id INTEGER,
-        resp         TEXT,
-        retcode      INTEGER,
-        message      TEXT,
-        data         TEXT,
-        truncated    INTEGER NOT NULL DEFAULT 0,
-        output_bytes INTEGER,
-        updated_at   INTEGER NOT NULL,
-        finished_at  INTEGER,
-        PRIMARY KEY (job_id, position),
-        UNIQUE (job_id, host)
-    );
-    CREATE INDEX host_job_open ON host_job(state) WHERE state IN ('pending', 'ready', 'reserved');",
-    // 2: output that is not UTF-8 is kept as base64 in `data`; `encoding` says so.
-    "ALTER TABLE host_job ADD COLUMN encoding TEXT;",
-    // 3: which queue instance issued a host job's queue job id, and the signature of the
-    // envelope put under it, so the id is never acted on without proof it is still ours.
-    "ALTER TABLE host_job ADD COLUMN queue_instance TEXT;
-     ALTER TABLE host_job ADD COLUMN envelope_mac TEXT;",
-    // 4: when `DELETE /v1/jobs/{id}` cancelled the job; the enqueuer puts none of its
-    // envelopes from then on.
-    "ALTER TABLE jobs ADD COLUMN cancelled_at INTEGER;",
-    // 5: the fleet: the product tree, where hosts sit in it, their labels, the log of every
-    // change to them, and the facts agents report when they register. A node keeps its
-    // `id` when it is renamed or moved, so whatever attaches to nodes later (standing
-    // tasks) references `fleet_nodes(id)`; hosts are referenced by their id, which the
-    // inventory may name before the host's agent ever registers (hence no foreign key to
-    // `hosts`, and registration never touches these tables).
-    "CREATE TABLE fleet_nodes (
-        id         INTEGER PRIMARY KEY AUTOINCREMENT,
-        parent_id  INTEGER REFERENCES fleet_nodes(id),
-        path       TEXT NOT NULL UNIQUE,
-        level      TEXT NOT NULL CHECK (level IN ('product', 'service', 'component')),
-        created_at INTEGER NOT NULL,
-        updated_at INTEGER NOT NULL
-    );
-    CREATE INDEX fleet_nodes_parent ON fleet_nodes(parent_id);
-    CREATE TABLE fleet_placements (
-        host       TEXT NOT NULL,
-        node_id    INTEGER NOT NULL REFERENCES fleet_nodes(id),
-        created_at INTEGER NOT NULL,
-        PRIMARY KEY (host, node_id)
-    );
-    CREATE INDEX fleet_placements_node ON fleet_placements(node_id);
-    CREATE TABLE fleet_labels (
-        host  TEXT NOT NULL,
-        key   TEXT NOT NULL,
-        value TEXT NOT NULL,
-        PRIMARY KEY (host, key)
-    );
-    CREATE INDEX fleet_labels_pair ON fleet_labels(key, value);
-    CREATE TABLE fleet_audit (
-        seq     INTEGER PRIMARY KEY AUTOINCREMENT,
-        at      INTEGER NOT NULL,
-        actor   TEXT,
-        client  TEXT,
-        action  TEXT NOT NULL,
-        subject TEXT NOT NULL,
-        before  TEXT,
-        after   TEXT
-    );
-    CREATE INDEX fleet_audit_subject ON fleet_audit(subject, seq);
-    ALTER TABLE hosts ADD COLUMN facts TEXT;
-    ALTER TABLE hosts ADD COLUMN facts_at INTEGER;",
-    // 6: what a job was targeted at (the request's `target` as JSON, absent for a host
-    // list), the level that gives, and the queue priority its envelopes are put with.
-    // Rows from before have none of them: host-level, priority by method as before.
-    "ALTER TABLE jobs ADD COLUMN target TEXT;
-     ALTER TABLE jobs ADD COLUMN level TEXT;
-     ALTER TABLE jobs ADD COLUMN priority INTEGER;",
-    // 7: standing tasks, keyed by name and attach point (a node, or one host by id). A
-    // deleted node takes its tasks with it.
-    "CREATE TABLE fleet_tasks (
-        name       TEXT NOT NULL,
-        node_id    INTEGER REFERENCES fleet_nodes(id) ON DELETE CASCADE,
-        host       TEXT,
-        kind       TEXT NOT NULL,
-        spec       TEXT NOT NULL,
-        created_at INTEGER NOT NULL,
-        updated_at INTEGER NOT NULL,
-        CHECK ((node_id IS NULL) <> (host IS NULL))
-    );
-    CREATE UNIQUE INDEX fleet_tasks_node ON fleet_tasks(name, node_id) WHERE node_id IS NOT NULL;
-    CREATE UNIQUE INDEX fleet_tasks_host ON fleet_tasks(name, host) WHERE host IS NOT NULL;
-    CREATE INDEX fleet_tasks_by_node ON fleet_tasks(node_id);",
-    // 8: the scheduler. A `schedule` task's next due slot (NULL: not planned yet, or its
-    // spec changed, so the next slot is counted from now); the history of its firings,
-    // one row each, with the job it became (NULL when it fired for no host or the slot
-    // was skipped); and the task a job was fired for (its name and the attach point it
-    // came from: a node path or `host`).
-    "ALTER TABLE fleet_tasks ADD COLUMN next_due_at INTEGER;
-    CREATE TABLE fleet_task_runs (
-        seq      INTEGER PRIMARY KEY AUTOINCREMENT,
-        name     TEXT NOT NULL,
-        origin   TEXT NOT NULL,
-        due_at   INTEGER NOT NULL,
-        fired_at INTEGER NOT NULL,
-        job_id   TEXT,
-        hosts    INTEGER NOT NULL,
-        missed   INTEGER NOT NULL DEFAULT 0,
-        outcome  TEXT NOT NULL
-    );
-    CREATE INDEX fleet_task_runs_name ON fleet_task_runs(name, seq);
-    ALTER TABLE jobs ADD COLUMN task_name TEXT;
-    ALTER TABLE jobs ADD COLUMN task_from TEXT;
-    ALTER TABLE hosts ADD COLUMN tasks_digest TEXT;
-    ALTER TABLE hosts ADD COLUMN tasks_digest_at INTEGER;",
-    // 9: execution control. A job's policy (JSON, NULL for none), the time before which
-    // no host starts, the batch running and when it ended, and why no further host starts
-    // (a crossed failure threshold). A host job's own start deadline (NULL: the job's),
-    // its attempt, batch, when a retry may start, whether the rollout has looked at its
-    // final answer (0 only for jobs that retry), when its envelope was put, and when it
-    // alone was cancelled. `waiting` hosts are held back by the policy; `skipped` and
-    // `cancelled` are final. Every finished attempt of a retrying job is kept.
-    "ALTER TABLE jobs ADD COLUMN policy TEXT;
-    ALTER TABLE jobs ADD COLUMN not_before INTEGER;
-    ALTER TABLE jobs ADD COLUMN current_batch INTEGER;
-    ALTER TABLE jobs ADD COLUMN batch_done_at INTEGER;
-    ALTER TABLE jobs ADD COLUMN halted TEXT;
-    ALTER TABLE host_job ADD COLUMN start_by INTEGER;
-    ALTER TABLE host_job ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1;
-    ALTER TABLE host_job ADD COLUMN batch INTEGER;
-    ALTER TABLE host_job ADD COLUMN retry_at INTEGER;
-    ALTER TABLE host_job ADD COLUMN settled INTEGER NOT NULL DEFAULT 1;
-    ALTER TABLE host_job ADD COLUMN queued_at INTEGER;
-    ALTER TABLE host_job ADD COLUMN cancelled_at INTEGER;
-    ALTER TABLE host_job ADD COLUMN cancel_sent_at INTEGER;
-    CREATE TABLE host_attempts (
-        job_id      TEXT NOT NULL,
-        host        TEXT NOT NULL,
-        attempt     INTEGER NOT NULL,
-        queued_at   INTEGER,
-        finished_at INTEGER NOT NULL,
-        state       TEXT NOT NULL,
-        resp        TEXT,
-        retcode     INTEGER,
-        message     TEXT,
-        PRIMARY KEY (job_id, host, attempt)
-    );
-    DROP INDEX host_job_open;
-    CREATE INDEX host_job_open ON host_job(state) WHERE state IN ('pending', 'ready', 'reserved', 'waiting');
-    CREATE INDEX host_job_unsettled ON host_job(job_id) WHERE settled = 0;",
-    // 10: the events of each job, for `GET /v1/jobs/{id}/events`: every host's state
-    // (and attempt) as it changes, the batch that starts, a crossed threshold, a cancel.
-    // Triggers write them in the transaction of the change itself, so no code path that
-    // moves a host can forget one. Jobs from before get one event per host, as they stand.
-    "CREATE TABLE job_events (
-        seq    INTEGER PRIMARY KEY AUTOINCREMENT,
-        job_id TEXT NOT NULL,
-        at     INTEGER NOT NULL,
-        kind   TEXT NOT NULL,
-        host   TEXT,
-        body   TEXT NOT NULL
-    );
-    CREATE INDEX job_events_job ON job_events(job_id, seq);
-    CREATE TRIGGER job_events_host_new AFTER INSERT ON host_job BEGIN
-        INSERT INTO job_events (job_id, at, kind, host, body) VALUES (NEW.job_id, NEW.updated_at, 'host', NEW.host,
-            json_object('host', NEW.host, 'state', NEW.state, 'attempt', NEW.attempt, 'batch', NEW.batch + 1,
-                        'resp', NEW.resp, 'retcode', NEW.retcode, 'message', NEW.message));
-    END;
-    CREATE TRIGGER job_events_host_state AFTER UPDATE OF state, attempt ON host_job
-    WHEN OLD.state IS NOT NEW.state OR OLD.attempt IS NOT NEW.attempt BEGIN
-        INSERT INTO job_events (job_id, at, kind, host, body) VALUES (NEW.job_id, NEW.updated_at, 'host', NEW.host,
-            json_object('host', NEW.host, 'state', NEW.state, 'attempt', NEW.attempt, 'batch', NEW.batch + 1,
-                        'resp', NEW.resp, 'retcode', NEW.retcode, 'message', NEW.message, 'data', NEW.data,
-                        'encoding', NEW.encoding, 'truncated', NEW.truncated));
-    END;
-    CREATE TRIGGER job_events_batch AFTER UPDATE OF current_batch ON jobs
-    WHEN OLD.current_batch IS NOT NEW.current_batch BEGIN
-        INSERT INTO job_events (job_id, at, kind, body)
-        VALUES (NEW.id, CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER), 'batch',
-                json_object('current', NEW.current_batch + 1));
-    END;
-    CREATE TRIGGER job_events_halted AFTER UPDATE OF halted ON jobs
-    WHEN OLD.halted IS NOT NEW.halted BEGIN
-        INSERT INTO job_events (job_id, at, kind, body)
-        VALUES (NEW.id, CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER), 'halted',
-                json_object('reason', NEW.halted));
-    END;
-    CREATE TRIGGER job_events_cancelled AFTER UPDATE OF cancelled_at ON jobs
-    WHEN OLD.cancelled_at IS NULL AND NEW.cancelled_at IS NOT NULL BEGIN
-        INSERT INTO job_events (job_id, at, kind, body)
-        VALUES (NEW.id, NEW.cancelled_at, 'cancelled', json_object('at_ms', NEW.cancelled_at));
-    END;
-    INSERT INTO job_events (job_id, at, kind, host, body)
-        SELECT job_id, updated_at, 'host', host,
-               json_object('host', host, 'state', state, 'attempt', attempt, 'batch', batch + 1, 'resp', resp,
-                           'retcode', retcode, 'message', message, 'data', data, 'encoding', encoding,
-                           'truncated', truncated)
-        FROM host_job ORDER BY rowid;",
-    // 11: a job's `args` (the `log.*` methods' arguments) as JSON text; absent for every
-    // other method and for jobs stored before.
-    "ALTER TABLE jobs ADD COLUMN args TEXT;",
-    // 12: what the agents' standing tasks report. Continuous-integrity reports (only
-    // changes since the task's last report; `seq` is the agent's number for it) and the
-    // lines of watched log files, each named once by its file incarnation and offset, so
-    // a batch an agent sends again after a crash adds nothing.
-    "CREATE TABLE integrity_reports (
-        id          INTEGER PRIMARY KEY AUTOINCREMENT,
-        host        TEXT NOT NULL,
-        task        TEXT NOT NULL,
-        seq         INTEGER NOT NULL,
-        at          INTEGER NOT NULL,
-        received_at INTEGER NOT NULL,
-        retcode     INTEGER NOT NULL,
-        message     TEXT NOT NULL,
-        report      TEXT NOT NULL,
-        UNIQUE (host, task, seq, at)
-    );
-    CREATE INDEX integrity_reports_by_task ON integrity_reports (host, task, id);
-    CREATE TABLE log_lines (
-        seq    INTEGER PRIMARY KEY AUTOINCREMENT,
-        host   TEXT NOT NULL,
-        path   TEXT NOT NULL,
-        file   TEXT NOT NULL,
-        offset INTEGER NOT NULL,
-        at     INTEGER NOT NULL,
-        line   TEXT NOT NULL,
-        UNIQUE (host, path, file, offset)
-    );
-    CREATE INDEX log_lines_by_path ON log_lines (host, path, seq);
-    CREATE INDEX log_lines_by_age ON log_lines (at);
-    CREATE TABLE log_refusals (
-        host    TEXT NOT NULL,
-        path    TEXT NOT NULL,
-        task    TEXT NOT NULL,
-        code    TEXT NOT NULL,
-        message TEXT NOT NULL,
-        at      INTEGER NOT NULL,
-        PRIMARY KEY (host, path)
-    );",
-];
 
 /// How many log lines the dispatcher keeps, per host and path, and for how long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -344,13 +85,13 @@ const JOB_COLUMNS: &str =
 /// A database failure, with what the dispatcher was doing.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// SQLite failed.
+    /// The database failed.
     #[error("{context}: {source}")]
-    Sqlite {
+    Database {
         /// What the dispatcher was doing.
         context: &'static str,
-        /// The SQLite error.
-        source: rusqlite::Error,
+        /// The database's error.
+        source: crate::db::DbError,
     },
     /// The data directory could not be created.
     #[error("cannot create data directory {path}: {source}")]
@@ -365,15 +106,15 @@ pub enum StoreError {
     Corrupt(String),
 }
 
-/// Names what the dispatcher was doing when SQLite failed.
+/// Names what the dispatcher was doing when the database failed.
 pub(crate) trait Context<T> {
     /// The result, its error wrapped with `context`.
     fn ctx(self, context: &'static str) -> Result<T, StoreError>;
 }
 
-impl<T> Context<T> for rusqlite::Result<T> {
+impl<T> Context<T> for crate::db::Result<T> {
     fn ctx(self, context: &'static str) -> Result<T, StoreError> {
-        self.map_err(|source| StoreError::Sqlite { context, source })
+        self.map_err(|source| StoreError::Database { context, source })
     }
 }
 
@@ -716,6 +457,28 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// Where the dispatcher's database is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseLocation {
+    /// SQLite, `dispatch.db` in this directory (`--data-dir`, the default).
+    SqliteDir(std::path::PathBuf),
+    /// A PostgreSQL server (`--database postgres://…`).
+    Postgres(String),
+}
+
+impl std::fmt::Display for DatabaseLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DatabaseLocation::SqliteDir(dir) => write!(f, "{}", dir.join("dispatch.db").display()),
+            // Without the password, should the URL carry one.
+            DatabaseLocation::Postgres(url) => match url.split_once('@') {
+                Some((_, rest)) => write!(f, "postgres://…@{rest}"),
+                None => f.write_str(url),
+            },
+        }
+    }
+}
+
 const HOST_JOB_COLUMNS: &str = "host, state, queue_job_id, resp, retcode, message, data, truncated, updated_at, \
      encoding, queue_instance, envelope_mac, attempt, batch, settled";
 
@@ -724,23 +487,36 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|source| StoreError::DataDir { path: dir.display().to_string(), source })?;
-        let conn = Connection::open(dir.join("dispatch.db")).ctx("open dispatch.db")?;
-        Store::from_connection(conn)
+        Ok(Store::new(crate::db::sqlite::open(&dir.join("dispatch.db")).ctx("open dispatch.db")?))
     }
 
-    /// Opens an in-memory database (tests).
+    /// Opens the database at `location` and brings its schema up to date.
+    pub fn open_at(location: &DatabaseLocation) -> Result<Store, StoreError> {
+        match location {
+            DatabaseLocation::SqliteDir(dir) => Store::open(dir),
+            DatabaseLocation::Postgres(url) => {
+                Ok(Store::new(crate::db::postgres::open(url).ctx("open the PostgreSQL database")?))
+            }
+        }
+    }
+
+    /// Opens an in-memory SQLite database (tests).
     pub fn open_in_memory() -> Result<Store, StoreError> {
-        Store::from_connection(Connection::open_in_memory().ctx("open in-memory database")?)
+        Ok(Store::new(crate::db::sqlite::open_in_memory().ctx("open in-memory database")?))
     }
 
-    fn from_connection(mut conn: Connection) -> Result<Store, StoreError> {
-        // Pragmas first and outside any transaction: journal_mode cannot change inside one.
-        let _mode: String =
-            conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0)).ctx("set journal_mode")?;
-        conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;").ctx("set pragmas")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).ctx("set busy_timeout")?;
-        migrate(&mut conn)?;
-        Ok(Store { conn: Mutex::new(conn) })
+    /// A fresh, empty database for a test: SQLite in memory, or a new PostgreSQL database
+    /// on the server env `POLARIS_TEST_DATABASE` names (`postgres://user@host:port`).
+    #[cfg(test)]
+    pub(crate) fn open_for_test() -> Store {
+        match test_database() {
+            Some(url) => Store::open_at(&DatabaseLocation::Postgres(url)).expect("open the test database"),
+            None => Store::open_in_memory().expect("open an in-memory database"),
+        }
+    }
+
+    fn new(conn: Connection) -> Store {
+        Store { conn: Mutex::new(conn) }
     }
 
     /// The connection, locked. The fleet module runs its transactions on it.
@@ -748,6 +524,45 @@ impl Store {
         // A panic while holding the lock leaves SQLite consistent (transactions roll back
         // on drop), so a poisoned lock is safe to keep using.
         self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Which database this is.
+    pub fn backend(&self) -> crate::db::Backend {
+        self.conn().backend()
+    }
+
+    /// Takes or renews lease `name` for `holder` (a dispatcher's instance id) for the next
+    /// `ttl_ms`, and answers whether `holder` has it: it does if it held it already or the
+    /// last holder let it expire. The work one dispatcher does alone on a database
+    /// (enqueueing, expiring, rollouts, cancels, schedules) is done only by the holder of
+    /// its lease, so dispatchers sharing a PostgreSQL database never do it twice, and one
+    /// that dies hands it on when its lease runs out. The database's clock decides. An
+    /// SQLite file has one dispatcher, which always holds every lease.
+    pub fn hold_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<bool, StoreError> {
+        let conn = self.conn();
+        if conn.backend() == crate::db::Backend::Sqlite {
+            return Ok(true);
+        }
+        let held = conn
+            .execute(
+                "INSERT INTO leases (name, holder, expires_at) VALUES (?1, ?2, polaris_now_ms() + ?3)
+                 ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
+                 WHERE leases.holder = excluded.holder OR leases.expires_at < polaris_now_ms()",
+                params![name, holder, ttl_ms],
+            )
+            .ctx("take or renew a lease")?;
+        Ok(held == 1)
+    }
+
+    /// Gives lease `name` up if `holder` has it (a dispatcher that stops), so another
+    /// dispatcher takes it at once rather than when it would have run out.
+    pub fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        let conn = self.conn();
+        if conn.backend() == crate::db::Backend::Postgres {
+            conn.execute("DELETE FROM leases WHERE name = ?1 AND holder = ?2", params![name, holder])
+                .ctx("release a lease")?;
+        }
+        Ok(())
     }
 
     /// Registers `id` or refreshes it; returns the record and whether it is new.
@@ -789,7 +604,7 @@ impl Store {
             .conn()
             .prepare_cached(
                 "UPDATE hosts SET tasks_digest = ?2,
-                     tasks_digest_at = CASE WHEN tasks_digest IS ?2 THEN tasks_digest_at ELSE ?3 END
+                     tasks_digest_at = CASE WHEN tasks_digest IS NOT DISTINCT FROM ?2 THEN tasks_digest_at ELSE ?3 END
                  WHERE id = ?1",
             )
             .and_then(|mut s| s.execute(params![id, digest, unix_now_ms()]))
@@ -808,8 +623,8 @@ impl Store {
         let mut stmt = conn
             .prepare_cached("SELECT id, hostname, registered_at, last_seen FROM hosts ORDER BY id")
             .ctx("list hosts")?;
-        let rows = stmt.query_map([], host_from_row).ctx("list hosts")?;
-        rows.collect::<rusqlite::Result<Vec<_>>>().ctx("list hosts")
+        let rows = stmt.query_map((), host_from_row).ctx("list hosts")?;
+        rows.collect::<crate::db::Result<Vec<_>>>().ctx("list hosts")
     }
 
     /// Unregisters `id`; false if it was not registered. Its past jobs keep their rows.
@@ -866,7 +681,7 @@ impl Store {
         let conn = self.conn();
         let mut statement = conn.prepare_cached(sql).ctx("prepare host job counts")?;
         let rows = statement
-            .query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)))
+            .query_map((), |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)))
             .ctx("count host jobs by state")?;
         let mut counts = Vec::new();
         for row in rows {
@@ -918,7 +733,7 @@ impl Store {
         let conn = self.conn();
         let total: i64 = conn
             .prepare_cached("SELECT COUNT(*) FROM jobs")
-            .and_then(|mut s| s.query_row([], |row| row.get(0)))
+            .and_then(|mut s| s.query_row((), |row| row.get(0)))
             .ctx("count jobs")?;
         let mut jobs = Vec::new();
         {
@@ -938,7 +753,7 @@ impl Store {
         for job in jobs {
             let state_counts = counts
                 .query_map([&job.id], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)? as u64)))
-                .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+                .and_then(|rows| rows.collect::<crate::db::Result<Vec<_>>>())
                 .ctx("count host states")?;
             summaries.push(JobSummary { job, state_counts });
         }
@@ -1136,8 +951,8 @@ impl Store {
                  ORDER BY j.seq, h.position LIMIT 500",
             )
             .ctx("list cancels to send")?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).ctx("list cancels to send")?;
-        rows.collect::<rusqlite::Result<_>>().ctx("list cancels to send")
+        let rows = stmt.query_map((), |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).ctx("list cancels to send")?;
+        rows.collect::<crate::db::Result<_>>().ctx("list cancels to send")
     }
 
     /// Records that the agent of `host` was told to cancel `attempt` of job `job_id`.
@@ -1223,8 +1038,8 @@ impl Store {
         let tx = conn.transaction().ctx("record integrity report")?;
         let n = tx
             .execute(
-                "INSERT OR IGNORE INTO integrity_reports (host, task, seq, at, received_at, retcode, message, report)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT INTO integrity_reports (host, task, seq, at, received_at, retcode, message, report)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT DO NOTHING",
                 params![
                     r.host,
                     r.task,
@@ -1286,7 +1101,7 @@ impl Store {
                 })
             })
             .ctx("list integrity reports")?;
-        let reports = rows.collect::<rusqlite::Result<_>>().ctx("list integrity reports")?;
+        let reports = rows.collect::<crate::db::Result<_>>().ctx("list integrity reports")?;
         Ok((reports, u64::try_from(total).unwrap_or(0)))
     }
 
@@ -1302,7 +1117,9 @@ impl Store {
         let mut conn = self.conn();
         if let Some(refused) = &batch.refused {
             conn.execute(
-                "INSERT OR REPLACE INTO log_refusals (host, path, task, code, message, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO log_refusals (host, path, task, code, message, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (host, path) DO UPDATE SET task = excluded.task, code = excluded.code,
+                     message = excluded.message, at = excluded.at",
                 params![batch.host, batch.path, batch.task, refused.code, refused.message, now],
             )
             .ctx("record log refusal")?;
@@ -1316,8 +1133,8 @@ impl Store {
         {
             let mut insert = tx
                 .prepare_cached(
-                    "INSERT OR IGNORE INTO log_lines (host, path, file, offset, at, line)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    "INSERT INTO log_lines (host, path, file, \"offset\", at, line)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
                 )
                 .ctx("record log lines")?;
             if batch.lengths.len() != batch.lines.len() {
@@ -1392,7 +1209,7 @@ impl Store {
                 Ok(StoredLogLine { seq: r.get(0)?, at_ms: r.get(1)?, path: r.get(2)?, line: r.get(3)? })
             })
             .ctx("list log lines")?;
-        rows.collect::<rusqlite::Result<_>>().ctx("list log lines")
+        rows.collect::<crate::db::Result<_>>().ctx("list log lines")
     }
 
     /// Up to `limit` events of job `id` after event `after`, oldest first.
@@ -1408,7 +1225,7 @@ impl Store {
                 Ok(JobEvent { seq: r.get(0)?, at_ms: r.get(1)?, kind: r.get(2)?, host: r.get(3)?, body: r.get(4)? })
             })
             .ctx("list job events")?;
-        rows.collect::<rusqlite::Result<_>>().ctx("list job events")
+        rows.collect::<crate::db::Result<_>>().ctx("list job events")
     }
 
     /// Whether job `id` was cancelled.
@@ -1801,32 +1618,19 @@ fn queue_ref(id: Option<i64>, instance: Option<String>, mac: Option<String>) -> 
     id.map(|id| QueueRef { id: id as u64, instance, mac })
 }
 
-fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
-    let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0)).ctx("read user_version")?;
-    for (index, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(version).unwrap_or(0)) {
-        let tx = conn.transaction().ctx("begin migration")?;
-        tx.execute_batch(sql).ctx("apply migration")?;
-        // user_version is set inside the migration's transaction so a crash never leaves
-        // a half-applied schema marked as done.
-        tx.execute_batch(&format!("PRAGMA user_version = {}", index + 1)).ctx("set user_version")?;
-        tx.commit().ctx("commit migration")?;
-    }
-    Ok(())
-}
-
 fn get_host(conn: &Connection, id: &str) -> Result<Option<HostRecord>, StoreError> {
     conn.prepare_cached("SELECT id, hostname, registered_at, last_seen FROM hosts WHERE id = ?1")
         .and_then(|mut s| s.query_row([id], host_from_row).optional())
         .ctx("read host")
 }
 
-fn host_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<HostRecord> {
+fn host_from_row(row: &crate::db::Row) -> crate::db::Result<HostRecord> {
     Ok(HostRecord { id: row.get(0)?, hostname: row.get(1)?, registered_at_ms: row.get(2)?, last_seen_ms: row.get(3)? })
 }
 
 /// Reads a job row (the columns of [`JOB_COLUMNS`], in that order). The inner result
 /// reports a method name this version does not know.
-fn job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<JobRecord, StoreError>> {
+fn job_row(row: &crate::db::Row) -> crate::db::Result<Result<JobRecord, StoreError>> {
     let method: String = row.get(1)?;
     let Some(method) = Method::parse(&method) else {
         return Ok(Err(StoreError::Corrupt(format!("unknown method {method:?}"))));
@@ -1860,7 +1664,7 @@ fn job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<JobRecord, StoreE
     }))
 }
 
-fn host_job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<HostJobRecord, StoreError>> {
+fn host_job_row(row: &crate::db::Row) -> crate::db::Result<Result<HostJobRecord, StoreError>> {
     let state: String = row.get(1)?;
     let state = match HostState::parse(&state) {
         Ok(state) => state,
@@ -1904,6 +1708,18 @@ fn host_job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<HostJobRecor
     }))
 }
 
+/// A new, empty PostgreSQL database on the server env `POLARIS_TEST_DATABASE` names, if
+/// it names one.
+#[cfg(test)]
+pub(crate) fn test_database() -> Option<String> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let server = polaris_testkit::postgres::test_server_url()?;
+    let name =
+        format!("polaris_unit_{}_{}_{}", std::process::id(), unix_now_ms(), NEXT.fetch_add(1, Ordering::Relaxed));
+    Some(polaris_testkit::postgres::create_database(&server, &name).expect("create a test database"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1925,8 +1741,7 @@ mod tests {
 
     #[test]
     fn log_lines_are_kept_once_and_within_retention() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("open");
+        let store = Store::open_for_test();
         let keep = LogRetention { max_lines: 3, max_age_ms: 86_400_000 };
         assert_eq!(store.record_log_batch(&batch("1:2:0", 0, &["a", "b"]), keep).expect("record"), 2);
         // Sent again (with one more line) after a crash: only the new line is added.
@@ -1969,7 +1784,7 @@ mod tests {
 
     #[test]
     fn unknown_hosts_fail_at_once_and_known_ones_wait() {
-        let store = Store::open_in_memory().expect("open");
+        let store = Store::open_for_test();
         store.upsert_host("a", "host-a").expect("register");
         assert!(store.create_job(&new_job("j1", &["a", "ghost"]), i64::MAX).expect("create"));
         let (job, hosts) = store.job("j1").expect("read").expect("exists");
@@ -1985,7 +1800,7 @@ mod tests {
 
     #[test]
     fn results_are_recorded_once_and_late_results_replace_expired() {
-        let store = Store::open_in_memory().expect("open");
+        let store = Store::open_for_test();
         store.upsert_host("a", "").expect("register");
         store.create_job(&new_job("j", &["a"]), i64::MAX).expect("create");
         let mut result = HostResult {
@@ -2012,7 +1827,7 @@ mod tests {
 
     #[test]
     fn binary_results_keep_their_encoding() {
-        let store = Store::open_in_memory().expect("open");
+        let store = Store::open_for_test();
         store.upsert_host("a", "").expect("register");
         store.create_job(&new_job("j", &["a"]), i64::MAX).expect("create");
         let result = HostResult {
@@ -2036,7 +1851,7 @@ mod tests {
 
     #[test]
     fn queue_places_are_acted_on_only_while_they_hold() {
-        let store = Store::open_in_memory().expect("open");
+        let store = Store::open_for_test();
         store.upsert_host("a", "").expect("register");
         store.create_job(&new_job("j", &["a"]), i64::MAX).expect("create");
         let place = |id, instance: &str| QueueRef { id, instance: Some(instance.into()), mac: Some("m".into()) };
@@ -2061,7 +1876,7 @@ mod tests {
 
     #[test]
     fn cancel_revokes_pending_hosts_in_one_go_and_stops_the_enqueuer() {
-        let store = Store::open_in_memory().expect("open");
+        let store = Store::open_for_test();
         for host in ["a", "b", "c"] {
             store.upsert_host(host, "").expect("register");
         }
@@ -2091,11 +1906,39 @@ mod tests {
     }
 
     #[test]
+    fn leases_have_one_holder_until_they_run_out() {
+        let store = Store::open_for_test();
+        if store.backend() == crate::db::Backend::Sqlite {
+            // One dispatcher per SQLite file: it holds every lease.
+            assert!(store.hold_lease("work", "a", 60_000).expect("hold"));
+            assert!(store.hold_lease("work", "b", 60_000).expect("hold"));
+            return;
+        }
+        assert!(store.hold_lease("work", "a", 60_000).expect("take"));
+        assert!(!store.hold_lease("work", "b", 60_000).expect("held by a"));
+        assert!(store.hold_lease("work", "a", 60_000).expect("renew"));
+        assert!(store.hold_lease("other", "b", 60_000).expect("another lease"));
+        store.release_lease("work", "b").expect("not b's to release");
+        assert!(!store.hold_lease("work", "b", 60_000).expect("still a's"));
+        store.release_lease("work", "a").expect("release");
+        // b takes it, and lets it run out at once; then a takes it back.
+        assert!(store.hold_lease("work", "b", -1).expect("released, so free"));
+        assert!(store.hold_lease("work", "a", 60_000).expect("run out, so free"));
+    }
+
+    #[test]
     fn migrations_are_idempotent() {
         let dir = tempfile::tempdir().expect("tempdir");
         drop(Store::open(dir.path()).expect("first open"));
         let store = Store::open(dir.path()).expect("second open");
-        let version: i64 = store.conn().query_row("PRAGMA user_version", [], |r| r.get(0)).expect("version");
-        assert_eq!(version, MIGRATIONS.len() as i64);
+        let version = crate::db::sqlite::schema_version(&store.conn()).expect("version");
+        assert_eq!(version, crate::db::sqlite::MIGRATIONS.len() as i64);
+        if let Some(url) = test_database() {
+            let location = DatabaseLocation::Postgres(url);
+            drop(Store::open_at(&location).expect("first open"));
+            let store = Store::open_at(&location).expect("second open");
+            let version = crate::db::postgres::schema_version(&store.conn()).expect("version");
+            assert_eq!(version, crate::db::postgres::MIGRATIONS.len() as i64);
+        }
     }
 }

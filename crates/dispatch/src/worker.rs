@@ -1,15 +1,23 @@
-//! The dispatcher's three blocking threads:
+//! The dispatcher's blocking threads:
 //! - the enqueuer puts pending host jobs on the queue and expires overdue ones;
 //! - the results consumer records agents' results from the reply tube;
-//! - the scheduler fires due `schedule` tasks as jobs ([`crate::fleet::schedule`]).
+//! - the scheduler fires due `schedule` tasks as jobs ([`crate::fleet::schedule`]);
+//! - on PostgreSQL, the listener hears of host jobs other dispatchers changed.
 //!
-//! Both read their work from SQLite and the queue, never from memory, which is what makes
-//! a restart lose nothing: the enqueuer picks up what was pending, the consumer drains
+//! They read their work from the database and the queue, never from memory, which is what
+//! makes a restart lose nothing: the enqueuer picks up what was pending, the consumer drains
 //! results that waited in the reply tube while the dispatcher was down.
+//!
+//! Several dispatchers may share one PostgreSQL database. The enqueuer's and the
+//! scheduler's work is then done by one of them at a time, the holder of its lease
+//! ([`crate::store::Store::hold_lease`]); every dispatcher consumes results (the queue
+//! hands each to one of them, and recording one is a conditional update), and the
+//! listener wakes the sync calls waiting on this dispatcher when another one recorded
+//! their results.
 
 use crate::fleet::Level;
 use crate::metrics::QueueUser;
-use crate::store::{HostState, Outcome, PendingHostJob, QueueRef, StoreError};
+use crate::store::{DatabaseLocation, HostState, Outcome, PendingHostJob, QueueRef, StoreError};
 use crate::Dispatcher;
 use polaris_ops_wire::codes::Code;
 use polaris_ops_wire::wire::{self, host_tube, unix_now_ms, JobEnvelope};
@@ -35,10 +43,67 @@ const BURY_PRIORITY: u32 = 0;
 /// How often the scheduler looks for due schedules.
 const SCHEDULER_TICK: Duration = Duration::from_millis(500);
 
-/// Starts the three threads.
+/// The lease of the enqueuer's work.
+const ENQUEUER_LEASE: &str = "enqueuer";
+/// The lease of the scheduler's work.
+const SCHEDULER_LEASE: &str = "scheduler";
+
+/// Whether this dispatcher holds one lease, renewed at every look.
+struct Lease<'d> {
+    name: &'static str,
+    dispatcher: &'d Dispatcher,
+    held: bool,
+    failing: bool,
+}
+
+impl<'d> Lease<'d> {
+    fn new(name: &'static str, dispatcher: &'d Dispatcher) -> Lease<'d> {
+        Lease { name, dispatcher, held: false, failing: false }
+    }
+
+    /// Takes or renews the lease; answers whether this dispatcher holds it. A database
+    /// that cannot say counts as "no": the work waits rather than risk being done twice.
+    fn hold(&mut self) -> bool {
+        let d = self.dispatcher;
+        let ttl_ms = i64::try_from(d.lease_ttl.as_millis()).unwrap_or(i64::MAX);
+        let held = match d.store.hold_lease(self.name, &d.instance_id, ttl_ms) {
+            Ok(held) => {
+                self.failing = false;
+                held
+            }
+            Err(e) => {
+                if !self.failing {
+                    log::error!("cannot renew the {} lease: {e}", self.name);
+                }
+                self.failing = true;
+                false
+            }
+        };
+        if held != self.held {
+            match held {
+                true => log::info!("this dispatcher now does the {} work (lease taken)", self.name),
+                false => log::info!("another dispatcher does the {} work (lease not held)", self.name),
+            }
+        }
+        self.held = held;
+        held
+    }
+}
+
+/// Gives up this dispatcher's leases (it is stopping), so another takes over at once.
+pub(crate) fn release_leases(dispatcher: &Dispatcher) {
+    for name in [ENQUEUER_LEASE, SCHEDULER_LEASE] {
+        if let Err(e) = dispatcher.store.release_lease(name, &dispatcher.instance_id) {
+            log::warn!("cannot release the {name} lease (it runs out by itself): {e}");
+        }
+    }
+}
+
+/// Starts the threads.
 pub(crate) fn spawn(
     dispatcher: &Arc<Dispatcher>,
     queue: Endpoint,
+    database: &DatabaseLocation,
     wake: mpsc::Receiver<()>,
     stop: &Arc<AtomicBool>,
 ) -> anyhow::Result<Vec<JoinHandle<()>>> {
@@ -59,13 +124,29 @@ pub(crate) fn spawn(
         let stop = stop.clone();
         std::thread::Builder::new().name("scheduler".into()).spawn(move || run_scheduler(&dispatcher, &stop))?
     };
-    Ok(vec![enqueuer, consumer, scheduler])
+    let mut threads = vec![enqueuer, consumer, scheduler];
+    if let DatabaseLocation::Postgres(url) = database {
+        let dispatcher = dispatcher.clone();
+        let stop = stop.clone();
+        let url = url.clone();
+        threads.push(std::thread::Builder::new().name("listener".into()).spawn(move || {
+            crate::db::postgres::listen(&url, &stop, |job_id| {
+                dispatcher.waiters.notify(job_id);
+                // New pending host jobs, or finished ones a rollout may follow up on.
+                dispatcher.wake_enqueuer();
+            })
+        })?);
+    }
+    Ok(threads)
 }
 
 fn run_scheduler(dispatcher: &Dispatcher, stop: &AtomicBool) {
     let mut failing = false;
+    let mut lease = Lease::new(SCHEDULER_LEASE, dispatcher);
     while !stop.load(Ordering::SeqCst) {
-        match crate::fleet::schedule::tick(&dispatcher.store, unix_now_ms()) {
+        let tick =
+            if lease.hold() { crate::fleet::schedule::tick(&dispatcher.store, unix_now_ms()) } else { Ok(vec![]) };
+        match tick {
             Ok(runs) => {
                 failing = false;
                 for run in &runs {
@@ -102,10 +183,21 @@ fn run_enqueuer(dispatcher: &Dispatcher, wake: &mpsc::Receiver<()>, stop: &Atomi
     let mut queue_was_down = false;
     // The queue instance whose ids the `ready` rows were last checked against.
     let mut checked_instance: Option<String> = None;
+    let mut lease = Lease::new(ENQUEUER_LEASE, dispatcher);
     while !stop.load(Ordering::SeqCst) {
+        let held_before = lease.held;
+        if !lease.hold() {
+            // Not woken early: the work is the lease holder's.
+            std::thread::sleep(ENQUEUER_TICK);
+            continue;
+        }
+        if !held_before {
+            // Whoever held the lease may have seen the queue change meanwhile.
+            checked_instance = None;
+        }
         let step = check_queue_instance(dispatcher, &mut checked_instance)
             .and_then(|()| advance_rollouts(dispatcher))
-            .and_then(|()| enqueue_pending(dispatcher))
+            .and_then(|()| enqueue_pending(dispatcher, &mut lease))
             .and_then(|()| send_cancels(dispatcher))
             .and_then(|()| expire_overdue(dispatcher));
         match step {
@@ -260,8 +352,14 @@ const LOST_BEFORE_TAKEN: &str = "The queue lost the job (it restarted) before th
 /// each batch's envelopes are put one by one, then recorded `ready` in one transaction
 /// (one sync to disk per batch, not per host). Before each put the enqueuer makes sure the
 /// job was not cancelled meanwhile, so a cancel stops it after at most the put in flight.
-fn enqueue_pending(dispatcher: &Dispatcher) -> Result<(), StepError> {
+/// The lease is renewed before every batch after the first, and the work stops if it was
+/// lost (a batch that took longer than the lease lasts).
+fn enqueue_pending(dispatcher: &Dispatcher, lease: &mut Lease<'_>) -> Result<(), StepError> {
+    let mut first = true;
     loop {
+        if !std::mem::take(&mut first) && !lease.hold() {
+            return Ok(());
+        }
         let batch = dispatcher.store.pending(unix_now_ms(), ENQUEUE_BATCH)?;
         if batch.is_empty() {
             return Ok(());

@@ -82,17 +82,21 @@ pub struct Dispatch {
     pub proc: Proc,
 }
 
-/// Starts `polaris-dispatch` on a free loopback port with its database in `data_dir`.
+/// Starts `polaris-dispatch` on a free loopback port with its database in `data_dir`
+/// (SQLite), or, when env `POLARIS_TEST_DATABASE` names a PostgreSQL server, in that
+/// server's database for `data_dir` (see [`crate::postgres::database_for`]).
 pub fn start_dispatcher(queue_addr: &str, data_dir: &Path, extra_args: &[&str]) -> Dispatch {
+    let database = crate::postgres::test_server_url()
+        .filter(|_| !extra_args.contains(&"--database"))
+        .map(|server| crate::postgres::database_for(&server, data_dir));
+    let mut command = Command::new(binary("polaris-dispatch"));
+    command.args(["--listen", "127.0.0.1:0", "--queue", queue_addr, "--data"]).arg(data_dir);
+    if let Some(url) = &database {
+        command.args(["--database", url]);
+    }
     let (proc, addr) = spawn_with_banner(
         "polaris-dispatch",
-        Command::new(binary("polaris-dispatch"))
-            .args(["--listen", "127.0.0.1:0", "--queue", queue_addr, "--data"])
-            .arg(data_dir)
-            .args(extra_args)
-            .env("POLARIS_SECRET", TEST_SECRET)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null()),
+        command.args(extra_args).env("POLARIS_SECRET", TEST_SECRET).env("RUST_LOG", "info").stdin(Stdio::null()),
         Duration::from_secs(10),
     )
     .expect("start polaris-dispatch");

@@ -7,6 +7,7 @@
 //! - [`raw`]: a raw beanstalk connection and the reply-frame parser the differential test
 //!   compares byte for byte.
 //! - [`cluster`]: a queue, a dispatcher and agents on loopback, and HTTP/JSON calls to them.
+//! - [`postgres`]: the PostgreSQL server the dispatcher tests may run on, and a throwaway one.
 //! - [`scrape`]: `/metrics` scraped and read with a real Prometheus parser (Python's
 //!   `prometheus_client`).
 //! - [`tls`]: certificates made at test time (a CA, server and client certificates).
@@ -14,6 +15,7 @@
 #![deny(unsafe_code)]
 
 pub mod cluster;
+pub mod postgres;
 pub mod process;
 pub mod raw;
 pub mod scrape;

@@ -3,9 +3,9 @@
 //! transaction as the change itself, so the log and the tree never disagree.
 
 use super::Actor;
+use crate::db::{params, Connection};
 use crate::store::{Context as _, StoreError};
 use polaris_ops_wire::wire::unix_now_ms;
-use rusqlite::{params, Connection};
 use serde::Serialize;
 use serde_json::Value;
 

@@ -431,7 +431,7 @@ mod tests {
 
     #[test]
     fn import_twice_changes_nothing_the_second_time_and_dry_runs_write_nothing() {
-        let store = Store::open_in_memory().expect("open");
+        let store = Store::open_for_test();
         let actor = Actor::default();
         let dry = import(&store, &inventory(), ImportOptions { dry_run: true, prune: false }, &actor).expect("dry run");
         assert_eq!(dry.summary, Summary { nodes_created: 3, nodes_updated: 0, nodes_deleted: 0, hosts_updated: 2 });
@@ -452,7 +452,7 @@ mod tests {
 
     #[test]
     fn prune_removes_what_the_document_leaves_out() {
-        let store = Store::open_in_memory().expect("open");
+        let store = Store::open_for_test();
         let actor = Actor::default();
         import(&store, &inventory(), ImportOptions::default(), &actor).expect("apply");
         let smaller = doc(json!({
@@ -470,7 +470,7 @@ mod tests {
 
     #[test]
     fn bad_documents_change_nothing_and_name_the_entry() {
-        let store = Store::open_in_memory().expect("open");
+        let store = Store::open_for_test();
         let cases: Vec<(Value, Code, &str)> = vec![
             (json!({"nodes": [{"path": "ECS/", "level": "product"}]}), Code::InvalidPath, "nodes[0].path"),
             (json!({"nodes": [{"path": "ECS", "level": "team"}]}), Code::InvalidValue, "nodes[0].level"),

@@ -18,9 +18,9 @@
 
 use super::tasks::{self, AttachPoint, Task};
 use super::{tree, Level};
+use crate::db::{params, Connection, OptionalExtension};
 use crate::store::{self, Context as _, NewJob, StoreError, TaskOrigin};
 use polaris_ops_wire::wire::{unix_now_ms, Method};
-use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -198,8 +198,8 @@ fn scheduled(conn: &Connection) -> Result<Vec<Scheduled>, StoreError> {
         let mut stmt = conn
             .prepare_cached("SELECT name, node_id, host, next_due_at FROM fleet_tasks WHERE kind = 'schedule'")
             .ctx("list schedules")?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))).ctx("list schedules")?;
-        rows.collect::<rusqlite::Result<_>>().ctx("list schedules")?
+        let rows = stmt.query_map((), |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))).ctx("list schedules")?;
+        rows.collect::<crate::db::Result<_>>().ctx("list schedules")?
     };
     let all = tasks::list(conn)?;
     let nodes: std::collections::HashMap<i64, String> =
@@ -254,7 +254,8 @@ fn compare_and_set_due(
     let changed = conn
         .prepare_cached(
             "UPDATE fleet_tasks SET next_due_at = ?4
-             WHERE name = ?1 AND node_id IS ?2 AND host IS ?3 AND next_due_at IS ?5 AND updated_at = ?6",
+             WHERE name = ?1 AND node_id IS NOT DISTINCT FROM ?2 AND host IS NOT DISTINCT FROM ?3
+               AND next_due_at IS NOT DISTINCT FROM ?5 AND updated_at = ?6",
         )
         .and_then(|mut st| st.execute(params![s.task.name, s.node_id, host, next, expected, s.task.updated_at_ms]))
         .ctx("move a schedule's next slot")?;
@@ -412,7 +413,7 @@ pub fn runs(conn: &Connection, name: &str, limit: u32, offset: u64) -> Result<(V
             })
         })
         .ctx("list schedule runs")?;
-    let runs = rows.collect::<rusqlite::Result<Vec<_>>>().ctx("list schedule runs")?;
+    let runs = rows.collect::<crate::db::Result<Vec<_>>>().ctx("list schedule runs")?;
     Ok((runs, total.max(0) as u64))
 }
 

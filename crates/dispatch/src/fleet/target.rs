@@ -15,12 +15,12 @@
 //! The queue priority follows it (see [`queue_priority`]).
 
 use super::{tree, valid_path, Level};
+use crate::db::Connection;
 use crate::error::ApiError;
 use crate::request::{reject_unknown_fields, type_name, MAX_HOSTS};
 use crate::store::{self, Context as _, NewJob};
 use polaris_ops_wire::codes::Code;
 use polaris_ops_wire::host_id::is_valid_host_id;
-use rusqlite::Connection;
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -14,13 +14,13 @@
 
 use super::audit::{self, Action, Change};
 use super::{check_path, parent_of, tree, Actor, Level};
+use crate::db::{params, Connection};
 use crate::error::ApiError;
 use crate::request::{type_name, MAX_CMD_BYTES};
 use crate::store::{Context as _, Store, StoreError};
 use polaris_ops_wire::codes::Code;
 use polaris_ops_wire::host_id::is_valid_host_id;
 use polaris_ops_wire::wire::{unix_now_ms, Method};
-use rusqlite::{params, Connection};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, BTreeSet};
@@ -419,7 +419,7 @@ const TASK_SELECT: &str = "SELECT t.name, n.path, t.host, t.kind, t.spec, t.crea
      FROM fleet_tasks t LEFT JOIN fleet_nodes n ON n.id = t.node_id
      WHERE (t.node_id IS NULL OR n.id IS NOT NULL)";
 
-fn tasks_where(conn: &Connection, filter: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<Task>, StoreError> {
+fn tasks_where(conn: &Connection, filter: &str, args: &[&dyn crate::db::ToValue]) -> Result<Vec<Task>, StoreError> {
     let sql = format!("{TASK_SELECT} {filter} ORDER BY t.name, n.path IS NULL, n.path, t.host");
     let mut stmt = conn.prepare_cached(&sql).ctx("list tasks")?;
     let rows = stmt
@@ -510,7 +510,7 @@ pub fn put(
             "UPDATE fleet_tasks SET kind = ?4, spec = ?5, updated_at = ?6,
                  -- A changed schedule counts its next slot from now; an unchanged one keeps it.
                  next_due_at = CASE WHEN kind = ?4 AND spec = ?5 THEN next_due_at ELSE NULL END
-             WHERE name = ?1 AND node_id IS ?2 AND host IS ?3",
+             WHERE name = ?1 AND node_id IS NOT DISTINCT FROM ?2 AND host IS NOT DISTINCT FROM ?3",
         )
         .and_then(|mut s| s.execute(params![name, node_id, host, kind, spec_text, now]))
         .ctx("update task")?;

@@ -8,11 +8,11 @@
 
 use super::audit::{self, Action, Change};
 use super::{is_at_or_below, level_fits, level_misfit, name_of, parent_of, Actor, Level, Placement};
+use crate::db::{params, Connection, OptionalExtension};
 use crate::error::ApiError;
 use crate::store::{Context as _, Store, StoreError};
 use polaris_ops_wire::codes::Code;
 use polaris_ops_wire::wire::unix_now_ms;
-use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
@@ -42,7 +42,7 @@ impl Node {
 
 const NODE_COLUMNS: &str = "id, parent_id, path, level, created_at, updated_at";
 
-fn node_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Node, StoreError>> {
+fn node_from_row(row: &crate::db::Row) -> crate::db::Result<Result<Node, StoreError>> {
     let level: String = row.get(3)?;
     let path: String = row.get(2)?;
     let Some(level) = Level::parse_node_level(&level) else {
@@ -70,7 +70,7 @@ pub fn node(conn: &Connection, path: &str) -> Result<Option<Node>, StoreError> {
 pub fn nodes(conn: &Connection) -> Result<Vec<Node>, StoreError> {
     let mut stmt =
         conn.prepare_cached(&format!("SELECT {NODE_COLUMNS} FROM fleet_nodes ORDER BY path")).ctx("list nodes")?;
-    let rows = stmt.query_map([], node_from_row).ctx("list nodes")?;
+    let rows = stmt.query_map((), node_from_row).ctx("list nodes")?;
     let mut out = Vec::new();
     for row in rows {
         out.push(row.ctx("list nodes")??);
@@ -104,7 +104,7 @@ pub fn hosts_at_or_below(conn: &Connection, path: &str) -> Result<BTreeSet<Strin
         )
         .ctx("list hosts below a node")?;
     let rows = stmt.query_map([path], |row| row.get::<_, String>(0)).ctx("list hosts below a node")?;
-    rows.collect::<rusqlite::Result<BTreeSet<_>>>().ctx("list hosts below a node")
+    rows.collect::<crate::db::Result<BTreeSet<_>>>().ctx("list hosts below a node")
 }
 
 /// Hosts attached to the node `node_id` itself.
@@ -112,7 +112,7 @@ fn direct_hosts(conn: &Connection, node_id: i64) -> Result<BTreeSet<String>, Sto
     let mut stmt =
         conn.prepare_cached("SELECT host FROM fleet_placements WHERE node_id = ?1").ctx("list hosts of a node")?;
     let rows = stmt.query_map([node_id], |row| row.get::<_, String>(0)).ctx("list hosts of a node")?;
-    rows.collect::<rusqlite::Result<BTreeSet<_>>>().ctx("list hosts of a node")
+    rows.collect::<crate::db::Result<BTreeSet<_>>>().ctx("list hosts of a node")
 }
 
 /// Hosts that carry every label in `labels` (none for an empty map).
@@ -123,7 +123,7 @@ pub fn hosts_with_labels(conn: &Connection, labels: &BTreeMap<String, String>) -
     let mut matching: Option<BTreeSet<String>> = None;
     for (key, value) in labels {
         let rows = stmt.query_map([key, value], |row| row.get::<_, String>(0)).ctx("list hosts by label")?;
-        let hosts = rows.collect::<rusqlite::Result<BTreeSet<_>>>().ctx("list hosts by label")?;
+        let hosts = rows.collect::<crate::db::Result<BTreeSet<_>>>().ctx("list hosts by label")?;
         matching = Some(match matching {
             None => hosts,
             Some(before) => before.intersection(&hosts).cloned().collect(),
@@ -144,13 +144,13 @@ pub fn placement(conn: &Connection, host: &str) -> Result<Placement, StoreError>
         .ctx("read host placement")?;
     let nodes = nodes_stmt
         .query_map([host], |row| row.get::<_, String>(0))
-        .and_then(|rows| rows.collect::<rusqlite::Result<BTreeSet<_>>>())
+        .and_then(|rows| rows.collect::<crate::db::Result<BTreeSet<_>>>())
         .ctx("read host placement")?;
     let mut labels_stmt =
         conn.prepare_cached("SELECT key, value FROM fleet_labels WHERE host = ?1").ctx("read host labels")?;
     let labels = labels_stmt
         .query_map([host], |row| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?)))
-        .and_then(|rows| rows.collect::<rusqlite::Result<BTreeMap<_, _>>>())
+        .and_then(|rows| rows.collect::<crate::db::Result<BTreeMap<_, _>>>())
         .ctx("read host labels")?;
     Ok(Placement { nodes, labels })
 }
@@ -162,14 +162,14 @@ pub fn placements(conn: &Connection) -> Result<BTreeMap<String, Placement>, Stor
         .prepare_cached("SELECT p.host, n.path FROM fleet_placements p JOIN fleet_nodes n ON n.id = p.node_id")
         .ctx("list placements")?;
     let rows =
-        stmt.query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))).ctx("list placements")?;
+        stmt.query_map((), |row| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))).ctx("list placements")?;
     for row in rows {
         let (host, path) = row.ctx("list placements")?;
         out.entry(host).or_default().nodes.insert(path);
     }
     let mut stmt = conn.prepare_cached("SELECT host, key, value FROM fleet_labels").ctx("list labels")?;
     let rows = stmt
-        .query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?)))
+        .query_map((), |row| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?)))
         .ctx("list labels")?;
     for row in rows {
         let (host, key, value) = row.ctx("list labels")?;
@@ -186,12 +186,13 @@ pub(crate) fn insert_node(
     parent_id: Option<i64>,
 ) -> Result<i64, StoreError> {
     let now = unix_now_ms();
-    tx.prepare_cached(
-        "INSERT INTO fleet_nodes (parent_id, path, level, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?4)",
+    tx.query_row(
+        "INSERT INTO fleet_nodes (parent_id, path, level, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?4)
+         RETURNING id",
+        params![parent_id, path, level.as_str(), now],
+        |row| row.get(0),
     )
-    .and_then(|mut s| s.execute(params![parent_id, path, level.as_str(), now]))
-    .ctx("create node")?;
-    Ok(tx.last_insert_rowid())
+    .ctx("create node")
 }
 
 /// Gives node `id` another level.
@@ -227,9 +228,12 @@ pub(crate) fn write_placement(
     }
     for path in after.nodes.difference(&before.nodes) {
         let id = node_ids.get(path).ok_or_else(|| StoreError::Corrupt(format!("node {path} has no id")))?;
-        tx.prepare_cached("INSERT OR IGNORE INTO fleet_placements (host, node_id, created_at) VALUES (?1, ?2, ?3)")
-            .and_then(|mut s| s.execute(params![host, id, now]))
-            .ctx("attach host")?;
+        tx.prepare_cached(
+            "INSERT INTO fleet_placements (host, node_id, created_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT DO NOTHING",
+        )
+        .and_then(|mut s| s.execute(params![host, id, now]))
+        .ctx("attach host")?;
     }
     for key in before.labels.keys().filter(|k| !after.labels.contains_key(*k)) {
         tx.prepare_cached("DELETE FROM fleet_labels WHERE host = ?1 AND key = ?2")
@@ -802,7 +806,7 @@ mod tests {
     }
 
     fn tree_store() -> Store {
-        let store = Store::open_in_memory().expect("open");
+        let store = Store::open_for_test();
         for (path, level) in [
             ("ECS", Level::Product),
             ("ECS/OpenStack", Level::Service),
