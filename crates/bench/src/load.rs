@@ -7,6 +7,7 @@
 //! The measured window is bounded by two [`Mark`]s, which also read the CPU clocks.
 
 use crate::blocking::{connect_std, open_idle, sync_cmd};
+use crate::percentile::percentile;
 use crate::procfs::{proc_cpu_secs, proc_rss_kb};
 use crate::record::{emit, Record};
 use crate::reply::{find_crlf, parse_u64, stats_field};
@@ -565,13 +566,7 @@ pub(crate) fn run_load(mode: Mode, args: LoadArgs) -> Result<()> {
     if mode == Mode::Latency {
         let mut s = std::mem::take(&mut load.samples);
         s.sort_unstable();
-        let pct = |q: f64| -> Option<f64> {
-            if s.is_empty() {
-                return None;
-            }
-            let idx = ((q * s.len() as f64) as usize).min(s.len() - 1);
-            Some(s[idx] as f64 / 1e3)
-        };
+        let pct = |q: f64| percentile(&s, q).map(|ns| ns as f64 / 1e3);
         rec.samples = Some(s.len() as u64);
         rec.p50_us = pct(0.50);
         rec.p99_us = pct(0.99);

@@ -1,4 +1,5 @@
-//! What `/proc` says about the server process (`--pid`): its CPU time and its RSS.
+//! What `/proc` says about a process (`--pid`, the fleet's `--proc`): its CPU time, its
+//! RSS and peak RSS, and the processes it started (a PostgreSQL server's backends).
 
 use crate::sys;
 
@@ -22,8 +23,7 @@ pub fn proc_cpu_secs(pid: u32) -> Option<f64> {
         }
     }
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let fields = stat_fields(&stat)?;
     // Field 3 (state) is fields[0]; utime and stime are fields 14 and 15.
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
@@ -31,9 +31,83 @@ pub fn proc_cpu_secs(pid: u32) -> Option<f64> {
     Some((utime + stime) as f64 / hz)
 }
 
+/// The fields of a `/proc/PID/stat` line after the command name (which may hold spaces
+/// and parentheses, so it is skipped up to its last `)`): the state first.
+fn stat_fields(stat: &str) -> Option<Vec<&str>> {
+    Some(stat[stat.rfind(')')? + 1..].split_whitespace().collect())
+}
+
+/// A `kB` figure from `/proc/PID/status` (`VmRSS`, `VmHWM`, ...).
+fn status_kb(pid: u32, key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status_field_kb(&status, key)
+}
+
+fn status_field_kb(status: &str, key: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.strip_prefix(key).is_some_and(|rest| rest.starts_with(':')))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// The process's resident set size in KiB (`VmRSS`).
 pub fn proc_rss_kb(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
+    status_kb(pid, "VmRSS")
+}
+
+/// The process's peak resident set size in KiB (`VmHWM`).
+pub fn proc_peak_rss_kb(pid: u32) -> Option<u64> {
+    status_kb(pid, "VmHWM")
+}
+
+/// `pid` and every live process below it (children, their children, ...), from the
+/// parent ids in `/proc/*/stat`.
+pub fn proc_tree(pid: u32) -> Vec<u32> {
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            let Some(child) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+            // Field 4 (ppid) is fields[1].
+            if let Some(ppid) = stat_fields(&stat).and_then(|f| f.get(1)?.parse::<u32>().ok()) {
+                parents.push((child, ppid));
+            }
+        }
+    }
+    descendants(pid, &parents)
+}
+
+/// `root` and everything below it in the `(child, parent)` pairs.
+fn descendants(root: u32, parents: &[(u32, u32)]) -> Vec<u32> {
+    let mut tree = vec![root];
+    let mut next = 0;
+    while next < tree.len() {
+        let parent = tree[next];
+        tree.extend(parents.iter().filter(|&&(child, p)| p == parent && child != root).map(|&(child, _)| child));
+        next += 1;
+    }
+    tree
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_and_tree() {
+        let status = "Name:\tpostgres\nVmHWMx:\t1 kB\nVmHWM:\t  204800 kB\nVmRSS:\t  102400 kB\n";
+        assert_eq!(status_field_kb(status, "VmHWM"), Some(204_800));
+        assert_eq!(status_field_kb(status, "VmRSS"), Some(102_400));
+        assert_eq!(status_field_kb(status, "VmSwap"), None);
+        assert_eq!(stat_fields("12 (a b) c) S 1 12").map(|f| f[1].to_string()), Some("1".into()));
+        let parents = [(2, 1), (3, 2), (4, 9), (5, 3), (1, 0)];
+        assert_eq!(descendants(1, &parents), vec![1, 2, 3, 5]);
+        assert_eq!(descendants(4, &parents), vec![4]);
+    }
+
+    #[test]
+    fn this_process_is_readable() {
+        let me = std::process::id();
+        assert!(proc_cpu_secs(me).is_some());
+        assert!(proc_peak_rss_kb(me).unwrap_or(0) >= proc_rss_kb(me).unwrap_or(0).min(1));
+        assert_eq!(proc_tree(me).first(), Some(&me));
+    }
 }
