@@ -7,14 +7,14 @@
 
 use crate::drive::{DriveConfig, Driver, Phase};
 use crate::percentile::{percentile, sorted_f64};
-use crate::procfs::{proc_cpu_secs, proc_peak_rss_kb, proc_tree};
-use crate::record::{emit, FleetRecord, ProcUse};
+use crate::procfs::{proc_cpu_secs, proc_peak_rss_kb, proc_threads, proc_tree};
+use crate::record::{emit, FleetRecord, ProcUse, ThreadUse};
 use crate::register::{host_id, register_all};
 use crate::sim::{Behaviour, Fleet};
 use crate::{sys, FleetArgs};
 use anyhow::{bail, Context, Result};
 use polaris_ops_wire::wire::Secret;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -115,6 +115,8 @@ pub(crate) fn run_fleet(args: &FleetArgs) -> Result<()> {
     };
     let cpu_start = throughput.as_ref().map_or(&cpu_before, |(_, before)| before);
     let window_cpu = cpu_delta(cpu_start, &cpu_after);
+    let window_threads: Vec<Vec<ThreadUse>> =
+        cpu_start.iter().zip(&cpu_after).map(|(b, a)| busiest_threads(b, a, window.1.as_secs_f64())).collect();
     let counters = fleet.counters.clone();
     fleet.stop()?;
 
@@ -122,8 +124,8 @@ pub(crate) fn run_fleet(args: &FleetArgs) -> Result<()> {
     let host_results = (window.2 as f64 / driver.jobs_per_fanout() as f64) * args.hosts as f64;
     let procs = procs
         .iter()
-        .zip(window_cpu.iter().zip(&idle_cpu))
-        .map(|((name, pid), (cpu, idle))| {
+        .zip(window_cpu.iter().zip(&idle_cpu).zip(window_threads))
+        .map(|((name, pid), ((cpu, idle), threads))| {
             let tree = proc_tree(*pid);
             ProcUse {
                 name: name.clone(),
@@ -134,6 +136,7 @@ pub(crate) fn run_fleet(args: &FleetArgs) -> Result<()> {
                 us_per_host: cpu.filter(|_| host_results > 0.0).map(|c| c * 1e6 / host_results),
                 idle_cores: idle.map(|c| c / idle_s.max(1e-9)),
                 peak_rss_kb: proc_peak_rss_kb(*pid).map(|_| tree.iter().filter_map(|&p| proc_peak_rss_kb(p)).sum()),
+                threads,
             }
         })
         .collect();
@@ -199,25 +202,88 @@ fn exact_percentiles(phase: &Phase) -> (Option<f64>, Option<f64>, Option<f64>) {
     (percentile(&exact, 0.50), percentile(&exact, 0.99), exact.last().copied())
 }
 
-/// CPU seconds of each process's tree, now (`None` when the process is gone; a child that
-/// ends between two readings takes its CPU time with it).
-fn cpu_of_all(procs: &[(String, u32)]) -> Vec<Option<f64>> {
+/// Threads listed per process in the result.
+const THREADS_LISTED: usize = 3;
+
+/// The CPU of one measured process's tree at one moment.
+struct Snapshot {
+    /// CPU seconds of the tree (`None`: the process is gone).
+    total: Option<f64>,
+    /// CPU seconds by (process, thread), with the thread's name.
+    threads: HashMap<(u32, u32), (String, f64)>,
+}
+
+/// Each process's [`Snapshot`], now. A child that ends between two snapshots takes its
+/// CPU time with it.
+fn cpu_of_all(procs: &[(String, u32)]) -> Vec<Snapshot> {
     procs
         .iter()
         .map(|(_, pid)| {
-            proc_cpu_secs(*pid)?;
-            Some(proc_tree(*pid).iter().filter_map(|&p| proc_cpu_secs(p)).sum())
+            let mut threads = HashMap::new();
+            if proc_cpu_secs(*pid).is_none() {
+                return Snapshot { total: None, threads };
+            }
+            let tree = proc_tree(*pid);
+            for &p in &tree {
+                threads.extend(proc_threads(p).into_iter().map(|(tid, name, secs)| ((p, tid), (name, secs))));
+            }
+            Snapshot { total: Some(tree.iter().filter_map(|&p| proc_cpu_secs(p)).sum()), threads }
         })
         .collect()
 }
 
-fn cpu_delta(before: &[Option<f64>], after: &[Option<f64>]) -> Vec<Option<f64>> {
+/// CPU seconds of each process between two snapshots.
+fn cpu_delta(before: &[Snapshot], after: &[Snapshot]) -> Vec<Option<f64>> {
     before
         .iter()
         .zip(after)
-        .map(|(b, a)| match (b, a) {
+        .map(|(b, a)| match (b.total, a.total) {
             (Some(b), Some(a)) => Some((a - b).max(0.0)),
             _ => None,
         })
         .collect()
+}
+
+/// The busiest threads between two snapshots of one process, over `secs` seconds.
+fn busiest_threads(before: &Snapshot, after: &Snapshot, secs: f64) -> Vec<ThreadUse> {
+    let mut threads: Vec<ThreadUse> = after
+        .threads
+        .iter()
+        .map(|(key, (name, now))| {
+            let then = before.threads.get(key).map_or(0.0, |(_, then)| *then);
+            ThreadUse { name: name.clone(), cores: (now - then).max(0.0) / secs.max(1e-9) }
+        })
+        .collect();
+    threads.sort_by(|a, b| b.cores.partial_cmp(&a.cores).unwrap_or(std::cmp::Ordering::Equal));
+    threads.truncate(THREADS_LISTED);
+    threads
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_busiest_threads_of_a_window() {
+        let named = |entries: &[((u32, u32), &str, f64)]| Snapshot {
+            total: Some(entries.iter().map(|e| e.2).sum()),
+            threads: entries.iter().map(|&(key, name, secs)| (key, (name.to_string(), secs))).collect(),
+        };
+        let before = named(&[((1, 1), "main", 1.0), ((1, 2), "results", 2.0), ((1, 3), "enqueuer", 0.5)]);
+        let after = named(&[
+            ((1, 1), "main", 1.1),
+            ((1, 2), "results", 3.5),
+            ((1, 3), "enqueuer", 0.5),
+            ((1, 4), "new", 0.3),
+            ((2, 1), "child", 0.2),
+        ]);
+        let busiest = busiest_threads(&before, &after, 2.0);
+        let names: Vec<&str> = busiest.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["results", "new", "child"]);
+        assert!((busiest[0].cores - 0.75).abs() < 1e-9);
+        let delta = cpu_delta(&[before], &[after]);
+        assert!(delta[0].is_some_and(|d| (d - 2.1).abs() < 1e-9));
+        let gone = Snapshot { total: None, threads: HashMap::new() };
+        assert_eq!(cpu_delta(&[gone], &[named(&[])]), vec![None]);
+    }
 }

@@ -58,6 +58,19 @@ fn whole(v: Option<f64>) -> String {
     v.map_or("–".into(), |x| format!("{x:.0}"))
 }
 
+/// Threads listed in the busiest-threads column.
+const THREADS_SHOWN: usize = 4;
+
+/// The busiest threads of the run, `process/thread cores`, busiest first.
+fn busiest_threads(procs: &[ProcUse]) -> String {
+    let mut threads: Vec<(f64, String)> = procs
+        .iter()
+        .flat_map(|p| p.threads.iter().map(move |t| (t.cores, format!("{}/{} {:.2}", p.name, t.name, t.cores))))
+        .collect();
+    threads.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap_or(std::cmp::Ordering::Equal));
+    threads.into_iter().take(THREADS_SHOWN).map(|(_, t)| t).collect::<Vec<_>>().join(", ")
+}
+
 /// One table row.
 fn row(r: &FleetRecord) -> String {
     let kinds = by_kind(&r.procs);
@@ -67,7 +80,7 @@ fn row(r: &FleetRecord) -> String {
     let rss = join(&|n, k| format!("{} {:.0}", label(n, k), k.peak_rss_kb as f64 / 1024.0));
     let total: f64 = kinds.iter().map(|(_, k)| k.cores).sum();
     format!(
-        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} of {} | {} | {} | {:.0}/s |",
+        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} of {} | {} | {} | {} | {:.0}/s |",
         r.hosts,
         r.shards,
         r.dispatchers,
@@ -79,6 +92,7 @@ fn row(r: &FleetRecord) -> String {
         cpu,
         total,
         r.cores,
+        busiest_threads(&r.procs),
         idle,
         rss,
         r.simulated_here as f64 / r.register_s.max(1e-9),
@@ -106,9 +120,9 @@ fn render(records: &[FleetRecord]) -> Result<String> {
         first.cores,
     );
     md.push_str(
-        "| hosts | shards | dispatchers | db | all answered p50 s | p99 s | jobs/s | host results/s | CPU cores by process (µs/host) | total CPU | idle fleet cores | peak RSS MiB | registration |\n",
+        "| hosts | shards | dispatchers | db | all answered p50 s | p99 s | jobs/s | host results/s | CPU cores by process (µs/host) | total CPU | busiest threads | idle fleet cores | peak RSS MiB | registration |\n",
     );
-    md.push_str("|---:|---:|---:|---|---:|---:|---:|---:|---|---:|---|---|---:|\n");
+    md.push_str("|---:|---:|---:|---|---:|---:|---:|---:|---|---:|---|---|---|---:|\n");
     for r in records {
         md.push_str(&row(r));
         md.push('\n');
@@ -136,6 +150,7 @@ pub(crate) fn fleet_report(args: &FleetReportArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::ThreadUse;
 
     fn proc_use(name: &str, cores: f64, rss_kb: u64) -> ProcUse {
         ProcUse {
@@ -147,6 +162,7 @@ mod tests {
             us_per_host: Some(10.0),
             idle_cores: Some(0.01),
             peak_rss_kb: Some(rss_kb),
+            threads: vec![ThreadUse { name: "main".into(), cores }],
         }
     }
 
@@ -186,7 +202,7 @@ mod tests {
         assert_eq!(rows.len(), 2);
         assert!(rows[0].contains("| 0.50 | 0.75 | 1.50 | 1500 |"), "{}", rows[0]);
         assert!(rows[0].contains("dispatch 0.90 (10 µs), sim 0.10"), "{}", rows[0]);
-        assert!(rows[0].contains("| 1.00 of 2 |"), "{}", rows[0]);
+        assert!(rows[0].contains("| 1.00 of 2 | dispatch-1/main 0.90, sim/main 0.10 |"), "{}", rows[0]);
         assert!(rows[0].contains("500/s"), "{}", rows[0]);
         assert!(render(&[]).is_err());
     }

@@ -40,8 +40,9 @@
 //! - `record`: the result line ([`Record`]) and how it is written.
 //! - `blocking`: blocking helpers: `ping`, connection setup, idle connections, `free-port`.
 //! - `reply`: reply framing and numbers, on top of `polaris_proto`'s scanner and constants.
-//! - `procfs`: a process's CPU time, RSS and peak RSS from `/proc/PID`, and its children
-//!   ([`proc_cpu_secs`], [`proc_rss_kb`], [`proc_peak_rss_kb`], [`proc_tree`]).
+//! - `procfs`: a process's CPU time (in all, and by thread), RSS and peak RSS from
+//!   `/proc/PID`, and its children ([`proc_cpu_secs`], [`proc_threads`], [`proc_rss_kb`],
+//!   [`proc_peak_rss_kb`], [`proc_tree`]).
 //! - `percentile`: exact nearest-rank percentiles of a sorted sample.
 //! - `fleet`: the `fleet` subcommand: registers, connects, drives, reads each process's
 //!   CPU and memory, emits a [`FleetRecord`].
@@ -72,8 +73,8 @@ mod sim;
 #[allow(unsafe_code)]
 mod sys;
 
-pub use procfs::{proc_cpu_secs, proc_peak_rss_kb, proc_rss_kb, proc_tree};
-pub use record::{FleetRecord, ProcUse, Record};
+pub use procfs::{proc_cpu_secs, proc_peak_rss_kb, proc_rss_kb, proc_threads, proc_tree};
+pub use record::{FleetRecord, ProcUse, Record, ThreadUse};
 
 use clap::{Args, Parser, Subcommand};
 use load::Mode;

@@ -31,6 +31,25 @@ pub fn proc_cpu_secs(pid: u32) -> Option<f64> {
     Some((utime + stime) as f64 / hz)
 }
 
+/// Each thread of the process: its id, its name (`comm`) and the CPU seconds it has run
+/// (`schedstat`).
+pub fn proc_threads(pid: u32) -> Vec<(u32, String, f64)> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    dir.flatten()
+        .filter_map(|entry| {
+            let tid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            let ns: u64 = std::fs::read_to_string(entry.path().join("schedstat"))
+                .ok()?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()?;
+            let name = std::fs::read_to_string(entry.path().join("comm")).ok()?.trim_end().to_string();
+            Some((tid, name, ns as f64 / 1e9))
+        })
+        .collect()
+}
+
 /// The fields of a `/proc/PID/stat` line after the command name (which may hold spaces
 /// and parentheses, so it is skipped up to its last `)`): the state first.
 fn stat_fields(stat: &str) -> Option<Vec<&str>> {
@@ -109,5 +128,6 @@ mod tests {
         assert!(proc_cpu_secs(me).is_some());
         assert!(proc_peak_rss_kb(me).unwrap_or(0) >= proc_rss_kb(me).unwrap_or(0).min(1));
         assert_eq!(proc_tree(me).first(), Some(&me));
+        assert!(proc_threads(me).iter().any(|(tid, _, _)| *tid == me));
     }
 }

@@ -184,6 +184,18 @@ pub struct ProcUse {
     /// Peak RSS (`VmHWM`, summed over the tree), KiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak_rss_kb: Option<u64>,
+    /// Its busiest threads in the window (of every process in the tree), busiest first.
+    #[serde(default)]
+    pub threads: Vec<ThreadUse>,
+}
+
+/// One thread's CPU in a fleet run's measured window.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
+pub struct ThreadUse {
+    /// Its name (`comm`: `results`, `enqueuer`, `tokio-runtime-w`, `postgres`).
+    pub name: String,
+    /// Cores it kept busy (CPU seconds per second of the window).
+    pub cores: f64,
 }
 
 /// Prints `rec` as one JSON line on stdout and appends it to `out`, if given.
