@@ -24,8 +24,9 @@
 //! sees the job running, or the serve loop sees the cancel in the ledger.
 
 use crate::ledger::{Cancelled, Ledger};
+use crate::shard::QueueAddress;
 use polaris_ops_wire::wire::{self, control_tube, ControlKind, ControlMessage, Secret};
-use polaris_proto::client::{self, Client, Endpoint};
+use polaris_proto::client::{self, Client};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -84,8 +85,8 @@ impl Shared {
 
 /// What the control thread needs.
 pub struct Control {
-    /// The queue, as the serve loop connects to it.
-    pub queue: Endpoint,
+    /// The queue, as the serve loop connects to it (it moves with the host's shard).
+    pub queue: Arc<QueueAddress>,
     /// This host's id.
     pub host_id: String,
     /// The shared secret.
@@ -117,24 +118,30 @@ impl Control {
         self.shutdown.load(Ordering::SeqCst)
     }
 
-    fn connect(&self) -> client::Result<Client> {
-        let mut conn = self.queue.connect(Duration::from_secs(2))?;
+    /// A connection watching the control tube, and the queue generation it was made at.
+    fn connect(&self) -> client::Result<(Client, u64)> {
+        let (endpoint, generation) = self.queue.current();
+        let mut conn = endpoint.connect(Duration::from_secs(2))?;
         conn.watch(&control_tube(&self.host_id))?;
         conn.ignore("default")?;
-        Ok(conn)
+        Ok((conn, generation))
     }
 
     fn serve(&self) {
-        let mut conn: Option<Client> = None;
+        let mut conn: Option<(Client, u64)> = None;
         let mut queue_was_down = false;
         while !self.stopping() {
+            if conn.as_ref().is_some_and(|(_, generation)| *generation != self.queue.generation()) {
+                // The host moved to another shard; so do its cancels.
+                conn = None;
+            }
             let client = match conn.as_mut() {
-                Some(client) => client,
+                Some((client, _)) => client,
                 None => match self.connect() {
                     Ok(c) => {
                         log::info!("watching {} for cancels on {}", control_tube(&self.host_id), self.queue);
                         queue_was_down = false;
-                        conn.insert(c)
+                        &mut conn.insert(c).0
                     }
                     Err(e) => {
                         if !queue_was_down {

@@ -26,6 +26,7 @@
 //!   cgroups (v2 unit, v1 memory/cpu limits), killing a whole unit, OOM-kill counts.
 //! - [`orphans`]: at start, ends what a dead predecessor left running, and says so.
 //! - [`heartbeat`]: registration with the dispatcher, then a heartbeat every `--heartbeat`.
+//! - [`shard`]: the queue address in force, which follows the shard the dispatcher names.
 //! - [`standing`]: the host's standing tasks, fetched signed from the dispatcher, verified,
 //!   cached, and followed every `--tasks-poll`.
 //! - [`watch`]: the runners of agent-side standing tasks (continuous integrity, log
@@ -61,6 +62,7 @@ pub mod logs;
 pub mod metrics;
 pub mod orphans;
 pub mod query;
+pub mod shard;
 pub mod standing;
 #[allow(unsafe_code)]
 mod sys;
@@ -75,6 +77,7 @@ use orphans::Adopted;
 use polaris_ops_wire::codes::Code;
 use polaris_ops_wire::wire::{self, host_tube, Encoding, HostResult, JobEnvelope, Method, OutputData, Resp, Secret};
 use polaris_proto::client::{self, Client, Endpoint, TlsClientFiles};
+use shard::QueueAddress;
 use std::cell::RefCell;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -180,8 +183,8 @@ struct EnvelopeHeader {
 
 struct Agent {
     host_id: String,
-    /// The queue, and how to connect to it.
-    queue: Endpoint,
+    /// The queue, and how to connect to it (it moves with the host's shard).
+    queue: Arc<QueueAddress>,
     secret: Secret,
     config: AgentConfig,
     shutdown: Arc<AtomicBool>,
@@ -211,7 +214,10 @@ struct Agent {
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn run(config: AgentConfig) -> anyhow::Result<()> {
     let secret = Secret::load(config.secret_file.as_deref())?;
-    let queue = Endpoint::from_flags(&config.queue, config.queue_tls.as_ref())?;
+    let queue = Arc::new(QueueAddress::new(
+        Endpoint::from_flags(&config.queue, config.queue_tls.as_ref())?,
+        config.queue_tls.clone(),
+    ));
     let agent_metrics = metrics::AgentMetrics::new();
     if let Some(addr) = &config.metrics {
         let served = agent_metrics.clone();
@@ -259,11 +265,17 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
     let standing = Arc::new(standing::Standing::default());
     let reload = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone()).context("installing signal handlers")?;
-    if let Some(url) = &config.dispatch_url {
+    let dispatchers = match config.dispatch_url.as_deref() {
+        Some(list) => Some(Arc::new(
+            heartbeat::DispatchUrls::parse(list).with_context(|| format!("--dispatch {list:?} names no URL"))?,
+        )),
+        None => None,
+    };
+    if let Some(dispatchers) = dispatchers {
         let follows = !config.tasks_poll.is_zero();
         if follows {
             let follow = standing::Follow {
-                url: url.clone(),
+                dispatchers: dispatchers.clone(),
                 host_id: host_id.clone(),
                 token: token.clone(),
                 secret: secret.clone(),
@@ -274,11 +286,12 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
             standing::spawn(follow, standing.clone(), shutdown.clone()).context("starting the task follower")?;
         }
         let registration = heartbeat::Registration {
-            url: url.clone(),
+            dispatchers,
             host_id: host_id.clone(),
             token,
             every: config.heartbeat,
             standing: follows.then(|| standing.clone()),
+            queue: queue.clone(),
         };
         heartbeat::spawn(registration, shutdown.clone()).context("starting the heartbeat thread")?;
     }
@@ -348,13 +361,16 @@ impl Agent {
         self.shutdown.load(Ordering::SeqCst)
     }
 
-    fn connect(&self) -> client::Result<(Client, usize)> {
-        let mut conn = self.queue.connect(Duration::from_secs(2))?;
+    /// A connection watching the host's tube, its max job size, and the queue generation
+    /// it was made at.
+    fn connect(&self) -> client::Result<(Client, usize, u64)> {
+        let (endpoint, generation) = self.queue.current();
+        let mut conn = endpoint.connect(Duration::from_secs(2))?;
         conn.watch(&host_tube(&self.host_id))?;
         conn.ignore("default")?;
         let max_job_size =
             conn.stats()?.get_u64("max-job-size").and_then(|n| usize::try_from(n).ok()).unwrap_or(DEFAULT_MAX_JOB_SIZE);
-        Ok((conn, max_job_size))
+        Ok((conn, max_job_size, generation))
     }
 
     /// Reads the config file again after a SIGHUP; a bad one leaves the old in force.
@@ -377,18 +393,23 @@ impl Agent {
     }
 
     fn serve(&self) {
-        let mut conn: Option<(Client, usize)> = None;
+        let mut conn: Option<(Client, usize, u64)> = None;
         let mut queue_was_down = false;
         while !self.stopping() {
             self.reload_if_asked();
+            if conn.as_ref().is_some_and(|(_, _, generation)| *generation != self.queue.generation()) {
+                // The dispatcher moved this host to another shard. Nothing is reserved
+                // between jobs, so the old connection can go.
+                conn = None;
+            }
             let (client, max_job_size) = match conn.as_mut() {
-                Some((client, max)) => (client, *max),
+                Some((client, max, _)) => (client, *max),
                 None => match self.connect() {
                     Ok(c) => {
                         log::info!("connected to the queue at {} (max job size {})", self.queue, c.1);
                         self.metrics.queue_connection(true);
                         queue_was_down = false;
-                        let (client, max) = conn.insert(c);
+                        let (client, max, _) = conn.insert(c);
                         (client, *max)
                     }
                     Err(e) => {
@@ -503,7 +524,7 @@ impl Agent {
         }
         // Recorded (fsynced) before it runs, so that it never runs twice.
         let run_id = uuid::Uuid::new_v4().simple().to_string();
-        let entry = ledger::Ran {
+        let ran = ledger::Ran {
             job_id: envelope.job_id.clone(),
             host: envelope.host.clone(),
             attempt,
@@ -539,7 +560,7 @@ impl Agent {
                 );
                 return self.refuse(conn, job.id, &envelope, Code::Cancelled, message, max_job_size);
             }
-            if let Err(e) = ledger.begin(entry) {
+            if let Err(e) = ledger.begin(ran.clone()) {
                 drop(ledger);
                 drop(slot);
                 log::error!("burying job {} (dispatch job {}): cannot write the ledger: {e}", job.id, envelope.job_id);
@@ -579,7 +600,12 @@ impl Agent {
         *self.shared.running() = None;
         result.attempt = envelope.attempt;
         self.metrics.finished(envelope.method, &result, started.elapsed());
-        put_result(conn, &self.secret, &envelope.reply_tube, result, max_job_size)?;
+        if let Err(e) = put_result(conn, &self.secret, &envelope.reply_tube, result.clone(), max_job_size) {
+            // The queue went away while it ran (its shard died, say): the result is kept
+            // and put on the next connection, wherever the host's shard is by then.
+            self.adopted.borrow_mut().push(Adopted { run: ledger::UnfinishedRun { ran, started: None }, result });
+            return Err(e);
+        }
         conn.delete(job.id)?;
         self.finish_run(&run_id);
         Ok(())

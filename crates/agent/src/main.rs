@@ -41,7 +41,9 @@ struct Args {
     /// Where the generated host id is kept.
     #[arg(long, default_value = "polaris-agent.json")]
     state_file: PathBuf,
-    /// Dispatcher URL to register this host with, e.g. http://127.0.0.1:8080.
+    /// Dispatcher URL to register this host with, e.g. http://127.0.0.1:8080; several,
+    /// comma-separated (dispatchers sharing one database), are used in turn when one stops
+    /// answering.
     #[arg(long)]
     dispatch: Option<String>,
     /// File holding the shared envelope secret (default: env POLARIS_SECRET).

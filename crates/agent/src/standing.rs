@@ -197,8 +197,8 @@ fn log_change(before: Option<&TaskSet>, after: &TaskSet) {
 /// Where and how to follow the task set.
 #[derive(Debug, Clone)]
 pub struct Follow {
-    /// Dispatcher base URL.
-    pub url: String,
+    /// The dispatchers (the one in use answers).
+    pub dispatchers: Arc<crate::heartbeat::DispatchUrls>,
     /// The host id.
     pub host_id: String,
     /// Bearer token, when the dispatcher has `--tokens`.
@@ -249,7 +249,8 @@ enum Fetched {
 }
 
 fn fetch_once(follow: &Follow, standing: &Standing) -> Result<Fetched, String> {
-    let url = format!("{}/v1/hosts/{}/tasks/signed", follow.url.trim_end_matches('/'), follow.host_id);
+    let base = follow.dispatchers.current();
+    let url = format!("{base}/v1/hosts/{}/tasks/signed", follow.host_id);
     let mut request = ureq::get(&url).timeout(Duration::from_secs(10));
     if let Some(token) = &follow.token {
         request = request.set("Authorization", &format!("Bearer {token}"));
@@ -262,7 +263,10 @@ fn fetch_once(follow: &Follow, standing: &Standing) -> Result<Fetched, String> {
         Err(ureq::Error::Status(status, response)) => {
             return Err(format!("{status}: {}", response.into_string().unwrap_or_default()));
         }
-        Err(e) => return Err(e.to_string()),
+        Err(e) => {
+            follow.dispatchers.failed(base);
+            return Err(e.to_string());
+        }
     };
     if response.status() == 304 {
         return Ok(Fetched::Unchanged);
@@ -289,13 +293,13 @@ pub fn spawn(
             match fetch_once(&follow, &standing) {
                 Ok(_) => {
                     if trouble.take().is_some() {
-                        log::info!("task set fetched from {} again", follow.url);
+                        log::info!("task set fetched from {} again", follow.dispatchers.current());
                     }
                 }
                 Err(e) => {
                     // Logged when the kind of trouble changes, not at every poll.
                     if trouble.as_deref() != Some(e.as_str()) {
-                        log::warn!("cannot fetch the task set from {}: {e}", follow.url);
+                        log::warn!("cannot fetch the task set from {}: {e}", follow.dispatchers.current());
                         trouble = Some(e);
                     }
                 }

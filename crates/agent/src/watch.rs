@@ -28,10 +28,11 @@
 use crate::config::{self, LogSettings};
 use crate::integrity;
 use crate::logs;
+use crate::shard::QueueAddress;
 use crate::standing::Standing;
 use polaris_ops_wire::codes::Code;
 use polaris_ops_wire::wire::{self, IntegrityReport, LogBatch, Secret};
-use polaris_proto::client::{Client, Endpoint};
+use polaris_proto::client::Client;
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::fs::{FileExt as _, MetadataExt as _};
@@ -60,8 +61,8 @@ const DEFAULT_MAX_JOB_SIZE: usize = 65_535;
 pub struct Watch {
     /// This host.
     pub host_id: String,
-    /// The queue.
-    pub queue: Endpoint,
+    /// The queue (it moves with the host's shard).
+    pub queue: Arc<QueueAddress>,
     /// The tube the dispatcher reads.
     pub reply_tube: String,
     /// The shared secret messages are signed with.
@@ -188,7 +189,8 @@ fn wait_interval(spec: &Mutex<Value>, default: u64, since: Instant, flags: &[&At
 /// A queue connection using the reply tube, made when first needed and dropped on error.
 struct Sender<'a> {
     watch: &'a Watch,
-    conn: Option<(Client, usize)>,
+    /// A connection, its max job size and the queue generation it was made at.
+    conn: Option<(Client, usize, u64)>,
 }
 
 impl<'a> Sender<'a> {
@@ -197,19 +199,24 @@ impl<'a> Sender<'a> {
     }
 
     fn max_job_size(&mut self) -> usize {
-        self.connected().map_or(DEFAULT_MAX_JOB_SIZE, |(_, max)| *max)
+        self.connected().map_or(DEFAULT_MAX_JOB_SIZE, |(_, max, _)| *max)
     }
 
-    fn connected(&mut self) -> Option<&mut (Client, usize)> {
+    fn connected(&mut self) -> Option<&mut (Client, usize, u64)> {
+        if self.conn.as_ref().is_some_and(|(_, _, generation)| *generation != self.watch.queue.generation()) {
+            // The host moved to another shard: report there.
+            self.conn = None;
+        }
         if self.conn.is_none() {
-            let made = self.watch.queue.connect(Duration::from_secs(2)).and_then(|mut c| {
+            let (endpoint, generation) = self.watch.queue.current();
+            let made = endpoint.connect(Duration::from_secs(2)).and_then(|mut c| {
                 c.use_tube(&self.watch.reply_tube)?;
                 let max = c
                     .stats()?
                     .get_u64("max-job-size")
                     .and_then(|n| usize::try_from(n).ok())
                     .unwrap_or(DEFAULT_MAX_JOB_SIZE);
-                Ok((c, max))
+                Ok((c, max, generation))
             });
             match made {
                 Ok(c) => self.conn = Some(c),
@@ -226,7 +233,7 @@ impl<'a> Sender<'a> {
     fn put(&mut self, payload: &impl serde::Serialize) -> bool {
         let Ok(json) = serde_json::to_vec(payload) else { return false };
         let body = wire::sign(&self.watch.secret, &json);
-        let Some((conn, _)) = self.connected() else { return false };
+        let Some((conn, _, _)) = self.connected() else { return false };
         match conn.put(WATCH_PRIORITY, 0, WATCH_TTR, &body) {
             Ok(_) => true,
             Err(e) => {

@@ -575,7 +575,8 @@ async fn get_job(
                 (HostState::Ready, Some(queued)) if lookups < MAX_LIVE_LOOKUPS => {
                     lookups += 1;
                     // The id means our job only on the queue instance that issued it.
-                    let reserved = d.queue.with_conn(|c, info| {
+                    let Some(shard) = d.queues.named(queued.shard.as_deref()) else { return HostState::Ready };
+                    let reserved = shard.with_conn(|c, info| {
                         if queued.instance.as_deref() != Some(info.instance.as_str()) {
                             return Ok(false);
                         }
@@ -878,7 +879,9 @@ async fn register_host(
         log::info!("host {} registered ({})", host.id, host.hostname);
     }
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok((status, Json(json!(host))).into_response())
+    let mut body = json!(host);
+    with_shard(&dispatcher, &mut body);
+    Ok((status, Json(body)).into_response())
 }
 
 async fn list_hosts(State(dispatcher): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
@@ -905,8 +908,23 @@ async fn get_host(
         Ok(Some(host))
     })
     .await?
-    .map(|h| Json(json!(h)))
+    .map(|h| {
+        let mut body = json!(h);
+        with_shard(&dispatcher, &mut body);
+        Json(body)
+    })
     .ok_or_else(|| ApiError::general(Code::NoSuchHost, "No such host"))
+}
+
+/// With several queue shards, adds to a host's JSON the shard it belongs to now
+/// (`"queue"`): the address its agent moves to when it registers or beats.
+fn with_shard(dispatcher: &Dispatcher, host: &mut Value) {
+    if !dispatcher.queues.is_sharded() {
+        return;
+    }
+    if let Some(id) = host.get("id").and_then(Value::as_str).map(str::to_string) {
+        host["queue"] = json!(dispatcher.queues.for_host(&id).name);
+    }
 }
 
 async fn delete_host(

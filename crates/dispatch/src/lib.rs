@@ -29,8 +29,10 @@
 //!   is queued or answered.
 //! - [`db`]: the database layer: one interface, SQLite and PostgreSQL behind it, each with
 //!   its own migrations.
-//! - `worker` (private): the two blocking threads: the enqueuer (puts and expires host
-//!   jobs) and the results consumer.
+//! - [`shard`]: queue shards: several polarisd, each host on one by rendezvous hashing,
+//!   and which of them answer.
+//! - `worker` (private): the blocking threads: the enqueuer (puts and expires host jobs,
+//!   moves the work of dead shards) and a results consumer per shard.
 
 #![deny(unsafe_code)]
 
@@ -45,6 +47,7 @@ pub mod metrics;
 pub mod policy;
 pub mod request;
 pub mod rollout;
+pub mod shard;
 pub mod store;
 mod worker;
 
@@ -61,12 +64,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
 
+/// Default of [`DispatchConfig::shard_grace`], in seconds: longer than a polarisd restart,
+/// short enough that a dead shard's hosts get work again within a minute.
+pub const DEFAULT_SHARD_GRACE_SECS: u64 = 30;
+
 /// Everything `polaris-dispatch` is configured with.
 #[derive(Debug, Clone)]
 pub struct DispatchConfig {
     /// HTTP listen address, e.g. `127.0.0.1:8080` (port 0 picks a free one).
     pub listen: String,
-    /// Queue address, e.g. `127.0.0.1:11300`.
+    /// Queue address, e.g. `127.0.0.1:11300`; several, comma-separated, are queue shards
+    /// ([`shard`]), each written as the agents reach it (they are told theirs).
     pub queue: String,
     /// TLS to the queue (`--queue-ca` and the rest); `None` is plain TCP.
     pub queue_tls: Option<TlsClientFiles>,
@@ -97,6 +105,9 @@ pub struct DispatchConfig {
     /// How long a lease on the background work lasts unless renewed (`--lease-secs`): how
     /// soon another dispatcher on the same PostgreSQL database takes over from one that died.
     pub lease_ttl: Duration,
+    /// How long a queue shard may be unreachable before its hosts, and their work not yet
+    /// taken, move to the other shards (`--shard-grace`).
+    pub shard_grace: Duration,
 }
 
 impl Default for DispatchConfig {
@@ -116,6 +127,7 @@ impl Default for DispatchConfig {
             metrics_without_token: false,
             log_retention: store::LogRetention::default(),
             lease_ttl: Duration::from_secs(10),
+            shard_grace: Duration::from_secs(DEFAULT_SHARD_GRACE_SECS),
         }
     }
 }
@@ -159,6 +171,11 @@ impl QueuePool {
         QueuePool { endpoint, idle: Mutex::new(Vec::new()), extensions: std::sync::atomic::AtomicU8::new(0) }
     }
 
+    /// Where it connects.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
     /// Whether the queue is a polarisd (job TTLs, `job-state`), rather than a
     /// plain beanstalkd. Asked again on every new connection, so a queue
     /// replaced by the other kind is noticed.
@@ -184,8 +201,7 @@ impl QueuePool {
             None => self.connect()?,
         };
         let result = f(&mut conn.client, &conn.info);
-        let broken =
-            matches!(result, Err(client::Error::Io(_) | client::Error::Closed | client::Error::UnexpectedReply { .. }));
+        let broken = result.as_ref().is_err_and(shard::is_unreachable);
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if broken {
             idle.clear();
@@ -242,8 +258,9 @@ impl Waiters {
 pub struct Dispatcher {
     /// The database.
     pub store: Store,
-    /// Queue connections for puts, deletes and job lookups.
-    pub queue: QueuePool,
+    /// The queue shards (one when `--queue` names one server), with connections for puts,
+    /// deletes and job lookups.
+    pub queues: shard::Shards,
     /// The envelope secret.
     pub secret: Secret,
     /// Bearer tokens, when authentication is on.
@@ -302,7 +319,14 @@ pub fn run(config: DispatchConfig) -> anyhow::Result<()> {
         Some(path) => Some(Tokens::load(path)?),
         None => None,
     };
-    let queue = Endpoint::from_flags(&config.queue, config.queue_tls.as_ref())?;
+    let endpoints = config
+        .queue
+        .split(',')
+        .map(str::trim)
+        .filter(|addr| !addr.is_empty())
+        .map(|addr| Endpoint::from_flags(addr, config.queue_tls.as_ref()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let queues = shard::Shards::new(endpoints, config.shard_grace).context("--queue")?;
     let store =
         Store::open_at(&config.database).with_context(|| format!("opening the database {}", config.database))?;
     if !client::is_valid_tube_name(&config.reply_tube) {
@@ -311,7 +335,7 @@ pub fn run(config: DispatchConfig) -> anyhow::Result<()> {
     let (wake_tx, wake_rx) = mpsc::sync_channel(1);
     let dispatcher = Arc::new(Dispatcher {
         store,
-        queue: QueuePool::new(queue.clone()),
+        queues,
         secret,
         tokens,
         reply_tube: config.reply_tube.clone(),
@@ -330,7 +354,7 @@ pub fn run(config: DispatchConfig) -> anyhow::Result<()> {
     });
     log::info!("dispatcher instance {} on {}", dispatcher.instance_id, config.database);
     let stop = Arc::new(AtomicBool::new(false));
-    let threads = worker::spawn(&dispatcher, queue, &config.database, wake_rx, &stop)?;
+    let threads = worker::spawn(&dispatcher, &config.database, wake_rx, &stop)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

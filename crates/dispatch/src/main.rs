@@ -71,6 +71,10 @@ struct Args {
     /// the same --database takes over from one that died.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     lease_secs: u64,
+    /// Seconds a queue shard (one of several --queue addresses) may be unreachable before
+    /// its hosts, and their work no agent has taken yet, move to the other shards.
+    #[arg(long, default_value_t = polaris_dispatch::DEFAULT_SHARD_GRACE_SECS, value_name = "SECS")]
+    shard_grace: u64,
 }
 
 fn parse_client_net(s: &str) -> Result<ipnet::IpNet, String> {
@@ -112,5 +116,6 @@ fn main() -> anyhow::Result<()> {
             max_age_ms: i64::try_from(args.log_retention_age.saturating_mul(1000)).unwrap_or(i64::MAX),
         },
         lease_ttl: Duration::from_secs(args.lease_secs),
+        shard_grace: Duration::from_secs(args.shard_grace),
     })
 }

@@ -297,7 +297,7 @@ fn settle(conn: &mut Connection, now_ms: i64) -> Result<Vec<String>, StoreError>
                     "UPDATE host_job SET state = 'waiting', attempt = attempt + 1, retry_at = ?4, resp = NULL,
                             retcode = NULL, message = NULL, data = NULL, truncated = 0, encoding = NULL,
                             output_bytes = NULL, queue_job_id = NULL, queue_instance = NULL, envelope_mac = NULL,
-                            finished_at = NULL, queued_at = NULL, start_by = NULL, updated_at = ?5
+                            queue_shard = NULL, finished_at = NULL, queued_at = NULL, start_by = NULL, updated_at = ?5
                      WHERE job_id = ?1 AND host = ?2 AND attempt = ?3 AND settled = 0",
                 )
                 .and_then(|mut s| s.execute(params![row.job_id, row.host, row.attempt, at, now_ms]))

@@ -315,6 +315,9 @@ pub struct Attempt {
 pub struct QueueRef {
     /// The queue's job id.
     pub id: u64,
+    /// The queue shard that holds it ([`crate::shard`]); `None` for rows stored before
+    /// shards (the first shard).
+    pub shard: Option<String>,
     /// The queue instance that issued `id` (see [`crate::QueueInfo::instance`]); `None`
     /// for rows stored before instances were recorded.
     pub instance: Option<String>,
@@ -443,6 +446,9 @@ pub enum RecordOutcome {
     AlreadyFinal,
     /// No such job/host pair (e.g. the database was replaced).
     Unknown,
+    /// The agent refused a copy of an envelope it had already run (see
+    /// [`Store::record_result`]); nothing was recorded.
+    Replayed,
 }
 
 /// The dispatcher's database. One connection behind a mutex: the dispatcher writes a few
@@ -480,7 +486,7 @@ impl std::fmt::Display for DatabaseLocation {
 }
 
 const HOST_JOB_COLUMNS: &str = "host, state, queue_job_id, resp, retcode, message, data, truncated, updated_at, \
-     encoding, queue_instance, envelope_mac, attempt, batch, settled";
+     encoding, queue_instance, envelope_mac, attempt, batch, settled, queue_shard";
 
 impl Store {
     /// Opens (creating if needed) `dir/dispatch.db` and brings its schema up to date.
@@ -1243,12 +1249,14 @@ impl Store {
         let conn = self.conn();
         let mut stmt = conn
             .prepare_cached(
-                "SELECT host, queue_job_id, queue_instance, envelope_mac FROM host_job
+                "SELECT host, queue_job_id, queue_shard, queue_instance, envelope_mac FROM host_job
                  WHERE job_id = ?1 AND state = 'ready' AND queue_job_id IS NOT NULL ORDER BY position",
             )
             .ctx("list ready host jobs")?;
         let rows = stmt
-            .query_map([id], |row| Ok((row.get::<_, String>(0)?, queue_ref(row.get(1)?, row.get(2)?, row.get(3)?))))
+            .query_map([id], |row| {
+                Ok((row.get::<_, String>(0)?, queue_ref(row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?)))
+            })
             .ctx("list ready host jobs")?;
         let mut out = Vec::new();
         for row in rows {
@@ -1266,38 +1274,55 @@ impl Store {
             .conn()
             .prepare_cached(
                 "UPDATE host_job SET state = 'reserved', resp = NULL, retcode = NULL, message = NULL, data = NULL,
-                        finished_at = NULL, queue_job_id = ?3, queue_instance = ?4, envelope_mac = ?5, updated_at = ?6
+                        finished_at = NULL, queue_job_id = ?3, queue_instance = ?4, envelope_mac = ?5, updated_at = ?6,
+                        queue_shard = ?7
                  WHERE job_id = ?1 AND host = ?2 AND state = 'revoked'",
             )
             .and_then(|mut s| {
-                s.execute(params![job_id, host, queued.id as i64, queued.instance, queued.mac, unix_now_ms()])
+                s.execute(params![
+                    job_id,
+                    host,
+                    queued.id as i64,
+                    queued.instance,
+                    queued.mac,
+                    unix_now_ms(),
+                    queued.shard
+                ])
             })
             .ctx("reopen revoked host job")?;
         Ok(n > 0)
     }
 
-    /// `ready` host jobs whose queue job id was issued by another queue instance than
-    /// `instance` (or by one not recorded), with their jobs' start deadlines.
-    pub fn ready_elsewhere(&self, instance: &str) -> Result<Vec<QueuedHostJob>, StoreError> {
+    /// `ready` host jobs on queue shard `shard` (`first`: the first shard, which also has
+    /// the rows stored before shards) whose queue job id was issued by another queue
+    /// instance than `instance` (or by one not recorded), with their jobs' start deadlines;
+    /// with `instance` `None`, every `ready` host job of the shard.
+    pub fn ready_elsewhere(
+        &self,
+        shard: &str,
+        first: bool,
+        instance: Option<&str>,
+    ) -> Result<Vec<QueuedHostJob>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn
             .prepare_cached(
-                "SELECT h.job_id, h.host, h.queue_job_id, h.queue_instance, h.envelope_mac,
+                "SELECT h.job_id, h.host, h.queue_job_id, h.queue_shard, h.queue_instance, h.envelope_mac,
                         COALESCE(h.start_by, j.start_by), j.cancelled_at IS NOT NULL OR h.cancelled_at IS NOT NULL
                  FROM host_job h JOIN jobs j ON j.id = h.job_id
                  WHERE h.state = 'ready' AND h.queue_job_id IS NOT NULL
-                   AND (h.queue_instance IS NULL OR h.queue_instance != ?1)
+                   AND (h.queue_shard = ?1 OR (h.queue_shard IS NULL AND ?2 = 1))
+                   AND (CAST(?3 AS TEXT) IS NULL OR h.queue_instance IS NULL OR h.queue_instance != ?3)
                  ORDER BY j.seq, h.position",
             )
             .ctx("list ready host jobs of other queue instances")?;
         let rows = stmt
-            .query_map([instance], |row| {
+            .query_map(params![shard, first, instance], |row| {
                 Ok((
                     row.get::<_, String>(0)?,
                     row.get::<_, String>(1)?,
-                    queue_ref(row.get(2)?, row.get(3)?, row.get(4)?),
-                    row.get::<_, i64>(5)?,
-                    row.get::<_, bool>(6)?,
+                    queue_ref(row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?),
+                    row.get::<_, i64>(6)?,
+                    row.get::<_, bool>(7)?,
                 ))
             })
             .ctx("list ready host jobs of other queue instances")?;
@@ -1333,7 +1358,7 @@ impl Store {
             .conn()
             .prepare_cached(
                 "UPDATE host_job SET state = 'pending', queue_job_id = NULL, queue_instance = NULL,
-                        envelope_mac = NULL, updated_at = ?4
+                        envelope_mac = NULL, queue_shard = NULL, updated_at = ?4
                  WHERE job_id = ?1 AND host = ?2 AND state = 'ready' AND queue_job_id = ?3",
             )
             .and_then(|mut s| s.execute(params![job_id, host, queue_id as i64, unix_now_ms()]))
@@ -1378,7 +1403,15 @@ impl Store {
 
     /// Records an agent's result. A result replaces any state but `success`, `failed` and
     /// `revoked`: a late answer is better information than `expired`.
+    ///
+    /// A refusal of a copy of an envelope the host already ran (`0x0408`) is not an answer:
+    /// that host's own result for it is, or was, reported separately. Such copies exist when
+    /// work moves between queue shards ([`crate::shard`]) while an agent is running it, and
+    /// with several dispatchers the refusal may be read before the result.
     pub fn record_result(&self, result: &HostResult) -> Result<RecordOutcome, StoreError> {
+        if result.resp == Resp::Failed && result.retcode == u32::from(Code::EnvelopeReplayed.value()) {
+            return Ok(RecordOutcome::Replayed);
+        }
         let state = match result.resp {
             Resp::Success => HostState::Success,
             Resp::Failed if result.retcode == u32::from(Code::Cancelled.value()) => HostState::Cancelled,
@@ -1428,7 +1461,8 @@ impl Store {
         let conn = self.conn();
         let mut stmt = conn
             .prepare_cached(
-                "SELECT h.job_id, h.host, h.state, h.queue_job_id, j.timeout_secs, h.queue_instance, h.envelope_mac
+                "SELECT h.job_id, h.host, h.state, h.queue_job_id, j.timeout_secs, h.queue_instance, h.envelope_mac,
+                        h.queue_shard
                  FROM host_job h JOIN jobs j ON j.id = h.job_id
                  WHERE (h.state IN ('pending', 'ready') AND COALESCE(h.start_by, j.start_by) <= ?1)
                     OR (h.state = 'reserved' AND COALESCE(h.start_by, j.start_by) + j.timeout_secs * 1000 + ?2 <= ?1)
@@ -1441,7 +1475,7 @@ impl Store {
                     row.get::<_, String>(0)?,
                     row.get::<_, String>(1)?,
                     row.get::<_, String>(2)?,
-                    queue_ref(row.get(3)?, row.get(5)?, row.get(6)?),
+                    queue_ref(row.get(3)?, row.get(7)?, row.get(5)?, row.get(6)?),
                     row.get::<_, u32>(4)?,
                 ))
             })
@@ -1563,11 +1597,11 @@ fn mark_queued(conn: &Connection, job_id: &str, host: &str, queued: &QueueRef) -
     let n = conn
         .prepare_cached(
             "UPDATE host_job SET state = 'ready', queue_job_id = ?3, queue_instance = ?4, envelope_mac = ?5,
-                    updated_at = ?6, queued_at = ?6
+                    updated_at = ?6, queued_at = ?6, queue_shard = ?7
              WHERE job_id = ?1 AND host = ?2 AND state = 'pending'",
         )
         .and_then(|mut s| {
-            s.execute(params![job_id, host, queued.id as i64, queued.instance, queued.mac, unix_now_ms()])
+            s.execute(params![job_id, host, queued.id as i64, queued.instance, queued.mac, unix_now_ms(), queued.shard])
         })
         .ctx("mark host job queued")?;
     Ok(n > 0)
@@ -1614,8 +1648,13 @@ fn apply_queued(
     Ok(n > 0)
 }
 
-fn queue_ref(id: Option<i64>, instance: Option<String>, mac: Option<String>) -> Option<QueueRef> {
-    id.map(|id| QueueRef { id: id as u64, instance, mac })
+fn queue_ref(
+    id: Option<i64>,
+    shard: Option<String>,
+    instance: Option<String>,
+    mac: Option<String>,
+) -> Option<QueueRef> {
+    id.map(|id| QueueRef { id: id as u64, shard, instance, mac })
 }
 
 fn get_host(conn: &Connection, id: &str) -> Result<Option<HostRecord>, StoreError> {
@@ -1699,7 +1738,7 @@ fn host_job_row(row: &crate::db::Row) -> crate::db::Result<Result<HostJobRecord,
     Ok(Ok(HostJobRecord {
         host: row.get(0)?,
         state,
-        queued: queue_ref(row.get(2)?, row.get(10)?, row.get(11)?),
+        queued: queue_ref(row.get(2)?, row.get(15)?, row.get(10)?, row.get(11)?),
         outcome,
         updated_at_ms: row.get(8)?,
         attempt: row.get(12)?,

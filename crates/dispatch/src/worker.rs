@@ -1,6 +1,7 @@
 //! The dispatcher's blocking threads:
-//! - the enqueuer puts pending host jobs on the queue and expires overdue ones;
-//! - the results consumer records agents' results from the reply tube;
+//! - the enqueuer puts pending host jobs on the queue (each on its host's shard) and
+//!   expires overdue ones, and moves the work no agent has taken off shards that died;
+//! - a results consumer per queue shard records agents' results from its reply tube;
 //! - the scheduler fires due `schedule` tasks as jobs ([`crate::fleet::schedule`]);
 //! - on PostgreSQL, the listener hears of host jobs other dispatchers changed.
 //!
@@ -17,12 +18,13 @@
 
 use crate::fleet::Level;
 use crate::metrics::QueueUser;
+use crate::shard::Shard;
 use crate::store::{DatabaseLocation, HostState, Outcome, PendingHostJob, QueueRef, StoreError};
 use crate::Dispatcher;
 use polaris_ops_wire::codes::Code;
 use polaris_ops_wire::wire::{self, host_tube, unix_now_ms, JobEnvelope};
-use polaris_proto::client::{self, Client, Endpoint};
-use std::collections::HashSet;
+use polaris_proto::client::{self, Client};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -102,7 +104,6 @@ pub(crate) fn release_leases(dispatcher: &Dispatcher) {
 /// Starts the threads.
 pub(crate) fn spawn(
     dispatcher: &Arc<Dispatcher>,
-    queue: Endpoint,
     database: &DatabaseLocation,
     wake: mpsc::Receiver<()>,
     stop: &Arc<AtomicBool>,
@@ -112,19 +113,21 @@ pub(crate) fn spawn(
         let stop = stop.clone();
         std::thread::Builder::new().name("enqueuer".into()).spawn(move || run_enqueuer(&dispatcher, &wake, &stop))?
     };
-    let consumer = {
-        let dispatcher = dispatcher.clone();
-        let stop = stop.clone();
-        std::thread::Builder::new()
-            .name("results".into())
-            .spawn(move || run_results_consumer(&dispatcher, &queue, &stop))?
-    };
     let scheduler = {
         let dispatcher = dispatcher.clone();
         let stop = stop.clone();
         std::thread::Builder::new().name("scheduler".into()).spawn(move || run_scheduler(&dispatcher, &stop))?
     };
-    let mut threads = vec![enqueuer, consumer, scheduler];
+    let mut threads = vec![enqueuer, scheduler];
+    for index in 0..dispatcher.queues.all().len() {
+        let dispatcher = dispatcher.clone();
+        let stop = stop.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("results-{index}"))
+                .spawn(move || run_results_consumer(&dispatcher, index, &stop))?,
+        );
+    }
     if let DatabaseLocation::Postgres(url) = database {
         let dispatcher = dispatcher.clone();
         let stop = stop.clone();
@@ -181,8 +184,8 @@ fn run_scheduler(dispatcher: &Dispatcher, stop: &AtomicBool) {
 
 fn run_enqueuer(dispatcher: &Dispatcher, wake: &mpsc::Receiver<()>, stop: &AtomicBool) {
     let mut queue_was_down = false;
-    // The queue instance whose ids the `ready` rows were last checked against.
-    let mut checked_instance: Option<String> = None;
+    // Per shard, the queue instance whose ids its `ready` rows were last checked against.
+    let mut checked_instances: HashMap<String, String> = HashMap::new();
     let mut lease = Lease::new(ENQUEUER_LEASE, dispatcher);
     while !stop.load(Ordering::SeqCst) {
         let held_before = lease.held;
@@ -193,9 +196,10 @@ fn run_enqueuer(dispatcher: &Dispatcher, wake: &mpsc::Receiver<()>, stop: &Atomi
         }
         if !held_before {
             // Whoever held the lease may have seen the queue change meanwhile.
-            checked_instance = None;
+            checked_instances.clear();
         }
-        let step = check_queue_instance(dispatcher, &mut checked_instance)
+        let step = check_queue_instances(dispatcher, &mut checked_instances)
+            .and_then(|()| move_off_dead_shards(dispatcher))
             .and_then(|()| advance_rollouts(dispatcher))
             .and_then(|()| enqueue_pending(dispatcher, &mut lease))
             .and_then(|()| send_cancels(dispatcher))
@@ -259,7 +263,8 @@ fn send_cancels(dispatcher: &Dispatcher) -> Result<(), StepError> {
         let payload = serde_json::to_vec(&message).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let body = wire::sign(&dispatcher.secret, &payload);
         let tube = wire::control_tube(&host);
-        dispatcher.queue.with_conn(|c, info| {
+        // Where the host's agent is (or is going): its control thread watches there.
+        dispatcher.queues.for_host(&host).with_conn(|c, info| {
             c.use_tube(&tube)?;
             if info.extensions {
                 c.put_with_ttl(CONTROL_PRIORITY, 0, RESULT_TTR_FOR_CONTROL, CONTROL_TTL_SECS, &body)
@@ -294,25 +299,51 @@ pub(crate) enum StepError {
 /// by the new instance; if the id is free, or holds somebody else's job, the envelope was
 /// lost with the old queue and the row becomes `pending` again, to be put anew (or
 /// `expired` if its start deadline has passed). Nothing is ever deleted here.
-fn check_queue_instance(dispatcher: &Dispatcher, checked: &mut Option<String>) -> Result<(), StepError> {
+///
+/// Each shard is checked on its own; one that does not answer is left for the next tick
+/// (its consumer notes the outage), so it never holds up the others.
+fn check_queue_instances(dispatcher: &Dispatcher, checked: &mut HashMap<String, String>) -> Result<(), StepError> {
+    for (index, shard) in dispatcher.queues.all().iter().enumerate() {
+        match check_queue_instance(dispatcher, shard, index == 0, checked.get(&shard.name)) {
+            Ok(Some(instance)) => {
+                checked.insert(shard.name.clone(), instance);
+            }
+            Ok(None) => {}
+            Err(StepError::Queue(e)) if dispatcher.queues.is_sharded() => {
+                log::debug!("queue shard {} not checked: {e}", shard.name);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// [`check_queue_instances`] for one shard (`first`: the first, which also holds the rows
+/// stored before shards); answers the instance its rows now agree with, if they all do.
+fn check_queue_instance(
+    dispatcher: &Dispatcher,
+    shard: &Shard,
+    first: bool,
+    checked: Option<&String>,
+) -> Result<Option<String>, StepError> {
     // A live command, so a connection to a queue that died is found out now.
-    let instance = dispatcher.queue.with_conn(|c, info| {
+    let instance = shard.with_conn(|c, info| {
         c.stats()?;
         Ok(info.instance.clone())
     })?;
-    if checked.as_deref() == Some(instance.as_str()) {
-        return Ok(());
+    if checked == Some(&instance) {
+        return Ok(None);
     }
-    for row in dispatcher.store.ready_elsewhere(&instance)? {
+    for row in dispatcher.store.ready_elsewhere(&shard.name, first, Some(&instance))? {
         let (job_id, host, queued) = (&row.job_id, &row.host, &row.queued);
-        let found = dispatcher.queue.with_conn(|c, info| {
+        let found = shard.with_conn(|c, info| {
             if info.instance != instance {
                 return Ok(None); // restarted once more: start over at the next tick
             }
             find(c, &dispatcher.secret, queued, job_id, host).map(Some)
         })?;
         match found {
-            None => return Ok(()),
+            None => return Ok(None),
             Some(Found::Ours) => {
                 dispatcher.store.adopt(job_id, host, queued.id, &instance)?;
             }
@@ -339,9 +370,48 @@ fn check_queue_instance(dispatcher: &Dispatcher, checked: &mut Option<String>) -
         }
     }
     if checked.is_some() {
-        log::info!("queue instance changed to {instance}; stored queue job ids checked");
+        log::info!("queue shard {} instance changed to {instance}; stored queue job ids checked", shard.name);
     }
-    *checked = Some(instance);
+    Ok(Some(instance))
+}
+
+/// Moves the host jobs no agent has taken yet off every shard that has been unreachable
+/// past the grace period, while another shard is up: they become `pending` again and the
+/// enqueuer puts them on the shard each host now hashes to, where its agent follows
+/// (it is told at its next heartbeat).
+///
+/// An agent may have reserved such an envelope just before its shard died. It then runs
+/// it once: the copy put on the new shard is refused by the agent's ledger (`0x0408`, not
+/// recorded as an answer), and the result of the run, which could not be put on the dead
+/// shard, is put on the new one.
+fn move_off_dead_shards(dispatcher: &Dispatcher) -> Result<(), StepError> {
+    let queues = &dispatcher.queues;
+    if !queues.all().iter().any(|s| !queues.is_dead(s)) {
+        return Ok(());
+    }
+    let mut changed: HashSet<String> = HashSet::new();
+    for (index, shard) in queues.all().iter().enumerate() {
+        if !queues.is_dead(shard) {
+            continue;
+        }
+        let rows = dispatcher.store.ready_elsewhere(&shard.name, index == 0, None)?;
+        for row in &rows {
+            if dispatcher.store.requeue(&row.job_id, &row.host, row.queued.id)? {
+                changed.insert(row.job_id.clone());
+            }
+        }
+        if !rows.is_empty() {
+            log::warn!(
+                "queue shard {} unreachable for {:.0}s: {} host job(s) not yet taken move to the other shards",
+                shard.name,
+                shard.down_for().unwrap_or_default().as_secs_f64(),
+                rows.len()
+            );
+        }
+    }
+    for job_id in &changed {
+        dispatcher.host_jobs_changed(job_id);
+    }
     Ok(())
 }
 
@@ -354,8 +424,13 @@ const LOST_BEFORE_TAKEN: &str = "The queue lost the job (it restarted) before th
 /// job was not cancelled meanwhile, so a cancel stops it after at most the put in flight.
 /// The lease is renewed before every batch after the first, and the work stops if it was
 /// lost (a batch that took longer than the lease lasts).
+///
+/// A put that fails leaves that shard's hosts `pending` for this pass and the others go
+/// on; a batch in which nothing could be put ends the pass (the next tick tries again).
 fn enqueue_pending(dispatcher: &Dispatcher, lease: &mut Lease<'_>) -> Result<(), StepError> {
     let mut first = true;
+    // Shards a put failed on during this pass.
+    let mut unreachable: HashSet<String> = HashSet::new();
     loop {
         if !std::mem::take(&mut first) && !lease.hold() {
             return Ok(());
@@ -371,6 +446,10 @@ fn enqueue_pending(dispatcher: &Dispatcher, lease: &mut Lease<'_>) -> Result<(),
         let mut queued: Vec<(String, String, QueueRef)> = Vec::with_capacity(batch.len());
         let mut failure = None;
         for pending in &batch {
+            let shard = dispatcher.queues.for_host(&pending.host);
+            if unreachable.contains(&shard.name) {
+                continue;
+            }
             let job = &pending.job;
             let now = dispatcher.cancellations.load(Ordering::SeqCst);
             if now != cancellations {
@@ -388,9 +467,14 @@ fn enqueue_pending(dispatcher: &Dispatcher, lease: &mut Lease<'_>) -> Result<(),
                 }
                 live.insert(job.id.clone());
             }
-            match put_envelope(dispatcher, pending) {
+            match put_envelope(dispatcher, shard, pending) {
                 Ok(Some(place)) => queued.push((job.id.clone(), pending.host.clone(), place)),
                 Ok(None) => {}
+                Err(StepError::Queue(e)) => {
+                    // The other shards' hosts go on; this one's wait (moving after the grace).
+                    unreachable.insert(shard.name.clone());
+                    failure = Some(StepError::Queue(e));
+                }
                 Err(e) => {
                     failure = Some(e);
                     break;
@@ -418,7 +502,10 @@ fn enqueue_pending(dispatcher: &Dispatcher, lease: &mut Lease<'_>) -> Result<(),
             dispatcher.metrics.envelopes_put(&dispatcher.store, job_id)?;
         }
         if let Some(e) = failure {
-            return Err(e);
+            if queued.is_empty() || !matches!(e, StepError::Queue(_)) || batch.len() < ENQUEUE_BATCH {
+                return Err(e);
+            }
+            continue;
         }
         if batch.len() < ENQUEUE_BATCH {
             return Ok(());
@@ -426,9 +513,13 @@ fn enqueue_pending(dispatcher: &Dispatcher, lease: &mut Lease<'_>) -> Result<(),
     }
 }
 
-/// Puts one host job's envelope on its tube; `None` if it was refused as too big (and so
-/// recorded as failed).
-fn put_envelope(dispatcher: &Dispatcher, pending: &PendingHostJob) -> Result<Option<QueueRef>, StepError> {
+/// Puts one host job's envelope on its tube on `shard`; `None` if it was refused as too big
+/// (and so recorded as failed).
+fn put_envelope(
+    dispatcher: &Dispatcher,
+    shard: &Shard,
+    pending: &PendingHostJob,
+) -> Result<Option<QueueRef>, StepError> {
     let job = &pending.job;
     let envelope = JobEnvelope {
         v: 1,
@@ -466,14 +557,14 @@ fn put_envelope(dispatcher: &Dispatcher, pending: &PendingHostJob) -> Result<Opt
     // the queue itself drops it if no agent takes it in time.
     let left_ms = (pending.start_by_ms - wire::unix_now_ms()).max(1000);
     let ttl = u32::try_from((left_ms + 999) / 1000).unwrap_or(u32::MAX);
-    let put = dispatcher.queue.with_conn(|c, info| {
+    let put = shard.with_conn(|c, info| {
         c.use_tube(&tube)?;
         let id = if info.extensions {
             c.put_with_ttl(priority, 0, ttr, ttl, &body)
         } else {
             c.put(priority, 0, ttr, &body)
         }?;
-        Ok(QueueRef { id, instance: Some(info.instance.clone()), mac: mac.clone() })
+        Ok(QueueRef { id, shard: Some(shard.name.clone()), instance: Some(info.instance.clone()), mac: mac.clone() })
     });
     match put {
         Ok(place) => Ok(Some(place)),
@@ -586,14 +677,16 @@ pub(crate) enum TakeBack {
 /// Deletes our envelope from the queue, but only with proof that the id still names it:
 /// `peek` on the same connection as the `delete` must show our signature, and a free id
 /// means "taken" only on the queue instance that issued it. Another job under the id (a
-/// restarted queue issued it again) is never touched.
+/// restarted queue issued it again) is never touched. A shard no longer in `--queue` is
+/// as good as lost.
 pub(crate) fn delete_if_ours(
     dispatcher: &Dispatcher,
     queued: &QueueRef,
     job_id: &str,
     host: &str,
 ) -> client::Result<TakeBack> {
-    dispatcher.queue.with_conn(|c, info| {
+    let Some(shard) = dispatcher.queues.named(queued.shard.as_deref()) else { return Ok(TakeBack::Lost) };
+    shard.with_conn(|c, info| {
         // Unknown for rows stored by older versions: assume the same instance, as they did.
         let same_instance = queued.instance.as_deref().map_or(true, |i| i == info.instance);
         match find(c, &dispatcher.secret, queued, job_id, host)? {
@@ -681,14 +774,18 @@ fn finish(
     Ok(())
 }
 
-fn connect_reply_consumer(queue: &Endpoint, reply_tube: &str) -> client::Result<Client> {
-    let mut conn = queue.connect(Duration::from_secs(2))?;
+fn connect_reply_consumer(shard: &Shard, reply_tube: &str) -> client::Result<Client> {
+    let mut conn = shard.pool.endpoint().connect(Duration::from_secs(2))?;
     conn.watch(reply_tube)?;
     conn.ignore("default")?;
     Ok(conn)
 }
 
-fn run_results_consumer(dispatcher: &Dispatcher, addr: &Endpoint, stop: &AtomicBool) {
+/// Consumes the reply tube of shard `index`; its connection attempts are also what tells
+/// whether the shard is up ([`Shard::reachable`]), traffic or not.
+fn run_results_consumer(dispatcher: &Dispatcher, index: usize, stop: &AtomicBool) {
+    let shard = &dispatcher.queues.all()[index];
+    let addr = &shard.name;
     let mut conn: Option<Client> = None;
     let mut queue_was_down = false;
     // A connection was lost since the last one was made (for the reconnect counter).
@@ -696,8 +793,9 @@ fn run_results_consumer(dispatcher: &Dispatcher, addr: &Endpoint, stop: &AtomicB
     while !stop.load(Ordering::SeqCst) {
         let client = match conn.as_mut() {
             Some(client) => client,
-            None => match connect_reply_consumer(addr, &dispatcher.reply_tube) {
+            None => match connect_reply_consumer(shard, &dispatcher.reply_tube) {
                 Ok(client) => {
+                    shard.reachable();
                     if queue_was_down {
                         log::info!("results consumer reconnected to {addr}");
                     }
@@ -707,6 +805,7 @@ fn run_results_consumer(dispatcher: &Dispatcher, addr: &Endpoint, stop: &AtomicB
                     conn.insert(client)
                 }
                 Err(e) => {
+                    shard.unreachable();
                     dispatcher.metrics.queue_state(QueueUser::Results, false, false);
                     if !queue_was_down {
                         log::warn!("results consumer cannot reach the queue at {addr}, will retry: {e}");
@@ -718,8 +817,9 @@ fn run_results_consumer(dispatcher: &Dispatcher, addr: &Endpoint, stop: &AtomicB
             },
         };
         match client.reserve_with_timeout(1) {
-            Ok(None) | Err(client::Error::DeadlineSoon) => {}
+            Ok(None) | Err(client::Error::DeadlineSoon) => shard.reachable(),
             Ok(Some(job)) => {
+                shard.reachable();
                 if let Err(e) = handle_result(dispatcher, client, job) {
                     log::warn!("results consumer: {e}");
                     dispatcher.metrics.queue_state(QueueUser::Results, false, false);
@@ -728,7 +828,10 @@ fn run_results_consumer(dispatcher: &Dispatcher, addr: &Endpoint, stop: &AtomicB
                 }
             }
             Err(e) => {
-                log::warn!("results consumer lost the queue: {e}");
+                if crate::shard::is_unreachable(&e) {
+                    shard.unreachable();
+                }
+                log::warn!("results consumer lost the queue at {addr}: {e}");
                 dispatcher.metrics.queue_state(QueueUser::Results, false, false);
                 lost = true;
                 conn = None;
@@ -809,6 +912,11 @@ fn handle_result(dispatcher: &Dispatcher, conn: &mut Client, job: client::Job) -
                 }
                 AlreadyFinal => log::debug!("job {} host {}: duplicate result ignored", result.job_id, result.host),
                 Unknown => log::warn!("result for unknown job {} host {} dropped", result.job_id, result.host),
+                Replayed => log::info!(
+                    "job {} host {}: the agent refused a copy of an envelope it already ran (its own result counts)",
+                    result.job_id,
+                    result.host
+                ),
             }
             conn.delete(job.id)
         }

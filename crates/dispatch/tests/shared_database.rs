@@ -7,29 +7,12 @@
 
 use polaris_proto::client::Client;
 use polaris_testkit::cluster::*;
-use polaris_testkit::postgres::{create_database, test_server_url, TestPostgres};
-use polaris_testkit::{skip_unless_ci, wait_until};
+use polaris_testkit::postgres::{create_database, test_server};
+use polaris_testkit::wait_until;
 use serde_json::{json, Value};
 use std::time::Duration;
 
 const HOSTS: [&str; 3] = ["h1", "h2", "h3"];
-
-/// A PostgreSQL server URL, and the throwaway server behind it if one was started.
-fn server() -> Option<(Option<TestPostgres>, String)> {
-    if let Some(url) = test_server_url() {
-        return Some((None, url));
-    }
-    match TestPostgres::start() {
-        Some(pg) => {
-            let url = pg.url.clone();
-            Some((Some(pg), url))
-        }
-        None => {
-            skip_unless_ci("PostgreSQL server binaries (Debian's postgresql package) for the shared-database test");
-            None
-        }
-    }
-}
 
 /// Who holds lease `name` in the database at `url`.
 fn lease_holder(url: &str, name: &str) -> Option<String> {
@@ -69,7 +52,7 @@ fn assert_all_echoed(reply: &Value, word: &str) {
 
 #[test]
 fn two_dispatchers_on_one_database_do_the_work_once_and_answer_each_others_sync_calls() {
-    let Some((_server_process, server)) = server() else { return };
+    let Some((_server_process, server)) = test_server("the shared-database test") else { return };
     let name = format!("polaris_shared_{}_{}", std::process::id(), wire_now_ms());
     let url = create_database(&server, &name).expect("create the shared database");
     let dir = tempfile::tempdir().expect("tempdir");

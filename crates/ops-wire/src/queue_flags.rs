@@ -7,7 +7,8 @@ use std::path::PathBuf;
 /// `--queue` and its TLS flags; `#[command(flatten)]` them into a program's arguments.
 #[derive(clap::Args, Debug, Clone)]
 pub struct QueueFlags {
-    /// Queue (polarisd or beanstalkd) address.
+    /// Queue (polarisd or beanstalkd) address. The dispatcher takes several, comma-separated:
+    /// queue shards, each host on one (its agent is told which).
     #[arg(long, default_value = "127.0.0.1:11300")]
     pub queue: String,
     /// Connect to the queue over TLS, verifying its certificate with this CA bundle (PEM).

@@ -150,3 +150,23 @@ impl Drop for TestPostgres {
         self.proc.kill();
     }
 }
+
+/// The PostgreSQL server a test needing one runs on: the one env [`TEST_DATABASE_ENV`]
+/// names, else a throwaway one (returned with it, stopped when dropped). Without either it
+/// answers `None` after [`crate::skip_unless_ci`] (which fails under CI); `what` names the
+/// test in that message.
+pub fn test_server(what: &str) -> Option<(Option<TestPostgres>, String)> {
+    if let Some(url) = test_server_url() {
+        return Some((None, url));
+    }
+    match TestPostgres::start() {
+        Some(pg) => {
+            let url = pg.url.clone();
+            Some((Some(pg), url))
+        }
+        None => {
+            crate::skip_unless_ci(&format!("PostgreSQL server binaries (Debian's postgresql package) for {what}"));
+            None
+        }
+    }
+}

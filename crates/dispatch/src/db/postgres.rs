@@ -272,6 +272,8 @@ pub const MIGRATIONS: &[&str] = &[
     END $$;
     CREATE TRIGGER job_events_cancelled AFTER UPDATE OF cancelled_at ON jobs FOR EACH ROW
         WHEN (OLD.cancelled_at IS NULL AND NEW.cancelled_at IS NOT NULL) EXECUTE FUNCTION job_events_cancelled();"#,
+    // 2 (SQLite's 13): the queue shard holding a host job's envelope.
+    "ALTER TABLE host_job ADD COLUMN queue_shard TEXT;",
 ];
 
 /// The channel the host-job triggers notify, with the job id as payload.

@@ -353,4 +353,7 @@ pub const MIGRATIONS: &[&str] = &[
         at      INTEGER NOT NULL,
         PRIMARY KEY (host, path)
     );",
+    // 13: the queue shard holding a host job's envelope (`--queue` with several
+    // addresses); NULL is the first shard, which is where every older row is.
+    "ALTER TABLE host_job ADD COLUMN queue_shard TEXT;",
 ];
