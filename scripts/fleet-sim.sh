@@ -34,6 +34,8 @@
 #                         "-c synchronous_commit=off" (default: PostgreSQL's durable defaults,
 #                         as the dispatcher's SQLite runs synchronous=FULL)
 #   SHARDED [auto]        1/0: whether the dispatcher takes several --queue addresses
+#   PAUSE_FILE [""]       before each configuration, wait while this file exists (a shared
+#                         machine's "someone else is benchmarking" flag)
 #   SKIP_BUILD [0]  KEEP_DATA [0]
 set -euo pipefail
 
@@ -49,7 +51,7 @@ fi
 : "${COMMAND_MS:=0}" "${JITTER_MS:=0}" "${FAILURE_RATE:=0}" "${OUTPUT_BYTES:=0}" "${RESERVE_TIMEOUT:=1}"
 : "${POLL_MS:=50}" "${SIM_PER_PROC:=10000}" "${SIM_THREADS:=1}" "${POLARISD_FLAGS:=}"
 : "${PG_BIN:=/usr/lib/postgresql/15/bin}" "${PG_OPTS:=}" "${SHARDED:=auto}"
-: "${SKIP_BUILD:=0}" "${KEEP_DATA:=0}"
+: "${SKIP_BUILD:=0}" "${KEEP_DATA:=0}" "${PAUSE_FILE:=}"
 
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 OUTDIR="$TARGET/fleet"
@@ -71,7 +73,8 @@ for bin in "$POLARISD" "$DISPATCH" "$BENCH"; do
 done
 if [[ "$SHARDED" == auto ]]; then
     # The shard work makes --queue a comma-separated list; its help says so.
-    if "$DISPATCH" --help | grep -A3 -- '--queue <' | grep -qiE 'comma|shard'; then SHARDED=1; else SHARDED=0; fi
+    help=$("$DISPATCH" --help)
+    if grep -A3 -- '--queue <' <<<"$help" | grep -qiE 'comma|shard'; then SHARDED=1; else SHARDED=0; fi
 fi
 NOFILE=$(ulimit -Hn)
 [[ "$NOFILE" == unlimited ]] && NOFILE=1048576
@@ -264,6 +267,10 @@ for db in $DBS; do
                     SKIPPED+=("$label: a shard would hold ~$per_shard connections, above RLIMIT_NOFILE $NOFILE (hard limit)")
                     continue
                 fi
+                while [[ -n "$PAUSE_FILE" && -e "$PAUSE_FILE" ]]; do
+                    log "waiting: $PAUSE_FILE exists"
+                    sleep 30
+                done
                 if ! run_config "$n" "$s" "$d" "$db"; then
                     FAILED+=("$label (logs: $OUTDIR/run-$n-${s}shard-${d}disp-$db)")
                 fi
