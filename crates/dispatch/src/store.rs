@@ -1337,6 +1337,18 @@ impl Store {
         Ok(out)
     }
 
+    /// The queue shards `ready` host jobs name (not the rows from before shards).
+    pub fn ready_shards(&self) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT DISTINCT queue_shard FROM host_job WHERE state = 'ready' AND queue_shard IS NOT NULL",
+            )
+            .ctx("list the shards of ready host jobs")?;
+        let rows = stmt.query_map((), |row| row.get::<_, String>(0)).ctx("list the shards of ready host jobs")?;
+        rows.map(|row| row.ctx("list the shards of ready host jobs")).collect()
+    }
+
     /// Records that the `ready` host job under `queue_id` is held by queue `instance`
     /// (found there after the queue restarted with its data).
     pub fn adopt(&self, job_id: &str, host: &str, queue_id: u64, instance: &str) -> Result<bool, StoreError> {
@@ -1893,13 +1905,23 @@ mod tests {
         let store = Store::open_for_test();
         store.upsert_host("a", "").expect("register");
         store.create_job(&new_job("j", &["a"]), i64::MAX).expect("create");
-        let place = |id, instance: &str| QueueRef { id, instance: Some(instance.into()), mac: Some("m".into()) };
+        let place = |id, instance: &str| QueueRef {
+            id,
+            shard: Some("q:1".into()),
+            instance: Some(instance.into()),
+            mac: Some("m".into()),
+        };
         assert!(store.mark_queued("j", "a", &place(1, "old")).expect("mark"));
         assert!(!store.mark_queued("j", "a", &place(2, "old")).expect("only pending rows are marked"));
-        assert!(store.ready_elsewhere("old").expect("list").is_empty());
-        let elsewhere = store.ready_elsewhere("new").expect("list");
+        assert!(store.ready_elsewhere("q:1", true, Some("old")).expect("list").is_empty());
+        let elsewhere = store.ready_elsewhere("q:1", false, Some("new")).expect("list");
         assert_eq!(elsewhere.len(), 1);
         assert_eq!(elsewhere[0].queued, place(1, "old"));
+        // Rows of another shard are not this one's, whatever their instance.
+        assert!(store.ready_elsewhere("q:2", false, Some("new")).expect("list").is_empty());
+        assert!(store.ready_elsewhere("q:2", true, None).expect("list").is_empty());
+        assert_eq!(store.ready_elsewhere("q:1", false, None).expect("every ready row of the shard").len(), 1);
+        assert_eq!(store.ready_shards().expect("shards"), ["q:1"]);
         // Another id than the stored one changes nothing.
         assert!(!store.requeue("j", "a", 7).expect("requeue"));
         assert!(store.requeue("j", "a", 1).expect("requeue"));
@@ -1920,9 +1942,12 @@ mod tests {
             store.upsert_host(host, "").expect("register");
         }
         store.create_job(&new_job("j", &["a", "b", "c"]), i64::MAX).expect("create");
-        let place = QueueRef { id: 1, instance: Some("i".into()), mac: None };
+        let place = QueueRef { id: 1, shard: None, instance: Some("i".into()), mac: None };
         assert!(store.mark_queued_batch(&[("j".into(), "a".into(), place.clone())]).expect("mark")[0]);
         assert_eq!(store.pending(0, 10).expect("pending").len(), 2);
+        // A row without a shard (stored before shards) is the first shard's.
+        assert_eq!(store.ready_elsewhere("q:1", true, None).expect("first shard").len(), 1);
+        assert!(store.ready_elsewhere("q:1", false, None).expect("another shard").is_empty());
         let revoked = Outcome::failed(Code::Revoked, "r");
         assert!(store.cancel_job("j", &revoked).expect("cancel"));
         assert!(!store.cancel_job("nope", &revoked).expect("cancel unknown"));
@@ -1934,7 +1959,9 @@ mod tests {
         assert_eq!(states, [HostState::Ready, HostState::Revoked, HostState::Revoked]);
         assert_eq!(store.ready_of_job("j").expect("ready"), [("a".to_string(), place)]);
         // Revoked while being put, then found taken by an agent: reserved again.
-        assert!(store.revoked_but_taken("j", "b", &QueueRef { id: 2, instance: None, mac: None }).expect("reopen"));
+        assert!(store
+            .revoked_but_taken("j", "b", &QueueRef { id: 2, shard: None, instance: None, mac: None })
+            .expect("reopen"));
         let applied = store
             .apply_queued_batch("j", &[("a".into(), 1, QueuedChange::Reserve), ("c".into(), 3, QueuedChange::Reserve)])
             .expect("apply");

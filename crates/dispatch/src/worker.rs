@@ -186,6 +186,8 @@ fn run_enqueuer(dispatcher: &Dispatcher, wake: &mpsc::Receiver<()>, stop: &Atomi
     let mut queue_was_down = false;
     // Per shard, the queue instance whose ids its `ready` rows were last checked against.
     let mut checked_instances: HashMap<String, String> = HashMap::new();
+    // Whether the rows of shards no longer listed were moved since the lease was taken.
+    let mut unlisted_moved = false;
     let mut lease = Lease::new(ENQUEUER_LEASE, dispatcher);
     while !stop.load(Ordering::SeqCst) {
         let held_before = lease.held;
@@ -197,6 +199,13 @@ fn run_enqueuer(dispatcher: &Dispatcher, wake: &mpsc::Receiver<()>, stop: &Atomi
         if !held_before {
             // Whoever held the lease may have seen the queue change meanwhile.
             checked_instances.clear();
+            unlisted_moved = false;
+        }
+        if !unlisted_moved {
+            match move_off_unlisted_shards(dispatcher) {
+                Ok(()) => unlisted_moved = true,
+                Err(e) => log::error!("enqueuer: {e}"),
+            }
         }
         let step = check_queue_instances(dispatcher, &mut checked_instances)
             .and_then(|()| move_off_dead_shards(dispatcher))
@@ -375,6 +384,40 @@ fn check_queue_instance(
     Ok(Some(instance))
 }
 
+/// Puts again the `ready` host jobs of shards no longer in `--queue` (looked at when the
+/// enqueuer starts, or takes over): like a dead shard's, they become `pending` and go to
+/// the shard each host hashes to now.
+fn move_off_unlisted_shards(dispatcher: &Dispatcher) -> Result<(), StepError> {
+    let mut changed: HashSet<String> = HashSet::new();
+    for name in dispatcher.store.ready_shards()? {
+        if dispatcher.queues.named(Some(&name)).is_some() {
+            continue;
+        }
+        let rows = dispatcher.store.ready_elsewhere(&name, false, None)?;
+        log::warn!("queue shard {name} is not in --queue any more: {} host job(s) not yet taken move", rows.len());
+        requeue_all(dispatcher, &rows, &mut changed)?;
+    }
+    for job_id in &changed {
+        dispatcher.host_jobs_changed(job_id);
+    }
+    Ok(())
+}
+
+/// Makes `rows` `pending` again (those still `ready` under the same queue job), noting
+/// their jobs in `changed`.
+fn requeue_all(
+    dispatcher: &Dispatcher,
+    rows: &[crate::store::QueuedHostJob],
+    changed: &mut HashSet<String>,
+) -> Result<(), StepError> {
+    for row in rows {
+        if dispatcher.store.requeue(&row.job_id, &row.host, row.queued.id)? {
+            changed.insert(row.job_id.clone());
+        }
+    }
+    Ok(())
+}
+
 /// Moves the host jobs no agent has taken yet off every shard that has been unreachable
 /// past the grace period, while another shard is up: they become `pending` again and the
 /// enqueuer puts them on the shard each host now hashes to, where its agent follows
@@ -395,11 +438,7 @@ fn move_off_dead_shards(dispatcher: &Dispatcher) -> Result<(), StepError> {
             continue;
         }
         let rows = dispatcher.store.ready_elsewhere(&shard.name, index == 0, None)?;
-        for row in &rows {
-            if dispatcher.store.requeue(&row.job_id, &row.host, row.queued.id)? {
-                changed.insert(row.job_id.clone());
-            }
-        }
+        requeue_all(dispatcher, &rows, &mut changed)?;
         if !rows.is_empty() {
             log::warn!(
                 "queue shard {} unreachable for {:.0}s: {} host job(s) not yet taken move to the other shards",

@@ -7,9 +7,10 @@
 
 use polaris_proto::client::Client;
 use polaris_testkit::cluster::*;
-use polaris_testkit::postgres::{create_database, test_server};
+use polaris_testkit::postgres::{create_database, test_server, test_server_url};
 use polaris_testkit::wait_until;
 use serde_json::{json, Value};
+use std::io::Write as _;
 use std::time::Duration;
 
 const HOSTS: [&str; 3] = ["h1", "h2", "h3"];
@@ -111,4 +112,66 @@ fn two_dispatchers_on_one_database_do_the_work_once_and_answer_each_others_sync_
 
 fn wire_now_ms() -> i64 {
     polaris_ops_wire::wire::unix_now_ms()
+}
+
+/// The newest test binary of this profile named `stem` plus cargo's hash
+/// (`target/<profile>/deps/<stem>-<hash>`) that has tests (a package's `main.rs` has a test
+/// binary of the same stem, without any), if one is built.
+fn sibling_test_binary(stem: &str) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let exe = std::env::current_exe().ok()?;
+    let deps = exe.parent()?;
+    let mut candidates: Vec<(std::time::SystemTime, std::path::PathBuf)> = std::fs::read_dir(deps)
+        .ok()?
+        .filter_map(|entry| entry.ok())
+        .filter(|entry| {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            name.strip_prefix(stem)
+                .and_then(|rest| rest.strip_prefix('-'))
+                .is_some_and(|hash| !hash.is_empty() && hash.chars().all(|c| c.is_ascii_hexdigit()))
+        })
+        .filter_map(|entry| {
+            let meta = entry.metadata().ok()?;
+            let executable = meta.is_file() && meta.permissions().mode() & 0o111 != 0;
+            executable.then_some((meta.modified().ok()?, entry.path()))
+        })
+        .collect();
+    candidates.sort();
+    candidates.into_iter().rev().map(|(_, path)| path).find(|path| {
+        std::process::Command::new(path)
+            .args(["--list", "--format", "terse"])
+            .output()
+            .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).lines().any(|l| l.ends_with(": test")))
+    })
+}
+
+/// The store's unit tests and the end-to-end suite, run again with every database on
+/// PostgreSQL (`POLARIS_TEST_DATABASE`): the same tests pass on both backends. `cargo test`
+/// builds every test binary of the package before it runs any, so they are there.
+#[test]
+fn the_unit_and_end_to_end_suites_pass_on_postgresql() {
+    let Some((_server_process, server)) = test_server("the suites on PostgreSQL") else { return };
+    if test_server_url().is_some() {
+        return; // This whole run is on PostgreSQL already.
+    }
+    for stem in ["polaris_dispatch", "e2e"] {
+        let Some(binary) = sibling_test_binary(stem) else {
+            panic!("the {stem} test binary is not built beside {:?}", std::env::current_exe());
+        };
+        let output = std::process::Command::new(&binary)
+            .args(["--test-threads", "2"])
+            .env(polaris_testkit::postgres::TEST_DATABASE_ENV, &server)
+            .output()
+            .unwrap_or_else(|e| panic!("run {}: {e}", binary.display()));
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{} failed on PostgreSQL:\n{stdout}\n{}",
+            binary.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let summary = stdout.lines().rev().find(|l| l.starts_with("test result:")).unwrap_or_default();
+        let _ = writeln!(std::io::stderr(), "{stem} on PostgreSQL: {summary}");
+    }
 }
