@@ -46,6 +46,9 @@ const COMPACT_SLACK: usize = 1000;
 /// How often (seconds) expired entries are looked for while the agent runs.
 const PRUNE_EVERY_SECS: u64 = 60;
 
+/// How long [`Ledger::open`] waits for a held lock to be released before failing.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// An envelope the agent has started to run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ran {
@@ -187,12 +190,19 @@ impl Ledger {
             .write(true)
             .open(&lock_path)
             .with_context(|| format!("opening {}", lock_path.display()))?;
-        anyhow::ensure!(
-            sys::try_lock_exclusive(&lock).with_context(|| format!("locking {}", lock_path.display()))?,
-            "another polaris-agent is using the state file {} (its lock {} is held)",
-            state_file.display(),
-            lock_path.display()
-        );
+        // A lock just released may still be held for a moment by a child forked while its
+        // descriptor was open (until the child's exec closes it), or by a predecessor
+        // still exiting: look again for a short while before calling it taken.
+        let give_up = std::time::Instant::now() + LOCK_PATIENCE;
+        while !sys::try_lock_exclusive(&lock).with_context(|| format!("locking {}", lock_path.display()))? {
+            anyhow::ensure!(
+                std::time::Instant::now() < give_up,
+                "another polaris-agent is using the state file {} (its lock {} is held)",
+                state_file.display(),
+                lock_path.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         let text = match std::fs::read(&path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
