@@ -26,16 +26,20 @@
 #   FANOUTS [6/4/3]  IN_FLIGHT [3/2/2]  throughput phase: fan-outs, and how many in flight
 #   COMMAND_MS [0] JITTER_MS [0] FAILURE_RATE [0] OUTPUT_BYTES [0]   simulated commands
 #   RESERVE_TIMEOUT [1]   the agents' reserve-with-timeout (polaris-agent: 1; 0: plain reserve)
-#   POLL_MS [50]          the driver's poll of the job listing
+#   POLL_MS [50]          least ms between the driver's polls of the job listing (2% of a fan-out's age)
 #   SIM_PER_PROC [10000]  most hosts one simulator process holds (one connection each)
 #   SIM_THREADS [1]       event-loop threads per simulator process
 #   POLARISD_FLAGS [""]   extra polarisd flags (default: -b DIR, its default group fsync)
 #   PG_BIN [/usr/lib/postgresql/15/bin]   PG_OPTS [""] extra `postgres -c` settings, e.g.
 #                         "-c synchronous_commit=off" (default: PostgreSQL's durable defaults,
 #                         as the dispatcher's SQLite runs synchronous=FULL)
+#   PG_ROOT [/tmp]        where the throwaway PostgreSQL directory goes (nobody must reach it)
 #   SHARDED [auto]        1/0: whether the dispatcher takes several --queue addresses
 #   PAUSE_FILE [""]       before each configuration, wait while this file exists (a shared
 #                         machine's "someone else is benchmarking" flag)
+#   DATA_ROOT [target/fleet]  where the queues' and dispatchers' data directories go (e.g.
+#                         /dev/shm/fleet: on tmpfs an fsync costs nothing, which shows what the
+#                         disk's sync latency costs; PostgreSQL's: PG_ROOT)
 #   SKIP_BUILD [0]  KEEP_DATA [0]
 set -euo pipefail
 
@@ -50,12 +54,13 @@ fi
 : "${ROUNDS:=}" "${WARMUP_ROUNDS:=1}" "${FANOUTS:=}" "${IN_FLIGHT:=}"
 : "${COMMAND_MS:=0}" "${JITTER_MS:=0}" "${FAILURE_RATE:=0}" "${OUTPUT_BYTES:=0}" "${RESERVE_TIMEOUT:=1}"
 : "${POLL_MS:=50}" "${SIM_PER_PROC:=10000}" "${SIM_THREADS:=1}" "${POLARISD_FLAGS:=}"
-: "${PG_BIN:=/usr/lib/postgresql/15/bin}" "${PG_OPTS:=}" "${SHARDED:=auto}"
+: "${PG_BIN:=/usr/lib/postgresql/15/bin}" "${PG_OPTS:=}" "${PG_ROOT:=/tmp}" "${SHARDED:=auto}"
 : "${SKIP_BUILD:=0}" "${KEEP_DATA:=0}" "${PAUSE_FILE:=}"
 
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 OUTDIR="$TARGET/fleet"
 RESULTS="$OUTDIR/results.jsonl"
+: "${DATA_ROOT:=$OUTDIR}"
 TABLE="$TARGET/fleet-results.md"
 POLARISD="$TARGET/release/polarisd"
 DISPATCH="$TARGET/release/polaris-dispatch"
@@ -141,7 +146,7 @@ http_up() { [[ $(curl -s -o /dev/null -w '%{http_code}' "$1/v1/jobs?limit=1") ==
 start_postgres() {
     local dir=$1 port
     [[ -x "$PG_BIN/postgres" && -x "$PG_BIN/initdb" ]] || { log "no PostgreSQL in $PG_BIN"; return 1; }
-    PG_DIR=$(mktemp -d /tmp/fleet-pg.XXXXXX)
+    PG_DIR=$(mktemp -d "$PG_ROOT/fleet-pg.XXXXXX")
     chown 65534:65534 "$PG_DIR"
     local as_nobody=(setpriv --reuid=65534 --regid=65534 --clear-groups)
     "${as_nobody[@]}" "$PG_BIN/initdb" -D "$PG_DIR/data" -U polaris --auth=trust -E UTF8 --no-sync \
@@ -165,9 +170,9 @@ FAILED=()
 run_config() {
     local n=$1 s=$2 d=$3 db=$4 i
     local name="run-$n-${s}shard-${d}disp-$db"
-    local dir="$OUTDIR/$name"
-    rm -rf "$dir"
-    mkdir -p "$dir"
+    local dir="$OUTDIR/$name" data="$DATA_ROOT/$name"
+    rm -rf "$dir" "$data"
+    mkdir -p "$dir" "$data"
     log "== $n hosts, $s shard(s), $d dispatcher(s), $db"
 
     local procs=() queues=()
@@ -175,7 +180,7 @@ run_config() {
         local port
         port=$("$BENCH" free-port)
         # shellcheck disable=SC2086 # POLARISD_FLAGS is a list of flags
-        "$POLARISD" -l 127.0.0.1 -p "$port" -b "$dir/q$i" $POLARISD_FLAGS >"$dir/polarisd-$i.log" 2>&1 &
+        "$POLARISD" -l 127.0.0.1 -p "$port" -b "$data/q$i" $POLARISD_FLAGS >"$dir/polarisd-$i.log" 2>&1 &
         local pid=$!
         PIDS+=("$pid")
         procs+=(--proc "polarisd-$i=$pid")
@@ -195,7 +200,7 @@ run_config() {
         local port url
         port=$("$BENCH" free-port)
         url="http://127.0.0.1:$port"
-        if [[ "$db" == postgres ]]; then store=(--database "$PG_URL"); else store=(--data "$dir/dispatch-$i"); fi
+        if [[ "$db" == postgres ]]; then store=(--database "$PG_URL"); else store=(--data "$data/dispatch-$i"); fi
         "$DISPATCH" --listen "127.0.0.1:$port" --queue "$queue_list" "${store[@]}" --secret-file "$SECRET_FILE" \
             >"$dir/dispatch-$i.log" 2>&1 &
         local pid=$!
@@ -276,7 +281,7 @@ for db in $DBS; do
                 fi
                 stop_all
                 if [[ "$KEEP_DATA" != 1 ]]; then
-                    rm -rf "$OUTDIR/run-$n-${s}shard-${d}disp-$db"/{q*,dispatch-*/}
+                    rm -rf "$DATA_ROOT/run-$n-${s}shard-${d}disp-$db"/{q*,dispatch-*/}
                 fi
             done
         done
@@ -284,7 +289,7 @@ for db in $DBS; do
 done
 
 echo
-echo "polarisd flags: -b DIR ${POLARISD_FLAGS:-(default fsync)}; dispatcher: SQLite synchronous=FULL or PostgreSQL ${PG_OPTS:-(defaults)}; $(nproc) CPUs; RLIMIT_NOFILE $NOFILE"
+echo "data: $DATA_ROOT; polarisd flags: -b DIR ${POLARISD_FLAGS:-(default fsync)}; dispatcher: SQLite synchronous=FULL or PostgreSQL ${PG_OPTS:-(defaults)}; $(nproc) CPUs; RLIMIT_NOFILE $NOFILE"
 if [[ -s "$RESULTS" ]]; then
     "$BENCH" fleet-report --input "$RESULTS" --md "$TABLE"
 fi

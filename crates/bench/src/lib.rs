@@ -318,7 +318,8 @@ pub struct FleetArgs {
     /// The jobs' `timeout`, seconds (an agent must start a job within it).
     #[arg(long, default_value_t = 600)]
     pub job_timeout: u32,
-    /// Milliseconds between polls of the job listing.
+    /// Least milliseconds between polls of the job listing (they space out to 2% of the
+    /// oldest fan-out's age).
     #[arg(long, default_value_t = 50)]
     pub poll_ms: u64,
     /// Seconds of idle fleet (connected, no job) measured before the rounds.
