@@ -96,7 +96,7 @@ async fn metrics(State(dispatcher): State<AppState>, headers: HeaderMap) -> Resu
         authenticate(&dispatcher, &headers)?;
     }
     let d = dispatcher.clone();
-    let text = blocking(move || Ok(d.metrics.render(&d.store)?)).await?;
+    let text = blocking(move || Ok(d.metrics.render(&d.store, &d.queues)?)).await?;
     Ok(([(axum::http::header::CONTENT_TYPE, polaris_metrics::CONTENT_TYPE)], text).into_response())
 }
 

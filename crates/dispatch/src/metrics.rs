@@ -76,6 +76,8 @@ pub struct DispatchMetrics {
     completion: Histogram,
     queue_connected: IntGaugeVec,
     queue_reconnects: IntCounterVec,
+    /// Per queue shard: 1 while it answers, 0 while it does not, -1 once dead (its hosts moved).
+    shard_up: IntGaugeVec,
     fanned_out: Mutex<Remembered>,
     completed: Mutex<Remembered>,
     final_counts: Mutex<Option<FinalCounts>>,
@@ -146,6 +148,14 @@ impl DispatchMetrics {
             ),
             &["worker"],
         )?;
+        let shard_up = IntGaugeVec::new(
+            Opts::new(
+                "polaris_dispatch_queue_shard_up",
+                "Per queue shard (--queue address): 1 while it answers, 0 while it does not, -1 once it has \
+                 been unreachable past --shard-grace and its hosts moved to the others.",
+            ),
+            &["shard"],
+        )?;
         let info = prometheus::IntGauge::with_opts(
             Opts::new("polaris_dispatch_build_info", "Always 1; the version is a label.")
                 .const_label("version", env!("CARGO_PKG_VERSION")),
@@ -159,6 +169,7 @@ impl DispatchMetrics {
         registry.register(Box::new(completion.clone()))?;
         registry.register(Box::new(queue_connected.clone()))?;
         registry.register(Box::new(queue_reconnects.clone()))?;
+        registry.register(Box::new(shard_up.clone()))?;
         for user in [QueueUser::Enqueuer, QueueUser::Results] {
             queue_connected.with_label_values(&[user.label()]).set(0);
             queue_reconnects.with_label_values(&[user.label()]);
@@ -175,6 +186,7 @@ impl DispatchMetrics {
             completion,
             queue_connected,
             queue_reconnects,
+            shard_up,
             fanned_out: Mutex::default(),
             completed: Mutex::default(),
             final_counts: Mutex::new(None),
@@ -222,7 +234,15 @@ impl DispatchMetrics {
     }
 
     /// The exposition text; reads the database (blocking).
-    pub fn render(&self, store: &Store) -> Result<String, StoreError> {
+    pub fn render(&self, store: &Store, queues: &crate::shard::Shards) -> Result<String, StoreError> {
+        for shard in queues.all() {
+            let up = match shard.down_for() {
+                None => 1,
+                Some(_) if queues.is_dead(shard) => -1,
+                Some(_) => 0,
+            };
+            self.shard_up.with_label_values(&[shard.name.as_str()]).set(up);
+        }
         let open = store.host_job_counts(false)?;
         let finals = {
             let mut cached = self.final_counts.lock().unwrap_or_else(|p| p.into_inner());

@@ -132,6 +132,14 @@ fn shards_and_dispatchers_die_and_no_host_is_lost_and_nothing_runs_twice() {
         assert_eq!(runs(&workdir(host), "long"), 1, "host {host} ran the long job once");
         assert_eq!(runs(&workdir(host), "short"), 1, "host {host} ran the short job once");
     }
+    // The metrics say which shard is gone.
+    let (status, metrics) = request_text("GET", &format!("{}/metrics", a.url), None, None);
+    assert_eq!(status, 200, "{metrics}");
+    for (i, shard) in shards.iter().enumerate() {
+        let line =
+            format!("polaris_dispatch_queue_shard_up{{shard=\"{}\"}} {}", shard.addr, if i == victim { -1 } else { 1 });
+        assert!(metrics.lines().any(|l| l == line), "no {line:?} in\n{metrics}");
+    }
     // The victim's hosts now live on the survivors, and their agents followed.
     for host in &moved {
         let shard = shard_of(&a, host).expect("placed");
