@@ -188,6 +188,8 @@ fn run_enqueuer(dispatcher: &Dispatcher, wake: &mpsc::Receiver<()>, stop: &Atomi
     let mut checked_instances: HashMap<String, String> = HashMap::new();
     // Whether the rows of shards no longer listed were moved since the lease was taken.
     let mut unlisted_moved = false;
+    // Which shards were dead when the work was last put where it belongs.
+    let mut placement: Option<Vec<bool>> = None;
     let mut lease = Lease::new(ENQUEUER_LEASE, dispatcher);
     while !stop.load(Ordering::SeqCst) {
         let held_before = lease.held;
@@ -200,6 +202,7 @@ fn run_enqueuer(dispatcher: &Dispatcher, wake: &mpsc::Receiver<()>, stop: &Atomi
             // Whoever held the lease may have seen the queue change meanwhile.
             checked_instances.clear();
             unlisted_moved = false;
+            placement = None;
         }
         if !unlisted_moved {
             match move_off_unlisted_shards(dispatcher) {
@@ -208,7 +211,7 @@ fn run_enqueuer(dispatcher: &Dispatcher, wake: &mpsc::Receiver<()>, stop: &Atomi
             }
         }
         let step = check_queue_instances(dispatcher, &mut checked_instances)
-            .and_then(|()| move_off_dead_shards(dispatcher))
+            .and_then(|()| move_misplaced_work(dispatcher, &mut placement))
             .and_then(|()| advance_rollouts(dispatcher))
             .and_then(|()| enqueue_pending(dispatcher, &mut lease))
             .and_then(|()| send_cancels(dispatcher))
@@ -418,36 +421,65 @@ fn requeue_all(
     Ok(())
 }
 
-/// Moves the host jobs no agent has taken yet off every shard that has been unreachable
-/// past the grace period, while another shard is up: they become `pending` again and the
-/// enqueuer puts them on the shard each host now hashes to, where its agent follows
-/// (it is told at its next heartbeat).
+/// Keeps the host jobs no agent has taken yet on their hosts' shards.
 ///
-/// An agent may have reserved such an envelope just before its shard died. It then runs
-/// it once: the copy put on the new shard is refused by the agent's ledger (`0x0408`, not
-/// recorded as an answer), and the result of the run, which could not be put on the dead
-/// shard, is put on the new one.
-fn move_off_dead_shards(dispatcher: &Dispatcher) -> Result<(), StepError> {
+/// Every tick, the `ready` host jobs of every shard that has been unreachable past the
+/// grace period (while another is up) become `pending` again, and the enqueuer puts them
+/// on the shard each host now hashes to, where its agent follows (it is told at its next
+/// heartbeat). An agent may have reserved such an envelope just before its shard died: it
+/// then runs it once, the copy put on the new shard is refused by its ledger (`0x0408`,
+/// not recorded as an answer), and the result it could not put on the dead shard is put on
+/// the new one.
+///
+/// When the set of dead shards changes (`placement` is the last one seen), host jobs
+/// `ready` on a live shard that is no longer their host's (a shard came back, so its hosts
+/// return and leave the survivors) are moved too, but only after their envelope is
+/// deleted from the shard that holds it: one an agent has taken already stays where it is.
+fn move_misplaced_work(dispatcher: &Dispatcher, placement: &mut Option<Vec<bool>>) -> Result<(), StepError> {
     let queues = &dispatcher.queues;
-    if !queues.all().iter().any(|s| !queues.is_dead(s)) {
+    if !queues.is_sharded() {
         return Ok(());
     }
+    let dead: Vec<bool> = queues.all().iter().map(|s| queues.is_dead(s)).collect();
+    if dead.iter().all(|&d| d) {
+        return Ok(()); // nowhere to go: the work waits
+    }
+    let placement_changed = placement.as_ref() != Some(&dead);
     let mut changed: HashSet<String> = HashSet::new();
     for (index, shard) in queues.all().iter().enumerate() {
-        if !queues.is_dead(shard) {
-            continue;
-        }
-        let rows = dispatcher.store.ready_elsewhere(&shard.name, index == 0, None)?;
-        requeue_all(dispatcher, &rows, &mut changed)?;
-        if !rows.is_empty() {
-            log::warn!(
-                "queue shard {} unreachable for {:.0}s: {} host job(s) not yet taken move to the other shards",
-                shard.name,
-                shard.down_for().unwrap_or_default().as_secs_f64(),
-                rows.len()
-            );
+        if dead[index] {
+            let rows = dispatcher.store.ready_elsewhere(&shard.name, index == 0, None)?;
+            requeue_all(dispatcher, &rows, &mut changed)?;
+            if !rows.is_empty() {
+                log::warn!(
+                    "queue shard {} unreachable for {:.0}s: {} host job(s) not yet taken move to the other shards",
+                    shard.name,
+                    shard.down_for().unwrap_or_default().as_secs_f64(),
+                    rows.len()
+                );
+            }
+        } else if placement_changed {
+            let mut moved = 0usize;
+            for row in dispatcher.store.ready_elsewhere(&shard.name, index == 0, None)? {
+                if queues.for_host(&row.host).name == shard.name {
+                    continue;
+                }
+                if let TakeBack::Deleted { .. } = delete_if_ours(dispatcher, &row.queued, &row.job_id, &row.host)? {
+                    if dispatcher.store.requeue(&row.job_id, &row.host, row.queued.id)? {
+                        changed.insert(row.job_id.clone());
+                        moved += 1;
+                    }
+                }
+            }
+            if moved > 0 {
+                log::info!(
+                    "{moved} host job(s) not yet taken move from queue shard {} to their hosts' shards",
+                    shard.name
+                );
+            }
         }
     }
+    *placement = Some(dead);
     for job_id in &changed {
         dispatcher.host_jobs_changed(job_id);
     }

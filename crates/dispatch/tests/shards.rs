@@ -146,4 +146,23 @@ fn shards_and_dispatchers_die_and_no_host_is_lost_and_nothing_runs_twice() {
         assert_ne!(shard, shards[victim].addr, "host {host} still on the dead shard");
         assert!(watched_on(&shard, host), "host {host}'s agent did not follow to {shard}");
     }
+
+    // The shard comes back where it was: its hosts return to it and work goes on, once
+    // per host, on whichever shard each host is.
+    let port = shards[victim].addr.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()).expect("port");
+    shards[victim] = start_queue_on_port(BIG_JOB_SIZE, Some(port));
+    wait_until(Duration::from_secs(30), "the returned shard's hosts back on it", || {
+        moved.iter().all(|host| {
+            shard_of(&a, host).as_deref() == Some(shards[victim].addr.as_str())
+                && watched_on(&shards[victim].addr, host)
+        })
+    });
+    let again = submit(&a, "echo ran >> runs.again; echo again");
+    let job = wait_finished(&a, &again, Duration::from_secs(60));
+    for host in job["hosts"].as_array().expect("hosts") {
+        assert_eq!(host["state"], "success", "after the shard came back: {job}");
+    }
+    for host in HOSTS {
+        assert_eq!(runs(&workdir(host), "again"), 1, "host {host} ran the job once");
+    }
 }
