@@ -7,7 +7,7 @@
 
 use crate::drive::{DriveConfig, Driver, Phase};
 use crate::percentile::{percentile, sorted_f64};
-use crate::procfs::{proc_cpu_secs, proc_peak_rss_kb, proc_threads, proc_tree};
+use crate::procfs::{machine_busy_secs, proc_cpu_secs, proc_peak_rss_kb, proc_threads, proc_tree};
 use crate::record::{emit, FleetRecord, ProcUse, ThreadUse};
 use crate::register::{host_id, register_all};
 use crate::sim::{Behaviour, Fleet};
@@ -100,14 +100,18 @@ pub(crate) fn run_fleet(args: &FleetArgs) -> Result<()> {
         driver.run(args.warmup_rounds, 1, false, &mut health).context("the warm-up rounds")?;
     }
     let cpu_before = cpu_of_all(&procs);
+    let mut busy_before = machine_busy_secs();
     let latency = driver.run(args.rounds, 1, true, &mut health).context("the latency rounds")?;
     let mut cpu_after = cpu_of_all(&procs);
+    let mut busy_after = machine_busy_secs();
     let mut window = ("latency", latency.elapsed, latency.jobs);
     let throughput = if args.throughput_fanouts > 0 {
         let before = cpu_of_all(&procs);
+        busy_before = machine_busy_secs();
         let phase =
             driver.run(args.throughput_fanouts, args.in_flight, false, &mut health).context("the throughput phase")?;
         cpu_after = cpu_of_all(&procs);
+        busy_after = machine_busy_secs();
         window = ("throughput", phase.elapsed, phase.jobs);
         Some((phase, before))
     } else {
@@ -175,6 +179,7 @@ pub(crate) fn run_fleet(args: &FleetArgs) -> Result<()> {
         window_s,
         idle_s,
         procs,
+        machine_busy_cores: busy_before.zip(busy_after).map(|(b, a)| (a - b).max(0.0) / window_s),
         answered: counters.answered.load(Ordering::Relaxed),
         nonzero: counters.nonzero.load(Ordering::Relaxed),
         errors: counters.errors.load(Ordering::Relaxed),

@@ -79,8 +79,9 @@ fn row(r: &FleetRecord) -> String {
     let idle = join(&|n, k| format!("{} {:.2}", label(n, k), k.idle_cores));
     let rss = join(&|n, k| format!("{} {:.0}", label(n, k), k.peak_rss_kb as f64 / 1024.0));
     let total: f64 = kinds.iter().map(|(_, k)| k.cores).sum();
+    let other = r.machine_busy_cores.map_or(String::new(), |busy| format!(" (+{:.2} other)", (busy - total).max(0.0)));
     format!(
-        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} of {} | {} | {} | {} | {:.0}/s |",
+        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} of {}{} | {} | {} | {} | {:.0}/s |",
         r.hosts,
         r.shards,
         r.dispatchers,
@@ -92,6 +93,7 @@ fn row(r: &FleetRecord) -> String {
         cpu,
         total,
         r.cores,
+        other,
         busiest_threads(&r.procs),
         idle,
         rss,
@@ -106,7 +108,8 @@ fn render(records: &[FleetRecord]) -> Result<String> {
         "Parameters: command {} ms (+ up to {} ms jitter), failure rate {}, output {} B, agents' reserve-with-timeout {} s; \
          {} timed rounds (one fan-out at a time) of which p50/p99 are taken; throughput: {} fan-outs, {} in flight; \
          a fan-out is {} job(s) of at most 10,000 hosts; CPU in cores kept busy over the {} window \
-         (and µs per host result); machine: {} CPUs.\n\n",
+         (and µs per host result), \"other\": the rest of the machine's busy CPU in that window \
+         (load outside the run on a shared machine); machine: {} CPUs.\n\n",
         first.command_ms,
         first.jitter_ms,
         first.failure_rate,
@@ -195,6 +198,7 @@ mod tests {
             host_results_per_s: Some(1500.0),
             procs: vec![proc_use("dispatch-1", 0.9, 2048), proc_use("sim", 0.1, 4096)],
             cores: 2,
+            machine_busy_cores: Some(1.25),
             ..FleetRecord::default()
         };
         let md = render(&[record.clone(), record]).expect("renders");
@@ -202,7 +206,7 @@ mod tests {
         assert_eq!(rows.len(), 2);
         assert!(rows[0].contains("| 0.50 | 0.75 | 1.50 | 1500 |"), "{}", rows[0]);
         assert!(rows[0].contains("dispatch 0.90 (10 µs), sim 0.10"), "{}", rows[0]);
-        assert!(rows[0].contains("| 1.00 of 2 | dispatch-1/main 0.90, sim/main 0.10 |"), "{}", rows[0]);
+        assert!(rows[0].contains("| 1.00 of 2 (+0.25 other) | dispatch-1/main 0.90, sim/main 0.10 |"), "{}", rows[0]);
         assert!(rows[0].contains("500/s"), "{}", rows[0]);
         assert!(render(&[]).is_err());
     }

@@ -42,7 +42,8 @@
 //! - `reply`: reply framing and numbers, on top of `polaris_proto`'s scanner and constants.
 //! - `procfs`: a process's CPU time (in all, and by thread), RSS and peak RSS from
 //!   `/proc/PID`, and its children ([`proc_cpu_secs`], [`proc_threads`], [`proc_rss_kb`],
-//!   [`proc_peak_rss_kb`], [`proc_tree`]).
+//!   [`proc_peak_rss_kb`], [`proc_tree`]); the whole machine's busy time
+//!   ([`machine_busy_secs`]).
 //! - `percentile`: exact nearest-rank percentiles of a sorted sample.
 //! - `fleet`: the `fleet` subcommand: registers, connects, drives, reads each process's
 //!   CPU and memory, emits a [`FleetRecord`].
@@ -73,7 +74,7 @@ mod sim;
 #[allow(unsafe_code)]
 mod sys;
 
-pub use procfs::{proc_cpu_secs, proc_peak_rss_kb, proc_rss_kb, proc_threads, proc_tree};
+pub use procfs::{machine_busy_secs, proc_cpu_secs, proc_peak_rss_kb, proc_rss_kb, proc_threads, proc_tree};
 pub use record::{FleetRecord, ProcUse, Record, ThreadUse};
 
 use clap::{Args, Parser, Subcommand};

@@ -50,6 +50,27 @@ pub fn proc_threads(pid: u32) -> Vec<(u32, String, f64)> {
         .collect()
 }
 
+/// CPU seconds the whole machine has been busy (every CPU's user, nice, system, irq,
+/// softirq and steal time in `/proc/stat`), so far.
+pub fn machine_busy_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks = busy_ticks(stat.lines().next()?)?;
+    Some(ticks as f64 / sys::clock_ticks_per_second().max(1) as f64)
+}
+
+/// The busy ticks of `/proc/stat`'s `cpu` line: all but idle and iowait (guest time is
+/// already in user time).
+fn busy_ticks(cpu_line: &str) -> Option<u64> {
+    let mut fields = cpu_line.split_whitespace();
+    if fields.next()? != "cpu" {
+        return None;
+    }
+    let n: Vec<u64> = fields.take(8).map(|f| f.parse().ok()).collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal
+    let [user, nice, system, _idle, _iowait, irq, softirq, steal] = n[..] else { return None };
+    Some(user + nice + system + irq + softirq + steal)
+}
+
 /// The fields of a `/proc/PID/stat` line after the command name (which may hold spaces
 /// and parentheses, so it is skipped up to its last `)`): the state first.
 fn stat_fields(stat: &str) -> Option<Vec<&str>> {
@@ -120,6 +141,9 @@ mod tests {
         let parents = [(2, 1), (3, 2), (4, 9), (5, 3), (1, 0)];
         assert_eq!(descendants(1, &parents), vec![1, 2, 3, 5]);
         assert_eq!(descendants(4, &parents), vec![4]);
+        assert_eq!(busy_ticks("cpu  10 1 5 100 7 2 3 4 9 0"), Some(25));
+        assert_eq!(busy_ticks("cpu0 10 1 5 100 7 2 3 4"), None);
+        assert_eq!(busy_ticks("cpu  10 1"), None);
     }
 
     #[test]
@@ -129,5 +153,6 @@ mod tests {
         assert!(proc_peak_rss_kb(me).unwrap_or(0) >= proc_rss_kb(me).unwrap_or(0).min(1));
         assert_eq!(proc_tree(me).first(), Some(&me));
         assert!(proc_threads(me).iter().any(|(tid, _, _)| *tid == me));
+        assert!(machine_busy_secs().is_some());
     }
 }

@@ -150,6 +150,10 @@ pub struct FleetRecord {
     pub idle_s: f64,
     /// What each process used.
     pub procs: Vec<ProcUse>,
+    /// Cores the whole machine kept busy in the window: beyond the processes measured,
+    /// this is other load on a shared machine (which the figures then include).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_busy_cores: Option<f64>,
     /// Results this process's agents put.
     pub answered: u64,
     /// Of those, commands that exited non-zero.
