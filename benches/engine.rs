@@ -48,7 +48,7 @@ impl Bench {
         self.now += 1_000;
         let o = self.engine.feed(conn, Decoded::Command(cmd), self.now, &mut self.sink);
         self.ops += 1;
-        if self.persist && self.ops % 64 == 0 {
+        if self.persist && self.ops.is_multiple_of(64) {
             black_box(self.engine.take_changes());
         }
         o

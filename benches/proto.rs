@@ -44,7 +44,7 @@ fn bench_decoder(c: &mut Criterion) {
         ("use_tube", repeat(b"use some-tube-name\r\n")),
         ("put_64KiB", {
             let mut p = b"put 0 0 60 65535\r\n".to_vec();
-            p.extend(std::iter::repeat(b'y').take(65535));
+            p.extend(std::iter::repeat_n(b'y', 65535));
             p.extend_from_slice(b"\r\n");
             p.repeat(10)
         }),

@@ -844,7 +844,7 @@ fn scenarios_match_beanstalkd() {
     let mut selected: Vec<&Scenario> = scenarios
         .iter()
         .filter(|s| !s.known_difference || std::env::var_os("POLARIS_DIFF_KNOWN").is_some())
-        .filter(|s| only.as_deref().map_or(true, |word| s.name.contains(word)))
+        .filter(|s| only.as_deref().is_none_or(|word| s.name.contains(word)))
         .collect();
     selected.sort_by_key(|s| std::cmp::Reverse(s.estimated_duration()));
     assert!(!selected.is_empty(), "no scenario matches POLARIS_DIFF_ONLY={only:?}");

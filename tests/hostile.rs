@@ -61,7 +61,7 @@ fn fifty_megabytes_of_garbage() -> Result<()> {
                         state ^= state << 13;
                         state ^= state >> 7;
                         state ^= state << 17;
-                        *b = if state % 61 == 0 { b'\n' } else { state as u8 };
+                        *b = if state.is_multiple_of(61) { b'\n' } else { state as u8 };
                     }
                     if stream.write_all(&chunk).is_err() {
                         break; // the server may close a connection it cannot parse

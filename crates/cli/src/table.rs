@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 
 /// Whether output to stdout may be coloured.
 pub fn colour_enabled() -> bool {
-    std::env::var_os("NO_COLOR").map_or(true, |v| v.is_empty())
+    std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
         && std::env::var("TERM").map_or(true, |t| t != "dumb")
         && std::io::stdout().is_terminal()
 }

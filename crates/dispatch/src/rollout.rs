@@ -123,7 +123,7 @@ pub fn decide(job: &JobView, now_ms: i64) -> Decision {
                 .iter()
                 .filter(|h| h.fresh())
                 .filter_map(|h| h.batch)
-                .filter(|b| after.map_or(true, |a| *b > a))
+                .filter(|b| after.is_none_or(|a| *b > a))
                 .min()
         };
         let start = match job.current_batch {

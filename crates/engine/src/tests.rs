@@ -73,7 +73,7 @@ impl Harness {
         self.engine.tick(self.now, &mut self.cap);
         self.check();
         // A tick leaves nothing due.
-        assert!(self.engine.next_deadline().map_or(true, |d| d > self.now), "a timer is still due after a tick");
+        assert!(self.engine.next_deadline().is_none_or(|d| d > self.now), "a timer is still due after a tick");
     }
 
     fn put(&mut self, conn: ConnId, pri: u32, delay: u32, ttr: u32, body: &str) -> String {
@@ -195,7 +195,7 @@ fn waiters_are_served_in_beanstalkd_order() {
     let mut served = Vec::new();
     for i in 0..5 {
         h.put(p, 0, 0, 10, &format!("{i}"));
-        let who = waiters.iter().position(|&w| !h.cap.out.get(&w).map_or(true, Vec::is_empty)).unwrap();
+        let who = waiters.iter().position(|&w| !h.cap.out.get(&w).is_none_or(Vec::is_empty)).unwrap();
         h.take(waiters[who]);
         served.push(who + 1);
     }
@@ -215,7 +215,7 @@ fn waiters_are_served_in_beanstalkd_order() {
     let mut served = Vec::new();
     for i in 0..3 {
         h.put(p, 0, 0, 10, &format!("{i}"));
-        let who = waiters.iter().position(|&w| !h.cap.out.get(&w).map_or(true, Vec::is_empty)).unwrap();
+        let who = waiters.iter().position(|&w| !h.cap.out.get(&w).is_none_or(Vec::is_empty)).unwrap();
         h.take(waiters[who]);
         served.push(who + 1);
     }

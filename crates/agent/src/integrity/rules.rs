@@ -218,7 +218,7 @@ impl Parser {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let active = stack.last().map_or(true, |c| c.outer && (c.cond != c.in_else));
+            let active = stack.last().is_none_or(|c| c.outer && (c.cond != c.in_else));
             if let Some(directive) = line.strip_prefix("@@") {
                 let (word, rest) = split_word(directive);
                 match word {

@@ -544,8 +544,7 @@ fn find(conn: &Connection, name: &str, at: &AttachPoint) -> Result<Option<Task>,
 pub fn delete(store: &Store, name: &str, at: Option<&AttachPoint>, actor: &Actor) -> Result<Vec<Task>, ApiError> {
     let mut conn = store.conn();
     let tx = conn.transaction().ctx("begin delete task")?;
-    let doomed: Vec<Task> =
-        by_name(&tx, name)?.into_iter().filter(|t| at.map_or(true, |a| &t.attach_to == a)).collect();
+    let doomed: Vec<Task> = by_name(&tx, name)?.into_iter().filter(|t| at.is_none_or(|a| &t.attach_to == a)).collect();
     if doomed.is_empty() {
         return Err(no_such_task(name, at));
     }
