@@ -1421,50 +1421,17 @@ impl Store {
     /// work moves between queue shards ([`crate::shard`]) while an agent is running it, and
     /// with several dispatchers the refusal may be read before the result.
     pub fn record_result(&self, result: &HostResult) -> Result<RecordOutcome, StoreError> {
-        if result.resp == Resp::Failed && result.retcode == u32::from(Code::EnvelopeReplayed.value()) {
-            return Ok(RecordOutcome::Replayed);
-        }
-        let state = match result.resp {
-            Resp::Success => HostState::Success,
-            Resp::Failed if result.retcode == u32::from(Code::Cancelled.value()) => HostState::Cancelled,
-            Resp::Failed => HostState::Failed,
-        };
-        let now = unix_now_ms();
-        let conn = self.conn();
-        // Only the attempt the host is at: a late answer to an attempt that was retried
-        // must not be taken for the retry's (it is in that attempt's history already).
-        let n = conn
-            .prepare_cached(
-                "UPDATE host_job SET state = ?3, resp = ?4, retcode = ?5, message = ?6, data = ?7,
-                        truncated = ?8, output_bytes = ?9, updated_at = ?10, finished_at = ?10, encoding = ?11
-                 WHERE job_id = ?1 AND host = ?2 AND attempt = ?12
-                   AND state NOT IN ('success', 'failed', 'revoked', 'skipped', 'cancelled', 'waiting')",
-            )
-            .and_then(|mut s| {
-                s.execute(params![
-                    result.job_id,
-                    result.host,
-                    state.as_str(),
-                    result.resp.as_str(),
-                    result.retcode,
-                    result.message,
-                    result.data,
-                    result.truncated,
-                    i64::try_from(result.output_bytes).unwrap_or(i64::MAX),
-                    now,
-                    result.encoding.map(Encoding::as_str),
-                    result.attempt.unwrap_or(1)
-                ])
-            })
-            .ctx("record result")?;
-        if n > 0 {
-            return Ok(RecordOutcome::Recorded);
-        }
-        let exists = conn
-            .prepare_cached("SELECT 1 FROM host_job WHERE job_id = ?1 AND host = ?2")
-            .and_then(|mut s| s.exists([&result.job_id, &result.host]))
-            .ctx("look up host job")?;
-        Ok(if exists { RecordOutcome::AlreadyFinal } else { RecordOutcome::Unknown })
+        record_result(&self.conn(), result)
+    }
+
+    /// [`Store::record_result`] for each of `results`, in one transaction: one commit (and
+    /// one sync to disk) for a whole batch the results consumer read off the queue.
+    pub fn record_results(&self, results: &[&HostResult]) -> Result<Vec<RecordOutcome>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().ctx("begin record results")?;
+        let outcomes = results.iter().map(|result| record_result(&tx, result)).collect::<Result<Vec<_>, _>>()?;
+        tx.commit().ctx("commit record results")?;
+        Ok(outcomes)
     }
 
     /// Host jobs past a deadline: `pending`/`ready` ones whose start deadline has passed,
@@ -1603,6 +1570,52 @@ pub(crate) fn insert_job(tx: &Connection, job: &NewJob, start_by_ms: i64) -> Res
         }
     }
     Ok(true)
+}
+
+/// See [`Store::record_result`].
+fn record_result(conn: &Connection, result: &HostResult) -> Result<RecordOutcome, StoreError> {
+    if result.resp == Resp::Failed && result.retcode == u32::from(Code::EnvelopeReplayed.value()) {
+        return Ok(RecordOutcome::Replayed);
+    }
+    let state = match result.resp {
+        Resp::Success => HostState::Success,
+        Resp::Failed if result.retcode == u32::from(Code::Cancelled.value()) => HostState::Cancelled,
+        Resp::Failed => HostState::Failed,
+    };
+    // Only the attempt the host is at: a late answer to an attempt that was retried must
+    // not be taken for the retry's (it is in that attempt's history already).
+    let n = conn
+        .prepare_cached(
+            "UPDATE host_job SET state = ?3, resp = ?4, retcode = ?5, message = ?6, data = ?7,
+                    truncated = ?8, output_bytes = ?9, updated_at = ?10, finished_at = ?10, encoding = ?11
+             WHERE job_id = ?1 AND host = ?2 AND attempt = ?12
+               AND state NOT IN ('success', 'failed', 'revoked', 'skipped', 'cancelled', 'waiting')",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                result.job_id,
+                result.host,
+                state.as_str(),
+                result.resp.as_str(),
+                result.retcode,
+                result.message,
+                result.data,
+                result.truncated,
+                i64::try_from(result.output_bytes).unwrap_or(i64::MAX),
+                unix_now_ms(),
+                result.encoding.map(Encoding::as_str),
+                result.attempt.unwrap_or(1)
+            ])
+        })
+        .ctx("record result")?;
+    if n > 0 {
+        return Ok(RecordOutcome::Recorded);
+    }
+    let exists = conn
+        .prepare_cached("SELECT 1 FROM host_job WHERE job_id = ?1 AND host = ?2")
+        .and_then(|mut s| s.exists([&result.job_id, &result.host]))
+        .ctx("look up host job")?;
+    Ok(if exists { RecordOutcome::AlreadyFinal } else { RecordOutcome::Unknown })
 }
 
 fn mark_queued(conn: &Connection, job_id: &str, host: &str, queued: &QueueRef) -> Result<bool, StoreError> {

@@ -37,6 +37,8 @@ const ENQUEUE_BATCH: usize = 100;
 const ENQUEUER_TICK: Duration = Duration::from_millis(500);
 /// Extra TTR on top of the job's timeout; the agent also touches long jobs.
 const TTR_MARGIN_SECS: u32 = 60;
+/// Most results the consumer records in one transaction.
+const RESULT_BATCH: usize = 256;
 /// Priority a result that could not be recorded goes back to the reply tube with.
 const RESULT_RETRY_PRIORITY: u32 = 1024;
 /// Priority for burying a result that cannot be read.
@@ -759,7 +761,7 @@ pub(crate) fn delete_if_ours(
     let Some(shard) = dispatcher.queues.named(queued.shard.as_deref()) else { return Ok(TakeBack::Lost) };
     shard.with_conn(|c, info| {
         // Unknown for rows stored by older versions: assume the same instance, as they did.
-        let same_instance = queued.instance.as_deref().map_or(true, |i| i == info.instance);
+        let same_instance = queued.instance.as_deref().is_none_or(|i| i == info.instance);
         match find(c, &dispatcher.secret, queued, job_id, host)? {
             Found::Ours => {
                 let taken_before =
@@ -891,7 +893,23 @@ fn run_results_consumer(dispatcher: &Dispatcher, index: usize, stop: &AtomicBool
             Ok(None) | Err(client::Error::DeadlineSoon) => shard.reachable(),
             Ok(Some(job)) => {
                 shard.reachable();
-                if let Err(e) = handle_result(dispatcher, client, job) {
+                // Whatever else waits on the tube, up to a batch, is recorded with it in
+                // one transaction: one sync to disk per batch, not per host.
+                let mut jobs = vec![job];
+                let mut drained = Ok(());
+                while jobs.len() < RESULT_BATCH {
+                    match client.reserve_with_timeout(0) {
+                        Ok(Some(job)) => jobs.push(job),
+                        Ok(None) | Err(client::Error::DeadlineSoon) => break,
+                        Err(e) => {
+                            drained = Err(e);
+                            break;
+                        }
+                    }
+                }
+                // A connection lost while draining gives its reserved results back to the
+                // tube by itself; they are read again after the reconnect.
+                if let Err(e) = drained.and_then(|()| handle_results(dispatcher, client, jobs)) {
                     log::warn!("results consumer: {e}");
                     dispatcher.metrics.queue_state(QueueUser::Results, false, false);
                     lost = true;
@@ -911,23 +929,102 @@ fn run_results_consumer(dispatcher: &Dispatcher, index: usize, stop: &AtomicBool
     }
 }
 
-/// Records one result and then deletes it from the queue (record first: a crash in between
-/// re-records the same result, which is harmless; the other order could lose it).
-fn handle_result(dispatcher: &Dispatcher, conn: &mut Client, job: client::Job) -> client::Result<()> {
-    let reply = wire::open(&dispatcher.secret, &job.body)
-        .map_err(|e| e.to_string())
-        .and_then(|payload| wire::Reply::parse(payload).map_err(|e| format!("bad result JSON: {e}")));
-    let result = match reply {
-        Ok(wire::Reply::Result(result)) => result,
-        Ok(wire::Reply::Output(chunk)) => {
+/// Records a batch of replies off the reply tube, then deletes them from the queue (record
+/// first: a crash in between re-records the same results, which is harmless; the other order
+/// could lose them). Host results are recorded together in one transaction; the other kinds
+/// of reply one by one ([`handle_other`]).
+fn handle_results(dispatcher: &Dispatcher, conn: &mut Client, jobs: Vec<client::Job>) -> client::Result<()> {
+    let mut results: Vec<(u64, wire::HostResult)> = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let reply = wire::open(&dispatcher.secret, &job.body)
+            .map_err(|e| e.to_string())
+            .and_then(|payload| wire::Reply::parse(payload).map_err(|e| format!("bad result JSON: {e}")));
+        let other = match reply {
+            Ok(wire::Reply::Result(result)) => {
+                results.push((job.id, result));
+                continue;
+            }
+            Ok(wire::Reply::Output(chunk)) => OtherReply::Output(chunk),
+            Ok(wire::Reply::Integrity(report)) => OtherReply::Integrity(report),
+            Ok(wire::Reply::Log(batch)) => OtherReply::Log(batch),
+            Err(reason) => OtherReply::Unreadable(reason),
+        };
+        handle_other(dispatcher, conn, job.id, other)?;
+    }
+    if results.is_empty() {
+        return Ok(());
+    }
+    let batch: Vec<&wire::HostResult> = results.iter().map(|(_, result)| result).collect();
+    let outcomes = match dispatcher.store.record_results(&batch) {
+        Ok(outcomes) => outcomes,
+        Err(e) => {
+            // Kept on the queue; retried after a short delay.
+            log::error!("cannot record {} result(s): {e}", results.len());
+            for (id, _) in &results {
+                conn.release(*id, RESULT_RETRY_PRIORITY, 1)?;
+            }
+            return Ok(());
+        }
+    };
+    let mut changed: Vec<&str> = Vec::new();
+    for ((_, result), outcome) in results.iter().zip(outcomes) {
+        use crate::store::RecordOutcome::*;
+        match outcome {
+            Recorded => {
+                log::info!(
+                    "job {} host {}: {} retcode {} ({})",
+                    result.job_id,
+                    result.host,
+                    result.resp.as_str(),
+                    result.retcode,
+                    result.message
+                );
+                if !changed.contains(&result.job_id.as_str()) {
+                    changed.push(&result.job_id);
+                }
+            }
+            AlreadyFinal => log::debug!("job {} host {}: duplicate result ignored", result.job_id, result.host),
+            Unknown => log::warn!("result for unknown job {} host {} dropped", result.job_id, result.host),
+            Replayed => log::info!(
+                "job {} host {}: the agent refused a copy of an envelope it already ran (its own result counts)",
+                result.job_id,
+                result.host
+            ),
+        }
+    }
+    for job_id in changed {
+        dispatcher.host_jobs_changed(job_id);
+    }
+    for (id, _) in &results {
+        conn.delete(*id)?;
+    }
+    Ok(())
+}
+
+/// A reply on the reply tube that is not a host result.
+enum OtherReply {
+    /// Live output of a running command.
+    Output(wire::OutputChunk),
+    /// A standing integrity task's report.
+    Integrity(wire::IntegrityReport),
+    /// Lines of a watched log file.
+    Log(wire::LogBatch),
+    /// Not signed, or not JSON of any known kind: why.
+    Unreadable(String),
+}
+
+/// Records one [`OtherReply`] and deletes it, or buries it.
+fn handle_other(dispatcher: &Dispatcher, conn: &mut Client, id: u64, reply: OtherReply) -> client::Result<()> {
+    match reply {
+        OtherReply::Output(chunk) => {
             // Liveness only (the result carries the whole output): a chunk that cannot be
             // recorded is dropped, never retried ahead of results.
             if let Err(e) = dispatcher.store.record_output(&chunk) {
                 log::warn!("job {} host {}: output chunk dropped: {e}", chunk.job_id, chunk.host);
             }
-            return conn.delete(job.id);
+            conn.delete(id)
         }
-        Ok(wire::Reply::Integrity(report)) => {
+        OtherReply::Integrity(report) => {
             // Recorded first, then deleted: a crash in between records a copy, which the
             // store recognises and skips. A store failure leaves it on the queue (released
             // by TTR) to be tried again.
@@ -945,56 +1042,25 @@ fn handle_result(dispatcher: &Dispatcher, conn: &mut Client, job: client::Job) -
                     return Ok(());
                 }
             }
-            return conn.delete(job.id);
+            conn.delete(id)
         }
-        Ok(wire::Reply::Log(batch)) => {
+        OtherReply::Log(batch) => {
             match dispatcher.store.record_log_batch(&batch, dispatcher.log_retention) {
                 Ok(added) => log::debug!("host {} log {}: {added} new line(s)", batch.host, batch.path),
                 Err(crate::store::StoreError::Corrupt(e)) => {
-                    log::warn!("burying log batch {}: {e}", job.id);
-                    return conn.bury(job.id, BURY_PRIORITY);
+                    log::warn!("burying log batch {id}: {e}");
+                    return conn.bury(id, BURY_PRIORITY);
                 }
                 Err(e) => {
                     log::warn!("host {} log {}: cannot record lines: {e}", batch.host, batch.path);
                     return Ok(());
                 }
             }
-            return conn.delete(job.id);
+            conn.delete(id)
         }
-        Err(reason) => {
-            log::warn!("burying unreadable result {} on {}: {reason}", job.id, dispatcher.reply_tube);
-            return conn.bury(job.id, BURY_PRIORITY);
-        }
-    };
-    match dispatcher.store.record_result(&result) {
-        Ok(outcome) => {
-            use crate::store::RecordOutcome::*;
-            match outcome {
-                Recorded => {
-                    log::info!(
-                        "job {} host {}: {} retcode {} ({})",
-                        result.job_id,
-                        result.host,
-                        result.resp.as_str(),
-                        result.retcode,
-                        result.message
-                    );
-                    dispatcher.host_jobs_changed(&result.job_id);
-                }
-                AlreadyFinal => log::debug!("job {} host {}: duplicate result ignored", result.job_id, result.host),
-                Unknown => log::warn!("result for unknown job {} host {} dropped", result.job_id, result.host),
-                Replayed => log::info!(
-                    "job {} host {}: the agent refused a copy of an envelope it already ran (its own result counts)",
-                    result.job_id,
-                    result.host
-                ),
-            }
-            conn.delete(job.id)
-        }
-        Err(e) => {
-            // Keep the result on the queue; it is retried after a short delay.
-            log::error!("cannot record result {}: {e}", job.id);
-            conn.release(job.id, RESULT_RETRY_PRIORITY, 1)
+        OtherReply::Unreadable(reason) => {
+            log::warn!("burying unreadable result {id} on {}: {reason}", dispatcher.reply_tube);
+            conn.bury(id, BURY_PRIORITY)
         }
     }
 }
