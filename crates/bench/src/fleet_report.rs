@@ -81,15 +81,17 @@ fn row(r: &FleetRecord) -> String {
     let total: f64 = kinds.iter().map(|(_, k)| k.cores).sum();
     let other = r.machine_busy_cores.map_or(String::new(), |busy| format!(" (+{:.2} other)", (busy - total).max(0.0)));
     format!(
-        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} of {}{} | {} | {} | {} | {:.0}/s |",
+        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} of {}{} | {} | {} | {} | {:.0}/s |",
         r.hosts,
         r.shards,
         r.dispatchers,
         if r.db.is_empty() { "?" } else { &r.db },
+        r.rounds,
         secs(r.p50_s),
         secs(r.p99_s),
         r.jobs_per_s.map_or("–".into(), |j| format!("{j:.2}")),
         whole(r.host_results_per_s),
+        if r.throughput_fanouts > 0 { format!("{}/{}", r.throughput_fanouts, r.in_flight) } else { "–".into() },
         cpu,
         total,
         r.cores,
@@ -106,8 +108,9 @@ fn render(records: &[FleetRecord]) -> Result<String> {
     let Some(first) = records.first() else { bail!("no fleet result lines") };
     let mut md = format!(
         "Parameters: command {} ms (+ up to {} ms jitter), failure rate {}, output {} B, agents' reserve-with-timeout {} s; \
-         {} timed rounds (one fan-out at a time) of which p50/p99 are taken; throughput: {} fan-outs, {} in flight; \
-         a fan-out is {} job(s) of at most 10,000 hosts; CPU in cores kept busy over the {} window \
+         p50/p99 over the timed rounds (one fan-out at a time; with fewer than 100 rounds p99 is the slowest); \
+         jobs/s and host results/s with several fan-outs in flight (fan-outs/in flight); a fan-out is a job per \
+         --max-hosts-per-job hosts (10,000); CPU in cores kept busy over the throughput window (else the rounds') \
          (and µs per host result), \"other\": the rest of the machine's busy CPU in that window \
          (load outside the run on a shared machine); machine: {} CPUs.\n\n",
         first.command_ms,
@@ -115,17 +118,12 @@ fn render(records: &[FleetRecord]) -> Result<String> {
         first.failure_rate,
         first.output_bytes,
         first.reserve_timeout,
-        first.rounds,
-        first.throughput_fanouts,
-        first.in_flight,
-        first.jobs_per_fanout,
-        first.cpu_window,
         first.cores,
     );
     md.push_str(
-        "| hosts | shards | dispatchers | db | all answered p50 s | p99 s | jobs/s | host results/s | CPU cores by process (µs/host) | total CPU | busiest threads | idle fleet cores | peak RSS MiB | registration |\n",
+        "| hosts | shards | dispatchers | db | rounds | all answered p50 s | p99 s | jobs/s | host results/s | fan-outs/in flight | CPU cores by process (µs/host) | total CPU | busiest threads | idle fleet cores | peak RSS MiB | registration |\n",
     );
-    md.push_str("|---:|---:|---:|---|---:|---:|---:|---:|---|---:|---|---|---|---:|\n");
+    md.push_str("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---|---|---|---:|\n");
     for r in records {
         md.push_str(&row(r));
         md.push('\n');
@@ -196,6 +194,9 @@ mod tests {
             p99_s: Some(0.75),
             jobs_per_s: Some(1.5),
             host_results_per_s: Some(1500.0),
+            rounds: 5,
+            throughput_fanouts: 6,
+            in_flight: 3,
             procs: vec![proc_use("dispatch-1", 0.9, 2048), proc_use("sim", 0.1, 4096)],
             cores: 2,
             machine_busy_cores: Some(1.25),
@@ -204,7 +205,7 @@ mod tests {
         let md = render(&[record.clone(), record]).expect("renders");
         let rows: Vec<&str> = md.lines().filter(|l| l.starts_with("| 1000 ")).collect();
         assert_eq!(rows.len(), 2);
-        assert!(rows[0].contains("| 0.50 | 0.75 | 1.50 | 1500 |"), "{}", rows[0]);
+        assert!(rows[0].contains("| sqlite | 5 | 0.50 | 0.75 | 1.50 | 1500 | 6/3 |"), "{}", rows[0]);
         assert!(rows[0].contains("dispatch 0.90 (10 µs), sim 0.10"), "{}", rows[0]);
         assert!(rows[0].contains("| 1.00 of 2 (+0.25 other) | dispatch-1/main 0.90, sim/main 0.10 |"), "{}", rows[0]);
         assert!(rows[0].contains("500/s"), "{}", rows[0]);
