@@ -33,6 +33,9 @@ use std::time::Duration;
 
 /// Host jobs the enqueuer puts before recording them `ready` in one transaction.
 const ENQUEUE_BATCH: usize = 100;
+/// The shortest time between two enqueuer steps, however often it is woken: what a new
+/// job may wait, at most, for its envelopes to be put.
+const MIN_STEP_INTERVAL: Duration = Duration::from_millis(25);
 /// How often the enqueuer looks for pending and overdue host jobs when nobody wakes it.
 const ENQUEUER_TICK: Duration = Duration::from_millis(500);
 /// Extra TTR on top of the job's timeout; the agent also touches long jobs.
@@ -200,6 +203,7 @@ fn run_enqueuer(dispatcher: &Dispatcher, wake: &mpsc::Receiver<()>, stop: &Atomi
             std::thread::sleep(ENQUEUER_TICK);
             continue;
         }
+        let step_started = std::time::Instant::now();
         if !held_before {
             // Whoever held the lease may have seen the queue change meanwhile.
             checked_instances.clear();
@@ -239,6 +243,13 @@ fn run_enqueuer(dispatcher: &Dispatcher, wake: &mpsc::Receiver<()>, stop: &Atomi
         match wake.recv_timeout(ENQUEUER_TICK) {
             Ok(()) | Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        // Wake-ups can come as fast as rows change (on PostgreSQL every commit of every
+        // dispatcher notifies), and a step reads every pending, ready and overdue row: at
+        // most one step per MIN_STEP_INTERVAL, or a fan-out to N hosts costs N full steps.
+        let since = step_started.elapsed();
+        if since < MIN_STEP_INTERVAL {
+            std::thread::sleep(MIN_STEP_INTERVAL - since);
         }
     }
 }
