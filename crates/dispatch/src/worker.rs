@@ -191,9 +191,8 @@ fn run_enqueuer(dispatcher: &Dispatcher, wake: &mpsc::Receiver<()>, stop: &Atomi
     let mut queue_was_down = false;
     // Per shard, the queue instance whose ids its `ready` rows were last checked against.
     let mut checked_instances: HashMap<String, String> = HashMap::new();
-    // Whether the rows of shards no longer listed were moved since the lease was taken.
-    let mut unlisted_moved = false;
-    // Which shards were dead when the work was last put where it belongs.
+    // Which shards were dead when the work was last put where it belongs (`None`: not since
+    // the lease was taken).
     let mut placement: Option<Vec<bool>> = None;
     let mut lease = Lease::new(ENQUEUER_LEASE, dispatcher);
     while !stop.load(Ordering::SeqCst) {
@@ -207,14 +206,7 @@ fn run_enqueuer(dispatcher: &Dispatcher, wake: &mpsc::Receiver<()>, stop: &Atomi
         if !held_before {
             // Whoever held the lease may have seen the queue change meanwhile.
             checked_instances.clear();
-            unlisted_moved = false;
             placement = None;
-        }
-        if !unlisted_moved {
-            match move_off_unlisted_shards(dispatcher) {
-                Ok(()) => unlisted_moved = true,
-                Err(e) => log::error!("enqueuer: {e}"),
-            }
         }
         let step = check_queue_instances(dispatcher, &mut checked_instances)
             .and_then(|()| move_misplaced_work(dispatcher, &mut placement))
@@ -400,25 +392,6 @@ fn check_queue_instance(
     Ok(Some(instance))
 }
 
-/// Puts again the `ready` host jobs of shards no longer in `--queue` (looked at when the
-/// enqueuer starts, or takes over): like a dead shard's, they become `pending` and go to
-/// the shard each host hashes to now.
-fn move_off_unlisted_shards(dispatcher: &Dispatcher) -> Result<(), StepError> {
-    let mut changed: HashSet<String> = HashSet::new();
-    for name in dispatcher.store.ready_shards()? {
-        if dispatcher.queues.named(Some(&name)).is_some() {
-            continue;
-        }
-        let rows = dispatcher.store.ready_elsewhere(&name, false, None)?;
-        log::warn!("queue shard {name} is not in --queue any more: {} host job(s) not yet taken move", rows.len());
-        requeue_all(dispatcher, &rows, &mut changed)?;
-    }
-    for job_id in &changed {
-        dispatcher.host_jobs_changed(job_id);
-    }
-    Ok(())
-}
-
 /// Makes `rows` `pending` again (those still `ready` under the same queue job), noting
 /// their jobs in `changed`.
 fn requeue_all(
@@ -434,31 +407,35 @@ fn requeue_all(
     Ok(())
 }
 
-/// Keeps the host jobs no agent has taken yet on their hosts' shards.
+/// Keeps the host jobs no agent has taken yet on their hosts' shards. It acts when the
+/// set of dead shards differs from `placement`, the one it last acted on (and so when the
+/// lease is taken): nothing new is put on a dead shard, so between changes there is
+/// nothing to move.
 ///
-/// Every tick, the `ready` host jobs of every shard that has been unreachable past the
-/// grace period (while another is up) become `pending` again, and the enqueuer puts them
-/// on the shard each host now hashes to, where its agent follows (it is told at its next
-/// heartbeat). An agent may have reserved such an envelope just before its shard died: it
-/// then runs it once, the copy put on the new shard is refused by its ledger (`0x0408`,
-/// not recorded as an answer), and the result it could not put on the dead shard is put on
-/// the new one.
-///
-/// When the set of dead shards changes (`placement` is the last one seen), host jobs
-/// `ready` on a live shard that is no longer their host's (a shard came back, so its hosts
-/// return and leave the survivors) are moved too, but only after their envelope is
-/// deleted from the shard that holds it: one an agent has taken already stays where it is.
+/// - The `ready` host jobs of a shard unreachable past the grace period (while another is
+///   up), and of shards no longer in `--queue`, become `pending` again, and the enqueuer
+///   puts them on the shard each host now hashes to, where its agent follows (it is told at
+///   its next heartbeat). An agent may have reserved such an envelope just before its shard
+///   died: it then runs it once, the copy put on the new shard is refused by its ledger
+///   (`0x0408`, not recorded as an answer), and the result it could not put on the dead
+///   shard is put on the new one.
+/// - Host jobs `ready` on a live shard that is no longer their host's (a shard came back, or
+///   was added, and its hosts left the others) are moved too, but only after their
+///   envelope is deleted from the shard that holds it: one an agent has taken stays.
 fn move_misplaced_work(dispatcher: &Dispatcher, placement: &mut Option<Vec<bool>>) -> Result<(), StepError> {
     let queues = &dispatcher.queues;
-    if !queues.is_sharded() {
-        return Ok(());
-    }
     let dead: Vec<bool> = queues.all().iter().map(|s| queues.is_dead(s)).collect();
-    if dead.iter().all(|&d| d) {
-        return Ok(()); // nowhere to go: the work waits
+    if placement.as_ref() == Some(&dead) || dead.iter().all(|&d| d) {
+        return Ok(()); // nothing changed, or nowhere to go: the work waits
     }
-    let placement_changed = placement.as_ref() != Some(&dead);
     let mut changed: HashSet<String> = HashSet::new();
+    for name in dispatcher.store.ready_shards()? {
+        if queues.named(Some(&name)).is_none() {
+            let rows = dispatcher.store.ready_elsewhere(&name, false, None)?;
+            log::warn!("queue shard {name} is not in --queue any more: {} host job(s) not yet taken move", rows.len());
+            requeue_all(dispatcher, &rows, &mut changed)?;
+        }
+    }
     for (index, shard) in queues.all().iter().enumerate() {
         if dead[index] {
             let rows = dispatcher.store.ready_elsewhere(&shard.name, index == 0, None)?;
@@ -471,7 +448,7 @@ fn move_misplaced_work(dispatcher: &Dispatcher, placement: &mut Option<Vec<bool>
                     rows.len()
                 );
             }
-        } else if placement_changed {
+        } else if queues.is_sharded() {
             let mut moved = 0usize;
             for row in dispatcher.store.ready_elsewhere(&shard.name, index == 0, None)? {
                 if queues.for_host(&row.host).name == shard.name {
