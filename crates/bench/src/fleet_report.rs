@@ -4,7 +4,7 @@
 
 use crate::record::{FleetRecord, ProcUse};
 use crate::FleetReportArgs;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use std::collections::BTreeMap;
 
 /// What one kind of process used: instances, cores, CPU µs per host result, idle cores,
@@ -133,19 +133,8 @@ fn render(records: &[FleetRecord]) -> Result<String> {
 
 /// Runs `fleet-report`.
 pub(crate) fn fleet_report(args: &FleetReportArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
-    let records = text
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .enumerate()
-        .map(|(n, l)| serde_json::from_str::<FleetRecord>(l).with_context(|| format!("line {}", n + 1)))
-        .collect::<Result<Vec<_>>>()?;
-    let md = render(&records)?;
-    print!("{md}");
-    if let Some(path) = &args.md {
-        std::fs::write(path, &md).with_context(|| format!("writing {}", path.display()))?;
-    }
-    Ok(())
+    let records: Vec<FleetRecord> = crate::report::read_jsonl(&args.input)?;
+    crate::report::emit(&render(&records)?, args.md.as_deref())
 }
 
 #[cfg(test)]

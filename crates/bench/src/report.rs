@@ -113,17 +113,32 @@ const TARGETS: &[(&str, &str, &str, f64, &str)] = &[
     ("fill", "mem", "RSS", 0.8, "RSS with 1,000,000 jobs of 100 bytes ≤ 0.8× (in memory)"),
 ];
 
-/// Runs `report`: reads result lines, prints (and writes) the Markdown tables.
-pub(crate) fn report(args: &ReportArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
+/// The records of a results file, one JSON object a line (blank lines skipped); an error
+/// names the file and line.
+pub(crate) fn read_jsonl<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<Vec<T>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut records = Vec::new();
     for (n, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let r: Record = serde_json::from_str(line).with_context(|| format!("{}:{}", args.input.display(), n + 1))?;
-        records.push(r);
+        records.push(serde_json::from_str(line).with_context(|| format!("{}:{}", path.display(), n + 1))?);
     }
+    Ok(records)
+}
+
+/// Prints a report, and writes it to `path` too when one is given.
+pub(crate) fn emit(md: &str, path: Option<&std::path::Path>) -> Result<()> {
+    print!("{md}");
+    if let Some(path) = path {
+        std::fs::write(path, md).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Runs `report`: reads result lines, prints (and writes) the Markdown tables.
+pub(crate) fn report(args: &ReportArgs) -> Result<()> {
+    let records: Vec<Record> = read_jsonl(&args.input)?;
     // Keep the scenario order of the file.
     let mut order: Vec<(String, String)> = Vec::new();
     let mut groups: BTreeMap<(String, String), Vec<&Record>> = BTreeMap::new();
@@ -197,11 +212,7 @@ pub(crate) fn report(args: &ReportArgs) -> Result<()> {
     if errors > 0 {
         md.push_str(&format!("\n**{errors} unexpected replies were recorded; see the raw results.**\n"));
     }
-    print!("{md}");
-    if let Some(path) = &args.md {
-        std::fs::write(path, &md).with_context(|| format!("writing {}", path.display()))?;
-    }
-    Ok(())
+    emit(&md, args.md.as_deref())
 }
 
 #[cfg(test)]
