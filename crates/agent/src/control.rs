@@ -131,7 +131,7 @@ impl Control {
         let mut conn: Option<(Client, u64)> = None;
         let mut queue_was_down = false;
         while !self.stopping() {
-            if conn.as_ref().is_some_and(|(_, generation)| *generation != self.queue.generation()) {
+            if conn.as_ref().is_some_and(|(_, generation)| self.queue.is_stale(*generation)) {
                 // The host moved to another shard; so do its cancels.
                 conn = None;
             }

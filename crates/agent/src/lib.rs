@@ -397,7 +397,7 @@ impl Agent {
         let mut queue_was_down = false;
         while !self.stopping() {
             self.reload_if_asked();
-            if conn.as_ref().is_some_and(|(_, _, generation)| *generation != self.queue.generation()) {
+            if conn.as_ref().is_some_and(|(_, _, generation)| self.queue.is_stale(*generation)) {
                 // The dispatcher moved this host to another shard. Nothing is reserved
                 // between jobs, so the old connection can go.
                 conn = None;

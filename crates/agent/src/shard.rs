@@ -42,6 +42,11 @@ impl QueueAddress {
         self.generation.load(Ordering::SeqCst)
     }
 
+    /// Whether a connection made at `generation` leads to a queue no longer in force.
+    pub fn is_stale(&self, generation: u64) -> bool {
+        generation != self.generation()
+    }
+
     /// Moves to `addr` if it is not the address in force; answers whether it moved.
     pub fn follow(&self, addr: &str) -> bool {
         let mut endpoint = self.endpoint.write().unwrap_or_else(|p| p.into_inner());
@@ -84,5 +89,6 @@ mod tests {
         assert!(!address.follow("127.0.0.1:11301"));
         assert!(address.follow("127.0.0.1:11300"));
         assert_eq!(address.generation(), 2);
+        assert!(address.is_stale(1) && !address.is_stale(2));
     }
 }

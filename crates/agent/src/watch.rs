@@ -203,7 +203,7 @@ impl<'a> Sender<'a> {
     }
 
     fn connected(&mut self) -> Option<&mut (Client, usize, u64)> {
-        if self.conn.as_ref().is_some_and(|(_, _, generation)| *generation != self.watch.queue.generation()) {
+        if self.conn.as_ref().is_some_and(|(_, _, generation)| self.watch.queue.is_stale(*generation)) {
             // The host moved to another shard: report there.
             self.conn = None;
         }
