@@ -880,7 +880,7 @@ async fn register_host(
     }
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     let mut body = json!(host);
-    with_shard(&dispatcher, &mut body);
+    with_shard(&dispatcher, &host.id, &mut body);
     Ok((status, Json(body)).into_response())
 }
 
@@ -910,20 +910,17 @@ async fn get_host(
     .await?
     .map(|h| {
         let mut body = json!(h);
-        with_shard(&dispatcher, &mut body);
+        with_shard(&dispatcher, &h.id, &mut body);
         Json(body)
     })
     .ok_or_else(|| ApiError::general(Code::NoSuchHost, "No such host"))
 }
 
-/// With several queue shards, adds to a host's JSON the shard it belongs to now
+/// With several queue shards, adds to host `id`'s JSON the shard it belongs to now
 /// (`"queue"`): the address its agent moves to when it registers or beats.
-fn with_shard(dispatcher: &Dispatcher, host: &mut Value) {
-    if !dispatcher.queues.is_sharded() {
-        return;
-    }
-    if let Some(id) = host.get("id").and_then(Value::as_str).map(str::to_string) {
-        host["queue"] = json!(dispatcher.queues.for_host(&id).name);
+fn with_shard(dispatcher: &Dispatcher, id: &str, host: &mut Value) {
+    if dispatcher.queues.is_sharded() {
+        host["queue"] = json!(dispatcher.queues.for_host(id).name);
     }
 }
 
