@@ -1863,6 +1863,36 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_of_results_is_recorded_in_one_go_each_with_its_outcome() {
+        let store = Store::open_for_test();
+        for host in ["a", "b"] {
+            store.upsert_host(host, "").expect("register");
+        }
+        store.create_job(&new_job("j", &["a", "b"]), i64::MAX).expect("create");
+        let result = |host: &str, retcode: u32| HostResult {
+            v: 1,
+            job_id: "j".into(),
+            host: host.into(),
+            resp: if retcode == 0 { Resp::Success } else { Resp::Failed },
+            retcode,
+            message: "m".into(),
+            data: String::new(),
+            encoding: None,
+            truncated: false,
+            output_bytes: 0,
+            attempt: None,
+        };
+        let replayed = result("b", u32::from(Code::EnvelopeReplayed.value()));
+        let (a, a_again, b, stranger) = (result("a", 0), result("a", 1), result("b", 0), result("c", 0));
+        let outcomes = store.record_results(&[&a, &a_again, &replayed, &b, &stranger]).expect("record");
+        use RecordOutcome::*;
+        assert_eq!(outcomes, [Recorded, AlreadyFinal, Replayed, Recorded, Unknown]);
+        let (_, hosts) = store.job("j").expect("read").expect("exists");
+        let states: Vec<HostState> = hosts.iter().map(|h| h.state).collect();
+        assert_eq!(states, [HostState::Success, HostState::Success], "the first answer of each host stands");
+    }
+
+    #[test]
     fn results_are_recorded_once_and_late_results_replace_expired() {
         let store = Store::open_for_test();
         store.upsert_host("a", "").expect("register");
