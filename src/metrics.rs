@@ -211,6 +211,7 @@ impl Families {
             registered(&registry, m.commit_failures)?;
             registered(&registry, m.commit_seconds)?;
             registered(&registry, m.fsync_seconds)?;
+            registered(&registry, m.checkpoint_seconds)?;
         }
         Ok(Families {
             jobs: registered(

@@ -35,6 +35,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// File name of the database inside the `-b` directory.
 pub const DB_FILE: &str = "polaris.db";
+/// Page size of a new database. Every commit writes whole pages to the WAL (a put
+/// rewrites a table leaf and the id high-water mark, a delete two or three more pages),
+/// and with SQLite's default of 4 KiB that came to 11 KB per commit: 115 MB/s of
+/// writeback at 10,000 jobs/s, which the put-to-reserve tail paid for (BENCHMARKS.md,
+/// 2026-12-08). 1 KiB pages write 3.5 times less, for slightly deeper trees. A database
+/// made with another page size keeps it.
+pub const PAGE_SIZE: u32 = 1024;
 /// File name of the lock that keeps a second server off the same directory.
 pub const LOCK_FILE: &str = "polaris.lock";
 
@@ -170,6 +177,9 @@ pub struct StoreMetrics {
     /// How long each fsync of the write-ahead log by the background thread took (`-f MS`,
     /// and the last one at shutdown).
     pub fsync_seconds: prometheus::Histogram,
+    /// How long the writer spent finishing each checkpoint so that the WAL can restart;
+    /// commits wait meanwhile.
+    pub checkpoint_seconds: prometheus::Histogram,
 }
 
 impl StoreMetrics {
@@ -194,6 +204,10 @@ impl StoreMetrics {
                 "polarisd_store_fsync_seconds",
                 "Time one background fsync of the write-ahead log took (-f MS).",
             ),
+            checkpoint_seconds: histogram(
+                "polarisd_store_checkpoint_seconds",
+                "Time the writer spent finishing one checkpoint of the write-ahead log (commits wait meanwhile).",
+            ),
         }
     }
 }
@@ -204,7 +218,12 @@ pub struct Store {
     path: PathBuf,
     /// Kept open for the life of the store: holds the directory lock.
     _lock: File,
+    /// The highest job id known to be on disk: in the `meta` row, or the id of a job or
+    /// final state row.
     last_id_written: u64,
+    /// The id in the `meta` row, which is rewritten only when no row shows the highest id
+    /// (see [`Store::write`]).
+    meta_last_id: u64,
     /// The background thread that checkpoints the WAL (and fsyncs it under `-f MS`).
     maintainer: Option<Maintainer>,
     /// Fault injection for tests (see [`FAIL_COMMITS_ENV`]).
@@ -473,6 +492,7 @@ impl Store {
         // Pragmas go outside transactions.
         if version == 0 {
             // Only possible before the first table exists.
+            conn.execute_batch(&format!("PRAGMA page_size = {PAGE_SIZE}")).map_err(sql)?;
             conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL").map_err(sql)?;
         }
         let synchronous = match fsync {
@@ -507,6 +527,7 @@ impl Store {
             path,
             _lock: lock,
             last_id_written: 0,
+            meta_last_id: 0,
             maintainer: None,
             fail_while: std::env::var_os(FAIL_COMMITS_ENV).map(PathBuf::from),
             slow_commits: std::env::var(SLOW_COMMITS_ENV)
@@ -517,7 +538,7 @@ impl Store {
             metrics: StoreMetrics::new(),
         };
         store.migrate(version)?;
-        store.last_id_written = store.read_last_id()?;
+        (store.meta_last_id, store.last_id_written) = store.read_last_id()?;
         let fsync_every = match fsync {
             FsyncPolicy::Interval(every) => Some(every),
             FsyncPolicy::Always | FsyncPolicy::Never => None,
@@ -584,13 +605,16 @@ impl Store {
         Ok(())
     }
 
-    fn read_last_id(&self) -> Result<u64, StoreError> {
-        let v: Option<i64> = self
+    /// The id in the `meta` row, and the highest id on disk (that, or a row's).
+    fn read_last_id(&self) -> Result<(u64, u64), StoreError> {
+        let meta: Option<i64> = self
             .conn
             .query_row("SELECT value FROM meta WHERE key = 'last_id'", [], |r| r.get(0))
             .optional()
             .map_err(self.sql_err())?;
-        Ok(v.unwrap_or(0) as u64)
+        let meta = meta.unwrap_or(0) as u64;
+        let highest_row = highest_row_id(&self.conn).map_err(self.sql_err())?;
+        Ok((meta, meta.max(highest_row)))
     }
 
     /// Loads every job, final state and tube setting into `engine` (whose clock
@@ -666,7 +690,8 @@ impl Store {
         });
         let started = std::time::Instant::now();
         match injected.map_or_else(|| self.write(batches, last_id), Err) {
-            Ok(written) => {
+            Ok((written, meta)) => {
+                self.meta_last_id = self.meta_last_id.max(meta);
                 self.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
                 self.metrics.commits.inc();
                 self.last_id_written = self.last_id_written.max(last_id);
@@ -684,11 +709,14 @@ impl Store {
         }
     }
 
-    fn write(&mut self, batches: &[&Batch], last_id: u64) -> Result<u64, StoreError> {
+    /// Writes `batches` and the id high-water mark `last_id` in one transaction; returns
+    /// the rows written and the id now in the `meta` row.
+    fn write(&mut self, batches: &[&Batch], last_id: u64) -> Result<(u64, u64), StoreError> {
         let path = self.path.clone();
         let sql = |source| StoreError::Sqlite { path: path.clone(), source };
         let tx = self.conn.unchecked_transaction().map_err(sql)?;
         let mut written = 0u64;
+        let mut meta = self.meta_last_id;
         {
             let mut insert = tx
                 .prepare_cached(
@@ -794,15 +822,21 @@ impl Store {
                     written += 1;
                 }
             }
-            if last_id > self.last_id_written {
+            // Ids are never reused, across restarts too, so the highest one handed out must
+            // be on disk. Usually a row shows it: the new job's, or the final state of one
+            // that is gone. The `meta` row is rewritten only when none does (a job whose
+            // commit failed, or rows removed since), which saves a page per commit: two
+            // lookups of a table's last key cost less than writing one more WAL frame.
+            if last_id > meta && highest_row_id(&tx).map_err(sql)? < last_id {
                 tx.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'last_id'")
                     .map_err(sql)?
                     .execute([last_id as i64])
                     .map_err(sql)?;
+                meta = last_id;
             }
         }
         tx.commit().map_err(sql)?;
-        Ok(written)
+        Ok((written, meta))
     }
 
     /// Whether the WAL holds `-s` worth of frames, so the next commit should run on the
@@ -814,9 +848,11 @@ impl Store {
     /// Checkpoints the WAL on the store's own connection, with no commit running, so the
     /// checkpoint reaches the WAL's end and the next commit starts the log afresh.
     pub fn finish_checkpoint(&mut self) {
+        let started = std::time::Instant::now();
         if let Err(e) = self.conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
             log::warn!("{}: checkpoint failed: {e}", self.path.display());
         }
+        self.metrics.checkpoint_seconds.observe(started.elapsed().as_secs_f64());
         if let Some(m) = &self.maintainer {
             m.shared.wal_full.store(false, Ordering::Release);
         }
@@ -829,6 +865,16 @@ impl Store {
             None => Ok(()),
         }
     }
+}
+
+/// The highest id of a job or final-state row (0 if there is none).
+fn highest_row_id(conn: &Connection) -> rusqlite::Result<u64> {
+    let id: i64 = conn
+        .prepare_cached(
+            "SELECT max(coalesce((SELECT max(id) FROM jobs), 0), coalesce((SELECT max(id) FROM tombstones), 0))",
+        )?
+        .query_row([], |r| r.get(0))?;
+    Ok(id as u64)
 }
 
 fn wal_path(db: &Path) -> PathBuf {

@@ -116,6 +116,32 @@ fn ids_continue_after_everything_was_deleted() -> Result<()> {
     Ok(())
 }
 
+/// The highest id is usually shown by a row (the job's, or its final state's), so the
+/// store writes it on its own only when no row does: here, with no final states kept,
+/// after the highest job is deleted, and for a job put and deleted in one turn.
+#[test]
+fn ids_continue_after_a_kill_when_no_row_shows_the_highest_id() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    {
+        let server = start(dir.path(), &["--max-tombstones", "0"])?;
+        let mut c = server.connect()?;
+        for i in 1..=3 {
+            assert_eq!(c.line("put 0 0 60 1\r\nx\r\n")?, format!("INSERTED {i}"));
+        }
+        assert_eq!(c.line("delete 3\r\n")?, "DELETED");
+        c.send(b"put 0 0 60 1\r\ny\r\ndelete 4\r\n")?;
+        assert_eq!(c.read_reply()?.line_str(), "INSERTED 4");
+        assert_eq!(c.read_reply()?.line_str(), "DELETED");
+        drop(server); // SIGKILL
+    }
+    let server = start(dir.path(), &["--max-tombstones", "0"])?;
+    let mut c = server.connect()?;
+    assert_eq!(c.line("put 0 0 60 1\r\nz\r\n")?, "INSERTED 5");
+    assert!(c.roundtrip(b"peek 2\r\n")?.line_str().starts_with("FOUND 2 "));
+    assert_eq!(c.line("peek 3\r\n")?, "NOT_FOUND");
+    Ok(())
+}
+
 #[test]
 fn ttl_and_tombstones_survive_a_restart() -> Result<()> {
     let dir = tempfile::tempdir()?;

@@ -51,6 +51,7 @@ fn metrics_follow_the_queue() {
     assert!(after.get("polarisd_store_commits_total", &[]) >= 1.0);
     assert!(after.get("polarisd_store_commit_seconds_count", &[]) >= 1.0);
     assert!(after.get("polarisd_store_bytes", &[("file", "db")]) > 0.0);
+    assert!(after.value("polarisd_store_checkpoint_seconds_count", &[]).is_some(), "{}", after.text);
     // Under -f 50 (the default) the store's thread fsyncs the WAL after those commits.
     polaris_testkit::wait_until(std::time::Duration::from_secs(10), "a background fsync observed", || {
         scrape(&url, None).get("polarisd_store_fsync_seconds_count", &[]) >= 1.0
