@@ -46,7 +46,8 @@ pub struct Args {
     #[arg(short = 'z', value_name = "BYTES", default_value_t = proto::DEFAULT_MAX_JOB_SIZE,
           value_parser = clap::value_parser!(u32).range(0..=i64::from(proto::MAX_JOB_SIZE_LIMIT)))]
     pub max_job_size: u32,
-    /// Size hint for the write-ahead log: the WAL is checkpointed when it grows past it.
+    /// Size hint for the write-ahead log: the WAL is checkpointed when it grows past it, and
+    /// its file is written out to it (at most 64 MiB) when the store opens.
     #[arg(short = 's', value_name = "BYTES", default_value_t = 10_485_760)]
     pub binlog_size: u64,
     /// Largest size of the database file in bytes (0: unbounded); beyond it the store is

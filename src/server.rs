@@ -1190,7 +1190,9 @@ impl Server {
             self.engine.discard_jobs(&ids);
             self.take_back_replies(&mut records, &inserted, refusal);
         }
-        changes.jobs.retain(|id| !inserted.contains(id));
+        // The dropped jobs stay in `changes.jobs`: no longer live, each is written as a
+        // delete, because a commit whose fsync failed (`-f 0`) did reach SQLite and its rows
+        // must go; after a commit that failed outright the deletes find nothing.
         changes.inserted.clear();
         let Some(durable) = &mut self.durable else { return Ok(()) };
         let retried = durable.pipeline.retry(Batch::snapshot(&changes, &self.engine, now))?;

@@ -98,6 +98,27 @@ pub fn inspect_file(path: &Path) -> std::io::Result<Option<WalReport>> {
     }
 }
 
+/// Size of one copy of the WAL-index header at the start of the `-shm` file.
+const INDEX_HEADER: usize = 48;
+/// The WAL-index format SQLite has written since 3.7.0.
+const INDEX_VERSION: u32 = 3_007_000;
+
+/// How many frames the log holds, from the WAL-index header at the start of the `-shm`
+/// file (<https://www.sqlite.org/walformat.html#the_wal_index_file_format>): its
+/// `mxFrame`, the last valid frame. SQLite keeps two copies of the header and writes
+/// them one after the other, so `None` when they differ (read while being written) or the
+/// index is not initialized. This is how much of the WAL file is in use: the file itself
+/// keeps its size (the store writes it ahead, and SQLite reuses it from the start).
+pub fn frames_in_log(shm: &[u8]) -> Option<u32> {
+    let first = shm.get(..INDEX_HEADER)?;
+    if shm.get(INDEX_HEADER..2 * INDEX_HEADER)? != first {
+        return None;
+    }
+    // The index is in the machine's byte order.
+    let word = |at: usize| u32::from_ne_bytes([first[at], first[at + 1], first[at + 2], first[at + 3]]);
+    (word(0) == INDEX_VERSION && first[12] == 1).then(|| word(16))
+}
+
 struct Frame<'a> {
     header: &'a [u8],
     page: &'a [u8],
@@ -173,6 +194,38 @@ mod tests {
             bytes.extend_from_slice(&page);
         }
         bytes
+    }
+
+    #[test]
+    fn zeros_written_ahead_of_the_log_are_not_damage() {
+        let mut bytes = log(5, 512);
+        bytes.resize(bytes.len() + 64 * (FRAME_HEADER + 512) + 100, 0);
+        let report = inspect(&bytes).expect("header");
+        assert_eq!(report, WalReport { valid_frames: 5, valid_commits: 5, damaged_frame: None, commits_lost: 0 });
+        assert_eq!(inspect(&vec![0; 4096]), None, "a log of zeros holds nothing");
+    }
+
+    /// The frame count read from a real SQLite index is the one SQLite reports.
+    #[test]
+    fn frames_in_log_agrees_with_sqlite() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = dir.path().join("t.db");
+        let conn = rusqlite::Connection::open(&db).expect("open");
+        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA wal_autocheckpoint = 0; CREATE TABLE t (x BLOB);")
+            .expect("schema");
+        for i in 0..20 {
+            conn.execute("INSERT INTO t VALUES (?1)", [vec![i as u8; 3000]]).expect("insert");
+        }
+        let shm = std::fs::read(dir.path().join("t.db-shm")).expect("read -shm");
+        let (_, in_log, _): (i64, i64, i64) = conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .expect("checkpoint");
+        assert!(in_log > 20, "{in_log} frames");
+        assert_eq!(frames_in_log(&shm), Some(in_log as u32));
+        let mut torn = shm.clone();
+        torn[16] ^= 1;
+        assert_eq!(frames_in_log(&torn), None, "copies that differ are not read");
+        assert_eq!(frames_in_log(&shm[..60]), None);
     }
 
     #[test]

@@ -555,12 +555,19 @@ fn a_million_put_delete_cycles_leave_the_files_small() -> Result<()> {
             peak = peak.max(dir_size(dir.path())?);
         }
     }
-    // A quiet server folds its WAL into the database and gives pages back.
+    // A quiet server folds its WAL into the database and gives pages back; the WAL file
+    // keeps the size it is written ahead to (`-s`, 10 MiB by default).
     thread::sleep(Duration::from_millis(2500));
     let size = dir_size(dir.path())?;
-    eprintln!("1,000,000 put/delete cycles: peak {peak} bytes on disk while running, {size} bytes once idle");
+    let db = std::fs::metadata(dir.path().join("polaris.db"))?.len();
+    let wal = std::fs::metadata(dir.path().join("polaris.db-wal"))?.len();
+    eprintln!(
+        "1,000,000 put/delete cycles: peak {peak} bytes on disk while running; once idle {size} bytes, \
+         of which the database {db} and the WAL {wal}"
+    );
     assert!(peak < 32 * 1024 * 1024, "the files grew to {peak} bytes while running");
-    assert!(size < 10 * 1024 * 1024, "the files hold {size} bytes after the cycles");
+    assert!(db < 8 * 1024 * 1024, "the database holds {db} bytes after the cycles");
+    assert!(wal <= 10 * 1024 * 1024, "the WAL holds {wal} bytes after the cycles");
     Ok(())
 }
 
@@ -591,8 +598,11 @@ fn a_damaged_wal_is_refused_unless_salvaged() -> Result<()> {
     fill_wal_and_kill(dir.path(), 2000)?;
     let wal = dir.path().join("polaris.db-wal");
     let mut bytes = std::fs::read(&wal)?;
-    ensure!(bytes.len() > 100_000, "the WAL holds too little to damage its middle: {} bytes", bytes.len());
-    let middle = bytes.len() / 2;
+    // The middle of the frames, not of the file: the file goes on with zeros written ahead.
+    let report = polarisd::wal::inspect(&bytes).context("the WAL has no header")?;
+    let frames_end = 32 + report.valid_frames as usize * (24 + 1024);
+    ensure!(frames_end > 100_000, "the WAL holds too little to damage its middle: {frames_end} bytes");
+    let middle = frames_end / 2;
     bytes[middle] ^= 0x55;
     bytes[middle + 1] ^= 0x55;
     std::fs::write(&wal, &bytes)?;
@@ -887,5 +897,46 @@ fn a_reply_that_reports_a_change_waits_for_its_commit() -> Result<()> {
     assert_eq!(c.line("peek 1\r\n")?, "NOT_FOUND");
     assert!(c.roundtrip(b"peek 3\r\n")?.line_str().starts_with("FOUND 3 "));
     assert_eq!(c.line("peek 4\r\n")?, "NOT_FOUND", "the refused put left a job");
+    Ok(())
+}
+
+/// Under `-f 0` the store fsyncs the WAL itself after SQLite has committed. When that
+/// fsync fails, the commit is in the WAL but maybe not on the disk: the put is refused
+/// (`INTERNAL_ERROR`, and so is the reserve that was to hand its job out), and the job's
+/// row, which SQLite does
+/// hold, is deleted again, so that a restart does not bring back a job that was refused.
+/// The failure is injected (see `FAIL_SYNCS_ENV`).
+#[test]
+fn a_failed_wal_fsync_refuses_the_put_and_leaves_no_job_behind() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("db");
+    let flag = dir.path().join("fail");
+    let (db_arg, flag_text) = (db.to_str().context("utf-8")?, flag.to_str().context("utf-8")?);
+    {
+        let server = polaris_testkit::spawn_announcing_with_env(
+            &polaris_testkit::binary("polarisd"),
+            &["-b", db_arg, "-f", "0"],
+            &[(polarisd::store::FAIL_SYNCS_ENV, flag_text)],
+        )?;
+        let mut producer = server.connect()?;
+        let mut worker = server.connect()?;
+        assert_eq!(producer.line("put 0 0 60 6\r\nbefore\r\n")?, "INSERTED 1");
+        assert!(worker.roundtrip(b"reserve\r\n")?.line_str().starts_with("RESERVED 1 "));
+        worker.send(b"reserve\r\n")?;
+        std::fs::write(&flag, b"")?;
+        assert_eq!(producer.line("put 0 0 60 5\r\nafter\r\n")?, "INTERNAL_ERROR");
+        // The reserve that would have handed the job out gets its one reply: an error.
+        assert_eq!(worker.read_reply()?.line_str(), "INTERNAL_ERROR");
+        std::fs::remove_file(&flag)?;
+        assert_eq!(producer.line("put 0 0 60 5\r\nlater\r\n")?, "INSERTED 3");
+        let handed = worker.roundtrip(b"reserve\r\n")?;
+        assert_eq!((handed.line_str().as_str(), handed.body.as_deref()), ("RESERVED 3 5", Some(&b"later"[..])));
+        drop(server); // SIGKILL
+    }
+    let server = start(&db, &["-f", "0"])?;
+    let mut c = server.connect()?;
+    assert!(c.roundtrip(b"peek 1\r\n")?.line_str().starts_with("FOUND 1 "));
+    assert_eq!(c.line("peek 2\r\n")?, "NOT_FOUND", "the refused put's job came back");
+    assert!(c.roundtrip(b"peek 3\r\n")?.line_str().starts_with("FOUND 3 "));
     Ok(())
 }
