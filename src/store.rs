@@ -732,8 +732,6 @@ impl Store {
         }
     }
 
-    /// Writes `batches` and the id high-water mark `last_id` in one transaction; returns
-    /// the rows written and the id now in the `meta` row.
     /// fsyncs the WAL (`fdatasync`: the data and the size, not the timestamps).
     fn sync_wal(&mut self) -> Result<(), StoreError> {
         let wal = wal_path(&self.path);
@@ -751,6 +749,8 @@ impl Store {
         Ok(())
     }
 
+    /// Writes `batches` and the id high-water mark `last_id` in one transaction; returns
+    /// the rows written and the id now in the `meta` row.
     fn write(&mut self, batches: &[&Batch], last_id: u64) -> Result<(u64, u64), StoreError> {
         let path = self.path.clone();
         let sql = |source| StoreError::Sqlite { path: path.clone(), source };
@@ -926,7 +926,8 @@ const WAL_WRITTEN_AHEAD_MAX: u64 = 64 << 20;
 /// checkpoint, so the commits overwrite blocks the file system has already mapped, and
 /// the fsync that makes one durable writes data only: an fsync after an append must also
 /// commit the file's new size to the file system's journal (on the benchmark machine's
-/// disk: `fdatasync` p50 100 µs after an overwrite, 175 µs after an append). Only bytes
+/// disk, `fdatasync` after writing one 1 KiB frame: p50 86 µs over written blocks, 116–134 µs
+/// appending). Only bytes
 /// past the current end are written, so nothing SQLite wrote is touched. It is only a
 /// speed-up: where it fails (a disk without room for it) the file is cut back to where it
 /// was and the store goes on without it.
@@ -986,9 +987,14 @@ impl WalShape {
 }
 
 fn wal_path(db: &Path) -> PathBuf {
-    let mut wal = db.as_os_str().to_owned();
-    wal.push("-wal");
-    PathBuf::from(wal)
+    beside(db, "-wal")
+}
+
+/// One of SQLite's files beside the database: its name with `suffix` added.
+fn beside(db: &Path, suffix: &str) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
 }
 
 /// The store's background thread. Whatever touches the disk for long is done
@@ -1047,12 +1053,7 @@ impl Maintainer {
             wal_full: AtomicBool::new(false),
         });
         let worker = Arc::clone(&shared);
-        let (db, wal) = (db.to_path_buf(), wal_path(db));
-        let shm = {
-            let mut shm = db.as_os_str().to_owned();
-            shm.push("-shm");
-            PathBuf::from(shm)
-        };
+        let (db, wal, shm) = (db.to_path_buf(), wal_path(db), beside(db, "-shm"));
         let wal_for_errors = wal.clone();
         let thread = std::thread::Builder::new()
             .name("polaris-store".into())
