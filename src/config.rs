@@ -91,6 +91,11 @@ pub struct Args {
     #[arg(long, value_name = "BYTES", default_value_t = crate::server::DEFAULT_MAX_UNCOMMITTED,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_uncommitted: usize,
+    /// With -b: a turn's changes smaller than this are committed on the event loop itself
+    /// while nothing else is being committed, instead of being handed to the writer thread
+    /// (which costs two thread wake-ups); 0 hands every commit to the writer.
+    #[arg(long, value_name = "BYTES", default_value_t = crate::server::DEFAULT_INLINE_COMMIT_BELOW)]
+    pub inline_commit_below: usize,
     /// Seconds a final job state (success, failed, revoked, expired) is kept.
     #[arg(long, default_value_t = 3600)]
     pub retention: u64,
@@ -175,6 +180,7 @@ impl Args {
             limits: proto::Limits { max_line: self.max_line, max_job_size: self.max_job_size },
             max_output_buffer: self.max_output_buffer,
             max_uncommitted: self.max_uncommitted,
+            inline_commit_below: self.inline_commit_below,
             listen_backlog: self.listen_backlog,
             durability: self.binlog_dir.clone().map(|dir| Durability {
                 dir,

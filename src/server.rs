@@ -82,6 +82,9 @@ pub struct ServerConfig {
     /// Most bytes of changes handed to the store's writer and not yet durable; past it no
     /// more commands are read until commits catch up (`--max-uncommitted`).
     pub max_uncommitted: usize,
+    /// A batch of changes smaller than this is committed on the loop itself while nothing
+    /// else is being committed; 0 hands every batch to the writer (`--inline-commit-below`).
+    pub inline_commit_below: usize,
     /// User to switch to after binding.
     pub user: Option<String>,
     /// Queue settings.
@@ -106,10 +109,13 @@ const COMMIT_RETRY: Duration = Duration::from_millis(100);
 const ACCEPT_RETRY: Duration = Duration::from_millis(250);
 /// Reply records kept allocated between turns.
 const RECORDS_KEPT: usize = 4096;
-/// Without an fsync in each commit (`-f MS`, `-F`), batches below this many bytes are
-/// committed on the loop while the writer is idle: tens of microseconds, less than the
-/// two thread wake-ups of a hand-off cost.
-const INLINE_COMMIT_BELOW: usize = 16 * 1024;
+/// Default of `--inline-commit-below`: batches below this many bytes are committed on the
+/// loop while nothing is in flight (the writer is idle). The two thread wake-ups of a
+/// hand-off cost more than such a commit without an fsync, and with `-f 0` they lengthen
+/// every round trip of a lightly loaded server while the loop would only wait
+/// (ARCHITECTURE.md, decision 10). A batch that comes while another is in flight, and
+/// every larger one, goes to the writer.
+pub const DEFAULT_INLINE_COMMIT_BELOW: usize = 16 * 1024;
 /// Default of `--max-uncommitted`.
 pub const DEFAULT_MAX_UNCOMMITTED: usize = 64 << 20;
 
@@ -364,6 +370,8 @@ struct Durable {
     /// Sum of the in-flight batches' bytes.
     uncommitted: usize,
     max_uncommitted: usize,
+    /// `--inline-commit-below`.
+    inline_commit_below: usize,
     /// The last batch the writer reported on (durable or failed).
     reported: u64,
     /// The highest job id in a batch handed over (a new id must reach `meta` even if its
@@ -378,10 +386,6 @@ struct Durable {
     failing_since: Option<Instant>,
     /// Connections not read from because too much is uncommitted.
     unread: Vec<usize>,
-    /// A batch smaller than this is committed on the loop itself when nothing is in flight
-    /// (0: never): without an fsync in the commit, handing it to the writer costs more
-    /// than the commit (see ARCHITECTURE.md, decision 10).
-    commit_inline_below: usize,
     records_written: u64,
     /// Reply-record vectors of finished turns, reused.
     spare: Vec<Vec<ReplyRecord>>,
@@ -514,16 +518,13 @@ impl Server {
                     inflight: VecDeque::new(),
                     uncommitted: 0,
                     max_uncommitted: cfg.max_uncommitted.max(1),
+                    inline_commit_below: cfg.inline_commit_below,
                     reported: 0,
                     last_id_submitted: engine.last_id(),
                     failure: None,
                     pending: engine::Changes::default(),
                     failing_since: None,
                     unread: Vec::new(),
-                    commit_inline_below: match cfg.durability.as_ref().map(|d| d.fsync) {
-                        Some(crate::store::FsyncPolicy::Always) | None => 0,
-                        Some(_) => INLINE_COMMIT_BELOW,
-                    },
                     records_written: 0,
                     spare: Vec::new(),
                 })
@@ -1052,7 +1053,7 @@ impl Server {
         } else {
             let batch = Batch::snapshot(&changes, &self.engine, now);
             let bytes = batch.bytes();
-            if durable.inflight.is_empty() && durable.commit_inline_below > bytes {
+            if durable.inflight.is_empty() && bytes < durable.inline_commit_below {
                 if let Some((turn, result)) = durable.pipeline.commit_here(&batch) {
                     durable.last_id_submitted = last_id;
                     durable.reported = turn;

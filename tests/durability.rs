@@ -279,6 +279,8 @@ struct KillRun<'a> {
     consumers: usize,
     /// Environment of the killed servers (fault injection).
     env: &'a [(&'a str, &'a str)],
+    /// Flags of the killed servers beyond `-b DIR -f 0`.
+    args: &'a [&'a str],
 }
 
 /// What the runs of [`kill_under_load`] saw.
@@ -318,11 +320,8 @@ fn kill_under_load(run: &KillRun<'_>) -> Result<KillReport> {
     let mut in_flight: HashSet<u64> = HashSet::new();
     let mut most_in_flight = 0;
     for round in 0..run.rounds {
-        let server = polaris_testkit::spawn_announcing_with_env(
-            &polaris_testkit::binary("polarisd"),
-            &["-b", db, "-f", "0"],
-            run.env,
-        )?;
+        let args: Vec<&str> = ["-b", db, "-f", "0"].iter().chain(run.args).copied().collect();
+        let server = polaris_testkit::spawn_announcing_with_env(&polaris_testkit::binary("polarisd"), &args, run.env)?;
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         for p in 0..run.producers {
@@ -382,7 +381,7 @@ fn kill_under_load(run: &KillRun<'_>) -> Result<KillReport> {
 
 #[test]
 fn sigkill_under_load_loses_nothing() -> Result<()> {
-    let report = kill_under_load(&KillRun { rounds: 20, producers: 3, consumers: 2, env: &[] })?;
+    let report = kill_under_load(&KillRun { rounds: 20, producers: 3, consumers: 2, env: &[], args: &[] })?;
     eprintln!(
         "crash test: {} acknowledged puts, {} acknowledged deletes, {} deletes in flight at a kill, 20 kills, 0 lost",
         report.inserted, report.deleted, report.in_flight
@@ -390,13 +389,15 @@ fn sigkill_under_load_loses_nothing() -> Result<()> {
     Ok(())
 }
 
-/// As above, on a disk made slow (every commit first sleeps 15 ms), so that turns queue up
-/// in the commit pipeline and the kills land while several are handed over and not yet
-/// durable: what was acknowledged survives, and what was not may or may not.
+/// As above, on a disk made slow (every commit first sleeps 15 ms) and with every commit
+/// handed to the writer (none on the loop), so that turns queue up in the commit pipeline
+/// and the kills land while several are handed over and not yet durable: what was
+/// acknowledged survives, and what was not may or may not.
 #[test]
 fn sigkill_with_commits_queued_in_the_pipeline_loses_nothing() -> Result<()> {
     let env = [(polarisd::store::SLOW_COMMITS_ENV, "15")];
-    let report = kill_under_load(&KillRun { rounds: 8, producers: 12, consumers: 4, env: &env })?;
+    let args = ["--inline-commit-below", "0"];
+    let report = kill_under_load(&KillRun { rounds: 8, producers: 12, consumers: 4, env: &env, args: &args })?;
     eprintln!(
         "pipeline crash test: {} acknowledged puts, {} acknowledged deletes, up to {} turns in flight, 8 kills, 0 lost",
         report.inserted, report.deleted, report.most_in_flight
