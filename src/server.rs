@@ -107,6 +107,11 @@ const SHRINK_ABOVE: usize = 1 << 20;
 const COMMIT_RETRY: Duration = Duration::from_millis(100);
 /// How often `accept` is retried while the process is out of descriptors.
 const ACCEPT_RETRY: Duration = Duration::from_millis(250);
+/// Most connections accepted from one listener in one loop turn. A thousand clients
+/// connecting at once (a fleet's agents after a restart) otherwise kept the loop accepting
+/// for 33–48 ms with `-b` while every other connection waited (BENCHMARKS.md, 2026-12-08,
+/// second session); between two shares, the turn serves everyone else.
+const ACCEPTS_PER_TURN: usize = 64;
 /// Reply records kept allocated between turns.
 const RECORDS_KEPT: usize = 4096;
 /// Default of `--inline-commit-below`: batches below this many bytes are committed on the
@@ -433,6 +438,9 @@ pub struct Server {
     longest_turn: Duration,
     /// The last `accept` ran out of descriptors: connections wait in the listen queue.
     accept_stalled: bool,
+    /// A listener still had connections waiting when the turn's share of accepts
+    /// ([`ACCEPTS_PER_TURN`]) was used up: the next turn comes at once and goes on.
+    accept_more: bool,
     /// `--metrics`: snapshots for the metrics thread.
     metrics: Option<Metrics>,
 }
@@ -482,6 +490,8 @@ impl Server {
         engine_cfg.instance = instance_info();
         engine_cfg.rusage = rusage;
         let mut engine = Engine::new(engine_cfg, CLOCK_ORIGIN, cfg.durability.is_some());
+        // Before the first thread of the store or the metrics starts.
+        sys::reserve_descriptor_table(cfg.max_connections.saturating_add(64));
         let store = match &cfg.durability {
             Some(_) if cfg.engine.max_job_size > crate::store::MAX_STORED_BODY => bail!(
                 "-z {} is larger than a job the store can keep: with -b, -z may be at most {} (SQLite's \
@@ -554,6 +564,7 @@ impl Server {
             next_serial: 0,
             longest_turn: Duration::ZERO,
             accept_stalled: false,
+            accept_more: false,
             metrics,
         })
     }
@@ -591,7 +602,7 @@ impl Server {
             let turn_started = Instant::now();
             let now = self.now();
             self.absorb_completions()?;
-            if self.accept_stalled {
+            if self.accept_stalled || std::mem::take(&mut self.accept_more) {
                 self.accept_all();
             }
             self.with_outbox(|engine, out| engine.tick(now, out));
@@ -660,7 +671,7 @@ impl Server {
     }
 
     fn poll_timeout(&self) -> Option<Duration> {
-        if !self.backlog.is_empty() || !self.resumed.is_empty() {
+        if !self.backlog.is_empty() || !self.resumed.is_empty() || self.accept_more {
             return Some(Duration::ZERO);
         }
         let now = self.now();
@@ -724,7 +735,14 @@ impl Server {
     }
 
     fn accept_from(&mut self, which: Token) {
+        let mut accepted_here = 0;
         loop {
+            if accepted_here == ACCEPTS_PER_TURN {
+                // Readiness is edge-triggered: no new event comes for the connections still
+                // queued, so the next turn (which polls without waiting) accepts them.
+                self.accept_more = true;
+                return;
+            }
             let bound = match which {
                 TLS_LISTENER => match &self.tls_listener {
                     Some(bound) => bound,
@@ -804,6 +822,7 @@ impl Server {
                 released: 0,
             });
             self.next_serial += 1;
+            accepted_here += 1;
         }
     }
 

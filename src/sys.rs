@@ -43,6 +43,27 @@ pub fn out_of_descriptors(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(code) if code == rustix::io::Errno::MFILE.raw_os_error() || code == rustix::io::Errno::NFILE.raw_os_error())
 }
 
+/// Grows this process's descriptor table to hold `count` descriptors (at most the soft
+/// `RLIMIT_NOFILE`) now, while the process has one thread. The kernel grows the table by
+/// doubling as descriptors are opened, and in a process with several threads each growth
+/// waits for an RCU grace period (`synchronize_rcu`): with the store's threads running, the
+/// `accept` that crossed 256, 512, 1,024… connections took 8–20 ms, and the event loop
+/// with it. The table never shrinks, so growing it once up front (a descriptor duplicated
+/// to the top number, then closed) leaves no growth for later.
+pub fn reserve_descriptor_table(count: usize) {
+    use nix::sys::resource::{getrlimit, Resource};
+    let soft = getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft);
+    let top = count.min(usize::try_from(soft).unwrap_or(usize::MAX)).saturating_sub(1);
+    let Ok(top) = RawFd::try_from(top) else { return };
+    if top <= LISTEN_FDS_START {
+        return;
+    }
+    let grown = File::open("/dev/null").and_then(|null| Ok(rustix::io::fcntl_dupfd_cloexec(&null, top)?));
+    if let Err(e) = grown {
+        log::debug!("growing the descriptor table to {} entries failed: {e}", top + 1);
+    }
+}
+
 /// A listening socket handed over by the service manager.
 pub enum InheritedListener {
     /// A TCP (or other non-Unix) stream socket.

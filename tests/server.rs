@@ -282,6 +282,50 @@ fn waiting_connections_are_accepted_once_descriptors_free_up() -> Result<()> {
     Ok(())
 }
 
+/// A burst of connections is accepted a share at a time (so that one turn never spends
+/// itself on accepting), and every one of them is served, the last ones included: no new
+/// readiness event comes for connections left in the listen queue, so the loop must go
+/// back for them by itself.
+#[test]
+fn a_burst_of_connections_is_accepted_in_shares_and_every_one_served() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = spawn_polarisd(&["-b", dir.path().to_str().context("utf-8")?])?;
+    let mut conns = Vec::new();
+    for _ in 0..600 {
+        conns.push(RawConn::connect(server.addr())?);
+    }
+    for (n, c) in conns.iter_mut().enumerate() {
+        let reply = c.roundtrip(b"use burst\r\n").with_context(|| format!("connection {n} of 600 was not served"))?;
+        assert_eq!(reply.line_str(), "USING burst");
+    }
+    let stats = conns[0].roundtrip(b"stats\r\n")?;
+    let text = String::from_utf8_lossy(stats.body.as_deref().unwrap_or_default()).into_owned();
+    assert!(text.contains("current-connections: 600\n"), "{text}");
+    Ok(())
+}
+
+/// The descriptor table is grown for `--max-connections` at start, before the store's
+/// threads run: growing it later, in a process with several threads, waits for an RCU
+/// grace period inside `accept` (8–20 ms each time, the event loop with it).
+#[test]
+fn the_descriptor_table_is_grown_at_start() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = spawn_polarisd(&["-b", dir.path().to_str().context("utf-8")?, "--max-connections", "500"])?;
+    let field = |path: &str, name: &str| -> Result<String> {
+        let text = std::fs::read_to_string(path)?;
+        text.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_string()).context(name.to_string())
+    };
+    let soft: usize = field("/proc/self/limits", "Max open files")?
+        .split_whitespace()
+        .next()
+        .context("soft limit")?
+        .parse()
+        .unwrap_or(usize::MAX);
+    let size: usize = field(&format!("/proc/{}/status", server.pid()), "FDSize:")?.parse()?;
+    assert!(size >= 564.min(soft), "the descriptor table holds {size} entries (soft limit {soft})");
+    Ok(())
+}
+
 #[test]
 fn the_listen_queue_is_beanstalkds_1024() -> Result<()> {
     let server = spawn_polarisd(&[])?;
