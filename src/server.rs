@@ -379,8 +379,8 @@ struct Durable {
     inline_commit_below: usize,
     /// The last batch the writer reported on (durable or failed).
     reported: u64,
-    /// The highest job id in a batch handed over (a new id must reach `meta` even if its
-    /// job is already gone).
+    /// The highest job id in a batch handed over (a new id must reach the disk even if its
+    /// job is already gone: as a row, or in `meta`).
     last_id_submitted: u64,
     /// A commit failed: handled at the end of the turn (`recover`), once every batch in
     /// flight is reported.

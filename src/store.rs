@@ -174,8 +174,8 @@ pub struct StoreMetrics {
     pub commits: prometheus::IntCounter,
     /// Commits that failed (and were retried or refused; see `ARCHITECTURE.md` § 4).
     pub commit_failures: prometheus::IntCounter,
-    /// How long each committed transaction took on the event loop; under `-f 0` this
-    /// includes the fsync SQLite does in the commit.
+    /// How long each committed transaction took, on the writer or on the event loop; under
+    /// `-f 0` this includes the store's fsync of the WAL after it.
     pub commit_seconds: prometheus::Histogram,
     /// How long each fsync of the write-ahead log took: after every commit under `-f 0`,
     /// by the background thread under `-f MS`, and the last one at shutdown.
@@ -697,10 +697,7 @@ impl Store {
         if let Some(delay) = self.slow_commits {
             std::thread::sleep(delay);
         }
-        let injected = self.fail_while.as_ref().filter(|flag| flag.exists()).map(|flag| StoreError::Io {
-            path: self.path.clone(),
-            source: std::io::Error::other(format!("injected failure: {} exists", flag.display())),
-        });
+        let injected = injected_failure(self.fail_while.as_deref(), "failure", || self.path.clone());
         let started = std::time::Instant::now();
         match injected.map_or_else(|| self.write(batches, last_id), Err) {
             Ok((written, meta)) => {
@@ -734,17 +731,18 @@ impl Store {
 
     /// fsyncs the WAL (`fdatasync`: the data and the size, not the timestamps).
     fn sync_wal(&mut self) -> Result<(), StoreError> {
-        let wal = wal_path(&self.path);
-        if let Some(flag) = self.fail_syncs_while.as_ref().filter(|flag| flag.exists()) {
-            let message = format!("injected fsync failure: {} exists", flag.display());
-            return Err(StoreError::Io { path: wal, source: std::io::Error::other(message) });
+        // The WAL's name is only needed to open it once, or to say which file failed.
+        let db = &self.path;
+        let io = |source| StoreError::Io { path: wal_path(db), source };
+        if let Some(e) = injected_failure(self.fail_syncs_while.as_deref(), "fsync failure", || wal_path(db)) {
+            return Err(e);
         }
         let started = std::time::Instant::now();
         let file = match &mut self.wal_file {
             Some(file) => file,
-            slot => slot.insert(File::open(&wal).map_err(|source| StoreError::Io { path: wal.clone(), source })?),
+            slot => slot.insert(File::open(wal_path(db)).map_err(io)?),
         };
-        file.sync_data().map_err(|source| StoreError::Io { path: wal, source })?;
+        file.sync_data().map_err(io)?;
         self.metrics.fsync_seconds.observe(started.elapsed().as_secs_f64());
         Ok(())
     }
@@ -907,6 +905,14 @@ impl Store {
     }
 }
 
+/// The error a fault injection flag stands for while its file exists (`FAIL_COMMITS_ENV`,
+/// `FAIL_SYNCS_ENV`), as an I/O error on the file `path` names; `None` when unset or absent.
+fn injected_failure(flag: Option<&Path>, what: &str, path: impl FnOnce() -> PathBuf) -> Option<StoreError> {
+    let flag = flag.filter(|flag| flag.exists())?;
+    let message = format!("injected {what}: {} exists", flag.display());
+    Some(StoreError::Io { path: path(), source: std::io::Error::other(message) })
+}
+
 /// The highest id of a job or final-state row (0 if there is none).
 fn highest_row_id(conn: &Connection) -> rusqlite::Result<u64> {
     let id: i64 = conn
@@ -927,8 +933,8 @@ const WAL_WRITTEN_AHEAD_MAX: u64 = 64 << 20;
 /// the fsync that makes one durable writes data only: an fsync after an append must also
 /// commit the file's new size to the file system's journal (on the benchmark machine's
 /// disk, `fdatasync` after writing one 1 KiB frame: p50 86 µs over written blocks, 116–134 µs
-/// appending). Only bytes
-/// past the current end are written, so nothing SQLite wrote is touched. It is only a
+/// appending). Only bytes past the current end are written, so nothing SQLite wrote is
+/// touched. It is only a
 /// speed-up: where it fails (a disk without room for it) the file is cut back to where it
 /// was and the store goes on without it.
 fn preallocate_wal(wal: &Path, size: u64) {

@@ -18,6 +18,17 @@ fn start(dir: &Path, extra: &[&str]) -> Result<ServerProcess> {
     spawn_polarisd(&args)
 }
 
+/// A `-f 0` server on `db` with the fault injection `fault` (`FAIL_COMMITS_ENV`,
+/// `FAIL_SYNCS_ENV`) armed while `flag` exists.
+fn start_with_fault(db: &Path, fault: &str, flag: &Path) -> Result<ServerProcess> {
+    let (db, flag) = (db.to_str().context("utf-8")?, flag.to_str().context("utf-8")?);
+    polaris_testkit::spawn_announcing_with_env(
+        &polaris_testkit::binary("polarisd"),
+        &["-b", db, "-f", "0"],
+        &[(fault, flag)],
+    )
+}
+
 fn stats_job(conn: &mut RawConn, id: u64) -> Result<HashMap<String, String>> {
     let reply = conn.roundtrip(format!("stats-job {id}\r\n").as_bytes())?;
     let text = reply.line_str();
@@ -871,14 +882,8 @@ fn a_reply_that_reports_a_change_waits_for_its_commit() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let db = dir.path().join("db");
     let flag = dir.path().join("fail");
-    let flag_text = flag.to_str().context("utf-8")?;
-    let db_arg = db.to_str().context("utf-8")?;
     {
-        let server = polaris_testkit::spawn_announcing_with_env(
-            &polaris_testkit::binary("polarisd"),
-            &["-b", db_arg, "-f", "0"],
-            &[(polarisd::store::FAIL_COMMITS_ENV, flag_text)],
-        )?;
+        let server = start_with_fault(&db, polarisd::store::FAIL_COMMITS_ENV, &flag)?;
         let mut a = server.connect()?;
         let mut b = server.connect()?;
         for id in 1..=3 {
@@ -907,21 +912,16 @@ fn a_reply_that_reports_a_change_waits_for_its_commit() -> Result<()> {
 /// Under `-f 0` the store fsyncs the WAL itself after SQLite has committed. When that
 /// fsync fails, the commit is in the WAL but maybe not on the disk: the put is refused
 /// (`INTERNAL_ERROR`, and so is the reserve that was to hand its job out), and the job's
-/// row, which SQLite does
-/// hold, is deleted again, so that a restart does not bring back a job that was refused.
+/// row, which SQLite does hold, is deleted again, so that a restart does not bring back a
+/// job that was refused.
 /// The failure is injected (see `FAIL_SYNCS_ENV`).
 #[test]
 fn a_failed_wal_fsync_refuses_the_put_and_leaves_no_job_behind() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let db = dir.path().join("db");
     let flag = dir.path().join("fail");
-    let (db_arg, flag_text) = (db.to_str().context("utf-8")?, flag.to_str().context("utf-8")?);
     {
-        let server = polaris_testkit::spawn_announcing_with_env(
-            &polaris_testkit::binary("polarisd"),
-            &["-b", db_arg, "-f", "0"],
-            &[(polarisd::store::FAIL_SYNCS_ENV, flag_text)],
-        )?;
+        let server = start_with_fault(&db, polarisd::store::FAIL_SYNCS_ENV, &flag)?;
         let mut producer = server.connect()?;
         let mut worker = server.connect()?;
         assert_eq!(producer.line("put 0 0 60 6\r\nbefore\r\n")?, "INSERTED 1");
