@@ -253,10 +253,17 @@ fn a_setsid_child_is_gone_after_cancel_and_after_timeout() {
             format!("setsid sleep 600 > /dev/null 2>&1 & echo $! > {}; echo forked; sleep 600", pid_file.display());
         rig.put_envelope(&rig.envelope(job_id, &cmd, timeout));
         let escaped = rig.wait_pid(&pid_file);
-        // It really left the process group: only the cgroup holds it.
-        let stat = std::fs::read_to_string(format!("/proc/{escaped}/stat")).expect("the child's stat");
-        let pgrp: i32 = stat.rsplit(')').next().and_then(|r| r.split_whitespace().nth(2)?.parse().ok()).expect("pgrp");
-        assert_eq!(pgrp, escaped, "setsid made it a group leader of its own");
+        // It really left the process group: only the cgroup holds it. `$!` is known as soon
+        // as setsid(1) is forked, a moment before it calls setsid(2), so wait for that.
+        let pgrp = || {
+            let stat = std::fs::read_to_string(format!("/proc/{escaped}/stat")).expect("the child's stat");
+            stat.rsplit(')').next().and_then(|r| r.split_whitespace().nth(2)?.parse::<i32>().ok()).expect("pgrp")
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pgrp() != escaped && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(pgrp(), escaped, "setsid made it a group leader of its own");
         let unit = unit_of(escaped);
         assert!(unit.to_string_lossy().contains("/polaris-agent/"), "it runs in its own cgroup: {unit:?}");
         let begun = Instant::now();
